@@ -1,0 +1,318 @@
+"""Where a dataset's raw inputs come from, normalised into one in-memory shape.
+
+Two sources live here: the embedded ``ml-100k-mm`` (RecBole's bundled ml-100k joined with
+the shared posters and plot texts) and a user's own folder of atomic files described by a
+small YAML spec. The MMRec converter (``mmrec.py``) produces the same shape. ``prepare``
+only ever sees :class:`LoadedSource`, so featurisation, validation and writing are shared.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from recbole_dppmg.data.atomic import read_atomic, sanitize_text
+from recbole_dppmg.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+ML100K_MM = "ml-100k-mm"
+PLACEHOLDER_PREFIX = "It looks like we don't have any Plot Summaries"
+# Well-known films whose neighbours a person can judge at a glance (ml-100k item ids):
+# Star Wars, Toy Story, The Godfather, Pulp Fiction, The Silence of the Lambs, The Lion King.
+ML100K_FEATURED = ["50", "1", "127", "56", "98", "71"]
+RESERVED_ITEM_COLUMNS = ("text_feat", "image_feat", "text_mask", "image_mask")
+
+
+@dataclass
+class LoadedSource:
+    """A dataset's tables before featurisation; all values are strings, text is sanitised.
+
+    ``inter``/``items`` columns are the output field names; ``*_columns`` give their
+    RecBole types in output order. ``text_inputs[i]`` is the encoder input of item ``i``
+    or None when the item has no text; ``image_paths[i]`` is None when no image is named.
+    ``precomputed`` maps a modality to (features, present) when features come with the
+    data (MMRec) instead of from an encoder.
+    """
+
+    inter: pd.DataFrame
+    inter_columns: list[tuple[str, str]]
+    items: pd.DataFrame
+    item_columns: list[tuple[str, str]]
+    text_inputs: list[str | None] = field(default_factory=list)
+    image_paths: list[Path | None] = field(default_factory=list)
+    precomputed: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    title_field: str | None = None
+    featured_items: list[str] = field(default_factory=list)
+    notes: dict[str, int] = field(default_factory=dict)
+    extra_files: dict[str, pd.DataFrame] = field(default_factory=dict)
+    item_origin: str = ""
+
+
+class Source(Protocol):
+    kind: str
+
+    def input_files(self) -> dict[str, Path]:
+        """Label -> file or folder whose content decides whether a rebuild is needed."""
+
+    def settings(self) -> dict:
+        """Everything besides file content that changes the output (hashed into the cache key)."""
+
+    def load(self) -> LoadedSource: ...
+
+
+def recbole_ml100k_dir() -> Path:
+    """RecBole's bundled ml-100k atomic files, found inside the installed wheel."""
+    spec = importlib.util.find_spec("recbole")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("recbole is not installed; ml-100k-mm is built from its bundled ml-100k files")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "dataset_example" / "ml-100k"
+    if not (folder / "ml-100k.inter").is_file():
+        raise DataError(f"RecBole's bundled ml-100k is missing at {folder}")
+    return folder
+
+
+def _typed_columns(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    return list(frame.attrs["field_types"].items())
+
+
+def _as_strings(frame: pd.DataFrame) -> pd.DataFrame:
+    """Float columns back to exact strings (integers without '.0'), so rows pass through unchanged."""
+    out = frame.copy()
+    for name, ftype in frame.attrs["field_types"].items():
+        if ftype == "float":
+            out[name] = [
+                "" if pd.isna(v) else (str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else repr(float(v)))
+                for v in frame[name]
+            ]
+    out.attrs = dict(frame.attrs)
+    return out
+
+
+class Ml100kMMSource:
+    """RecBole's ml-100k (interactions, titles, years, genres) + shared posters and plots."""
+
+    kind = ML100K_MM
+
+    def __init__(self, shared_dir: Path):
+        self.data_dir = Path(shared_dir) / "data" / ML100K_MM
+        self.details = self.data_dir / "details.json"
+        self.posters = self.data_dir / "posters"
+        if not self.details.is_file() or not self.posters.is_dir():
+            raise DataError(
+                f"ml-100k-mm needs the shared data at {self.data_dir} (details.json and posters/); "
+                "put the shared folder at ../shared next to the repository or set DPPMG_SHARED"
+            )
+        self.ml100k = recbole_ml100k_dir()
+
+    def input_files(self) -> dict[str, Path]:
+        return {
+            "ml-100k.inter": self.ml100k / "ml-100k.inter",
+            "ml-100k.item": self.ml100k / "ml-100k.item",
+            "details.json": self.details,
+            "posters/": self.posters,
+        }
+
+    def settings(self) -> dict:
+        return {"placeholder_prefix": PLACEHOLDER_PREFIX, "text_template": "title (year). Genres: a, b. plot"}
+
+    def load(self) -> LoadedSource:
+        inter = _as_strings(read_atomic(self.ml100k / "ml-100k.inter"))
+        movies = read_atomic(self.ml100k / "ml-100k.item")
+        descriptions, placeholders = self._descriptions()
+        items = pd.DataFrame(
+            {
+                "item_id": movies["item_id"].map(sanitize_text),
+                "title": movies["movie_title"].map(sanitize_text),
+                "year": movies["release_year"].map(sanitize_text),
+                "genres": movies["class"].map(sanitize_text),
+            }
+        )
+        items["description"] = [descriptions.get(i, "") for i in items["item_id"]]
+        items["poster"] = [f"{i}.jpg" if (self.posters / f"{i}.jpg").is_file() else "" for i in items["item_id"]]
+        text_inputs = [
+            self.text_input(row.title, row.year, row.genres, row.description) if row.description else None
+            for row in items.itertuples()
+        ]
+        image_paths = [self.posters / p if p else None for p in items["poster"]]
+        item_columns = [
+            ("item_id", "token"), ("title", "token_seq"), ("year", "token"),
+            ("genres", "token_seq"), ("description", "token_seq"), ("poster", "token"),
+        ]
+        return LoadedSource(
+            inter=inter,
+            inter_columns=_typed_columns(inter),
+            items=items,
+            item_columns=item_columns,
+            text_inputs=text_inputs,
+            image_paths=image_paths,
+            title_field="title",
+            featured_items=ML100K_FEATURED,
+            item_origin=str(self.ml100k / "ml-100k.item"),
+            notes={
+                "descriptions_in_details": len(descriptions) + placeholders,
+                "descriptions_placeholder": placeholders,
+                "posters_in_folder": sum(1 for p in items["poster"] if p),
+            },
+        )
+
+    @staticmethod
+    def text_input(title: str, year: str, genres: str, description: str) -> str:
+        """'Star Wars (1977). Genres: Action, Adventure. <plot>' - the text encoder's input."""
+        head = f"{title} ({year})" if year else title
+        genre_list = ", ".join(genres.split())
+        return f"{head}. Genres: {genre_list}. {description}" if genre_list else f"{head}. {description}"
+
+    def _descriptions(self) -> tuple[dict[str, str], int]:
+        """Real plot texts by item id; placeholders ('no plot summary yet') count as missing."""
+        try:
+            records = json.loads(self.details.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"{self.details}: not readable JSON ({exc})") from None
+        texts, placeholders = {}, 0
+        for record in records:
+            item_id = str(record.get("movie_id", "")).strip()
+            text = sanitize_text(record.get("description"))
+            if not item_id:
+                continue
+            if text.startswith(PLACEHOLDER_PREFIX):
+                placeholders += 1
+                continue
+            if text:
+                texts[item_id] = text
+        return texts, placeholders
+
+
+@dataclass
+class DatasetSpec:
+    """A user's dataset, as described by its prepare YAML (see dataset/README.md)."""
+
+    path: Path
+    source_dir: Path
+    format: str = "atomic"
+    inter_file: str | None = None
+    item_file: str | None = None
+    user_id_field: str = "user_id"
+    item_id_field: str = "item_id"
+    text_fields: list[str] = field(default_factory=list)
+    text_required_fields: list[str] = field(default_factory=list)
+    missing_text_values: list[str] = field(default_factory=list)
+    image_field: str | None = None
+    image_dir: str | None = None
+    title_field: str | None = None
+    featured_items: list[str] = field(default_factory=list)
+    text_feat_file: str = "text_feat.npy"
+    image_feat_file: str = "image_feat.npy"
+    text_dim: int | None = None
+    image_dim: int | None = None
+    raw: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> "DatasetSpec":
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise DataError(f"dataset spec {path} is not readable YAML ({exc})") from None
+        if not isinstance(raw, dict) or "source_dir" not in raw:
+            raise DataError(f"dataset spec {path} must be a mapping with at least 'source_dir'")
+        known = set(cls.__dataclass_fields__) - {"path", "raw"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise DataError(f"dataset spec {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = dict(raw)
+        values["source_dir"] = (path.parent / str(raw["source_dir"])).resolve()
+        for key in ("text_fields", "text_required_fields", "missing_text_values", "featured_items"):
+            value = values.get(key) or []
+            values[key] = [str(v) for v in ([value] if isinstance(value, str) else value)]
+        if values.get("format", "atomic") not in ("atomic", "mmrec"):
+            raise DataError(f"dataset spec {path}: format must be 'atomic' or 'mmrec', not {values['format']!r}")
+        return cls(path=path, raw=raw, **values)
+
+
+class AtomicFolderSource:
+    """A user's folder with ``.inter``, ``.item`` (text fields) and an image folder."""
+
+    kind = "atomic"
+
+    def __init__(self, name: str, spec: DatasetSpec):
+        self.name, self.spec = name, spec
+        self.inter_path = spec.source_dir / (spec.inter_file or f"{name}.inter")
+        self.item_path = spec.source_dir / (spec.item_file or f"{name}.item")
+        self.image_dir = spec.source_dir / spec.image_dir if spec.image_dir else None
+        for needed in (self.inter_path, self.item_path):
+            if not needed.is_file():
+                raise DataError(f"dataset {name}: {needed} not found (named by {spec.path})")
+        if spec.image_field and (self.image_dir is None or not self.image_dir.is_dir()):
+            raise DataError(f"dataset {name}: image folder {self.image_dir} not found (spec {spec.path}: image_dir)")
+
+    def input_files(self) -> dict[str, Path]:
+        files = {"inter": self.inter_path, "item": self.item_path}
+        if self.image_dir is not None and self.spec.image_field:
+            files["images/"] = self.image_dir
+        return files
+
+    def settings(self) -> dict:
+        return {"spec": self.spec.raw}
+
+    def load(self) -> LoadedSource:
+        spec = self.spec
+        inter = _as_strings(read_atomic(self.inter_path))
+        inter = self._rename_ids(inter, self.inter_path, {spec.user_id_field: "user_id", spec.item_id_field: "item_id"})
+        table = read_atomic(self.item_path, parse_float_seq=False)
+        table = self._rename_ids(table, self.item_path, {spec.item_id_field: "item_id"})
+        types = table.attrs["field_types"]
+        clashes = [c for c in RESERVED_ITEM_COLUMNS if c in types]
+        if clashes:
+            raise DataError(f"{self.item_path}: column(s) {', '.join(clashes)} are reserved for the generated features")
+        for name in [*spec.text_fields, *spec.text_required_fields, *([spec.image_field] if spec.image_field else [])]:
+            if name not in types:
+                raise DataError(f"{self.item_path}: spec {spec.path} names field {name!r}, which the file lacks")
+        kept = [(n, t) for n, t in types.items() if t != "float_seq"]
+        table = _as_strings(table)
+        items = pd.DataFrame({n: table[n].map(sanitize_text) for n, _ in kept})
+        missing_values = {sanitize_text(v) for v in spec.missing_text_values}
+        for name in spec.text_fields:
+            items[name] = ["" if v in missing_values else v for v in items[name]]
+        text_inputs = []
+        for _, row in items.iterrows():
+            values = [row[f] for f in spec.text_fields if row[f]]
+            required_ok = all(row[f] for f in spec.text_required_fields)
+            text_inputs.append(". ".join(values) if values and required_ok else None)
+        image_paths = []
+        for value in (items[spec.image_field] if spec.image_field else [""] * len(items)):
+            image_paths.append(self.image_dir / value if value else None)
+        return LoadedSource(
+            inter=inter,
+            inter_columns=_typed_columns(inter),
+            items=items,
+            item_columns=kept,
+            text_inputs=text_inputs,
+            image_paths=image_paths,
+            title_field=spec.title_field or (spec.text_fields[0] if spec.text_fields else None),
+            featured_items=spec.featured_items,
+            item_origin=str(self.item_path),
+        )
+
+    @staticmethod
+    def _rename_ids(frame: pd.DataFrame, path: Path, renames: dict[str, str]) -> pd.DataFrame:
+        """Map the user's id field names onto RecBole's ``user_id``/``item_id``; ids must be tokens."""
+        types = dict(frame.attrs["field_types"])
+        for old, new in renames.items():
+            if old not in types:
+                raise DataError(f"{path}: id field {old!r} not in the header ({', '.join(types)})")
+            if types[old] != "token":
+                raise DataError(f"{path}: id field {old!r} must be of type token, not {types[old]}")
+            if old != new and new in types:
+                raise DataError(f"{path}: cannot rename {old!r} to {new!r}, which already exists")
+        frame = frame.rename(columns=renames)
+        frame.attrs["field_types"] = {renames.get(n, n): t for n, t in types.items()}
+        return frame
