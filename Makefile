@@ -1,0 +1,27 @@
+# Two commands on a fresh machine:  `make run` (the main job) and `make test` (the suite).
+# Both create the virtual environment on first use.
+VENV ?= .venv
+PYTHON ?= python3
+# CPU torch from this machine's local wheel; on a GPU machine use e.g. TORCH_SPEC="torch==2.13.0" with your CUDA index.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+
+.PHONY: run test install clean-venv
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(PY) run_dppmg.py -d ml-100k -m BPR,LightGCN,NGCF
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

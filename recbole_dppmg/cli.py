@@ -1,0 +1,84 @@
+"""Command line of ``run_dppmg.py``, in the style of RecBole-GNN's ``run_recbole_gnn.py``.
+
+Known flags are parsed here; every other ``--key=value`` is a RecBole config override.
+User errors print one line (``run_dppmg.py: error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from recbole_dppmg.errors import DPPMGError
+
+STAGES = ("prepare", "train", "all")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_dppmg.py",
+        description="DPPMG: discrete preference tokens for personalized multimodal generation (RecBole plugin).",
+        epilog="Any other --key=value is passed to RecBole as a config override, e.g. --epochs=50 --learning_rate=1e-3.",
+    )
+    parser.add_argument("--dataset", "-d", default="ml-100k-mm", help="dataset name (default: ml-100k-mm)")
+    parser.add_argument("--model", "-m", default="DPPMG", help="model name, or a comma-separated list for a comparison table")
+    parser.add_argument("--config_files", default=None, help="space-separated extra YAML config files")
+    parser.add_argument("--stage", default="train", choices=STAGES, help="pipeline stage to run (default: train)")
+    parser.add_argument("--resume", default=None, help="checkpoint (best.pth or last.pth) to continue training from")
+    parser.add_argument("--spec", default=None, help="prepare: YAML that describes a user dataset (see dataset/README.md)")
+    parser.add_argument("--force", action="store_true", help="prepare: rebuild even if the cached dataset is up to date")
+    return parser
+
+
+
+
+def parse_args(argv: list[str]):
+    from recbole_dppmg.config import parse_overrides
+
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    overrides = parse_overrides(unknown)
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    if not models:
+        raise DPPMGError("no model given to --model")
+    config_files = args.config_files.split() if args.config_files else []
+    return args, models, config_files, overrides
+
+
+def _stage_prepare(args) -> None:
+    from recbole_dppmg.data.prepare import prepare_dataset
+
+    folder = prepare_dataset(args.dataset, spec_file=Path(args.spec) if args.spec else None, force=args.force)
+    print(f"dataset ready: {folder}")
+
+
+def _stage_train(args, models, config_files, overrides) -> None:
+    from recbole_dppmg.quick_start import compare, run
+
+    if len(models) == 1:
+        result = run(models[0], args.dataset, config_files, overrides, resume=args.resume)
+        print(f"{result.model} on {result.dataset}: test {result.test_result}  (run folder {result.run_dir})")
+        return
+    if args.resume:
+        raise DPPMGError("--resume continues one model's run; give a single --model")
+    _, table = compare(models, args.dataset, config_files, overrides)
+    print(table.read_text())
+    print(f"comparison table: {table} (and comparison.csv beside it)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, models, config_files, overrides = parse_args(argv)
+        if args.stage in ("prepare", "all"):
+            _stage_prepare(args)
+        if args.stage in ("train", "all"):
+            _stage_train(args, models, config_files, overrides)
+    except DPPMGError as error:
+        print(f"run_dppmg.py: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("run_dppmg.py: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,262 @@
+"""The plugin's own run / compare / load functions.
+
+They follow ``recbole.quick_start.run_recbole`` step by step (same seeding points, same
+order of dataset, dataloader and model construction), so a RecBole baseline run here gives
+exactly RecBole's numbers; but they look models up through the plugin, never import ray,
+and write pickle-free checkpoints into one folder per run: ``saved/<dataset>/<model>-<time>/``
+holding ``best.pth``, ``last.pth``, ``config.json``, ``history.json`` and ``result.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import psutil
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import get_local_time, init_logger, init_seed
+
+from recbole_dppmg import compat
+from recbole_dppmg.config import RECBOLE_BUNDLED_DATASETS, apply_threads, build_config, jsonable_config
+from recbole_dppmg.errors import ConfigError, DataError
+from recbole_dppmg.paths import DATASET_DIR
+from recbole_dppmg.trainer import load_checkpoint_file
+from recbole_dppmg.utils import get_model, get_trainer
+
+compat.apply()
+logger = logging.getLogger(__name__)
+
+METRIC_COLUMNS = ("recall@10", "ndcg@10", "hit@10", "recall@20", "ndcg@20", "hit@20")
+
+
+@dataclass
+class RunResult:
+    """What one training run produced; the row of a comparison table."""
+
+    model: str
+    dataset: str
+    best_valid_score: float
+    best_valid_result: dict
+    test_result: dict
+    epochs_trained: int
+    seconds_per_epoch: float
+    peak_memory_mb: float
+    run_dir: str
+    checkpoint: str
+    extra: dict = field(default_factory=dict)
+
+
+class PeakMemory:
+    """Peak extra memory while a block runs: CUDA allocator peak on a GPU, else the peak
+    resident set size above the level at entry (sampled, since RSS peaks are per process)."""
+
+    def __init__(self, device, interval: float = 0.05):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak_mb = 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._process = psutil.Process(os.getpid())
+        self._base = self._process.memory_info().rss
+        self._peak = self._base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, self._process.memory_info().rss)
+            self.peak_mb = (self._peak - self._base) / 2**20
+        return False
+
+
+def check_dataset(dataset: str, data_path: str | Path | None = None) -> None:
+    """Fail early, in one line, when RecBole would not find the dataset's atomic files;
+    prepare the plugin's multimodal datasets on first use."""
+    if dataset in RECBOLE_BUNDLED_DATASETS:
+        return
+    root = Path(data_path) if data_path else DATASET_DIR
+    try:
+        from recbole_dppmg.data.prepare import ensure_prepared
+    except ImportError:  # data stage not installed in this checkout
+        ensure_prepared = None
+    if ensure_prepared is not None:
+        ensure_prepared(dataset, dataset_dir=root)
+    if not (root / dataset / f"{dataset}.inter").is_file():
+        known = sorted({p.name for p in root.iterdir() if p.is_dir() and (p / f"{p.name}.inter").is_file()} | set(RECBOLE_BUNDLED_DATASETS)) if root.is_dir() else list(RECBOLE_BUNDLED_DATASETS)
+        raise DataError(
+            f"unknown dataset '{dataset}': no {root / dataset / (dataset + '.inter')}; "
+            f"available: {', '.join(known)} (or prepare one with --stage prepare)"
+        )
+
+
+def new_run_dir(config, model_name: str) -> Path:
+    run_dir = Path(config["checkpoint_dir"]) / config["dataset"] / f"{model_name}-{get_local_time()}"
+    suffix = 1
+    while run_dir.exists():  # two runs in the same second (a comparison of fast models)
+        suffix += 1
+        run_dir = run_dir.with_name(f"{run_dir.name.split('~')[0]}~{suffix}")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def run(
+    model: str,
+    dataset: str,
+    config_files: Iterable[str | Path] = (),
+    config_dict: dict | None = None,
+    saved: bool = True,
+    resume: str | Path | None = None,
+) -> RunResult:
+    """Train ``model`` on ``dataset`` under the shared protocol and test its best epoch."""
+    model_class = get_model(model)
+    config = build_config(model_class, dataset, config_files, config_dict)
+    check_dataset(dataset, Path(config["data_path"]).parent)
+    apply_threads(config)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    log = logging.getLogger()
+    log.info(config)
+
+    with PeakMemory(config["device"]) as memory:
+        recbole_dataset = create_dataset(config)
+        log.info(recbole_dataset)
+        train_data, valid_data, test_data = data_preparation(config, recbole_dataset)
+
+        init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+        net = model_class(config, train_data._dataset).to(config["device"])
+        log.info(net)
+        trainer = get_trainer(config, model_class)(config, net)
+
+        if resume is not None:
+            resume = Path(resume)
+            run_dir = resume.parent
+            trainer.set_checkpoint_files(run_dir / "best.pth", run_dir / "last.pth")
+            trainer.resume_checkpoint(resume)
+        else:
+            run_dir = new_run_dir(config, model_class.__name__)
+            trainer.set_checkpoint_files(run_dir / "best.pth", run_dir / "last.pth")
+        (run_dir / "config.json").write_text(json.dumps(jsonable_config(config), indent=2))
+
+        best_valid_score, best_valid_result = trainer.fit(
+            train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+        )
+        test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+
+    trained = [h for h in trainer.history if "train_seconds" in h]
+    result = RunResult(
+        model=model_class.__name__,
+        dataset=dataset,
+        best_valid_score=float(best_valid_score),
+        best_valid_result={k: float(v) for k, v in (best_valid_result or {}).items()},
+        test_result={k: float(v) for k, v in (test_result or {}).items()},
+        epochs_trained=len(trained),
+        seconds_per_epoch=(sum(h["train_seconds"] for h in trained) / len(trained)) if trained else 0.0,
+        peak_memory_mb=memory.peak_mb,
+        run_dir=str(run_dir),
+        checkpoint=str(trainer.saved_model_file),
+    )
+    extra = getattr(net, "run_summary", None)
+    if callable(extra):
+        result.extra = extra(test_data=test_data, trainer=trainer) or {}
+    (run_dir / "history.json").write_text(json.dumps(trainer.history, indent=2))
+    (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
+    log.info(f"best valid: {result.best_valid_result}")
+    log.info(f"test result: {result.test_result}")
+    return result
+
+
+def write_comparison(results: list[RunResult], out_dir: str | Path) -> tuple[Path, Path]:
+    """Markdown and CSV tables of test metrics, epochs, seconds per epoch and peak memory."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = ["model", *METRIC_COLUMNS, "epochs", "s/epoch", "peak MB"]
+    rows = [
+        [r.model, *(f"{r.test_result.get(m, float('nan')):.4f}" for m in METRIC_COLUMNS), str(r.epochs_trained), f"{r.seconds_per_epoch:.2f}", f"{r.peak_memory_mb:.0f}"]
+        for r in results
+    ]
+    csv_path = out_dir / "comparison.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    md_path = out_dir / "comparison.md"
+    dataset = results[0].dataset if results else "?"
+    lines = [
+        f"# Test metrics on {dataset}",
+        "",
+        "Protocol: properties/overall.yaml (random 8/1/1 split per user, full ranking, "
+        "best validation NDCG@10 checkpoint, same seed for every model).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+        "Run folders: " + ", ".join(f"`{r.run_dir}`" for r in results),
+        "",
+    ]
+    md_path.write_text("\n".join(lines))
+    return md_path, csv_path
+
+
+def compare(
+    models: Iterable[str],
+    dataset: str,
+    config_files: Iterable[str | Path] = (),
+    config_dict: dict | None = None,
+    out_dir: str | Path | None = None,
+) -> tuple[list[RunResult], Path]:
+    """Train each model under the same protocol and write the comparison table."""
+    models = list(models)
+    for name in models:  # fail on a typo before hours of training
+        get_model(name)
+    results = [run(name, dataset, config_files, config_dict) for name in models]
+    if out_dir is None:
+        checkpoint_root = Path(results[0].run_dir).parent
+        out_dir = checkpoint_root / f"compare-{get_local_time()}"
+    md_path, _ = write_comparison(results, out_dir)
+    return results, md_path
+
+
+def load_data_and_model(checkpoint_file: str | Path, config_dict: dict | None = None):
+    """Rebuild config, dataset, dataloaders and the trained model from a plugin checkpoint
+    (the replacement for ``recbole.quick_start.load_data_and_model``)."""
+    state = load_checkpoint_file(checkpoint_file)
+    model_class = get_model(state["model"])
+    overrides = json.loads(state["settings_json"])
+    overrides.update(config_dict or {})
+    config = build_config(model_class, state["dataset"], (), overrides)
+    check_dataset(state["dataset"], Path(config["data_path"]).parent)
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = model_class(config, train_data._dataset).to(config["device"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as error:
+        raise ConfigError(f"checkpoint {checkpoint_file} does not fit {state['model']}: {str(error).splitlines()[0]}") from None
+    model.load_other_parameter(state.get("other_parameter"))
+    model.eval()
+    return config, model, dataset, train_data, valid_data, test_data

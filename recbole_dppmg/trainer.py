@@ -1,0 +1,272 @@
+"""RecBole's trainers with pickle-free, resumable checkpoints and a per-epoch history.
+
+RecBole 1.2.1 pickles its whole ``Config`` into each checkpoint; torch>=2.6 refuses to load
+that with ``weights_only=True``, which breaks resume, the final test evaluation and model
+loading. We keep RecBole's training loop untouched (so baseline numbers do not move) and
+replace only how checkpoints are written and read: plain tensors, numbers and a JSON config,
+read back with ``weights_only=True``.
+
+Two files per run: ``best.pth`` (the best validation epoch, what ``evaluate`` loads) and
+``last.pth`` (written after every epoch, with the random generator states, so that
+``resume_checkpoint`` continues exactly where an interrupted run stopped).
+
+Models may define ``on_train_epoch_start(epoch)`` and ``on_train_epoch_end(epoch) -> dict``;
+the dict (e.g. codebook usage) is logged and stored in the history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from time import time
+
+import numpy as np
+import torch
+
+from recbole_dppmg.config import jsonable_config, user_settings
+from recbole_dppmg.errors import CheckpointError
+
+CHECKPOINT_FORMAT = "recbole_dppmg.checkpoint/1"
+
+
+def save_checkpoint_file(state: dict, path: str | Path) -> None:
+    """Write atomically: an interrupted save never leaves a truncated checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint_file(path: str | Path, map_location="cpu") -> dict:
+    """Read a plugin checkpoint with ``weights_only=True``; a one-line error otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path} is not a recbole_dppmg checkpoint that loads with weights_only=True "
+            f"(RecBole's own pickled checkpoints are refused on purpose): {first[:160]}"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a recbole_dppmg checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    return state
+
+
+def _rng_state(train_data) -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_has_gauss": int(np_state[3]),
+        "numpy_cached_gaussian": float(np_state[4]),
+        "python": json.dumps(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    generator = getattr(train_data, "generator", None)
+    if generator is not None:
+        state["train_generator"] = generator.get_state()
+    return state
+
+
+def _restore_rng_state(state: dict, train_data) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_cached_gaussian"],
+        )
+    )
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator = getattr(train_data, "generator", None)
+    if generator is not None and "train_generator" in state:
+        generator.set_state(state["train_generator"])
+
+
+def _plain_floats(result) -> dict | None:
+    return None if result is None else {str(k): float(v) for k, v in result.items()}
+
+
+class PlainCheckpointMixin:
+    """Mixed in front of any RecBole trainer class (see ``plain_checkpoint_trainer``)."""
+
+    def _plugin_init(self):
+        base = Path(self.saved_model_file)
+        self.saved_model_file = str(base)
+        self.last_model_file = str(base.with_name(base.stem + "-last" + base.suffix))
+        self.history: list[dict] = []
+        self._epoch_record: dict = {}
+        self._pending_rng: dict | None = None
+        self._train_data = None
+        self._last_finished_epoch: int | None = None
+
+    def set_checkpoint_files(self, best: str | Path, last: str | Path) -> None:
+        self.saved_model_file, self.last_model_file = str(best), str(last)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self, epoch: int, with_rng: bool) -> dict:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.config["model"],
+            "dataset": self.config["dataset"],
+            "config_json": json.dumps(jsonable_config(self.config)),
+            "settings_json": json.dumps(user_settings(self.config)),
+            "epoch": int(epoch),
+            "cur_step": int(self.cur_step),
+            "best_valid_score": float(self.best_valid_score),
+            "best_valid_result": _plain_floats(self.best_valid_result),
+            "best_model_file": str(self.saved_model_file),
+            "history_json": json.dumps(self.history),
+            "state_dict": self.model.state_dict(),
+            "other_parameter": self.model.other_parameter(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        if with_rng:
+            state["rng"] = _rng_state(self._train_data)
+        return state
+
+    def _is_writer(self) -> bool:
+        return self.config["single_spec"] or self.config["local_rank"] == 0
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not self._is_writer():
+            return
+        path = kwargs.pop("saved_model_file", self.saved_model_file)
+        save_checkpoint_file(self._state(epoch, with_rng=False), path)
+        if verbose:
+            self.logger.info(f"Saving current best: {path}")
+
+    def _save_last(self, epoch: int) -> None:
+        if self._is_writer():
+            save_checkpoint_file(self._state(epoch, with_rng=True), self.last_model_file)
+
+    def _check_model(self, state: dict, path) -> None:
+        if state["model"].lower() != self.config["model"].lower():
+            raise CheckpointError(
+                f"checkpoint {path} was trained for model {state['model']}, not {self.config['model']}"
+            )
+        if state["dataset"] != self.config["dataset"]:
+            raise CheckpointError(
+                f"checkpoint {path} was trained on dataset {state['dataset']}, not {self.config['dataset']}"
+            )
+
+    def _load_weights(self, state: dict, path) -> None:
+        try:
+            self.model.load_state_dict(state["state_dict"])
+        except RuntimeError as error:
+            first = str(error).splitlines()[0]
+            raise CheckpointError(f"checkpoint {path} does not fit this model's configuration: {first}") from None
+        self.model.load_other_parameter(state.get("other_parameter"))
+
+    def resume_checkpoint(self, resume_file):
+        """Continue training from ``best.pth`` or (exactly) from ``last.pth``."""
+        state = load_checkpoint_file(resume_file, map_location=self.device)
+        self._check_model(state, resume_file)
+        self._load_weights(state, resume_file)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch = state["epoch"] + 1
+        self.cur_step = state["cur_step"]
+        self.best_valid_score = state["best_valid_score"]
+        self.best_valid_result = state["best_valid_result"]
+        self.history = json.loads(state.get("history_json", "[]"))
+        self._pending_rng = state.get("rng")
+        best_file = state.get("best_model_file")
+        if best_file and Path(best_file).is_file():
+            self.saved_model_file = best_file
+        self.logger.info(f"Checkpoint {resume_file} loaded. Resume training from epoch {self.start_epoch}")
+
+    # ------------------------------------------------------------------ training loop hooks
+    def _call_model_hook(self, name: str, epoch_idx: int):
+        hook = getattr(self.model, name, None)
+        return hook(epoch_idx) if callable(hook) else None
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self._train_data = train_data
+        if self._pending_rng is not None:
+            _restore_rng_state(self._pending_rng, train_data)
+            self._pending_rng = None
+        result = super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress, callback_fn=callback_fn)
+        self._close_epoch_record()
+        if saved and self._last_finished_epoch is not None:
+            self._save_last(self._last_finished_epoch)
+        return result
+
+    def _close_epoch_record(self) -> None:
+        if self._epoch_record:
+            self.history.append(self._epoch_record)
+            self._epoch_record = {}
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if self._last_finished_epoch is not None:
+            # The previous epoch, its validation and early-stopping update are complete.
+            self._close_epoch_record()
+            self._save_last(self._last_finished_epoch)
+        self._call_model_hook("on_train_epoch_start", epoch_idx)
+        start = time()
+        loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+        seconds = time() - start
+        total = float(sum(loss)) if isinstance(loss, tuple) else float(loss)
+        record = {"epoch": int(epoch_idx), "train_loss": total, "train_seconds": seconds}
+        stats = self._call_model_hook("on_train_epoch_end", epoch_idx)
+        if stats:
+            record["model_stats"] = {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in stats.items()}
+            self.logger.info(f"epoch {epoch_idx} model stats: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["model_stats"].items()))
+        self._epoch_record = record
+        self._last_finished_epoch = int(epoch_idx)
+        return loss
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        start = time()
+        score, result = super()._valid_epoch(valid_data, show_progress=show_progress)
+        if self._epoch_record:
+            self._epoch_record.update(valid_score=float(score), valid_result=_plain_floats(result), valid_seconds=time() - start)
+        return score, result
+
+    # ------------------------------------------------------------------ evaluation
+    def load_best(self, model_file=None) -> str:
+        path = model_file or self.saved_model_file
+        state = load_checkpoint_file(path, map_location=self.device)
+        self._check_model(state, path)
+        self._load_weights(state, path)
+        self.logger.info(f"Loading model structure and parameters from {path}")
+        return str(path)
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if eval_data and load_best_model:
+            self.load_best(model_file)
+        return super().evaluate(eval_data, load_best_model=False, model_file=None, show_progress=show_progress)
+
+
+_TRAINER_CACHE: dict[type, type] = {}
+
+
+def plain_checkpoint_trainer(base: type) -> type:
+    """``base`` (any RecBole trainer class) with plain checkpoints and a history."""
+    if base not in _TRAINER_CACHE:
+
+        def __init__(self, config, model):
+            base.__init__(self, config, model)
+            self._plugin_init()
+
+        _TRAINER_CACHE[base] = type(f"Plain{base.__name__}", (PlainCheckpointMixin, base), {"__init__": __init__})
+    return _TRAINER_CACHE[base]
