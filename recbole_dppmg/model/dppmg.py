@@ -1,0 +1,345 @@
+r"""DPPMG stage 1: modal-specific graph recommender with residual-quantized user preferences.
+
+Per modality ``m`` (``text``, ``image``, optionally ``id``): item embedding = ``MLP_m(feature)``
+(a learned per-item embedding where the item lacks that modality; a plain item embedding for
+``id``), a user embedding, LightGCN propagation on the train graph, giving ``u_m`` and ``i_m``.
+``u_m`` is quantized by a residual VQ into ``levels`` codes (the user's preference tokens), and
+``score(u, i) = sum_m <q(u_m), i_m>`` (``<u_m, i_m>`` when ``eval_quantized`` is False).
+
+Loss = BPR on quantized user vectors + ``vq_weight`` * commitment + ``continuous_bpr_weight`` *
+BPR on continuous vectors + ``reg_weight`` * L2 on ego embeddings. During the first
+``kmeans_warmup_epochs`` epochs only the continuous BPR (+ L2) trains; the codebooks are seeded
+by k-means at the first step and track the users by EMA, so quantized evaluation is meaningful
+from epoch 0. After warm-up the codebooks are re-initialised by FAISS k-means on all users'
+current vectors and the quantized loss switches on.
+
+Per-epoch hook (RecBole's Trainer calls nothing per epoch):
+    ``stats = model.on_epoch_end()`` after each training epoch: counts the epoch, runs the
+    post-warm-up k-means, and returns (and keeps, see ``epoch_stats()``) a flat dict of floats:
+    ``epoch``, ``restarts/<m>``, and per modality and level ``<m>/L<l>/codes_used``,
+    ``<m>/L<l>/perplexity``, ``<m>/L<l>/quant_error`` measured over all users.
+    It is idempotent: a second call without training steps in between returns the same stats.
+    Fallback for trainers that do not call it: the first ``train()`` / ``eval()`` call after
+    training steps closes the epoch (RecBole's Trainer makes one before every epoch and
+    every evaluation), and the stats are logged at INFO.
+"""
+
+from __future__ import annotations
+
+import torch
+from recbole.model.abstract_recommender import GeneralRecommender
+from recbole.model.init import xavier_normal_initialization
+from recbole.model.loss import BPRLoss, EmbLoss
+from recbole.utils import InputType
+from torch import nn
+
+from recbole_dppmg.errors import ConfigError
+from recbole_dppmg.model.graph import LightGCNPropagation, normalized_adjacency
+from recbole_dppmg.model.modal_features import (
+    ID_MODALITY,
+    config_value,
+    load_modal_features,
+    parse_modalities,
+)
+from recbole_dppmg.model.quantizer import ResidualVectorQuantizer
+
+
+def _positive_int(config, key, default=None) -> int:
+    value = config_value(config, key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _number(config, key, default, low=0.0, high=None) -> float:
+    value = config_value(config, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (
+        high is not None and value >= high
+    ):
+        bound = f"[{low}, {high})" if high is not None else f">= {low}"
+        raise ConfigError(f"{key} must be a number in {bound}, got {value!r}")
+    return float(value)
+
+
+def feature_mlp(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
+    """Linear layers with LeakyReLU between them (none after the last)."""
+    sizes = [in_dim, *hidden, out_dim]
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.LeakyReLU())
+    return nn.Sequential(*layers)
+
+
+class DPPMG(GeneralRecommender):
+    """Modal-specific LightGCN + residual VQ of per-modality user vectors (see module doc)."""
+
+    input_type = InputType.PAIRWISE
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.modalities = parse_modalities(config)
+        features = load_modal_features(dataset, config)
+        self.dim = _positive_int(config, "embedding_size")
+        self.n_layers = config_value(config, "n_layers", 2)
+        if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 0:
+            raise ConfigError(f"n_layers must be an integer >= 0, got {self.n_layers!r}")
+        hidden = config_value(config, "mlp_hidden_size", [])
+        if isinstance(hidden, int):
+            hidden = [hidden]
+        if not isinstance(hidden, (list, tuple)) or not all(
+            isinstance(h, int) and h > 0 for h in hidden
+        ):
+            raise ConfigError(f"mlp_hidden_size must be a list of positive integers, got {hidden!r}")
+        self.levels = _positive_int(config, "levels")
+        self.codebook_size = _positive_int(config, "codebook_size")
+        self.vq_weight = _number(config, "vq_weight", 1.0)
+        self.continuous_bpr_weight = _number(config, "continuous_bpr_weight", 0.0)
+        self.reg_weight = _number(config, "reg_weight", 1e-5)
+        self.kmeans_warmup_epochs = config_value(config, "kmeans_warmup_epochs", 0)
+        if not isinstance(self.kmeans_warmup_epochs, int) or self.kmeans_warmup_epochs < 0:
+            raise ConfigError(
+                f"kmeans_warmup_epochs must be an integer >= 0, got {self.kmeans_warmup_epochs!r}"
+            )
+        self.eval_quantized = bool(config_value(config, "eval_quantized", True))
+        quantizer_args = dict(
+            levels=self.levels,
+            codebook_size=self.codebook_size,
+            dim=self.dim,
+            commitment_beta=_number(config, "commitment_beta", 0.25),
+            ema_decay=_number(config, "ema_decay", 0.99, 0.0, 1.0),
+            dead_code_threshold=_number(config, "dead_code_threshold", 0.1),
+        )
+
+        self.user_embeddings = nn.ModuleDict()
+        self.item_embeddings = nn.ModuleDict()  # id channel: all items; others: missing items
+        self.encoders = nn.ModuleDict()
+        self.quantizers = nn.ModuleDict()
+        for m in self.modalities:
+            self.user_embeddings[m] = nn.Embedding(self.n_users, self.dim)
+            self.item_embeddings[m] = nn.Embedding(self.n_items, self.dim)
+            if m != ID_MODALITY:
+                feat = features[m]
+                self.encoders[m] = feature_mlp(feat.width, list(hidden), self.dim)
+                # Derived from the dataset at construction, so kept out of checkpoints.
+                self.register_buffer(f"feat_{m}", feat.features, persistent=False)
+                self.register_buffer(f"present_{m}", feat.present, persistent=False)
+            self.quantizers[m] = ResidualVectorQuantizer(**quantizer_args)
+
+        inter = dataset.inter_matrix(form="coo")
+        self.register_buffer("norm_adj", normalized_adjacency(inter, self.n_users, self.n_items),
+                             persistent=False)
+        self.propagation = LightGCNPropagation(self.n_layers)
+        self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))
+        self.bpr_loss = BPRLoss()
+        self.emb_loss = EmbLoss()
+
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending_steps = 0  # training steps since the last closed epoch
+        self._last_stats: dict[str, float] = {}
+        self._closing_epoch = False
+        self.apply(xavier_normal_initialization)
+
+    # ------------------------------------------------------------------ embeddings
+    def item_ego_embeddings(self) -> dict[str, torch.Tensor]:
+        """Layer-0 item embeddings per modality ``[n_items, dim]`` (before propagation)."""
+        out = {}
+        for m in self.modalities:
+            table = self.item_embeddings[m].weight
+            if m == ID_MODALITY:
+                out[m] = table
+            else:
+                encoded = self.encoders[m](getattr(self, f"feat_{m}"))
+                out[m] = torch.where(getattr(self, f"present_{m}").unsqueeze(1), encoded, table)
+        return out
+
+    def forward(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Propagated (continuous) user and item embeddings per modality."""
+        items = self.item_ego_embeddings()
+        ego = torch.cat(
+            [torch.cat([self.user_embeddings[m].weight, items[m]], 0) for m in self.modalities], 1
+        )
+        out = self.propagation(ego, self.norm_adj)  # all modalities share one spmm
+        users, items = {}, {}
+        for k, m in enumerate(self.modalities):
+            block = out[:, k * self.dim:(k + 1) * self.dim]
+            users[m], items[m] = block[: self.n_users], block[self.n_users:]
+        return users, items
+
+    # ------------------------------------------------------------------ quantizer lifecycle
+    @torch.no_grad()
+    def _kmeans_init(self) -> None:
+        users, _ = self.forward()
+        for m in self.modalities:
+            self.quantizers[m].kmeans_init(users[m][1:])  # row 0 is RecBole's padding user
+
+    def _ensure_initialized(self) -> None:
+        if not all(q.is_initialized for q in self.quantizers.values()):
+            self._kmeans_init()
+
+    @property
+    def in_warmup(self) -> bool:
+        return int(self.epochs_done) < self.kmeans_warmup_epochs
+
+    @torch.no_grad()
+    def on_epoch_end(self) -> dict[str, float]:
+        """Close a training epoch: count it, run the post-warm-up k-means, return stats."""
+        if self._pending_steps == 0:
+            return self._last_stats
+        self._pending_steps = 0
+        self.epochs_done += 1
+        self._ensure_initialized()
+        if self.kmeans_warmup_epochs > 0 and int(self.epochs_done) == self.kmeans_warmup_epochs:
+            self._kmeans_init()
+            self.logger.info(f"DPPMG: codebooks re-initialised by k-means after epoch {int(self.epochs_done)}")
+        self._clear_cache()
+        self._last_stats = self._compute_stats()
+        return self._last_stats
+
+    def epoch_stats(self) -> dict[str, float]:
+        """Stats of the last closed epoch (empty before the first)."""
+        return dict(self._last_stats)
+
+    @torch.no_grad()
+    def _compute_stats(self) -> dict[str, float]:
+        users, _ = self.forward()
+        stats: dict[str, float] = {"epoch": float(int(self.epochs_done))}
+        for m in self.modalities:
+            per_level = self.quantizers[m].code_stats(users[m][1:])  # without the padding user
+            for level in range(self.levels):
+                for key, values in per_level.items():
+                    stats[f"{m}/L{level}/{key}"] = float(values[level])
+            stats[f"restarts/{m}"] = float(self.quantizers[m].restarts.sum())
+        return stats
+
+    def train(self, mode: bool = True):
+        if self._pending_steps and not self._closing_epoch:
+            self._closing_epoch = True
+            try:
+                stats = self.on_epoch_end()
+            finally:
+                self._closing_epoch = False
+            self.logger.info("DPPMG epoch stats: " + format_stats(stats, self.modalities, self.levels))
+        if mode:
+            self._clear_cache()
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._clear_cache()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _clear_cache(self) -> None:
+        self._cache = None
+
+    # ------------------------------------------------------------------ RecBole contract
+    def calculate_loss(self, interaction):
+        self._clear_cache()
+        self._ensure_initialized()
+        if self.training:
+            self._pending_steps += 1
+        user = interaction[self.USER_ID]
+        pos = interaction[self.ITEM_ID]
+        neg = interaction[self.NEG_ITEM_ID]
+        users, items = self.forward()
+
+        # Each user is quantized once per step, so EMA counts are per-user usages.
+        unique_users, inverse = torch.unique(user, return_inverse=True)
+        pos_c = neg_c = pos_q = neg_q = 0.0
+        vq_loss = users[self.modalities[0]].new_zeros(())
+        for m in self.modalities:
+            out = self.quantizers[m](users[m][unique_users])
+            u_c, u_q = users[m][user], out.quantized[inverse]
+            i_pos, i_neg = items[m][pos], items[m][neg]
+            pos_c = pos_c + (u_c * i_pos).sum(1)
+            neg_c = neg_c + (u_c * i_neg).sum(1)
+            pos_q = pos_q + (u_q * i_pos).sum(1)
+            neg_q = neg_q + (u_q * i_neg).sum(1)
+            vq_loss = vq_loss + out.commitment_loss
+
+        if self.in_warmup:
+            rec_loss = self.bpr_loss(pos_c, neg_c)
+            vq_loss = vq_loss.detach() * 0.0
+        else:
+            rec_loss = self.bpr_loss(pos_q, neg_q)
+            if self.continuous_bpr_weight > 0:
+                rec_loss = rec_loss + self.continuous_bpr_weight * self.bpr_loss(pos_c, neg_c)
+            vq_loss = self.vq_weight * vq_loss
+
+        ego_items = self.item_ego_embeddings()
+        reg_loss = self.emb_loss(
+            *[self.user_embeddings[m](user) for m in self.modalities],
+            *[ego_items[m][pos] for m in self.modalities],
+            *[ego_items[m][neg] for m in self.modalities],
+        )
+        return rec_loss, vq_loss, self.reg_weight * reg_loss
+
+    @torch.no_grad()
+    def _eval_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenated user ``[n_users, M*dim]`` and item vectors used for scoring, cached."""
+        if self._cache is None:
+            users = self.user_modal_vectors(quantized=self.eval_quantized)
+            _, items = self.forward()
+            self._cache = (
+                torch.cat([users[m] for m in self.modalities], 1),
+                torch.cat([items[m] for m in self.modalities], 1),
+            )
+        return self._cache
+
+    def predict(self, interaction):
+        user_e, item_e = self._eval_vectors()
+        user = interaction[self.USER_ID]
+        item = interaction[self.ITEM_ID]
+        return (user_e[user] * item_e[item]).sum(1)
+
+    def full_sort_predict(self, interaction):
+        user_e, item_e = self._eval_vectors()
+        user = interaction[self.USER_ID]
+        return (user_e[user] @ item_e.t()).view(-1)
+
+    # ------------------------------------------------------------------ export API
+    def set_eval_quantized(self, quantized: bool) -> None:
+        """Score with quantized (True) or continuous (False) user vectors from now on."""
+        self.eval_quantized = bool(quantized)
+        self._clear_cache()
+
+    @torch.no_grad()
+    def user_modal_vectors(self, quantized: bool = False) -> dict[str, torch.Tensor]:
+        """Per modality, all users' propagated vectors ``[n_users, dim]`` (decoded codes if
+        ``quantized``)."""
+        self._ensure_initialized()
+        users, _ = self.forward()
+        if quantized:
+            users = {m: self.quantizers[m].decode(self.quantizers[m].encode(users[m])) for m in users}
+        return users
+
+    @torch.no_grad()
+    def item_modal_vectors(self, propagated: bool = True) -> dict[str, torch.Tensor]:
+        """Per modality, all items' vectors ``[n_items, dim]``: the propagated ones that users
+        are scored against, or the layer-0 ones (``propagated=False``, e.g. for fold-in)."""
+        if propagated:
+            return self.forward()[1]
+        return {m: v.detach() for m, v in self.item_ego_embeddings().items()}
+
+    @torch.no_grad()
+    def codebooks(self) -> dict[str, torch.Tensor]:
+        """Per modality, the codebooks ``[levels, codebook_size, dim]``."""
+        self._ensure_initialized()
+        return {m: self.quantizers[m].codebooks.clone() for m in self.modalities}
+
+    @torch.no_grad()
+    def user_codes(self) -> torch.Tensor:
+        """Codes of all users ``[n_users, n_modalities, levels]``, modalities in config order."""
+        users = self.user_modal_vectors(quantized=False)
+        return torch.stack([self.quantizers[m].encode(users[m]) for m in self.modalities], 1)
+
+
+def format_stats(stats: dict[str, float], modalities: list[str], levels: int) -> str:
+    """One log line: ``text used 250/246/240 ppl 210/... err 0.41/0.22/0.12 | image ...``."""
+    parts = []
+    for m in modalities:
+        used = "/".join(f"{stats.get(f'{m}/L{l}/codes_used', 0):.0f}" for l in range(levels))
+        ppl = "/".join(f"{stats.get(f'{m}/L{l}/perplexity', 0):.1f}" for l in range(levels))
+        err = "/".join(f"{stats.get(f'{m}/L{l}/quant_error', 0):.3f}" for l in range(levels))
+        parts.append(f"{m} used {used} ppl {ppl} err {err}")
+    return f"epoch {stats.get('epoch', 0):.0f}: " + " | ".join(parts)
