@@ -10,8 +10,8 @@ Two files per run: ``best.pth`` (the best validation epoch, what ``evaluate`` lo
 ``last.pth`` (written after every epoch, with the random generator states, so that
 ``resume_checkpoint`` continues exactly where an interrupted run stopped).
 
-Models may define ``on_train_epoch_start(epoch)`` and ``on_train_epoch_end(epoch) -> dict``;
-the dict (e.g. codebook usage) is logged and stored in the history.
+Models may define ``on_epoch_end() -> dict`` (DPPMG does: k-means after warm-up, codebook
+usage); it is called after every training epoch and its dict is logged and kept in the history.
 """
 
 from __future__ import annotations
@@ -196,9 +196,9 @@ class PlainCheckpointMixin:
         self.logger.info(f"Checkpoint {resume_file} loaded. Resume training from epoch {self.start_epoch}")
 
     # ------------------------------------------------------------------ training loop hooks
-    def _call_model_hook(self, name: str, epoch_idx: int):
-        hook = getattr(self.model, name, None)
-        return hook(epoch_idx) if callable(hook) else None
+    def _model_epoch_end(self) -> dict | None:
+        hook = getattr(self.model, "on_epoch_end", None)
+        return hook() if callable(hook) else None
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._train_data = train_data
@@ -221,16 +221,17 @@ class PlainCheckpointMixin:
             # The previous epoch, its validation and early-stopping update are complete.
             self._close_epoch_record()
             self._save_last(self._last_finished_epoch)
-        self._call_model_hook("on_train_epoch_start", epoch_idx)
         start = time()
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
         seconds = time() - start
         total = float(sum(loss)) if isinstance(loss, tuple) else float(loss)
         record = {"epoch": int(epoch_idx), "train_loss": total, "train_seconds": seconds}
-        stats = self._call_model_hook("on_train_epoch_end", epoch_idx)
+        stats = self._model_epoch_end()
         if stats:
-            record["model_stats"] = {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in stats.items()}
-            self.logger.info(f"epoch {epoch_idx} model stats: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["model_stats"].items()))
+            record["model_stats"] = {k: float(v) for k, v in stats.items()}
+            describe = getattr(self.model, "describe_epoch_stats", None)
+            line = describe(stats) if callable(describe) else ", ".join(f"{k}={v:.4g}" for k, v in record["model_stats"].items())
+            self.logger.info(f"epoch {epoch_idx} model stats: {line}")
         self._epoch_record = record
         self._last_finished_epoch = int(epoch_idx)
         return loss
