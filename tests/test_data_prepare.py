@@ -55,8 +55,24 @@ def test_rerun_is_a_noop_until_an_input_changes(tmp_path):
     (tmp_path / "raw" / "images" / "i1.png").write_bytes((tmp_path / "raw" / "images" / "i3.png").read_bytes())
     build(tmp_path, spec, encoders)
     assert encoders["image"].calls == 1 and (folder / "tiny.item").stat().st_mtime_ns != stamp
+    assert encoders["text"].calls == 0  # text inputs unchanged: the previous text features are reused
     build(tmp_path, spec, encoders, force=True)
-    assert encoders["image"].calls == 2
+    assert encoders["image"].calls == 2 and encoders["text"].calls == 1  # force trusts no cache
+
+
+def test_changed_text_reencodes_text_only_and_keeps_image_features(tmp_path):
+    spec = write_user_dataset(tmp_path)
+    folder = build(tmp_path, spec)
+    before = read_item_table(folder / "tiny.item", with_features=True)
+    item_file = tmp_path / "raw" / "tiny.item"
+    item_file.write_text(item_file.read_text().replace("The empire strikes back.", "The empire strikes back hard."))
+    encoders = fake_encoders()
+    build(tmp_path, spec, encoders)
+    assert (encoders["text"].calls, encoders["image"].calls) == (1, 0)
+    after = read_item_table(folder / "tiny.item", with_features=True)
+    assert np.array_equal(np.stack(after["image_feat"]), np.stack(before["image_feat"]))
+    assert not np.array_equal(after.loc["i2", "text_feat"], before.loc["i2", "text_feat"])
+    assert np.array_equal(after.loc["i1", "text_feat"], before.loc["i1", "text_feat"])
 
 
 def test_corrupt_and_missing_images_are_masked_and_counted(tmp_path):

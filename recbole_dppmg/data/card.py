@@ -64,6 +64,7 @@ def render_card(
     masks: dict[str, np.ndarray],
     query_rows: list[int],
     title_field: str | None,
+    explanation: str = "",
 ) -> str:
     """Markdown for the card; every figure comes from ``manifest`` or the written arrays."""
     name = manifest["dataset"]
@@ -103,6 +104,8 @@ def render_card(
         f"Images named but missing on disk: {counts.get('images_missing_file', 0)}; "
         f"images that failed to decode: {counts.get('images_failed', 0)}.",
     ]
+    if explanation:
+        lines += ["", explanation]
     for key, value in manifest.get("notes", {}).items():
         lines.append(f"- {key.replace('_', ' ')}: {value:,}")
     throughput = manifest.get("throughput", {})

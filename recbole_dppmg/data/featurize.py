@@ -135,14 +135,17 @@ class MiniLMTextEncoder:
         from tqdm.auto import tqdm
 
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        # Batches of similar length waste little compute on padding tokens.
+        order = np.argsort([len(t) for t in texts], kind="stable")
         with torch.no_grad():
             for start in tqdm(range(0, len(texts), batch_size), desc="text features", unit="batch", disable=not progress):
-                batch = list(texts[start : start + batch_size])
+                rows = order[start : start + batch_size]
+                batch = [texts[i] for i in rows]
                 tokens = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
                 hidden = self.model(**tokens).last_hidden_state
                 mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-                out[start : start + len(batch)] = torch.nn.functional.normalize(pooled, p=2, dim=1).numpy()
+                out[rows] = torch.nn.functional.normalize(pooled, p=2, dim=1).numpy()
         return out
 
 

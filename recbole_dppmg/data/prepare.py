@@ -11,6 +11,7 @@ inputs, settings and encoders hash the same as the manifest's does nothing.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -23,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from recbole_dppmg.data import featurize
-from recbole_dppmg.data.atomic import write_atomic
-from recbole_dppmg.data.cache import MANIFEST_NAME, PIPELINE_VERSION, cache_key, hash_inputs, read_manifest
+from recbole_dppmg.data.atomic import read_atomic, write_atomic
+from recbole_dppmg.data.cache import MANIFEST_NAME, PIPELINE_VERSION, cache_key, hash_file, hash_inputs, read_manifest
 from recbole_dppmg.data.card import featured_rows, render_card
 from recbole_dppmg.data.mmrec import MMRecSource
 from recbole_dppmg.data.sources import ML100K_MM, AtomicFolderSource, DatasetSpec, LoadedSource, Ml100kMMSource, Source
@@ -142,7 +143,8 @@ def prepare_dataset(
     with featurize.torch_threads(num_threads) as threads:
         logger.info("preparing %s into %s with %d torch thread(s)", dataset, target, threads)
         loaded = source.load()
-        built = _build(dataset, loaded, encoders)
+        previous = _PreviousBuild(target, None if force else manifest)  # force: encode everything again
+        built = _build(dataset, loaded, encoders, versions, previous)
     manifest = _manifest(dataset, source, loaded, built, key, input_hashes, versions, threads)
     _write_atomically(dataset_dir, target, dataset, loaded, built, manifest)
     logger.info("prepared %s in %.1fs: %s", dataset, time.perf_counter() - started, json.dumps(manifest["counts"]))
@@ -171,6 +173,48 @@ def _encoder_versions(source: Source, encoders: dict | None) -> dict[str, str]:
     return versions
 
 
+class _PreviousBuild:
+    """Feature columns of the last complete build, reused per modality when its inputs match.
+
+    Changing one plot text then re-encodes text only, not 1,644 posters.
+    """
+
+    def __init__(self, target: Path, manifest: dict | None):
+        self.target, self.manifest = target, manifest or {}
+        self._table: pd.DataFrame | None = None
+
+    def features(self, modality: str, key: str, item_ids: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.manifest.get("modality_keys", {}).get(modality) != key:
+            return None
+        try:
+            if self._table is None:
+                self._table = read_atomic(self.target / self.manifest["files"]["item"]).set_index("item_id")
+            rows = self._table.loc[item_ids]
+            features = np.stack(rows[f"{modality}_feat"].to_numpy()).astype(np.float32)
+            present = rows[f"{modality}_mask"].to_numpy() == 1.0
+        except (DataError, KeyError, ValueError, OSError) as exc:
+            logger.info("%s features of the previous build not reusable (%s); encoding again", modality, exc)
+            return None
+        logger.info("%s: inputs unchanged since the last build, reusing its %d features", modality, int(present.sum()))
+        return features, present
+
+
+def _modality_key(modality: str, loaded: LoadedSource, version: str) -> str:
+    """Hash of exactly what one modality's features depend on: encoder version + per-item inputs."""
+    item_ids = loaded.items["item_id"].tolist()
+    if modality in loaded.precomputed:
+        features, _ = loaded.precomputed[modality]
+        payload = [item_ids, hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest()]
+    elif modality == "text":
+        payload = list(zip(item_ids, loaded.text_inputs))
+    else:
+        payload = [
+            (i, None if p is None else (hash_file(p) if Path(p).is_file() else "missing"))
+            for i, p in zip(item_ids, loaded.image_paths)
+        ]
+    return hashlib.sha256(json.dumps([version, payload], default=str).encode()).hexdigest()
+
+
 class _Built:
     """The validated tables and feature arrays of one build, before they are written."""
 
@@ -182,9 +226,10 @@ class _Built:
         self.throughput: dict[str, dict] = {}
         self.image_failures: dict[str, str] = {}
         self.images_missing: list[str] = []
+        self.modality_keys: dict[str, str] = {}
 
 
-def _build(dataset: str, loaded: LoadedSource, encoders: dict | None) -> _Built:
+def _build(dataset: str, loaded: LoadedSource, encoders: dict | None, versions: dict, previous: _PreviousBuild) -> _Built:
     items = loaded.items
     if items.empty:
         raise DataError(f"{loaded.item_origin}: no items")
@@ -208,8 +253,14 @@ def _build(dataset: str, loaded: LoadedSource, encoders: dict | None) -> _Built:
         raise DataError(f"{dataset}: no interaction refers to an item in {loaded.item_origin}")
 
     encoders = dict(encoders or {})
+    item_ids = items["item_id"].tolist()
     for modality in MODALITIES:
-        if modality in loaded.precomputed:
+        key = built.modality_keys[modality] = _modality_key(modality, loaded, versions[modality])
+        reused = previous.features(modality, key, item_ids)
+        if reused is not None:
+            features, present = reused
+            _carry_over(modality, previous.manifest, built)
+        elif modality in loaded.precomputed:
             features, present = loaded.precomputed[modality]
             built.encoder_names[modality] = "precomputed"
         elif modality == "text":
@@ -219,6 +270,16 @@ def _build(dataset: str, loaded: LoadedSource, encoders: dict | None) -> _Built:
         features = np.where(present[:, None], features, 0.0).astype(np.float32)
         built.features[modality], built.masks[modality] = features, present
     return built
+
+
+def _carry_over(modality: str, manifest: dict, built: _Built) -> None:
+    """Keep the reused modality's encoder name, failures and measured throughput in the new manifest."""
+    built.encoder_names[modality] = manifest["modalities"][modality]["encoder"]
+    if modality in manifest.get("throughput", {}):
+        built.throughput[modality] = {**manifest["throughput"][modality], "reused": True}
+    if modality == "image":
+        built.image_failures = dict(manifest.get("image_failures", {}))
+        built.images_missing = list(manifest.get("images_missing_file", []))
 
 
 def _encoder(encoders: dict, modality: str):
@@ -324,9 +385,10 @@ def _manifest(dataset, source, loaded, built, key, input_hashes, versions, threa
         "notes": loaded.notes,
         "dangling_item_ids": built.dangling_ids[:100],
         "image_failures": built.image_failures,
-        "images_missing_file": built.images_missing[:100],
+        "images_missing_file": built.images_missing,
         "throughput": built.throughput,
         "threads": threads,
+        "modality_keys": built.modality_keys,
         "files": {"inter": f"{dataset}.inter", "item": f"{dataset}.item", "card": "README.md",
                   **{k: f"{dataset}.{k}" for k in loaded.extra_files}},
     }
@@ -356,7 +418,8 @@ def _write_atomically(dataset_dir: Path, target: Path, dataset: str, loaded: Loa
                         ("text_mask", "float"), ("image_mask", "float")]
         write_atomic(temp / f"{dataset}.item", item_columns, _item_rows(loaded, built))
         query_rows = featured_rows(loaded.items, built.inter, loaded.featured_items)
-        card = render_card(manifest, loaded.items, built.features, built.masks, query_rows, loaded.title_field)
+        card = render_card(manifest, loaded.items, built.features, built.masks, query_rows, loaded.title_field,
+                           loaded.explanation)
         (temp / "README.md").write_text(card, encoding="utf-8")
         # The manifest goes last: a folder with a manifest is a complete folder.
         (temp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

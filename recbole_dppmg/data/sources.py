@@ -55,6 +55,7 @@ class LoadedSource:
     notes: dict[str, int] = field(default_factory=dict)
     extra_files: dict[str, pd.DataFrame] = field(default_factory=dict)
     item_origin: str = ""
+    explanation: str = ""
 
 
 class Source(Protocol):
@@ -122,7 +123,11 @@ class Ml100kMMSource:
         }
 
     def settings(self) -> dict:
-        return {"placeholder_prefix": PLACEHOLDER_PREFIX, "text_template": "title (year). Genres: a, b. plot"}
+        return {
+            "placeholder_prefix": PLACEHOLDER_PREFIX,
+            "text_template": "title (year). Genres: a, b. plot",
+            "text_present_when": "title",
+        }
 
     def load(self) -> LoadedSource:
         inter = _as_strings(read_atomic(self.ml100k / "ml-100k.inter"))
@@ -137,15 +142,19 @@ class Ml100kMMSource:
             }
         )
         items["description"] = [descriptions.get(i, "") for i in items["item_id"]]
+        items["description_mask"] = ["1.0" if d else "0.0" for d in items["description"]]
         items["poster"] = [f"{i}.jpg" if (self.posters / f"{i}.jpg").is_file() else "" for i in items["item_id"]]
+        # Every movie has a title, so the text modality is present for all; an item without a
+        # real plot gets the embedding of title, year and genres (a fallback feature that is
+        # still real content), and description_mask records which items had a plot.
         text_inputs = [
-            self.text_input(row.title, row.year, row.genres, row.description) if row.description else None
+            self.text_input(row.title, row.year, row.genres, row.description) if row.title else None
             for row in items.itertuples()
         ]
         image_paths = [self.posters / p if p else None for p in items["poster"]]
         item_columns = [
-            ("item_id", "token"), ("title", "token_seq"), ("year", "token"),
-            ("genres", "token_seq"), ("description", "token_seq"), ("poster", "token"),
+            ("item_id", "token"), ("title", "token_seq"), ("year", "token"), ("genres", "token_seq"),
+            ("description", "token_seq"), ("description_mask", "float"), ("poster", "token"),
         ]
         return LoadedSource(
             inter=inter,
@@ -157,9 +166,17 @@ class Ml100kMMSource:
             title_field="title",
             featured_items=ML100K_FEATURED,
             item_origin=str(self.ml100k / "ml-100k.item"),
+            explanation=(
+                "Text is present for every movie: the encoder reads `title (year). Genres: ... . plot`, "
+                "where the plot is left out for movies without a real one (none in details.json, or the "
+                "placeholder \"It looks like we don't have any Plot Summaries...\", which counts as missing). "
+                "`description_mask` (1.0/0.0, not loaded by RecBole) says which movies had a plot; "
+                "`image_mask` says which have a poster that decoded."
+            ).replace('"', "'"),
             notes={
                 "descriptions_in_details": len(descriptions) + placeholders,
                 "descriptions_placeholder": placeholders,
+                "items_with_description": sum(1 for d in items["description"] if d),
                 "posters_in_folder": sum(1 for p in items["poster"] if p),
             },
         )
@@ -167,9 +184,12 @@ class Ml100kMMSource:
     @staticmethod
     def text_input(title: str, year: str, genres: str, description: str) -> str:
         """'Star Wars (1977). Genres: Action, Adventure. <plot>' - the text encoder's input."""
-        head = f"{title} ({year})" if year else title
-        genre_list = ", ".join(genres.split())
-        return f"{head}. Genres: {genre_list}. {description}" if genre_list else f"{head}. {description}"
+        parts = [f"{title} ({year})" if year else title]
+        if genres:
+            parts.append("Genres: " + ", ".join(genres.split()))
+        if description:
+            parts.append(description)
+        return ". ".join(parts) if description else ". ".join(parts) + "."
 
     def _descriptions(self) -> tuple[dict[str, str], int]:
         """Real plot texts by item id; placeholders ('no plot summary yet') count as missing."""
