@@ -12,7 +12,7 @@ from pathlib import Path
 
 from recbole_dppmg.errors import DPPMGError
 
-STAGES = ("prepare", "train", "all")
+STAGES = ("prepare", "train", "export", "all")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config_files", default=None, help="space-separated extra YAML config files")
     parser.add_argument("--stage", default="train", choices=STAGES, help="pipeline stage to run (default: train)")
     parser.add_argument("--resume", default=None, help="checkpoint (best.pth or last.pth) to continue training from")
+    parser.add_argument("--checkpoint", default=None, help="export: the DPPMG best.pth to export (default: the newest DPPMG run of the dataset)")
     parser.add_argument("--spec", default=None, help="prepare: YAML that describes a user dataset (see dataset/README.md)")
     parser.add_argument("--force", action="store_true", help="prepare: rebuild even if the cached dataset is up to date")
     return parser
@@ -53,18 +54,34 @@ def _stage_prepare(args) -> None:
     print(f"dataset ready: {folder}")
 
 
-def _stage_train(args, models, config_files, overrides) -> None:
+def _stage_train(args, models, config_files, overrides) -> str | None:
+    """Train; returns the DPPMG checkpoint when one was trained (for a following export)."""
     from recbole_dppmg.quick_start import compare, run
 
     if len(models) == 1:
         result = run(models[0], args.dataset, config_files, overrides, resume=args.resume)
         print(f"{result.model} on {result.dataset}: test {result.test_result}  (run folder {result.run_dir})")
-        return
+        return result.checkpoint if result.model == "DPPMG" else None
     if args.resume:
         raise DPPMGError("--resume continues one model's run; give a single --model")
-    _, table = compare(models, args.dataset, config_files, overrides)
+    results, table = compare(models, args.dataset, config_files, overrides)
     print(table.read_text())
     print(f"comparison table: {table} (and comparison.csv beside it)")
+    dppmg = [r.checkpoint for r in results if r.model == "DPPMG"]
+    return dppmg[-1] if dppmg else None
+
+
+def _stage_export(args, models, config_files, overrides, trained_checkpoint=None) -> None:
+    from recbole_dppmg.config import build_config
+    from recbole_dppmg.tokens.export import export_tokens, latest_checkpoint
+    from recbole_dppmg.utils import get_model
+
+    checkpoint = args.checkpoint or trained_checkpoint
+    if checkpoint is None:
+        config = build_config(get_model("DPPMG"), args.dataset, config_files, overrides)
+        checkpoint = latest_checkpoint(Path(config["checkpoint_dir"]), args.dataset)
+    folder = export_tokens(checkpoint, config_dict=overrides)
+    print(f"token export: {folder}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         args, models, config_files, overrides = parse_args(argv)
         if args.stage in ("prepare", "all"):
             _stage_prepare(args)
+        trained = None
         if args.stage in ("train", "all"):
-            _stage_train(args, models, config_files, overrides)
+            trained = _stage_train(args, models, config_files, overrides)
+        if args.stage == "export" or (args.stage == "all" and trained):
+            _stage_export(args, models, config_files, overrides, trained)
     except DPPMGError as error:
         print(f"run_dppmg.py: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,195 @@
+"""Export a trained DPPMG model's preference tokens (see ``tokens/format.py`` for the files).
+
+Everything is written into a temporary folder beside the target and renamed into place at
+the end, so an interrupted export never leaves a folder that ``PreferenceTokens.load``
+would accept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+from recbole_dppmg.errors import CheckpointError
+from recbole_dppmg.tokens.faiss_lookup import build_index
+from recbole_dppmg.tokens.format import FORMAT_VERSION, MANIFEST, TOKEN_PATTERN, modality_prefix, token_string
+from recbole_dppmg.trainer import load_checkpoint_file
+
+logger = logging.getLogger(__name__)
+
+FOLDIN_RIDGE = 1e-2  # relative to the mean eigenvalue of X^T X
+
+
+def dataset_fingerprint(data_dir: Path) -> str:
+    """Identifies one build of a dataset: the prepare manifest's cache key, else a hash of
+    the atomic files."""
+    manifest = data_dir / "manifest.json"
+    if manifest.is_file():
+        key = json.loads(manifest.read_text()).get("cache_key")
+        if key:
+            return str(key)
+    digest = hashlib.sha256()
+    for path in sorted(data_dir.glob("*.inter")) + sorted(data_dir.glob("*.item")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def latest_checkpoint(checkpoint_root: Path, dataset: str, model: str = "DPPMG") -> Path:
+    """The newest ``best.pth`` of ``model`` on ``dataset`` under the checkpoint folder."""
+    runs = sorted((checkpoint_root / dataset).glob(f"{model}-*/best.pth"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise CheckpointError(
+            f"no trained {model} run for dataset {dataset} under {checkpoint_root / dataset}; "
+            f"train one (python run_dppmg.py -d {dataset} -m {model}) or pass --checkpoint"
+        )
+    return runs[-1]
+
+
+def fit_foldin(item_vectors: np.ndarray, user_items, user_vectors: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge map from the mean of a user's item vectors to the user's vector."""
+    x = mean_item_vectors(item_vectors, user_items, users)
+    y = user_vectors[users]
+    x_aug = np.hstack([x, np.ones((len(x), 1), dtype=x.dtype)]).astype(np.float64)
+    gram = x_aug.T @ x_aug
+    ridge = FOLDIN_RIDGE * np.trace(gram) / gram.shape[0]
+    gram[np.diag_indices_from(gram)] += ridge
+    solution = np.linalg.solve(gram, x_aug.T @ y.astype(np.float64))
+    return solution[:-1].astype(np.float32), solution[-1].astype(np.float32)
+
+
+def mean_item_vectors(item_vectors: np.ndarray, user_items, users: np.ndarray) -> np.ndarray:
+    """Row ``k``: the mean of ``item_vectors`` over user ``users[k]``'s items (CSR rows)."""
+    rows = user_items[users]
+    counts = np.maximum(np.asarray(rows.sum(1)).ravel(), 1)
+    return np.asarray(rows @ item_vectors) / counts[:, None]
+
+
+def _write_user_tokens(path: Path, user_ids: list[str], codes: np.ndarray, modalities: list[str]) -> None:
+    header = ["user_id:token"] + [f"{modality_prefix(m)}_tokens:token_seq" for m in modalities]
+    with path.open("w") as handle:
+        handle.write("\t".join(header) + "\n")
+        for row in range(1, len(user_ids)):
+            fields = [user_ids[row]] + [
+                " ".join(token_string(m, level, int(code)) for level, code in enumerate(codes[row, k]))
+                for k, m in enumerate(modalities)
+            ]
+            handle.write("\t".join(fields) + "\n")
+
+
+def _run_metrics(checkpoint: Path) -> dict:
+    result_file = checkpoint.parent / "result.json"
+    if not result_file.is_file():
+        return {}
+    result = json.loads(result_file.read_text())
+    return {"test": result.get("test_result", {}), "valid": result.get("best_valid_result", {}), **result.get("extra", {})}
+
+
+def export_tokens(
+    checkpoint: str | Path,
+    out_dir: str | Path | None = None,
+    index_type: str | None = None,
+    config_dict: dict | None = None,
+    interpret: bool = True,
+) -> Path:
+    """Write the token export of a DPPMG checkpoint; returns the export folder."""
+    from recbole_dppmg.model.dppmg import DPPMG
+    from recbole_dppmg.quick_start import load_data_and_model
+
+    checkpoint = Path(checkpoint)
+    state = load_checkpoint_file(checkpoint)
+    if state["model"] != "DPPMG":
+        raise CheckpointError(f"checkpoint {checkpoint} is a {state['model']} model; tokens come from a DPPMG checkpoint")
+    del state
+    start = time.time()
+    config, model, dataset, train_data, _, _ = load_data_and_model(checkpoint, config_dict)
+    assert isinstance(model, DPPMG)
+    index_type = index_type or config["token_index_type"] or "flat"
+    out_dir = Path(out_dir) if out_dir else checkpoint.parent / "tokens"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    modalities = list(model.modalities)
+    with torch.no_grad():
+        user_vectors = {m: v.cpu().numpy() for m, v in model.user_modal_vectors(quantized=False).items()}
+        codes = model.user_codes().cpu().numpy().astype(np.int32)
+        codebooks = {m: v.cpu().numpy() for m, v in model.codebooks().items()}
+        items = {m: v.cpu().numpy() for m, v in model.item_modal_vectors(propagated=True).items()}
+        items_ego = {m: v.cpu().numpy() for m, v in model.item_modal_vectors(propagated=False).items()}
+
+    train_dataset = train_data._dataset
+    user_items = train_dataset.inter_matrix(form="csr").astype(np.float32)
+    users = np.arange(1, train_dataset.user_num)
+    user_ids = [str(u) for u in dataset.id2token(dataset.uid_field, np.arange(dataset.user_num))]
+    item_ids = [str(i) for i in dataset.id2token(dataset.iid_field, np.arange(dataset.item_num))]
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        save_file({m: np.ascontiguousarray(codebooks[m]) for m in modalities}, str(tmp / "codebooks.safetensors"))
+        np.save(tmp / "user_codes.npy", codes)
+        save_file({m: np.ascontiguousarray(user_vectors[m]) for m in modalities}, str(tmp / "user_vectors.safetensors"))
+        save_file(
+            {**{m: np.ascontiguousarray(items[m]) for m in modalities}, **{f"{m}.ego": np.ascontiguousarray(items_ego[m]) for m in modalities}},
+            str(tmp / "item_vectors.safetensors"),
+        )
+        foldin = {}
+        for m in modalities:
+            weight, bias = fit_foldin(items[m], user_items, user_vectors[m], users)
+            foldin[f"{m}.weight"], foldin[f"{m}.bias"] = weight, bias
+        save_file(foldin, str(tmp / "foldin.safetensors"))
+        (tmp / "ids.json").write_text(json.dumps({"users": user_ids, "items": item_ids}))
+        _write_user_tokens(tmp / "user_tokens.tsv", user_ids, codes, modalities)
+        index_files = []
+        for m in modalities:
+            for level in range(model.levels):
+                name = f"index_{m}_L{level}.faiss"
+                faiss.write_index(build_index(codebooks[m][level], index_type), str(tmp / name))
+                index_files.append(name)
+        files = ["codebooks.safetensors", "user_codes.npy", "user_vectors.safetensors", "item_vectors.safetensors",
+                 "foldin.safetensors", "ids.json", "user_tokens.tsv", *index_files]
+        if interpret:
+            from recbole_dppmg.tokens.interpret import write_code_report
+
+            files += write_code_report(tmp, config, codes, codebooks, items, user_items, modalities, item_ids)
+        data_dir = Path(config["data_path"])
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dataset": config["dataset"],
+            "dataset_fingerprint": dataset_fingerprint(data_dir),
+            "checkpoint": str(checkpoint.resolve()),
+            "model": "DPPMG",
+            "modalities": modalities,
+            "levels": int(model.levels),
+            "codebook_size": int(model.codebook_size),
+            "dim": int(model.dim),
+            "n_users": int(dataset.user_num),
+            "n_items": int(dataset.item_num),
+            "token_pattern": TOKEN_PATTERN,
+            "token_prefixes": {m: modality_prefix(m) for m in modalities},
+            "index_type": index_type,
+            "foldin": {"input": "mean of the propagated item vectors of the user's items", "ridge": FOLDIN_RIDGE},
+            "metrics": _run_metrics(checkpoint),
+            "files": files,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{int(time.time())}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info(f"token export written to {out_dir} in {time.time() - start:.1f}s")
+    return out_dir
