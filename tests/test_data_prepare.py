@@ -206,3 +206,19 @@ def test_recbole_loads_the_prepared_features(tmp_path):
     assert feats["text_feat"].abs().max().item() <= 1.0 + 1e-5  # not min-max normalised: unit vectors stay unit
     norms = np.linalg.norm(feats["text_feat"].numpy(), axis=1)
     assert np.allclose(norms[feats["text_mask"].numpy() == 1.0], 1.0, atol=1e-5)
+
+
+def test_prepared_copy_is_used_when_raw_inputs_are_gone(tmp_path, monkeypatch):
+    spec = write_user_dataset(tmp_path)
+    folder = build(tmp_path, spec)
+    (tmp_path / "raw" / "tiny.inter").unlink()
+    assert ensure_prepared("tiny", dataset_dir=tmp_path / "dataset", spec_file=spec) == folder
+    assert is_prepared("tiny", tmp_path / "dataset")
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_up(tmp_path):
+    dataset_dir = tmp_path / "dataset"
+    (dataset_dir / ".tiny.tmp-999999999-abc").mkdir(parents=True)
+    (dataset_dir / ".tiny.old-999999999-123").mkdir()
+    build(tmp_path, write_user_dataset(tmp_path))
+    assert leftovers(dataset_dir) == []

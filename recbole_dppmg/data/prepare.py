@@ -134,9 +134,8 @@ def prepare_dataset(
     if not force and manifest is not None and manifest.get("cache_key") == key:
         logger.info("%s is up to date (%s); checked in %.1fs", dataset, target, time.perf_counter() - started)
         return target
-    if target.exists() and manifest is None and any(target.iterdir()):
-        if not (target / MANIFEST_NAME).exists():
-            raise DataError(f"refusing to replace {target}: it holds files not written by prepare (no {MANIFEST_NAME})")
+    if target.is_dir() and not (target / MANIFEST_NAME).exists() and any(target.iterdir()):
+        raise DataError(f"refusing to replace {target}: it holds files not written by prepare (no {MANIFEST_NAME})")
 
     dataset_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_dirs(dataset_dir, dataset)
