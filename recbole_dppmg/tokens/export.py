@@ -111,7 +111,7 @@ def export_tokens(
         raise CheckpointError(f"checkpoint {checkpoint} is a {state['model']} model; tokens come from a DPPMG checkpoint")
     del state
     start = time.time()
-    config, model, dataset, train_data, _, _ = load_data_and_model(checkpoint, config_dict)
+    config, model, dataset, train_data, valid_data, _ = load_data_and_model(checkpoint, config_dict)
     assert isinstance(model, DPPMG)
     index_type = index_type or config["token_index_type"] or "flat"
     out_dir = Path(out_dir) if out_dir else checkpoint.parent / "tokens"
@@ -145,6 +145,11 @@ def export_tokens(
             weight, bias = fit_foldin(items[m], user_items, user_vectors[m], users)
             foldin[f"{m}.weight"], foldin[f"{m}.bias"] = weight, bias
         save_file(foldin, str(tmp / "foldin.safetensors"))
+        from recbole_dppmg.tokens.foldin_quality import evaluate_fold_in
+
+        valid_items = valid_data._dataset.inter_matrix(form="csr")
+        foldin_quality = evaluate_fold_in(modalities, codebooks, items, user_vectors, codes, user_items.tocsr(), valid_items)
+        (tmp / "foldin_quality.json").write_text(json.dumps(foldin_quality, indent=2))
         (tmp / "ids.json").write_text(json.dumps({"users": user_ids, "items": item_ids}))
         _write_user_tokens(tmp / "user_tokens.tsv", user_ids, codes, modalities)
         index_files = []
@@ -154,7 +159,7 @@ def export_tokens(
                 faiss.write_index(build_index(codebooks[m][level], index_type), str(tmp / name))
                 index_files.append(name)
         files = ["codebooks.safetensors", "user_codes.npy", "user_vectors.safetensors", "item_vectors.safetensors",
-                 "foldin.safetensors", "ids.json", "user_tokens.tsv", *index_files]
+                 "foldin.safetensors", "foldin_quality.json", "ids.json", "user_tokens.tsv", *index_files]
         if interpret:
             from recbole_dppmg.tokens.interpret import write_code_report
 
@@ -175,7 +180,7 @@ def export_tokens(
             "token_pattern": TOKEN_PATTERN,
             "token_prefixes": {m: modality_prefix(m) for m in modalities},
             "index_type": index_type,
-            "foldin": {"input": "mean of the propagated item vectors of the user's items", "ridge": FOLDIN_RIDGE},
+            "foldin": {"input": "mean of the propagated item vectors of the user's items", "ridge": FOLDIN_RIDGE, "quality": foldin_quality},
             "metrics": _run_metrics(checkpoint),
             "files": files,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
