@@ -205,9 +205,16 @@ def test_graph_propagation_matches_dense_lightgcn():
     inv = torch.where(deg > 0, deg.pow(-0.5), torch.zeros_like(deg))
     norm = inv[:, None] * dense * inv[None, :]
     assert torch.allclose(adj.to_dense(), norm)
-    x = torch.randn(7, 5)
+    x = torch.randn(7, 5, requires_grad=True)
+    weights = torch.randn(7, 5)
+    out = LightGCNPropagation(2)(x, adj)
+    (out * weights).sum().backward()  # the symmetric backward reuses adj as its transpose
+    grad = x.grad.clone()
+    x.grad = None
     expected = (x + norm @ x + norm @ norm @ x) / 3
-    assert torch.allclose(LightGCNPropagation(2)(x, adj), expected, atol=1e-6)
+    (expected * weights).sum().backward()
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.allclose(grad, x.grad, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- bad input

@@ -14,7 +14,8 @@ from epoch 0. After warm-up the codebooks are re-initialised by FAISS k-means on
 current vectors and the quantized loss switches on.
 
 Per-epoch hook (RecBole's Trainer calls nothing per epoch):
-    ``stats = model.on_epoch_end()`` after each training epoch: counts the epoch, runs the
+    ``stats = model.on_epoch_end()`` (alias ``on_train_epoch_end(epoch_idx)``, which
+    ``recbole_dppmg.trainer`` calls) after each training epoch: counts the epoch, runs the
     post-warm-up k-means, and returns (and keeps, see ``epoch_stats()``) a flat dict of floats:
     ``epoch``, ``restarts/<m>``, and per modality and level ``<m>/L<l>/codes_used``,
     ``<m>/L<l>/perplexity``, ``<m>/L<l>/quant_error`` measured over all users.
@@ -154,9 +155,12 @@ class DPPMG(GeneralRecommender):
                 out[m] = torch.where(getattr(self, f"present_{m}").unsqueeze(1), encoded, table)
         return out
 
-    def forward(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Propagated (continuous) user and item embeddings per modality."""
-        items = self.item_ego_embeddings()
+    def forward(self, items: dict[str, torch.Tensor] | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Propagated (continuous) user and item embeddings per modality (``items``: layer-0
+        item embeddings if already computed)."""
+        if items is None:
+            items = self.item_ego_embeddings()
         ego = torch.cat(
             [torch.cat([self.user_embeddings[m].weight, items[m]], 0) for m in self.modalities], 1
         )
@@ -196,6 +200,10 @@ class DPPMG(GeneralRecommender):
         self._clear_cache()
         self._last_stats = self._compute_stats()
         return self._last_stats
+
+    def on_train_epoch_end(self, epoch_idx: int) -> dict[str, float]:
+        """The hook name ``recbole_dppmg.trainer`` calls after each training epoch."""
+        return self.on_epoch_end()
 
     def epoch_stats(self) -> dict[str, float]:
         """Stats of the last closed epoch (empty before the first)."""
@@ -241,7 +249,8 @@ class DPPMG(GeneralRecommender):
         user = interaction[self.USER_ID]
         pos = interaction[self.ITEM_ID]
         neg = interaction[self.NEG_ITEM_ID]
-        users, items = self.forward()
+        ego_items = self.item_ego_embeddings()
+        users, items = self.forward(ego_items)
 
         # Each user is quantized once per step, so EMA counts are per-user usages.
         unique_users, inverse = torch.unique(user, return_inverse=True)
@@ -266,7 +275,6 @@ class DPPMG(GeneralRecommender):
                 rec_loss = rec_loss + self.continuous_bpr_weight * self.bpr_loss(pos_c, neg_c)
             vq_loss = self.vq_weight * vq_loss
 
-        ego_items = self.item_ego_embeddings()
         reg_loss = self.emb_loss(
             *[self.user_embeddings[m](user) for m in self.modalities],
             *[ego_items[m][pos] for m in self.modalities],
@@ -296,6 +304,24 @@ class DPPMG(GeneralRecommender):
         user_e, item_e = self._eval_vectors()
         user = interaction[self.USER_ID]
         return (user_e[user] @ item_e.t()).view(-1)
+
+    def run_summary(self, test_data=None, trainer=None) -> dict:
+        """Extras for the run's result (``recbole_dppmg.quick_start`` calls this after the test
+        evaluation, best weights loaded): code usage over all users and test metrics of both
+        the quantized and the continuous path, so the cost of quantization is measured."""
+        self._ensure_initialized()
+        summary: dict = {"code_stats": self._compute_stats()}
+        if test_data is not None and trainer is not None:
+            chosen = self.eval_quantized
+            try:
+                for quantized in (True, False):
+                    self.set_eval_quantized(quantized)
+                    result = trainer.evaluate(test_data, load_best_model=False)
+                    path = "quantized" if quantized else "continuous"
+                    summary[f"test_{path}"] = {k: float(v) for k, v in result.items()}
+            finally:
+                self.set_eval_quantized(chosen)
+        return summary
 
     # ------------------------------------------------------------------ export API
     def set_eval_quantized(self, quantized: bool) -> None:

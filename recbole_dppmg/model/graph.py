@@ -43,8 +43,32 @@ def normalized_adjacency(inter: sp.coo_matrix, n_users: int, n_items: int) -> to
         return to_torch_csr_tensor(edge_index, weight, size=(n, n))
 
 
+class _SymmetricSpmm(torch.autograd.Function):
+    """``A @ x`` for a symmetric sparse ``A`` whose backward reuses ``A`` (``A^T = A``).
+
+    torch's own backward of a CSR product transposes ``A`` on every call, which makes
+    forward+backward about 2x slower on CPU (measured: 16.5 ms vs 8.6 ms, 128-d, ml-100k).
+    """
+
+    @staticmethod
+    def forward(ctx, adj, x):
+        ctx.adj = adj
+        return spmm(adj, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, spmm(ctx.adj, grad)
+
+
+def symmetric_spmm(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``adj @ x``; ``adj`` must be symmetric (as ``normalized_adjacency`` is)."""
+    return _SymmetricSpmm.apply(adj, x)
+
+
 class LightGCNPropagation(nn.Module):
     """Parameter-free LightGCN: mean of ``[x, Ax, A^2x, ..., A^Lx]`` (He et al., SIGIR 2020).
+
+    ``adj`` must be symmetric (the backward pass reuses it as its own transpose).
 
     Several channels (modalities) propagate in one ``spmm`` when their embeddings are
     concatenated along the feature axis, since the graph is shared.
@@ -60,7 +84,7 @@ class LightGCNPropagation(nn.Module):
         out = x
         h = x
         for _ in range(self.n_layers):
-            h = spmm(adj, h)
+            h = symmetric_spmm(adj, h)
             out = out + h
         return out / (self.n_layers + 1)
 
