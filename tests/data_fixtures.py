@@ -108,4 +108,4 @@ def write_user_dataset(root: Path, name: str = "tiny", *, item_rows=None, inter_
 
 def leftovers(dataset_dir: Path) -> list[str]:
     """Hidden temp folders a failed prepare might have left behind."""
-    return sorted(p.name for p in Path(dataset_dir).glob(".*") if p.is_dir())
+    return sorted(p.name for p in Path(dataset_dir).glob(".*") if p.is_dir() and p.name != ".locks")

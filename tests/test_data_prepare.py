@@ -222,3 +222,21 @@ def test_leftovers_of_a_killed_run_are_cleaned_up(tmp_path):
     (dataset_dir / ".tiny.old-999999999-123").mkdir()
     build(tmp_path, write_user_dataset(tmp_path))
     assert leftovers(dataset_dir) == []
+
+
+def test_a_second_prepare_waits_for_the_first(tmp_path):
+    import fcntl
+    import threading
+
+    spec = write_user_dataset(tmp_path)
+    lock_dir = tmp_path / "dataset" / ".locks"
+    lock_dir.mkdir(parents=True)
+    with open(lock_dir / "tiny.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        worker = threading.Thread(target=build, args=(tmp_path, spec))
+        worker.start()
+        worker.join(timeout=0.5)
+        assert worker.is_alive() and not is_prepared("tiny", tmp_path / "dataset")
+        fcntl.flock(held, fcntl.LOCK_UN)
+    worker.join(timeout=30)
+    assert not worker.is_alive() and is_prepared("tiny", tmp_path / "dataset")

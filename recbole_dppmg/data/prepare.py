@@ -10,7 +10,9 @@ inputs, settings and encoders hash the same as the manifest's does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import logging
@@ -125,7 +127,31 @@ def prepare_dataset(
     spec_file = spec_file or find_spec_file(dataset, dataset_dir)
     source = resolve_source(dataset, shared_dir=shared_dir, spec_file=spec_file)
     _refuse_source_inside_target(source, target)
+    with _exclusive(dataset_dir, dataset):
+        return _prepare_locked(dataset, dataset_dir, target, source, force, num_threads, encoders)
 
+
+@contextlib.contextmanager
+def _exclusive(dataset_dir: Path, dataset: str):
+    """One prepare per output folder at a time: a second process waits, then finds the cache valid.
+
+    The lock file lives in ``<dataset_dir>/.locks/`` (a folder, so git-ignored like the datasets).
+    """
+    lock_dir = dataset_dir / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{dataset}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another process is preparing %s; waiting for it", target)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepare_locked(dataset, dataset_dir, target, source, force, num_threads, encoders) -> Path:
     started = time.perf_counter()
     input_hashes = hash_inputs(source.input_files())
     versions = _encoder_versions(source, encoders)
