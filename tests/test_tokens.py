@@ -86,6 +86,19 @@ def test_faiss_lookup_equals_brute_force(index_type):
     assert (residual_search(vectors, indexes, codebooks) == brute_force_search(vectors, codebooks)).all()
 
 
+def test_history_is_the_stage1_split(trained):
+    result, folder, settings = trained
+    _, _, dataset, train_data, _, test_data = load_data_and_model(result.checkpoint, config_dict=settings)
+    tokens = PreferenceTokens.load(folder)
+    user = dataset.id2token(dataset.uid_field, 3)
+    expected_train = set(dataset.id2token(dataset.iid_field, train_data._dataset.inter_matrix(form="csr")[3].indices))
+    expected_test = set(dataset.id2token(dataset.iid_field, test_data._dataset.inter_matrix(form="csr")[3].indices))
+    assert {i for i, _ in tokens.history(user)} == expected_train
+    assert {i for i, _ in tokens.history(user, "test")} == expected_test
+    with pytest.raises(DataError, match="unknown split 'holdout'"):
+        tokens.history(user, "holdout")
+
+
 def test_fold_in_from_items(trained):
     _, folder, _ = trained
     tokens = PreferenceTokens.load(folder)

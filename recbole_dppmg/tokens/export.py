@@ -86,6 +86,24 @@ def _write_user_tokens(path: Path, user_ids: list[str], codes: np.ndarray, modal
             handle.write("\t".join(fields) + "\n")
 
 
+def _write_interactions(path: Path, train_data, valid_data, test_data, config) -> None:
+    """The stage-1 split (CSR user -> items per split, and training ratings when the dataset
+    has them), so that stage 2 trains on exactly the training split and evaluates on the test
+    split without re-running RecBole's splitter."""
+    arrays = {}
+    rating_field = config["RATING_FIELD"]
+    for name, loader in (("train", train_data), ("valid", valid_data), ("test", test_data)):
+        split = loader._dataset
+        value = rating_field if rating_field in split.inter_feat else None
+        matrix = split.inter_matrix(form="csr", value_field=value).astype(np.float32)
+        matrix.sort_indices()
+        arrays[f"{name}_indptr"] = matrix.indptr.astype(np.int64)
+        arrays[f"{name}_indices"] = matrix.indices.astype(np.int64)
+        arrays[f"{name}_values"] = matrix.data.astype(np.float32)
+        arrays[f"{name}_has_rating"] = np.array(value is not None)
+    np.savez(path, **arrays)
+
+
 def _run_metrics(checkpoint: Path) -> dict:
     result_file = checkpoint.parent / "result.json"
     if not result_file.is_file():
@@ -111,7 +129,7 @@ def export_tokens(
         raise CheckpointError(f"checkpoint {checkpoint} is a {state['model']} model; tokens come from a DPPMG checkpoint")
     del state
     start = time.time()
-    config, model, dataset, train_data, valid_data, _ = load_data_and_model(checkpoint, config_dict)
+    config, model, dataset, train_data, valid_data, test_data = load_data_and_model(checkpoint, config_dict)
     assert isinstance(model, DPPMG)
     index_type = index_type or config["token_index_type"] or "flat"
     out_dir = Path(out_dir) if out_dir else checkpoint.parent / "tokens"
@@ -151,6 +169,7 @@ def export_tokens(
         foldin_quality = evaluate_fold_in(modalities, codebooks, items, user_vectors, codes, user_items.tocsr(), valid_items)
         (tmp / "foldin_quality.json").write_text(json.dumps(foldin_quality, indent=2))
         (tmp / "ids.json").write_text(json.dumps({"users": user_ids, "items": item_ids}))
+        _write_interactions(tmp / "interactions.npz", train_data, valid_data, test_data, config)
         _write_user_tokens(tmp / "user_tokens.tsv", user_ids, codes, modalities)
         index_files = []
         for m in modalities:
@@ -159,7 +178,7 @@ def export_tokens(
                 faiss.write_index(build_index(codebooks[m][level], index_type), str(tmp / name))
                 index_files.append(name)
         files = ["codebooks.safetensors", "user_codes.npy", "user_vectors.safetensors", "item_vectors.safetensors",
-                 "foldin.safetensors", "foldin_quality.json", "ids.json", "user_tokens.tsv", *index_files]
+                 "foldin.safetensors", "foldin_quality.json", "ids.json", "interactions.npz", "user_tokens.tsv", *index_files]
         if interpret:
             from recbole_dppmg.tokens.interpret import write_code_report
 

@@ -9,9 +9,12 @@
 - ``user_vectors.safetensors``  per modality the continuous user vectors ``[n_users, dim]``;
 - ``item_vectors.safetensors``  per modality the propagated (``<m>``) and layer-0 (``<m>.ego``)
   item vectors ``[n_items, dim]``;
+- ``foldin_quality.json``  cross-fitted fold-in agreement and validation ranking quality;
 - ``foldin.safetensors``  per modality a ridge map from the mean of a user's item vectors to
   the user's vector (weight ``[dim, dim]``, bias ``[dim]``);
 - ``ids.json``  original user and item ids in internal-index order;
+- ``interactions.npz``  the stage-1 split: per split (train / valid / test) a CSR user -> items
+  (``<split>_indptr``, ``<split>_indices``, ``<split>_values`` = rating, or 1.0 without ratings);
 - ``user_tokens.tsv``  RecBole atomic file ``user_id:token txt_tokens:token_seq img_tokens:token_seq``;
 - ``index_<modality>_L<level>.faiss``  a FAISS index over each level's codebook;
 - ``codes.md`` + ``code_usage.png``  what each code means in the data.

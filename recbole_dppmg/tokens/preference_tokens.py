@@ -40,6 +40,8 @@ class PreferenceTokens:
         self.item_ids: list[str] = ids["items"]
         self.user_index = {u: i for i, u in enumerate(self.user_ids) if i > 0}
         self.item_index = {t: i for i, t in enumerate(self.item_ids) if i > 0}
+        with np.load(self.folder / "interactions.npz") as npz:
+            self._splits = {key: npz[key] for key in npz.files}
         self.indexes = {
             m: [faiss.read_index(str(self.folder / f"index_{m}_L{l}.faiss")) for l in range(self.levels)]
             for m in self.modalities
@@ -90,6 +92,28 @@ class PreferenceTokens:
         """The user's preference tokens per modality."""
         codes = self.codes_for(user_id)
         return {m: self.token_strings(codes[k], m) for k, m in enumerate(self.modalities)}
+
+    SPLITS = ("train", "valid", "test")
+
+    def history(self, user_id, split: str = "train", min_rating: float | None = None) -> list[tuple[str, float]]:
+        """``[(item_id, rating), ...]`` of the user in one split of stage 1 (rating 1.0 when the
+        dataset has none), best rated first; ``min_rating`` keeps only ratings >= it."""
+        if split not in self.SPLITS:
+            raise DataError(f"unknown split '{split}'; expected one of {', '.join(self.SPLITS)}")
+        row = self.user_row(user_id)
+        start, end = self._splits[f"{split}_indptr"][row : row + 2]
+        items = self._splits[f"{split}_indices"][start:end]
+        values = self._splits[f"{split}_values"][start:end]
+        order = np.argsort(-values, kind="stable")
+        pairs = [(self.item_ids[items[k]], float(values[k])) for k in order]
+        if min_rating is not None:
+            pairs = [p for p in pairs if p[1] >= min_rating]
+        return pairs
+
+    @property
+    def users(self) -> list[str]:
+        """Original ids of all users in the export (internal order, padding excluded)."""
+        return self.user_ids[1:]
 
     # ------------------------------------------------------------------ fold-in
     def item_rows(self, item_ids: Iterable) -> np.ndarray:
