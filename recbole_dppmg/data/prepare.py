@@ -143,7 +143,7 @@ def _exclusive(dataset_dir: Path, dataset: str):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            logger.info("another process is preparing %s; waiting for it", target)
+            logger.info("another process is preparing %s; waiting for it", dataset_dir / dataset)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
