@@ -15,3 +15,8 @@ def _run(*args):
 def test_bench_tokens_runs_tiny():
     out = _run("bench/bench_tokens.py", "--vectors", "2000", "--repeats", "1", "--threads", "1")
     assert "faiss speed-up" in out
+
+
+def test_parity_bench_runs_tiny():
+    out = _run("bench/parity_recbole.py", "-m", "Pop", "--epochs", "1")
+    assert "| Pop | plugin | 1 |" in out and "True |" in out
