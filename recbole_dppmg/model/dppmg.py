@@ -14,8 +14,8 @@ from epoch 0. After warm-up the codebooks are re-initialised by FAISS k-means on
 current vectors and the quantized loss switches on.
 
 Per-epoch hook (RecBole's Trainer calls nothing per epoch):
-    ``stats = model.on_epoch_end()`` (alias ``on_train_epoch_end(epoch_idx)``, which
-    ``recbole_dppmg.trainer`` calls) after each training epoch: counts the epoch, runs the
+    ``stats = model.on_epoch_end()`` (``recbole_dppmg.trainer`` calls it, and logs
+    ``describe_epoch_stats(stats)``) after each training epoch: counts the epoch, runs the
     post-warm-up k-means, and returns (and keeps, see ``epoch_stats()``) a flat dict of floats:
     ``epoch``, ``restarts/<m>``, and per modality and level ``<m>/L<l>/codes_used``,
     ``<m>/L<l>/perplexity``, ``<m>/L<l>/quant_error`` measured over all users.
@@ -201,9 +201,9 @@ class DPPMG(GeneralRecommender):
         self._last_stats = self._compute_stats()
         return self._last_stats
 
-    def on_train_epoch_end(self, epoch_idx: int) -> dict[str, float]:
-        """The hook name ``recbole_dppmg.trainer`` calls after each training epoch."""
-        return self.on_epoch_end()
+    def describe_epoch_stats(self, stats: dict[str, float]) -> str:
+        """One log line for ``stats`` (``recbole_dppmg.trainer`` logs it after each epoch)."""
+        return format_stats(stats, self.modalities, self.levels)
 
     def epoch_stats(self) -> dict[str, float]:
         """Stats of the last closed epoch (empty before the first)."""
@@ -228,7 +228,7 @@ class DPPMG(GeneralRecommender):
                 stats = self.on_epoch_end()
             finally:
                 self._closing_epoch = False
-            self.logger.info("DPPMG epoch stats: " + format_stats(stats, self.modalities, self.levels))
+            self.logger.info(f"DPPMG epoch {stats['epoch']:.0f} stats: " + self.describe_epoch_stats(stats))
         if mode:
             self._clear_cache()
         return super().train(mode)
@@ -367,5 +367,5 @@ def format_stats(stats: dict[str, float], modalities: list[str], levels: int) ->
         used = "/".join(f"{stats.get(f'{m}/L{l}/codes_used', 0):.0f}" for l in range(levels))
         ppl = "/".join(f"{stats.get(f'{m}/L{l}/perplexity', 0):.1f}" for l in range(levels))
         err = "/".join(f"{stats.get(f'{m}/L{l}/quant_error', 0):.3f}" for l in range(levels))
-        parts.append(f"{m} used {used} ppl {ppl} err {err}")
-    return f"epoch {stats.get('epoch', 0):.0f}: " + " | ".join(parts)
+        parts.append(f"{m} used {used} ppl {ppl} err {err} restarts {stats.get(f'restarts/{m}', 0):.0f}")
+    return " | ".join(parts)
