@@ -86,6 +86,20 @@ def test_faiss_lookup_equals_brute_force(index_type):
     assert (residual_search(vectors, indexes, codebooks) == brute_force_search(vectors, codebooks)).all()
 
 
+def test_item_features_map_into_the_models_item_space(trained):
+    result, folder, settings = trained
+    _, model, dataset, *_ = load_data_and_model(result.checkpoint, config_dict=settings)
+    tokens = PreferenceTokens.load(folder)
+    raw = dataset.get_item_feature()
+    for m, field in (("text", "text_feat"), ("image", "image_feat")):
+        present = raw[f"{m}_mask"].numpy() > 0.5
+        present[0] = False
+        mapped = tokens.embed_item_features(raw[field].numpy()[present], m)
+        np.testing.assert_allclose(mapped, tokens.item_vectors[f"{m}.ego"][present], atol=1e-4)
+    with pytest.raises(DataError, match="width 3, the export's encoder expects 8"):
+        tokens.embed_item_features(np.zeros((1, 3)), "text")
+
+
 def test_history_is_the_stage1_split(trained):
     result, folder, settings = trained
     _, _, dataset, train_data, _, test_data = load_data_and_model(result.checkpoint, config_dict=settings)

@@ -104,6 +104,35 @@ def _write_interactions(path: Path, train_data, valid_data, test_data, config) -
     np.savez(path, **arrays)
 
 
+def _item_encoders(model, dataset, config) -> tuple[dict, dict]:
+    """Everything needed to map a new item feature vector (e.g. of generated content) into
+    the model's layer-0 item space without stage-1 code: feature scaling + MLP weights."""
+    from recbole_dppmg.model.modal_features import ID_MODALITY, config_value, load_modal_features
+
+    how = config_value(config, "feature_norm", "standard")
+    raw_config = {key: config[key] for key in config.final_config_dict}
+    raw_config["feature_norm"] = "none"
+    raw = load_modal_features(dataset, raw_config)
+    tensors, described = {}, {}
+    for m in model.modalities:
+        if m == ID_MODALITY:
+            continue
+        rows = raw[m].features[raw[m].present]
+        mean, std = torch.zeros(rows.shape[1]), torch.ones(rows.shape[1])
+        if how in ("standard", "zscore"):  # modal_features._normalise: z-score, standard also / sqrt(width)
+            mean, std = rows.mean(0), rows.std(0, unbiased=False).clamp_min(1e-6)
+            if how == "standard":
+                std = std * rows.shape[1] ** 0.5
+        tensors[f"{m}.feature_mean"], tensors[f"{m}.feature_std"] = mean.numpy(), std.numpy()
+        linear = [layer for layer in model.encoders[m] if isinstance(layer, torch.nn.Linear)]
+        for k, layer in enumerate(linear):
+            tensors[f"{m}.linear{k}.weight"] = layer.weight.detach().cpu().numpy()
+            tensors[f"{m}.linear{k}.bias"] = layer.bias.detach().cpu().numpy()
+        described[m] = {"field": raw[m].field, "width": raw[m].width, "feature_norm": how,
+                        "layers": len(linear), "activation": "leaky_relu(0.01) between linear layers"}
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, described
+
+
 def _run_metrics(checkpoint: Path) -> dict:
     result_file = checkpoint.parent / "result.json"
     if not result_file.is_file():
@@ -163,6 +192,8 @@ def export_tokens(
             weight, bias = fit_foldin(items[m], user_items, user_vectors[m], users)
             foldin[f"{m}.weight"], foldin[f"{m}.bias"] = weight, bias
         save_file(foldin, str(tmp / "foldin.safetensors"))
+        encoder_tensors, encoder_info = _item_encoders(model, dataset, config)
+        save_file(encoder_tensors, str(tmp / "item_encoders.safetensors"))
         from recbole_dppmg.tokens.foldin_quality import evaluate_fold_in
 
         valid_items = valid_data._dataset.inter_matrix(form="csr")
@@ -178,7 +209,7 @@ def export_tokens(
                 faiss.write_index(build_index(codebooks[m][level], index_type), str(tmp / name))
                 index_files.append(name)
         files = ["codebooks.safetensors", "user_codes.npy", "user_vectors.safetensors", "item_vectors.safetensors",
-                 "foldin.safetensors", "foldin_quality.json", "ids.json", "interactions.npz", "user_tokens.tsv", *index_files]
+                 "foldin.safetensors", "foldin_quality.json", "item_encoders.safetensors", "ids.json", "interactions.npz", "user_tokens.tsv", *index_files]
         if interpret:
             from recbole_dppmg.tokens.interpret import write_code_report
 
@@ -199,6 +230,7 @@ def export_tokens(
             "token_pattern": TOKEN_PATTERN,
             "token_prefixes": {m: modality_prefix(m) for m in modalities},
             "index_type": index_type,
+            "item_encoders": encoder_info,
             "foldin": {"input": "mean of the propagated item vectors of the user's items", "ridge": FOLDIN_RIDGE, "quality": foldin_quality},
             "metrics": _run_metrics(checkpoint),
             "files": files,

@@ -12,6 +12,10 @@
 - ``foldin_quality.json``  cross-fitted fold-in agreement and validation ranking quality;
 - ``foldin.safetensors``  per modality a ridge map from the mean of a user's item vectors to
   the user's vector (weight ``[dim, dim]``, bias ``[dim]``);
+- ``item_encoders.safetensors``  per feature modality the feature scaling (``<m>.feature_mean``,
+  ``<m>.feature_std``) and the MLP (``<m>.linear<k>.weight|bias``, LeakyReLU between layers)
+  that map an item feature vector into the layer-0 item space, so new content (a generated
+  text or poster) can be placed like an item;
 - ``ids.json``  original user and item ids in internal-index order;
 - ``interactions.npz``  the stage-1 split: per split (train / valid / test) a CSR user -> items
   (``<split>_indptr``, ``<split>_indices``, ``<split>_values`` = rating, or 1.0 without ratings);

@@ -35,6 +35,7 @@ class PreferenceTokens:
         self.user_vectors = load_file(str(self.folder / "user_vectors.safetensors"))
         self.item_vectors = load_file(str(self.folder / "item_vectors.safetensors"))
         self.foldin_map = load_file(str(self.folder / "foldin.safetensors"))
+        self.item_encoders = load_file(str(self.folder / "item_encoders.safetensors"))
         ids = json.loads((self.folder / "ids.json").read_text())
         self.user_ids: list[str] = ids["users"]
         self.item_ids: list[str] = ids["items"]
@@ -76,6 +77,26 @@ class PreferenceTokens:
     def token_strings(self, codes, modality: str) -> list[str]:
         """``['<txt_0_17>', '<txt_1_3>', ...]`` for one row of codes."""
         return [token_string(modality, level, int(code)) for level, code in enumerate(codes)]
+
+    def embed_item_features(self, features, modality: str) -> np.ndarray:
+        """Map raw item feature vectors ``[N, width]`` (same encoder as the dataset's items)
+        into the model's layer-0 item space ``[N, dim]``, as stage 1 maps its items."""
+        self._check_modality(modality)
+        info = self.manifest.get("item_encoders", {}).get(modality)
+        if info is None:
+            raise DataError(f"modality '{modality}' has no feature encoder in this export (an id channel?)")
+        x = np.atleast_2d(np.asarray(features, dtype=np.float32))
+        if x.shape[1] != info["width"]:
+            raise DataError(f"{modality} features have width {x.shape[1]}, the export's encoder expects {info['width']}")
+        if info["feature_norm"] == "l2":
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        else:
+            x = (x - self.item_encoders[f"{modality}.feature_mean"]) / self.item_encoders[f"{modality}.feature_std"]
+        for k in range(info["layers"]):
+            x = x @ self.item_encoders[f"{modality}.linear{k}.weight"].T + self.item_encoders[f"{modality}.linear{k}.bias"]
+            if k < info["layers"] - 1:
+                x = np.where(x > 0, x, 0.01 * x)
+        return x
 
     # ------------------------------------------------------------------ users
     def user_row(self, user_id) -> int:
