@@ -19,7 +19,7 @@ from recbole.utils import FeatureType
 from recbole_dppmg.errors import ConfigError, DataError
 
 ID_MODALITY = "id"  # the optional ID-only channel: learned embeddings, no feature field
-FEATURE_NORMS = ("standard", "l2", "none")
+FEATURE_NORMS = ("standard", "zscore", "l2", "none")
 
 
 @dataclass
@@ -75,11 +75,19 @@ def _feature_fields(dataset) -> list[str]:
 
 
 def _normalise(features: torch.Tensor, present: torch.Tensor, how: str) -> torch.Tensor:
-    """Scale present rows (z-score per dimension, or unit L2); missing rows stay zero."""
+    """Scale present rows; missing rows stay zero.
+
+    ``standard``: z-score per dimension divided by sqrt(width), so rows have unit norm on
+    average and a freshly initialised encoder gives item vectors at the scale of ID embeddings
+    (raw z-scores make them ~sqrt(width) times larger, and BPR then overfits within epochs);
+    ``zscore``: plain z-score; ``l2``: unit rows; ``none``: as stored.
+    """
     out = torch.zeros_like(features)
     rows = features[present]
-    if how == "standard":
+    if how in ("standard", "zscore"):
         rows = (rows - rows.mean(0)) / rows.std(0, unbiased=False).clamp_min(1e-6)
+        if how == "standard":
+            rows = rows / rows.shape[1] ** 0.5
     elif how == "l2":
         rows = torch.nn.functional.normalize(rows, dim=1)
     out[present] = rows
