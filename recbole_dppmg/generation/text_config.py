@@ -1,0 +1,85 @@
+"""Configuration and folder lookup of the text generator.
+
+Defaults live in the ``text:`` section of ``properties/generation.yaml`` (one source of truth,
+every key commented there); callers pass overrides as a dict, nested sections merged key by
+key, unknown keys refused. Token exports and trained generators are found by path, or as the
+newest one under ``saved/<dataset>/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import yaml
+
+from recbole_dppmg.errors import CheckpointError, ConfigError
+from recbole_dppmg.paths import PROPERTIES_DIR, REPO_ROOT, SAVED_DIR
+
+GENERATION_YAML = PROPERTIES_DIR / "generation.yaml"
+RUN_PREFIX = "TextGen"
+
+
+def default_text_config() -> dict:
+    if not GENERATION_YAML.is_file():
+        raise ConfigError(f"{GENERATION_YAML} is missing")
+    data = yaml.safe_load(GENERATION_YAML.read_text()) or {}
+    if not isinstance(data.get("text"), dict):
+        raise ConfigError(f"{GENERATION_YAML} has no text: section")
+    return data["text"]
+
+
+def _merge(base: dict, overrides: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (overrides or {}).items():
+        if key not in base:
+            raise ConfigError(f"unknown text generator setting {where}{key} (known: {', '.join(sorted(base))})")
+        if isinstance(base[key], dict) and isinstance(value, dict):
+            out[key] = _merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def text_config(overrides: dict | None = None) -> dict:
+    """Defaults from ``properties/generation.yaml`` with ``overrides`` applied."""
+    return _merge(default_text_config(), overrides or {}, "text.")
+
+
+def saved_root(config: dict) -> Path:
+    root = Path(config.get("checkpoint_dir") or SAVED_DIR)
+    return root if root.is_absolute() else REPO_ROOT / root
+
+
+def newest_token_export(dataset: str, root: Path | None = None) -> Path:
+    """The newest ``saved/<dataset>/DPPMG-*/tokens`` folder that holds a manifest."""
+    root = Path(root or SAVED_DIR)
+    found = sorted((root / dataset).glob("DPPMG-*/tokens/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise CheckpointError(
+            f"no token export for dataset {dataset} under {root / dataset}; run --stage export first or pass a tokens folder"
+        )
+    return found[-1].parent
+
+
+def newest_generator_run(dataset: str, root: Path | None = None) -> Path:
+    """The newest finished text warm-up run ``saved/<dataset>/TextGen-*``."""
+    root = Path(root or SAVED_DIR)
+    found = sorted((root / dataset).glob(f"{RUN_PREFIX}-*/dppmg/text_generator.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise CheckpointError(
+            f"no trained text generator for dataset {dataset} under {root / dataset}; run the text warm-up first"
+        )
+    return found[-1].parent.parent
+
+
+def new_run_folder(dataset: str, root: Path, prefix: str = RUN_PREFIX) -> Path:
+    stamp = time.strftime("%b-%d-%Y_%H-%M-%S")
+    folder = root / dataset / f"{prefix}-{stamp}"
+    k = 1
+    while folder.exists():
+        folder = root / dataset / f"{prefix}-{stamp}-{k}"
+        k += 1
+    folder.mkdir(parents=True)
+    return folder

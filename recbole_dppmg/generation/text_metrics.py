@@ -1,0 +1,92 @@
+"""Metrics of generated text: personalization by retrieval, fluency by perplexity, diversity.
+
+- Retrieval: the generated text is embedded with the item text encoder (MiniLM) and used as a
+  query over the catalogue's text features (cosine); the user's training-split items are
+  excluded; Hit@K and NDCG@K of the user's test items. A text that describes what the user
+  will watch next ranks their test items high.
+- Perplexity under the frozen base LM of the generated answer, given the instruction without
+  preference tokens (the same context for every condition), pooled over all tokens.
+- distinct-n: unique word n-grams / all word n-grams over the corpus of generated texts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from recbole_dppmg.errors import DataError
+
+
+def retrieval_metrics(queries: np.ndarray, items: np.ndarray, targets: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]], k: int = 10) -> dict:
+    """Hit@k and NDCG@k per query (row of ``queries``) over the ``items`` matrix rows.
+
+    ``targets[u]`` / ``exclude[u]`` are item row indices; users without targets are skipped.
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    items = np.asarray(items, dtype=np.float32)
+    if len(queries) != len(targets) or len(targets) != len(exclude):
+        raise DataError("retrieval needs one target list and one exclusion list per query")
+    qn = queries / np.clip(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12, None)
+    inorm = items / np.clip(np.linalg.norm(items, axis=1, keepdims=True), 1e-12, None)
+    scores = qn @ inorm.T
+    hits, ndcgs = [], []
+    for u in range(len(queries)):
+        target = set(int(t) for t in targets[u]) - set(int(e) for e in exclude[u])
+        if not target:
+            continue
+        row = scores[u].copy()
+        row[list(exclude[u])] = -np.inf
+        top = np.argsort(-row, kind="stable")[:k]
+        gains = [1.0 / math.log2(rank + 2) for rank, item in enumerate(top) if int(item) in target]
+        ideal = sum(1.0 / math.log2(rank + 2) for rank in range(min(len(target), k)))
+        hits.append(1.0 if gains else 0.0)
+        ndcgs.append(sum(gains) / ideal)
+    if not hits:
+        raise DataError("no evaluated user has a test item outside their training items")
+    return {f"hit@{k}": float(np.mean(hits)), f"ndcg@{k}": float(np.mean(ndcgs)), "users": len(hits),
+            "per_user_hit": hits, "per_user_ndcg": ndcgs}
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Corpus-level distinct-n over lower-cased whitespace words (0 when there is no n-gram)."""
+    grams = []
+    for text in texts:
+        words = text.lower().split()
+        grams += [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: Sequence[str], context_ids: Sequence[int] = (), batch_size: int = 16) -> float:
+    """exp(mean NLL) of the texts' tokens under ``model``, each text after ``context_ids``."""
+    if not texts:
+        raise DataError("perplexity needs at least one text")
+    device = next(model.parameters()).device
+    context = list(context_ids) or ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [tokenizer.eos_token_id])
+    total, count = 0.0, 0
+    model.eval()
+    for start in range(0, len(texts), batch_size):
+        encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[start : start + batch_size]]
+        encoded = [e for e in encoded if e]
+        if not encoded:
+            continue
+        width = len(context) + max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for k, e in enumerate(encoded):
+            seq = context + e
+            ids[k, : len(seq)] = torch.tensor(seq)
+            labels[k, len(context) : len(seq)] = torch.tensor(e)
+            mask[k, : len(seq)] = 1
+        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target = labels[:, 1:]
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"))
+        count += int((target != -100).sum())
+    if count == 0:
+        raise DataError("perplexity: every text is empty")
+    return math.exp(total / count)

@@ -1,0 +1,279 @@
+"""Entry points of the text generator for the command line: warm-up, generate, evaluate.
+
+- :func:`train_text_generator` trains DPPMG's preference tokens (and the soft-prompt baseline)
+  into a run folder ``saved/<dataset>/TextGen-<time>/``: ``config.json``, ``users.json`` (the
+  train / valid / test user split), ``dppmg/`` (PEFT adapter + projection), ``soft_prompt/``,
+  ``warmup.json`` (wall times, best validation losses).
+- :func:`run_generate_text` writes each requested user's text (``texts.jsonl`` + ``texts.md``).
+- :func:`evaluate_text_generation` compares DPPMG tokens, no tokens, shuffled users' tokens,
+  the continuous soft prompt (and the real text of a liked item as a reference) on the test
+  users: retrieval Hit@K / NDCG@K, perplexity under the frozen base LM, distinct-2, seconds.
+
+Stage 2 reads stage 1 only through the token export (``PreferenceTokens``) and the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from recbole_dppmg.errors import CheckpointError, DataError
+from recbole_dppmg.paths import DATASET_DIR
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _threads(cfg: dict) -> None:
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg["num_threads"]))
+
+
+def _item_path(dataset: str) -> Path:
+    path = DATASET_DIR / dataset / f"{dataset}.item"
+    if not path.is_file():
+        raise DataError(f"{path} is missing; run --stage prepare for dataset {dataset} first")
+    return path
+
+
+def _load_tokens(dataset: str, tokens_folder, cfg: dict, recorded: str | None = None):
+    from recbole_dppmg.generation.text_config import newest_token_export, saved_root
+    from recbole_dppmg.tokens import PreferenceTokens
+
+    folder = tokens_folder or cfg.get("tokens") or recorded or newest_token_export(dataset, saved_root(cfg))
+    if recorded and Path(folder).resolve() != Path(recorded).resolve():
+        logger.warning("using token export %s, but the text generator was trained on %s", folder, recorded)
+    return PreferenceTokens.load(folder, dataset=dataset)
+
+
+def _generation_options(cfg: dict, lm_token_ids) -> dict:
+    g = cfg["generate"]
+    return dict(batch_size=g["batch_size"], max_new_tokens=g["max_new_tokens"], do_sample=g["do_sample"],
+                temperature=g["temperature"], top_p=g["top_p"], seed=cfg["seed"], suppress_ids=lm_token_ids,
+                progress=cfg.get("progress", True))
+
+
+def _run_config(run: Path) -> dict:
+    path = run / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{run} is not a text warm-up run (no config.json)")
+    return json.loads(path.read_text())
+
+
+def load_text_generator(run: Path, vocabulary, cfg: dict):
+    """The trained DPPMG text generator of a warm-up run, on a freshly loaded backbone."""
+    from recbole_dppmg.generation.text_backbone import load_backbone
+    from recbole_dppmg.generation.text_injection import load_preference_lm, read_meta
+
+    meta = read_meta(run / "dppmg")
+    model, tokenizer = load_backbone(meta.backbone or cfg["backbone"], cfg["dtype"], cfg["device"])
+    return load_preference_lm(run / "dppmg", model, tokenizer, vocabulary)
+
+
+def load_soft_prompt(run: Path, tokens, vocabulary, cfg: dict):
+    from recbole_dppmg.generation.text_backbone import load_backbone
+    from recbole_dppmg.generation.text_generate import SoftPromptConditioner
+    from recbole_dppmg.generation.text_injection import add_preference_tokens, read_meta
+
+    meta = read_meta(run / "dppmg")
+    model, tokenizer = load_backbone(meta.backbone or cfg["backbone"], cfg["dtype"], cfg["device"])
+    add_preference_tokens(model, tokenizer, vocabulary.strings)
+    return model, tokenizer, SoftPromptConditioner.load(run / "soft_prompt", model, tokenizer, tokens)
+
+
+# ---------------------------------------------------------------------------- warm-up
+def train_text_generator(dataset: str, tokens_folder: Path | None = None, config: dict | None = None) -> Path:
+    """Warm up the text generator on ``dataset``'s training split; returns the run folder."""
+    from recbole_dppmg.generation.text_backbone import load_backbone
+    from recbole_dppmg.generation.text_config import new_run_folder, saved_root, text_config
+    from recbole_dppmg.generation.text_generate import SoftPromptConditioner, TokenConditioner
+    from recbole_dppmg.generation.text_injection import add_preference_tokens, inject_preference_tokens
+    from recbole_dppmg.generation.text_warmup import build_pairs, item_text_table, split_users, train_conditioner
+    from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+
+    cfg = text_config(config)
+    _threads(cfg)
+    if cfg.get("resume"):
+        run = Path(cfg["resume"])
+        previous = _run_config(run)
+        tokens = _load_tokens(dataset, tokens_folder, cfg, previous["tokens"])
+        for key in ("backbone", "seed", "lora_r", "min_rating", "pairs_per_user", "valid_users", "test_users", "batch_size", "max_target_tokens"):
+            if previous["text"][key] != cfg[key]:
+                raise CheckpointError(f"cannot resume {run}: text.{key} was {previous['text'][key]!r}, now {cfg[key]!r}")
+    else:
+        tokens = _load_tokens(dataset, tokens_folder, cfg)
+        run = new_run_folder(dataset, saved_root(cfg))
+    vocabulary = PreferenceVocabulary(tokens)
+    texts = item_text_table(_item_path(dataset))
+    split = split_users(tokens.users, cfg["valid_users"], cfg["test_users"], cfg["seed"], cfg["train_users"])
+    train_pairs = build_pairs(tokens, split["train"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"])
+    valid_pairs = build_pairs(tokens, split["valid"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"] + 1)
+    valid_pairs = [valid_pairs[k] for k in sorted(np.random.default_rng(cfg["seed"]).permutation(len(valid_pairs))[: cfg["valid_pairs"]])]
+    (run / "config.json").write_text(json.dumps({"dataset": dataset, "tokens": str(Path(tokens.folder).resolve()), "text": cfg}, indent=2, default=str))
+    (run / "users.json").write_text(json.dumps(split))
+    logger.info("text warm-up in %s: %d training pairs from %d users, %d validation pairs", run, len(train_pairs), len(split["train"]), len(valid_pairs))
+
+    summary = {"train_pairs": len(train_pairs), "valid_pairs": len(valid_pairs), "users": {k: len(v) for k, v in split.items()},
+               "num_threads": torch.get_num_threads()}
+    start = time.perf_counter()
+    model, tokenizer = load_backbone(cfg["backbone"], cfg["dtype"], cfg["device"])
+    lm = inject_preference_tokens(model, tokenizer, vocabulary, backbone=cfg["backbone"], lora_r=cfg["lora_r"],
+                                  lora_alpha=cfg["lora_alpha"], lora_targets=cfg["lora_targets"], seed=cfg["seed"])
+    state = train_conditioner(lm.model, tokenizer, TokenConditioner(lm, vocabulary), train_pairs, valid_pairs, texts, cfg, run / "dppmg")
+    summary["dppmg"] = _phase_summary(state, time.perf_counter() - start, lm.trainable_parameters())
+    del lm, model
+    if cfg["soft_prompt"]:
+        start = time.perf_counter()
+        model, tokenizer = load_backbone(cfg["backbone"], cfg["dtype"], cfg["device"])
+        add_preference_tokens(model, tokenizer, vocabulary.strings)
+        soft = SoftPromptConditioner.build(model, tokenizer, tokens, seed=cfg["seed"])
+        state = train_conditioner(model, tokenizer, soft, train_pairs, valid_pairs, texts, cfg, run / "soft_prompt")
+        summary["soft_prompt"] = _phase_summary(state, time.perf_counter() - start, soft.parameters())
+    (run / "warmup.json").write_text(json.dumps(summary, indent=2))
+    logger.info("text warm-up done: %s", json.dumps({k: v for k, v in summary.items() if isinstance(v, dict)}))
+    return run
+
+
+def _phase_summary(state: dict, wall: float, params) -> dict:
+    return {"wall_seconds_this_call": round(wall, 1), "train_seconds": round(state["train_seconds"], 1), "steps": state["step"],
+            "best_valid_loss": state["best_valid"], "best_step": state["best_step"],
+            "initial_valid_loss": state["history"][0]["valid_loss"] if state["history"] else None,
+            "trainable_parameters": int(sum(p.numel() for p in params))}
+
+
+# ---------------------------------------------------------------------------- generate
+def run_generate_text(dataset: str, users: Sequence[str], tokens_folder: Path | None = None, config: dict | None = None) -> Path:
+    """Generate one text per user with the newest (or ``text.generator``) warm-up run.
+
+    Writes ``texts.jsonl`` ({user, tokens, text}) and ``texts.md`` into ``text.output_dir`` or
+    ``<run>/generate-<time>/`` and returns that folder.
+    """
+    from recbole_dppmg.generation.text_config import new_run_folder, newest_generator_run, saved_root, text_config
+    from recbole_dppmg.generation.text_generate import TokenConditioner, generate_texts
+    from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+
+    cfg = text_config(config)
+    _threads(cfg)
+    users = [str(u).strip() for u in users if str(u).strip()]
+    if not users:
+        raise DataError("no users given to generate text for (e.g. --users 1,2,3)")
+    run = Path(cfg["generator"]) if cfg.get("generator") else newest_generator_run(dataset, saved_root(cfg))
+    tokens = _load_tokens(dataset, tokens_folder, cfg, _run_config(run).get("tokens"))
+    for user in users:
+        tokens.user_row(user)  # a clear error before any model loads
+    vocabulary = PreferenceVocabulary(tokens)
+    lm = load_text_generator(run, vocabulary, cfg)
+    start = time.perf_counter()
+    texts = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, **_generation_options(cfg, lm.token_ids))
+    seconds = time.perf_counter() - start
+    if cfg.get("output_dir"):
+        out = Path(cfg["output_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        out = new_run_folder("", run, prefix="generate")
+    with open(out / "texts.jsonl", "w") as f:
+        for user, text in zip(users, texts):
+            f.write(json.dumps({"user": user, "tokens": vocabulary.strings_for(user), "text": text}) + "\n")
+    lines = [f"# Generated text ({dataset}, generator {run.name}, seed {cfg['seed']})", "", "| user | tokens | text |", "|---|---|---|"]
+    lines += [f"| {u} | {' '.join(vocabulary.strings_for(u))} | {t.replace('|', '/').replace(chr(10), ' ')} |" for u, t in zip(users, texts)]
+    (out / "texts.md").write_text("\n".join(lines) + "\n")
+    logger.info("wrote %d texts to %s in %.1f s", len(texts), out, seconds)
+    return out
+
+
+# ---------------------------------------------------------------------------- evaluate
+def evaluate_text_generation(dataset: str, tokens_folder: Path | None = None, config: dict | None = None, encoder=None) -> Path:
+    """Compare the conditions on held-out test users; writes ``text_eval.{json,md}`` + samples."""
+    from recbole_dppmg.data.atomic import read_item_table
+    from recbole_dppmg.generation.text_backbone import load_backbone
+    from recbole_dppmg.generation.text_config import new_run_folder, newest_generator_run, saved_root, text_config
+    from recbole_dppmg.generation.text_generate import NoTokenConditioner, TokenConditioner, generate_texts, prompt_ids, shuffled_user_map
+    from recbole_dppmg.generation.text_metrics import distinct_n, perplexity, retrieval_metrics
+    from recbole_dppmg.generation.text_warmup import item_text_table
+    from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+
+    cfg = text_config(config)
+    _threads(cfg)
+    ev = cfg["evaluate"]
+    run = Path(cfg["generator"]) if cfg.get("generator") else newest_generator_run(dataset, saved_root(cfg))
+    tokens = _load_tokens(dataset, tokens_folder, cfg, _run_config(run).get("tokens"))
+    vocabulary = PreferenceVocabulary(tokens)
+    users = json.loads((run / "users.json").read_text())["test"][: ev["users"] or None]
+
+    items = read_item_table(_item_path(dataset), with_features=True)
+    catalogue = [i for i in tokens.item_ids[1:] if i in items.index]
+    row_of = {item: k for k, item in enumerate(catalogue)}
+    features = np.stack([np.asarray(items.loc[i, "text_feat"], dtype=np.float32) for i in catalogue])
+    targets = [[row_of[i] for i, r in tokens.history(u, "test", ev["min_test_rating"]) if i in row_of] for u in users]
+    exclude = [[row_of[i] for i, _ in tokens.history(u, "train") if i in row_of] for u in users]
+
+    lm = load_text_generator(run, vocabulary, cfg)
+    options = _generation_options(cfg, lm.token_ids)
+    conditions = {}
+    timings = {}
+    for name in ev["conditions"]:
+        start = time.perf_counter()
+        if name == "dppmg":
+            texts = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, **options)
+        elif name == "no_tokens":
+            texts = generate_texts(lm.model, lm.tokenizer, NoTokenConditioner(lm.embed), users, **options)
+        elif name == "shuffled":
+            mapping = shuffled_user_map(users, cfg["seed"])
+            texts = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary, mapping, name="shuffled"), users, **options)
+        elif name == "soft_prompt":
+            model, tokenizer, soft = load_soft_prompt(run, tokens, vocabulary, cfg)
+            start = time.perf_counter()
+            texts = generate_texts(model, tokenizer, soft, users, **options)
+            del model
+        elif name == "real_liked_item":
+            table = item_text_table(_item_path(dataset))
+            texts = []
+            for u in users:
+                liked = [i for i, _ in tokens.history(u, "train") if i in table]
+                texts.append(table[liked[0]] if liked else "")
+        else:
+            raise DataError(f"unknown text evaluation condition {name!r} (dppmg, no_tokens, shuffled, soft_prompt, real_liked_item)")
+        timings[name] = time.perf_counter() - start
+        conditions[name] = texts
+
+    if encoder is None:
+        from recbole_dppmg.data.featurize import load_default_encoder
+
+        encoder = load_default_encoder("text")
+    base, base_tokenizer = load_backbone(lm.meta.backbone or cfg["backbone"], cfg["dtype"], cfg["device"])
+    context = prompt_ids(base_tokenizer, None)
+    k = ev["topk"]
+    rows = []
+    for name, texts in conditions.items():
+        vectors = encoder.encode([t or " " for t in texts], progress=False)
+        metrics = retrieval_metrics(vectors, features, targets, exclude, k=k)
+        nonempty = [t for t in texts if t]
+        rows.append({
+            "condition": name, f"hit@{k}": metrics[f"hit@{k}"], f"ndcg@{k}": metrics[f"ndcg@{k}"], "users": metrics["users"],
+            "perplexity": perplexity(base, base_tokenizer, nonempty, context, ev["ppl_batch_size"]) if nonempty else None,
+            "distinct2": distinct_n(texts, 2), "mean_words": float(np.mean([len(t.split()) for t in texts])),
+            "seconds": round(timings[name], 1),
+            "per_user_hit": metrics["per_user_hit"], "per_user_ndcg": metrics["per_user_ndcg"],
+        })
+    out = new_run_folder("", run, prefix="eval")
+    with open(out / "samples.jsonl", "w") as f:
+        for idx, user in enumerate(users):
+            f.write(json.dumps({"user": user, "tokens": vocabulary.strings_for(user), **{n: t[idx] for n, t in conditions.items()}}) + "\n")
+    report = {"dataset": dataset, "generator": str(run), "tokens": str(tokens.folder), "users": len(users), "seed": cfg["seed"],
+              "num_threads": torch.get_num_threads(), "generate": cfg["generate"], "rows": rows}
+    (out / "text_eval.json").write_text(json.dumps(report, indent=2))
+    lines = [f"# Text generation on {len(users)} held-out users of {dataset}", "",
+             f"generator `{run.name}`, tokens `{tokens.folder}`, seed {cfg['seed']}, {torch.get_num_threads()} CPU threads", "",
+             f"| condition | Hit@{k} | NDCG@{k} | perplexity (base LM) | distinct-2 | mean words | seconds |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ppl = f"{r['perplexity']:.2f}" if r["perplexity"] is not None else "-"
+        lines.append(f"| {r['condition']} | {r[f'hit@{k}']:.4f} | {r[f'ndcg@{k}']:.4f} | {ppl} | {r['distinct2']:.3f} | {r['mean_words']:.1f} | {r['seconds']} |")
+    (out / "text_eval.md").write_text("\n".join(lines) + "\n")
+    logger.info("text evaluation written to %s\n%s", out, "\n".join(lines))
+    return out

@@ -1,0 +1,200 @@
+"""The text generator on tiny models built from config (no downloads): injection, warm-up,
+save/load, generation, baselines and clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
+from recbole_dppmg.generation.text_config import text_config
+from recbole_dppmg.generation.text_generate import (
+    NoTokenConditioner, SoftPromptConditioner, TokenConditioner, generate_texts, prompt_ids, shuffled_user_map,
+)
+from recbole_dppmg.generation.text_injection import add_preference_tokens, inject_preference_tokens, load_preference_lm
+from recbole_dppmg.generation import text_warmup
+from recbole_dppmg.generation.text_warmup import build_pairs, split_users, train_conditioner
+from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+
+from text_tiny import FakeTokens, item_texts, tiny_lm, tiny_tokenizer
+
+CFG = dict(batch_size=4, max_steps=4, learning_rate=0.05, weight_decay=0.0, warmup_steps=1, grad_clip=1.0,
+           eval_steps=2, save_steps=2, max_target_tokens=16, seed=0, progress=False)
+
+
+@pytest.fixture
+def tokens():
+    return FakeTokens()
+
+
+def make_lm(tokens, lora_r=0, tie=True):
+    tokenizer = tiny_tokenizer()
+    model = tiny_lm(tokenizer, tie=tie)
+    vocabulary = PreferenceVocabulary(tokens)
+    return inject_preference_tokens(model, tokenizer, vocabulary, backbone="tiny", lora_r=lora_r, seed=0), vocabulary
+
+
+def pairs_for(tokens, users):
+    return build_pairs(tokens, users, item_texts(), None, 3, 0)
+
+
+@pytest.mark.parametrize("tie,lora_r", [(True, 0), (False, 0), (True, 4)])
+def test_only_new_tokens_move(tokens, tmp_path, tie, lora_r):
+    lm, vocabulary = make_lm(tokens, lora_r=lora_r, tie=tie)
+    base = {n: p.detach().clone() for n, p in lm.model.named_parameters() if not p.requires_grad}
+    embed_before = lm.model.get_input_embeddings().base_layer.weight.detach().clone() if hasattr(lm.model.get_input_embeddings(), "base_layer") else None
+    new_before = lm.token_embeddings().detach().clone()
+    train_conditioner(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), pairs_for(tokens, tokens.users[:8]),
+                      pairs_for(tokens, tokens.users[8:10]), item_texts(), CFG, tmp_path / "run")
+    for name, p in lm.model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, base[name]), name  # every base weight, base vocabulary included, bit-identical
+    # the effective embeddings of the base vocabulary are bit-identical, the new tokens moved
+    ids = torch.arange(lm.first_id)
+    reference = base[[n for n in base if "embed_tokens" in n and n.endswith("weight")][0]][: lm.first_id]
+    assert torch.equal(lm.embed(ids), reference)
+    if embed_before is not None:
+        assert torch.equal(lm.model.get_input_embeddings().base_layer.weight, embed_before)
+    assert not torch.allclose(lm.token_embeddings(), new_before)
+    assert any(p.requires_grad for n, p in lm.model.named_parameters() if "trainable_tokens_delta" in n)
+    if lora_r:
+        assert any("lora_" in n for n, p in lm.model.named_parameters() if p.requires_grad)
+
+
+def test_adapter_round_trip_identical_generations(tokens, tmp_path):
+    lm, vocabulary = make_lm(tokens)
+    train_conditioner(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), pairs_for(tokens, tokens.users[:8]),
+                      pairs_for(tokens, tokens.users[8:10]), item_texts(), CFG, tmp_path / "dppmg")
+    assert (tmp_path / "dppmg" / "adapter" / "adapter_config.json").is_file()
+    users = tokens.users[10:15]
+    options = dict(batch_size=2, max_new_tokens=6, seed=3, suppress_ids=lm.token_ids, progress=False)
+    before = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, **options)
+    greedy_before = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, do_sample=False, **options)
+    embeds_before = lm.token_embeddings().detach().clone()
+
+    tokenizer = tiny_tokenizer()
+    loaded = load_preference_lm(tmp_path / "dppmg", tiny_lm(tokenizer), tokenizer, vocabulary)  # the same backbone, fresh
+    assert loaded.token_ids == lm.token_ids
+    assert torch.equal(loaded.token_embeddings(), embeds_before)
+    after = generate_texts(loaded.model, loaded.tokenizer, TokenConditioner(loaded, vocabulary), users, **options)
+    greedy_after = generate_texts(loaded.model, loaded.tokenizer, TokenConditioner(loaded, vocabulary), users, do_sample=False, **options)
+    assert before == after and greedy_before == greedy_after
+
+
+def test_tokens_change_the_model_input(tokens):
+    lm, vocabulary = make_lm(tokens)
+    users = ["u0", "u1"]  # different clusters -> different tokens
+    ids = [prompt_ids(lm.tokenizer, TokenConditioner(lm, vocabulary).token_text(u)) for u in users]
+    assert ids[0] != ids[1]
+    shuffled = TokenConditioner(lm, vocabulary, {"u0": "u1"})
+    assert shuffled.token_text("u0") == TokenConditioner(lm, vocabulary).token_text("u1")
+    assert "<txt_" not in lm.tokenizer.decode(prompt_ids(lm.tokenizer, NoTokenConditioner(lm.embed).token_text("u0")))
+
+
+def test_soft_prompt_baseline_trains_only_its_map_and_round_trips(tokens, tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = tiny_lm(tokenizer)
+    vocabulary = PreferenceVocabulary(tokens)
+    add_preference_tokens(model, tokenizer, vocabulary.strings)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    soft = SoftPromptConditioner.build(model, tokenizer, tokens, seed=0)
+    assert len(soft.slot_strings) == len(vocabulary.ids_for("u0"))  # same prompt budget as DPPMG
+    weights_before = soft.encoder.maps[0].weight.detach().clone()
+    train_conditioner(model, tokenizer, soft, pairs_for(tokens, tokens.users[:8]), pairs_for(tokens, tokens.users[8:10]),
+                      item_texts(), CFG, tmp_path / "soft")
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+    assert not torch.equal(soft.encoder.maps[0].weight, weights_before)
+    users = tokens.users[10:14]
+    options = dict(batch_size=3, max_new_tokens=5, seed=1, do_sample=False, progress=False)
+    before = generate_texts(model, tokenizer, soft, users, **options)
+    loaded = SoftPromptConditioner.load(tmp_path / "soft", model, tokenizer, tokens)
+    assert generate_texts(model, tokenizer, loaded, users, **options) == before
+    # two users' soft prompts differ
+    ids = torch.tensor([prompt_ids(tokenizer, soft.token_text("u0"))] * 2)
+    embeds = soft.inputs_embeds(ids, ["u0", "u1"])
+    assert not torch.allclose(embeds[0], embeds[1])
+
+
+def test_warmup_resume_is_exact(tokens, tmp_path, monkeypatch):
+    train, valid = pairs_for(tokens, tokens.users[:8]), pairs_for(tokens, tokens.users[8:10])
+    lm, vocabulary = make_lm(tokens)
+    straight = train_conditioner(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), train, valid, item_texts(), CFG, tmp_path / "a")
+    full = {k: v.clone() for k, v in lm.trainable_state().items()}
+
+    lm2, _ = make_lm(tokens)
+    real_save = text_warmup._save_checkpoint
+
+    def save_then_die(*args):
+        real_save(*args)
+        raise KeyboardInterrupt  # killed right after the step-2 checkpoint
+
+    monkeypatch.setattr(text_warmup, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_conditioner(lm2.model, lm2.tokenizer, TokenConditioner(lm2, vocabulary), train, valid, item_texts(), CFG, tmp_path / "b")
+    monkeypatch.setattr(text_warmup, "_save_checkpoint", real_save)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 2
+    torch.manual_seed(999)  # the checkpoint restores the RNG
+    lm3, _ = make_lm(tokens)
+    resumed = train_conditioner(lm3.model, lm3.tokenizer, TokenConditioner(lm3, vocabulary), train, valid, item_texts(), CFG, tmp_path / "b")
+    assert resumed["step"] == straight["step"] == 4
+    assert [h["valid_loss"] for h in resumed["history"]] == pytest.approx([h["valid_loss"] for h in straight["history"]], abs=1e-6)
+    for key, value in lm3.trainable_state().items():
+        assert torch.allclose(value, full[key], atol=1e-6), key
+
+
+def test_warmup_lowers_validation_loss(tokens, tmp_path):
+    lm, vocabulary = make_lm(tokens)
+    state = train_conditioner(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), pairs_for(tokens, tokens.users[:12]),
+                              pairs_for(tokens, tokens.users[12:]), item_texts(), {**CFG, "max_steps": 10, "eval_steps": 10}, tmp_path / "r")
+    assert state["best_valid"] < state["history"][0]["valid_loss"]
+
+
+# ---------------------------------------------------------------------------- clear errors
+def test_user_without_tokens_is_a_clear_error(tokens):
+    lm, vocabulary = make_lm(tokens)
+    with pytest.raises(DataError, match="user 'nobody' is not in the token export"):
+        generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), ["u1", "nobody"], progress=False)
+
+
+def test_codebook_size_mismatch_is_a_clear_error(tokens, tmp_path):
+    lm, vocabulary = make_lm(tokens)
+    lm.save(tmp_path / "gen")
+    other = PreferenceVocabulary(FakeTokens(codebook_size=8))
+    tokenizer = tiny_tokenizer()
+    with pytest.raises(CheckpointError, match="token export has 2 levels x 8 codes"):
+        load_preference_lm(tmp_path / "gen", tiny_lm(tokenizer), tokenizer, other)
+    with pytest.raises(CheckpointError, match="token export has 2 levels x 8 codes"):
+        lm.check_compatible(other)
+
+
+def test_empty_prompt_batch_is_a_clear_error(tokens):
+    lm, vocabulary = make_lm(tokens)
+    with pytest.raises(DataError, match="empty prompt batch"):
+        generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), [], progress=False)
+
+
+def test_missing_generator_folder_is_a_clear_error(tmp_path):
+    tokenizer = tiny_tokenizer()
+    with pytest.raises(CheckpointError, match="is not a saved text generator"):
+        load_preference_lm(tmp_path, tiny_lm(tokenizer), tokenizer)
+
+
+def test_user_split_and_pairs(tokens):
+    split = split_users(tokens.users, 3, 4, seed=0)
+    assert len(split["valid"]) == 3 and len(split["test"]) == 4
+    assert not set(split["train"]) & (set(split["valid"]) | set(split["test"]))
+    assert split == split_users(tokens.users, 3, 4, seed=0)
+    with pytest.raises(DataError, match="cannot hold out"):
+        split_users(tokens.users, 10, 10, seed=0)
+    pairs = build_pairs(tokens, ["u0"], item_texts(), 4, 2, 0)
+    assert len(pairs) == 2 and all(int(i) % 4 == 0 for _, i in pairs)  # u0's cluster, training split only
+    mapping = shuffled_user_map(tokens.users, 0)
+    assert sorted(mapping.values()) == sorted(tokens.users) and all(k != v for k, v in mapping.items())
+
+
+def test_text_config_refuses_unknown_keys():
+    cfg = text_config({"max_steps": 3, "generate": {"max_new_tokens": 5}})
+    assert cfg["max_steps"] == 3 and cfg["generate"]["max_new_tokens"] == 5 and cfg["generate"]["batch_size"] == 16
+    with pytest.raises(ConfigError, match="unknown text generator setting text.generate.nope"):
+        text_config({"generate": {"nope": 1}})

@@ -1,0 +1,50 @@
+"""Metrics of generated text: retrieval Hit/NDCG with exclusion, distinct-n, perplexity."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from recbole_dppmg.errors import DataError
+from recbole_dppmg.generation.text_metrics import distinct_n, perplexity, retrieval_metrics
+
+from text_tiny import tiny_lm, tiny_tokenizer
+
+
+def test_retrieval_hit_and_ndcg_with_exclusion():
+    items = np.eye(4, dtype=np.float32)
+    queries = np.array([[1.0, 0.9, 0, 0], [0, 0, 0, 1.0]], dtype=np.float32)
+    # user 0: item 0 is a training item (excluded), so item 1 ranks first; user 1: target 2 not in top 1
+    metrics = retrieval_metrics(queries, items, targets=[[1], [2]], exclude=[[0], []], k=1)
+    assert metrics["hit@1"] == 0.5 and metrics["ndcg@1"] == 0.5 and metrics["users"] == 2
+    metrics = retrieval_metrics(np.array([[0, 0, 0.5, 1.0]]), items, targets=[[2]], exclude=[[]], k=2)
+    assert metrics["hit@2"] == 1.0 and metrics["ndcg@2"] == pytest.approx(1 / math.log2(3))  # found at rank 2
+
+
+def test_retrieval_skips_users_without_test_items_and_refuses_none():
+    items = np.eye(3, dtype=np.float32)
+    metrics = retrieval_metrics(np.eye(3)[:2], items, targets=[[0], []], exclude=[[], []], k=1)
+    assert metrics["users"] == 1 and metrics["hit@1"] == 1.0
+    with pytest.raises(DataError, match="no evaluated user has a test item"):
+        retrieval_metrics(np.eye(3)[:1], items, targets=[[0]], exclude=[[0]], k=1)
+
+
+def test_distinct_2():
+    assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
+    assert distinct_n(["a b", "a b"], 2) == 0.5
+    assert distinct_n(["a", ""], 2) == 0.0
+
+
+def test_perplexity_matches_a_direct_computation():
+    tokenizer = tiny_tokenizer()
+    model = tiny_lm(tokenizer)
+    text = "Film 3 (1993): a story of love."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    context = [tokenizer.bos_token_id]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([context + ids])).logits[0, :-1]
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids))
+    assert perplexity(model, tokenizer, [text, text], context) == pytest.approx(math.exp(float(nll)), rel=1e-4)
+    with pytest.raises(DataError, match="at least one text"):
+        perplexity(model, tokenizer, [])

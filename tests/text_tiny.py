@@ -1,0 +1,94 @@
+"""Tiny, download-free pieces for the text-generator tests: a byte-level BPE tokenizer trained in
+memory, a 2-layer Llama built from its config, and a fake token export with item texts.
+
+Users fall into genre clusters; each user's codes and continuous vectors depend on the cluster,
+and the items they rated highly are that cluster's films, so tokens carry preference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+GENRES = ["space war robots", "love wedding paris", "ghost night blood", "cowboy horse desert"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def item_texts(n_items: int = 24) -> dict[str, str]:
+    return {str(i): f"Film {i} ({1990 + i % 10}): a story of {GENRES[i % len(GENRES)]}." for i in range(1, n_items + 1)}
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = list(item_texts(40).values()) * 3 + ["Reader profile: write the title, year and plot of a film this reader would love."]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_lm(tokenizer, tie: bool = True, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=tie, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.requires_grad_(False)
+    return model
+
+
+class FakeTokens:
+    """The part of ``PreferenceTokens`` that stage 2 reads, for ``n_users`` synthetic users."""
+
+    modalities = ["text", "image"]
+
+    def __init__(self, n_users: int = 16, levels: int = 2, codebook_size: int = 4, dim: int = 8, n_items: int = 24, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.levels, self.codebook_size, self.dim = levels, codebook_size, dim
+        self.manifest = {"dataset": "tiny-text", "dataset_fingerprint": "fake"}
+        self.folder = None
+        self.codebooks = {m: rng.normal(size=(levels, codebook_size, dim)).astype(np.float32) for m in self.modalities}
+        self.user_ids = ["[PAD]"] + [f"u{k}" for k in range(n_users)]
+        self.item_ids = ["[PAD]"] + [str(i) for i in range(1, n_items + 1)]
+        self.cluster = {f"u{k}": k % len(GENRES) for k in range(n_users)}
+        self.user_codes = np.zeros((n_users + 1, 2, levels), dtype=np.int32)
+        for k in range(n_users):
+            c = k % len(GENRES)
+            self.user_codes[k + 1] = [[c % codebook_size] + [(c + l) % codebook_size for l in range(1, levels)]] * 2
+        self.user_vectors = {m: rng.normal(size=(n_users + 1, dim)).astype(np.float32) for m in self.modalities}
+        self.n_items = n_items
+
+    @property
+    def users(self) -> list[str]:
+        return self.user_ids[1:]
+
+    def user_row(self, user_id) -> int:
+        from recbole_dppmg.errors import DataError
+
+        if str(user_id) not in self.user_ids[1:]:
+            raise DataError(f"user '{user_id}' is not in the token export of tiny-text")
+        return self.user_ids.index(str(user_id))
+
+    def codes_for(self, user_id):
+        return self.user_codes[self.user_row(user_id)]
+
+    def history(self, user_id, split="train", min_rating=None):
+        c = self.cluster[str(self.user_ids[self.user_row(user_id)])]
+        items = [i for i in range(1, self.n_items + 1) if i % len(GENRES) == c]
+        chosen = {"train": items[:-2], "valid": items[-2:-1], "test": items[-1:]}[split]
+        return [(str(i), 5.0) for i in chosen]
