@@ -1,0 +1,79 @@
+"""The stage entry points end to end on a tiny backbone folder and a fake export: warm-up ->
+generate -> evaluate write what they promise; resume refuses changed settings."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recbole_dppmg.errors import CheckpointError, DataError
+from recbole_dppmg.generation import text_pipeline, text_warmup
+
+from text_tiny import FakeTokens, item_texts, tiny_lm, tiny_tokenizer
+
+
+class HashEncoder:
+    """Bag of words hashed into 64 dims: texts about the same genre land close together."""
+
+    def encode(self, texts, progress=False):
+        out = np.zeros((len(texts), 64), dtype=np.float32)
+        for k, text in enumerate(texts):
+            for word in text.lower().split():
+                out[k, hash(word) % 64] += 1
+        return out
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    tokenizer = tiny_tokenizer()
+    backbone = tmp_path / "tiny-lm"
+    tiny_lm(tokenizer).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    tokens = FakeTokens(n_users=16)
+    tokens.folder = tmp_path / "tokens"
+    monkeypatch.setattr(text_pipeline, "_load_tokens", lambda *a, **k: tokens)
+    monkeypatch.setattr(text_warmup, "item_text_table", lambda path: item_texts())
+    monkeypatch.setattr(text_pipeline, "_item_path", lambda dataset: tmp_path / "x.item")
+    encoder = HashEncoder()
+    frame = pd.DataFrame({"item_id": list(item_texts())}).set_index("item_id", drop=False)
+    frame["text_feat"] = list(encoder.encode(list(item_texts().values())))
+    monkeypatch.setattr("recbole_dppmg.data.atomic.read_item_table", lambda path, with_features=False: frame)
+    config = {"backbone": str(backbone), "checkpoint_dir": str(tmp_path / "saved"), "valid_users": 2, "test_users": 4,
+              "max_steps": 2, "batch_size": 2, "eval_steps": 2, "save_steps": 1, "valid_pairs": 2, "max_target_tokens": 8,
+              "progress": False, "num_threads": 1, "generate": {"max_new_tokens": 4, "batch_size": 3},
+              "evaluate": {"users": 4}}
+    return tokens, config, encoder
+
+
+def test_warmup_generate_evaluate(setup):
+    tokens, config, encoder = setup
+    run = text_pipeline.train_text_generator("tiny-text", None, config)
+    summary = json.loads((run / "warmup.json").read_text())
+    assert summary["dppmg"]["steps"] == 2 and summary["soft_prompt"]["steps"] == 2 and summary["users"]["test"] == 4
+    split = json.loads((run / "users.json").read_text())
+    out = text_pipeline.run_generate_text("tiny-text", ["u1", "u2"], None, config)
+    rows = [json.loads(line) for line in (out / "texts.jsonl").read_text().splitlines()]
+    assert [r["user"] for r in rows] == ["u1", "u2"] and (out / "texts.md").is_file()
+    assert out == text_pipeline.run_generate_text("tiny-text", ["u1", "u2"], None, {**config, "output_dir": str(out)})
+    report = text_pipeline.evaluate_text_generation("tiny-text", None, config, encoder=encoder)
+    result = json.loads((report / "text_eval.json").read_text())
+    assert [r["condition"] for r in result["rows"]] == ["dppmg", "no_tokens", "shuffled", "soft_prompt", "real_liked_item"]
+    assert all(r["users"] == 4 and 0 <= r["hit@10"] <= 1 for r in result["rows"])
+    assert result["users"] == 4 and set(json.loads((report / "samples.jsonl").read_text().splitlines()[0])) >= {"user", "dppmg", "shuffled"}
+    assert not set(split["test"]) & set(split["train"])
+
+
+def test_generate_errors(setup):
+    tokens, config, _ = setup
+    with pytest.raises(CheckpointError, match="no trained text generator"):
+        text_pipeline.run_generate_text("tiny-text", ["u1"], None, config)
+    with pytest.raises(DataError, match="no users given"):
+        text_pipeline.run_generate_text("tiny-text", [" "], None, config)
+    run = text_pipeline.train_text_generator("tiny-text", None, {**config, "soft_prompt": False})
+    with pytest.raises(DataError, match="user 'ghost' is not in the token export"):
+        text_pipeline.run_generate_text("tiny-text", ["u1", "ghost"], None, config)
+    with pytest.raises(CheckpointError, match="cannot resume .*text.seed"):
+        text_pipeline.train_text_generator("tiny-text", None, {**config, "resume": str(run), "seed": 1})
+    # resuming a finished run is a no-op that returns the same folder
+    assert text_pipeline.train_text_generator("tiny-text", None, {**config, "resume": str(run), "soft_prompt": False}) == run
