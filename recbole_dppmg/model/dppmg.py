@@ -18,7 +18,8 @@ Per-epoch hook (RecBole's Trainer calls nothing per epoch):
     ``describe_epoch_stats(stats)``) after each training epoch: counts the epoch, runs the
     post-warm-up k-means, and returns (and keeps, see ``epoch_stats()``) a flat dict of floats:
     ``epoch``, ``restarts/<m>``, and per modality and level ``<m>/L<l>/codes_used``,
-    ``<m>/L<l>/perplexity``, ``<m>/L<l>/quant_error`` measured over all users.
+    ``<m>/L<l>/perplexity``, ``<m>/L<l>/quant_error`` (fraction of the users' variance left
+    after levels ``0..l``) measured over all users.
     It is idempotent: a second call without training steps in between returns the same stats.
     Fallback for trainers that do not call it: the first ``train()`` / ``eval()`` call after
     training steps closes the epoch (RecBole's Trainer makes one before every epoch and

@@ -180,10 +180,12 @@ class ResidualVectorQuantizer(nn.Module):
     @torch.no_grad()
     def code_stats(self, x: torch.Tensor) -> dict[str, list[float]]:
         """Per level, over the vectors ``x``: codes used, perplexity of the code distribution,
-        and relative squared error ``|x - decode(codes[:, :l+1])|^2 / |x|^2`` after that level."""
+        and the fraction of variance left after that level,
+        ``sum |x - decode(codes[:, :l+1])|^2 / sum |x - mean(x)|^2`` (relative to the spread of
+        the vectors, not their norm: preference vectors share a large common component)."""
         codes = self.encode(x)
         x = x.detach().float()
-        norm = x.pow(2).sum().clamp_min(1e-12)
+        norm = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
         used, perplexity, error = [], [], []
         recon = torch.zeros_like(x)
         for level in range(self.levels):
