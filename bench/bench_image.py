@@ -1,0 +1,63 @@
+"""Seconds per generated poster of the default image generator on this machine.
+
+Samples --posters posters (seeded noise, tokens of the first users of the export) with the
+checkpoint's network, --steps denoising steps and --guidance (classifier-free guidance doubles
+the UNet batch), then decodes them with the autoencoder; reports the median over --repeats
+of (sampling + decoding) / posters. Without --checkpoint an untrained network of the default
+shape is timed (the cost does not depend on the weights).
+
+    python bench/bench_image.py --checkpoint saved/ml-100k-mm/ImageGen-cpu \\
+        --tokens saved/ml-100k-mm/DPPMG-<time>/tokens
+    python bench/bench_image.py --tiny          # seconds, tiny model in pixel space (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from recbole_dppmg.generation.image_autoencoder import PixelCodec
+from recbole_dppmg.generation.image_generate import generate_posters
+from recbole_dppmg.generation.image_model import PosterDiffusion
+from recbole_dppmg.generation.image_train import build_codec, image_settings, load_image_generator
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="ImageGen-* run folder (default: untrained default network)")
+    parser.add_argument("--posters", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tiny", action="store_true", help="tiny pixel-space network (smoke test)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.tiny:
+        settings = image_settings({"space": "pixel", "height": 16, "width": 8, "unet_channels": [8, 16], "attention_head_dim": 4,
+                                   "cross_attention_dim": 8, "norm_num_groups": 4})
+        model, codec = PosterDiffusion(settings, torch.randn(24, 4), 6, 3).eval(), PixelCodec()
+    elif args.checkpoint:
+        model, meta = load_image_generator(args.checkpoint)
+        codec, _ = build_codec(image_settings({**meta["train"], **meta["model"]}))
+    else:
+        settings = image_settings({})
+        model, codec = PosterDiffusion(settings, torch.randn(1536, 64), 6, 32).eval(), build_codec(settings)[0]
+    positions = torch.randint(0, len(model.projection.codebook_vectors), (args.posters, model.n_slots), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        generate_posters(model, codec, positions, steps=args.steps, guidance=args.guidance, batch_size=args.batch, progress=False)
+        times.append((time.perf_counter() - start) / args.posters)
+    c = model.config
+    print(f"{c['height']}x{c['width']} posters ({c['space']} space, UNet {c['unet_channels']}), {args.steps} steps, guidance {args.guidance}, "
+          f"batch {args.batch}, {args.threads} thread(s): {statistics.median(times):.3f} s per poster (median of {args.repeats})")
+
+
+if __name__ == "__main__":
+    main()

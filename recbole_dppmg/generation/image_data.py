@@ -1,0 +1,133 @@
+"""Posters of a dataset as training targets: which items have one, loading them at the
+generator's size, and a cache of their latents (encoding 1,644 posters with TAEF2 takes
+minutes on a CPU, so it is done once per size and autoencoder, under ``.cache/``).
+
+Training pairs come from stage 1's *training* split through the token export: a user's
+preference tokens -> the poster of an item that user rated at least ``min_rating``.
+A seeded share of users is held out of the pairs, for the personalization evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from recbole_dppmg.errors import ConfigError, DataError
+from recbole_dppmg.paths import CACHE_DIR, DATASET_DIR, shared_dir
+
+logger = logging.getLogger(__name__)
+
+
+def default_poster_dir(dataset: str) -> Path:
+    return shared_dir() / "data" / dataset / "posters"
+
+
+def poster_files(dataset: str, poster_dir: str | Path | None = None, dataset_dir: str | Path | None = None) -> dict[str, Path]:
+    """``{item_id: poster path}`` for every item of the prepared dataset whose poster exists."""
+    from recbole_dppmg.data.atomic import read_item_table
+
+    poster_dir = Path(poster_dir) if poster_dir else default_poster_dir(dataset)
+    item_file = Path(dataset_dir or DATASET_DIR / dataset) / f"{dataset}.item"
+    if not item_file.is_file():
+        raise DataError(f"{item_file} not found; run --stage prepare for {dataset} first")
+    if not poster_dir.is_dir():
+        raise DataError(f"poster folder {poster_dir} not found (set image.poster_dir)")
+    table = read_item_table(item_file)
+    if "poster" not in table.columns:
+        raise DataError(f"{item_file} has no poster column; the image generator needs posters")
+    out = {}
+    for item_id, name in table["poster"].items():
+        if isinstance(name, str) and name and (poster_dir / name).is_file():
+            out[str(item_id)] = poster_dir / name
+    if not out:
+        raise DataError(f"no poster of {item_file} exists under {poster_dir}")
+    return out
+
+
+def load_poster(path: Path, height: int, width: int) -> torch.Tensor:
+    """One poster as a ``[3, height, width]`` tensor in [-1, 1] (bicubic resize, RGB)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB").resize((width, height), Image.BICUBIC), dtype=np.float32)
+    return torch.from_numpy(pixels / 127.5 - 1).permute(2, 0, 1)
+
+
+def tensor_to_pil(image: torch.Tensor):
+    """``[3, H, W]`` in [-1, 1] -> PIL image."""
+    from PIL import Image
+
+    array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def _fingerprint(paths: list[Path], extra: str) -> str:
+    digest = hashlib.sha256(extra.encode())
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def cached_latents(posters: dict[str, Path], codec, height: int, width: int, codec_id: str,
+                   batch_size: int = 16, cache_dir: Path | None = None) -> tuple[list[str], torch.Tensor]:
+    """Item ids and their poster latents ``[N, C, h, w]``, computed once and cached."""
+    from safetensors.torch import load_file, save_file
+
+    ids = sorted(posters, key=lambda s: (len(s), s))
+    paths = [posters[i] for i in ids]
+    key = _fingerprint(paths, f"{codec_id}|{height}x{width}")
+    cache = Path(cache_dir or CACHE_DIR / "image_latents") / f"latents-{height}x{width}-{key}.safetensors"
+    if cache.is_file():
+        stored = load_file(str(cache))
+        meta = json.loads(cache.with_suffix(".json").read_text())
+        if meta["ids"] == ids:
+            return ids, stored["latents"].float()
+    chunks = []
+    for start in tqdm(range(0, len(ids), batch_size), desc="poster latents", unit="batch"):
+        batch = torch.stack([load_poster(p, height, width) for p in paths[start : start + batch_size]])
+        chunks.append(codec.encode(batch).to(torch.float16))
+    latents = torch.cat(chunks)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    save_file({"latents": latents.contiguous()}, str(tmp))
+    cache.with_suffix(".json").write_text(json.dumps({"ids": ids, "codec": codec_id, "size": [height, width]}))
+    tmp.replace(cache)
+    return ids, latents.float()
+
+
+@dataclass
+class Pairs:
+    """Training pairs (user id, item id) and the users held out of them."""
+
+    pairs: list[tuple[str, str]]
+    train_users: list[str]
+    heldout_users: list[str]
+
+
+def split_users(users: list[str], heldout_share: float, seed: int) -> tuple[list[str], list[str]]:
+    if not 0 <= heldout_share < 1:
+        raise ConfigError(f"image.heldout_users must be in [0, 1), got {heldout_share}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(users))
+    n_out = int(round(heldout_share * len(users)))
+    heldout = sorted((users[k] for k in order[:n_out]), key=lambda s: (len(s), s))
+    heldout_set = set(heldout)
+    return [u for u in users if u not in heldout_set], heldout
+
+
+def training_pairs(tokens, item_ids_with_poster, min_rating: float, heldout_share: float, seed: int) -> Pairs:
+    """(user, liked item with a poster) from the training split, held-out users excluded."""
+    have = set(item_ids_with_poster)
+    train_users, heldout = split_users(list(tokens.users), heldout_share, seed)
+    pairs = [(u, item) for u in train_users for item, _ in tokens.history(u, "train", min_rating=min_rating) if item in have]
+    if not pairs:
+        raise DataError(f"no training pairs: no training-split rating >= {min_rating} on an item with a poster")
+    return Pairs(pairs, train_users, heldout)

@@ -1,0 +1,149 @@
+"""Seeded poster generation from preference tokens, PNG files and a contact sheet.
+
+Sample ``k`` of a call starts from noise drawn with seed ``sample_seed + k``, so the same
+user list, seed and checkpoint give the same posters whatever the batch size, and the
+comparisons (tokens / no tokens / shuffled tokens) share their starting noise per user.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from recbole_dppmg.data.featurize import torch_threads
+from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
+from recbole_dppmg.generation.image_data import load_poster, poster_files, tensor_to_pil
+from recbole_dppmg.generation.image_model import PosterDiffusion, check_image_size
+from recbole_dppmg.generation.image_train import WEIGHTS_FILE, build_codec, image_settings, load_image_generator
+from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+from recbole_dppmg.paths import SAVED_DIR
+
+logger = logging.getLogger(__name__)
+
+GENERATE_DEFAULTS = {"sample_steps": 20, "guidance_scale": 2.0, "sampler": "dpm", "sample_seed": 0,
+                     "contact_top": 4, "sample_batch": 16, "checkpoint": None, "output_dir": None}
+
+
+def initial_noise(model: PosterDiffusion, count: int, seed: int, first: int = 0) -> torch.Tensor:
+    shape = (model.latent_channels, *model.latent_size)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + first + k)) for k in range(count)])
+
+
+def generate_posters(model: PosterDiffusion, codec, positions: torch.Tensor, seed: int = 0, steps: int = 20,
+                     guidance: float = 2.0, sampler: str = "dpm", batch_size: int = 16,
+                     height: int | None = None, width: int | None = None, progress: bool = True) -> torch.Tensor:
+    """Posters ``[N, 3, H, W]`` in [-1, 1] for token positions ``[N, n_slots]`` (a row of -1
+    = no preference tokens)."""
+    c = model.config
+    if (height, width) != (None, None) and (height, width) != (c["height"], c["width"]):
+        check_image_size(c, height, width)
+        raise ConfigError(f"this image generator draws {c['height']}x{c['width']} posters (height x width), not {height}x{width}; train one at that size")
+    out = []
+    for start in tqdm(range(0, len(positions), batch_size), desc="posters", unit="batch", disable=not progress):
+        rows = positions[start : start + batch_size]
+        noise = initial_noise(model, len(rows), seed, first=start)
+        latents = model.sample(rows, noise, steps=steps, guidance=guidance, sampler=sampler)
+        out.append(codec.decode(model.denormalise(latents)))
+    return torch.cat(out) if out else torch.zeros(0, 3, c["height"], c["width"])
+
+
+def user_positions(vocab: PreferenceVocabulary, users: list[str], mode: str = "tokens", seed: int = 0) -> torch.Tensor:
+    """Conditioning per user: its own tokens, none (-1 rows), or another user's (a seeded
+    derangement of the list)."""
+    rows = torch.tensor([vocab.ids_for(u) for u in users], dtype=torch.long)
+    if mode == "tokens":
+        return rows
+    if mode == "none":
+        return torch.full_like(rows, -1)
+    if mode == "shuffled":
+        if len(users) < 2:
+            raise DataError("shuffled tokens need at least two users")
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(users))
+        return rows[np.roll(order, 1)][np.argsort(order)]  # each user gets another user's tokens
+    raise ConfigError(f"unknown conditioning mode {mode!r} (tokens, none, shuffled)")
+
+
+def contact_sheet(rows: list[tuple[str, list, object]], path: Path, cell: tuple[int, int] = (128, 192)) -> Path:
+    """One row per user: label, the user's top training posters, a gap, the generated one."""
+    from PIL import Image, ImageDraw
+
+    width, height = cell
+    n_real = max([len(real) for _, real, _ in rows] + [1])
+    label_h, gap = 28, 16
+    sheet = Image.new("RGB", ((n_real + 1) * (width + 4) + gap + 4, len(rows) * (height + label_h + 4) + 4), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, real, generated) in enumerate(rows):
+        y = 4 + r * (height + label_h + 4)
+        draw.text((4, y), label, fill="black")
+        for k, image in enumerate(real):
+            sheet.paste(image.resize(cell), (4 + k * (width + 4), y + label_h))
+        x = 4 + n_real * (width + 4) + gap
+        sheet.paste(generated.resize(cell, resample=Image.NEAREST if generated.width < width else Image.BICUBIC), (x, y + label_h))
+        draw.text((x, y + 12), "generated", fill="darkred")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def latest_checkpoint(dataset: str) -> Path:
+    runs = sorted((SAVED_DIR / dataset).glob("ImageGen-*/" + WEIGHTS_FILE), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise CheckpointError(f"no trained image generator under {SAVED_DIR / dataset}; train one first (or set image.checkpoint)")
+    return runs[-1].parent
+
+
+def run_generate_images(dataset: str, users: list, tokens_folder: str | Path, config: dict | None = None,
+                        checkpoint: str | Path | None = None, out_dir: str | Path | None = None, codec=None,
+                        posters: dict[str, Path] | None = None) -> Path:
+    """Write ``<user>.png`` for each user, ``contact_sheet.png`` and ``generated.json``; returns
+    the folder (default ``<checkpoint>/generated-<time>/``). ``codec`` / ``posters`` replace
+    the autoencoder and the dataset's posters (tests)."""
+    from recbole_dppmg.tokens import PreferenceTokens
+
+    config = dict(config or {})
+    settings = {**GENERATE_DEFAULTS, **{k: v for k, v in config.items() if k in GENERATE_DEFAULTS}}
+    tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
+    vocab = PreferenceVocabulary(tokens)
+    folder = Path(checkpoint or settings["checkpoint"] or latest_checkpoint(dataset))
+    model, meta = load_image_generator(folder, vocab, dataset=dataset)
+    train_settings = image_settings({**meta["train"], **meta["model"], **{k: v for k, v in config.items() if k in ("autoencoder_path", "poster_dir", "num_threads")}})
+    users = [str(u) for u in users]
+    if not users:
+        raise DataError("no users given to generate posters for")
+    for u in users:
+        tokens.user_row(u)  # one clear error for an unknown user before any sampling
+    out = Path(out_dir or settings["output_dir"] or folder / f"generated-{datetime.now().strftime('%b-%d-%Y_%H-%M-%S')}")
+    with torch_threads(train_settings["num_threads"]):
+        if codec is None:
+            codec, _ = build_codec(train_settings)
+        images = generate_posters(model, codec, user_positions(vocab, users), seed=settings["sample_seed"],
+                                   steps=settings["sample_steps"], guidance=settings["guidance_scale"],
+                                   sampler=settings["sampler"], batch_size=settings["sample_batch"],
+                                   height=config.get("height"), width=config.get("width"))
+    out.mkdir(parents=True, exist_ok=True)
+    real_posters = posters
+    if real_posters is None:
+        try:
+            real_posters = poster_files(dataset, train_settings["poster_dir"])
+        except DataError as exc:  # the sheet still shows the generated posters
+            logger.warning("contact sheet without real posters: %s", exc)
+            real_posters = {}
+    rows, record = [], {}
+    for k, user in enumerate(users):
+        image = tensor_to_pil(images[k])
+        image.save(out / f"{user}.png")
+        liked = [item for item, _ in tokens.history(user, "train") if item in real_posters][: settings["contact_top"]]
+        real = [tensor_to_pil(load_poster(real_posters[i], 192, 128)) for i in liked]
+        rows.append((f"user {user}: " + " ".join(vocab.strings_for(user)), real, image))
+        record[user] = {"file": f"{user}.png", "tokens": vocab.strings_for(user), "seed": settings["sample_seed"] + k, "top_train_items": liked}
+    contact_sheet(rows, out / "contact_sheet.png")
+    (out / "generated.json").write_text(json.dumps({"checkpoint": str(folder), "settings": settings, "users": record}, indent=2))
+    logger.info("wrote %d posters and a contact sheet to %s", len(users), out)
+    return out

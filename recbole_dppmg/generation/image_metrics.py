@@ -1,0 +1,83 @@
+"""Image generation metrics in the item image-feature space (EfficientNet-Lite0, 1280-d,
+the encoder that made the ``.item`` image features), so "looks like a poster" and "looks like
+this user's posters" are measured where stage 1 saw the images.
+
+- Fréchet distance between two feature sets (the FID formula, another backbone).
+- Retrieval: rank the catalogue by cosine similarity to the generated poster's features;
+  Hit@K / NDCG@K of the user's held-out (test) items, training items excluded.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def image_features(encoder, images: Sequence, batch_size: int = 32) -> np.ndarray:
+    """Features ``[N, dim]`` of PIL images with the encoder's own preprocessing (shorter side
+    to 224 bicubic, centre crop, (x - 127) / 128), as ``EfficientNetLite0ImageEncoder`` does
+    for files."""
+    from PIL import Image
+
+    size = encoder.image_size
+    out = np.zeros((len(images), encoder.dim), dtype=np.float32)
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            pixels = []
+            for image in images[start : start + batch_size]:
+                image = image.convert("RGB")
+                scale = size / min(image.size)
+                new = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
+                image = image.resize(new, Image.BICUBIC)
+                left, top = (new[0] - size) // 2, (new[1] - size) // 2
+                array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32)
+                pixels.append(((array - 127.0) / 128.0).transpose(2, 0, 1))
+            maps = encoder.model.extract_features(torch.from_numpy(np.stack(pixels)))
+            out[start : start + len(pixels)] = maps.mean(dim=(2, 3)).numpy()
+    return out
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) of two feature sets ``[N, d]``."""
+    from scipy import linalg
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a = np.cov(a, rowvar=False) if len(a) > 1 else np.zeros((a.shape[1], a.shape[1]))
+    cov_b = np.cov(b, rowvar=False) if len(b) > 1 else np.zeros((b.shape[1], b.shape[1]))
+    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise, as the FID reference code does
+        offset = np.eye(cov_a.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+
+
+def retrieval_metrics(query: np.ndarray, item_features: np.ndarray, targets: list[set[int]],
+                      exclude: list[set[int]] | None = None, k: int = 10) -> dict[str, float]:
+    """Mean Hit@k and NDCG@k of ``targets[u]`` (item rows) when the catalogue is ranked by
+    cosine similarity to ``query[u]``; ``exclude[u]`` rows (the user's training items) are
+    removed from the ranking. Users without targets are skipped."""
+    q = query / np.linalg.norm(query, axis=1, keepdims=True).clip(1e-8)
+    items = item_features / np.linalg.norm(item_features, axis=1, keepdims=True).clip(1e-8)
+    scores = q @ items.T
+    hits, ndcgs = [], []
+    for u, target in enumerate(targets):
+        if not target:
+            continue
+        row = scores[u].copy()
+        if exclude is not None and exclude[u]:
+            row[list(exclude[u])] = -np.inf
+        top = np.argpartition(-row, k)[:k]
+        top = top[np.argsort(-row[top])]
+        gains = np.array([1.0 if i in target else 0.0 for i in top])
+        ideal = (1.0 / np.log2(np.arange(2, min(k, len(target)) + 2))).sum()
+        hits.append(float(gains.any()))
+        ndcgs.append(float((gains / np.log2(np.arange(2, k + 2))).sum() / ideal))
+    return {f"hit@{k}": float(np.mean(hits)) if hits else float("nan"),
+            f"ndcg@{k}": float(np.mean(ndcgs)) if ndcgs else float("nan"), "users": len(hits)}

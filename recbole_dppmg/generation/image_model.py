@@ -1,0 +1,179 @@
+"""The default image generator: a small conditional diffusion model (diffusers
+``UNet2DConditionModel`` + a diffusers scheduler) whose cross-attention reads a user's
+preference tokens.
+
+Token conditioning: the embedding of each token = ``CodebookProjection`` of its stage-1
+codebook vector (so tokens near in preference space start near in the UNet's conditioning
+space) + a learned embedding of its slot (modality x level). A learned "null" sequence of the
+same length stands for "no preference tokens": it is what classifier-free guidance contrasts
+with and what the no-token baseline uses.
+
+The model works on normalised latents: ``(latent - mean) / std`` per channel, the statistics
+measured once on the training posters and kept as buffers (saved with the weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+
+from recbole_dppmg.errors import ConfigError
+from recbole_dppmg.generation.vocabulary import CodebookProjection
+
+logger = logging.getLogger(__name__)
+
+# Defaults of the ``image:`` section of properties/generation.yaml that shape the network.
+MODEL_DEFAULTS = {
+    "space": "latent",
+    "height": 96,
+    "width": 64,
+    "unet_channels": [32, 64, 128],
+    "layers_per_block": 1,
+    "attention_head_dim": 32,
+    "cross_attention_dim": 128,
+    "norm_num_groups": 32,
+    "train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "epsilon",
+}
+
+
+def model_config(config: dict | None = None) -> dict:
+    """The network-shaping keys of ``config`` over the defaults, validated."""
+    merged = {**MODEL_DEFAULTS, **{k: v for k, v in (config or {}).items() if k in MODEL_DEFAULTS}}
+    if merged["space"] not in ("latent", "pixel"):
+        raise ConfigError(f"image.space must be 'latent' or 'pixel', got {merged['space']!r}")
+    check_image_size(merged, merged["height"], merged["width"])
+    return merged
+
+
+def downsample_factor(config: dict) -> int:
+    """Pixels per latent cell times the UNet's own downsampling."""
+    autoencoder = 8 if config["space"] == "latent" else 1
+    return autoencoder * 2 ** (len(config["unet_channels"]) - 1)
+
+
+def check_image_size(config: dict, height: int, width: int) -> None:
+    factor = downsample_factor(config)
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value <= 0 or value % factor:
+            raise ConfigError(
+                f"image.{name}={value} must be a positive multiple of {factor} "
+                f"({config['space']} space with {len(config['unet_channels'])} UNet levels)"
+            )
+
+
+class PosterDiffusion(nn.Module):
+    """Conditional UNet + token conditioning; ``n_slots`` = tokens per user."""
+
+    def __init__(self, config: dict, codebook_vectors: torch.Tensor, n_slots: int, latent_channels: int):
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        self.config = model_config(config)
+        c = self.config
+        factor = 8 if c["space"] == "latent" else 1
+        channels = list(c["unet_channels"])
+        self.latent_channels, self.n_slots = latent_channels, n_slots
+        self.latent_size = (c["height"] // factor, c["width"] // factor)
+        self.unet = UNet2DConditionModel(
+            sample_size=self.latent_size,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            block_out_channels=channels,
+            layers_per_block=c["layers_per_block"],
+            down_block_types=["CrossAttnDownBlock2D"] * (len(channels) - 1) + ["DownBlock2D"],
+            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (len(channels) - 1),
+            cross_attention_dim=c["cross_attention_dim"],
+            attention_head_dim=c["attention_head_dim"],
+            norm_num_groups=c["norm_num_groups"],
+        )
+        dim = c["cross_attention_dim"]
+        self.projection = CodebookProjection(codebook_vectors, dim, target_scale=1.0)
+        self.slot = nn.Parameter(torch.randn(n_slots, dim) * 0.02)
+        self.null = nn.Parameter(torch.randn(n_slots, dim) * 0.02)
+        self.register_buffer("latent_mean", torch.zeros(latent_channels))
+        self.register_buffer("latent_std", torch.ones(latent_channels))
+
+    # ------------------------------------------------------------------ conditioning
+    def condition(self, positions: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, n_slots, dim]`` from token positions ``[B, n_slots]``; rows where ``drop``
+        is True (or where every position is -1) get the null sequence."""
+        if positions.shape[1] != self.n_slots:
+            raise ConfigError(f"expected {self.n_slots} preference tokens per user, got {positions.shape[1]}")
+        empty = (positions < 0).all(dim=1)
+        drop = empty if drop is None else drop | empty
+        tokens = self.projection(positions.clamp_min(0)) + self.slot
+        return torch.where(drop[:, None, None], self.null.expand_as(tokens), tokens)
+
+    def set_latent_stats(self, latents: torch.Tensor) -> None:
+        dims = [0, 2, 3]
+        self.latent_mean.copy_(latents.mean(dim=dims))
+        self.latent_std.copy_(latents.std(dim=dims).clamp_min(1e-4))
+
+    def normalise(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents - self.latent_mean[:, None, None]) / self.latent_std[:, None, None]
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents * self.latent_std[:, None, None] + self.latent_mean[:, None, None]
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.unet(noisy, timesteps, encoder_hidden_states=cond).sample
+
+    # ------------------------------------------------------------------ schedulers
+    def train_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        c = self.config
+        return DDPMScheduler(num_train_timesteps=c["train_timesteps"], beta_schedule=c["beta_schedule"], prediction_type=c["prediction_type"])
+
+    def sample_scheduler(self, sampler: str = "dpm"):
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+        base = self.train_scheduler().config
+        if sampler == "dpm":
+            return DPMSolverMultistepScheduler.from_config(base)
+        if sampler == "ddim":
+            return DDIMScheduler.from_config(base)
+        raise ConfigError(f"image.sampler must be 'dpm' or 'ddim', got {sampler!r}")
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, positions: torch.Tensor, noise: torch.Tensor, steps: int = 20, guidance: float = 1.0,
+               sampler: str = "dpm", drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised latents ``[B, C, h, w]`` from initial ``noise`` (which fixes the seed)."""
+        scheduler = self.sample_scheduler(sampler)
+        scheduler.set_timesteps(steps)
+        cond = self.condition(positions, drop)
+        use_cfg = guidance != 1.0
+        if use_cfg:
+            cond = torch.cat([self.null.expand_as(cond), cond])
+        x = noise * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_in = scheduler.scale_model_input(torch.cat([x, x]) if use_cfg else x, t)
+            out = self(model_in, t.expand(model_in.shape[0]), cond)
+            if use_cfg:
+                uncond, conditioned = out.chunk(2)
+                out = uncond + guidance * (conditioned - uncond)
+            x = scheduler.step(out, t, x).prev_sample
+        return x
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (sampled from; better posters
+    after short training than the raw weights)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1 - decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)

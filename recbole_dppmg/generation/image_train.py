@@ -1,0 +1,259 @@
+"""Supervised training of the default image generator: a user's preference tokens -> the
+poster of an item the user rated highly in the training split (noise-prediction loss on the
+poster's normalised latent). Only the token export and the posters are read.
+
+A run folder holds the checkpoint as plain state dicts + JSON, never pickles:
+``model.safetensors`` (EMA weights, what sampling uses), ``image_config.json`` (everything
+needed to rebuild the model and check a token export against it), ``train_state.pt`` (raw
+weights, optimizer, step and random state: ``weights_only=True`` loadable, for an exact
+resume) and ``history.json`` (loss per logged step, seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from recbole_dppmg.errors import CheckpointError, ConfigError
+from recbole_dppmg.data.featurize import torch_threads
+from recbole_dppmg.generation.image_autoencoder import ENCODER_FILE, PixelCodec, default_autoencoder_dir, load_autoencoder
+from recbole_dppmg.generation.image_data import cached_latents, poster_files, training_pairs
+from recbole_dppmg.generation.image_model import EMA, PosterDiffusion, model_config
+from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+from recbole_dppmg.paths import SAVED_DIR
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, HISTORY_FILE = "image_config.json", "model.safetensors", "train_state.pt", "history.json"
+FORMAT = "dppmg-image-diffusion/1"
+
+TRAIN_DEFAULTS = {
+    "autoencoder_path": None,
+    "poster_dir": None,
+    "cache_dir": None,
+    "min_rating": 4,
+    "heldout_users": 0.1,
+    "seed": 2020,
+    "batch_size": 16,
+    "learning_rate": 3.0e-4,
+    "warmup_steps": 100,
+    "cond_dropout": 0.1,
+    "ema_decay": 0.995,
+    "max_steps": 20000,
+    "max_minutes": 20.0,
+    "save_every": 200,
+    "log_every": 10,
+    "num_threads": 1,
+    "progress": True,
+}
+
+
+def load_image_config(overrides: dict | None = None, path: str | Path | None = None) -> dict:
+    """The ``image:`` section of ``properties/generation.yaml`` (or ``path``) with ``overrides``."""
+    import yaml
+
+    from recbole_dppmg.paths import PROPERTIES_DIR
+
+    path = Path(path) if path else PROPERTIES_DIR / "generation.yaml"
+    if not path.is_file():
+        raise ConfigError(f"generation config {path} not found")
+    section = (yaml.safe_load(path.read_text()) or {}).get("image") or {}
+    merged = {**section, **(overrides or {})}
+    image_settings(merged)  # refuse unknown keys and bad sizes early
+    return merged
+
+
+def image_settings(config: dict | None) -> dict:
+    """Training keys over their defaults plus the validated model keys."""
+    config = dict(config or {})
+    unknown = set(config) - set(TRAIN_DEFAULTS) - set(model_config({})) - GENERATE_KEYS
+    if unknown:
+        raise ConfigError(f"unknown image config keys: {', '.join(sorted(unknown))}")
+    return {**TRAIN_DEFAULTS, **{k: v for k, v in config.items() if k in TRAIN_DEFAULTS}, **model_config(config)}
+
+
+# keys read by image_generate, accepted here so one ``image:`` section configures both
+GENERATE_KEYS = {"sample_steps", "guidance_scale", "sampler", "sample_seed", "contact_top", "sample_batch", "checkpoint", "output_dir"}
+
+
+def build_codec(settings: dict):
+    """(codec, codec id): TAEF2 for latent space, the identity for pixel space."""
+    if settings["space"] == "pixel":
+        return PixelCodec(), "pixel"
+    folder = Path(settings["autoencoder_path"]) if settings["autoencoder_path"] else default_autoencoder_dir()
+    codec = load_autoencoder(folder)
+    return codec, f"taef2:{(folder / ENCODER_FILE).stat().st_size}"
+
+
+# ---------------------------------------------------------------------- checkpoints
+def save_checkpoint(folder: Path, model: PosterDiffusion, meta: dict, train_state: dict | None = None) -> None:
+    """Weights + config (+ training state), each written to a temp file and renamed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(folder / WEIGHTS_FILE)
+    if train_state is not None:
+        tmp = folder / (STATE_FILE + ".tmp")
+        torch.save(train_state, tmp)
+        tmp.replace(folder / STATE_FILE)
+    tmp = folder / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(folder / CONFIG_FILE)
+
+
+def read_image_config(folder: str | Path) -> dict:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is not an image generator checkpoint (no {CONFIG_FILE})")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}, this code reads {FORMAT!r}")
+    return meta
+
+
+def build_model(meta: dict) -> PosterDiffusion:
+    """An untrained model of the checkpoint's shape (codebook buffer filled on load)."""
+    vocab = meta["vocabulary"]
+    n_vectors = len(vocab["modalities"]) * vocab["levels"] * vocab["codebook_size"]
+    return PosterDiffusion(meta["model"], torch.zeros(n_vectors, vocab["dim"]), meta["n_slots"], meta["latent_channels"])
+
+
+def load_image_generator(folder: str | Path, vocab: PreferenceVocabulary | None = None, dataset: str | None = None) -> tuple[PosterDiffusion, dict]:
+    """The sampling (EMA) model of a run folder and its config; refuses a token export or
+    dataset the model was not built for."""
+    folder = Path(folder)
+    meta = read_image_config(folder)
+    if dataset is not None and meta["dataset"] != dataset:
+        raise CheckpointError(f"image generator {folder} was trained on {meta['dataset']}, not {dataset}")
+    if vocab is not None:
+        v = meta["vocabulary"]
+        vocab.check_compatible(v["levels"], v["codebook_size"], v["modalities"])
+    model = build_model(meta)
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} is missing")
+    try:
+        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    except RuntimeError as exc:
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit its {CONFIG_FILE}: {str(exc).splitlines()[0]}") from None
+    return model.eval(), meta
+
+
+# ---------------------------------------------------------------------- training
+def _new_run_folder(dataset: str) -> Path:
+    return SAVED_DIR / dataset / f"ImageGen-{datetime.now().strftime('%b-%d-%Y_%H-%M-%S')}"
+
+
+def train_image_generator(dataset: str, tokens_folder: str | Path, config: dict | None = None,
+                          out_dir: str | Path | None = None, resume: bool = False,
+                          posters: dict[str, Path] | None = None, codec=None) -> Path:
+    """Train (or, with ``resume``, continue training in ``out_dir``) the poster generator for
+    ``max_minutes`` or until ``max_steps``; returns the run folder.
+
+    ``posters`` / ``codec`` replace the dataset's posters and the autoencoder (tests)."""
+    from recbole_dppmg.tokens import PreferenceTokens
+
+    settings = image_settings(config)
+    tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
+    vocab = PreferenceVocabulary(tokens)
+    folder = Path(out_dir) if out_dir else _new_run_folder(dataset)
+    if resume and not (folder / STATE_FILE).is_file():
+        raise CheckpointError(f"nothing to resume in {folder} (no {STATE_FILE})")
+    if not resume and (folder / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{folder} already holds an image generator; pass resume=True or another folder")
+
+    with torch_threads(settings["num_threads"]):
+        if codec is None:
+            codec, codec_id = build_codec(settings)
+        else:
+            codec_id = type(codec).__name__
+        posters = posters if posters is not None else poster_files(dataset, settings["poster_dir"])
+        item_ids, latents = cached_latents(posters, codec, settings["height"], settings["width"], codec_id,
+                                           cache_dir=settings["cache_dir"])
+        latent_row = {item: k for k, item in enumerate(item_ids)}
+        split = training_pairs(tokens, item_ids, settings["min_rating"], settings["heldout_users"], settings["seed"])
+        users = sorted({u for u, _ in split.pairs}, key=lambda s: (len(s), s))
+        user_row = {u: k for k, u in enumerate(users)}
+        positions = torch.tensor([vocab.ids_for(u) for u in users], dtype=torch.long)
+        pair_user = torch.tensor([user_row[u] for u, _ in split.pairs])
+        pair_item = torch.tensor([latent_row[i] for _, i in split.pairs])
+
+        torch.manual_seed(settings["seed"])
+        model = PosterDiffusion(settings, vocab.vectors, positions.shape[1], latents.shape[1])
+        model.set_latent_stats(latents)
+        ema = EMA(model, settings["ema_decay"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=0.0)
+        rng = torch.Generator().manual_seed(settings["seed"])
+        step, seconds, history = 0, 0.0, []
+        meta = {
+            "format": FORMAT, "dataset": dataset, "tokens_folder": str(tokens_folder),
+            "model": model.config, "latent_channels": latents.shape[1], "n_slots": positions.shape[1],
+            "vocabulary": {"modalities": vocab.modalities, "levels": vocab.levels, "codebook_size": vocab.codebook_size, "dim": vocab.dim},
+            "codec": codec_id, "train": {k: settings[k] for k in TRAIN_DEFAULTS},
+            "pairs": len(split.pairs), "train_users": len(split.train_users), "heldout_users": split.heldout_users,
+        }
+        if resume:
+            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+            old = read_image_config(folder)
+            if old["model"] != model.config or old["vocabulary"] != meta["vocabulary"]:
+                raise CheckpointError(f"{folder} was trained with another model or token vocabulary shape; start a new folder")
+            model.load_state_dict(state["model"])
+            ema.model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+            optimizer.load_state_dict(state["optimizer"])
+            rng.set_state(state["rng"])
+            step, seconds = int(state["step"]), float(state["seconds"])
+            if (folder / HISTORY_FILE).is_file():
+                history = json.loads((folder / HISTORY_FILE).read_text())
+
+        scheduler = model.train_scheduler()
+        n_timesteps = scheduler.config.num_train_timesteps
+        prediction = settings["prediction_type"]
+
+        def checkpoint():
+            meta.update(trained_steps=step, train_seconds=round(seconds, 1))
+            save_checkpoint(folder, ema.model, meta, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                      "rng": rng.get_state(), "step": step, "seconds": seconds})
+            (folder / HISTORY_FILE).write_text(json.dumps(history))
+
+        budget = settings["max_minutes"] * 60
+        started = time.perf_counter()
+        bar = tqdm(total=settings["max_steps"], initial=step, desc="image generator", unit="step", disable=not settings["progress"])
+        model.train()
+        running = None
+        while step < settings["max_steps"] and time.perf_counter() - started < budget:
+            tick = time.perf_counter()
+            batch = torch.randint(len(pair_user), (settings["batch_size"],), generator=rng)
+            x0 = model.normalise(latents[pair_item[batch]])
+            noise = torch.randn(x0.shape, generator=rng)
+            t = torch.randint(n_timesteps, (x0.shape[0],), generator=rng)
+            drop = torch.rand(x0.shape[0], generator=rng) < settings["cond_dropout"]
+            noisy = scheduler.add_noise(x0, noise, t)
+            target = noise if prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
+            out = model(noisy, t, model.condition(positions[pair_user[batch]], drop))
+            loss = torch.nn.functional.mse_loss(out, target)
+            for group in optimizer.param_groups:
+                group["lr"] = settings["learning_rate"] * min(1.0, (step + 1) / max(1, settings["warmup_steps"]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            ema.update(model, step)
+            seconds += time.perf_counter() - tick
+            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}")
+            if step % settings["log_every"] == 0:
+                history.append({"step": step, "loss": round(running, 5), "seconds": round(seconds, 1)})
+            if step % settings["save_every"] == 0:
+                checkpoint()
+        bar.close()
+        checkpoint()
+    logger.info("image generator: %d steps, %.0f s of training, saved in %s", step, seconds, folder)
+    return folder

@@ -1,0 +1,76 @@
+"""Tiny inputs for the image-generator tests: a token export written directly in the export
+format (no stage-1 training), small PNG posters, and tiny model settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+from PIL import Image
+from safetensors.numpy import save_file
+
+from recbole_dppmg.tokens.format import FORMAT_VERSION
+
+TINY_MODEL = {
+    "space": "pixel", "height": 16, "width": 8, "unet_channels": [8, 16], "layers_per_block": 1,
+    "attention_head_dim": 4, "cross_attention_dim": 8, "norm_num_groups": 4, "train_timesteps": 50,
+}
+
+
+def write_tiny_export(folder: Path, dataset: str = "tiny", n_users: int = 6, n_items: int = 5,
+                      levels: int = 2, codebook_size: int = 4, dim: int = 3, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    modalities = ["text", "image"]
+    folder.mkdir(parents=True, exist_ok=True)
+    books = {m: rng.normal(size=(levels, codebook_size, dim)).astype(np.float32) for m in modalities}
+    save_file(books, str(folder / "codebooks.safetensors"))
+    np.save(folder / "user_codes.npy", rng.integers(0, codebook_size, size=(n_users + 1, 2, levels)).astype(np.int32))
+    save_file({m: rng.normal(size=(n_users + 1, dim)).astype(np.float32) for m in modalities}, str(folder / "user_vectors.safetensors"))
+    save_file({m: rng.normal(size=(n_items + 1, dim)).astype(np.float32) for m in modalities}, str(folder / "item_vectors.safetensors"))
+    save_file({f"{m}.{p}": np.zeros((dim, dim) if p == "weight" else (dim,), np.float32) for m in modalities for p in ("weight", "bias")},
+              str(folder / "foldin.safetensors"))
+    save_file({"unused": np.zeros(1, np.float32)}, str(folder / "item_encoders.safetensors"))
+    users = ["[PAD]"] + [f"u{k}" for k in range(n_users)]
+    items = ["[PAD]"] + [f"i{k}" for k in range(n_items)]
+    (folder / "ids.json").write_text(json.dumps({"users": users, "items": items}))
+    arrays = {}
+    for split in ("train", "valid", "test"):
+        indptr, indices, values = [0, 0], [], []
+        for u in range(n_users):
+            chosen = rng.choice(np.arange(1, n_items + 1), size=2, replace=False)
+            indices += chosen.tolist()
+            values += [5.0, 4.0] if split == "train" else [5.0, 3.0]
+            indptr.append(len(indices))
+        arrays.update({f"{split}_indptr": np.array(indptr), f"{split}_indices": np.array(indices), f"{split}_values": np.array(values)})
+    np.savez(folder / "interactions.npz", **arrays)
+    for m in modalities:
+        for level in range(levels):
+            index = faiss.IndexFlatL2(dim)
+            index.add(books[m][level])
+            faiss.write_index(index, str(folder / f"index_{m}_L{level}.faiss"))
+    manifest = {"format_version": FORMAT_VERSION, "dataset": dataset, "modalities": modalities, "levels": levels,
+                "codebook_size": codebook_size, "dim": dim, "files": []}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def write_tiny_posters(folder: Path, n_items: int = 5, size=(10, 14)) -> dict[str, Path]:
+    """Solid-colour posters with a stripe, one per item id ``i<k>``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for k in range(n_items):
+        image = Image.new("RGB", size, (40 * k % 256, 255 - 40 * k % 256, 120))
+        for x in range(size[0]):
+            image.putpixel((x, k % size[1]), (255, 255, 255))
+        path = folder / f"i{k}.png"
+        image.save(path)
+        out[f"i{k}"] = path
+    return out
+
+
+def tiny_settings(tmp_path: Path, **overrides) -> dict:
+    return {**TINY_MODEL, "batch_size": 4, "max_steps": 3, "max_minutes": 5, "save_every": 2, "log_every": 1,
+            "warmup_steps": 1, "heldout_users": 0.34, "progress": False, "num_threads": 1,
+            "cache_dir": str(tmp_path / "cache"), "sample_steps": 2, "sample_batch": 2, **overrides}

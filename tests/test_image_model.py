@@ -1,0 +1,132 @@
+"""The default image generator with tiny models from config: training, exact resume,
+save/load, seeded sampling, generation outputs and the errors a user can cause."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from image_fixtures import tiny_settings, write_tiny_export, write_tiny_posters
+from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
+from recbole_dppmg.generation.image_autoencoder import PixelCodec, TinyAutoencoder, load_autoencoder
+from recbole_dppmg.generation.image_generate import generate_posters, run_generate_images, user_positions
+from recbole_dppmg.generation.image_model import model_config
+from recbole_dppmg.generation.image_train import load_image_generator, train_image_generator
+from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+from recbole_dppmg.tokens import PreferenceTokens
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    export = write_tiny_export(tmp_path / "tokens")
+    posters = write_tiny_posters(tmp_path / "posters")
+    return export, posters
+
+
+def _train(tmp_path, export, posters, name="run", **overrides):
+    return train_image_generator("tiny", export, tiny_settings(tmp_path, **overrides), out_dir=tmp_path / name, posters=posters)
+
+
+def test_train_save_load_gives_identical_seeded_samples(tmp_path, inputs):
+    export, posters = inputs
+    folder = _train(tmp_path, *inputs)
+    meta = json.loads((folder / "image_config.json").read_text())
+    assert meta["trained_steps"] == 3 and len(meta["heldout_users"]) == 2 and meta["pairs"] == 8
+    vocab = PreferenceVocabulary(PreferenceTokens.load(export))
+    positions = user_positions(vocab, ["u0", "u1", "u2"])
+    runs = []
+    for _ in range(2):
+        model, _ = load_image_generator(folder, vocab, dataset="tiny")
+        runs.append(generate_posters(model, PixelCodec(), positions, seed=7, steps=3, batch_size=2, progress=False))
+    assert runs[0].shape == (3, 3, 16, 8)
+    assert torch.equal(runs[0], runs[1])
+    # the batch size does not change a sample; another seed does
+    model, _ = load_image_generator(folder, vocab)
+    one_by_one = generate_posters(model, PixelCodec(), positions, seed=7, steps=3, batch_size=1, progress=False)
+    assert (one_by_one - runs[0]).abs().mean() < 1e-3  # same noise per sample; only float summation order differs
+    other = generate_posters(model, PixelCodec(), positions, seed=8, steps=3, batch_size=2, progress=False)
+    assert not torch.allclose(other, runs[0])
+
+
+def test_resume_continues_exactly(tmp_path, inputs):
+    straight = _train(tmp_path, *inputs, name="straight", max_steps=4)
+    _train(tmp_path, *inputs, name="split", max_steps=2)
+    resumed = train_image_generator("tiny", inputs[0], tiny_settings(tmp_path, max_steps=4), out_dir=tmp_path / "split",
+                                    resume=True, posters=inputs[1])
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((resumed / "image_config.json").read_text())["trained_steps"] == 4
+
+
+def test_generate_writes_pngs_and_contact_sheet(tmp_path, inputs):
+    export, posters = inputs
+    folder = _train(tmp_path, *inputs)
+    out = run_generate_images("tiny", ["u0", "u3"], export, tiny_settings(tmp_path), checkpoint=folder,
+                              out_dir=tmp_path / "gen", codec=PixelCodec(), posters=posters)
+    from PIL import Image
+
+    assert Image.open(out / "u0.png").size == (8, 16)
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.width > 3 * 128 and sheet.height > 2 * 192
+    record = json.loads((out / "generated.json").read_text())["users"]
+    assert record["u3"]["tokens"][0].startswith("<txt_0_") and len(record["u3"]["top_train_items"]) == 2
+    with pytest.raises(DataError, match="user 'nobody' is not in the token export"):
+        run_generate_images("tiny", ["nobody"], export, {}, checkpoint=folder, codec=PixelCodec(), posters=posters)
+
+
+def test_shuffled_tokens_belong_to_another_user(inputs):
+    vocab = PreferenceVocabulary(PreferenceTokens.load(inputs[0]))
+    users = [f"u{k}" for k in range(6)]
+    own, shuffled = user_positions(vocab, users), user_positions(vocab, users, "shuffled", seed=3)
+    assert sorted(map(tuple, own.tolist())) == sorted(map(tuple, shuffled.tolist()))
+    assert (user_positions(vocab, users, "none") == -1).all()
+    assert sorted(map(tuple, own.tolist())) == sorted(map(tuple, shuffled.tolist()))
+    assert all(not torch.equal(own[k], shuffled[k]) or len({tuple(r) for r in own.tolist()}) < 6 for k in range(6))
+
+
+def test_wrong_image_size(tmp_path, inputs):
+    with pytest.raises(ConfigError, match=r"image.height=100 must be a positive multiple of 16"):
+        model_config({"height": 100, "width": 64, "space": "latent", "unet_channels": [32, 64]})
+    folder = _train(tmp_path, *inputs)
+    model, _ = load_image_generator(folder)
+    with pytest.raises(ConfigError, match="draws 16x8 posters"):
+        generate_posters(model, PixelCodec(), torch.zeros(1, 4, dtype=torch.long), height=32, width=8, progress=False)
+
+
+def test_missing_autoencoder_weights(tmp_path, inputs):
+    with pytest.raises(CheckpointError, match="autoencoder weights missing in .*taef2_encoder.pth, taef2_decoder.pth"):
+        load_autoencoder(tmp_path)
+    settings = tiny_settings(tmp_path, space="latent", height=16, width=16, unet_channels=[8], autoencoder_path=str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointError, match="autoencoder weights missing"):
+        train_image_generator("tiny", inputs[0], settings, out_dir=tmp_path / "run", posters=inputs[1])
+    torch.save({"not": torch.zeros(1)}, tmp_path / "taef2_encoder.pth")
+    torch.save({"not": torch.zeros(1)}, tmp_path / "taef2_decoder.pth")
+    with pytest.raises(CheckpointError, match="does not hold TAEF2 encoder weights"):
+        load_autoencoder(tmp_path)
+
+
+def test_token_export_of_another_dataset(tmp_path, inputs):
+    export, posters = inputs
+    with pytest.raises(CheckpointError, match="was made for dataset tiny, not ml-100k-mm"):
+        train_image_generator("ml-100k-mm", export, tiny_settings(tmp_path), out_dir=tmp_path / "run", posters=posters)
+    folder = _train(tmp_path, *inputs)
+    with pytest.raises(CheckpointError, match="was trained on tiny, not other"):
+        load_image_generator(folder, dataset="other")
+    bigger = PreferenceVocabulary(PreferenceTokens.load(write_tiny_export(tmp_path / "big", codebook_size=8)))
+    with pytest.raises(CheckpointError, match="token export has 2 levels x 8 codes"):
+        load_image_generator(folder, bigger)
+
+
+def test_latent_space_training_with_a_tiny_autoencoder(tmp_path, inputs):
+    codec = TinyAutoencoder(latent_channels=4, width=8).eval()
+    settings = tiny_settings(tmp_path, space="latent", height=16, width=16, unet_channels=[8])
+    folder = train_image_generator("tiny", inputs[0], settings, out_dir=tmp_path / "run", posters=inputs[1], codec=codec)
+    model, _ = load_image_generator(folder)
+    images = generate_posters(model, codec, torch.zeros(2, 4, dtype=torch.long), steps=2, progress=False)
+    assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+
+
+def test_unknown_config_key(tmp_path, inputs):
+    with pytest.raises(ConfigError, match="unknown image config keys: bogus"):
+        train_image_generator("tiny", inputs[0], {"bogus": 1}, out_dir=tmp_path / "run", posters=inputs[1])
