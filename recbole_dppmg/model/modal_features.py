@@ -19,7 +19,7 @@ from recbole.utils import FeatureType
 from recbole_dppmg.errors import ConfigError, DataError
 
 ID_MODALITY = "id"  # the optional ID-only channel: learned embeddings, no feature field
-FEATURE_NORMS = ("standard", "zscore", "l2", "none")
+FEATURE_NORMS = ("standard", "scaled", "l2", "none")
 
 
 @dataclass
@@ -77,16 +77,17 @@ def _feature_fields(dataset) -> list[str]:
 def _normalise(features: torch.Tensor, present: torch.Tensor, how: str) -> torch.Tensor:
     """Scale present rows; missing rows stay zero.
 
-    ``standard``: z-score per dimension divided by sqrt(width), so rows have unit norm on
-    average and a freshly initialised encoder gives item vectors at the scale of ID embeddings
-    (raw z-scores make them ~sqrt(width) times larger, and BPR then overfits within epochs);
-    ``zscore``: plain z-score; ``l2``: unit rows; ``none``: as stored.
+    ``standard``: z-score per dimension; ``scaled``: z-score divided by sqrt(width), so rows
+    have unit norm on average and a fresh encoder gives item vectors at the scale of ID
+    embeddings (DPPMG text+image on ml-100k-mm: valid NDCG@10 0.186 after 61 epochs, still
+    rising slowly, vs a 0.205 peak at epoch 33 with ``standard``); ``l2``: unit rows;
+    ``none``: as stored.
     """
     out = torch.zeros_like(features)
     rows = features[present]
-    if how in ("standard", "zscore"):
+    if how in ("standard", "scaled"):
         rows = (rows - rows.mean(0)) / rows.std(0, unbiased=False).clamp_min(1e-6)
-        if how == "standard":
+        if how == "scaled":
             rows = rows / rows.shape[1] ** 0.5
     elif how == "l2":
         rows = torch.nn.functional.normalize(rows, dim=1)
