@@ -258,7 +258,7 @@ def test_nan_features(tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("levels", 0), ("codebook_size", "many"), ("ema_decay", 1.0),
-                                       ("modalities", []), ("feature_norm", "zscore")])
+                                       ("modalities", []), ("feature_norm", "minmax")])
 def test_bad_config_values(data, key, value):
     with pytest.raises(ConfigError, match=key):
         build(data, **{key: value})
