@@ -107,7 +107,7 @@ def _write_interactions(path: Path, train_data, valid_data, test_data, config) -
 def _item_encoders(model, dataset, config) -> tuple[dict, dict]:
     """Everything needed to map a new item feature vector (e.g. of generated content) into
     the model's layer-0 item space without stage-1 code: feature scaling + MLP weights."""
-    from recbole_dppmg.model.modal_features import ID_MODALITY, config_value, load_modal_features
+    from recbole_dppmg.model.modal_features import ID_MODALITY, config_value, feature_scaling, load_modal_features
 
     how = config_value(config, "feature_norm", "standard")
     raw_config = {key: config[key] for key in config.final_config_dict}
@@ -117,12 +117,7 @@ def _item_encoders(model, dataset, config) -> tuple[dict, dict]:
     for m in model.modalities:
         if m == ID_MODALITY:
             continue
-        rows = raw[m].features[raw[m].present]
-        mean, std = torch.zeros(rows.shape[1]), torch.ones(rows.shape[1])
-        if how in ("standard", "zscore"):  # modal_features._normalise: z-score, standard also / sqrt(width)
-            mean, std = rows.mean(0), rows.std(0, unbiased=False).clamp_min(1e-6)
-            if how == "standard":
-                std = std * rows.shape[1] ** 0.5
+        mean, std = feature_scaling(raw[m].features[raw[m].present], how)
         tensors[f"{m}.feature_mean"], tensors[f"{m}.feature_std"] = mean.numpy(), std.numpy()
         linear = [layer for layer in model.encoders[m] if isinstance(layer, torch.nn.Linear)]
         for k, layer in enumerate(linear):
