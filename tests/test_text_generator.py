@@ -198,3 +198,26 @@ def test_text_config_refuses_unknown_keys():
     assert cfg["max_steps"] == 3 and cfg["generate"]["max_new_tokens"] == 5 and cfg["generate"]["batch_size"] == 16
     with pytest.raises(ConfigError, match="unknown text generator setting text.generate.nope"):
         text_config({"generate": {"nope": 1}})
+
+
+def test_content_init_points_tokens_at_liked_content(tokens):
+    from recbole_dppmg.generation.text_warmup import content_vectors
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_lm(tokenizer)
+    vocabulary = PreferenceVocabulary(tokens)
+    pairs = pairs_for(tokens, tokens.users[:12])
+    content = content_vectors(tokenizer, model.get_input_embeddings().weight, pairs, item_texts(), 16)
+    assert set(content) == set(tokens.users[:12])
+    lm = inject_preference_tokens(model, tokenizer, vocabulary, content=content)
+    # a held-out user's tokens land closer to the content of their own cluster than to other clusters'
+    user = tokens.users[12]  # cluster 0
+    mine = torch.stack([content[u] for u in tokens.users[:12] if tokens.cluster[u] == tokens.cluster[user]]).mean(0)
+    others = torch.stack([content[u] for u in tokens.users[:12] if tokens.cluster[u] != tokens.cluster[user]]).mean(0)
+    embeds = lm.embed(torch.tensor([lm.first_id + k for k in vocabulary.ids_for(user)])).mean(0)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(embeds, mine, dim=0) > cos(embeds, others, dim=0)
+    base_norm = model.get_input_embeddings().base_layer.weight[: lm.first_id].norm(dim=1).mean()
+    assert float(lm.token_embeddings().detach().norm(dim=1).mean()) == pytest.approx(float(base_norm), rel=1e-3)
+    soft = SoftPromptConditioner.build(tiny_lm(tokenizer), tokenizer, tokens, content=content)
+    assert torch.isfinite(soft.encoder(soft.user_vectors[1:3])).all()

@@ -127,6 +127,23 @@ class SoftPromptEncoder(nn.Module):
                     linear.weight.mul_(target_scale / norms)
                     linear.bias.mul_(target_scale / norms)
 
+    def fit_to_content(self, vectors: torch.Tensor, targets: torch.Tensor, target_scale: float | None) -> None:
+        """Same initialisation as DPPMG's projection (for a fair comparison): every slot of a
+        user approximates the user's content vector, by a closed-form ridge fit per modality."""
+        from recbole_dppmg.generation.text_injection import ridge_map
+
+        x = (vectors.float() - self.mean) / self.std  # [U, M, dim]
+        with torch.no_grad():
+            for k, linear in enumerate(self.maps):
+                weight, _ = ridge_map(x[:, k], targets.float())  # intercept-free, as DPPMG's
+                linear.weight.copy_(weight.repeat(self.levels, 1))
+                linear.bias.zero_()
+            if target_scale is not None:
+                factor = target_scale / self(vectors).norm(dim=-1).mean().clamp_min(1e-8)
+                for linear in self.maps:
+                    linear.weight.mul_(factor)
+                    linear.bias.mul_(factor)
+
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
         """``[B, n_modalities, dim]`` -> ``[B, n_modalities * levels, hidden]``."""
         x = (vectors.float() - self.mean) / self.std
@@ -155,7 +172,7 @@ class SoftPromptConditioner:
         self.user_vectors = torch.from_numpy(stacked.astype(np.float32)).to(device)
 
     @classmethod
-    def build(cls, model, tokenizer, tokens, seed: int = 0) -> "SoftPromptConditioner":
+    def build(cls, model, tokenizer, tokens, seed: int = 0, content: dict[str, torch.Tensor] | None = None) -> "SoftPromptConditioner":
         stacked = np.stack([tokens.user_vectors[m][1:] for m in tokens.modalities], axis=1)
         mean = torch.from_numpy(stacked.mean(0)).float()
         std = torch.from_numpy(stacked.std(0)).float().clamp_min(1e-6)
@@ -164,6 +181,11 @@ class SoftPromptConditioner:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             encoder = SoftPromptEncoder(tokens.modalities, tokens.levels, tokens.dim, embed.shape[1], mean, std, target_scale=scale)
+        if content:
+            users = list(content)
+            rows = [tokens.user_row(u) for u in users]
+            vectors = torch.from_numpy(np.stack([tokens.user_vectors[m][rows] for m in tokens.modalities], axis=1).astype(np.float32))
+            encoder.fit_to_content(vectors, torch.stack([content[u].float().cpu() for u in users]), scale)
         return cls(model, tokenizer, tokens, encoder)
 
     def token_text(self, user: str) -> str:

@@ -68,6 +68,40 @@ def _embedding_module_name(model) -> str:
     raise DataError("the text backbone exposes no input embedding module")
 
 
+def ridge_map(x: torch.Tensor, y: torch.Tensor, lam: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares ``y ~ x @ W.T + b`` with a ridge of ``lam`` x the mean input energy."""
+    x, y = x.double(), y.double()
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    gram = xc.T @ xc
+    gram += lam * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(x.shape[1], dtype=gram.dtype)
+    weight = torch.linalg.solve(gram, xc.T @ yc).T  # [out, in]
+    return weight.float(), (my - weight.double() @ mx).float()
+
+
+def fit_projection_to_content(projection: CodebookProjection, user_positions: list[list[int]], targets: torch.Tensor, target_scale: float | None) -> None:
+    """Initialise the projection so that a user's token embeddings point where that user's content
+    vector (the mean base-LM embedding of the texts of items they liked) departs from the average
+    user's: the LM can read the tokens as content hints before any gradient step.
+
+    Closed-form ridge fit of the centred content on the code vectors, *without* the intercept.
+    Measured on SmolLM2 / ml-100k-mm: keeping the intercept makes every token nearly the same
+    vector (pairwise cosine 0.9997; the mean content dominates) and an uncentred mean-embedding
+    direction breaks the LM (validation loss 11.7 instead of 4.2); the centred, intercept-free fit
+    gives distinct tokens (mean pairwise cosine 0.04) at the random start's loss (4.24 vs 4.23).
+    """
+    rows = torch.tensor([k for positions in user_positions for k in positions])
+    y = torch.cat([targets[u].expand(len(p), -1) for u, p in enumerate(user_positions)])
+    weight, _ = ridge_map(projection.codebook_vectors[rows], y)
+    with torch.no_grad():
+        projection.linear.weight.copy_(weight)
+        projection.linear.bias.zero_()
+        if target_scale is not None:  # the norm of the LM's own token embeddings
+            factor = target_scale / projection().norm(dim=1).mean().clamp_min(1e-8)
+            projection.linear.weight.mul_(factor)
+            projection.linear.bias.mul_(factor)
+
+
 def add_preference_tokens(model, tokenizer, strings: list[str]) -> list[int]:
     """Add the token strings (contiguous ids) and grow the embedding matrix if needed.
 
@@ -194,8 +228,14 @@ def inject_preference_tokens(
     lora_alpha: int = 16,
     lora_targets: list[str] | None = None,
     seed: int = 0,
+    content: dict[str, torch.Tensor] | None = None,
 ) -> PreferenceTokenLM:
-    """Wrap a frozen causal LM so that only the preference tokens (and optional LoRA) train."""
+    """Wrap a frozen causal LM so that only the preference tokens (and optional LoRA) train.
+
+    ``content`` (user -> a vector in the LM's embedding space) fits the projection in closed
+    form first (:func:`fit_projection_to_content`); without it the projection starts random
+    (orthogonal, scaled to the LM's embedding norm).
+    """
     from peft import LoraConfig, TrainableTokensConfig, get_peft_model
 
     ids = add_preference_tokens(model, tokenizer, vocabulary.strings)
@@ -205,6 +245,10 @@ def inject_preference_tokens(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         projection = CodebookProjection(vocabulary.vectors, base_rows.shape[1], target_scale=float(base_rows.float().norm(dim=1).mean()))
+    if content:
+        users = list(content)
+        fit_projection_to_content(projection, [vocabulary.ids_for(u) for u in users], torch.stack([content[u].float().cpu() for u in users]),
+                                  float(base_rows.float().norm(dim=1).mean()))
     with torch.no_grad():
         initial = projection().to(base_rows.dtype)
         model.get_input_embeddings().weight[ids[0] : ids[-1] + 1] = initial.to(model.get_input_embeddings().weight.device)

@@ -94,7 +94,7 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
     from recbole_dppmg.generation.text_config import new_run_folder, saved_root, text_config
     from recbole_dppmg.generation.text_generate import SoftPromptConditioner, TokenConditioner
     from recbole_dppmg.generation.text_injection import add_preference_tokens, inject_preference_tokens
-    from recbole_dppmg.generation.text_warmup import build_pairs, item_text_table, split_users, train_conditioner
+    from recbole_dppmg.generation.text_warmup import build_pairs, content_vectors, item_text_table, split_users, train_conditioner
     from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 
     cfg = text_config(config)
@@ -103,7 +103,7 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
         run = Path(cfg["resume"])
         previous = _run_config(run)
         tokens = _load_tokens(dataset, tokens_folder, cfg, previous["tokens"])
-        for key in ("backbone", "seed", "lora_r", "min_rating", "pairs_per_user", "valid_users", "test_users", "batch_size", "max_target_tokens"):
+        for key in ("backbone", "seed", "lora_r", "content_init", "max_steps", "min_rating", "pairs_per_user", "valid_users", "test_users", "batch_size", "max_target_tokens"):
             if previous["text"][key] != cfg[key]:
                 raise CheckpointError(f"cannot resume {run}: text.{key} was {previous['text'][key]!r}, now {cfg[key]!r}")
     else:
@@ -123,8 +123,11 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
                "num_threads": torch.get_num_threads()}
     start = time.perf_counter()
     model, tokenizer = load_backbone(cfg["backbone"], cfg["dtype"], cfg["device"])
+    content = None
+    if cfg["content_init"]:
+        content = content_vectors(tokenizer, model.get_input_embeddings().weight, train_pairs, texts, cfg["max_target_tokens"])
     lm = inject_preference_tokens(model, tokenizer, vocabulary, backbone=cfg["backbone"], lora_r=cfg["lora_r"],
-                                  lora_alpha=cfg["lora_alpha"], lora_targets=cfg["lora_targets"], seed=cfg["seed"])
+                                  lora_alpha=cfg["lora_alpha"], lora_targets=cfg["lora_targets"], seed=cfg["seed"], content=content)
     state = train_conditioner(lm.model, tokenizer, TokenConditioner(lm, vocabulary), train_pairs, valid_pairs, texts, cfg, run / "dppmg")
     summary["dppmg"] = _phase_summary(state, time.perf_counter() - start, lm.trainable_parameters())
     del lm, model
@@ -132,7 +135,7 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
         start = time.perf_counter()
         model, tokenizer = load_backbone(cfg["backbone"], cfg["dtype"], cfg["device"])
         add_preference_tokens(model, tokenizer, vocabulary.strings)
-        soft = SoftPromptConditioner.build(model, tokenizer, tokens, seed=cfg["seed"])
+        soft = SoftPromptConditioner.build(model, tokenizer, tokens, seed=cfg["seed"], content=content)
         state = train_conditioner(model, tokenizer, soft, train_pairs, valid_pairs, texts, cfg, run / "soft_prompt")
         summary["soft_prompt"] = _phase_summary(state, time.perf_counter() - start, soft.parameters())
     (run / "warmup.json").write_text(json.dumps(summary, indent=2))

@@ -81,6 +81,18 @@ def build_pairs(tokens, users: Sequence[str], texts: dict[str, str], min_rating:
     return pairs
 
 
+@torch.no_grad()
+def content_vectors(tokenizer, embedding: torch.Tensor, pairs: Sequence[tuple[str, str]], texts: dict[str, str], max_tokens: int) -> dict[str, torch.Tensor]:
+    """user -> mean base-LM input embedding of the target texts of their training pairs."""
+    sums: dict[str, list] = {}
+    for user, item in pairs:
+        ids = tokenizer(texts[item], add_special_tokens=False)["input_ids"][:max_tokens]
+        vector = embedding[torch.tensor(ids, device=embedding.device)].float().mean(0).cpu()
+        total, n = sums.get(user, (0, 0))
+        sums[user] = (total + vector, n + 1)
+    return {user: total / n for user, (total, n) in sums.items()}
+
+
 def encode_pair(tokenizer, conditioner, user: str, target: str, max_target_tokens: int) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` with the prompt masked out of the labels."""
     from recbole_dppmg.generation.text_generate import prompt_ids
