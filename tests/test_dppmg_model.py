@@ -192,6 +192,51 @@ def test_id_channel_and_single_modality(data):
     assert build(data, modalities="image").modalities == ["image"]
 
 
+def test_item_id_residual_starts_at_the_content_and_learns_per_item(data):
+    plain = build(data)
+    model = build(data, item_id_residual=True)
+    present = {m: getattr(model, f"present_{m}") for m in model.encoders}
+    ego = model.item_modal_vectors(propagated=False)
+    for m, rows in present.items():
+        # Same seed, same encoder: at initialisation only the residual table differs, and it
+        # is zero on the items that have the modality (missing items keep their embedding).
+        assert torch.equal(model.item_embeddings[m].weight[rows], torch.zeros_like(ego[m][rows]))
+        assert torch.allclose(ego[m], plain.item_modal_vectors(propagated=False)[m])
+    train_epochs(model, data[1], 2)
+    model.eval()
+    ego = model.item_modal_vectors(propagated=False)
+    for m, rows in present.items():
+        residual = model.item_embeddings[m].weight[rows]
+        assert residual.abs().sum() > 0  # the per-item vectors train
+        content = model.encoders[m](getattr(model, f"feat_{m}"))
+        assert torch.allclose(ego[m][rows], content[rows] + residual, atol=1e-6)
+    # The scoring contract is unchanged.
+    users = all_users(model)
+    scores = model.full_sort_predict(Interaction({model.USER_ID: users})).view(len(users), -1)
+    quantized, items = model.user_modal_vectors(quantized=True), model.item_modal_vectors()
+    assert torch.allclose(scores, sum(quantized[m][users] @ items[m].t() for m in model.modalities), atol=1e-5)
+
+
+def test_feature_dropout_only_in_the_training_loss(data):
+    model = build(data, feature_dropout=0.5, kmeans_warmup_epochs=0)
+    batch = next(iter(data[1]))
+    model.train()
+    ego = model.item_modal_vectors(propagated=False)
+    assert all(torch.equal(ego[m], v) for m, v in model.item_modal_vectors(propagated=False).items())
+    torch.manual_seed(0)
+    first = sum(model.calculate_loss(batch)).item()
+    torch.manual_seed(1)
+    second = sum(model.calculate_loss(batch)).item()
+    assert first != second  # different dropout masks
+    model.eval()
+    assert sum(model.calculate_loss(batch)).item() == sum(model.calculate_loss(batch)).item()
+    plain = build(data, kmeans_warmup_epochs=0)
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
+    users = Interaction({model.USER_ID: all_users(model)})
+    assert torch.equal(plain.full_sort_predict(users), model.full_sort_predict(users))
+
+
 def test_graph_propagation_matches_dense_lightgcn():
     import scipy.sparse as sp
 
@@ -258,7 +303,8 @@ def test_nan_features(tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("levels", 0), ("codebook_size", "many"), ("ema_decay", 1.0),
-                                       ("modalities", []), ("feature_norm", "minmax")])
+                                       ("modalities", []), ("feature_norm", "minmax"),
+                                       ("item_id_residual", "yes"), ("feature_dropout", 1.0)])
 def test_bad_config_values(data, key, value):
     with pytest.raises(ConfigError, match=key):
         build(data, **{key: value})

@@ -3,6 +3,10 @@ r"""DPPMG stage 1: modal-specific graph recommender with residual-quantized user
 Per modality ``m`` (``text``, ``image``, optionally ``id``): item embedding = ``MLP_m(feature)``
 (a learned per-item embedding where the item lacks that modality; a plain item embedding for
 ``id``), a user embedding, LightGCN propagation on the train graph, giving ``u_m`` and ``i_m``.
+With ``item_id_residual`` a feature item's embedding is ``MLP_m(feature) + e_i`` (``e_i`` a free
+per-item vector, zero at initialisation), so each feature channel is a LightGCN whose item
+embeddings start from, and are tied to, the content. ``feature_dropout`` drops feature entries
+(after scaling) in the training loss only.
 ``u_m`` is quantized by a residual VQ into ``levels`` codes (the user's preference tokens), and
 ``score(u, i) = sum_m <q(u_m), i_m>`` (``<u_m, i_m>`` when ``eval_quantized`` is False).
 
@@ -105,6 +109,10 @@ class DPPMG(GeneralRecommender):
                 f"kmeans_warmup_epochs must be an integer >= 0, got {self.kmeans_warmup_epochs!r}"
             )
         self.eval_quantized = bool(config_value(config, "eval_quantized", True))
+        self.item_id_residual = config_value(config, "item_id_residual", False)
+        if not isinstance(self.item_id_residual, bool):
+            raise ConfigError(f"item_id_residual must be True or False, got {self.item_id_residual!r}")
+        self.feature_dropout = _number(config, "feature_dropout", 0.0, 0.0, 1.0)
         quantizer_args = dict(
             levels=self.levels,
             codebook_size=self.codebook_size,
@@ -115,7 +123,9 @@ class DPPMG(GeneralRecommender):
         )
 
         self.user_embeddings = nn.ModuleDict()
-        self.item_embeddings = nn.ModuleDict()  # id channel: all items; others: missing items
+        # id channel: all items; feature channels: items missing the modality (and, with
+        # item_id_residual, the residual e_i of the items that have it)
+        self.item_embeddings = nn.ModuleDict()
         self.encoders = nn.ModuleDict()
         self.quantizers = nn.ModuleDict()
         for m in self.modalities:
@@ -142,18 +152,30 @@ class DPPMG(GeneralRecommender):
         self._last_stats: dict[str, float] = {}
         self._closing_epoch = False
         self.apply(xavier_normal_initialization)
+        if self.item_id_residual:
+            with torch.no_grad():  # residuals start at zero: the content alone at epoch 0
+                for m in self.encoders:
+                    self.item_embeddings[m].weight[getattr(self, f"present_{m}")] = 0.0
 
     # ------------------------------------------------------------------ embeddings
-    def item_ego_embeddings(self) -> dict[str, torch.Tensor]:
-        """Layer-0 item embeddings per modality ``[n_items, dim]`` (before propagation)."""
+    def item_ego_embeddings(self, dropout: bool = False) -> dict[str, torch.Tensor]:
+        """Layer-0 item embeddings per modality ``[n_items, dim]`` (before propagation);
+        ``dropout``: apply ``feature_dropout`` to the features (the training loss does)."""
         out = {}
         for m in self.modalities:
             table = self.item_embeddings[m].weight
             if m == ID_MODALITY:
                 out[m] = table
+                continue
+            feats = getattr(self, f"feat_{m}")
+            if dropout and self.feature_dropout > 0:
+                feats = nn.functional.dropout(feats, self.feature_dropout, training=True)
+            encoded = self.encoders[m](feats)
+            present = getattr(self, f"present_{m}").unsqueeze(1)
+            if self.item_id_residual:
+                out[m] = torch.where(present, encoded, torch.zeros_like(encoded)) + table
             else:
-                encoded = self.encoders[m](getattr(self, f"feat_{m}"))
-                out[m] = torch.where(getattr(self, f"present_{m}").unsqueeze(1), encoded, table)
+                out[m] = torch.where(present, encoded, table)
         return out
 
     def forward(self, items: dict[str, torch.Tensor] | None = None
@@ -250,7 +272,7 @@ class DPPMG(GeneralRecommender):
         user = interaction[self.USER_ID]
         pos = interaction[self.ITEM_ID]
         neg = interaction[self.NEG_ITEM_ID]
-        ego_items = self.item_ego_embeddings()
+        ego_items = self.item_ego_embeddings(dropout=self.training)
         users, items = self.forward(ego_items)
 
         # Each user is quantized once per step, so EMA counts are per-user usages.
