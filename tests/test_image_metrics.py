@@ -59,3 +59,11 @@ def test_bench_image_runs_tiny():
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "s per poster" in proc.stdout
+
+
+def test_frechet_distance_with_fewer_samples_than_dimensions():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(8, 64)), rng.normal(size=(300, 64))
+    value = frechet_distance(a, b)
+    assert np.isfinite(value) and value > 0
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-4)  # sqrt of round-off eigenvalues
