@@ -1,6 +1,8 @@
 """Command line of ``run_dppmg.py``, in the style of RecBole-GNN's ``run_recbole_gnn.py``.
 
-Known flags are parsed here; every other ``--key=value`` is a RecBole config override.
+Known flags are parsed here; every other ``--key=value`` is a RecBole config override, except
+``--text.<key>=value`` and ``--image.<key>=value``, which override the generation stage's
+``properties/generation.yaml`` sections.
 User errors print one line (``run_dppmg.py: error: ...``) and exit with status 2.
 """
 
@@ -12,7 +14,8 @@ from pathlib import Path
 
 from recbole_dppmg.errors import DPPMGError
 
-STAGES = ("prepare", "train", "export", "all")
+STAGES = ("prepare", "train", "export", "text", "image", "generate", "all")
+GENERATION_SECTIONS = ("text", "image")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage", default="train", choices=STAGES, help="pipeline stage to run (default: train)")
     parser.add_argument("--resume", default=None, help="checkpoint (best.pth or last.pth) to continue training from")
     parser.add_argument("--checkpoint", default=None, help="export: the DPPMG best.pth to export (default: the newest DPPMG run of the dataset)")
+    parser.add_argument("--tokens", default=None, help="text/image/generate: token export folder (default: the newest saved/<dataset>/DPPMG-*/tokens)")
+    parser.add_argument("--users", default=None, help="generate: comma-separated original user ids")
     parser.add_argument("--spec", default=None, help="prepare: YAML that describes a user dataset (see dataset/README.md)")
     parser.add_argument("--force", action="store_true", help="prepare: rebuild even if the cached dataset is up to date")
     return parser
@@ -44,6 +49,13 @@ def parse_args(argv: list[str]):
     if not models:
         raise DPPMGError("no model given to --model")
     config_files = args.config_files.split() if args.config_files else []
+    generation = {section: {} for section in GENERATION_SECTIONS}
+    for key in [k for k in overrides if "." in k]:
+        section, _, name = key.partition(".")
+        if section not in GENERATION_SECTIONS or not name or "." in name:
+            raise DPPMGError(f"malformed override '--{key}': dotted keys must be --text.<key> or --image.<key>")
+        generation[section][name] = overrides.pop(key)
+    args.generation = generation
     return args, models, config_files, overrides
 
 
@@ -84,6 +96,61 @@ def _stage_export(args, models, config_files, overrides, trained_checkpoint=None
     print(f"token export: {folder}")
 
 
+def _token_folder(args) -> Path:
+    from recbole_dppmg.generation.text_config import newest_token_export
+
+    return Path(args.tokens) if args.tokens else newest_token_export(args.dataset)
+
+
+def _stage_text(args) -> None:
+    from recbole_dppmg.generation.text_pipeline import train_text_generator
+
+    run = train_text_generator(args.dataset, _token_folder(args), args.generation["text"])
+    print(f"text generator: {run}")
+
+
+def _stage_image(args) -> None:
+    from recbole_dppmg.generation.image_train import load_image_config, train_image_generator
+
+    run = train_image_generator(args.dataset, _token_folder(args), load_image_config(args.generation["image"]))
+    print(f"image generator: {run}")
+
+
+def _stage_generate(args) -> None:
+    """Text and poster for each user, from whichever generators have been trained."""
+    from recbole_dppmg.errors import CheckpointError
+
+    if not args.users:
+        raise DPPMGError("--stage generate needs --users, e.g. --users 1,2,3")
+    users = [u.strip() for u in args.users.split(",") if u.strip()]
+    tokens = _token_folder(args)
+    written = []
+    try:
+        from recbole_dppmg.generation.text_pipeline import run_generate_text
+
+        written.append(("text", run_generate_text(args.dataset, users, tokens, args.generation["text"])))
+    except CheckpointError as error:
+        missing_text = str(error)
+    else:
+        missing_text = None
+    try:
+        from recbole_dppmg.generation.image_generate import run_generate_images
+        from recbole_dppmg.generation.image_train import load_image_config
+
+        written.append(("image", run_generate_images(args.dataset, users, tokens, load_image_config(args.generation["image"]))))
+    except CheckpointError as error:
+        missing_image = str(error)
+    else:
+        missing_image = None
+    if not written:
+        raise DPPMGError(f"nothing to generate with: {missing_text}; {missing_image}")
+    for kind, folder in written:
+        print(f"generated {kind}: {folder}")
+    for missing in (missing_text, missing_image):
+        if missing:
+            print(f"skipped: {missing}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -95,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             trained = _stage_train(args, models, config_files, overrides)
         if args.stage == "export" or (args.stage == "all" and trained):
             _stage_export(args, models, config_files, overrides, trained)
+        if args.stage == "text":
+            _stage_text(args)
+        if args.stage == "image":
+            _stage_image(args)
+        if args.stage == "generate":
+            _stage_generate(args)
     except DPPMGError as error:
         print(f"run_dppmg.py: error: {error}", file=sys.stderr)
         return 2
