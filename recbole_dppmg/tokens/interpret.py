@@ -17,6 +17,7 @@ from recbole_dppmg.tokens.format import token_string
 logger = logging.getLogger(__name__)
 TOP_ITEMS = 3
 TOP_GENRES = 2
+MIN_ITEM_RATINGS = 20  # items shown for a code need this many training ratings (rarer ones are noise)
 
 
 def _item_labels(config, item_ids: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -36,7 +37,7 @@ def _item_labels(config, item_ids: list[str]) -> tuple[list[str], list[list[str]
         record = table.loc[item]
         title = str(record.get("title", item))
         year = record.get("year")
-        labels[row] = f"{title} ({year})" if year not in (None, "", "nan") else title
+        labels[row] = f"{title} ({year}) [{item}]" if year not in (None, "", "nan") else f"{title} [{item}]"
         genre_text = record.get("genres")
         genres[row] = str(genre_text).split() if isinstance(genre_text, str) else []
     return labels, genres
@@ -65,12 +66,15 @@ def write_code_report(folder: Path, config, codes, codebooks, items, user_items,
         overall = profile[1:].mean(0)
 
     levels, size = codebooks[modalities[0]].shape[:2]
+    ratings = np.asarray(user_items.sum(0)).ravel()[1:]
+    shown = ratings >= min(MIN_ITEM_RATINGS, np.median(ratings))
     lines = [
         f"# Preference tokens of {config['dataset']}",
         "",
         "For every code: users holding it, the items scoring highest against its codebook vector "
         "more than the other codes of its level do (level 0: the preference; deeper levels: the direction the code adds), and the genres most "
-        "over-represented in its holders' training items (lift over all users).",
+        "over-represented in its holders' training items (lift over all users). Items with fewer than "
+        f"{MIN_ITEM_RATINGS} training ratings are not shown.",
         "",
     ]
     for k, m in enumerate(modalities):
@@ -80,6 +84,7 @@ def write_code_report(folder: Path, config, codes, codebooks, items, user_items,
             scores = items[m][1:] @ codebooks[m][level].T  # [n_items-1, size]; row 0 is padding
             # What a code prefers more than the other codes do (raw scores favour popular items).
             scores = scores - scores.mean(1, keepdims=True)
+            scores[~shown] = -np.inf
             lines += [f"## {m}, level {level} ({int((counts > 0).sum())}/{size} codes used)", "",
                       "| token | users | top items | genres (lift) |", "|---|---|---|---|"]
             for code in np.argsort(-counts):
