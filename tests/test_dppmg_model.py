@@ -75,6 +75,19 @@ def test_loss_decreases(data):
     assert int(model.epochs_done) == 10  # eval-mode loss calls are not training steps
 
 
+def test_commitment_weight_zero_keeps_codebooks_tracking_the_users(data):
+    model = build(data, vq_weight=0.0, kmeans_warmup_epochs=0)
+    batch = next(iter(data[1]))
+    rec, vq, _ = model.calculate_loss(batch)
+    assert vq.item() == 0.0
+    before = {m: q.codebooks.clone() for m, q in model.quantizers.items()}
+    train_epochs(model, data[1], 2)
+    for m, q in model.quantizers.items():
+        assert not torch.equal(q.codebooks, before[m])  # EMA updates still run
+    model.set_eval_quantized(True)
+    assert model.epoch_stats()[f"{model.modalities[0]}/L0/codes_used"] >= 1
+
+
 def test_full_sort_predict_agrees_with_predict(data):
     model = build(data)
     train_epochs(model, data[1], 2)
@@ -169,7 +182,7 @@ def test_epoch_closes_on_train_or_eval_without_explicit_hook(data):
 
 
 def test_warmup_trains_continuous_only_then_quantized_path_has_gradients(data):
-    model = build(data, kmeans_warmup_epochs=1)
+    model = build(data, kmeans_warmup_epochs=1, vq_weight=1.0)
     batch = next(iter(data[1]))
     rec, vq, _ = model.calculate_loss(batch)
     assert vq.item() == 0.0 and not vq.requires_grad
@@ -193,7 +206,7 @@ def test_id_channel_and_single_modality(data):
 
 
 def test_item_id_residual_starts_at_the_content_and_learns_per_item(data):
-    plain = build(data)
+    plain = build(data, item_id_residual=False)
     model = build(data, item_id_residual=True)
     present = {m: getattr(model, f"present_{m}") for m in model.encoders}
     ego = model.item_modal_vectors(propagated=False)
@@ -230,7 +243,7 @@ def test_feature_dropout_only_in_the_training_loss(data):
     assert first != second  # different dropout masks
     model.eval()
     assert sum(model.calculate_loss(batch)).item() == sum(model.calculate_loss(batch)).item()
-    plain = build(data, kmeans_warmup_epochs=0)
+    plain = build(data, kmeans_warmup_epochs=0, feature_dropout=0.0)
     plain.load_state_dict(model.state_dict())
     plain.eval()
     users = Interaction({model.USER_ID: all_users(model)})
