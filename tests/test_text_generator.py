@@ -72,6 +72,9 @@ def test_adapter_round_trip_identical_generations(tokens, tmp_path):
     before = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, **options)
     greedy_before = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, do_sample=False, **options)
     embeds_before = lm.token_embeddings().detach().clone()
+    assert not any(getattr(m, "merged", False) for m in lm.model.modules())  # generation merged, then restored exactly
+    weight = lm.model.get_input_embeddings().base_layer.weight
+    assert torch.count_nonzero(weight[lm.first_id :]) > 0 and torch.equal(weight[: lm.first_id], tiny_lm(tiny_tokenizer()).get_input_embeddings().weight)
 
     tokenizer = tiny_tokenizer()
     loaded = load_preference_lm(tmp_path / "dppmg", tiny_lm(tokenizer), tokenizer, vocabulary)  # the same backbone, fresh

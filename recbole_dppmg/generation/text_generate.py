@@ -17,6 +17,7 @@ with ``seed + batch index``: the same users, seed and batch size give the same t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
@@ -82,6 +83,20 @@ class TokenConditioner:
 
     def inputs_embeds(self, input_ids: torch.Tensor, users: Sequence[str]) -> torch.Tensor:
         return self.lm.embed(input_ids)
+
+    @contextlib.contextmanager
+    def inference(self):
+        """Write the token values into the embedding matrix while generating: PEFT otherwise
+        rebuilds the whole matrix at every decode step (measured ~2x slower on CPU). Undone
+        exactly (the original rows are copied back); not used with LoRA, whose merge is not exact."""
+        merge = self.lm.meta.lora_r == 0 and hasattr(self.lm.model, "merge_adapter")
+        if merge:
+            self.lm.model.merge_adapter()
+        try:
+            yield
+        finally:
+            if merge:
+                self.lm.model.unmerge_adapter()
 
     def parameters(self) -> list[nn.Parameter]:
         return self.lm.trainable_parameters()
@@ -273,9 +288,7 @@ def generate_texts(
         raise DataError("no users to generate text for (empty prompt batch)")
     if batch_size < 1 or max_new_tokens < 1:
         raise DataError("text generation needs batch_size >= 1 and max_new_tokens >= 1")
-    device = next(model.parameters()).device
     prompts = [prompt_ids(tokenizer, conditioner.token_text(u)) for u in users]
-    texts: list[str] = []
     options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
                    eos_token_id=tokenizer.eos_token_id)
     if do_sample:
@@ -284,6 +297,14 @@ def generate_texts(
         options["suppress_tokens"] = list(suppress_ids)
     model.eval()
     bar = tqdm(range(0, len(users), batch_size), desc=f"generate ({conditioner.name})", unit="batch", disable=not progress)
+    with getattr(conditioner, "inference", contextlib.nullcontext)():
+        texts = _generate_batches(model, tokenizer, conditioner, users, prompts, bar, batch_size, seed, options)
+    return texts
+
+
+def _generate_batches(model, tokenizer, conditioner, users, prompts, bar, batch_size, seed, options) -> list[str]:
+    device = next(model.parameters()).device
+    texts: list[str] = []
     for index, start in enumerate(bar):
         batch_users = users[start : start + batch_size]
         ids, mask = left_pad(prompts[start : start + batch_size], tokenizer.pad_token_id, device)
