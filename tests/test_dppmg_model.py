@@ -5,12 +5,11 @@ import io
 import pytest
 import torch
 from recbole.data.interaction import Interaction
-from recbole.utils import init_seed
 
 from recbole_dppmg.errors import ConfigError, DataError
 from recbole_dppmg.model import DPPMG
 from recbole_dppmg.model.graph import LightGCNPropagation, normalized_adjacency
-from tiny_mm import tiny_data, write_tiny_mm
+from tiny_mm import build_model, tiny_data, write_tiny_mm
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +23,7 @@ def data(root):
 
 
 def build(data, **overrides):
-    """A fresh DPPMG on the tiny data, with config overrides for this model only."""
-    config, train_data, _, _ = data
-    saved = {key: config[key] for key in overrides}
-    for key, value in overrides.items():
-        config[key] = value
-    try:
-        init_seed(overrides.get("seed", 0), True)
-        return DPPMG(config, train_data.dataset)
-    finally:
-        for key, value in saved.items():
-            config[key] = value
+    return build_model(DPPMG, data, **overrides)
 
 
 def train_epochs(model, train_data, epochs, lr=0.01):

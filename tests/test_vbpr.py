@@ -5,11 +5,10 @@ import io
 import pytest
 import torch
 from recbole.data.interaction import Interaction
-from recbole.utils import init_seed
 
 from recbole_dppmg.errors import ConfigError, DataError
 from recbole_dppmg.model import VBPR
-from tiny_mm import IMAGE_DIM, TEXT_DIM, tiny_data, write_tiny_mm
+from tiny_mm import IMAGE_DIM, TEXT_DIM, build_model, tiny_data, write_tiny_mm
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +17,7 @@ def data(tmp_path_factory):
 
 
 def build(data, **overrides):
-    config, train_data, _, _ = data
-    saved = {key: config[key] for key in overrides}
-    for key, value in overrides.items():
-        config[key] = value
-    try:
-        init_seed(overrides.get("seed", 0), True)
-        return VBPR(config, train_data.dataset)
-    finally:
-        for key, value in saved.items():
-            config[key] = value
+    return build_model(VBPR, data, **overrides)
 
 
 def mean_loss(model, batches):

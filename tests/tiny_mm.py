@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_seed
 
 from recbole_dppmg.paths import PROPERTIES_DIR
 
@@ -101,3 +102,18 @@ def tiny_data(model_class, root: Path, name: str = "tiny", **overrides):
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     return config, train_data, valid_data, test_data
+
+
+def build_model(model_class, data, **overrides):
+    """A fresh ``model_class`` on ``data`` (from ``tiny_data``) with config overrides for this
+    model only; the shared config is restored afterwards."""
+    config, train_data, _, _ = data
+    saved = {key: config[key] for key in overrides}
+    for key, value in overrides.items():
+        config[key] = value
+    try:
+        init_seed(overrides.get("seed", 0), True)
+        return model_class(config, train_data.dataset)
+    finally:
+        for key, value in saved.items():
+            config[key] = value
