@@ -97,7 +97,7 @@ def _stage_export(args, models, config_files, overrides, trained_checkpoint=None
 
 
 def _token_folder(args) -> Path:
-    from recbole_dppmg.generation.text_config import newest_token_export
+    from recbole_dppmg.tokens.export import newest_token_export
 
     return Path(args.tokens) if args.tokens else newest_token_export(args.dataset)
 

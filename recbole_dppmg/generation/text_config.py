@@ -16,6 +16,7 @@ import yaml
 
 from recbole_dppmg.errors import CheckpointError, ConfigError
 from recbole_dppmg.paths import PROPERTIES_DIR, REPO_ROOT, SAVED_DIR
+from recbole_dppmg.tokens.export import newest_token_export  # noqa: F401  (re-exported for the text stage)
 
 GENERATION_YAML = PROPERTIES_DIR / "generation.yaml"
 RUN_PREFIX = "TextGen"
@@ -50,17 +51,6 @@ def text_config(overrides: dict | None = None) -> dict:
 def saved_root(config: dict) -> Path:
     root = Path(config.get("checkpoint_dir") or SAVED_DIR)
     return root if root.is_absolute() else REPO_ROOT / root
-
-
-def newest_token_export(dataset: str, root: Path | None = None) -> Path:
-    """The newest ``saved/<dataset>/DPPMG-*/tokens`` folder that holds a manifest."""
-    root = Path(root or SAVED_DIR)
-    found = sorted((root / dataset).glob("DPPMG-*/tokens/manifest.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise CheckpointError(
-            f"no token export for dataset {dataset} under {root / dataset}; run --stage export first or pass a tokens folder"
-        )
-    return found[-1].parent
 
 
 def newest_generator_run(dataset: str, root: Path | None = None) -> Path:

@@ -21,6 +21,7 @@ import torch
 from safetensors.numpy import save_file
 
 from recbole_dppmg.errors import CheckpointError
+from recbole_dppmg.paths import SAVED_DIR
 from recbole_dppmg.tokens.faiss_lookup import build_index
 from recbole_dppmg.tokens.format import FORMAT_VERSION, MANIFEST, TOKEN_PATTERN, modality_prefix, token_string
 from recbole_dppmg.trainer import load_checkpoint_file
@@ -53,6 +54,17 @@ def latest_checkpoint(checkpoint_root: Path, dataset: str, model: str = "DPPMG")
             f"train one (python run_dppmg.py -d {dataset} -m {model}) or pass --checkpoint"
         )
     return runs[-1]
+
+
+def newest_token_export(dataset: str, root: Path | None = None) -> Path:
+    """The newest ``saved/<dataset>/DPPMG-*/tokens`` folder that holds a manifest."""
+    root = Path(root or SAVED_DIR)
+    found = sorted((root / dataset).glob("DPPMG-*/tokens/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise CheckpointError(
+            f"no token export for dataset {dataset} under {root / dataset}; run --stage export first or pass a tokens folder"
+        )
+    return found[-1].parent
 
 
 def fit_foldin(item_vectors: np.ndarray, user_items, user_vectors: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
