@@ -72,5 +72,5 @@ def write_tiny_posters(folder: Path, n_items: int = 5, size=(10, 14)) -> dict[st
 
 def tiny_settings(tmp_path: Path, **overrides) -> dict:
     return {**TINY_MODEL, "batch_size": 4, "max_steps": 3, "max_minutes": 5, "save_every": 2, "log_every": 1,
-            "warmup_steps": 1, "heldout_users": 0.34, "progress": False, "num_threads": 1,
+            "warmup_steps": 1, "valid_users": 1, "test_users": 1, "progress": False, "num_threads": 1,
             "cache_dir": str(tmp_path / "cache"), "sample_steps": 2, "sample_batch": 2, **overrides}

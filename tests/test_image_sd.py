@@ -56,7 +56,8 @@ def test_only_new_token_embeddings_change(tmp_path, tiny_pipeline):
     pipe = load_sd_pipeline(tiny_pipeline, "cpu")
     old_vocab = len(pipe.tokenizer)
     before = _state(pipe)
-    config = {"height": 16, "width": 16, "batch_size": 2, "max_steps": 3, "learning_rate": 0.05, "progress": False, "device": "cpu"}
+    config = {"height": 16, "width": 16, "batch_size": 2, "max_steps": 3, "learning_rate": 0.05, "progress": False, "device": "cpu",
+              "valid_users": 1, "test_users": 1}
     run = train_sd_tokens(tiny_pipeline, "tiny", export, config, tmp_path / "run", posters=posters, pipe=pipe)
     after = _state(pipe)
     key = next(k for k in after if k.startswith("text_encoder.") and k.endswith("token_embedding.weight"))
@@ -76,7 +77,8 @@ def test_embeddings_actually_train(tmp_path, tiny_pipeline):
     posters = write_tiny_posters(tmp_path / "posters")
     pipe = load_sd_pipeline(tiny_pipeline, "cpu")
     old_vocab = len(pipe.tokenizer)
-    config = {"height": 16, "width": 16, "batch_size": 2, "max_steps": 1, "learning_rate": 0.0, "progress": False, "device": "cpu"}
+    config = {"height": 16, "width": 16, "batch_size": 2, "max_steps": 1, "learning_rate": 0.0, "progress": False, "device": "cpu",
+              "valid_users": 1, "test_users": 1}
     start = train_sd_tokens(tiny_pipeline, "tiny", export, config, tmp_path / "a", posters=posters, pipe=pipe)
     trained = train_sd_tokens(tiny_pipeline, "tiny", export, {**config, "max_steps": 3, "learning_rate": 0.05}, tmp_path / "b", posters=posters)
     from safetensors.torch import load_file

@@ -14,7 +14,8 @@ from recbole_dppmg.generation.text_generate import (
 )
 from recbole_dppmg.generation.text_injection import add_preference_tokens, inject_preference_tokens, load_preference_lm
 from recbole_dppmg.generation import text_warmup
-from recbole_dppmg.generation.text_warmup import build_pairs, split_users, train_conditioner
+from recbole_dppmg.generation.text_warmup import build_pairs, train_conditioner
+from recbole_dppmg.generation.user_split import split_users
 from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 
 from text_tiny import FakeTokens, item_texts, tiny_lm, tiny_tokenizer
@@ -188,7 +189,7 @@ def test_user_split_and_pairs(tokens):
     assert len(split["valid"]) == 3 and len(split["test"]) == 4
     assert not set(split["train"]) & (set(split["valid"]) | set(split["test"]))
     assert split == split_users(tokens.users, 3, 4, seed=0)
-    with pytest.raises(DataError, match="cannot hold out"):
+    with pytest.raises(ConfigError, match="cannot hold out"):
         split_users(tokens.users, 10, 10, seed=0)
     pairs = build_pairs(tokens, ["u0"], item_texts(), 4, 2, 0)
     assert len(pairs) == 2 and all(int(i) % 4 == 0 for _, i in pairs)  # u0's cluster, training split only
@@ -224,3 +225,18 @@ def test_content_init_points_tokens_at_liked_content(tokens):
     assert float(lm.token_embeddings().detach().norm(dim=1).mean()) == pytest.approx(float(base_norm), rel=1e-3)
     soft = SoftPromptConditioner.build(tiny_lm(tokenizer), tokenizer, tokens, content=content)
     assert torch.isfinite(soft.encoder(soft.user_vectors[1:3])).all()
+
+
+def test_text_and_image_generators_hold_out_the_same_users(tokens):
+    """One shared split: the poster and the text of a held-out user are judged together."""
+    from recbole_dppmg.generation.image_data import training_pairs
+    from recbole_dppmg.generation.image_train import TRAIN_DEFAULTS, load_image_config
+    from recbole_dppmg.generation.text_config import text_config
+
+    text, image = text_config(), {**TRAIN_DEFAULTS, **load_image_config()}
+    assert (text["seed"], text["valid_users"], text["test_users"]) == (image["seed"], image["valid_users"], image["test_users"])
+    split = split_users(tokens.users, 2, 3, seed=7)
+    items = [i for u in tokens.users for i, _ in tokens.history(u, "train")]
+    pairs = training_pairs(tokens, items, min_rating=0, valid_users=2, test_users=3, seed=7)
+    assert pairs.test_users == split["test"] and set(pairs.heldout_users) == set(split["valid"] + split["test"])
+    assert not {u for u, _ in pairs.pairs} & set(pairs.heldout_users)

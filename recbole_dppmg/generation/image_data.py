@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from recbole_dppmg.errors import ConfigError, DataError
+from recbole_dppmg.errors import DataError
+from recbole_dppmg.generation.user_split import split_users
 from recbole_dppmg.paths import CACHE_DIR, DATASET_DIR, shared_dir
 
 logger = logging.getLogger(__name__)
@@ -105,29 +106,21 @@ def cached_latents(posters: dict[str, Path], codec, height: int, width: int, cod
 
 @dataclass
 class Pairs:
-    """Training pairs (user id, item id) and the users held out of them."""
+    """Training pairs (user id, item id), the users they come from, and the held-out users
+    (``valid`` + ``test`` of the shared split, never trained on; ``test`` is what is evaluated)."""
 
     pairs: list[tuple[str, str]]
     train_users: list[str]
     heldout_users: list[str]
+    test_users: list[str]
 
 
-def split_users(users: list[str], heldout_share: float, seed: int) -> tuple[list[str], list[str]]:
-    if not 0 <= heldout_share < 1:
-        raise ConfigError(f"image.heldout_users must be in [0, 1), got {heldout_share}")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(users))
-    n_out = int(round(heldout_share * len(users)))
-    heldout = sorted((users[k] for k in order[:n_out]), key=lambda s: (len(s), s))
-    heldout_set = set(heldout)
-    return [u for u in users if u not in heldout_set], heldout
-
-
-def training_pairs(tokens, item_ids_with_poster, min_rating: float, heldout_share: float, seed: int) -> Pairs:
-    """(user, liked item with a poster) from the training split, held-out users excluded."""
+def training_pairs(tokens, item_ids_with_poster, min_rating: float, valid_users: int, test_users: int, seed: int) -> Pairs:
+    """(user, liked item with a poster) from the training split of the shared user split's
+    training users (``generation.user_split``: the same held-out users as the text generator)."""
     have = set(item_ids_with_poster)
-    train_users, heldout = split_users(list(tokens.users), heldout_share, seed)
-    pairs = [(u, item) for u in train_users for item, _ in tokens.history(u, "train", min_rating=min_rating) if item in have]
+    split = split_users(list(tokens.users), valid_users, test_users, seed)
+    pairs = [(u, item) for u in split["train"] for item, _ in tokens.history(u, "train", min_rating=min_rating) if item in have]
     if not pairs:
         raise DataError(f"no training pairs: no training-split rating >= {min_rating} on an item with a poster")
-    return Pairs(pairs, train_users, heldout)
+    return Pairs(pairs, split["train"], split["valid"] + split["test"], split["test"])

@@ -86,7 +86,7 @@ def evaluate_image_generator(dataset: str, tokens_folder: str | Path, checkpoint
 
         # ---------------------------------------------------------------- personalization
         row_of = {item: k for k, item in enumerate(item_ids)}
-        users = [u for u in meta["heldout_users"] if any(i in row_of for i, _ in tokens.history(u, "test"))]
+        users = [u for u in meta["test_users"] if any(i in row_of for i, _ in tokens.history(u, "test"))]
         users = users[:max_users] if max_users else users
         targets = [{row_of[i] for i, _ in tokens.history(u, "test") if i in row_of} for u in users]
         exclude = [{row_of[i] for s in ("train", "valid") for i, _ in tokens.history(u, s) if i in row_of} for u in users]

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 SD_DEFAULTS = {
     "prompt_template": "a movie poster, {tokens}",
     "height": 512, "width": 512, "batch_size": 4, "learning_rate": 5.0e-3, "max_steps": 1000,
-    "max_minutes": 60.0, "lora_rank": 0, "min_rating": 4, "heldout_users": 0.1, "seed": 2020,
+    "max_minutes": 60.0, "lora_rank": 0, "min_rating": 4, "valid_users": 50, "test_users": 200, "seed": 2020,
     "device": "auto", "progress": True, "poster_dir": None,
 }
 SD_CONFIG, SD_WEIGHTS = "sd_config.json", "sd_tokens.safetensors"
@@ -89,7 +89,7 @@ def train_sd_tokens(pipeline_path: str | Path, dataset: str, tokens_folder: str 
     device = pipe.device
     first, count = add_preference_tokens(pipe, vocab)
     posters = posters if posters is not None else poster_files(dataset, s["poster_dir"])
-    split = training_pairs(tokens, list(posters), s["min_rating"], s["heldout_users"], s["seed"])
+    split = training_pairs(tokens, list(posters), s["min_rating"], s["valid_users"], s["test_users"], s["seed"])
     factor = pipe.vae_scale_factor
     if s["height"] % (factor * 8) or s["width"] % (factor * 8):
         raise ConfigError(f"image height/width must be multiples of {factor * 8} for this pipeline, got {s['height']}x{s['width']}")
@@ -143,7 +143,7 @@ def train_sd_tokens(pipeline_path: str | Path, dataset: str, tokens_folder: str 
     save_file(weights, str(out / SD_WEIGHTS))
     meta = {"pipeline": str(pipeline_path), "dataset": dataset, "tokens_folder": str(tokens_folder), "config": s,
             "vocabulary": {"modalities": vocab.modalities, "levels": vocab.levels, "codebook_size": vocab.codebook_size, "dim": vocab.dim},
-            "trained_steps": step, "train_seconds": round(time.perf_counter() - started, 1), "heldout_users": split.heldout_users}
+            "trained_steps": step, "train_seconds": round(time.perf_counter() - started, 1), "heldout_users": split.heldout_users, "test_users": split.test_users}
     (out / SD_CONFIG).write_text(json.dumps(meta, indent=2))
     return out
 

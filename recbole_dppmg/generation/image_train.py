@@ -39,7 +39,8 @@ TRAIN_DEFAULTS = {
     "poster_dir": None,
     "cache_dir": None,
     "min_rating": 4,
-    "heldout_users": 0.1,
+    "valid_users": 50,
+    "test_users": 200,
     "seed": 2020,
     "batch_size": 16,
     "learning_rate": 3.0e-4,
@@ -177,7 +178,7 @@ def train_image_generator(dataset: str, tokens_folder: str | Path, config: dict 
         item_ids, latents = cached_latents(posters, codec, settings["height"], settings["width"], codec_id,
                                            cache_dir=settings["cache_dir"])
         latent_row = {item: k for k, item in enumerate(item_ids)}
-        split = training_pairs(tokens, item_ids, settings["min_rating"], settings["heldout_users"], settings["seed"])
+        split = training_pairs(tokens, item_ids, settings["min_rating"], settings["valid_users"], settings["test_users"], settings["seed"])
         users = sorted({u for u, _ in split.pairs}, key=lambda s: (len(s), s))
         user_row = {u: k for k, u in enumerate(users)}
         positions = torch.tensor([vocab.ids_for(u) for u in users], dtype=torch.long)
@@ -196,7 +197,7 @@ def train_image_generator(dataset: str, tokens_folder: str | Path, config: dict 
             "model": model.config, "latent_channels": latents.shape[1], "n_slots": positions.shape[1],
             "vocabulary": {"modalities": vocab.modalities, "levels": vocab.levels, "codebook_size": vocab.codebook_size, "dim": vocab.dim},
             "codec": codec_id, "train": {k: settings[k] for k in TRAIN_DEFAULTS},
-            "pairs": len(split.pairs), "train_users": len(split.train_users), "heldout_users": split.heldout_users,
+            "pairs": len(split.pairs), "train_users": len(split.train_users), "heldout_users": split.heldout_users, "test_users": split.test_users,
         }
         if resume:
             state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)

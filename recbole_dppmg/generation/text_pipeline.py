@@ -94,7 +94,8 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
     from recbole_dppmg.generation.text_config import new_run_folder, saved_root, text_config
     from recbole_dppmg.generation.text_generate import SoftPromptConditioner, TokenConditioner
     from recbole_dppmg.generation.text_injection import add_preference_tokens, inject_preference_tokens
-    from recbole_dppmg.generation.text_warmup import build_pairs, content_vectors, item_text_table, split_users, train_conditioner
+    from recbole_dppmg.generation.text_warmup import build_pairs, content_vectors, item_text_table, train_conditioner
+    from recbole_dppmg.generation.user_split import split_users
     from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 
     cfg = text_config(config)

@@ -56,19 +56,6 @@ def item_text_table(item_path: Path) -> dict[str, str]:
     return out
 
 
-def split_users(users: Sequence[str], n_valid: int, n_test: int, seed: int, n_train: int | None = None) -> dict[str, list[str]]:
-    """Seeded, disjoint train / valid / test users (held-out users are never trained on)."""
-    users = list(users)
-    if n_valid + n_test >= len(users):
-        raise DataError(f"cannot hold out {n_valid} + {n_test} users of {len(users)}; lower text.valid_users / text.test_users")
-    order = np.random.default_rng(seed).permutation(len(users))
-    shuffled = [users[k] for k in order]
-    test, valid, train = shuffled[:n_test], shuffled[n_test : n_test + n_valid], shuffled[n_test + n_valid :]
-    if n_train is not None:
-        train = train[:n_train]
-    return {"train": train, "valid": valid, "test": test}
-
-
 def build_pairs(tokens, users: Sequence[str], texts: dict[str, str], min_rating: float | None, per_user: int, seed: int) -> list[tuple[str, str]]:
     """``[(user, item), ...]``: up to ``per_user`` liked training-split items with a text per user."""
     rng = np.random.default_rng(seed)
