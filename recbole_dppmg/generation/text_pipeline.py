@@ -192,14 +192,76 @@ def run_generate_text(dataset: str, users: Sequence[str], tokens_folder: Path | 
 
 
 # ---------------------------------------------------------------------------- evaluate
+TEXT_CONDITIONS = ("dppmg", "no_tokens", "shuffled", "soft_prompt", "real_liked_item")
+
+
+class TextConditions:
+    """The texts of each evaluation condition from one warm-up (or RL) run: DPPMG tokens, no
+    tokens, another user's tokens, the continuous soft prompt, and the real text of the user's
+    best-rated training item. Each generator is loaded on first use and kept for later seeds.
+    Shared by :func:`evaluate_text_generation` and the report (``generation/report.py``)."""
+
+    def __init__(self, dataset: str, run: Path, tokens, vocabulary, cfg: dict, item_texts: dict[str, str] | None = None):
+        self.dataset, self.run, self.tokens, self.vocabulary, self.cfg = dataset, Path(run), tokens, vocabulary, cfg
+        self._item_texts = item_texts
+        self._lm = self._soft = None
+
+    @property
+    def lm(self):
+        if self._lm is None:
+            self._lm = load_text_generator(self.run, self.vocabulary, self.cfg)
+        return self._lm
+
+    def prepare(self, name: str) -> None:
+        """Load what condition ``name`` needs (so that generation can be timed alone)."""
+        if name == "soft_prompt" and self._soft is None:
+            self._soft = load_soft_prompt(self.run, self.tokens, self.vocabulary, self.cfg)
+        elif name == "real_liked_item" and self._item_texts is None:
+            from recbole_dppmg.generation.text_warmup import item_text_table
+
+            self._item_texts = item_text_table(_item_path(self.dataset))
+        elif name in ("dppmg", "no_tokens", "shuffled", "soft_prompt"):
+            self.lm  # noqa: B018  (loads the generator)
+
+    def generate(self, name: str, users: Sequence[str], seed: int, user_map: dict[str, str] | None = None) -> list[str]:
+        """One text per user; ``user_map`` is the shuffled condition's derangement (default:
+        ``shuffled_user_map(users, seed)``)."""
+        from recbole_dppmg.generation.text_generate import NoTokenConditioner, TokenConditioner, generate_texts, shuffled_user_map
+
+        users = list(users)
+        if name not in TEXT_CONDITIONS:
+            raise DataError(f"unknown text evaluation condition {name!r} ({', '.join(TEXT_CONDITIONS)})")
+        self.prepare(name)
+        if name == "real_liked_item":
+            return [self._liked_text(u) for u in users]
+        if name == "soft_prompt":
+            model, tokenizer, soft = self._soft
+            return generate_texts(model, tokenizer, soft, users, **{**_generation_options(self.cfg, self.lm.token_ids), "seed": seed})
+        lm = self.lm
+        options = {**_generation_options(self.cfg, lm.token_ids), "seed": seed}
+        if name == "dppmg":
+            return generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, self.vocabulary), users, **options)
+        if name == "no_tokens":
+            return generate_texts(lm.model, lm.tokenizer, NoTokenConditioner(lm.embed), users, **options)
+        mapping = user_map or shuffled_user_map(users, seed)
+        return generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, self.vocabulary, mapping, name="shuffled"), users, **options)
+
+    def _liked_text(self, user: str) -> str:
+        liked = [i for i, _ in self.tokens.history(user, "train") if i in self._item_texts]
+        return self._item_texts[liked[0]] if liked else ""
+
+    def release(self) -> None:
+        """Drop the loaded generators (the next condition may load other ones)."""
+        self._lm = self._soft = None
+
+
 def evaluate_text_generation(dataset: str, tokens_folder: Path | None = None, config: dict | None = None, encoder=None) -> Path:
     """Compare the conditions on held-out test users; writes ``text_eval.{json,md}`` + samples."""
     from recbole_dppmg.data.atomic import read_item_table
     from recbole_dppmg.generation.text_backbone import load_backbone
     from recbole_dppmg.generation.text_config import new_run_folder, newest_generator_run, saved_root, text_config
-    from recbole_dppmg.generation.text_generate import NoTokenConditioner, TokenConditioner, generate_texts, prompt_ids, shuffled_user_map
+    from recbole_dppmg.generation.text_generate import prompt_ids
     from recbole_dppmg.generation.text_metrics import distinct_n, perplexity, retrieval_metrics
-    from recbole_dppmg.generation.text_warmup import item_text_table
     from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 
     cfg = text_config(config)
@@ -217,40 +279,25 @@ def evaluate_text_generation(dataset: str, tokens_folder: Path | None = None, co
     targets = [[row_of[i] for i, r in tokens.history(u, "test", ev["min_test_rating"]) if i in row_of] for u in users]
     exclude = [[row_of[i] for i, _ in tokens.history(u, "train") if i in row_of] for u in users]
 
-    lm = load_text_generator(run, vocabulary, cfg)
-    options = _generation_options(cfg, lm.token_ids)
+    generator = TextConditions(dataset, run, tokens, vocabulary, cfg)
+    unknown = [name for name in ev["conditions"] if name not in TEXT_CONDITIONS]
+    if unknown:
+        raise DataError(f"unknown text evaluation condition {unknown[0]!r} ({', '.join(TEXT_CONDITIONS)})")
     conditions = {}
     timings = {}
     for name in ev["conditions"]:
+        generator.prepare(name)  # model loading is not timed
         start = time.perf_counter()
-        if name == "dppmg":
-            texts = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, **options)
-        elif name == "no_tokens":
-            texts = generate_texts(lm.model, lm.tokenizer, NoTokenConditioner(lm.embed), users, **options)
-        elif name == "shuffled":
-            mapping = shuffled_user_map(users, cfg["seed"])
-            texts = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary, mapping, name="shuffled"), users, **options)
-        elif name == "soft_prompt":
-            model, tokenizer, soft = load_soft_prompt(run, tokens, vocabulary, cfg)
-            start = time.perf_counter()
-            texts = generate_texts(model, tokenizer, soft, users, **options)
-            del model
-        elif name == "real_liked_item":
-            table = item_text_table(_item_path(dataset))
-            texts = []
-            for u in users:
-                liked = [i for i, _ in tokens.history(u, "train") if i in table]
-                texts.append(table[liked[0]] if liked else "")
-        else:
-            raise DataError(f"unknown text evaluation condition {name!r} (dppmg, no_tokens, shuffled, soft_prompt, real_liked_item)")
+        conditions[name] = generator.generate(name, users, cfg["seed"])
         timings[name] = time.perf_counter() - start
-        conditions[name] = texts
+    backbone = generator.lm.meta.backbone or cfg["backbone"]
+    generator.release()
 
     if encoder is None:
         from recbole_dppmg.data.featurize import load_default_encoder
 
         encoder = load_default_encoder("text")
-    base, base_tokenizer = load_backbone(lm.meta.backbone or cfg["backbone"], cfg["dtype"], cfg["device"])
+    base, base_tokenizer = load_backbone(backbone, cfg["dtype"], cfg["device"])
     context = prompt_ids(base_tokenizer, None)
     k = ev["topk"]
     rows = []
