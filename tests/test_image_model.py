@@ -130,3 +130,19 @@ def test_latent_space_training_with_a_tiny_autoencoder(tmp_path, inputs):
 def test_unknown_config_key(tmp_path, inputs):
     with pytest.raises(ConfigError, match="unknown image config keys: bogus"):
         train_image_generator("tiny", inputs[0], {"bogus": 1}, out_dir=tmp_path / "run", posters=inputs[1])
+
+
+def test_device_is_chosen_by_config(tmp_path, inputs):
+    """image.device: a bad name or an invisible CUDA device is a clear error before any work."""
+    from recbole_dppmg.devices import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="image.device is 'gpu0'"):
+        resolve_device("gpu0", key="image.device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="image.device is cuda but no CUDA device"):
+            _train(tmp_path, *inputs, device="cuda")
+        assert not (tmp_path / "run" / "image_config.json").exists()
+    folder = _train(tmp_path, *inputs, name="cpu", device="cpu")
+    model, _ = load_image_generator(folder, device="cpu")
+    assert next(model.parameters()).device.type == "cpu"

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recbole_dppmg.devices import module_device
 from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
 from recbole_dppmg.generation.image_data import cached_latents, load_poster, poster_files, tensor_to_pil
 from recbole_dppmg.generation.image_generate import GENERATE_DEFAULTS, generate_posters, user_positions
@@ -41,7 +42,7 @@ def evaluate_image_generator(dataset: str, tokens_folder: str | Path, checkpoint
     gen = {**GENERATE_DEFAULTS, **{k: v for k, v in config.items() if k in GENERATE_DEFAULTS}}
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
     vocab = PreferenceVocabulary(tokens)
-    model, meta = load_image_generator(checkpoint, vocab, dataset=dataset)
+    model, meta = load_image_generator(checkpoint, vocab, dataset=dataset, device=config.get("device", "auto"))
     settings = image_settings({**meta["train"], **meta["model"], **{k: v for k, v in config.items() if k in ("num_threads", "autoencoder_path", "poster_dir")}})
     height, width = settings["height"], settings["width"]
     out_dir = Path(out_dir or Path(checkpoint) / "eval")
@@ -69,7 +70,7 @@ def evaluate_image_generator(dataset: str, tokens_folder: str | Path, checkpoint
         trained_images = [tensor_to_pil(x) for x in trained]
         fd["trained"] = frechet_distance(image_features(encoder, trained_images), real)
         torch.manual_seed(settings["seed"])
-        untrained = build_model(meta)
+        untrained = build_model(meta).to(module_device(model))
         untrained.set_latent_stats(latents)
         untrained.projection.codebook_vectors.copy_(vocab.vectors)
         raw = generate_posters(untrained.eval(), codec, user_positions(vocab, fd_users), **sample)

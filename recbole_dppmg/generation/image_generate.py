@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recbole_dppmg.data.featurize import torch_threads
+from recbole_dppmg.devices import module_device
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
 from recbole_dppmg.generation.image_data import load_poster, poster_files, tensor_to_pil
 from recbole_dppmg.generation.image_model import PosterDiffusion, check_image_size
@@ -49,7 +50,7 @@ def generate_posters(model: PosterDiffusion, codec, positions: torch.Tensor, see
         rows = positions[start : start + batch_size]
         noise = initial_noise(model, len(rows), seed, first=start)
         latents = model.sample(rows, noise, steps=steps, guidance=guidance, sampler=sampler)
-        out.append(codec.decode(model.denormalise(latents)))
+        out.append(codec.decode(model.denormalise(latents).to(module_device(codec))).cpu())
     return torch.cat(out) if out else torch.zeros(0, 3, c["height"], c["width"])
 
 
@@ -112,7 +113,7 @@ def run_generate_images(dataset: str, users: list, tokens_folder: str | Path, co
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
     vocab = PreferenceVocabulary(tokens)
     folder = Path(checkpoint or settings["checkpoint"] or latest_checkpoint(dataset))
-    model, meta = load_image_generator(folder, vocab, dataset=dataset)
+    model, meta = load_image_generator(folder, vocab, dataset=dataset, device=config.get("device", "auto"))
     train_settings = image_settings({**meta["train"], **meta["model"], **{k: v for k, v in config.items() if k in ("autoencoder_path", "poster_dir", "num_threads")}})
     users = [str(u) for u in users]
     if not users:

@@ -104,6 +104,7 @@ class PosterDiffusion(nn.Module):
         is True (or where every position is -1) get the null sequence."""
         if positions.shape[1] != self.n_slots:
             raise ConfigError(f"expected {self.n_slots} preference tokens per user, got {positions.shape[1]}")
+        positions = positions.to(self.slot.device)
         empty = (positions < 0).all(dim=1)
         drop = empty if drop is None else drop | empty
         tokens = self.projection(positions.clamp_min(0)) + self.slot
@@ -151,7 +152,7 @@ class PosterDiffusion(nn.Module):
         use_cfg = guidance != 1.0
         if use_cfg:
             cond = torch.cat([self.null.expand_as(cond), cond])
-        x = noise * scheduler.init_noise_sigma
+        x = noise.to(self.slot.device) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_in = scheduler.scale_model_input(torch.cat([x, x]) if use_cfg else x, t)
             out = self(model_in, t.expand(model_in.shape[0]), cond)

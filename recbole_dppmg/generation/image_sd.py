@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from recbole_dppmg.devices import resolve_device
 from recbole_dppmg.errors import CheckpointError, ConfigError
 from recbole_dppmg.generation.image_data import load_poster, poster_files, training_pairs
 from recbole_dppmg.generation.vocabulary import CodebookProjection, PreferenceVocabulary
@@ -36,7 +37,7 @@ SD_CONFIG, SD_WEIGHTS = "sd_config.json", "sd_tokens.safetensors"
 
 
 def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    return resolve_device(name, key="image.device")
 
 
 def load_sd_pipeline(path: str | Path, device: str = "auto"):

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from recbole_dppmg.devices import resolve_device
 from recbole_dppmg.errors import CheckpointError, ConfigError
 from recbole_dppmg.data.featurize import torch_threads
 from recbole_dppmg.generation.image_autoencoder import ENCODER_FILE, PixelCodec, default_autoencoder_dir, load_autoencoder
@@ -52,6 +53,7 @@ TRAIN_DEFAULTS = {
     "save_every": 200,
     "log_every": 10,
     "num_threads": 1,
+    "device": "auto",
     "progress": True,
 }
 
@@ -98,7 +100,7 @@ def save_checkpoint(folder: Path, model: PosterDiffusion, meta: dict, train_stat
     """Weights + config (+ training state), each written to a temp file and renamed."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(folder / WEIGHTS_FILE)
     if train_state is not None:
         tmp = folder / (STATE_FILE + ".tmp")
@@ -126,9 +128,10 @@ def build_model(meta: dict) -> PosterDiffusion:
     return PosterDiffusion(meta["model"], torch.zeros(n_vectors, vocab["dim"]), meta["n_slots"], meta["latent_channels"])
 
 
-def load_image_generator(folder: str | Path, vocab: PreferenceVocabulary | None = None, dataset: str | None = None) -> tuple[PosterDiffusion, dict]:
-    """The sampling (EMA) model of a run folder and its config; refuses a token export or
-    dataset the model was not built for."""
+def load_image_generator(folder: str | Path, vocab: PreferenceVocabulary | None = None, dataset: str | None = None,
+                         device: str | None = "cpu") -> tuple[PosterDiffusion, dict]:
+    """The sampling (EMA) model of a run folder (on ``device``: cpu, cuda or auto) and its
+    config; refuses a token export or dataset the model was not built for."""
     folder = Path(folder)
     meta = read_image_config(folder)
     if dataset is not None and meta["dataset"] != dataset:
@@ -143,7 +146,7 @@ def load_image_generator(folder: str | Path, vocab: PreferenceVocabulary | None 
         model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     except RuntimeError as exc:
         raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit its {CONFIG_FILE}: {str(exc).splitlines()[0]}") from None
-    return model.eval(), meta
+    return model.to(resolve_device(device, key="image.device")).eval(), meta
 
 
 # ---------------------------------------------------------------------- training
@@ -188,6 +191,10 @@ def train_image_generator(dataset: str, tokens_folder: str | Path, config: dict 
         torch.manual_seed(settings["seed"])
         model = PosterDiffusion(settings, vocab.vectors, positions.shape[1], latents.shape[1])
         model.set_latent_stats(latents)
+        # Random draws stay on the CPU generator (same batches and noise on every device).
+        device = resolve_device(settings["device"], key="image.device")
+        model.to(device)
+        latents, positions = latents.to(device), positions.to(device)
         ema = EMA(model, settings["ema_decay"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=0.0)
         rng = torch.Generator().manual_seed(settings["seed"])
@@ -230,13 +237,13 @@ def train_image_generator(dataset: str, tokens_folder: str | Path, config: dict 
         while step < settings["max_steps"] and time.perf_counter() - started < budget:
             tick = time.perf_counter()
             batch = torch.randint(len(pair_user), (settings["batch_size"],), generator=rng)
-            x0 = model.normalise(latents[pair_item[batch]])
-            noise = torch.randn(x0.shape, generator=rng)
-            t = torch.randint(n_timesteps, (x0.shape[0],), generator=rng)
-            drop = torch.rand(x0.shape[0], generator=rng) < settings["cond_dropout"]
+            x0 = model.normalise(latents[pair_item[batch].to(device)])
+            noise = torch.randn(x0.shape, generator=rng).to(device)
+            t = torch.randint(n_timesteps, (x0.shape[0],), generator=rng).to(device)
+            drop = (torch.rand(x0.shape[0], generator=rng) < settings["cond_dropout"]).to(device)
             noisy = scheduler.add_noise(x0, noise, t)
             target = noise if prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
-            out = model(noisy, t, model.condition(positions[pair_user[batch]], drop))
+            out = model(noisy, t, model.condition(positions[pair_user[batch].to(device)], drop))
             loss = torch.nn.functional.mse_loss(out, target)
             for group in optimizer.param_groups:
                 group["lr"] = settings["learning_rate"] * min(1.0, (step + 1) / max(1, settings["warmup_steps"]))

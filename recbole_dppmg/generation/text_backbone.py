@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from recbole_dppmg import devices
 from recbole_dppmg.errors import ConfigError
 from recbole_dppmg.paths import CACHE_DIR
 
@@ -114,11 +115,7 @@ def resolve_backbone(name: str | None = None) -> str:
 
 
 def resolve_device(device: str | None = "auto") -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"text.device is {device} but no CUDA device is visible")
-    return torch.device(device)
+    return devices.resolve_device(device, key="text.device")
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
