@@ -1,0 +1,482 @@
+"""The evaluation report of stage 2 (DESIGN "Evaluation of generation"; ``--stage evaluate``).
+
+On the shared held-out test users (``generation/user_split.py``; never trained on by either
+generator) and for each generation seed, text and poster are generated under each condition:
+
+- ``no_tokens``: the instruction / the null conditioning sequence, no preference tokens;
+- ``shuffled``: another held-out user's tokens (one seeded derangement per seed, the same for
+  text and poster, so the pair still describes one user);
+- ``soft_prompt``: the PMG-style continuous soft prompt from u_m (text only; the image
+  generator has no continuous baseline, its columns read n/a);
+- ``dppmg``: the user's preference tokens, generators after the supervised warm-up;
+- ``dppmg_rl``: the same after RL (``TextRL-*`` / ``ImageRL-*`` runs made from those
+  generators; "not run" when there is none);
+- ``ceiling``: the real text and poster (at the generator's size) of the user's top
+  recommended item: the highest stage-1 score ``sum_m <q(u_m), i_m>`` from the export among
+  the items outside the user's training and validation splits that have a text and a poster.
+
+Metrics per condition and seed (then mean, std, min, max over seeds):
+personalization: retrieval Hit@K / NDCG@K of the user's test items ranked by similarity to the
+generated content's features (text: MiniLM vs the catalogue's text features; poster:
+EfficientNet vs the real posters at the generator's size; training and validation items
+excluded), and the judge percentile (``reward.PreferenceJudge``) per modality; cross-modal
+consistency (judge); the reward total; quality: perplexity of the texts under the frozen base
+LM, distinct-2, and the Fréchet distance of the posters of ``fd_users`` test users to all real
+posters (EfficientNet features, generator size). Files: ``report_render.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import yaml
+
+from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
+from recbole_dppmg.paths import PROPERTIES_DIR, SAVED_DIR
+
+logger = logging.getLogger(__name__)
+
+CONDITIONS = ("no_tokens", "shuffled", "soft_prompt", "dppmg", "dppmg_rl", "ceiling")
+TEXT_GENERATED = {"no_tokens": "no_tokens", "shuffled": "shuffled", "soft_prompt": "soft_prompt", "dppmg": "dppmg"}
+IMAGE_MODES = {"no_tokens": "none", "shuffled": "shuffled", "dppmg": "tokens"}
+RUN_PREFIX = "Report"
+
+
+def evaluate_config(overrides: dict | None = None, path: str | Path | None = None) -> dict:
+    """The ``evaluate:`` section of ``properties/generation.yaml`` with ``overrides``."""
+    path = Path(path) if path else PROPERTIES_DIR / "generation.yaml"
+    if not path.is_file():
+        raise ConfigError(f"generation config {path} not found")
+    section = (yaml.safe_load(path.read_text()) or {}).get("evaluate")
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path} has no evaluate: section")
+    unknown = set(overrides or {}) - set(section)
+    if unknown:
+        raise ConfigError(f"unknown evaluate setting(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(section))})")
+    cfg = {**copy.deepcopy(section), **(overrides or {})}
+    seeds = cfg["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"evaluate.seeds must be a list of distinct integers, got {seeds!r}")
+    for key in ("users", "fd_users"):
+        if cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 2):
+            raise ConfigError(f"evaluate.{key} must be an integer >= 2 or None, got {cfg[key]!r}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------- which runs
+@dataclass
+class EvaluatedRuns:
+    """The generator runs a report compares, checked to fit together."""
+
+    tokens: str
+    text: str
+    image: str
+    text_rl: str | None = None
+    image_rl: str | None = None
+    test_users: list[str] = field(default_factory=list)
+
+
+def _text_run_tokens(run: Path) -> str:
+    path = run / "config.json"
+    if not path.is_file() or not (run / "users.json").is_file():
+        raise CheckpointError(f"{run} is not a text generator run (needs config.json and users.json)")
+    return str(Path(json.loads(path.read_text())["tokens"]).resolve())
+
+
+def _finished_text_runs(dataset: str, root: Path, prefix: str) -> list[Path]:
+    found = sorted((root / dataset).glob(f"{prefix}-*/dppmg/text_generator.json"), key=lambda p: p.stat().st_mtime)
+    return [p.parent.parent for p in found if (p.parent.parent / "users.json").is_file()]
+
+
+def _finished_image_runs(dataset: str, root: Path, prefix: str) -> list[Path]:
+    found = sorted((root / dataset).glob(f"{prefix}-*/model.safetensors"), key=lambda p: p.stat().st_mtime)
+    return [p.parent for p in found if (p.parent / "image_config.json").is_file()]
+
+
+def _rl_source(run: Path) -> str | None:
+    path = run / "rl_config.json"
+    return str(Path(json.loads(path.read_text())["source_run"]).resolve()) if path.is_file() else None
+
+
+def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> EvaluatedRuns:
+    """The runs named in ``cfg`` or, for those left at None, the newest that fit: text and
+    image generators trained on the same token export with the same held-out test users, RL
+    runs made from exactly those generators. A clear error otherwise."""
+    from recbole_dppmg.generation.image_train import read_image_config
+
+    root = Path(root or SAVED_DIR)
+    tokens = str(Path(cfg["tokens"]).resolve()) if cfg.get("tokens") else None
+    if cfg.get("text_run"):
+        text = Path(cfg["text_run"])
+    else:
+        runs = [r for r in _finished_text_runs(dataset, root, "TextGen") if tokens is None or _text_run_tokens(r) == tokens]
+        if not runs:
+            raise CheckpointError(f"no trained text generator for dataset {dataset} under {root / dataset}"
+                                  + (f" on token export {tokens}" if tokens else "") + "; run --stage text first (or set evaluate.text_run)")
+        text = runs[-1]
+    text_tokens = _text_run_tokens(text)
+    if tokens is not None and text_tokens != tokens:
+        raise CheckpointError(f"text generator {text} was trained on token export {text_tokens}, not {tokens}")
+    tokens = text_tokens
+    if cfg.get("image_run"):
+        image = Path(cfg["image_run"])
+    else:
+        runs = [r for r in _finished_image_runs(dataset, root, "ImageGen") if str(Path(read_image_config(r)["tokens_folder"]).resolve()) == tokens]
+        if not runs:
+            raise CheckpointError(f"no image generator for dataset {dataset} under {root / dataset} was trained on token export {tokens} "
+                                  f"(the text generator {text.name}'s); run --stage image with --tokens {tokens} (or set evaluate.image_run)")
+        image = runs[-1]
+    meta = read_image_config(image)
+    if meta["dataset"] != dataset:
+        raise CheckpointError(f"image generator {image} was trained on {meta['dataset']}, not {dataset}")
+    image_tokens = str(Path(meta["tokens_folder"]).resolve())
+    if image_tokens != tokens:
+        raise CheckpointError(f"the generators were trained on different token exports: text {text} on {tokens}, image {image} on {image_tokens}")
+    test_users = json.loads((text / "users.json").read_text())["test"]
+    if [str(u) for u in meta["test_users"]] != [str(u) for u in test_users]:
+        raise CheckpointError(f"the generators hold out different test users (text {text}: {len(test_users)}, image {image}: "
+                              f"{len(meta['test_users'])}); train both with the same seed, valid_users and test_users")
+    text_rl = _rl_run(dataset, root, "TextRL", cfg.get("text_rl_run"), text, _finished_text_runs)
+    image_rl = _rl_run(dataset, root, "ImageRL", cfg.get("image_rl_run"), image, _finished_image_runs)
+    return EvaluatedRuns(tokens, str(text.resolve()), str(image.resolve()), text_rl, image_rl, [str(u) for u in test_users])
+
+
+def _rl_run(dataset: str, root: Path, prefix: str, given, source: Path, finished: Callable) -> str | None:
+    source = str(source.resolve())
+    if given:
+        run = Path(given)
+        if _rl_source(run) != source:
+            raise CheckpointError(f"RL run {run} was not made from {source} (its rl_config.json names {_rl_source(run)})")
+        return str(run.resolve())
+    runs = [r for r in finished(dataset, root, prefix) if _rl_source(r) == source]
+    return str(runs[-1].resolve()) if runs else None
+
+
+# ---------------------------------------------------------------------------- inputs
+@dataclass
+class Catalogues:
+    """What the metrics compare generated content with."""
+
+    text_ids: list[str]
+    text_features: np.ndarray
+    poster_ids: list[str]
+    poster_features: np.ndarray  # real posters at the generator's size
+    item_texts: dict[str, str]
+    posters: dict[str, Path]
+
+
+def top_recommended_items(tokens, users: Sequence[str], allowed: set[str]) -> list[str | None]:
+    """Per user, the item with the highest stage-1 score ``sum_m <q(u_m), i_m>`` (decoded
+    tokens, propagated item vectors of the export) among ``allowed`` items outside the user's
+    training and validation splits."""
+    rows = np.array([tokens.user_row(u) for u in users])
+    scores = sum(tokens.decode(tokens.user_codes[rows, k], m) @ tokens.item_vectors[m].T for k, m in enumerate(tokens.modalities))
+    ok = np.array([i in allowed for i in tokens.item_ids])
+    out = []
+    for k, user in enumerate(users):
+        row = np.where(ok, scores[k], -np.inf)
+        seen = [tokens.item_index[i] for s in ("train", "valid") for i, _ in tokens.history(user, s)]
+        row[seen] = -np.inf
+        out.append(tokens.item_ids[int(row.argmax())] if np.isfinite(row.max()) else None)
+    return out
+
+
+def _targets(tokens, users: Sequence[str], ids: list[str], min_rating) -> tuple[list[list[int]], list[list[int]]]:
+    row = {item: k for k, item in enumerate(ids)}
+    targets = [[row[i] for i, _ in tokens.history(u, "test", min_rating) if i in row] for u in users]
+    exclude = [[row[i] for s in ("train", "valid") for i, _ in tokens.history(u, s) if i in row] for u in users]
+    return targets, exclude
+
+
+def _spread(values: list[float | None]) -> dict:
+    kept = [float(v) for v in values if v is not None and np.isfinite(v)]
+    if not kept:
+        return {"mean": None, "std": None, "min": None, "max": None, "seeds": 0}
+    return {"mean": float(np.mean(kept)), "std": float(np.std(kept, ddof=1)) if len(kept) > 1 else 0.0,
+            "min": float(np.min(kept)), "max": float(np.max(kept)), "seeds": len(kept)}
+
+
+# ---------------------------------------------------------------------------- the report
+def build_report(dataset: str, config: dict | None = None, out_dir: str | Path | None = None, *,
+                 runs: EvaluatedRuns | None = None, text_config_overrides: dict | None = None,
+                 image_config_overrides: dict | None = None, reward_overrides: dict | None = None,
+                 text_featurize: Callable | None = None, image_featurize: Callable | None = None,
+                 codec=None, posters: dict[str, Path] | None = None, dataset_dir: str | Path | None = None,
+                 root: Path | None = None) -> Path:
+    """Generate, measure and write ``<out_dir>/report/``; returns that folder.
+
+    ``out_dir`` defaults to ``evaluate.output_dir`` or ``saved/<dataset>/Report-<time>/``.
+    ``text_featurize`` / ``image_featurize`` (lists of texts / PIL images -> features), ``codec``,
+    ``posters`` and ``dataset_dir`` replace the default encoders, autoencoder, the dataset's
+    posters and ``dataset/<dataset>/`` (tests)."""
+    from recbole_dppmg.data.featurize import torch_threads
+    from recbole_dppmg.generation.report_render import write_report
+    from recbole_dppmg.generation.reward import PreferenceJudge, reward_config
+    from recbole_dppmg.tokens import PreferenceTokens
+
+    cfg = evaluate_config(config)
+    reward_cfg = reward_config(reward_overrides)
+    runs = runs or resolve_runs(dataset, cfg, root)
+    started = time.perf_counter()
+    tokens = PreferenceTokens.load(runs.tokens, dataset=dataset)
+    users = runs.test_users[: cfg["users"] or None]
+    fd_users = runs.test_users[: max(len(users), cfg["fd_users"] or len(runs.test_users))]
+    dataset_dir = Path(dataset_dir) if dataset_dir else None
+    timings: dict[str, float] = {}
+    with torch_threads(cfg["num_threads"]):
+        judge = PreferenceJudge.for_dataset(dataset, tokens, reward_cfg, dataset_dir=dataset_dir)
+        text_featurize, image_featurize = _featurizers(text_featurize, image_featurize)
+        generation = _Generation(dataset, runs, tokens, cfg, text_config_overrides, image_config_overrides, codec, posters, dataset_dir)
+        catalogues = generation.catalogues(judge, image_featurize)
+        ceiling_items = top_recommended_items(tokens, fd_users, set(catalogues.item_texts) & set(catalogues.poster_ids))
+
+        tick = time.perf_counter()
+        texts = generation.texts(users, ceiling_items[: len(users)])
+        timings["generate_texts"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        images = generation.posters(fd_users, ceiling_items)
+        timings["generate_posters"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        text_features = {c: {s: text_featurize(t) for s, t in per_seed.items()} for c, per_seed in texts.items()}
+        image_features = {c: {s: _featurize_posters(image_featurize, i) for s, i in per_seed.items()} for c, per_seed in images.items()}
+        timings["featurize"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        per_seed = _measure(tokens, judge, cfg, users, fd_users, catalogues, texts, text_features, images, image_features, generation, ceiling_items)
+        timings["metrics"] = time.perf_counter() - tick
+    summary = {c: {metric: _spread([row.get(metric) for row in rows.values()]) for metric in sorted({k for row in rows.values() for k in row})}
+               for c, rows in per_seed.items()}
+    result = {
+        "dataset": dataset, "runs": asdict(runs), "evaluate": cfg, "reward": reward_cfg,
+        "text_generation": generation.text_cfg["generate"], "image_sampling": generation.sampling,
+        "users": users, "fd_users": len(fd_users), "seeds": cfg["seeds"],
+        "conditions": {c: generation.status(c) for c in CONDITIONS},
+        "ceiling_items": dict(zip(fd_users, ceiling_items)),
+        "per_seed": per_seed, "summary": summary,
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+    }
+    out_dir = Path(out_dir or cfg.get("output_dir") or _new_folder(Path(root or SAVED_DIR) / dataset))
+    report = write_report(out_dir, result, tokens, catalogues, texts, images, runs)
+    result["timings"]["total"] = round(time.perf_counter() - started, 1)
+    logger.info("report written to %s in %.0f s", report, result["timings"]["total"])
+    return report
+
+
+def _new_folder(parent: Path) -> Path:
+    stamp = time.strftime("%b-%d-%Y_%H-%M-%S")
+    folder, k = parent / f"{RUN_PREFIX}-{stamp}", 1
+    while folder.exists():
+        folder, k = parent / f"{RUN_PREFIX}-{stamp}-{k}", k + 1
+    return folder
+
+
+def _featurizers(text_featurize, image_featurize):
+    """The item encoders of the dataset (MiniLM, EfficientNet-Lite0) unless given."""
+    if text_featurize is None:
+        from recbole_dppmg.data.featurize import load_default_encoder
+
+        encoder = load_default_encoder("text")
+        text_featurize = lambda texts: encoder.encode([t or " " for t in texts], progress=False)  # noqa: E731
+    if image_featurize is None:
+        from recbole_dppmg.data.featurize import image_encoder_version, load_default_encoder
+        from recbole_dppmg.generation.image_metrics import image_features
+
+        image_encoder = load_default_encoder("image")
+        image_featurize = lambda images: image_features(image_encoder, images)  # noqa: E731
+        image_featurize.cache_key = image_encoder_version()
+    return text_featurize, image_featurize
+
+
+class _Generation:
+    """Loads the generators of ``runs`` and writes every condition's content per seed."""
+
+    def __init__(self, dataset, runs: EvaluatedRuns, tokens, cfg, text_overrides, image_overrides, codec, posters, dataset_dir):
+        from recbole_dppmg.generation.image_generate import GENERATE_DEFAULTS
+        from recbole_dppmg.generation.image_train import image_settings, load_image_config, read_image_config
+        from recbole_dppmg.generation.text_config import text_config
+        from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+
+        self.dataset, self.runs, self.tokens, self.cfg = dataset, runs, tokens, cfg
+        self.vocabulary = PreferenceVocabulary(tokens)
+        self.text_cfg = text_config({"num_threads": cfg["num_threads"], "progress": cfg["progress"], **(text_overrides or {})})
+        image_cfg = load_image_config(image_overrides)
+        gen = {**GENERATE_DEFAULTS, **{k: v for k, v in image_cfg.items() if k in GENERATE_DEFAULTS}}
+        self.sampling = {"steps": gen["sample_steps"], "guidance": gen["guidance_scale"], "sampler": gen["sampler"], "batch_size": gen["sample_batch"]}
+        meta = read_image_config(runs.image)
+        self.image_settings = image_settings({**meta["train"], **meta["model"], **{k: v for k, v in image_cfg.items() if k in ("autoencoder_path", "poster_dir")}})
+        self._codec, self._posters, self.dataset_dir = codec, posters, dataset_dir
+
+    def status(self, condition: str) -> dict:
+        text = {"dppmg_rl": "run" if self.runs.text_rl else "not run"}.get(condition, "run")
+        image = {"soft_prompt": "n/a", "dppmg_rl": "run" if self.runs.image_rl else "not run"}.get(condition, "run")
+        return {"text": text, "image": image}
+
+    @property
+    def codec(self):
+        if self._codec is None:
+            from recbole_dppmg.generation.image_train import build_codec
+
+            self._codec, _ = build_codec(self.image_settings)
+        return self._codec
+
+    def catalogues(self, judge, image_featurize) -> Catalogues:
+        from recbole_dppmg.generation.image_data import poster_files
+        from recbole_dppmg.generation.image_metrics import real_poster_features
+        from recbole_dppmg.generation.text_warmup import item_text_table
+        from recbole_dppmg.paths import DATASET_DIR
+
+        folder = self.dataset_dir or DATASET_DIR / self.dataset
+        posters = self._posters if self._posters is not None else poster_files(self.dataset, self.image_settings["poster_dir"], folder)
+        known = set(self.tokens.item_ids[1:])
+        posters = {i: p for i, p in posters.items() if i in known}
+        height, width = self.image_settings["height"], self.image_settings["width"]
+        poster_ids, poster_features = real_poster_features(posters, height, width, image_featurize, getattr(image_featurize, "cache_key", None))
+        text = judge.catalogues["text"]
+        return Catalogues(text.item_ids, text.features, poster_ids, poster_features,
+                          item_text_table(folder / f"{self.dataset}.item"), posters)
+
+    # ------------------------------------------------------------------ text
+    def texts(self, users: list[str], ceiling_items: list[str | None]) -> dict[str, dict[int, list[str]]]:
+        from recbole_dppmg.generation.text_generate import shuffled_user_map
+        from recbole_dppmg.generation.text_pipeline import TextConditions
+
+        out: dict[str, dict[int, list[str]]] = {}
+        before = TextConditions(self.dataset, Path(self.runs.text), self.tokens, self.vocabulary, self.text_cfg)
+        for condition, name in TEXT_GENERATED.items():
+            out[condition] = {seed: before.generate(name, users, seed, shuffled_user_map(self.runs.test_users, seed)) for seed in self.cfg["seeds"]}
+        before.release()
+        if self.runs.text_rl:
+            after = TextConditions(self.dataset, Path(self.runs.text_rl), self.tokens, self.vocabulary, self.text_cfg)
+            out["dppmg_rl"] = {seed: after.generate("dppmg", users, seed) for seed in self.cfg["seeds"]}
+            after.release()
+        item_texts = self._item_texts()
+        ceiling = [item_texts.get(i, "") if i else "" for i in ceiling_items]
+        out["ceiling"] = {seed: ceiling for seed in self.cfg["seeds"]}
+        return out
+
+    def _item_texts(self) -> dict[str, str]:
+        from recbole_dppmg.generation.text_warmup import item_text_table
+        from recbole_dppmg.paths import DATASET_DIR
+
+        return item_text_table((self.dataset_dir or DATASET_DIR / self.dataset) / f"{self.dataset}.item")
+
+    # ------------------------------------------------------------------ posters
+    def posters(self, users: list[str], ceiling_items: list[str | None]) -> dict[str, dict[int, list]]:
+        """PIL posters per condition and seed for ``users`` (the FD users; the evaluated users first)."""
+        import torch
+
+        from recbole_dppmg.generation.image_data import load_poster, tensor_to_pil
+        from recbole_dppmg.generation.image_generate import generate_posters, user_positions
+        from recbole_dppmg.generation.image_train import load_image_generator
+        from recbole_dppmg.generation.text_generate import shuffled_user_map
+
+        out: dict[str, dict[int, list]] = {}
+        models = [("before", self.runs.image)] + ([("after", self.runs.image_rl)] if self.runs.image_rl else [])
+        for which, run in models:
+            model, _ = load_image_generator(run, self.vocabulary, dataset=self.dataset)
+            modes = IMAGE_MODES if which == "before" else {"dppmg_rl": "tokens"}
+            for condition, mode in modes.items():
+                out[condition] = {}
+                for seed in self.cfg["seeds"]:
+                    if mode == "shuffled":
+                        mapping = shuffled_user_map(self.runs.test_users, seed)
+                        positions = torch.tensor([self.vocabulary.ids_for(mapping[u]) for u in users], dtype=torch.long)
+                    else:
+                        positions = user_positions(self.vocabulary, users, mode)
+                    images = generate_posters(model, self.codec, positions, seed=seed, progress=self.cfg["progress"], **self.sampling)
+                    out[condition][seed] = [tensor_to_pil(x) for x in images]
+            del model
+        height, width = self.image_settings["height"], self.image_settings["width"]
+        posters = self._posters if self._posters is not None else None
+        catalogue = posters or self._poster_files()
+        ceiling = [tensor_to_pil(load_poster(catalogue[i], height, width)) if i else None for i in ceiling_items]
+        out["ceiling"] = {seed: ceiling for seed in self.cfg["seeds"]}
+        return out
+
+    def _poster_files(self) -> dict[str, Path]:
+        from recbole_dppmg.generation.image_data import poster_files
+        from recbole_dppmg.paths import DATASET_DIR
+
+        return poster_files(self.dataset, self.image_settings["poster_dir"], self.dataset_dir or DATASET_DIR / self.dataset)
+
+    # ------------------------------------------------------------------ quality
+    def perplexity(self, texts: list[str], batch_size: int) -> float | None:
+        from recbole_dppmg.generation.text_backbone import load_backbone
+        from recbole_dppmg.generation.text_generate import prompt_ids
+        from recbole_dppmg.generation.text_injection import read_meta
+        from recbole_dppmg.generation.text_metrics import perplexity
+
+        nonempty = [t for t in texts if t]
+        if not nonempty:
+            return None
+        if not hasattr(self, "_base"):
+            backbone = read_meta(Path(self.runs.text) / "dppmg").backbone or self.text_cfg["backbone"]
+            model, tokenizer = load_backbone(backbone, self.text_cfg["dtype"], self.text_cfg["device"])
+            self._base = (model, tokenizer, prompt_ids(tokenizer, None))
+        model, tokenizer, context = self._base
+        return perplexity(model, tokenizer, nonempty, context, batch_size)
+
+
+def _measure(tokens, judge, cfg, users, fd_users, catalogues: Catalogues, texts, text_features, images, image_features,
+             generation, ceiling_items) -> dict:
+    """``{condition: {seed: {metric: value}}}``; the ceiling counts only users who have a top
+    recommended item with a text and a poster."""
+    from recbole_dppmg.generation.image_metrics import frechet_distance
+    from recbole_dppmg.generation.text_metrics import distinct_n, retrieval_metrics
+
+    k = cfg["topk"]
+    text_targets, text_exclude = _targets(tokens, users, catalogues.text_ids, cfg["min_test_rating"])
+    poster_targets, poster_exclude = _targets(tokens, users, catalogues.poster_ids, cfg["min_test_rating"])
+    scorer = judge.clip_scorer()
+    out: dict[str, dict[int, dict]] = {}
+    for condition in CONDITIONS:
+        if condition not in texts and condition not in images:
+            continue
+        rows = [j for j in range(len(users)) if condition != "ceiling" or ceiling_items[j] is not None]
+        fd_rows = [j for j in range(len(fd_users)) if condition != "ceiling" or ceiling_items[j] is not None]
+        picked = [users[j] for j in rows]
+        out[condition] = {}
+        for seed in cfg["seeds"]:
+            row: dict = {"users": len(rows)}
+            if condition in texts:
+                generated, features = texts[condition][seed], text_features[condition][seed][rows]
+                metrics = retrieval_metrics(features, catalogues.text_features, [text_targets[j] for j in rows], [text_exclude[j] for j in rows], k)
+                row.update({f"text_hit@{k}": metrics[f"hit@{k}"], f"text_ndcg@{k}": metrics[f"ndcg@{k}"],
+                            "text_judge": float(judge.personalization(picked, "text", features).mean()),
+                            "perplexity": generation.perplexity([generated[j] for j in rows], cfg["ppl_batch_size"]),
+                            "distinct2": distinct_n([generated[j] for j in rows], 2),
+                            "mean_words": float(np.mean([len(generated[j].split()) for j in rows]))})
+            if condition in images:
+                features = image_features[condition][seed]
+                metrics = retrieval_metrics(features[rows], catalogues.poster_features, [poster_targets[j] for j in rows], [poster_exclude[j] for j in rows], k)
+                row.update({f"image_hit@{k}": metrics[f"hit@{k}"], f"image_ndcg@{k}": metrics[f"ndcg@{k}"],
+                            "image_judge": float(judge.personalization(picked, "image", features[rows]).mean()),
+                            "frechet_distance": frechet_distance(features[fd_rows], catalogues.poster_features),
+                            "fd_posters": len(fd_rows)})
+            if condition in texts and condition in images:
+                clip_inputs = {"texts": [texts[condition][seed][j] for j in rows], "images": [images[condition][seed][j] for j in rows]} if scorer else {}
+                reward = judge.reward(picked, text_features=text_features[condition][seed][rows],
+                                      image_features=image_features[condition][seed][rows], **clip_inputs)
+                row.update({name: float(values.mean()) for name, values in reward.items() if name in ("consistency", "total", "clip")})
+                row["reward"] = row.pop("total")
+            out[condition][seed] = row
+    return out
+
+
+def _featurize_posters(featurize, images: list) -> np.ndarray:
+    """Features of the posters; a missing poster (None: no ceiling item) gets a NaN row."""
+    present = [k for k, image in enumerate(images) if image is not None]
+    features = np.asarray(featurize([images[k] for k in present]), dtype=np.float32) if present else None
+    width = features.shape[1] if features is not None else 1
+    out = np.full((len(images), width), np.nan, dtype=np.float32)
+    if present:
+        out[present] = features
+    return out

@@ -1,0 +1,252 @@
+"""The files of the evaluation report (``generation/report.py`` computes what they show).
+
+``<run>/report/``:
+
+- ``report.md``: the comparison table (mean ± std over the generation seeds), what each row and
+  column means, the runs and settings;
+- ``report.csv`` (condition, metric, mean, std, min, max, seeds) and ``per_seed.csv``;
+- ``report.json``: everything, including per-seed values, the ceiling items and timings;
+- ``samples.jsonl``: every generated text per user, condition and seed;
+- ``reward_curves.png``: the reward components per RL step (when RL runs exist);
+- ``gallery.html`` + ``gallery/``: per user the history posters, then text and poster per
+  condition (first seed); self-contained (relative paths inside ``report/``).
+
+The folder is written beside its destination and renamed into place, so a report that exists
+is complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+REPORT = "report"
+LABELS = {
+    "no_tokens": "no tokens",
+    "shuffled": "shuffled tokens",
+    "soft_prompt": "continuous soft prompt",
+    "dppmg": "DPPMG before RL",
+    "dppmg_rl": "DPPMG after RL",
+    "ceiling": "ceiling: real top recommended item",
+}
+
+
+def _columns(k: int) -> list[tuple[str, str, int]]:
+    """(metric, header, decimals) of the main table."""
+    return [(f"text_hit@{k}", f"text Hit@{k}", 3), (f"text_ndcg@{k}", f"text NDCG@{k}", 3),
+            (f"image_hit@{k}", f"poster Hit@{k}", 3), (f"image_ndcg@{k}", f"poster NDCG@{k}", 3),
+            ("text_judge", "text judge pct", 3), ("image_judge", "poster judge pct", 3),
+            ("consistency", "consistency", 3), ("reward", "reward", 3), ("clip", "CLIP", 3),
+            ("perplexity", "perplexity", 2), ("distinct2", "distinct-2", 3), ("frechet_distance", "Fréchet dist.", 1)]
+
+
+def write_report(out_dir: Path, result: dict, tokens, catalogues, texts: dict, images: dict, runs) -> Path:
+    """Write ``out_dir/report/`` atomically; returns it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / REPORT
+    tmp = Path(tempfile.mkdtemp(prefix=f".{REPORT}.", suffix=".tmp", dir=out_dir))
+    try:
+        (tmp / "report.json").write_text(json.dumps(result, indent=2, default=str))
+        _write_csv(tmp, result)
+        curves = reward_curves([r for r in (runs.text_rl, runs.image_rl) if r], tmp / "reward_curves.png")
+        (tmp / "report.md").write_text(markdown(result, curves is not None))
+        _write_samples(tmp / "samples.jsonl", result, tokens, texts)
+        write_gallery(tmp, result, tokens, catalogues, texts, images)
+        if target.exists():
+            old = out_dir / f".{REPORT}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------- tables
+def _cell(summary: dict | None, decimals: int) -> str:
+    if not summary or summary.get("mean") is None:
+        return "–"
+    if summary["seeds"] > 1 and summary["std"] > 0:
+        return f"{summary['mean']:.{decimals}f} ± {summary['std']:.{decimals}f}"
+    return f"{summary['mean']:.{decimals}f}"
+
+
+def _status_cell(metric: str, status: dict) -> str | None:
+    """'n/a' / 'not run' where a modality of the condition does not exist."""
+    modality = "text" if metric.startswith("text_") or metric in ("perplexity", "distinct2") else \
+        "image" if metric.startswith("image_") or metric == "frechet_distance" else "both"
+    states = [status["text"], status["image"]] if modality == "both" else [status[modality]]
+    for state in ("not run", "n/a"):
+        if state in states:
+            return state
+    return None
+
+
+def markdown(result: dict, has_curves: bool) -> str:
+    k = result["evaluate"]["topk"]
+    columns = [c for c in _columns(k) if any(c[0] in s for s in result["summary"].values())]
+    runs = result["runs"]
+    seeds = result["seeds"]
+    lines = [
+        f"# Generation report: {result['dataset']}", "",
+        f"{len(result['users'])} held-out test users (never trained on by either generator), generation seeds {seeds}; "
+        f"cells are mean ± std over the seeds (min–max in report.csv). Fréchet distance over the posters of {result['fd_users']} test users.", "",
+        "| condition | " + " | ".join(h for _, h, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for condition, label in LABELS.items():
+        status = result["conditions"][condition]
+        summary = result["summary"].get(condition, {})
+        cells = [_status_cell(metric, status) or _cell(summary.get(metric), decimals) for metric, _, decimals in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "", "## What the rows and columns are", "",
+        "- *no tokens*: the instruction alone / the null conditioning sequence. *shuffled tokens*: another held-out user's tokens "
+        "(one derangement per seed, the same for text and poster). *continuous soft prompt*: PMG-style prompt vectors from the "
+        "continuous u_m, text only (the image generator has none: n/a). *DPPMG before / after RL*: the user's tokens, generators "
+        "after the supervised warm-up / after RL (not run: no RL run made from these generators).",
+        "- *ceiling*: the real text and poster (resized to the generator's size) of the user's top recommended item: the highest "
+        "stage-1 score from the token export among items outside the user's training and validation splits.",
+        f"- *Hit@{k} / NDCG@{k}*: the catalogue ranked by cosine similarity to the generated content's features (text: MiniLM vs "
+        "the items' text features; poster: EfficientNet-Lite0 vs the real posters at the generator's size), the user's training "
+        "and validation items excluded, hits = the user's test items.",
+        "- *judge pct*: percentile of the generated content's stage-1 score for the user among the catalogue items' scores "
+        f"(reward.PreferenceJudge, user vector: {result['reward']['user_vector']}); 0.5 = a random item. *consistency*: agreement "
+        f"of the item distributions text and poster induce ({result['reward']['consistency_measure']}, temperature "
+        f"{result['reward']['consistency_temperature']}). *reward*: the weighted mean the RL optimises.",
+        "- *perplexity*: of the texts under the frozen base LM (instruction without tokens as context). *distinct-2*: unique "
+        "word bigrams / bigrams. *Fréchet dist.*: between EfficientNet features of generated and all real posters.",
+        "", "## Runs", "",
+        f"- token export: `{runs['tokens']}`",
+        f"- text generator: `{runs['text']}`; after RL: `{runs['text_rl'] or 'not run'}`",
+        f"- image generator: `{runs['image']}`; after RL: `{runs['image_rl'] or 'not run'}`",
+        f"- text sampling: {json.dumps(result['text_generation'])}; poster sampling: {json.dumps(result['image_sampling'])}",
+        f"- wall time (s): {json.dumps(result['timings'])}",
+    ]
+    if has_curves:
+        lines += ["", "## RL reward curves", "", "![reward curves](reward_curves.png)"]
+    lines += ["", "Gallery: [gallery.html](gallery.html)."]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(folder: Path, result: dict) -> None:
+    with open(folder / "report.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["condition", "metric", "mean", "std", "min", "max", "seeds"])
+        for condition, metrics in result["summary"].items():
+            for metric, s in metrics.items():
+                writer.writerow([condition, metric, s["mean"], s["std"], s["min"], s["max"], s["seeds"]])
+    metrics = sorted({m for rows in result["per_seed"].values() for row in rows.values() for m in row})
+    with open(folder / "per_seed.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["condition", "seed", *metrics])
+        for condition, rows in result["per_seed"].items():
+            for seed, row in rows.items():
+                writer.writerow([condition, seed, *[row.get(m, "") for m in metrics]])
+
+
+def _write_samples(path: Path, result: dict, tokens, texts: dict) -> None:
+    from recbole_dppmg.tokens.format import token_string
+
+    with open(path, "w") as f:
+        for j, user in enumerate(result["users"]):
+            codes = tokens.codes_for(user)
+            record = {"user": user, "tokens": [token_string(m, l, int(c)) for k, m in enumerate(tokens.modalities) for l, c in enumerate(codes[k])],
+                      "ceiling_item": result["ceiling_items"].get(user)}
+            record.update({f"{c}/seed{s}": per_seed[s][j] for c, per_seed in texts.items() for s in per_seed})
+            f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------- plots
+def reward_curves(rl_runs: list[str], path: Path) -> Path | None:
+    """Mean reward components (and KL when logged) per RL step, one panel per RL run."""
+    histories = []
+    for run in rl_runs:
+        file = Path(run) / "rl_history.json"
+        if file.is_file():
+            records = json.loads(file.read_text())
+            if records:
+                histories.append((Path(run).name, records))
+    if not histories:
+        return None
+    fig, axes = plt.subplots(1, len(histories), figsize=(6 * len(histories), 4), squeeze=False)
+    for ax, (name, records) in zip(axes[0], histories):
+        steps = [r["step"] for r in records]
+        for key in sorted({k for r in records for k in r if k.startswith("reward_") and k != "reward_std"}):
+            ax.plot(steps, [r.get(key) for r in records], label=key[len("reward_"):], lw=2 if key == "reward_total" else 1)
+        kl = [r.get("kl") for r in records]
+        if any(v is not None for v in kl):
+            twin = ax.twinx()
+            twin.plot(steps, kl, color="grey", ls="--", label="KL")
+            twin.set_ylabel("KL to the pre-RL policy")
+        ax.set(title=name, xlabel="RL step", ylabel="mean reward of the step's samples")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------- gallery
+def write_gallery(folder: Path, result: dict, tokens, catalogues, texts: dict, images: dict) -> Path:
+    """``gallery.html`` with its images under ``gallery/``."""
+    from recbole_dppmg.generation.image_data import load_poster, tensor_to_pil
+    from recbole_dppmg.tokens.format import token_string
+
+    cfg = result["evaluate"]
+    pictures = folder / "gallery"
+    pictures.mkdir()
+    seed = result["seeds"][0]
+    conditions = [c for c in LABELS if c in texts or c in images]
+    rows = []
+    for j, user in enumerate(result["users"][: cfg["gallery_users"]]):
+        history = [i for i, _ in tokens.history(user, "train") if i in catalogues.posters][: cfg["gallery_history"]]
+        cells = []
+        for k, item in enumerate(history):
+            name = f"{user}_history{k}.png"
+            tensor_to_pil(load_poster(catalogues.posters[item], 144, 96)).save(pictures / name)
+            title = catalogues.item_texts.get(item, item).split(":")[0]
+            cells.append(f'<figure><img src="gallery/{html.escape(name)}" width="96"><figcaption>{html.escape(title)}</figcaption></figure>')
+        codes = tokens.codes_for(user)
+        token_text = " ".join(token_string(m, l, int(c)) for k, m in enumerate(tokens.modalities) for l, c in enumerate(codes[k]))
+        block = [f'<h2>user {html.escape(user)}</h2><p class="tokens">{html.escape(token_text)}</p>',
+                 '<div class="history"><b>liked in training</b>' + "".join(cells) + "</div>", '<table><tr>']
+        for condition in conditions:
+            poster = images[condition][seed][j] if condition in images else None
+            if poster is not None:
+                name = f"{user}_{condition}.png"
+                poster.save(pictures / name)
+                picture = f'<img src="gallery/{html.escape(name)}" width="128">'
+            else:
+                picture = f'<p class="missing">{html.escape(result["conditions"][condition]["image"] if condition != "ceiling" else "no item")}</p>'
+            text = texts[condition][seed][j] if condition in texts else result["conditions"][condition]["text"]
+            block.append(f'<td><h3>{html.escape(LABELS[condition])}</h3>{picture}<p>{html.escape(text)}</p></td>')
+        block.append("</tr></table>")
+        rows.append("\n".join(block))
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Generation gallery: {html.escape(result['dataset'])}</title>
+<style>body{{font-family:sans-serif;max-width:1500px;margin:auto}} td{{vertical-align:top;width:{100 // max(1, len(conditions))}%;font-size:13px}}
+figure{{display:inline-block;margin:4px;width:100px;font-size:11px}} .tokens{{font-family:monospace;color:#555}} .missing{{color:#999}}
+h2{{border-top:1px solid #ccc;padding-top:8px}}</style></head><body>
+<h1>Generated text and poster per held-out user ({html.escape(result['dataset'])}, seed {seed})</h1>
+{''.join(rows)}
+</body></html>
+"""
+    path = folder / "gallery.html"
+    path.write_text(page)
+    return path

@@ -1,0 +1,154 @@
+"""The evaluation report on a tiny run: a DPPMG export, a tiny text LM and a tiny pixel-space
+poster model trained for a few steps, fake RL runs (copies with an RL history); and the errors
+of generators that do not fit together."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from image_fixtures import tiny_settings, write_tiny_posters
+from judge_fixtures import tiny_export
+from recbole_dppmg.errors import CheckpointError, ConfigError
+from recbole_dppmg.generation import text_pipeline
+from recbole_dppmg.generation.image_autoencoder import PixelCodec
+from recbole_dppmg.generation.image_train import train_image_generator
+from recbole_dppmg.generation.report import EvaluatedRuns, build_report, evaluate_config, resolve_runs
+from text_tiny import GENRES, tiny_lm, tiny_tokenizer
+
+SPLIT = {"valid_users": 2, "test_users": 4, "seed": 2020, "min_rating": 0}  # the tiny export has no ratings (1.0)
+QUICK = {"users": 4, "fd_users": 4, "seeds": [0, 1], "gallery_users": 2, "gallery_history": 2, "progress": False}
+
+
+def text_features(texts):
+    """Bag of words hashed into 8 dims (the tiny dataset's text feature width)."""
+    out = np.zeros((len(texts), 8), dtype=np.float32)
+    for k, text in enumerate(texts):
+        for word in text.lower().split():
+            out[k, sum(map(ord, word)) % 8] += 1
+    return out
+
+
+def poster_features(images):
+    """Mean and std of each colour channel (the tiny dataset's image feature width, 6)."""
+    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255 for image in images]
+    return np.array([np.concatenate([a.mean((0, 1)), a.std((0, 1))]) for a in arrays], dtype=np.float32)
+
+
+def add_item_texts_and_posters(item_file):
+    """Title, year, plot and poster columns for the tiny items (text tests read them)."""
+    lines = item_file.read_text().splitlines()
+    out = [lines[0] + "\ttitle:token_seq\tyear:token\tdescription:token_seq\tdescription_mask:float\tposter:token"]
+    for line in lines[1:]:
+        item = line.split("\t")[0]
+        k = int(item[1:])
+        out.append(f"{line}\tFilm {k}\t{1990 + k % 10}\ta story of {GENRES[k % 4]}\t1\t{item}.png")
+    item_file.write_text("\n".join(out) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    export, data = tiny_export(root)
+    item_file = data / "tiny" / "tiny.item"
+    add_item_texts_and_posters(item_file)
+    posters = write_tiny_posters(root / "posters", n_items=48)
+    tokenizer = tiny_tokenizer()
+    backbone = root / "tiny-lm"
+    tiny_lm(tokenizer).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    text_cfg = {"backbone": str(backbone), "checkpoint_dir": str(root / "saved"), **SPLIT, "max_steps": 2, "batch_size": 2,
+                "eval_steps": 2, "save_steps": 2, "valid_pairs": 2, "max_target_tokens": 8, "progress": False, "num_threads": 1,
+                "generate": {"max_new_tokens": 4, "batch_size": 4}}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(text_pipeline, "_item_path", lambda dataset: item_file)
+        text_run = text_pipeline.train_text_generator("tiny", export, text_cfg)
+    image_run = train_image_generator("tiny", export, tiny_settings(root, **SPLIT), out_dir=root / "saved" / "tiny" / "ImageGen-tiny", posters=posters)
+    for kind, source, steps in (("TextRL", text_run, 3), ("ImageRL", image_run, 2)):
+        rl = root / "saved" / "tiny" / f"{kind}-tiny"
+        shutil.copytree(source, rl)
+        (rl / "rl_config.json").write_text(json.dumps({"source_run": str(source.resolve())}))
+        history = [{"step": s + 1, "reward_total": 0.5 + 0.01 * s, "reward_consistency": 0.3, "kl": 0.001 * s} for s in range(steps)]
+        (rl / "rl_history.json").write_text(json.dumps(history))
+    options = dict(text_config_overrides={"backbone": str(backbone), "generate": {"max_new_tokens": 4, "batch_size": 4}},
+                   image_config_overrides={"sample_steps": 2, "sample_batch": 4}, text_featurize=text_features,
+                   image_featurize=poster_features, codec=PixelCodec(), posters=posters, dataset_dir=data / "tiny", root=root / "saved")
+    return root, export, text_run, image_run, options
+
+
+def test_report_on_a_tiny_run(tiny_run):
+    root, export, text_run, image_run, options = tiny_run
+    report = build_report("tiny", QUICK, root / "Report-1", **options)
+    assert report == root / "Report-1" / "report"
+    result = json.loads((report / "report.json").read_text())
+    assert result["runs"]["text"] == str(text_run.resolve()) and result["runs"]["image_rl"].endswith("ImageRL-tiny")
+    assert len(result["users"]) == 4 and result["seeds"] == [0, 1]
+    assert set(result["per_seed"]) == {"no_tokens", "shuffled", "soft_prompt", "dppmg", "dppmg_rl", "ceiling"}
+    dppmg = result["per_seed"]["dppmg"]["0"]
+    for metric in ("text_hit@10", "image_ndcg@10", "text_judge", "image_judge", "consistency", "reward", "perplexity", "distinct2", "frechet_distance"):
+        assert metric in dppmg, metric
+    assert 0 <= dppmg["text_judge"] <= 1 and 0 <= dppmg["consistency"] <= 1 and dppmg["perplexity"] > 1
+    assert "image_judge" not in result["per_seed"]["soft_prompt"]["0"]  # no continuous baseline for posters
+    assert result["summary"]["dppmg"]["text_judge"]["seeds"] == 2
+    assert result["summary"]["ceiling"]["text_judge"]["std"] == 0  # real content: the same for every seed
+    table = (report / "report.md").read_text()
+    for label in ("no tokens", "shuffled tokens", "continuous soft prompt", "DPPMG before RL", "DPPMG after RL", "ceiling"):
+        assert f"| {label}" in table
+    soft_row = next(line for line in table.splitlines() if line.startswith("| continuous soft prompt"))
+    assert "n/a" in soft_row
+    assert "condition,metric,mean,std,min,max,seeds" in (report / "report.csv").read_text()
+    assert (report / "reward_curves.png").stat().st_size > 0 and "reward_curves.png" in table
+    samples = [json.loads(line) for line in (report / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and "dppmg_rl/seed1" in samples[0]
+    gallery = (report / "gallery.html").read_text()
+    pictures = [part.split('"')[0] for part in gallery.split('src="')[1:]]
+    assert len(pictures) >= 2 * 5 and all((report / p).is_file() for p in pictures)  # relative, inside report/
+    assert not [p for p in (root / "Report-1").iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_rows_without_rl_say_not_run(tiny_run):
+    root, export, text_run, image_run, options = tiny_run
+    runs = resolve_runs("tiny", evaluate_config(QUICK), root / "saved")
+    runs = EvaluatedRuns(runs.tokens, runs.text, runs.image, None, None, runs.test_users)
+    report = build_report("tiny", {**QUICK, "seeds": [3]}, root / "Report-2", runs=runs, **options)
+    row = next(line for line in (report / "report.md").read_text().splitlines() if line.startswith("| DPPMG after RL"))
+    assert row.count("not run") >= 8
+    assert not (report / "reward_curves.png").exists()
+
+
+def test_generators_that_do_not_fit_together(tiny_run, tmp_path):
+    root, export, text_run, image_run, _ = tiny_run
+    cfg = evaluate_config(QUICK)
+    with pytest.raises(CheckpointError, match="no trained text generator for dataset tiny"):
+        resolve_runs("tiny", cfg, tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="no image generator for dataset tiny .* was trained on token export"):
+        resolve_runs("tiny", {**cfg, "text_run": str(text_run)}, tmp_path / "empty")
+
+    other_export = tmp_path / "tokens-copy"
+    shutil.copytree(export, other_export)
+    moved = tmp_path / "ImageGen-other"
+    shutil.copytree(image_run, moved)
+    meta = json.loads((moved / "image_config.json").read_text())
+    (moved / "image_config.json").write_text(json.dumps({**meta, "tokens_folder": str(other_export)}))
+    with pytest.raises(CheckpointError, match="trained on different token exports"):
+        resolve_runs("tiny", {**cfg, "text_run": str(text_run), "image_run": str(moved)}, root / "saved")
+
+    (moved / "image_config.json").write_text(json.dumps({**meta, "test_users": meta["test_users"][::-1]}))
+    with pytest.raises(CheckpointError, match="hold out different test users"):
+        resolve_runs("tiny", {**cfg, "text_run": str(text_run), "image_run": str(moved)}, root / "saved")
+
+    stray = tmp_path / "TextRL-stray"
+    stray.mkdir()
+    (stray / "rl_config.json").write_text(json.dumps({"source_run": str(tmp_path)}))
+    with pytest.raises(CheckpointError, match="was not made from"):
+        resolve_runs("tiny", {**cfg, "text_rl_run": str(stray)}, root / "saved")
+
+
+def test_evaluate_settings_are_checked():
+    with pytest.raises(ConfigError, match="unknown evaluate setting.*bogus"):
+        evaluate_config({"bogus": 1})
+    with pytest.raises(ConfigError, match="evaluate.seeds must be a list of distinct integers"):
+        evaluate_config({"seeds": [1, 1]})
+    with pytest.raises(ConfigError, match="evaluate.users must be an integer >= 2"):
+        evaluate_config({"users": 1})
