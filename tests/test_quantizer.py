@@ -62,6 +62,20 @@ def test_straight_through_gradients_reach_the_encoder():
     assert encoder.weight.grad.abs().sum() > 0
 
 
+def test_commitment_is_on_the_final_reconstruction_only():
+    torch.manual_seed(0)
+    x = torch.randn(200, 6)
+    rvq = ResidualVectorQuantizer(levels=3, codebook_size=8, dim=6, commitment_beta=0.5)
+    rvq.kmeans_init(x, seed=0)
+    rvq.eval()  # no EMA update, so the codebooks are those that produced the codes
+    out = rvq(x)
+    expected = 0.5 * (x - rvq.decode(out.codes)).pow(2).sum(1).mean()
+    assert torch.allclose(out.commitment_loss, expected, atol=1e-6)
+    # A per-level sum would be at least the level-0 error, far above the final one.
+    level0 = (x - rvq.decode(out.codes[:, :1])).pow(2).sum(1).mean()
+    assert out.commitment_loss < 0.5 * level0
+
+
 def test_reconstruction_error_falls_as_levels_are_added():
     torch.manual_seed(0)
     x = torch.randn(400, 8)

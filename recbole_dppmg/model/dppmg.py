@@ -333,7 +333,11 @@ class DPPMG(GeneralRecommender):
         evaluation, best weights loaded): code usage over all users and test metrics of both
         the quantized and the continuous path, so the cost of quantization is measured."""
         self._ensure_initialized()
-        summary: dict = {"code_stats": self._compute_stats()}
+        summary: dict = {
+            "code_stats": self._compute_stats(),
+            "quantizer": {"modalities": list(self.modalities), "levels": self.levels,
+                          "codebook_size": self.codebook_size},
+        }
         if test_data is not None and trainer is not None:
             chosen = self.eval_quantized
             try:

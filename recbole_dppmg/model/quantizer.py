@@ -4,8 +4,9 @@ Level ``l`` quantizes the residual left by levels ``< l``; a vector's codes ``[c
 decode to ``sum_l codebook[l, c_l]``. Codebooks are buffers, not parameters: they are seeded by
 FAISS k-means and then follow their assigned vectors by exponential moving averages (EMA), as in
 VQ-VAE-2 / SoundStream; the encoder is trained through the straight-through estimator and a
-commitment loss. Codes whose EMA usage falls below a threshold are restarted on vectors of the
-current batch (chosen in proportion to their quantization error), so that codes stay in use.
+commitment loss ``beta * |x - sg(sum_l q_l)|^2`` on the final reconstruction. Codes whose EMA
+usage falls below a threshold are restarted on vectors of the current batch (chosen in
+proportion to their quantization error), so that codes stay in use.
 All state (codebooks, EMA statistics, the initialised flag) is in ``state_dict``.
 """
 
@@ -133,20 +134,21 @@ class ResidualVectorQuantizer(nn.Module):
         per step, and ``dead_code_threshold`` is compared with them.
         """
         self._require_init()
-        residual = x
-        quantized = torch.zeros_like(x)
-        commitment = x.new_zeros(())
+        residual = x.detach()
+        quantized = torch.zeros_like(residual)
         codes = []
         for level in range(self.levels):
             codebook = self.codebooks[level]
-            c = nearest_code(residual.detach(), codebook)
+            c = nearest_code(residual, codebook)
             q = codebook[c]
-            commitment = commitment + (residual - q).pow(2).sum(1).mean()
             if self.training:
-                self._ema_update(level, residual.detach(), c, q)
+                self._ema_update(level, residual, c, q)
             quantized = quantized + q
             residual = residual - q
             codes.append(c)
+        # Commitment to the final reconstruction only: a per-level sum would also pull every
+        # vector towards its level-0 code alone, collapsing users onto their coarse clusters.
+        commitment = (x - quantized).pow(2).sum(1).mean()
         quantized = x + (quantized - x).detach()  # straight-through estimator
         return QuantizerOutput(quantized, torch.stack(codes, 1), self.commitment_beta * commitment)
 
