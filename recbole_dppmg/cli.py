@@ -14,6 +14,7 @@ from pathlib import Path
 
 from recbole_dppmg.errors import DPPMGError
 
+COMPARISON_SEEDS = (2020, 2021, 2022)  # a comparison or ablation reports the median over these
 STAGES = ("prepare", "train", "export", "text", "image", "generate", "all")
 GENERATION_SECTIONS = ("text", "image")
 
@@ -34,7 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--users", default=None, help="generate: comma-separated original user ids")
     parser.add_argument("--spec", default=None, help="prepare: YAML that describes a user dataset (see dataset/README.md)")
     parser.add_argument("--force", action="store_true", help="prepare: rebuild even if the cached dataset is up to date")
+    parser.add_argument("--seeds", default=None, help="train: seeds of a comparison or ablation, e.g. [2020,2021,2022] (default for several models or --ablation: %s; a single model without --seeds: the config's seed)" % list(COMPARISON_SEEDS))
+    parser.add_argument("--jobs", type=int, default=1, help="train: runs of a comparison / ablation at a time, each in its own process (default 1)")
+    parser.add_argument("--ablation", action="store_true", help="train: DPPMG ablation (modalities, levels, codebook size; one factor at a time) instead of a comparison")
+    parser.add_argument("--out", default=None, help="train: folder for the comparison / ablation tables and plots (default saved/<dataset>/compare-<time> or ablation-<time>)")
     return parser
+
+
+def parse_seeds(raw: str | None) -> list[int] | None:
+    """``[2020,2021]`` or ``2020,2021`` -> ``[2020, 2021]``."""
+    if raw is None:
+        return None
+    parts = [p.strip() for p in raw.strip().strip("[]").split(",") if p.strip()]
+    try:
+        seeds = [int(p) for p in parts]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise DPPMGError(f"--seeds must be a list of integers such as [2020,2021,2022], got '{raw}'")
+    return seeds
 
 
 
@@ -56,6 +75,9 @@ def parse_args(argv: list[str]):
             raise DPPMGError(f"malformed override '--{key}': dotted keys must be --text.<key> or --image.<key>")
         generation[section][name] = overrides.pop(key)
     args.generation = generation
+    args.seeds = parse_seeds(args.seeds)
+    if args.jobs < 1:
+        raise DPPMGError(f"--jobs must be at least 1, got {args.jobs}")
     return args, models, config_files, overrides
 
 
@@ -68,17 +90,27 @@ def _stage_prepare(args) -> None:
 
 def _stage_train(args, models, config_files, overrides) -> str | None:
     """Train; returns the DPPMG checkpoint when one was trained (for a following export)."""
-    from recbole_dppmg.quick_start import compare, run
+    from recbole_dppmg.quick_start import ablation, compare, run
 
-    if len(models) == 1:
+    seeds = args.seeds
+    if seeds is None and "seed" not in overrides and (len(models) > 1 or args.ablation):
+        seeds = list(COMPARISON_SEEDS)
+    if args.ablation:
+        if models != ["DPPMG"]:
+            raise DPPMGError("--ablation trains DPPMG variants; leave --model at DPPMG")
+        _, table = ablation(args.dataset, config_files, overrides, out_dir=args.out, seeds=seeds, jobs=args.jobs)
+        print(table.read_text())
+        print(f"ablation table: {table} (and ablation.csv beside it)")
+        return None
+    if len(models) == 1 and args.seeds is None:
         result = run(models[0], args.dataset, config_files, overrides, resume=args.resume)
         print(f"{result.model} on {result.dataset}: test {result.test_result}  (run folder {result.run_dir})")
         return result.checkpoint if result.model == "DPPMG" else None
     if args.resume:
         raise DPPMGError("--resume continues one model's run; give a single --model")
-    results, table = compare(models, args.dataset, config_files, overrides)
+    results, table = compare(models, args.dataset, config_files, overrides, out_dir=args.out, seeds=seeds, jobs=args.jobs)
     print(table.read_text())
-    print(f"comparison table: {table} (and comparison.csv beside it)")
+    print(f"comparison table: {table} (comparison.csv, runs.csv and the PNG plots beside it)")
     dppmg = [r.checkpoint for r in results if r.model == "DPPMG"]
     return dppmg[-1] if dppmg else None
 

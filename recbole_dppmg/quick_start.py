@@ -9,15 +9,15 @@ holding ``best.pth``, ``last.pth``, ``config.json``, ``history.json`` and ``resu
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
+import multiprocessing
 import os
 import threading
-import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import psutil
 import torch
@@ -28,13 +28,13 @@ from recbole_dppmg import compat
 from recbole_dppmg.config import RECBOLE_BUNDLED_DATASETS, apply_threads, build_config, jsonable_config
 from recbole_dppmg.errors import ConfigError, DataError
 from recbole_dppmg.paths import DATASET_DIR
+from recbole_dppmg.plots import write_stage1_plots
+from recbole_dppmg.tables import METRIC_COLUMNS, write_ablation, write_comparison  # noqa: F401 (public)
 from recbole_dppmg.trainer import load_checkpoint_file
 from recbole_dppmg.utils import get_model, get_trainer
 
 compat.apply()
 logger = logging.getLogger(__name__)
-
-METRIC_COLUMNS = ("recall@10", "ndcg@10", "hit@10", "recall@20", "ndcg@20", "hit@20")
 
 
 @dataclass
@@ -52,6 +52,8 @@ class RunResult:
     run_dir: str
     checkpoint: str
     extra: dict = field(default_factory=dict)
+    seed: int = 0
+    label: str = ""  # the ablation variant, empty for a plain run
 
 
 class PeakMemory:
@@ -112,13 +114,15 @@ def check_dataset(dataset: str, data_path: str | Path | None = None) -> None:
 
 
 def new_run_dir(config, model_name: str) -> Path:
-    run_dir = Path(config["checkpoint_dir"]) / config["dataset"] / f"{model_name}-{get_local_time()}"
-    suffix = 1
-    while run_dir.exists():  # two runs in the same second (a comparison of fast models)
-        suffix += 1
-        run_dir = run_dir.with_name(f"{run_dir.name.split('~')[0]}~{suffix}")
-    run_dir.mkdir(parents=True)
-    return run_dir
+    base = Path(config["checkpoint_dir"]) / config["dataset"] / f"{model_name}-{get_local_time()}"
+    run_dir, suffix = base, 1
+    while True:  # two runs in the same second (fast models, parallel jobs)
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            suffix += 1
+            run_dir = base.with_name(f"{base.name}~{suffix}")
 
 
 def run(
@@ -176,6 +180,7 @@ def run(
         peak_memory_mb=memory.peak_mb,
         run_dir=str(run_dir),
         checkpoint=str(trainer.saved_model_file),
+        seed=int(config["seed"]),
     )
     extra = getattr(net, "run_summary", None)
     if callable(extra):
@@ -187,37 +192,56 @@ def run(
     return result
 
 
-def write_comparison(results: list[RunResult], out_dir: str | Path) -> tuple[Path, Path]:
-    """Markdown and CSV tables of test metrics, epochs, seconds per epoch and peak memory."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    header = ["model", *METRIC_COLUMNS, "epochs", "s/epoch", "peak MB"]
-    rows = [
-        [r.model, *(f"{r.test_result.get(m, float('nan')):.4f}" for m in METRIC_COLUMNS), str(r.epochs_trained), f"{r.seconds_per_epoch:.2f}", f"{r.peak_memory_mb:.0f}"]
-        for r in results
-    ]
-    csv_path = out_dir / "comparison.csv"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    md_path = out_dir / "comparison.md"
-    dataset = results[0].dataset if results else "?"
-    lines = [
-        f"# Test metrics on {dataset}",
-        "",
-        "Protocol: properties/overall.yaml (random 8/1/1 split per user, full ranking, "
-        "best validation NDCG@10 checkpoint, same seed for every model).",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-        *("| " + " | ".join(row) + " |" for row in rows),
-        "",
-        "Run folders: " + ", ".join(f"`{r.run_dir}`" for r in results),
-        "",
-    ]
-    md_path.write_text("\n".join(lines))
-    return md_path, csv_path
+class RunTask(NamedTuple):
+    """One run of a comparison or ablation: a model, its config overrides, a variant label."""
+
+    model: str
+    overrides: dict
+    label: str = ""
+
+
+def run_many(tasks: list[RunTask], dataset: str, config_files: Iterable[str | Path] = (),
+             jobs: int = 1, on_result: Callable[[list[RunResult]], None] | None = None) -> list[RunResult]:
+    """Run every task, ``jobs`` at a time in separate processes (spawned, so each has its own
+    torch threads and seeds); results in task order, labelled. ``on_result`` gets the finished
+    results (in task order) after each run, so tables can be written as they grow."""
+    config_files = [str(f) for f in config_files]
+    done: dict[int, RunResult] = {}
+
+    def finished(index: int, result: RunResult) -> None:
+        result.label = tasks[index].label
+        done[index] = result
+        if on_result is not None:
+            on_result([done[i] for i in sorted(done)])
+
+    if jobs <= 1 or len(tasks) <= 1:
+        for index, task in enumerate(tasks):
+            finished(index, run(task.model, dataset, config_files, task.overrides))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context) as pool:
+            futures = {pool.submit(run, task.model, dataset, config_files, task.overrides): index
+                       for index, task in enumerate(tasks)}
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
+    return [done[i] for i in range(len(tasks))]
+
+
+def _seed_list(seeds: Iterable[int] | None) -> list[int | None]:
+    if seeds is None:
+        return [None]  # the configured seed
+    seeds = list(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"seeds must be a non-empty list of integers, got {seeds!r}")
+    return seeds
+
+
+def _with_seed(config_dict: dict | None, seed: int | None, extra: dict | None = None) -> dict:
+    values = dict(config_dict or {})
+    values.update(extra or {})
+    if seed is not None:
+        values["seed"] = seed
+    return values
 
 
 def compare(
@@ -226,16 +250,69 @@ def compare(
     config_files: Iterable[str | Path] = (),
     config_dict: dict | None = None,
     out_dir: str | Path | None = None,
+    seeds: Iterable[int] | None = None,
+    jobs: int = 1,
 ) -> tuple[list[RunResult], Path]:
-    """Train each model under the same protocol and write the comparison table."""
+    """Train each model with each seed (default: the configured seed) under the same protocol;
+    write the comparison tables (median and spread over seeds) and the PNG plots."""
     models = list(models)
     for name in models:  # fail on a typo before hours of training
         get_model(name)
-    results = [run(name, dataset, config_files, config_dict) for name in models]
-    if out_dir is None:
-        checkpoint_root = Path(results[0].run_dir).parent
-        out_dir = checkpoint_root / f"compare-{get_local_time()}"
+    tasks = [RunTask(name, _with_seed(config_dict, seed)) for seed in _seed_list(seeds) for name in models]
+    out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(dataset, config_files, config_dict, "compare")
+    results = run_many(tasks, dataset, config_files, jobs, on_result=lambda done: write_comparison(done, out_dir))
     md_path, _ = write_comparison(results, out_dir)
+    write_stage1_plots(results, out_dir)
+    return results, md_path
+
+
+def _default_out_dir(dataset: str, config_files, config_dict: dict | None, kind: str) -> Path:
+    """``<checkpoint_dir>/<dataset>/<kind>-<time>``, beside the run folders."""
+    config = build_config(get_model("DPPMG"), dataset, config_files, config_dict)
+    return Path(config["checkpoint_dir"]) / dataset / f"{kind}-{get_local_time()}"
+
+
+def ablation_variants(dataset: str, config_files: Iterable[str | Path] = (),
+                      config_dict: dict | None = None) -> dict[str, dict]:
+    """DPPMG variants, one factor at a time from the configured defaults: each feature modality
+    alone (and without the id channel when it is on), 1-3 levels, codebooks of 64 and 256."""
+    config = build_config(get_model("DPPMG"), dataset, config_files, config_dict)
+    modalities = list(config["modalities"])
+    features = [m for m in modalities if m != "id"]
+    with_id = ["id"] if "id" in modalities else []
+    variants: dict[str, dict] = {"defaults": {}}
+    if len(features) > 1:
+        for modality in features:
+            variants[f"{modality} only" + (" + id" if with_id else "")] = {"modalities": [modality, *with_id]}
+    if with_id and features:
+        variants["without id"] = {"modalities": features}
+    for levels in (1, 2, 3):
+        if levels != config["levels"]:
+            variants[f"levels {levels}"] = {"levels": levels}
+    for size in (64, 256):
+        if size != config["codebook_size"]:
+            variants[f"codebook {size}"] = {"codebook_size": size}
+    return variants
+
+
+def ablation(
+    dataset: str,
+    config_files: Iterable[str | Path] = (),
+    config_dict: dict | None = None,
+    out_dir: str | Path | None = None,
+    seeds: Iterable[int] | None = None,
+    jobs: int = 1,
+    variants: dict[str, dict] | None = None,
+) -> tuple[list[RunResult], Path]:
+    """Train DPPMG for every variant (default: ``ablation_variants``) and seed; write
+    ``ablation.md`` / ``ablation.csv``."""
+    if variants is None:
+        variants = ablation_variants(dataset, config_files, config_dict)
+    tasks = [RunTask("DPPMG", _with_seed(config_dict, seed, overrides), label)
+             for seed in _seed_list(seeds) for label, overrides in variants.items()]
+    out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(dataset, config_files, config_dict, "ablation")
+    results = run_many(tasks, dataset, config_files, jobs, on_result=lambda done: write_ablation(done, variants, out_dir))
+    md_path, _ = write_ablation(results, variants, out_dir)
     return results, md_path
 
 
