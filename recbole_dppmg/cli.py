@@ -1,8 +1,9 @@
 """Command line of ``run_dppmg.py``, in the style of RecBole-GNN's ``run_recbole_gnn.py``.
 
 Known flags are parsed here; every other ``--key=value`` is a RecBole config override, except
-``--text.<key>=value`` and ``--image.<key>=value``, which override the generation stage's
-``properties/generation.yaml`` sections.
+``--<section>.<key>=value`` (sections text, image, rl, reward, evaluate; nested keys with more
+dots, e.g. ``--rl.text.steps=8``), which override the sections of ``properties/generation.yaml``.
+``--stage all`` runs the whole pipeline (``recbole_dppmg/pipeline.py``) with ``--profile``.
 User errors print one line (``run_dppmg.py: error: ...``) and exit with status 2.
 """
 
@@ -13,10 +14,11 @@ import sys
 from pathlib import Path
 
 from recbole_dppmg.errors import DPPMGError
+from recbole_dppmg.pipeline import STAGES as PIPELINE_STAGES
 
 COMPARISON_SEEDS = (2020, 2021, 2022)  # a comparison or ablation reports the median over these
-STAGES = ("prepare", "train", "export", "text", "image", "generate", "all")
-GENERATION_SECTIONS = ("text", "image")
+STAGES = ("prepare", "train", "export", "text", "image", "generate", "evaluate", "all")
+GENERATION_SECTIONS = ("text", "image", "rl", "reward", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--users", default=None, help="generate: comma-separated original user ids")
     parser.add_argument("--spec", default=None, help="prepare: YAML that describes a user dataset (see dataset/README.md)")
     parser.add_argument("--force", action="store_true", help="prepare: rebuild even if the cached dataset is up to date")
+    parser.add_argument("--profile", default=None, help="all / evaluate: settings profile properties/profiles/<name>.yaml over the defaults (quick = the README quick start; default: full = the defaults)")
+    parser.add_argument("--until", default=None, choices=PIPELINE_STAGES, help="all: stop after this pipeline stage (default: run all of %s)" % ", ".join(PIPELINE_STAGES))
     parser.add_argument("--seeds", default=None, help="train: seeds of a comparison or ablation, e.g. [2020,2021,2022] (default for several models or --ablation: %s; a single model without --seeds: the config's seed)" % list(COMPARISON_SEEDS))
     parser.add_argument("--jobs", type=int, default=1, help="train: runs of a comparison / ablation at a time, each in its own process (default 1)")
     parser.add_argument("--ablation", action="store_true", help="train: DPPMG ablation (modalities, levels, codebook size; one factor at a time) instead of a comparison")
@@ -70,10 +74,16 @@ def parse_args(argv: list[str]):
     config_files = args.config_files.split() if args.config_files else []
     generation = {section: {} for section in GENERATION_SECTIONS}
     for key in [k for k in overrides if "." in k]:
-        section, _, name = key.partition(".")
-        if section not in GENERATION_SECTIONS or not name or "." in name:
-            raise DPPMGError(f"malformed override '--{key}': dotted keys must be --text.<key> or --image.<key>")
-        generation[section][name] = overrides.pop(key)
+        section, *names = key.split(".")
+        if section not in GENERATION_SECTIONS or not all(names):
+            raise DPPMGError(f"malformed override '--{key}': dotted keys must be --text.<key> or --image.<key> "
+                             f"(or --rl.<key>, --reward.<key>, --evaluate.<key>; nested: --rl.text.<key>)")
+        target = generation[section]
+        for name in names[:-1]:
+            target = target.setdefault(name, {})
+            if not isinstance(target, dict):
+                raise DPPMGError(f"malformed override '--{key}': --{section}.{name} is both a value and a section")
+        target[names[-1]] = overrides.pop(key)
     args.generation = generation
     args.seeds = parse_seeds(args.seeds)
     if args.jobs < 1:
@@ -183,23 +193,52 @@ def _stage_generate(args) -> None:
             print(f"skipped: {missing}")
 
 
+def _stage_evaluate(args) -> None:
+    """The report of the newest generators (or those named in the evaluate: section)."""
+    from recbole_dppmg.generation.report import build_report
+    from recbole_dppmg.pipeline import load_profile, merge
+
+    profile = load_profile(args.profile)
+    sections = {s: merge(profile[s], args.generation[s]) for s in ("text", "image", "reward", "evaluate")}
+    if args.tokens:
+        sections["evaluate"]["tokens"] = args.tokens
+    report = build_report(args.dataset, sections["evaluate"], text_config_overrides=sections["text"],
+                          image_config_overrides=sections["image"], reward_overrides=sections["reward"])
+    print((report / "report.md").read_text())
+    print(f"report: {report} (report.md, report.csv, report.json, gallery.html)")
+
+
+def _stage_all(args, models, config_files, overrides) -> None:
+    """prepare -> train -> export -> text -> image -> RL -> evaluate, skipping what is valid."""
+    from recbole_dppmg.pipeline import Pipeline
+
+    if models != ["DPPMG"]:
+        raise DPPMGError("--stage all runs the DPPMG pipeline; leave --model at DPPMG (compare models with --stage train)")
+    pipeline = Pipeline(args.dataset, args.profile, config_files, overrides, args.generation, spec=args.spec, force_prepare=args.force)
+    folder = pipeline.run(until=args.until)
+    print(f"pipeline: {folder / 'pipeline.json'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, models, config_files, overrides = parse_args(argv)
-        if args.stage in ("prepare", "all"):
+        if args.stage == "all":
+            _stage_all(args, models, config_files, overrides)
+        if args.stage == "prepare":
             _stage_prepare(args)
-        trained = None
-        if args.stage in ("train", "all"):
-            trained = _stage_train(args, models, config_files, overrides)
-        if args.stage == "export" or (args.stage == "all" and trained):
-            _stage_export(args, models, config_files, overrides, trained)
+        if args.stage == "train":
+            _stage_train(args, models, config_files, overrides)
+        if args.stage == "export":
+            _stage_export(args, models, config_files, overrides)
         if args.stage == "text":
             _stage_text(args)
         if args.stage == "image":
             _stage_image(args)
         if args.stage == "generate":
             _stage_generate(args)
+        if args.stage == "evaluate":
+            _stage_evaluate(args)
     except DPPMGError as error:
         print(f"run_dppmg.py: error: {error}", file=sys.stderr)
         return 2

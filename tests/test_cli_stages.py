@@ -7,8 +7,11 @@ from recbole_dppmg.cli import main, parse_args
 
 def test_generation_overrides_are_split_by_section():
     args, models, _, overrides = parse_args(["--stage", "text", "--text.max_steps=10", "--image.num_threads=1", "--epochs=3"])
-    assert args.generation == {"text": {"max_steps": 10}, "image": {"num_threads": 1}}
+    assert args.generation == {"text": {"max_steps": 10}, "image": {"num_threads": 1}, "rl": {}, "reward": {}, "evaluate": {}}
     assert overrides == {"epochs": 3} and models == ["DPPMG"]
+    args, *_ = parse_args(["--stage", "all", "--rl.text.steps=8", "--rl.quick=true", "--evaluate.users=5", "--text.generate.max_new_tokens=16"])
+    assert args.generation["rl"] == {"text": {"steps": 8}, "quick": True} and args.generation["evaluate"] == {"users": 5}
+    assert args.generation["text"] == {"generate": {"max_new_tokens": 16}}
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,357 @@
+"""``--stage all``: prepare -> train -> export -> text warm-up -> image training -> text RL ->
+image RL -> evaluate, each stage skipped when its output is already there and valid.
+
+Valid means made from the same inputs with the same settings:
+
+- prepare: the dataset cache (``data/prepare.py`` checks its key; a hit costs seconds);
+- train + export: a finished DPPMG run (``result.json``) whose final RecBole config equals the
+  one requested (machine keys such as paths and threads aside) and whose token export was made
+  from this build of the dataset (``dataset_fingerprint``); a run without an export is exported;
+- text / image: a generator run trained on that token export with the same settings (runtime
+  keys such as threads, progress bars and time budgets aside); an unfinished one is resumed;
+- text RL / image RL (``generation/rl_text.py`` / ``rl_image.py``): an RL run made from those
+  generators with the same ``rl:`` settings and all its steps done; an unfinished one resumed.
+  When the RL modules are missing the stage is recorded as "not available";
+- evaluate: a report of exactly these runs with the same ``evaluate:`` / ``reward:`` settings.
+
+Each call writes ``saved/<dataset>/Pipeline-<time>/pipeline.json`` (profile, per-stage status,
+wall seconds and output, rewritten after every stage) and, when evaluate runs, the report in
+its ``report/`` subfolder. Profiles: ``properties/profiles/<name>.yaml`` (sections ``recbole``,
+``text``, ``image``, ``rl``, ``reward``, ``evaluate`` over the defaults); ``full`` = the defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from recbole_dppmg.errors import ConfigError, DPPMGError
+from recbole_dppmg.paths import PROPERTIES_DIR, SAVED_DIR
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("prepare", "train", "export", "text", "image", "rl_text", "rl_image", "evaluate")
+PROFILE_SECTIONS = ("recbole", "text", "image", "rl", "reward", "evaluate")
+PROFILES_DIR = PROPERTIES_DIR / "profiles"
+# settings that change how a stage runs on this machine, not what it produces
+TEXT_RUNTIME_KEYS = {"num_threads", "progress", "resume", "generator", "output_dir", "tokens", "checkpoint_dir", "generate", "evaluate", "device"}
+IMAGE_RUNTIME_KEYS = {"num_threads", "progress", "max_minutes", "save_every", "log_every", "device", "cache_dir", "autoencoder_path", "poster_dir"}
+RL_RUNTIME_KEYS = {"num_threads", "progress", "max_minutes", "save_steps", "resume", "partner", "device"}
+EVALUATE_RUNTIME_KEYS = {"num_threads", "progress", "output_dir"}
+
+
+def load_profile(name: str | None) -> dict:
+    """``{section: overrides}`` of ``properties/profiles/<name>.yaml``; ``full`` or None = none."""
+    if name in (None, "full"):
+        return {s: {} for s in PROFILE_SECTIONS}
+    path = PROFILES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown profile {name!r}: no {path} (known: full, {', '.join(known)})")
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = set(data) - set(PROFILE_SECTIONS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))} (known: {', '.join(PROFILE_SECTIONS)})")
+    return {s: data.get(s) or {} for s in PROFILE_SECTIONS}
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """``overrides`` over ``base``, nested dicts merged key by key."""
+    out = copy.deepcopy(base)
+    for key, value in (overrides or {}).items():
+        out[key] = merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+def _without(settings: dict, keys: set) -> dict:
+    return {k: v for k, v in settings.items() if k not in keys}
+
+
+def _same_path(a, b) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def _newest(paths) -> list[Path]:
+    return sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+# ---------------------------------------------------------------------------- validity
+def valid_stage1_run(dataset: str, config, data_dir: Path) -> tuple[Path | None, Path | None]:
+    """``(run folder, token export or None)``: the newest finished DPPMG run trained with this
+    exact config on this build of the dataset, and its export when that export was made from
+    this build (``dataset_fingerprint``). A run without a usable export counts when it finished
+    after the dataset was prepared (then it only needs exporting)."""
+    from recbole_dppmg.config import MACHINE_KEYS, jsonable_config
+    from recbole_dppmg.tokens.export import dataset_fingerprint
+    from recbole_dppmg.tokens.format import read_manifest
+
+    wanted = _without(jsonable_config(config), set(MACHINE_KEYS))
+    fingerprint = dataset_fingerprint(data_dir)
+    prepared = (data_dir / "manifest.json").stat().st_mtime if (data_dir / "manifest.json").is_file() else None
+    for result in _newest((Path(config["checkpoint_dir"]) / dataset).glob("DPPMG-*/result.json")):
+        run = result.parent
+        try:
+            saved = json.loads((run / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if _without(saved, set(MACHINE_KEYS)) != wanted or not (run / "best.pth").is_file():
+            continue
+        try:
+            exported = read_manifest(run / "tokens", dataset=dataset).get("dataset_fingerprint") == fingerprint
+        except DPPMGError:  # no export, or an unusable one
+            exported = False
+        if exported:
+            return run, run / "tokens"
+        if prepared is not None and result.stat().st_mtime > prepared:
+            return run, None
+    return None, None
+
+
+def valid_text_run(dataset: str, tokens: Path, cfg: dict, root: Path) -> tuple[Path | None, bool]:
+    """``(run, finished)``: the newest TextGen run on ``tokens`` with these settings."""
+    wanted = _without(cfg, TEXT_RUNTIME_KEYS)
+    for path in _newest((root / dataset).glob("TextGen-*/config.json")):
+        saved = json.loads(path.read_text())
+        if _same_path(saved.get("tokens"), tokens) and _without(saved.get("text", {}), TEXT_RUNTIME_KEYS) == wanted:
+            run = path.parent
+            finished = (run / "warmup.json").is_file() and (run / "dppmg" / "text_generator.json").is_file()
+            return run, finished
+    return None, False
+
+
+def valid_image_run(dataset: str, tokens: Path, settings: dict, root: Path) -> tuple[Path | None, bool]:
+    """``(run, finished)``: the newest ImageGen run on ``tokens`` with these settings."""
+    from recbole_dppmg.generation.image_model import model_config
+    from recbole_dppmg.generation.image_train import TRAIN_DEFAULTS
+
+    wanted_train = _without({k: settings[k] for k in TRAIN_DEFAULTS}, IMAGE_RUNTIME_KEYS)
+    wanted_model = model_config(settings)
+    for path in _newest((root / dataset).glob("ImageGen-*/image_config.json")):
+        meta = json.loads(path.read_text())
+        if (_same_path(meta.get("tokens_folder"), tokens) and meta.get("model") == wanted_model
+                and _without(meta.get("train", {}), IMAGE_RUNTIME_KEYS) == wanted_train):
+            return path.parent, int(meta.get("trained_steps", 0)) >= int(settings["max_steps"])
+    return None, False
+
+
+def valid_rl_run(dataset: str, prefix: str, source: Path, cfg: dict, root: Path) -> tuple[Path | None, bool]:
+    """``(run, finished)``: the newest RL run made from ``source`` with these settings."""
+    wanted = _without(cfg, RL_RUNTIME_KEYS)
+    for path in _newest((root / dataset).glob(f"{prefix}-*/rl_config.json")):
+        saved = json.loads(path.read_text())
+        if _same_path(saved.get("source_run"), source) and _without(saved.get("rl", {}), RL_RUNTIME_KEYS) == wanted:
+            return path.parent, int(saved.get("steps_done", -1)) >= int(cfg["steps"])
+    return None, False
+
+
+def _weights_time(run: str | None) -> float:
+    """When a run's weights last changed (an RL or resumed run keeps its folder)."""
+    if not run:
+        return 0.0
+    files = [p for p in Path(run).glob("dppmg/*") if p.is_file()] + [p for p in (Path(run) / "model.safetensors",) if p.is_file()]
+    return max((p.stat().st_mtime for p in files), default=0.0)
+
+
+def valid_report(dataset: str, runs, cfg: dict, reward: dict, root: Path) -> Path | None:
+    """The newest report of exactly ``runs`` (written after their weights last changed) with
+    these evaluate / reward settings."""
+    wanted = (asdict(runs), _without(cfg, EVALUATE_RUNTIME_KEYS), reward)
+    newest_weights = max(_weights_time(r) for r in (runs.text, runs.image, runs.text_rl, runs.image_rl))
+    for pattern in ("Pipeline-*/report/report.json", "Report-*/report/report.json"):
+        for path in _newest((root / dataset).glob(pattern)):
+            result = json.loads(path.read_text())
+            same = (result.get("runs"), _without(result.get("evaluate", {}), EVALUATE_RUNTIME_KEYS), result.get("reward")) == wanted
+            if same and path.stat().st_mtime > newest_weights:
+                return path.parent
+    return None
+
+
+# ---------------------------------------------------------------------------- the pipeline
+class Pipeline:
+    """Runs the stages in order and records each in ``pipeline.json``."""
+
+    def __init__(self, dataset: str, profile: str | None = None, config_files=(), overrides: dict | None = None,
+                 generation: dict | None = None, spec: str | None = None, force_prepare: bool = False, root: Path | None = None):
+        self.dataset, self.spec, self.force_prepare = dataset, spec, force_prepare
+        self.profile_name = profile or "full"
+        self.profile = load_profile(profile)
+        self.config_files = list(config_files)
+        self.overrides = merge(self.profile["recbole"], overrides or {})
+        generation = generation or {}
+        self.sections = {s: merge(self.profile[s], generation.get(s) or {}) for s in ("text", "image", "rl", "reward", "evaluate")}
+        self.root = Path(root or SAVED_DIR)
+        self.folder = self._new_folder()
+        self.record = {"dataset": dataset, "profile": self.profile_name, "folder": str(self.folder), "stages": [],
+                       "settings": {"recbole": self.overrides, **self.sections}}
+        self.outputs: dict[str, Path | None] = {}
+
+    def _new_folder(self) -> Path:
+        stamp = time.strftime("%b-%d-%Y_%H-%M-%S")
+        folder, k = self.root / self.dataset / f"Pipeline-{stamp}", 1
+        while folder.exists():
+            folder, k = self.root / self.dataset / f"Pipeline-{stamp}-{k}", k + 1
+        return folder
+
+    def _save(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / "pipeline.json.tmp"
+        tmp.write_text(json.dumps(self.record, indent=2, default=str))
+        tmp.replace(self.folder / "pipeline.json")
+
+    def run(self, until: str | None = None) -> Path:
+        """Run every stage up to ``until`` (inclusive; default: all); returns the folder."""
+        if until is not None and until not in STAGES:
+            raise ConfigError(f"--until must be one of {', '.join(STAGES)}, got {until!r}")
+        started = time.perf_counter()
+        for stage in STAGES[: STAGES.index(until) + 1 if until else None]:
+            tick = time.perf_counter()
+            status, output, note = getattr(self, f"_{stage}")()
+            entry = {"stage": stage, "status": status, "seconds": round(time.perf_counter() - tick, 1),
+                     "output": str(output) if output else None, "note": note}
+            self.record["stages"].append(entry)
+            self.record["total_seconds"] = round(time.perf_counter() - started, 1)
+            self._save()
+            logger.info("stage %s: %s in %.1f s (%s)%s", stage, status, entry["seconds"], output, f": {note}" if note else "")
+            print(f"[{stage}] {status} in {entry['seconds']} s: {output or ''}{'  (' + note + ')' if note else ''}", flush=True)
+        return self.folder
+
+    # ------------------------------------------------------------------ stage 1
+    def _prepare(self):
+        from recbole_dppmg.data.cache import read_manifest
+        from recbole_dppmg.data.prepare import KNOWN_DATASETS, find_spec_file, prepare_dataset
+
+        spec = Path(self.spec) if self.spec else find_spec_file(self.dataset)
+        if self.dataset not in KNOWN_DATASETS and spec is None:
+            return "skipped", None, "a plain RecBole dataset: nothing to prepare"
+        before = read_manifest(self._data_dir()) or {}
+        folder = prepare_dataset(self.dataset, spec_file=spec, force=self.force_prepare)
+        after = read_manifest(folder) or {}
+        hit = bool(before) and before.get("cache_key") == after.get("cache_key") and not self.force_prepare
+        return ("skipped" if hit else "ran"), folder, ("dataset cache hit" if hit else None)
+
+    def _stage1_config(self):
+        from recbole_dppmg.config import build_config
+        from recbole_dppmg.utils import get_model
+
+        return build_config(get_model("DPPMG"), self.dataset, self.config_files, self.overrides)
+
+    def _data_dir(self) -> Path:
+        from recbole_dppmg.paths import DATASET_DIR
+
+        return DATASET_DIR / self.dataset
+
+    def _train(self):
+        from recbole_dppmg.quick_start import run
+
+        config = self._stage1_config()
+        stage1, export = valid_stage1_run(self.dataset, config, Path(config["data_path"]))
+        self.outputs["export"] = export
+        if stage1 is not None:
+            self.outputs["stage1"] = stage1
+            return "skipped", stage1, "a finished DPPMG run with this config"
+        result = run("DPPMG", self.dataset, self.config_files, self.overrides)
+        self.outputs["stage1"] = result.run_dir
+        return "ran", result.run_dir, f"test {json.dumps(result.test_result)}"
+
+    def _export(self):
+        from recbole_dppmg.tokens.export import export_tokens
+
+        if self.outputs.get("export") is not None:
+            return "skipped", self.outputs["export"], "export of this run made from this build of the dataset"
+        self.outputs["export"] = export_tokens(Path(self.outputs["stage1"]) / "best.pth", config_dict=self.overrides)
+        return "ran", self.outputs["export"], None
+
+    # ------------------------------------------------------------------ generators
+    def _text(self):
+        from recbole_dppmg.generation.text_config import saved_root, text_config
+        from recbole_dppmg.generation.text_pipeline import train_text_generator
+
+        cfg = text_config(self.sections["text"])
+        run, finished = valid_text_run(self.dataset, self.outputs["export"], cfg, saved_root(cfg))
+        if run is not None and finished:
+            self.outputs["text"] = run
+            return "skipped", run, "a finished warm-up on this token export with these settings"
+        overrides = {**self.sections["text"], **({"resume": str(run)} if run is not None else {})}
+        self.outputs["text"] = train_text_generator(self.dataset, self.outputs["export"], overrides)
+        return "ran", self.outputs["text"], f"resumed {run.name}" if run is not None else None
+
+    def _image(self):
+        from recbole_dppmg.generation.image_train import image_settings, load_image_config, train_image_generator
+
+        config = load_image_config(self.sections["image"])
+        settings = image_settings(config)
+        run, finished = valid_image_run(self.dataset, self.outputs["export"], settings, self.root)
+        if run is not None and finished:
+            self.outputs["image"] = run
+            return "skipped", run, "a finished image generator on this token export with these settings"
+        self.outputs["image"] = train_image_generator(self.dataset, self.outputs["export"], config, out_dir=run, resume=run is not None)
+        meta = json.loads((Path(self.outputs["image"]) / "image_config.json").read_text())
+        stopped = int(meta["trained_steps"]) < int(settings["max_steps"])
+        note = (f"resumed; " if run is not None else "") + (f"stopped by image.max_minutes at step {meta['trained_steps']} of {settings['max_steps']}" if stopped else "")
+        return "ran", self.outputs["image"], note or None
+
+    # ------------------------------------------------------------------ RL
+    def _judge(self):
+        if "judge" not in self.outputs:
+            from recbole_dppmg.generation.reward import PreferenceJudge
+            from recbole_dppmg.tokens import PreferenceTokens
+
+            tokens = PreferenceTokens.load(self.outputs["export"], dataset=self.dataset)
+            self.outputs["judge"] = PreferenceJudge.for_dataset(self.dataset, tokens, self.sections["reward"])
+        return self.outputs["judge"]
+
+    def _rl(self, modality: str):
+        try:
+            if modality == "text":
+                from recbole_dppmg.generation.rl_text import RUN_PREFIX, train_text_rl as train
+            else:
+                from recbole_dppmg.generation.rl_image import RUN_PREFIX, train_image_rl as train
+            from recbole_dppmg.generation.rl_common import rl_config
+        except ImportError as error:
+            self.outputs[f"{modality}_rl"] = None
+            return "not available", None, f"RL not available: {error}"
+        rl = self.sections["rl"]
+        quick = bool(rl.get("quick", False))
+        partner = self.outputs["image" if modality == "text" else "text"]
+        overrides = {**(rl.get(modality) or {}), "partner": str(partner)}
+        cfg = rl_config(modality, overrides, quick)
+        source = self.outputs[modality]
+        run, finished = valid_rl_run(self.dataset, RUN_PREFIX, source, cfg, self.root)
+        if run is not None and finished:
+            self.outputs[f"{modality}_rl"] = run
+            return "skipped", run, f"a finished {modality} RL run from {Path(source).name} with these settings"
+        if run is not None:
+            overrides["resume"] = str(run)
+        self.outputs[f"{modality}_rl"] = train(self.dataset, source, self._judge(), overrides, quick)
+        return "ran", self.outputs[f"{modality}_rl"], f"resumed {run.name}" if run is not None else None
+
+    def _rl_text(self):
+        return self._rl("text")
+
+    def _rl_image(self):
+        return self._rl("image")
+
+    # ------------------------------------------------------------------ evaluate
+    def _evaluate(self):
+        from recbole_dppmg.generation.report import build_report, evaluate_config, resolve_runs
+        from recbole_dppmg.generation.reward import reward_config
+
+        cfg = evaluate_config(self.sections["evaluate"])
+        given = {"tokens": str(self.outputs["export"]), "text_run": str(self.outputs["text"]), "image_run": str(self.outputs["image"])}
+        runs = resolve_runs(self.dataset, {**cfg, **given}, self.root)
+        # exactly this pipeline's RL runs (or none), not the newest made from the same generators
+        runs.text_rl = str(Path(self.outputs["text_rl"]).resolve()) if self.outputs.get("text_rl") else None
+        runs.image_rl = str(Path(self.outputs["image_rl"]).resolve()) if self.outputs.get("image_rl") else None
+        reward = reward_config(self.sections["reward"])
+        existing = valid_report(self.dataset, runs, cfg, reward, self.root)
+        if existing is not None:
+            return "skipped", existing, "a report of these runs with these settings"
+        report = build_report(self.dataset, cfg, self.folder, runs=runs, text_config_overrides=self.sections["text"],
+                              image_config_overrides=self.sections["image"], reward_overrides=self.sections["reward"], root=self.root)
+        return "ran", report, None
