@@ -238,15 +238,15 @@ def build_report(dataset: str, config: dict | None = None, out_dir: str | Path |
         ceiling_items = top_recommended_items(tokens, fd_users, set(catalogues.item_texts) & set(catalogues.poster_ids))
 
         tick = time.perf_counter()
-        texts = generation.texts(users, ceiling_items[: len(users)])
+        texts = generation.texts(users, [catalogues.item_texts.get(i, "") if i else "" for i in ceiling_items[: len(users)]])
         timings["generate_texts"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        images = generation.posters(fd_users, ceiling_items)
+        images = generation.posters(fd_users, ceiling_items, catalogues.posters)
         timings["generate_posters"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        text_features = {c: {s: text_featurize(t) for s, t in per_seed.items()} for c, per_seed in texts.items()}
-        image_features = {c: {s: _featurize_posters(image_featurize, i) for s, i in per_seed.items()} for c, per_seed in images.items()}
+        text_features = _per_list(texts, text_featurize)
+        image_features = _per_list(images, lambda posters: _featurize_posters(image_featurize, posters))
         timings["featurize"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -313,6 +313,8 @@ class _Generation:
         meta = read_image_config(runs.image)
         self.image_settings = image_settings({**meta["train"], **meta["model"], **{k: v for k, v in image_cfg.items() if k in ("autoencoder_path", "poster_dir")}})
         self._codec, self._posters, self.dataset_dir = codec, posters, dataset_dir
+        self._base = None  # the frozen base LM for perplexity, loaded on first use
+        self._perplexities: dict[tuple, float] = {}
 
     def status(self, condition: str) -> dict:
         text = {"dppmg_rl": "run" if self.runs.text_rl else "not run"}.get(condition, "run")
@@ -344,7 +346,8 @@ class _Generation:
                           item_text_table(folder / f"{self.dataset}.item"), posters)
 
     # ------------------------------------------------------------------ text
-    def texts(self, users: list[str], ceiling_items: list[str | None]) -> dict[str, dict[int, list[str]]]:
+    def texts(self, users: list[str], ceiling: list[str]) -> dict[str, dict[int, list[str]]]:
+        """Texts per condition and seed for ``users``; ``ceiling`` = the real texts of their top items."""
         from recbole_dppmg.generation.text_generate import shuffled_user_map
         from recbole_dppmg.generation.text_pipeline import TextConditions
 
@@ -357,20 +360,13 @@ class _Generation:
             after = TextConditions(self.dataset, Path(self.runs.text_rl), self.tokens, self.vocabulary, self.text_cfg)
             out["dppmg_rl"] = {seed: after.generate("dppmg", users, seed) for seed in self.cfg["seeds"]}
             after.release()
-        item_texts = self._item_texts()
-        ceiling = [item_texts.get(i, "") if i else "" for i in ceiling_items]
-        out["ceiling"] = {seed: ceiling for seed in self.cfg["seeds"]}
+        out["ceiling"] = {seed: ceiling for seed in self.cfg["seeds"]}  # one list: measured once
         return out
 
-    def _item_texts(self) -> dict[str, str]:
-        from recbole_dppmg.generation.text_warmup import item_text_table
-        from recbole_dppmg.paths import DATASET_DIR
-
-        return item_text_table((self.dataset_dir or DATASET_DIR / self.dataset) / f"{self.dataset}.item")
-
     # ------------------------------------------------------------------ posters
-    def posters(self, users: list[str], ceiling_items: list[str | None]) -> dict[str, dict[int, list]]:
-        """PIL posters per condition and seed for ``users`` (the FD users; the evaluated users first)."""
+    def posters(self, users: list[str], ceiling_items: list[str | None], real: dict[str, Path]) -> dict[str, dict[int, list]]:
+        """PIL posters per condition and seed for ``users`` (the FD users; the evaluated users
+        first); the ceiling's are the ``real`` poster files of their top items."""
         import torch
 
         from recbole_dppmg.generation.image_data import load_poster, tensor_to_pil
@@ -395,17 +391,9 @@ class _Generation:
                     out[condition][seed] = [tensor_to_pil(x) for x in images]
             del model
         height, width = self.image_settings["height"], self.image_settings["width"]
-        posters = self._posters if self._posters is not None else None
-        catalogue = posters or self._poster_files()
-        ceiling = [tensor_to_pil(load_poster(catalogue[i], height, width)) if i else None for i in ceiling_items]
-        out["ceiling"] = {seed: ceiling for seed in self.cfg["seeds"]}
+        ceiling = [tensor_to_pil(load_poster(real[i], height, width)) if i else None for i in ceiling_items]
+        out["ceiling"] = {seed: ceiling for seed in self.cfg["seeds"]}  # one list: measured once
         return out
-
-    def _poster_files(self) -> dict[str, Path]:
-        from recbole_dppmg.generation.image_data import poster_files
-        from recbole_dppmg.paths import DATASET_DIR
-
-        return poster_files(self.dataset, self.image_settings["poster_dir"], self.dataset_dir or DATASET_DIR / self.dataset)
 
     # ------------------------------------------------------------------ quality
     def perplexity(self, texts: list[str], batch_size: int) -> float | None:
@@ -417,12 +405,15 @@ class _Generation:
         nonempty = [t for t in texts if t]
         if not nonempty:
             return None
-        if not hasattr(self, "_base"):
+        if self._base is None:
             backbone = read_meta(Path(self.runs.text) / "dppmg").backbone or self.text_cfg["backbone"]
             model, tokenizer = load_backbone(backbone, self.text_cfg["dtype"], self.text_cfg["device"])
             self._base = (model, tokenizer, prompt_ids(tokenizer, None))
         model, tokenizer, context = self._base
-        return perplexity(model, tokenizer, nonempty, context, batch_size)
+        key = tuple(nonempty)
+        if key not in self._perplexities:  # the ceiling's real texts are the same for every seed
+            self._perplexities[key] = perplexity(model, tokenizer, nonempty, context, batch_size)
+        return self._perplexities[key]
 
 
 def _measure(tokens, judge, cfg, users, fd_users, catalogues: Catalogues, texts, text_features, images, image_features,
@@ -468,6 +459,20 @@ def _measure(tokens, judge, cfg, users, fd_users, catalogues: Catalogues, texts,
                 row.update({name: float(values.mean()) for name, values in reward.items() if name in ("consistency", "total", "clip")})
                 row["reward"] = row.pop("total")
             out[condition][seed] = row
+    return out
+
+
+def _per_list(content: dict[str, dict[int, list]], featurize: Callable) -> dict[str, dict[int, np.ndarray]]:
+    """Features of every (condition, seed) list; a list shared by several seeds (the ceiling's
+    real content) is featurized once."""
+    done: dict[int, np.ndarray] = {}
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for condition, per_seed in content.items():
+        out[condition] = {}
+        for seed, items in per_seed.items():
+            if id(items) not in done:
+                done[id(items)] = featurize(items)
+            out[condition][seed] = done[id(items)]
     return out
 
 
