@@ -152,3 +152,11 @@ def test_evaluate_settings_are_checked():
         evaluate_config({"seeds": [1, 1]})
     with pytest.raises(ConfigError, match="evaluate.users must be an integer >= 2"):
         evaluate_config({"users": 1})
+
+
+def test_evaluate_stage_without_generators_is_one_line(capsys):
+    from recbole_dppmg.cli import main
+
+    assert main(["--stage", "evaluate", "-d", "no-such-dataset"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no trained text generator for dataset no-such-dataset" in err and len(err.splitlines()) == 1

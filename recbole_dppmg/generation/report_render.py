@@ -55,6 +55,7 @@ def write_report(out_dir: Path, result: dict, tokens, catalogues, texts: dict, i
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / REPORT
     tmp = Path(tempfile.mkdtemp(prefix=f".{REPORT}.", suffix=".tmp", dir=out_dir))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a report is for people to read
     try:
         (tmp / "report.json").write_text(json.dumps(result, indent=2, default=str))
         _write_csv(tmp, result)
