@@ -99,6 +99,10 @@ def test_report_on_a_tiny_run(tiny_run):
     assert "n/a" in soft_row
     assert "condition,metric,mean,std,min,max,seeds" in (report / "report.csv").read_text()
     assert (report / "reward_curves.png").stat().st_size > 0 and "reward_curves.png" in table
+    effect = result["rl_effect"]
+    assert set(effect) >= {"text_judge", "image_judge", "consistency", "reward", "perplexity", "frechet_distance"}
+    assert effect["reward"]["raised_beyond_seed_spread"] is False  # the fake RL runs are copies of the generators
+    assert effect["perplexity"]["within_tolerance"] and "## DPPMG after RL vs before" in table
     samples = [json.loads(line) for line in (report / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and "dppmg_rl/seed1" in samples[0]
     gallery = (report / "gallery.html").read_text()
@@ -160,3 +164,18 @@ def test_evaluate_stage_without_generators_is_one_line(capsys):
     assert main(["--stage", "evaluate", "-d", "no-such-dataset"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no trained text generator for dataset no-such-dataset" in err and len(err.splitlines()) == 1
+
+
+def test_rl_effect_verdicts():
+    from recbole_dppmg.generation.report import rl_effect
+
+    def s(mean, low, high):
+        return {"mean": mean, "std": (high - low) / 2, "min": low, "max": high, "seeds": 3}
+
+    summary = {"dppmg": {"reward": s(0.50, 0.48, 0.52), "consistency": s(0.60, 0.55, 0.65), "perplexity": s(10.0, 9, 11), "frechet_distance": s(100, 99, 101)},
+               "dppmg_rl": {"reward": s(0.56, 0.53, 0.58), "consistency": s(0.66, 0.60, 0.70), "perplexity": s(10.5, 10, 11), "frechet_distance": s(115, 114, 116)}}
+    effect = rl_effect(summary)
+    assert effect["reward"]["raised_beyond_seed_spread"] and not effect["consistency"]["raised_beyond_seed_spread"]
+    assert effect["perplexity"]["within_tolerance"] and not effect["frechet_distance"]["within_tolerance"]
+    assert effect["reward"]["difference"] == pytest.approx(0.06) and "text_judge" not in effect
+    assert rl_effect({"dppmg": summary["dppmg"]}) == {}  # no RL run: nothing to compare

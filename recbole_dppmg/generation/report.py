@@ -255,6 +255,7 @@ def build_report(dataset: str, config: dict | None = None, out_dir: str | Path |
     summary = {c: {metric: _spread([row.get(metric) for row in rows.values()]) for metric in sorted({k for row in rows.values() for k in row})}
                for c, rows in per_seed.items()}
     result = {
+        "rl_effect": rl_effect(summary),
         "dataset": dataset, "runs": asdict(runs), "evaluate": cfg, "reward": reward_cfg,
         "text_generation": generation.text_cfg["generate"], "image_sampling": generation.sampling,
         "users": users, "fd_users": len(fd_users), "seeds": cfg["seeds"],
@@ -268,6 +269,31 @@ def build_report(dataset: str, config: dict | None = None, out_dir: str | Path |
     result["timings"]["total"] = round(time.perf_counter() - started, 1)
     logger.info("report written to %s in %.0f s", report, result["timings"]["total"])
     return report
+
+
+REWARD_METRICS = ("text_judge", "image_judge", "consistency", "reward")
+QUALITY_METRICS = ("perplexity", "frechet_distance")
+QUALITY_TOLERANCE = 0.10
+
+
+def rl_effect(summary: dict) -> dict:
+    """DPPMG after RL vs before, per metric: difference of the seed means, and whether it is
+    beyond the seed spread (the [min, max] ranges over seeds do not overlap) for the reward
+    metrics, or within ``QUALITY_TOLERANCE`` (relative) for perplexity and Fréchet distance."""
+    before, after = summary.get("dppmg", {}), summary.get("dppmg_rl", {})
+    out = {}
+    for metric in REWARD_METRICS + QUALITY_METRICS:
+        b, a = before.get(metric), after.get(metric)
+        if not b or not a or b["mean"] is None or a["mean"] is None:
+            continue
+        entry = {"before": b["mean"], "after": a["mean"], "difference": a["mean"] - b["mean"]}
+        if metric in REWARD_METRICS:
+            entry["raised_beyond_seed_spread"] = a["min"] > b["max"]
+        else:
+            entry["relative_change"] = a["mean"] / b["mean"] - 1 if b["mean"] else None
+            entry["within_tolerance"] = entry["relative_change"] is not None and abs(entry["relative_change"]) <= QUALITY_TOLERANCE
+        out[metric] = entry
+    return out
 
 
 def _new_folder(parent: Path) -> Path:

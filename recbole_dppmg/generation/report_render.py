@@ -138,6 +138,16 @@ def markdown(result: dict, has_curves: bool) -> str:
         f"- text sampling: {json.dumps(result['text_generation'])}; poster sampling: {json.dumps(result['image_sampling'])}",
         f"- wall time (s): {json.dumps(result['timings'])}",
     ]
+    if result.get("rl_effect"):
+        lines += ["", "## DPPMG after RL vs before", "",
+                  "| metric | before | after | difference | verdict |", "|---|---|---|---|---|"]
+        for metric, e in result["rl_effect"].items():
+            if "raised_beyond_seed_spread" in e:
+                verdict = "raised beyond the seed spread" if e["raised_beyond_seed_spread"] else "not beyond the seed spread"
+            else:
+                verdict = f"{e['relative_change']:+.1%}: " + ("within" if e["within_tolerance"] else "outside") + " 10%"
+            lines.append(f"| {metric} | {e['before']:.4f} | {e['after']:.4f} | {e['difference']:+.4f} | {verdict} |")
+        lines += ["", "Beyond the seed spread = every seed after RL scores above every seed before RL (min after > max before)."]
     if has_curves:
         lines += ["", "## RL reward curves", "", "![reward curves](reward_curves.png)"]
     lines += ["", "Gallery: [gallery.html](gallery.html)."]
