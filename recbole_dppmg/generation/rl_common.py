@@ -1,0 +1,326 @@
+"""What text RL (``rl_text``) and image RL (``rl_image``) share.
+
+- the ``rl:`` settings of ``properties/generation.yaml`` (``text`` / ``image``, and the
+  overrides of the ``quick`` profile);
+- group-normalised advantages (GRPO; DDPO's per-prompt statistics are the same thing);
+- a frozen copy of the trainable tensors at the start of RL: the reference policy. Only
+  token-associated tensors move, so writing the copy back for one no-grad pass *is* the
+  pre-RL model; no second model is kept;
+- resumable checkpoints as plain state dicts + JSON (``weights_only=True`` loadable);
+- the reward: the stage-1 judge (``reward.PreferenceJudge``) on the features of the generated
+  content, with the *other* modality's content of the same user held fixed for the
+  consistency term. That partner content is what the other generator wrote for the user
+  before any RL (one sample, its own default sampling settings and seed), computed once per
+  user list and cached under ``.cache/rl_partner/``. Fixing it keeps the reward a function
+  of the tuned modality only (no moving target, no coupling of the two RL runs) and makes
+  the consistency term mean "agree with what the other generator says about this user".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
+from recbole_dppmg.paths import CACHE_DIR, PROPERTIES_DIR
+
+logger = logging.getLogger(__name__)
+
+GENERATION_YAML = PROPERTIES_DIR / "generation.yaml"
+HISTORY_FILE, CONFIG_FILE, CHECKPOINT = "rl_history.json", "rl_config.json", "checkpoint"
+MODALITIES = ("text", "image")
+
+
+# ---------------------------------------------------------------------------- settings
+def _merge(base: dict, overrides: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (overrides or {}).items():
+        if key not in base:
+            raise ConfigError(f"unknown RL setting {where}{key} (known: {', '.join(sorted(base))})")
+        out[key] = value
+    return out
+
+
+def rl_config(modality: str, overrides: dict | None = None, quick: bool = False, path: Path | None = None) -> dict:
+    """``rl.<modality>`` of ``properties/generation.yaml`` (+ ``rl.quick.<modality>`` when
+    ``quick``) with ``overrides`` applied; unknown keys are refused."""
+    if modality not in MODALITIES:
+        raise ConfigError(f"RL modality must be text or image, got {modality!r}")
+    path = Path(path or GENERATION_YAML)
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing")
+    section = (yaml.safe_load(path.read_text()) or {}).get("rl")
+    if not isinstance(section, dict) or not isinstance(section.get(modality), dict):
+        raise ConfigError(f"{path} has no rl.{modality} section")
+    cfg = section[modality]
+    if quick:
+        cfg = _merge(cfg, (section.get("quick") or {}).get(modality) or {}, f"rl.quick.{modality}.")
+    cfg = _merge(cfg, overrides or {}, f"rl.{modality}.")
+    if int(cfg["group_size"]) < 2:
+        raise ConfigError(f"rl.{modality}.group_size must be >= 2 (advantages are relative to the group), got {cfg['group_size']}")
+    for key in ("steps", "users_per_step", "user_pool", "save_steps", "inner_epochs"):
+        if int(cfg[key]) < 1:
+            raise ConfigError(f"rl.{modality}.{key} must be >= 1, got {cfg[key]}")
+    if cfg["advantage_scale"] not in ("group", "batch", "none"):
+        raise ConfigError(f"rl.{modality}.advantage_scale must be group, batch or none, got {cfg['advantage_scale']!r}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------- advantages
+def group_advantages(rewards: Sequence[float], group_size: int, scale: str = "group", eps: float = 1e-4) -> np.ndarray:
+    """``(r - mean of its group) / (std + eps)`` for rewards laid out group after group.
+
+    ``scale``: ``group`` divides by the group's std (GRPO), ``batch`` by the std of the whole
+    batch (less noisy when groups are small), ``none`` only centres. A group whose rewards are
+    all equal gets zero advantages: it carries no signal. Anything constant per group (for
+    example the personalization of the fixed partner modality) cancels exactly.
+    """
+    r = np.asarray(rewards, dtype=np.float64)
+    if group_size < 2 or r.size % group_size:
+        raise DataError(f"{r.size} rewards do not form groups of {group_size} (>= 2)")
+    groups = r.reshape(-1, group_size)
+    centred = groups - groups.mean(axis=1, keepdims=True)
+    if scale == "group":
+        std = groups.std(axis=1, ddof=1, keepdims=True)
+    elif scale == "batch":
+        std = np.full((len(groups), 1), r.std(ddof=1) if r.size > 1 else 0.0)
+    elif scale == "none":
+        std = np.full((len(groups), 1), 1.0 - eps)
+    else:
+        raise ConfigError(f"advantage scale must be group, batch or none, got {scale!r}")
+    return (centred / (std + eps)).reshape(-1)
+
+
+def reward_table(output) -> dict[str, np.ndarray]:
+    """A reward callable's result as ``{component: [N]}`` with a ``total``; a bare array is the total."""
+    if isinstance(output, dict):
+        if "total" not in output:
+            raise DataError(f"the reward returned no 'total' (got {', '.join(output)})")
+        return {k: np.asarray(v, dtype=np.float64) for k, v in output.items()}
+    return {"total": np.asarray(output, dtype=np.float64)}
+
+
+def step_record(step: int, rewards: dict[str, np.ndarray], advantages: np.ndarray, **extra) -> dict:
+    """One ``rl_history.json`` entry: the mean of every reward component and the advantage std."""
+    record = {"step": step}
+    record.update({f"reward_{k}": round(float(np.mean(v)), 6) for k, v in rewards.items()})
+    record["reward_std"] = round(float(np.std(rewards["total"])), 6)
+    record["advantage_std"] = round(float(np.std(advantages)), 6)
+    record.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in extra.items()})
+    return record
+
+
+# ---------------------------------------------------------------------------- reference policy
+class FrozenReference:
+    """The trainable tensors' values when RL started.
+
+    ``with reference.active():`` writes them into the live parameters and restores the current
+    values afterwards: a forward pass inside is the pre-RL policy. Use it only where no autograd
+    graph holds the parameters (the values are swapped in place).
+    """
+
+    PREFIX = "reference."
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor] | None = None):
+        self.params = params
+        source = values if values is not None else {n: p.detach() for n, p in params.items()}
+        if set(source) != set(params):
+            raise CheckpointError("the saved reference policy does not match the trainable tensors")
+        self.values = {n: source[n].detach().clone().to(params[n].device) for n in params}
+
+    @contextlib.contextmanager
+    def active(self):
+        current = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.values[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(current[n])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {self.PREFIX + n: v for n, v in self.values.items()}
+
+    @classmethod
+    def split(cls, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """(trainable values, reference values) of a saved checkpoint."""
+        ref = {k[len(cls.PREFIX):]: v for k, v in tensors.items() if k.startswith(cls.PREFIX)}
+        return {k: v for k, v in tensors.items() if not k.startswith(cls.PREFIX)}, ref
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Tensors (safetensors), optimizer + torch RNG (a plain state dict), then ``state.json``
+    last: a readable state means a complete checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / "tensors.safetensors.tmp"))
+    os.replace(folder / "tensors.safetensors.tmp", folder / "tensors.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, folder / "optimizer.pt.tmp")
+    os.replace(folder / "optimizer.pt.tmp", folder / "optimizer.pt")
+    (folder / "state.json.tmp").write_text(json.dumps(state, indent=2))
+    os.replace(folder / "state.json.tmp", folder / "state.json")
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict, dict] | None:
+    """``(tensors, {"optimizer", "torch_rng"}, state)`` or None when there is no complete checkpoint."""
+    if not (folder / "state.json").is_file():
+        return None
+    try:
+        tensors = load_file(str(folder / "tensors.safetensors"))
+        extra = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"RL checkpoint {folder} is unreadable: {exc}") from None
+    return tensors, extra, json.loads((folder / "state.json").read_text())
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def check_resume(run: Path, previous: dict, cfg: dict, keys: Sequence[str]) -> None:
+    """Refuse to resume a run whose result would depend on settings that changed."""
+    for key in keys:
+        if previous["rl"].get(key) != cfg.get(key):
+            raise CheckpointError(f"cannot resume {run}: rl.{key} was {previous['rl'].get(key)!r}, now {cfg.get(key)!r}")
+
+
+def user_pool(train_users: Sequence[str], size: int, seed: int) -> list[str]:
+    """The training users RL draws prompts from: a seeded sample of ``size`` of them."""
+    users = [str(u) for u in train_users]
+    if not users:
+        raise DataError("RL needs training users; the generator's split has none")
+    order = np.random.default_rng(seed).permutation(len(users))[: min(size, len(users))]
+    return [users[k] for k in sorted(order)]
+
+
+def step_users(pool: Sequence[str], count: int, seed: int, step: int) -> list[str]:
+    """The users of one step: a pure function of (seed, step), so a resumed run sees the same ones."""
+    rng = np.random.default_rng([seed, step])
+    return [pool[k] for k in rng.choice(len(pool), min(count, len(pool)), replace=False)]
+
+
+# ---------------------------------------------------------------------------- reward
+class JudgeReward:
+    """``reward(users, outputs)`` for RL of ``modality``: the judge on ``featurize(outputs)``
+    with the partner modality's fixed features of the same users (the consistency term)."""
+
+    def __init__(self, judge, modality: str, featurize: Callable[[Sequence], np.ndarray], partner: dict[str, np.ndarray] | None = None):
+        self.judge, self.modality, self.featurize, self.partner = judge, modality, featurize, partner
+        self.other = "image" if modality == "text" else "text"
+
+    def __call__(self, users: Sequence[str], outputs: Sequence) -> dict[str, np.ndarray]:
+        features = {f"{self.modality}_features": np.asarray(self.featurize(outputs), dtype=np.float32)}
+        if self.partner is not None:
+            missing = [u for u in users if u not in self.partner]
+            if missing:
+                raise DataError(f"no pre-RL {self.other} content for users {missing[:5]}")
+            features[f"{self.other}_features"] = np.stack([self.partner[u] for u in users])
+        return reward_table(self.judge.reward(list(users), **features))
+
+
+def cached_features(kind: str, descriptor: dict, users: Sequence[str], compute: Callable[[list[str]], np.ndarray],
+                    cache_dir: Path | None = None) -> dict[str, np.ndarray]:
+    """``{user: feature row}`` from ``compute(users)``, cached by (descriptor, user list): the
+    same generator, settings and users give the same content, so it is computed once."""
+    users = [str(u) for u in users]
+    key = hashlib.sha256(json.dumps({"kind": kind, **descriptor, "users": users}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(cache_dir or CACHE_DIR / "rl_partner") / f"{kind}-{key}.npz"
+    if path.is_file():
+        with np.load(path) as stored:
+            if [str(u) for u in stored["users"]] == users:
+                return dict(zip(users, stored["features"]))
+    features = np.asarray(compute(users), dtype=np.float32)
+    if features.shape[0] != len(users):
+        raise DataError(f"{kind}: computed {features.shape[0]} feature rows for {len(users)} users")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, users=np.array(users), features=features)
+    os.replace(tmp, path)
+    (path.with_suffix(".json")).write_text(json.dumps({"kind": kind, **descriptor, "users": len(users)}, indent=2, default=str))
+    return dict(zip(users, features))
+
+
+def _file_stamp(path: Path) -> str:
+    stat = Path(path).stat()
+    return f"{stat.st_size}:{int(stat.st_mtime)}"
+
+
+def pre_rl_poster_features(dataset: str, image_run: Path, users: Sequence[str], num_threads: int | None = 1,
+                           progress: bool = True, seed: int | None = None) -> dict[str, np.ndarray]:
+    """EfficientNet features of one poster per user from the image generator ``image_run``
+    (its default sampler, steps, guidance and seed from the ``image:`` section), cached."""
+    from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
+    from recbole_dppmg.generation.image_data import tensor_to_pil
+    from recbole_dppmg.generation.image_generate import GENERATE_DEFAULTS, generate_posters, user_positions
+    from recbole_dppmg.generation.image_metrics import image_features
+    from recbole_dppmg.generation.image_train import WEIGHTS_FILE, build_codec, image_settings, load_image_config, load_image_generator, read_image_config
+    from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+    from recbole_dppmg.tokens import PreferenceTokens
+
+    image_run = Path(image_run)
+    meta = read_image_config(image_run)
+    config = load_image_config()
+    gen = {**GENERATE_DEFAULTS, **{k: v for k, v in config.items() if k in GENERATE_DEFAULTS}}
+    if seed is not None:
+        gen["sample_seed"] = seed
+    descriptor = {"run": str(image_run.resolve()), "weights": _file_stamp(image_run / WEIGHTS_FILE),
+                  **{k: gen[k] for k in ("sample_steps", "guidance_scale", "sampler", "sample_seed")}}
+
+    def compute(batch_users: list[str]) -> np.ndarray:
+        tokens = PreferenceTokens.load(meta["tokens_folder"], dataset=dataset)
+        vocab = PreferenceVocabulary(tokens)
+        model, _ = load_image_generator(image_run, vocab, dataset=dataset)
+        settings = image_settings({**meta["train"], **meta["model"], **{k: v for k, v in config.items() if k in ("autoencoder_path", "poster_dir")}})
+        with torch_threads(num_threads):
+            codec, _ = build_codec(settings)
+            images = generate_posters(model, codec, user_positions(vocab, batch_users), seed=gen["sample_seed"], steps=gen["sample_steps"],
+                                      guidance=gen["guidance_scale"], sampler=gen["sampler"], batch_size=gen["sample_batch"], progress=progress)
+            return image_features(load_default_encoder("image"), [tensor_to_pil(x) for x in images])
+
+    logger.info("pre-RL posters of %d users from %s (cached)", len(users), image_run)
+    return cached_features("poster", descriptor, users, compute)
+
+
+def pre_rl_text_features(dataset: str, text_run: Path, users: Sequence[str], num_threads: int | None = 1,
+                         progress: bool = True, seed: int | None = None) -> dict[str, np.ndarray]:
+    """MiniLM features of one text per user from the text generator ``text_run`` (the
+    ``text.generate`` settings and ``text.seed``), cached."""
+    from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
+    from recbole_dppmg.generation.text_config import text_config
+    from recbole_dppmg.generation.text_generate import TokenConditioner, generate_texts
+    from recbole_dppmg.generation.text_injection import META
+    from recbole_dppmg.generation.text_pipeline import _generation_options, _load_tokens, _run_config, load_text_generator
+    from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+
+    text_run = Path(text_run)
+    cfg = text_config({"num_threads": num_threads, "progress": progress})
+    if seed is not None:
+        cfg["seed"] = seed
+    descriptor = {"run": str(text_run.resolve()), "adapter": _file_stamp(text_run / "dppmg" / META), "seed": cfg["seed"], **cfg["generate"]}
+
+    def compute(batch_users: list[str]) -> np.ndarray:
+        with torch_threads(num_threads):
+            tokens = _load_tokens(dataset, None, cfg, _run_config(text_run).get("tokens"))
+            vocabulary = PreferenceVocabulary(tokens)
+            lm = load_text_generator(text_run, vocabulary, cfg)
+            texts = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), batch_users, **_generation_options(cfg, lm.token_ids))
+            return load_default_encoder("text").encode([t or " " for t in texts], progress=False)
+
+    logger.info("pre-RL texts of %d users from %s (cached)", len(users), text_run)
+    return cached_features("text", descriptor, users, compute)

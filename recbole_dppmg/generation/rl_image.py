@@ -1,0 +1,342 @@
+"""DDPO-style reinforcement learning of the image generator's token conditioning.
+
+Sampling is a Markov chain of Gaussian transitions: DDIM with ``eta`` > 0 (diffusers'
+``DDIMScheduler``; :func:`ddim_transition` gives the mean and standard deviation of
+``x_{t-1} | x_t`` under the current conditioning, the same numbers ``DDIMScheduler.step``
+uses). Each step draws ``users_per_step`` training users, samples ``group_size`` posters per
+user (different noise), keeps every transition's latents and log-prob, decodes the posters
+and rewards them with the judge (poster personalization + consistency with the user's pre-RL
+text, see ``rl_common``). Advantages are normalised per user group and clipped. Then, for
+``inner_epochs`` passes, every (or a ``timestep_fraction`` of the) stochastic transition is
+re-scored with gradients and the PPO objective on the per-transition likelihood ratio is
+minimised, as in DDPO (Black et al. 2023): ``-min(rho A, clip(rho, 1 +- eps) A)``; log-probs
+are means over the latent dimensions, hence DDPO's tiny ``clip_range``. Optionally a KL term
+to the pre-RL transition (Gaussians of equal variance: ``|mu - mu_ref|^2 / 2 sigma^2``).
+
+Only the token conditioning moves: the codebook projection and the slot embeddings (and the
+null sequence when ``train_null``); the UNet, the latent statistics and the autoencoder stay
+bit-identical. TRL dropped its DDPO trainer, and it targeted Stable Diffusion pipelines; this
+is the same algorithm on ``PosterDiffusion``.
+
+Run folder ``saved/<dataset>/ImageRL-<time>/`` loads like a trained image generator
+(``image_train.load_image_generator``): ``model.safetensors`` + ``image_config.json`` (with an
+``rl`` entry), plus ``rl_config.json``, ``rl_history.json`` and ``checkpoint/``.
+
+The stochastic DDIM sampler here does not clip the predicted x0 (``clip_sample=False``): the
+model works on standardised latents, which are not confined to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
+from recbole_dppmg.generation.rl_common import (
+    CHECKPOINT, CONFIG_FILE, HISTORY_FILE, FrozenReference, JudgeReward, check_resume, group_advantages,
+    load_checkpoint, pre_rl_text_features, reward_table, rl_config, save_checkpoint, step_record, step_users,
+    user_pool, write_json,
+)
+
+logger = logging.getLogger(__name__)
+
+RUN_PREFIX = "ImageRL"
+RESUME_KEYS = ("users_per_step", "group_size", "user_pool", "learning_rate", "clip_range", "advantage_clip", "kl_weight",
+               "inner_epochs", "sample_steps", "eta", "guidance_scale", "timestep_fraction", "train_null", "advantage_scale",
+               "grad_clip", "seed", "partner")
+
+
+# ---------------------------------------------------------------------------- the stochastic sampler
+def ddim_scheduler(model, steps: int):
+    """DDIM over the model's training noise schedule, without x0 clipping."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(model.train_scheduler().config, clip_sample=False)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def ddim_transition(scheduler, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float) -> tuple[torch.Tensor, float]:
+    """Mean and standard deviation of ``x_{t-1} | x_t`` for DDIM with ``eta`` (formulas (12)
+    and (16) of Song et al.; the same as ``DDIMScheduler.step``), differentiable in
+    ``model_output``. ``std`` is 0 at the last step when the schedule ends at alpha = 1."""
+    timestep = int(timestep)
+    prev = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alpha = scheduler.alphas_cumprod[timestep].item()
+    alpha_prev = scheduler.alphas_cumprod[prev].item() if prev >= 0 else float(scheduler.final_alpha_cumprod)
+    prediction = scheduler.config.prediction_type
+    if prediction == "epsilon":
+        x0 = (sample - math.sqrt(1 - alpha) * model_output) / math.sqrt(alpha)
+        eps = model_output
+    elif prediction == "v_prediction":
+        x0 = math.sqrt(alpha) * sample - math.sqrt(1 - alpha) * model_output
+        eps = math.sqrt(alpha) * model_output + math.sqrt(1 - alpha) * sample
+    else:
+        raise ConfigError(f"image RL supports epsilon or v_prediction models, not {prediction!r}")
+    variance = (1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)
+    std = eta * math.sqrt(max(variance, 0.0))
+    mean = math.sqrt(alpha_prev) * x0 + math.sqrt(max(1 - alpha_prev - std**2, 0.0)) * eps
+    return mean, std
+
+
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
+    """``[B]``: log N(x; mean, std^2 I) averaged over the non-batch dimensions (DDPO's scale)."""
+    logp = -((x - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    return logp.mean(dim=tuple(range(1, x.ndim)))
+
+
+def guided_output(model, x: torch.Tensor, timestep, cond: torch.Tensor, null: torch.Tensor, guidance: float) -> torch.Tensor:
+    """The UNet's prediction with classifier-free guidance towards ``cond`` (off at 1.0)."""
+    t = torch.as_tensor(timestep, device=x.device)
+    if guidance == 1.0:
+        return model(x, t.expand(len(x)), cond)
+    uncond, conditioned = model(torch.cat([x, x]), t.expand(2 * len(x)), torch.cat([null, cond])).chunk(2)
+    return uncond + guidance * (conditioned - uncond)
+
+
+@dataclass
+class Trajectories:
+    """Sampled chains: transition ``k`` goes from ``starts[:, k]`` to ``ends[:, k]`` at
+    ``timesteps[k]``; only the stochastic transitions (``std > 0``) are kept for training."""
+
+    starts: torch.Tensor  # [B, K, C, h, w]
+    ends: torch.Tensor  # [B, K, C, h, w]
+    logps: torch.Tensor  # [B, K] at sampling time
+    timesteps: list[int]
+    stds: list[float]
+    final: torch.Tensor  # [B, C, h, w] the sampled (normalised) latents
+
+
+@torch.no_grad()
+def sample_trajectories(model, scheduler, positions: torch.Tensor, eta: float, guidance: float, generator: torch.Generator) -> Trajectories:
+    """Posters' latents for token ``positions`` with every transition's log-prob (noise from ``generator``)."""
+    cond = model.condition(positions)
+    null = model.null.expand_as(cond)
+    shape = (len(positions), model.latent_channels, *model.latent_size)
+    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+    starts, ends, logps, steps, stds = [], [], [], [], []
+    for t in scheduler.timesteps:
+        out = guided_output(model, x, t, cond, null, guidance)
+        mean, std = ddim_transition(scheduler, out, int(t), x, eta)
+        if std > 0:
+            following = mean + std * torch.randn(shape, generator=generator)
+            starts.append(x)
+            ends.append(following)
+            logps.append(gaussian_logprob(following, mean, std))
+            steps.append(int(t))
+            stds.append(std)
+        else:  # the deterministic last step of a schedule that ends at alpha = 1
+            following = mean
+        x = following
+    if not steps:
+        raise ConfigError("image RL needs stochastic denoising steps: set rl.image.eta > 0")
+    return Trajectories(torch.stack(starts, 1), torch.stack(ends, 1), torch.stack(logps, 1), steps, stds, x)
+
+
+def ppo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, float]:
+    """DDPO's clipped objective for one transition, averaged over the batch; and the clipped share."""
+    ratio = torch.exp(logps - old_logps)
+    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    return loss, float(((ratio - 1).abs() > clip_range).float().mean())
+
+
+# ---------------------------------------------------------------------------- training loop
+def conditioning_parameters(model, train_null: bool = False) -> dict[str, torch.nn.Parameter]:
+    """The tensors RL moves (everything else frozen): projection, slot (and null) embeddings."""
+    model.requires_grad_(False)
+    named = {f"projection.linear.{n}": p for n, p in model.projection.linear.named_parameters()}
+    named["slot"] = model.slot
+    if train_null:
+        named["null"] = model.null
+    for p in named.values():
+        p.requires_grad_(True)
+    return named
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return int(np.random.default_rng([seed, step, 11]).integers(2**31 - 1))
+
+
+def run_image_rl(model, codec, vocab, reward_fn: Callable, pool: Sequence[str], cfg: dict, folder: Path) -> dict:
+    """RL of ``model``'s conditioning for ``cfg["steps"]`` steps (resuming from
+    ``folder/checkpoint``); ``reward_fn(users, posters [N, 3, H, W] in [-1, 1])``."""
+    from tqdm.auto import tqdm
+
+    folder = Path(folder)
+    model.eval()
+    named = conditioning_parameters(model, cfg["train_null"])
+    reference = FrozenReference(named)
+    optimizer = torch.optim.AdamW(list(named.values()), lr=cfg["learning_rate"], weight_decay=0.0)
+    state = {"step": 0, "seconds": 0.0, "history": [], "finished": False, "stopped": None}
+    saved = load_checkpoint(folder / CHECKPOINT)
+    if saved is not None:
+        tensors, extra, state = saved
+        values, ref_values = FrozenReference.split(tensors)
+        if set(values) != set(named):
+            raise CheckpointError(f"{folder / CHECKPOINT} does not match this image generator's trainable tensors")
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(values[n])
+        reference = FrozenReference(named, ref_values)
+        optimizer.load_state_dict(extra["optimizer"])
+        torch.set_rng_state(extra["torch_rng"])
+        logger.info("image RL: resumed at step %d from %s", state["step"], folder / CHECKPOINT)
+    if state["step"] >= cfg["steps"]:  # done (a larger rl.*.steps continues a finished run)
+        return state
+
+    def checkpoint() -> None:
+        save_checkpoint(folder / CHECKPOINT, {**named, **reference.state_dict()}, optimizer, state)
+        write_json(folder / HISTORY_FILE, state["history"])
+
+    params = list(named.values())
+    group, guidance, eta = int(cfg["group_size"]), float(cfg["guidance_scale"]), float(cfg["eta"])
+    scheduler = ddim_scheduler(model, int(cfg["sample_steps"]))
+    budget = float(cfg["max_minutes"]) * 60 if cfg.get("max_minutes") else float("inf")
+    started = time.perf_counter()
+    bar = tqdm(total=cfg["steps"], initial=state["step"], desc="image RL", unit="step", disable=not cfg.get("progress", True))
+    while state["step"] < cfg["steps"]:
+        if time.perf_counter() - started > budget:
+            state["stopped"] = "max_minutes"
+            break
+        tick = time.perf_counter()
+        step = state["step"]
+        users = [u for u in step_users(pool, cfg["users_per_step"], cfg["seed"], step) for _ in range(group)]
+        positions = torch.tensor([vocab.ids_for(u) for u in users], dtype=torch.long)
+        generator = torch.Generator().manual_seed(_step_seed(cfg["seed"], step))
+        traj = sample_trajectories(model, scheduler, positions, eta, guidance, generator)
+        with torch.no_grad():
+            posters = codec.decode(model.denormalise(traj.final))
+        rewards = reward_table(reward_fn(users, posters))
+        advantages = group_advantages(rewards["total"], group, cfg["advantage_scale"])
+        adv = torch.tensor(advantages, dtype=torch.float32).clamp(-cfg["advantage_clip"], cfg["advantage_clip"])
+        ref_cond = None
+        if cfg["kl_weight"]:
+            with reference.active(), torch.no_grad():
+                ref_cond = model.condition(positions)
+                ref_null = model.null.expand_as(ref_cond).clone()
+        n_train = max(1, round(cfg["timestep_fraction"] * len(traj.timesteps)))
+        losses, clipped, kls = [], [], []
+        for _ in range(int(cfg["inner_epochs"])):
+            chosen = torch.randperm(len(traj.timesteps), generator=generator)[:n_train].tolist()
+            optimizer.zero_grad(set_to_none=True)
+            for k in chosen:
+                x, following, t, std = traj.starts[:, k], traj.ends[:, k], traj.timesteps[k], traj.stds[k]
+                cond = model.condition(positions)
+                out = guided_output(model, x, t, cond, model.null.expand_as(cond), guidance)
+                mean, _ = ddim_transition(scheduler, out, t, x, eta)
+                loss, share = ppo_loss(gaussian_logprob(following, mean, std), traj.logps[:, k], adv, cfg["clip_range"])
+                if ref_cond is not None:
+                    with torch.no_grad():
+                        ref_mean, _ = ddim_transition(scheduler, guided_output(model, x, t, ref_cond, ref_null, guidance), t, x, eta)
+                    kl = (((mean - ref_mean) ** 2) / (2 * std**2)).mean(dim=tuple(range(1, mean.ndim))).mean()
+                    kls.append(float(kl.detach()))
+                    loss = loss + cfg["kl_weight"] * kl
+                (loss / len(chosen)).backward()
+                losses.append(float(loss.detach()))
+                clipped.append(share)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])) if cfg.get("grad_clip") else None
+            optimizer.step()
+        seconds = time.perf_counter() - tick
+        state["seconds"] += seconds
+        state["step"] = step + 1
+        extra = {"loss": float(np.mean(losses)), "clip_fraction": float(np.mean(clipped)), "kl": float(np.mean(kls)) if kls else None,
+                 "grad_norm": grad_norm, "seconds": round(seconds, 2)}
+        state["history"].append(step_record(step + 1, rewards, advantages, **extra))
+        bar.update(1)
+        bar.set_postfix(reward=f"{np.mean(rewards['total']):.3f}")
+        if state["step"] % int(cfg["save_steps"]) == 0:
+            checkpoint()
+    bar.close()
+    state["finished"] = state["step"] >= cfg["steps"]
+    if state["finished"]:
+        state["stopped"] = "steps"
+    checkpoint()
+    return state
+
+
+# ---------------------------------------------------------------------------- entry point
+def train_image_rl(dataset: str, image_run: Path | None, judge, config: dict | None = None, quick: bool = False,
+                   reward_fn: Callable | None = None, codec=None, out_dir: Path | None = None) -> Path:
+    """RL of the image generator ``image_run`` on its training users; returns the ``ImageRL-*`` folder.
+
+    ``judge`` is a ``reward.PreferenceJudge``; partner texts come from ``rl.image.partner``
+    (None = the newest ``TextGen-*``). ``reward_fn(users, posters)`` replaces the judge and
+    ``codec`` the autoencoder (tests). ``rl.image.resume`` continues an ``ImageRL-*`` folder.
+    The new run goes to ``out_dir`` or ``saved/<dataset>/ImageRL-<time>/``.
+    """
+    from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
+    from recbole_dppmg.generation.image_data import tensor_to_pil
+    from recbole_dppmg.generation.image_metrics import image_features
+    from recbole_dppmg.generation.image_train import build_codec, image_settings, load_image_config, load_image_generator, save_checkpoint as save_generator
+    from recbole_dppmg.generation.text_config import new_run_folder
+    from recbole_dppmg.generation.user_split import split_users
+    from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+    from recbole_dppmg.paths import SAVED_DIR
+    from recbole_dppmg.tokens import PreferenceTokens
+
+    cfg = rl_config("image", config, quick)
+    if cfg.get("resume"):
+        run = Path(cfg["resume"])
+        if not (run / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{run} is not an image RL run (no {CONFIG_FILE}); nothing to resume")
+        previous = json.loads((run / CONFIG_FILE).read_text())
+        check_resume(run, previous, cfg, RESUME_KEYS)
+        image_run = Path(previous["source_run"])
+    else:
+        if image_run is None:
+            raise DataError("image RL needs a trained image generator (an ImageGen-* folder)")
+        run = None
+    image_run = Path(image_run)
+    with torch_threads(cfg["num_threads"]):
+        from recbole_dppmg.generation.image_train import read_image_config
+
+        meta = read_image_config(image_run)
+        tokens = PreferenceTokens.load(meta["tokens_folder"], dataset=dataset)
+        vocab = PreferenceVocabulary(tokens)
+        model, meta = load_image_generator(image_run, vocab, dataset=dataset)
+        train = meta["train"]
+        split = split_users(list(tokens.users), train["valid_users"], train["test_users"], train["seed"])
+        if split["test"] != meta["test_users"]:
+            raise CheckpointError(f"{image_run}: the user split recomputed from its settings differs from its recorded test users")
+        pool = user_pool(split["train"], cfg["user_pool"], cfg["seed"])
+        partner_run = None
+        if reward_fn is None:
+            if judge is None:
+                raise DataError("image RL needs a judge (reward.PreferenceJudge) or a reward_fn")
+            from recbole_dppmg.generation.text_config import newest_generator_run
+
+            partner_run = Path(cfg["partner"]) if cfg.get("partner") else newest_generator_run(dataset, SAVED_DIR)
+            partner = pre_rl_text_features(dataset, partner_run, pool, cfg["num_threads"], cfg["progress"])
+            encoder = load_default_encoder("image")
+            reward_fn = JudgeReward(judge, "image", lambda posters: image_features(encoder, [tensor_to_pil(x) for x in posters]), partner)
+        if codec is None:
+            settings = image_settings({**train, **meta["model"], **{k: v for k, v in load_image_config().items() if k in ("autoencoder_path", "poster_dir")}})
+            codec, _ = build_codec(settings)
+        if run is None:
+            if out_dir is not None:
+                run = Path(out_dir)
+                if (run / CONFIG_FILE).exists():
+                    raise CheckpointError(f"{run} already holds an image RL run; resume it (rl.image.resume) or choose another folder")
+                run.mkdir(parents=True, exist_ok=True)
+            else:
+                run = new_run_folder(dataset, SAVED_DIR, prefix=RUN_PREFIX)
+            write_json(run / CONFIG_FILE, {"dataset": dataset, "source_run": str(image_run.resolve()), "tokens": meta["tokens_folder"],
+                                           "partner_run": str(partner_run) if partner_run else None, "pool": pool, "rl": cfg})
+        logger.info("image RL in %s: %d steps x %d users x %d posters, pool of %d training users", run, cfg["steps"], cfg["users_per_step"], cfg["group_size"], len(pool))
+        state = run_image_rl(model, codec, vocab, reward_fn, pool, cfg, run)
+        meta = {**meta, "source_checkpoint": str(image_run.resolve()),
+                "rl": {"steps": state["step"], "seconds": round(state["seconds"], 1), "stopped": state["stopped"], "settings": cfg}}
+        save_generator(run, model.eval(), meta)
+    summary = json.loads((run / CONFIG_FILE).read_text())
+    summary.update(rl=cfg, steps_done=state["step"], train_seconds=round(state["seconds"], 1), stopped=state["stopped"], num_threads=cfg["num_threads"])
+    write_json(run / CONFIG_FILE, summary)
+    logger.info("image RL: %d steps in %.0f s (%s), saved in %s", state["step"], state["seconds"], state["stopped"], run)
+    return run
