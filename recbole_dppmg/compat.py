@@ -11,6 +11,10 @@ Breaks handled elsewhere, by design:
 - ``recbole.quick_start`` imports ray (which needs ``pkg_resources``) and looks models up
   by name; ``recbole_dppmg.quick_start`` replaces it and never imports it.
 - numpy 2 removed ``np.float_`` that RecBole's Config re-aliases: pinned ``numpy<2``.
+
+Multi-process training (``recbole_dppmg.distributed``): RecBole 1.2.1 starts torch.distributed
+with NCCL unconditionally and wraps the model in DDP with ``device_ids=[local_rank]``, so it
+only runs with one GPU per rank; ``_configurable_dist_backend`` makes the backend a config key.
 """
 
 from __future__ import annotations
@@ -77,6 +81,76 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.sparse\.SparseTensor.*is deprecated.*", category=UserWarning)
 
 
+def _configurable_dist_backend() -> None:
+    """RecBole's ``Config._init_device`` joins the process group with ``backend="nccl"`` and
+    ``torch.cuda.set_device``, and ``AbstractTrainer`` builds ``DistributedDataParallel(model,
+    device_ids=[local_rank])``: both fail on CPU. Here the backend is the config key
+    ``dist_backend`` (``auto``: NCCL on CUDA, gloo on CPU), CPU ranks get DDP without device
+    ids, and DDP skips the model's non-persistent buffers (derived from the dataset at
+    construction, identical on every rank; a sparse adjacency cannot be broadcast at all).
+    Single-process runs take RecBole's own code paths unchanged."""
+    import os
+
+    import torch
+    from recbole.config.configurator import Config
+    from recbole.trainer import trainer as trainer_module
+
+    if getattr(Config._init_device, "_dppmg_patched", False):
+        return
+    recbole_init_device = Config._init_device
+
+    def _init_device(self):
+        values = self.final_config_dict
+        if "local_rank" not in values:
+            return recbole_init_device(self)
+        from recbole_dppmg.distributed import resolve_backend
+        from recbole_dppmg.errors import ConfigError
+
+        gpu_id = values["gpu_id"]
+        gpu_id = ",".join(map(str, gpu_id)) if isinstance(gpu_id, (tuple, list)) else str(gpu_id)
+        values["gpu_id"] = gpu_id
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
+        cuda = bool(values.get("use_gpu", True)) and len(gpu_id) > 0 and torch.cuda.is_available()
+        backend = resolve_backend(values.get("dist_backend"), cuda)
+        local_rank = int(values["local_rank"])
+        if cuda and len(gpu_id.split(",")) < values["nproc"]:
+            raise ConfigError(f"nproc {values['nproc']} needs as many CUDA devices in gpu_id, got '{gpu_id}'")
+        torch.distributed.init_process_group(
+            backend=backend,
+            rank=local_rank + int(values["offset"]),
+            world_size=int(values["world_size"]),
+            init_method=f"tcp://{values['ip']}:{values['port']}",
+        )
+        values["device"] = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        values["single_spec"] = False
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        if local_rank != 0:  # as RecBole: only rank 0 logs
+            values["state"] = "error"
+            values["show_progress"] = False
+            values["verbose"] = False
+
+    _init_device._dppmg_patched = True
+    _init_device.__doc__ = recbole_init_device.__doc__
+    Config._init_device = _init_device
+
+    def __init__(self, config, model):
+        self.config = config
+        self.model = model
+        if not config["single_spec"]:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            derived = set(dict(self.model.named_buffers())) - set(self.model.state_dict())
+            ignored = set(getattr(self.model, "_ddp_params_and_buffers_to_ignore", ()))
+            self.model._ddp_params_and_buffers_to_ignore = sorted(ignored | derived)
+            on_cuda = config["device"].type == "cuda"
+            self.distributed_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[config["local_rank"]] if on_cuda else None
+            )
+
+    __init__.__doc__ = trainer_module.AbstractTrainer.__init__.__doc__
+    trainer_module.AbstractTrainer.__init__ = __init__
+
+
 def apply() -> None:
     """Install every patch once."""
     global _APPLIED
@@ -84,5 +158,6 @@ def apply() -> None:
         return
     _restore_dok_update()
     _fix_fill_nan()
+    _configurable_dist_backend()
     _quiet_known_warnings()
     _APPLIED = True

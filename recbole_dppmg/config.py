@@ -16,6 +16,7 @@ import torch
 import yaml
 from recbole.config import Config
 
+from recbole_dppmg.distributed import DIST_KEYS
 from recbole_dppmg.errors import ConfigError
 from recbole_dppmg.paths import DATASET_DIR, PROPERTIES_DIR, REPO_ROOT
 
@@ -132,7 +133,9 @@ def jsonable_config(config: Config) -> dict:
 
 
 # Keys that describe where things are on this machine, not what was trained.
-MACHINE_KEYS = ("data_path", "checkpoint_dir", "gpu_id", "use_gpu", "device", "torch_num_threads", "show_progress", "state")
+# The multi-process keys are among them: a checkpoint of a 2-process run reloads in one process.
+MACHINE_KEYS = ("data_path", "checkpoint_dir", "gpu_id", "use_gpu", "device", "torch_num_threads", "show_progress", "state",
+                *DIST_KEYS, "single_spec")
 
 
 def user_settings(config: Config) -> dict:

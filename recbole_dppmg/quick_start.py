@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
@@ -24,7 +24,7 @@ import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_local_time, init_logger, init_seed
 
-from recbole_dppmg import compat
+from recbole_dppmg import compat, distributed
 from recbole_dppmg.config import RECBOLE_BUNDLED_DATASETS, apply_threads, build_config, jsonable_config
 from recbole_dppmg.errors import ConfigError, DataError
 from recbole_dppmg.paths import DATASET_DIR
@@ -54,6 +54,20 @@ class RunResult:
     extra: dict = field(default_factory=dict)
     seed: int = 0
     label: str = ""  # the ablation variant, empty for a plain run
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "RunResult":
+        """The result of a finished run folder (its ``result.json``; the seed from
+        ``config.json`` for folders written before results recorded it)."""
+        run_dir = Path(run_dir)
+        path = run_dir / "result.json"
+        if not path.is_file():
+            raise DataError(f"{run_dir} is not a finished run folder: no result.json")
+        values = json.loads(path.read_text())
+        if "seed" not in values and (run_dir / "config.json").is_file():
+            values["seed"] = json.loads((run_dir / "config.json").read_text()).get("seed", 0)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 class PeakMemory:
@@ -133,10 +147,17 @@ def run(
     saved: bool = True,
     resume: str | Path | None = None,
 ) -> RunResult:
-    """Train ``model`` on ``dataset`` under the shared protocol and test its best epoch."""
+    """Train ``model`` on ``dataset`` under the shared protocol and test its best epoch.
+
+    With ``nproc`` > 1 in the config, ``nproc`` data-parallel ranks are spawned that each run
+    this function (``recbole_dppmg.distributed``); rank 0 writes the run folder and its result
+    is returned."""
     model_class = get_model(model)
     config = build_config(model_class, dataset, config_files, config_dict)
     check_dataset(dataset, Path(config["data_path"]).parent)
+    if distributed.wants_launch(config):
+        return distributed.launch(run, config, (model, dataset, list(config_files)),
+                                  {"saved": saved, "resume": resume}, config_dict)
     apply_threads(config)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
@@ -159,13 +180,16 @@ def run(
             trainer.set_checkpoint_files(run_dir / "best.pth", run_dir / "last.pth")
             trainer.resume_checkpoint(resume)
         else:
-            run_dir = new_run_dir(config, model_class.__name__)
+            run_dir = distributed.broadcast_object(
+                new_run_dir(config, model_class.__name__) if distributed.rank() == 0 else None)
             trainer.set_checkpoint_files(run_dir / "best.pth", run_dir / "last.pth")
-        (run_dir / "config.json").write_text(json.dumps(jsonable_config(config), indent=2))
+        if distributed.rank() == 0:
+            (run_dir / "config.json").write_text(json.dumps(jsonable_config(config), indent=2))
 
         best_valid_score, best_valid_result = trainer.fit(
             train_data, valid_data, saved=saved, show_progress=config["show_progress"]
         )
+        distributed.barrier()  # rank 0 has written best.pth
         test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
     trained = [h for h in trainer.history if "train_seconds" in h]
@@ -185,8 +209,9 @@ def run(
     extra = getattr(net, "run_summary", None)
     if callable(extra):
         result.extra = extra(test_data=test_data, trainer=trainer) or {}
-    (run_dir / "history.json").write_text(json.dumps(trainer.history, indent=2))
-    (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
+    if distributed.rank() == 0:
+        (run_dir / "history.json").write_text(json.dumps(trainer.history, indent=2))
+        (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
     log.info(f"best valid: {result.best_valid_result}")
     log.info(f"test result: {result.test_result}")
     return result
@@ -261,6 +286,18 @@ def compare(
     tasks = [RunTask(name, _with_seed(config_dict, seed)) for seed in _seed_list(seeds) for name in models]
     out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(dataset, config_files, config_dict, "compare")
     results = run_many(tasks, dataset, config_files, jobs, on_result=lambda done: write_comparison(done, out_dir))
+    md_path, _ = write_comparison(results, out_dir)
+    write_stage1_plots(results, out_dir)
+    return results, md_path
+
+
+def compare_runs(run_dirs: Iterable[str | Path], out_dir: str | Path) -> tuple[list[RunResult], Path]:
+    """The comparison tables and plots of finished run folders, e.g. runs of one protocol made
+    at different times or on different machines (their seconds per epoch are then not from the
+    same machine load: the table's speed ratio is only meaningful within one comparison)."""
+    results = [RunResult.load(d) for d in run_dirs]
+    if not results:
+        raise ConfigError("no run folders given")
     md_path, _ = write_comparison(results, out_dir)
     write_stage1_plots(results, out_dir)
     return results, md_path

@@ -8,6 +8,9 @@ commitment loss ``beta * |x - sg(sum_l q_l)|^2`` on the final reconstruction. Co
 usage falls below a threshold are restarted on vectors of the current batch (chosen in
 proportion to their quantization error), so that codes stay in use.
 All state (codebooks, EMA statistics, the initialised flag) is in ``state_dict``.
+Under data-parallel training (``recbole_dppmg.distributed``) the EMA statistics are summed over
+the ranks and k-means and dead-code restarts are taken from rank 0, so all ranks keep the same
+codebooks; in one process those calls do nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import faiss
 import numpy as np
 import torch
 from torch import nn
+
+from recbole_dppmg.distributed import sync_from_rank0_, sync_sum_
 
 
 class QuantizerOutput(NamedTuple):
@@ -100,6 +105,7 @@ class ResidualVectorQuantizer(nn.Module):
             self.ema_count[level] = counts
             self.ema_sum[level] = centroids * counts.unsqueeze(1)
             residual = residual - centroids[codes]
+        sync_from_rank0_(self.codebooks, self.ema_count, self.ema_sum)  # DDP: one k-means for all ranks
         self.initialized.fill_(True)
 
     def _require_init(self) -> None:
@@ -157,6 +163,7 @@ class ResidualVectorQuantizer(nn.Module):
         decay, k = self.ema_decay, self.codebook_size
         counts = torch.bincount(codes, minlength=k).to(residual.dtype)
         sums = torch.zeros_like(self.ema_sum[level]).index_add_(0, codes, residual)
+        sync_sum_(counts, sums)  # DDP: every rank's batch, so all ranks apply the same update
         self.ema_count[level].mul_(decay).add_(counts, alpha=1 - decay)
         self.ema_sum[level].mul_(decay).add_(sums, alpha=1 - decay)
         total = self.ema_count[level].sum()
@@ -178,6 +185,8 @@ class ResidualVectorQuantizer(nn.Module):
         self.ema_count[level, dead] = reset
         self.ema_sum[level, dead] = residual[pick] * reset
         self.restarts[level] += dead.numel()
+        # DDP: every rank found the same dead codes (identical EMA counts); rank 0's picks win.
+        sync_from_rank0_(self.codebooks[level], self.ema_count[level], self.ema_sum[level])
 
     @torch.no_grad()
     def code_stats(self, x: torch.Tensor) -> dict[str, list[float]]:

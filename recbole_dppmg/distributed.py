@@ -1,0 +1,139 @@
+"""Multi-process data-parallel training on RecBole's own torch.distributed path.
+
+RecBole 1.2.1 trains data-parallel when the config holds ``local_rank`` (with ``nproc``,
+``world_size``, ``ip``, ``port``, ``offset``): ``Config`` joins the process group, the
+dataloaders shard batches with a ``DistributedSampler`` (each rank gets
+``train_batch_size / world_size``), the ``Trainer`` wraps the model in
+``DistributedDataParallel`` and averages evaluation metrics over the ranks. Its
+``run_recbole`` spawns the ranks with ``torch.multiprocessing``; ``launch`` does the same for
+``recbole_dppmg.quick_start.run``. ``recbole_dppmg.compat`` makes the backend configurable
+(``dist_backend``), since RecBole hard-codes NCCL, which needs one GPU per rank.
+
+Every rank holds the whole graph and the whole model; DDP averages gradients, and
+``sync_*`` below keep non-gradient state (the quantizer's codebooks and EMA statistics)
+identical on every rank. They do nothing in a single process.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from recbole_dppmg.errors import ConfigError
+
+BACKENDS = ("auto", "gloo", "nccl")
+# Config keys of a multi-process run; none of them describes what was trained.
+DIST_KEYS = ("nproc", "world_size", "ip", "port", "offset", "dist_backend", "local_rank")
+
+
+def resolve_backend(name: str | None, cuda: bool) -> str:
+    """``dist_backend`` -> a torch.distributed backend: ``auto`` is NCCL on CUDA, gloo on CPU."""
+    name = "auto" if name is None else str(name).lower()
+    if name not in BACKENDS:
+        raise ConfigError(f"dist_backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "auto":
+        return "nccl" if cuda else "gloo"
+    if name == "nccl" and not cuda:
+        raise ConfigError("dist_backend nccl needs CUDA devices (use gloo, or auto, on CPU)")
+    return name
+
+
+def is_distributed() -> bool:
+    """True inside a process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+@torch.no_grad()
+def sync_sum_(*tensors: torch.Tensor) -> None:
+    """Sum each tensor over the ranks, in place (statistics of every rank's batch)."""
+    if is_distributed():
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+@torch.no_grad()
+def sync_from_rank0_(*tensors: torch.Tensor) -> None:
+    """Overwrite each tensor, in place, with rank 0's value (state chosen by one rank)."""
+    if is_distributed():
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
+
+
+def broadcast_object(value, src: int = 0):
+    """``value`` as rank ``src`` has it (e.g. a run folder chosen by rank 0)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (e.g. until rank 0 has written the checkpoint the others load)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def wants_launch(config) -> bool:
+    """A multi-process run was asked for (``nproc`` > 1) and this is not yet one of its ranks."""
+    nproc = config["nproc"] or 1
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ConfigError(f"nproc must be a positive integer, got {nproc!r}")
+    return nproc > 1 and config["single_spec"]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (single-machine rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rank_settings(config, local_rank: int, port: int) -> dict:
+    """The config overrides that make a process rank ``local_rank`` of the run."""
+    nproc = int(config["nproc"])
+    world_size = config["world_size"]
+    return {
+        "local_rank": local_rank,
+        "nproc": nproc,
+        "world_size": nproc if world_size in (None, -1) else int(world_size),
+        "ip": config["ip"] or "localhost",
+        "port": port,
+        "offset": int(config["offset"] or 0),
+        "dist_backend": config["dist_backend"] or "auto",
+    }
+
+
+def _rank_main(local_rank: int, fn: Callable, args: tuple, kwargs: dict, config_dict: dict,
+               settings: dict, queue) -> None:
+    """One spawned rank: run ``fn`` with its rank settings; rank 0 hands back the result."""
+    rank_config = {**config_dict, **settings, "local_rank": local_rank}
+    try:
+        result = fn(*args, config_dict=rank_config, **kwargs)
+        if local_rank + settings["offset"] == 0:
+            queue.put(result)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(fn: Callable, config, args: tuple, kwargs: dict, config_dict: dict | None):
+    """Spawn ``nproc`` ranks that each call ``fn(*args, config_dict=..., **kwargs)`` (as
+    RecBole's ``run`` does for ``run_recbole``); returns rank 0's result."""
+    import torch.multiprocessing as mp
+
+    port = config["port"] or free_port()
+    settings = rank_settings(config, 0, int(port))
+    settings.pop("local_rank")
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    mp.spawn(_rank_main, args=(fn, args, kwargs, dict(config_dict or {}), settings, queue),
+             nprocs=settings["nproc"], join=True)
+    return None if queue.empty() else queue.get()
