@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=1, help="train: runs of a comparison / ablation at a time, each in its own process (default 1)")
     parser.add_argument("--ablation", action="store_true", help="train: DPPMG ablation (modalities, levels, codebook size; one factor at a time) instead of a comparison")
     parser.add_argument("--out", default=None, help="train: folder for the comparison / ablation tables and plots (default saved/<dataset>/compare-<time> or ablation-<time>)")
+    parser.add_argument("--from_runs", default=None, help="train: no training; the comparison tables and plots of these finished run folders (space-separated), written to --out")
     return parser
 
 
@@ -100,8 +101,15 @@ def _stage_prepare(args) -> None:
 
 def _stage_train(args, models, config_files, overrides) -> str | None:
     """Train; returns the DPPMG checkpoint when one was trained (for a following export)."""
-    from recbole_dppmg.quick_start import ablation, compare, run
+    from recbole_dppmg.quick_start import ablation, compare, compare_runs, run
 
+    if args.from_runs:
+        if not args.out:
+            raise DPPMGError("--from_runs needs --out, the folder for the tables")
+        _, table = compare_runs(args.from_runs.split(), args.out)
+        print(table.read_text())
+        print(f"comparison table: {table}")
+        return None
     seeds = args.seeds
     if seeds is None and "seed" not in overrides and (len(models) > 1 or args.ablation):
         seeds = list(COMPARISON_SEEDS)

@@ -184,6 +184,15 @@ def write_comparison(results: list["RunResult"], out_dir: str | Path) -> tuple[P
                               "level-0 usage", "variance left"], rows),
             "",
         ]
+        prefixes = [r.extra.get("test_quantized_levels", {}) for r in dppmg]
+        if any(prefixes):
+            depth = max(len(p) for p in prefixes)
+            lines += [
+                "Test NDCG@10 when users keep only their first l codes (the same trained models): "
+                + "; ".join(f"l = {l}: " + fmt_spread([p.get(str(l), NAN) for p in prefixes])
+                            for l in range(1, depth + 1)) + ".",
+                "",
+            ]
     ratios = speed_ratio(results)
     if ratios:
         lines += [

@@ -114,6 +114,15 @@ def test_quantized_scores_use_the_decoded_codes(data):
     expected = sum(quantized[m][users] @ items[m].t() for m in model.modalities)
     assert torch.allclose(scores, expected, atol=1e-5)
     assert model.item_modal_vectors(propagated=False)["text"].shape == (model.n_items, model.dim)
+    # Scoring with each user's first code only decodes level 0 alone.
+    model.set_eval_quantized(True, levels=1)
+    first = model.user_modal_vectors(quantized=True, levels=1)
+    for k, m in enumerate(model.modalities):
+        assert torch.allclose(first[m], model.quantizers[m].codebooks[0][codes[:, k, 0]], atol=1e-6)
+    scores = model.full_sort_predict(Interaction({model.USER_ID: users})).view(len(users), -1)
+    assert torch.allclose(scores, sum(first[m][users] @ items[m].t() for m in model.modalities), atol=1e-5)
+    with pytest.raises(ValueError, match="levels"):
+        model.set_eval_quantized(True, levels=model.levels + 1)
 
 
 def test_checkpoint_round_trip_weights_only(data):

@@ -6,9 +6,9 @@ import math
 import pytest
 
 from recbole_dppmg.cli import COMPARISON_SEEDS, parse_args, parse_seeds
-from recbole_dppmg.errors import ConfigError, DPPMGError
+from recbole_dppmg.errors import ConfigError, DataError, DPPMGError
 from recbole_dppmg.model import DPPMG
-from recbole_dppmg.quick_start import RunResult, ablation, ablation_variants, compare
+from recbole_dppmg.quick_start import RunResult, ablation, ablation_variants, compare, compare_runs
 from recbole_dppmg.tables import fmt_spread, spread, write_ablation, write_comparison
 from tiny_mm import tiny_config, write_tiny_mm
 
@@ -85,7 +85,7 @@ def tiny_settings(tmp_path_factory):
     config = tiny_config(DPPMG, root)
     keys = ("data_path", "load_col", "text_feature_field", "image_feature_field", "text_mask_field",
             "image_mask_field", "eval_args", "metrics", "topk", "valid_metric", "train_batch_size",
-            "eval_batch_size", "learning_rate", "embedding_size", "levels", "codebook_size")
+            "eval_batch_size", "learning_rate", "embedding_size", "levels", "codebook_size", "modalities")
     values = {k: config[k] for k in keys}
     values.update(data_path=str(root), use_gpu=False, state="WARNING", show_progress=False,
                   torch_num_threads=1, epochs=2, metrics=["Recall", "NDCG", "Hit"], topk=[10, 20],
@@ -99,8 +99,11 @@ def test_compare_over_seeds_writes_tables_and_plots(tiny_settings, tmp_path):
                                out_dir=tmp_path / "cmp")
     assert [(r.model, r.seed) for r in results] == [("LightGCN", 0), ("DPPMG", 0), ("LightGCN", 1), ("DPPMG", 1)]
     assert results[0].run_dir != results[2].run_dir
+    prefixes = results[1].extra["test_quantized_levels"]
+    assert list(prefixes) == ["1", "2"] and prefixes["2"] == results[1].extra["test_quantized"]["ndcg@10"]
     text = md_path.read_text()
     assert "Seeds 0, 1" in text and "quantized versus continuous" in text and "DPPMG / LightGCN" in text
+    assert "first l codes" in text and "l = 2: " in text
     for name in ("training_curves.png", "code_usage.png"):
         data = (tmp_path / "cmp" / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
@@ -149,3 +152,14 @@ def test_seed_flags():
 def test_bad_seed_list_is_a_config_error(tiny_settings, tmp_path):
     with pytest.raises(ConfigError, match="seeds"):
         compare(["BPR"], "tiny", config_dict=tiny_settings, seeds=[], out_dir=tmp_path)
+
+
+def test_tables_from_finished_run_folders(tiny_settings, tmp_path):
+    settings = dict(tiny_settings, checkpoint_dir=str(tmp_path / "saved"), epochs=1)
+    results, _ = compare(["BPR"], "tiny", config_dict=settings, seeds=[4, 5], out_dir=tmp_path / "a")
+    loaded, md_path = compare_runs([r.run_dir for r in results], tmp_path / "b")
+    assert [(r.model, r.seed) for r in loaded] == [("BPR", 4), ("BPR", 5)]
+    assert loaded[0].test_result == results[0].test_result
+    assert "| BPR |" in md_path.read_text() and (tmp_path / "b" / "training_curves.png").is_file()
+    with pytest.raises(DataError, match="no result.json"):
+        compare_runs([tmp_path], tmp_path / "c")

@@ -35,6 +35,7 @@ TINY = {
     "embedding_size": 8,
     "levels": 2,
     "codebook_size": 4,
+    "modalities": ["text", "image"],
 }
 
 

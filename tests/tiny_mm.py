@@ -86,6 +86,7 @@ def tiny_config(model_class, root: Path, name: str = "tiny", **overrides) -> Con
         "content_embedding_size": 8,
         "levels": 2,
         "codebook_size": 4,
+        "modalities": ["text", "image"],  # the feature channels (the id channel is tested on its own)
     }
     values.update(overrides)
     files = [str(PROPERTIES_DIR / "model" / f"{model_class.__name__}.yaml")]

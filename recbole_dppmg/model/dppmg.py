@@ -109,6 +109,7 @@ class DPPMG(GeneralRecommender):
                 f"kmeans_warmup_epochs must be an integer >= 0, got {self.kmeans_warmup_epochs!r}"
             )
         self.eval_quantized = bool(config_value(config, "eval_quantized", True))
+        self._eval_levels: int | None = None  # set_eval_quantized(True, l): first l codes only
         self.item_id_residual = config_value(config, "item_id_residual", False)
         if not isinstance(self.item_id_residual, bool):
             raise ConfigError(f"item_id_residual must be True or False, got {self.item_id_residual!r}")
@@ -309,7 +310,7 @@ class DPPMG(GeneralRecommender):
     def _eval_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenated user ``[n_users, M*dim]`` and item vectors used for scoring, cached."""
         if self._cache is None:
-            users = self.user_modal_vectors(quantized=self.eval_quantized)
+            users = self.user_modal_vectors(quantized=self.eval_quantized, levels=self._eval_levels)
             _, items = self.forward()
             self._cache = (
                 torch.cat([users[m] for m in self.modalities], 1),
@@ -331,7 +332,9 @@ class DPPMG(GeneralRecommender):
     def run_summary(self, test_data=None, trainer=None) -> dict:
         """Extras for the run's result (``recbole_dppmg.quick_start`` calls this after the test
         evaluation, best weights loaded): code usage over all users and test metrics of both
-        the quantized and the continuous path, so the cost of quantization is measured."""
+        the quantized and the continuous path, so the cost of quantization is measured; and
+        ``test_quantized_levels``: test NDCG@10 when users keep only their first ``l`` codes
+        (``l = 1..levels``, the same trained model), what each residual level adds."""
         self._ensure_initialized()
         summary: dict = {
             "code_stats": self._compute_stats(),
@@ -346,24 +349,33 @@ class DPPMG(GeneralRecommender):
                     result = trainer.evaluate(test_data, load_best_model=False)
                     path = "quantized" if quantized else "continuous"
                     summary[f"test_{path}"] = {k: float(v) for k, v in result.items()}
+                summary["test_quantized_levels"] = {}
+                for levels in range(1, self.levels + 1):
+                    self.set_eval_quantized(True, levels)
+                    result = trainer.evaluate(test_data, load_best_model=False)
+                    summary["test_quantized_levels"][str(levels)] = float(result.get("ndcg@10", float("nan")))
             finally:
                 self.set_eval_quantized(chosen)
         return summary
 
     # ------------------------------------------------------------------ export API
-    def set_eval_quantized(self, quantized: bool) -> None:
-        """Score with quantized (True) or continuous (False) user vectors from now on."""
+    def set_eval_quantized(self, quantized: bool, levels: int | None = None) -> None:
+        """Score with quantized (True) or continuous (False) user vectors from now on;
+        ``levels``: decode only the first ``levels`` codes of each user (None: all)."""
+        if levels is not None and not 1 <= levels <= self.levels:
+            raise ValueError(f"levels must be in 1..{self.levels}, got {levels}")
         self.eval_quantized = bool(quantized)
+        self._eval_levels = levels
         self._clear_cache()
 
     @torch.no_grad()
-    def user_modal_vectors(self, quantized: bool = False) -> dict[str, torch.Tensor]:
+    def user_modal_vectors(self, quantized: bool = False, levels: int | None = None) -> dict[str, torch.Tensor]:
         """Per modality, all users' propagated vectors ``[n_users, dim]`` (decoded codes if
-        ``quantized``)."""
+        ``quantized``: all of them, or the first ``levels``)."""
         self._ensure_initialized()
         users, _ = self.forward()
         if quantized:
-            users = {m: self.quantizers[m].decode(self.quantizers[m].encode(users[m])) for m in users}
+            users = {m: self.quantizers[m].decode(self.quantizers[m].encode(users[m])[:, :levels]) for m in users}
         return users
 
     @torch.no_grad()
