@@ -64,8 +64,12 @@ class RunResult:
         if not path.is_file():
             raise DataError(f"{run_dir} is not a finished run folder: no result.json")
         values = json.loads(path.read_text())
-        if "seed" not in values and (run_dir / "config.json").is_file():
-            values["seed"] = json.loads((run_dir / "config.json").read_text()).get("seed", 0)
+        config_path = run_dir / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        values.setdefault("seed", config.get("seed", 0))
+        extra = values.get("extra") or {}
+        if "code_stats" in extra and "quantizer" not in extra:  # DPPMG runs before it was recorded
+            extra["quantizer"] = {k: config.get(k) for k in ("modalities", "levels", "codebook_size")}
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -298,7 +302,10 @@ def compare_runs(run_dirs: Iterable[str | Path], out_dir: str | Path) -> tuple[l
     results = [RunResult.load(d) for d in run_dirs]
     if not results:
         raise ConfigError("no run folders given")
-    md_path, _ = write_comparison(results, out_dir)
+    note = ("Rebuilt from finished run folders (`--from_runs`); seconds per epoch depend on the "
+            "machine's load when each run was made, so a speed ratio is only like for like between "
+            "runs of one comparison command (see each run's folder in `runs.csv`).")
+    md_path, _ = write_comparison(results, out_dir, note=note)
     write_stage1_plots(results, out_dir)
     return results, md_path
 

@@ -118,10 +118,11 @@ def write_runs_csv(results: list["RunResult"], path: Path) -> Path:
     return path
 
 
-def write_comparison(results: list["RunResult"], out_dir: str | Path) -> tuple[Path, Path]:
+def write_comparison(results: list["RunResult"], out_dir: str | Path, note: str = "") -> tuple[Path, Path]:
     """``comparison.md`` / ``comparison.csv`` (per model: median and min-max over seeds of the
     test metrics, best valid NDCG@10, epochs, s/epoch, peak memory), DPPMG's quantized versus
-    continuous NDCG@10 and codebook usage, the DPPMG/LightGCN s/epoch ratio, and ``runs.csv``."""
+    continuous NDCG@10 and codebook usage, the DPPMG/LightGCN s/epoch ratio, and ``runs.csv``;
+    ``note``: a paragraph under the protocol line (e.g. where the runs come from)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = group_by(results, lambda r: r.model)
@@ -157,6 +158,7 @@ def write_comparison(results: list["RunResult"], out_dir: str | Path) -> tuple[P
         "the split, the sampling and the initialisation); each cell is the median over seeds "
         "[min, max].",
         "",
+        *([note, ""] if note else []),
         *_markdown_table(["model", *METRIC_COLUMNS, "valid ndcg@10", "seeds", "epochs", "s/epoch", "peak MB"], md_rows),
         "",
     ]
@@ -198,7 +200,7 @@ def write_comparison(results: list["RunResult"], out_dir: str | Path) -> tuple[P
         lines += [
             "## Speed",
             "",
-            f"DPPMG / LightGCN seconds per training epoch, per seed in this comparison: "
+            f"DPPMG / LightGCN seconds per training epoch, per seed: "
             + ", ".join(f"{x:.2f}" for x in ratios) + f"; median {spread(ratios)[0]:.2f}.",
             "",
         ]
