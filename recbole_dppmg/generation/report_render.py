@@ -81,7 +81,7 @@ def write_report(out_dir: Path, result: dict, tokens, catalogues, texts: dict, i
 def _cell(summary: dict | None, decimals: int) -> str:
     if not summary or summary.get("mean") is None:
         return "–"
-    if summary["seeds"] > 1 and summary["std"] > 0:
+    if summary["seeds"] > 1 and round(summary["std"], decimals) > 0:  # identical seeds (real content) show no spread
         return f"{summary['mean']:.{decimals}f} ± {summary['std']:.{decimals}f}"
     return f"{summary['mean']:.{decimals}f}"
 
