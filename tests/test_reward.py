@@ -148,3 +148,18 @@ def test_bad_settings_and_inputs(judged):
         PreferenceJudge.for_dataset("other", tokens, dataset_dir=data / "tiny")
     with pytest.raises(DataError, match="run --stage prepare"):
         PreferenceJudge.for_dataset("tiny", tokens, dataset_dir=data / "missing")
+
+
+def test_an_export_with_an_id_channel(tmp_path):
+    from recbole_dppmg.generation.report import top_recommended_items
+
+    folder, data = tiny_export(tmp_path, modalities=["text", "image", "id"])
+    tokens = PreferenceTokens.load(folder)
+    judge = PreferenceJudge.for_dataset("tiny", tokens, dataset_dir=data / "tiny")
+    assert judge.modalities == ["text", "image"] and tokens.modalities == ["text", "image", "id"]
+    users = tokens.users[:3]
+    out = judge.reward(users, _features(judge, "text", ["i1", "i2", "i3"]), _features(judge, "image", ["i1", "i2", "i3"]))
+    assert out["total"].shape == (3,)
+    top = top_recommended_items(tokens, users, set(tokens.item_ids[1:]))
+    seen = {i for i, _ in tokens.history(users[0], "train")} | {i for i, _ in tokens.history(users[0], "valid")}
+    assert top[0] is not None and top[0] not in seen
