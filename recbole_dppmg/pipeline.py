@@ -9,8 +9,9 @@ Valid means made from the same inputs with the same settings:
   from this build of the dataset (``dataset_fingerprint``); a run without an export is exported;
 - text / image: a generator run trained on that token export with the same settings (runtime
   keys such as threads, progress bars and time budgets aside); an unfinished one is resumed;
-- text RL / image RL (``generation/rl_text.py`` / ``rl_image.py``): an RL run made from those
-  generators with the same ``rl:`` settings and all its steps done; an unfinished one resumed.
+- text RL / image RL (``generation/rl_text.py`` / ``rl_image.py``): an RL run made from that
+  generator, rewarded against the other modality's generator of this pipeline, with the same
+  ``rl:`` settings and all its steps done; an unfinished one is resumed.
   When the RL modules are missing the stage is recorded as "not available";
 - evaluate: a report of exactly these runs with the same ``evaluate:`` / ``reward:`` settings.
 
@@ -140,11 +141,14 @@ def valid_image_run(dataset: str, tokens: Path, settings: dict, root: Path) -> t
     return None, False
 
 
-def valid_rl_run(dataset: str, prefix: str, source: Path, cfg: dict, root: Path) -> tuple[Path | None, bool]:
-    """``(run, finished)``: the newest RL run made from ``source`` with these settings."""
+def valid_rl_run(dataset: str, prefix: str, source: Path, cfg: dict, root: Path, partner: Path | None = None) -> tuple[Path | None, bool]:
+    """``(run, finished)``: the newest RL run made from ``source`` (and, when given, rewarded
+    against the other modality's ``partner`` generator) with these settings."""
     wanted = _without(cfg, RL_RUNTIME_KEYS)
     for path in _newest((root / dataset).glob(f"{prefix}-*/rl_config.json")):
         saved = json.loads(path.read_text())
+        if partner is not None and not _same_path(saved.get("partner_run"), partner):
+            continue
         if _same_path(saved.get("source_run"), source) and _without(saved.get("rl", {}), RL_RUNTIME_KEYS) == wanted:
             return path.parent, int(saved.get("steps_done", -1)) >= int(cfg["steps"])
     return None, False
@@ -322,7 +326,7 @@ class Pipeline:
         overrides = {**(rl.get(modality) or {}), "partner": str(partner)}
         cfg = rl_config(modality, overrides, quick)
         source = self.outputs[modality]
-        run, finished = valid_rl_run(self.dataset, RUN_PREFIX, source, cfg, self.root)
+        run, finished = valid_rl_run(self.dataset, RUN_PREFIX, source, cfg, self.root, partner)
         if run is not None and finished:
             self.outputs[f"{modality}_rl"] = run
             return "skipped", run, f"a finished {modality} RL run from {Path(source).name} with these settings"

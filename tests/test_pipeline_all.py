@@ -90,8 +90,9 @@ def test_generator_runs_count_only_with_the_same_export_and_settings(tmp_path):
     rl = root / "tiny" / "TextRL-a"
     rl.mkdir()
     rl_cfg = {"steps": 8, "learning_rate": 0.002, "max_minutes": 2.0, "partner": "x"}
-    (rl / "rl_config.json").write_text(json.dumps({"source_run": str(run), "rl": rl_cfg, "steps_done": 8}))
-    assert valid_rl_run("tiny", "TextRL", run, {**rl_cfg, "max_minutes": 9.0}, root) == (rl, True)
+    (rl / "rl_config.json").write_text(json.dumps({"source_run": str(run), "partner_run": str(image), "rl": rl_cfg, "steps_done": 8}))
+    assert valid_rl_run("tiny", "TextRL", run, {**rl_cfg, "max_minutes": 9.0}, root, partner=image) == (rl, True)
+    assert valid_rl_run("tiny", "TextRL", run, rl_cfg, root, partner=tmp_path / "another-image-run") == (None, False)
     assert valid_rl_run("tiny", "TextRL", unfinished, rl_cfg, root) == (None, False)
     assert valid_rl_run("tiny", "TextRL", run, {**rl_cfg, "steps": 9}, root) == (None, False)
 
