@@ -10,10 +10,11 @@
   preference tokens (``reward.user_vector: quantized``): the generators see only the tokens,
   and stage 1 ranks items with them (``eval_quantized``).
 - Consistency: text and poster each induce a distribution over the catalogue items that have
-  both modalities, in their own encoder's feature space: cosine similarity to the items
-  (features centred on the catalogue mean), z-scored per query, softmax at
-  ``consistency_temperature``; the agreement is 1 - Jensen-Shannon divergence (base 2) or the
-  Bhattacharyya coefficient. Both lie in [0, 1].
+  both modalities, each in its own modality's space (by default stage 1's layer-0 item space
+  of that modality, ``reward.consistency_space``): cosine similarity to the items (vectors
+  centred on the catalogue mean), z-scored per query, softmax at ``consistency_temperature``;
+  the agreement is 1 - Jensen-Shannon divergence (base 2) or the Bhattacharyya coefficient.
+  Both lie in [0, 1].
 - CLIP (optional, ``reward.clip_path``): max(cos, 0) between a CLIP model's embeddings of the
   generated text and poster.
 
@@ -184,10 +185,13 @@ class PreferenceJudge:
 
     # ------------------------------------------------------------------ consistency
     def _space(self, modality: str, features: np.ndarray, embedded: np.ndarray | None = None) -> np.ndarray:
-        """Unit vectors in the consistency space: centred encoder features, or stage-1 layer-0."""
+        """Unit vectors in the consistency space, centred on the modality's catalogue mean:
+        stage 1's layer-0 item vectors, or the encoder features themselves."""
+        catalogue = self.catalogues[modality]
         if self.config["consistency_space"] == "stage1":
-            return _unit(embedded if embedded is not None else self.tokens.embed_item_features(features, modality))
-        return _unit(features - self.catalogues[modality].features.mean(0))
+            vectors = embedded if embedded is not None else self.tokens.embed_item_features(features, modality)
+            return _unit(vectors - catalogue.embedded.mean(0))
+        return _unit(features - catalogue.features.mean(0))
 
     def item_distribution(self, modality: str, features: np.ndarray) -> np.ndarray:
         """``[N, n_joint_items]``: softmax over z-scored similarities to the joint catalogue."""
