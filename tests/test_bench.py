@@ -23,15 +23,15 @@ def test_parity_bench_runs_tiny():
 
 
 def test_bench_stage1_runs_tiny(tmp_path):
-    out = _run("bench/bench_stage1.py", "-d", "synth-3000", "--repeats", "1", "--max-batches", "1", "--max-eval-batches", "2",
+    out = _run("bench/bench_stage1.py", "-d", "synth-3000", "--repeats", "1", "--max-batches", "1", "--max-eval-batches", "3",
                "--train-batch-size", "256", "--eval-batch-size", "2000", "--data-root", str(tmp_path))
-    assert "| synth-3000 | 3,000 | DPPMG |" in out and "| synth-3000 | 3,000 | LightGCN |" in out
-    assert "1 of 10 batches, scaled" in out and "1 and 2 of 4 batches, scaled" in out
+    assert "| synth-3000 | 3,000 | DPPMG | text+image+id |" in out and "| synth-3000 | 3,000 | LightGCN | id |" in out
+    assert "1 of 10 batches, scaled" in out and "3 of 4 batches, scaled" in out
 
 
 def test_bench_stage1_scale_table_tiny(tmp_path):
     out = _run("bench/bench_stage1.py", "--scale", "2000,4000", "--full-below", "3000", "--repeats", "1", "--max-batches", "1",
-               "--max-eval-batches", "2", "--train-batch-size", "256", "--eval-batch-size", "2000",
+               "--max-eval-batches", "3", "--train-batch-size", "256", "--eval-batch-size", "2000",
                "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out"))
     assert "Growth exponent" in out and "| 4,000 | 200 | 50 | DPPMG |" in out
     assert {"scale.md", "scale.csv", "scale.json", "scale.png"} <= {p.name for p in (tmp_path / "out").iterdir()}

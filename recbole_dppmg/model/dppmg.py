@@ -179,20 +179,26 @@ class DPPMG(GeneralRecommender):
                 out[m] = torch.where(present, encoded, table)
         return out
 
-    def forward(self, items: dict[str, torch.Tensor] | None = None
+    def forward(self, items: dict[str, torch.Tensor] | None = None,
+                rows: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Propagated (continuous) user and item embeddings per modality (``items``: layer-0
-        item embeddings if already computed)."""
+        item embeddings if already computed); ``rows``: (user ids, item ids) to return instead
+        of all users and items (the last layer is then computed for those rows only)."""
         if items is None:
             items = self.item_ego_embeddings()
         ego = torch.cat(
             [torch.cat([self.user_embeddings[m].weight, items[m]], 0) for m in self.modalities], 1
         )
-        out = self.propagation(ego, self.norm_adj)  # all modalities share one spmm
+        n_users = self.n_users
+        if rows is not None:
+            n_users = len(rows[0])
+            rows = torch.cat([rows[0], self.n_users + rows[1]])
+        out = self.propagation(ego, self.norm_adj, rows)  # all modalities share one spmm
         users, items = {}, {}
         for k, m in enumerate(self.modalities):
             block = out[:, k * self.dim:(k + 1) * self.dim]
-            users[m], items[m] = block[: self.n_users], block[self.n_users:]
+            users[m], items[m] = block[:n_users], block[n_users:]
         return users, items
 
     # ------------------------------------------------------------------ quantizer lifecycle
@@ -274,16 +280,18 @@ class DPPMG(GeneralRecommender):
         pos = interaction[self.ITEM_ID]
         neg = interaction[self.NEG_ITEM_ID]
         ego_items = self.item_ego_embeddings(dropout=self.training)
-        users, items = self.forward(ego_items)
-
+        # Only the batch's users and items are propagated to the end (cheaper last layer).
         # Each user is quantized once per step, so EMA counts are per-user usages.
         unique_users, inverse = torch.unique(user, return_inverse=True)
+        batch_items, item_index = torch.unique(torch.cat([pos, neg]), return_inverse=True)
+        users, items = self.forward(ego_items, rows=(unique_users, batch_items))
+        pos_at, neg_at = item_index[: len(pos)], item_index[len(pos):]
         pos_c = neg_c = pos_q = neg_q = 0.0
         vq_loss = users[self.modalities[0]].new_zeros(())
         for m in self.modalities:
-            out = self.quantizers[m](users[m][unique_users])
-            u_c, u_q = users[m][user], out.quantized[inverse]
-            i_pos, i_neg = items[m][pos], items[m][neg]
+            out = self.quantizers[m](users[m])
+            u_c, u_q = users[m][inverse], out.quantized[inverse]
+            i_pos, i_neg = items[m][pos_at], items[m][neg_at]
             pos_c = pos_c + (u_c * i_pos).sum(1)
             neg_c = neg_c + (u_c * i_neg).sum(1)
             pos_q = pos_q + (u_q * i_pos).sum(1)

@@ -65,6 +65,19 @@ def symmetric_spmm(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _SymmetricSpmm.apply(adj, x)
 
 
+def csr_rows(adj: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of a sparse CSR matrix, as a ``[len(rows), n]`` CSR matrix (torch has no
+    ``index_select`` for CSR); cost proportional to the selected entries."""
+    crow, col, value = adj.crow_indices(), adj.col_indices(), adj.values()
+    starts, counts = crow[rows], crow[rows + 1] - crow[rows]
+    new_crow = torch.zeros(len(rows) + 1, dtype=crow.dtype, device=crow.device)
+    new_crow[1:] = counts.cumsum(0)
+    index = torch.arange(int(new_crow[-1]), device=crow.device) + torch.repeat_interleave(starts - new_crow[:-1], counts)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse (CSR tensor support|invariant checks)")
+        return torch.sparse_csr_tensor(new_crow, col[index], value[index], size=(len(rows), adj.shape[1]))
+
+
 class LightGCNPropagation(nn.Module):
     """Parameter-free LightGCN: mean of ``[x, Ax, A^2x, ..., A^Lx]`` (He et al., SIGIR 2020).
 
@@ -72,6 +85,12 @@ class LightGCNPropagation(nn.Module):
 
     Several channels (modalities) propagate in one ``spmm`` when their embeddings are
     concatenated along the feature axis, since the graph is shared.
+
+    ``rows``: only those rows of the result (a training batch's users and items). Layers
+    ``1..L-1`` still propagate over the whole graph (a batch's neighbours are most of it), but
+    the last layer is computed for ``rows`` alone, forward and backward: same values and
+    gradients, and at 10^6 interactions a 2,048-interaction batch's rows hold ~30% of the
+    edges, so a 2-layer step does 2.6 instead of 4 full-graph products.
     """
 
     def __init__(self, n_layers: int):
@@ -80,12 +99,20 @@ class LightGCNPropagation(nn.Module):
             raise ValueError(f"n_layers must be >= 0, got {n_layers}")
         self.n_layers = n_layers
 
-    def forward(self, x: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
-        out = x
-        h = x
-        for _ in range(self.n_layers):
-            h = symmetric_spmm(adj, h)
-            out = out + h
+    def forward(self, x: torch.Tensor, adj: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is None:
+            out = h = x
+            for _ in range(self.n_layers):
+                h = symmetric_spmm(adj, h)
+                out = out + h
+            return out / (self.n_layers + 1)
+        out, h = x[rows], x
+        for layer in range(self.n_layers):
+            if layer < self.n_layers - 1:
+                h = symmetric_spmm(adj, h)
+                out = out + h[rows]
+            else:
+                out = out + spmm(csr_rows(adj, rows), h)
         return out / (self.n_layers + 1)
 
 
