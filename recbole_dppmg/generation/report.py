@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 import numpy as np
 import yaml
 
-from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
+from recbole_dppmg.errors import CheckpointError, ConfigError
 from recbole_dppmg.paths import PROPERTIES_DIR, SAVED_DIR
 
 logger = logging.getLogger(__name__)
