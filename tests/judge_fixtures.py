@@ -25,6 +25,7 @@ TINY_DPPMG = {
     "embedding_size": 8,
     "levels": 2,
     "codebook_size": 4,
+    "modalities": ["text", "image"],  # pinned: the tests do not follow the property file's channels
 }
 
 
