@@ -187,6 +187,31 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict, dict] 
     return tensors, extra, json.loads((folder / "state.json").read_text())
 
 
+def start_or_resume(folder: Path, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> tuple[dict, FrozenReference]:
+    """A fresh RL state and the reference (the current values), or both as ``folder/checkpoint``
+    left them, with the trainable tensors, optimizer and torch RNG restored."""
+    saved = load_checkpoint(folder / CHECKPOINT)
+    if saved is None:
+        return {"step": 0, "seconds": 0.0, "history": [], "finished": False, "stopped": None}, FrozenReference(named)
+    tensors, extra, state = saved
+    values, ref_values = FrozenReference.split(tensors)
+    if set(values) != set(named):
+        raise CheckpointError(f"{folder / CHECKPOINT} was written for other trainable tensors (another generator or vocabulary)")
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(values[n])
+    optimizer.load_state_dict(extra["optimizer"])
+    torch.set_rng_state(extra["torch_rng"])
+    logger.info("RL resumed at step %d from %s", state["step"], folder / CHECKPOINT)
+    return state, FrozenReference(named, ref_values)
+
+
+def save_progress(folder: Path, named: dict[str, torch.nn.Parameter], reference: FrozenReference, optimizer, state: dict) -> None:
+    """The resumable checkpoint and ``rl_history.json``."""
+    save_checkpoint(folder / CHECKPOINT, {**named, **reference.state_dict()}, optimizer, state)
+    write_json(folder / HISTORY_FILE, state["history"])
+
+
 def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))

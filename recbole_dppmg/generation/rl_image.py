@@ -41,9 +41,8 @@ import torch
 
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
 from recbole_dppmg.generation.rl_common import (
-    CHECKPOINT, CONFIG_FILE, HISTORY_FILE, FrozenReference, JudgeReward, check_resume, group_advantages,
-    load_checkpoint, pre_rl_text_features, reward_table, rl_config, save_checkpoint, step_record, step_users,
-    user_pool, write_json,
+    CONFIG_FILE, JudgeReward, check_resume, group_advantages, pre_rl_text_features, reward_table, rl_config,
+    save_progress, start_or_resume, step_record, step_users, user_pool, write_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -173,28 +172,10 @@ def run_image_rl(model, codec, vocab, reward_fn: Callable, pool: Sequence[str], 
     folder = Path(folder)
     model.eval()
     named = conditioning_parameters(model, cfg["train_null"])
-    reference = FrozenReference(named)
     optimizer = torch.optim.AdamW(list(named.values()), lr=cfg["learning_rate"], weight_decay=0.0)
-    state = {"step": 0, "seconds": 0.0, "history": [], "finished": False, "stopped": None}
-    saved = load_checkpoint(folder / CHECKPOINT)
-    if saved is not None:
-        tensors, extra, state = saved
-        values, ref_values = FrozenReference.split(tensors)
-        if set(values) != set(named):
-            raise CheckpointError(f"{folder / CHECKPOINT} does not match this image generator's trainable tensors")
-        with torch.no_grad():
-            for n, p in named.items():
-                p.copy_(values[n])
-        reference = FrozenReference(named, ref_values)
-        optimizer.load_state_dict(extra["optimizer"])
-        torch.set_rng_state(extra["torch_rng"])
-        logger.info("image RL: resumed at step %d from %s", state["step"], folder / CHECKPOINT)
+    state, reference = start_or_resume(folder, named, optimizer)
     if state["step"] >= cfg["steps"]:  # done (a larger rl.*.steps continues a finished run)
         return state
-
-    def checkpoint() -> None:
-        save_checkpoint(folder / CHECKPOINT, {**named, **reference.state_dict()}, optimizer, state)
-        write_json(folder / HISTORY_FILE, state["history"])
 
     params = list(named.values())
     group, guidance, eta = int(cfg["group_size"]), float(cfg["guidance_scale"]), float(cfg["eta"])
@@ -253,12 +234,12 @@ def run_image_rl(model, codec, vocab, reward_fn: Callable, pool: Sequence[str], 
         bar.update(1)
         bar.set_postfix(reward=f"{np.mean(rewards['total']):.3f}")
         if state["step"] % int(cfg["save_steps"]) == 0:
-            checkpoint()
+            save_progress(folder, named, reference, optimizer, state)
     bar.close()
     state["finished"] = state["step"] >= cfg["steps"]
     if state["finished"]:
         state["stopped"] = "steps"
-    checkpoint()
+    save_progress(folder, named, reference, optimizer, state)
     return state
 
 
@@ -307,8 +288,8 @@ def train_image_rl(dataset: str, image_run: Path | None, judge, config: dict | N
         if split["test"] != meta["test_users"]:
             raise CheckpointError(f"{image_run}: the user split recomputed from its settings differs from its recorded test users")
         pool = user_pool(split["train"], cfg["user_pool"], cfg["seed"])
-        partner_run = None
-        if reward_fn is None:
+        partner_run, judged = None, reward_fn is None
+        if judged:
             if judge is None:
                 raise DataError("image RL needs a judge (reward.PreferenceJudge) or a reward_fn")
             from recbole_dppmg.generation.text_config import newest_generator_run
@@ -329,7 +310,8 @@ def train_image_rl(dataset: str, image_run: Path | None, judge, config: dict | N
             else:
                 run = new_run_folder(dataset, SAVED_DIR, prefix=RUN_PREFIX)
             write_json(run / CONFIG_FILE, {"dataset": dataset, "source_run": str(image_run.resolve()), "tokens": meta["tokens_folder"],
-                                           "partner_run": str(partner_run) if partner_run else None, "pool": pool, "rl": cfg})
+                                           "partner_run": str(partner_run) if partner_run else None, "pool": pool, "rl": cfg,
+                                           "reward": judge.config if judged else "reward_fn"})
         logger.info("image RL in %s: %d steps x %d users x %d posters, pool of %d training users", run, cfg["steps"], cfg["users_per_step"], cfg["group_size"], len(pool))
         state = run_image_rl(model, codec, vocab, reward_fn, pool, cfg, run)
         meta = {**meta, "source_checkpoint": str(image_run.resolve()),

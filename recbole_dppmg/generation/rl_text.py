@@ -46,9 +46,8 @@ import torch
 
 from recbole_dppmg.errors import CheckpointError, DataError
 from recbole_dppmg.generation.rl_common import (
-    CHECKPOINT, CONFIG_FILE, HISTORY_FILE, FrozenReference, JudgeReward, check_resume, group_advantages,
-    load_checkpoint, pre_rl_poster_features, reward_table, rl_config, save_checkpoint, step_record, step_users,
-    user_pool, write_json,
+    CONFIG_FILE, JudgeReward, check_resume, group_advantages, pre_rl_poster_features, reward_table, rl_config,
+    save_progress, start_or_resume, step_record, step_users, user_pool, write_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -166,28 +165,10 @@ def run_text_rl(lm, vocabulary, reward_fn: Callable, pool: Sequence[str], cfg: d
     folder = Path(folder)
     conditioner = TokenConditioner(lm, vocabulary)
     named = token_parameters(lm)
-    reference = FrozenReference(named)
     optimizer = torch.optim.AdamW(list(named.values()), lr=cfg["learning_rate"], weight_decay=0.0)
-    state = {"step": 0, "seconds": 0.0, "history": [], "finished": False, "stopped": None}
-    saved = load_checkpoint(folder / CHECKPOINT)
-    if saved is not None:
-        tensors, extra, state = saved
-        values, ref_values = FrozenReference.split(tensors)
-        if set(values) != set(named):
-            raise CheckpointError(f"{folder / CHECKPOINT} does not match this text generator (other vocabulary or adapter)")
-        with torch.no_grad():
-            for n, p in named.items():
-                p.copy_(values[n])
-        reference = FrozenReference(named, ref_values)
-        optimizer.load_state_dict(extra["optimizer"])
-        torch.set_rng_state(extra["torch_rng"])
-        logger.info("text RL: resumed at step %d from %s", state["step"], folder / CHECKPOINT)
+    state, reference = start_or_resume(folder, named, optimizer)
     if state["step"] >= cfg["steps"]:  # done (a larger rl.*.steps continues a finished run)
         return state
-
-    def checkpoint() -> None:
-        save_checkpoint(folder / CHECKPOINT, {**{n: p for n, p in named.items()}, **reference.state_dict()}, optimizer, state)
-        write_json(folder / HISTORY_FILE, state["history"])
 
     params = list(named.values())
     budget = float(cfg["max_minutes"]) * 60 if cfg.get("max_minutes") else float("inf")
@@ -230,12 +211,12 @@ def run_text_rl(lm, vocabulary, reward_fn: Callable, pool: Sequence[str], cfg: d
         bar.update(1)
         bar.set_postfix(reward=f"{np.mean(rewards['total']):.3f}", kl=f"{stats.get('kl', 0.0):.4f}")
         if state["step"] % int(cfg["save_steps"]) == 0:
-            checkpoint()
+            save_progress(folder, named, reference, optimizer, state)
     bar.close()
     state["finished"] = state["step"] >= cfg["steps"]
     if state["finished"]:
         state["stopped"] = "steps"
-    checkpoint()
+    save_progress(folder, named, reference, optimizer, state)
     return state
 
 
@@ -276,8 +257,8 @@ def train_text_rl(dataset: str, text_run: Path | None, judge, config: dict | Non
     with torch_threads(cfg["num_threads"]):
         tokens = _load_tokens(dataset, None, text_cfg, source["tokens"])
         vocabulary = PreferenceVocabulary(tokens)
-        partner_run = None
-        if reward_fn is None:
+        partner_run, judged = None, reward_fn is None
+        if judged:
             if judge is None:
                 raise DataError("text RL needs a judge (reward.PreferenceJudge) or a reward_fn")
             from recbole_dppmg.generation.image_generate import latest_checkpoint
@@ -301,7 +282,8 @@ def train_text_rl(dataset: str, text_run: Path | None, judge, config: dict | Non
             write_json(run / "config.json", {**source, "rl": cfg, "source_run": str(text_run.resolve())})
             shutil.copy(text_run / "users.json", run / "users.json")
             write_json(run / CONFIG_FILE, {"dataset": dataset, "source_run": str(text_run.resolve()), "tokens": source["tokens"],
-                                           "partner_run": str(partner_run) if partner_run else None, "pool": pool, "rl": cfg})
+                                           "partner_run": str(partner_run) if partner_run else None, "pool": pool, "rl": cfg,
+                                           "reward": judge.config if judged else "reward_fn"})
         logger.info("text RL in %s: %d steps x %d users x %d samples, pool of %d training users", run, cfg["steps"], cfg["users_per_step"], cfg["group_size"], len(pool))
         lm = load_text_generator(text_run, vocabulary, text_cfg)
         state = run_text_rl(lm, vocabulary, reward_fn, pool, cfg, run)
