@@ -189,8 +189,10 @@ def write_comparison(results: list["RunResult"], out_dir: str | Path, note: str 
         prefixes = [r.extra.get("test_quantized_levels", {}) for r in dppmg]
         if any(prefixes):
             depth = max(len(p) for p in prefixes)
+            recorded = sum(1 for p in prefixes if p)
+            runs = "" if recorded == len(prefixes) else f" ({recorded} of the {len(prefixes)} runs recorded it)"
             lines += [
-                "Test NDCG@10 when users keep only their first l codes (the same trained models): "
+                f"Test NDCG@10 when users keep only their first l codes (the same trained models){runs}: "
                 + "; ".join(f"l = {l}: " + fmt_spread([p.get(str(l), NAN) for p in prefixes])
                             for l in range(1, depth + 1)) + ".",
                 "",
