@@ -96,12 +96,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def rank_settings(config, local_rank: int, port: int) -> dict:
-    """The config overrides that make a process rank ``local_rank`` of the run."""
+def rank_settings(config, port: int) -> dict:
+    """The config overrides shared by every rank of the run (each adds its ``local_rank``)."""
     nproc = int(config["nproc"])
     world_size = config["world_size"]
     return {
-        "local_rank": local_rank,
         "nproc": nproc,
         "world_size": nproc if world_size in (None, -1) else int(world_size),
         "ip": config["ip"] or "localhost",
@@ -129,9 +128,7 @@ def launch(fn: Callable, config, args: tuple, kwargs: dict, config_dict: dict | 
     RecBole's ``run`` does for ``run_recbole``); returns rank 0's result."""
     import torch.multiprocessing as mp
 
-    port = config["port"] or free_port()
-    settings = rank_settings(config, 0, int(port))
-    settings.pop("local_rank")
+    settings = rank_settings(config, int(config["port"] or free_port()))
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
     mp.spawn(_rank_main, args=(fn, args, kwargs, dict(config_dict or {}), settings, queue),

@@ -50,3 +50,9 @@ def test_bench_ddp_runs_tiny(tmp_path):
     out = _run("bench/bench_ddp.py", "-d", "tiny", "--nproc", "1,2", "--epochs", "1", "--data-path", str(tmp_path),
                "--config_files", str(folder / "tiny.yaml"), "--embedding_size=8", "--codebook_size=4")
     assert "| 1 |" in out and "| 2 |" in out and "speed-up" in out
+
+
+def test_bench_stage1_profile_runs_tiny(tmp_path):
+    out = _run("bench/bench_stage1.py", "-d", "synth-3000", "--models", "DPPMG", "--profile", "1",
+               "--train-batch-size", "256", "--data-root", str(tmp_path))
+    assert "DPPMG on synth-3000:" in out and "| own time % |" in out
