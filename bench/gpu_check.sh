@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # CUDA variants of the scale benchmarks (issue 9), about 5 minutes on one H200.
 #
-# Expects torch with CUDA and torch_geometric to be installed. Also needs, and installs when
-# missing (offline from $WHEELS if set: pip --no-index --find-links "$WHEELS"):
-#   recbole==1.2.1 (installed --no-deps: its ray/lightgbm extras are not used) and the packages
-#   it imports: colorlog colorama texttable tabulate thop plotly scikit-learn tensorboard psutil;
+# Expects torch with CUDA and torch_geometric to be installed; never changes them (pip runs
+# with a constraint on the installed torch). Also needs, and installs when missing (offline
+# from $WHEELS if set: pip --no-index --find-links "$WHEELS"):
+#   recbole==1.2.1 (--no-deps: its ray / thop / plotly extras are not used here) and what it
+#   imports on this path: colorlog colorama texttable scikit-learn tensorboard psutil;
 #   faiss-cpu>=1.8 (k-means / code search on CPU), numpy<2 and pandas<3 (RecBole 1.2.1),
 #   scipy pyyaml tqdm matplotlib.
-# The plugin itself runs from this checkout (PYTHONPATH), nothing else is installed.
+# The plugin itself runs from this checkout (PYTHONPATH); nothing else is installed.
 #
 #   bash bench/gpu_check.sh                # writes to $OUT (the device tool's folder) or bench/results/gpu
 #
@@ -20,14 +21,16 @@ PY=${PYTHON:-python}
 OUT_DIR=${OUT:-bench/results/gpu}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
-PIP=("$PY" -m pip install -q ${WHEELS:+--no-index --find-links "$WHEELS"})
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))"
+KEEP=$(mktemp)
+"$PY" -c "import torch; print(f'torch=={torch.__version__}')" > "$KEEP"
+PIP=("$PY" -m pip install -q -c "$KEEP" ${WHEELS:+--no-index --find-links "$WHEELS"})
 
 need=$("$PY" - <<'EOF'
 import importlib.util
-wanted = {"colorlog": "colorlog", "colorama": "colorama", "texttable": "texttable", "tabulate": "tabulate",
-          "thop": "thop", "plotly": "plotly", "sklearn": "scikit-learn", "tensorboard": "tensorboard",
-          "psutil": "psutil", "faiss": "faiss-cpu>=1.8", "scipy": "scipy", "yaml": "pyyaml", "tqdm": "tqdm",
-          "matplotlib": "matplotlib", "pandas": "pandas<3"}
+wanted = {"colorlog": "colorlog", "colorama": "colorama", "texttable": "texttable", "sklearn": "scikit-learn",
+          "tensorboard": "tensorboard", "psutil": "psutil", "faiss": "faiss-cpu>=1.8", "scipy": "scipy",
+          "yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib", "pandas": "pandas<3"}
 print(" ".join(spec for module, spec in wanted.items() if importlib.util.find_spec(module) is None))
 EOF
 )
@@ -35,10 +38,9 @@ EOF
 "$PY" -c "import numpy, sys; sys.exit(int(numpy.__version__.split('.')[0]) >= 2)" || "${PIP[@]}" "numpy<2"
 "$PY" -c "import pandas, sys; sys.exit(int(pandas.__version__.split('.')[0]) >= 3)" || "${PIP[@]}" "pandas<3"
 "$PY" -c "import recbole" 2>/dev/null || "${PIP[@]}" --no-deps "recbole==1.2.1"
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))"
 
 DATA=$(mktemp -d)
-trap 'rm -rf "$DATA"' EXIT
+trap 'rm -rf "$DATA" "$KEEP"' EXIT
 THREADS=4
 
 echo "== (1) DPPMG vs LightGCN on CUDA and the scaling table: 1e5 (full epochs), 1e6 (100 batches, scaled)"
