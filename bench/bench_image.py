@@ -9,6 +9,7 @@ shape is timed (the cost does not depend on the weights).
     python bench/bench_image.py --checkpoint saved/ml-100k-mm/ImageGen-cpu \\
         --tokens saved/ml-100k-mm/DPPMG-<time>/tokens
     python bench/bench_image.py --tiny          # seconds, tiny model in pixel space (smoke test)
+    python bench/bench_image.py --tiny --device cuda
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 
 import torch
 
+from recbole_dppmg.devices import resolve_device
 from recbole_dppmg.generation.image_autoencoder import PixelCodec
 from recbole_dppmg.generation.image_generate import generate_posters
 from recbole_dppmg.generation.image_model import PosterDiffusion
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="tiny pixel-space network (smoke test)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (network and autoencoder)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -48,6 +51,10 @@ def main() -> None:
     else:
         settings = image_settings({})
         model, codec = PosterDiffusion(settings, torch.randn(1536, 64), 6, 32).eval(), build_codec(settings)[0]
+    device = resolve_device(args.device, key="--device")
+    model.to(device)
+    if isinstance(codec, torch.nn.Module):
+        codec.to(device)
     positions = torch.randint(0, len(model.projection.codebook_vectors), (args.posters, model.n_slots), generator=torch.Generator().manual_seed(0))
     times = []
     for _ in range(args.repeats):
@@ -56,7 +63,7 @@ def main() -> None:
         times.append((time.perf_counter() - start) / args.posters)
     c = model.config
     print(f"{c['height']}x{c['width']} posters ({c['space']} space, UNet {c['unet_channels']}), {args.steps} steps, guidance {args.guidance}, "
-          f"batch {args.batch}, {args.threads} thread(s): {statistics.median(times):.3f} s per poster (median of {args.repeats})")
+          f"batch {args.batch}, {device}, {args.threads} thread(s): {statistics.median(times):.3f} s per poster (median of {args.repeats})")
 
 
 if __name__ == "__main__":

@@ -45,8 +45,10 @@ def main() -> None:
     from text_tiny import FakeTokens, tiny_lm, tiny_tokenizer
 
     if args.backbone == "tiny":
+        from recbole_dppmg.devices import resolve_device
+
         tokenizer = tiny_tokenizer()
-        model = tiny_lm(tokenizer)
+        model = tiny_lm(tokenizer).to(resolve_device(args.device, key="--device"))
         tokens = FakeTokens(n_users=args.users)
     else:
         from recbole_dppmg.generation.text_backbone import load_backbone

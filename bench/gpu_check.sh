@@ -14,7 +14,8 @@
 #
 # Steps: (1) DPPMG vs LightGCN and the scaling table on synthetic 1e5 (full epochs) and 1e6
 # (100 batches, scaled), (2) RecBole's DDP path on CUDA with NCCL (one rank: a single GPU cannot
-# hold two NCCL ranks), (3) the batch-rows propagation on CUDA against the full one.
+# hold two NCCL ranks), (3) the batch-rows propagation on CUDA against the full one, (4) smoke
+# runs of bench_text / bench_image on CUDA with tiny models (bench_tokens is FAISS on CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -80,4 +81,10 @@ prop = LightGCNPropagation(2)
 print("max |grad diff|", float((x.grad - full).abs().max()))
 assert torch.allclose(x.grad, full, atol=1e-5)
 EOF
+echo "== (4) smoke checks of the generation benches on CUDA (tiny models built from config: the real"
+echo "   SmolLM2 / TAEF2 weights are not on a bare GPU machine; copy them and drop --tiny / --backbone tiny)"
+timeout 120 "$PY" bench/bench_text.py --backbone tiny --device cuda --users 4 --batch-sizes 1,4 --new-tokens 8 \
+  --threads $THREADS | tee "$OUT_DIR/text_tiny.md" || echo "bench_text: failed"
+timeout 60 "$PY" bench/bench_image.py --tiny --device cuda --posters 4 --steps 4 --repeats 2 \
+  | tee "$OUT_DIR/image_tiny.md" || echo "bench_image: failed"
 echo "results in $OUT_DIR"
