@@ -5,8 +5,9 @@ model of that run's token export; prints the run folder.
 
 ``measure``: on the first --users held-out TEST users of the shared split (never seen by the
 generators or by RL) and for each --seeds value, generates text with the warm-up and the RL
-text generator and posters with the trained and the RL image generator, then reports per
-seed and as mean / std / [min, max] over seeds: the judge percentile of text and poster, the
+text generator and posters (for the first --fd-users test users) with the trained and the RL
+image generator, then reports per seed and as mean / std / [min, max] over seeds: the judge
+percentile of text (--users) and poster (--fd-users), the
 text-poster consistency and the reward total for the pairs (text before, poster before),
 (text after, poster before) = what text RL optimised, (text before, poster after) = what image
 RL optimised, (after, after) = the joint effect; perplexity of the texts under the frozen base
@@ -113,32 +114,38 @@ def measure(args) -> None:
     codec, _ = build_codec(settings)
     _, real = real_poster_features(poster_files(args.dataset, settings["poster_dir"]), settings["height"], settings["width"],
                                    lambda images: image_features(image_encoder, images), cache_key=image_encoder_version())
-    base, base_tokenizer = load_backbone(read_meta(text_before / "dppmg").backbone, "float32", "cpu")
-    context = prompt_ids(base_tokenizer, None)
+    base, base_tokenizer, context = None, None, None
+    if args.only != "image":
+        base, base_tokenizer = load_backbone(read_meta(text_before / "dppmg").backbone, "float32", "cpu")
+        context = prompt_ids(base_tokenizer, None)
     rows, samples = {}, {}
+    text_runs = {"before": text_before, "after": text_after} if args.only != "image" else {}
+    image_runs = {"before": image_before, "after": image_after} if args.only != "text" else {"before": image_before}
     for seed in args.seeds:
         tick = time.perf_counter()
-        texts = {name: _texts(args.dataset, run, users, seed, vocabulary) for name, run in (("before", text_before), ("after", text_after))}
+        texts = {name: _texts(args.dataset, run, users, seed, vocabulary) for name, run in text_runs.items()}
         text_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
-        posters = {name: _posters(args.dataset, run, fd_users, seed, vocabulary, codec) for name, run in (("before", image_before), ("after", image_after))}
+        drawn = users if args.only == "text" else fd_users
+        posters = {name: _posters(args.dataset, run, drawn, seed, vocabulary, codec) for name, run in image_runs.items()}
         poster_seconds = time.perf_counter() - tick
         tf = {k: text_encoder.encode([t or " " for t in v], progress=False) for k, v in texts.items()}
         pf = {k: image_features(image_encoder, v) for k, v in posters.items()}
         row = {"text_seconds": text_seconds, "poster_seconds": poster_seconds}
-        for t_name in ("before", "after"):
+        for t_name in texts:
             row[f"text_{t_name}_judge"] = float(judge.personalization(users, "text", tf[t_name]).mean())
             row[f"text_{t_name}_perplexity"] = perplexity(base, base_tokenizer, [t for t in texts[t_name] if t], context, 16)
-        for p_name in ("before", "after"):
-            row[f"image_{p_name}_judge"] = float(judge.personalization(users, "image", pf[p_name][: len(users)]).mean())
-            row[f"image_{p_name}_fd"] = frechet_distance(pf[p_name], real)
-        for t_name in ("before", "after"):
-            for p_name in ("before", "after"):
+        for p_name in posters:
+            row[f"image_{p_name}_judge"] = float(judge.personalization(drawn, "image", pf[p_name]).mean())  # every poster drawn
+            if args.only != "text":
+                row[f"image_{p_name}_fd"] = frechet_distance(pf[p_name], real)
+        for t_name in texts:
+            for p_name in posters:
                 out = judge.reward(users, text_features=tf[t_name], image_features=pf[p_name][: len(users)])
                 row[f"consistency_t{t_name}_p{p_name}"] = float(out["consistency"].mean())
                 row[f"reward_t{t_name}_p{p_name}"] = float(out["total"].mean())
         rows[seed] = row
-        samples[seed] = [{"user": u, "before": texts["before"][k], "after": texts["after"][k]} for k, u in enumerate(users[:10])]
+        samples[seed] = [{"user": u, **{name: t[k] for name, t in texts.items()}} for k, u in enumerate(users[:10])]
         print(json.dumps({"seed": seed, **{k: round(v, 4) for k, v in row.items()}}), flush=True)
     summary = {k: _spread([rows[s][k] for s in args.seeds]) for k in rows[args.seeds[0]]}
     result = {"dataset": args.dataset, "users": len(users), "fd_users": len(fd_users), "seeds": args.seeds,
@@ -167,6 +174,7 @@ def main() -> None:
     m.add_argument("--users", type=int, default=50, help="held-out test users for the judge metrics and perplexity")
     m.add_argument("--fd-users", type=int, default=200, help="held-out test users whose posters enter the Fréchet distance")
     m.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    m.add_argument("--only", choices=["text", "image"], help="only the text metrics (+ consistency with the pre-RL posters) or only the poster metrics")
     m.add_argument("--out", default="rl_effect.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -313,6 +313,17 @@ def test_train_text_rl_writes_a_loadable_generator(warm_text_run, tmp_path):
     before = load_text_generator(warm, vocabulary, text_config(config)).token_embeddings()
     after = load_text_generator(run, vocabulary, text_config(config)).token_embeddings()
     assert after.shape == before.shape and not torch.allclose(after, before)
+    # the saved adapter holds exactly the embeddings RL ended with (the checkpoint's tensors on the warm-up model)
+    from recbole_dppmg.generation.rl_common import FrozenReference
+    from safetensors.torch import load_file
+
+    final, _ = FrozenReference.split(load_file(str(run / "checkpoint" / "tensors.safetensors")))
+    lm = load_text_generator(warm, vocabulary, text_config(config))
+    named = rl_text.token_parameters(lm)
+    with torch.no_grad():
+        for name, p in named.items():
+            p.copy_(final[name])
+    assert torch.allclose(lm.token_embeddings(), after, atol=1e-6)
     assert (run / "soft_prompt" / "soft_prompt.safetensors").is_file()
     # resuming a finished run returns it; changed settings or an occupied folder are refused
     assert rl_text.train_text_rl("tiny-text", None, None, {**settings, "resume": str(run)}, reward_fn=letters_reward(tokens)) == run
