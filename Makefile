@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(PY) run_dppmg.py --stage all --until export -d ml-100k-mm
+	$(PY) run_dppmg.py --stage all --profile quick -d ml-100k-mm --torch_num_threads=1
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
