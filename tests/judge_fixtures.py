@@ -5,28 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tiny_mm import write_tiny_mm
+from tiny_mm import TINY_RUN, write_tiny_mm
 
-TINY_DPPMG = {
-    "state": "ERROR",
-    "show_progress": False,
-    "epochs": 8,
-    "torch_num_threads": 1,
-    "load_col": {"inter": ["user_id", "item_id"], "item": ["item_id", "text_feat", "image_feat", "text_mask", "image_mask"]},
-    "text_feature_field": "text_feat",
-    "image_feature_field": "image_feat",
-    "text_mask_field": "text_mask",
-    "image_mask_field": "image_mask",
-    "metrics": ["Recall", "NDCG"],
-    "topk": [5],
-    "valid_metric": "NDCG@5",
-    "train_batch_size": 64,
-    "learning_rate": 0.01,
-    "embedding_size": 8,
-    "levels": 2,
-    "codebook_size": 4,
-    "modalities": ["text", "image"],  # pinned: the tests do not follow the property file's channels
-}
+TINY_DPPMG = {**TINY_RUN, "epochs": 8}
 
 
 def tiny_export(root: Path, **overrides) -> tuple[Path, Path]:

@@ -15,35 +15,15 @@ from recbole_dppmg.tokens import export as export_module
 from recbole_dppmg.tokens.export import export_tokens
 from recbole_dppmg.tokens.faiss_lookup import brute_force_search, build_index, residual_search
 from recbole_dppmg.tokens.format import MANIFEST
-from tiny_mm import write_tiny_mm
+from tiny_mm import TINY_RUN, write_tiny_mm
 
-TINY = {
-    "state": "ERROR",
-    "show_progress": False,
-    "epochs": 3,
-    "torch_num_threads": 1,
-    "load_col": {"inter": ["user_id", "item_id"], "item": ["item_id", "text_feat", "image_feat", "text_mask", "image_mask"]},
-    "text_feature_field": "text_feat",
-    "image_feature_field": "image_feat",
-    "text_mask_field": "text_mask",
-    "image_mask_field": "image_mask",
-    "metrics": ["Recall", "NDCG"],
-    "topk": [5],
-    "valid_metric": "NDCG@5",
-    "train_batch_size": 64,
-    "learning_rate": 0.01,
-    "embedding_size": 8,
-    "levels": 2,
-    "codebook_size": 4,
-    "modalities": ["text", "image"],
-}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("tokens")
     write_tiny_mm(root / "data")
-    settings = dict(TINY, data_path=str(root / "data"), checkpoint_dir=str(root / "saved"))
+    settings = dict(TINY_RUN, data_path=str(root / "data"), checkpoint_dir=str(root / "saved"))
     result = run("DPPMG", "tiny", config_dict=settings)
     folder = export_tokens(result.checkpoint, config_dict=settings)
     return result, folder, settings

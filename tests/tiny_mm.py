@@ -58,6 +58,29 @@ def write_tiny_mm(root: Path, name: str = "tiny", n_users: int = 40, n_items: in
     return root
 
 
+
+# RecBole settings of a tiny DPPMG run through quick_start.run (token export, judge and report tests).
+TINY_RUN = {
+    "state": "ERROR",
+    "show_progress": False,
+    "epochs": 3,
+    "torch_num_threads": 1,
+    "load_col": {"inter": ["user_id", "item_id"], "item": ["item_id", "text_feat", "image_feat", "text_mask", "image_mask"]},
+    "text_feature_field": "text_feat",
+    "image_feature_field": "image_feat",
+    "text_mask_field": "text_mask",
+    "image_mask_field": "image_mask",
+    "metrics": ["Recall", "NDCG"],
+    "topk": [5],
+    "valid_metric": "NDCG@5",
+    "train_batch_size": 64,
+    "learning_rate": 0.01,
+    "embedding_size": 8,
+    "levels": 2,
+    "codebook_size": 4,
+    "modalities": ["text", "image"],  # pinned: the tests do not follow the property file's channels
+}
+
 def tiny_config(model_class, root: Path, name: str = "tiny", **overrides) -> Config:
     """RecBole Config for ``model_class`` on the tiny dataset: the model's property file plus
     small sizes and the project's evaluation protocol (8/1/1 random split, full ranking)."""
