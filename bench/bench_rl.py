@@ -7,14 +7,20 @@ model of that run's token export; prints the run folder.
 generators or by RL) and for each --seeds value, generates text with the warm-up and the RL
 text generator and posters (for the first --fd-users test users) with the trained and the RL
 image generator, then reports per seed and as mean / std / [min, max] over seeds: the judge
-percentile of text (--users) and poster (--fd-users), the
-text-poster consistency and the reward total for the pairs (text before, poster before),
-(text after, poster before) = what text RL optimised, (text before, poster after) = what image
-RL optimised, (after, after) = the joint effect; perplexity of the texts under the frozen base
-LM and the Fréchet distance of the posters of --fd-users test users to all real posters.
+percentile of text (--users) and poster (--fd-users), the text-poster consistency and the
+reward total for the pairs (text before, poster before), (text after, poster before) = what
+text RL optimised, (text before, poster after) = what image RL optimised, (after, after) = the
+joint effect; perplexity (frozen base LM) and distinct-2 of the texts; the Fréchet distance of
+the posters to all real posters.
 
     python bench/bench_rl.py train text  --run saved/ml-100k-mm/TextGen-<time> [--quick] [--set steps=40 ...]
     python bench/bench_rl.py train image --run saved/ml-100k-mm/ImageGen-<time> [--quick]
+``snr``: how much of one step's policy gradient is signal: the gradients of --batches
+independent batches (same --users training users, --group samples each, fresh sampling noise)
+at the start of RL, and their pairwise cosine (near 0: the step is mostly noise; the same
+direction needs ~1/cos^2 times more samples per step).
+
+    python bench/bench_rl.py snr text --run saved/ml-100k-mm/TextGen-<time>
     python bench/bench_rl.py measure --text-before saved/.../TextGen-<t> --text-after saved/.../TextRL-<t> \\
         --image-before saved/.../ImageGen-<t> --image-after saved/.../ImageRL-<t> --out rl_effect.json
 """
@@ -96,7 +102,7 @@ def measure(args) -> None:
     from recbole_dppmg.generation.text_backbone import load_backbone
     from recbole_dppmg.generation.text_generate import prompt_ids
     from recbole_dppmg.generation.text_injection import read_meta
-    from recbole_dppmg.generation.text_metrics import perplexity
+    from recbole_dppmg.generation.text_metrics import distinct_n, perplexity
     from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 
     started = time.perf_counter()
@@ -135,6 +141,7 @@ def measure(args) -> None:
         for t_name in texts:
             row[f"text_{t_name}_judge"] = float(judge.personalization(users, "text", tf[t_name]).mean())
             row[f"text_{t_name}_perplexity"] = perplexity(base, base_tokenizer, [t for t in texts[t_name] if t], context, 16)
+            row[f"text_{t_name}_distinct2"] = distinct_n(texts[t_name], 2)
         for p_name in posters:
             row[f"image_{p_name}_judge"] = float(judge.personalization(drawn, "image", pf[p_name]).mean())  # every poster drawn
             if args.only != "text":
@@ -157,6 +164,78 @@ def measure(args) -> None:
         print(f"{key:32s} {value['mean']:.4f} ± {value['std']:.4f}  [{value['min']:.4f}, {value['max']:.4f}]")
 
 
+def snr(args) -> None:
+    from itertools import combinations
+
+    from recbole_dppmg.data.featurize import load_default_encoder
+    from recbole_dppmg.generation.rl_common import JudgeReward, group_advantages, pre_rl_poster_features, pre_rl_text_features, rl_config, user_pool
+
+    run = Path(args.run)
+    cfg = rl_config(args.modality)
+    grads = []
+    if args.modality == "text":
+        from recbole_dppmg.generation import rl_text
+        from recbole_dppmg.generation.image_generate import latest_checkpoint
+        from recbole_dppmg.generation.text_config import text_config
+        from recbole_dppmg.generation.text_generate import TokenConditioner
+        from recbole_dppmg.generation.text_pipeline import load_text_generator
+        from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+
+        tokens, judge = _judge(args.dataset, json.loads((run / "config.json").read_text())["tokens"])
+        vocabulary = PreferenceVocabulary(tokens)
+        users = user_pool(json.loads((run / "users.json").read_text())["train"], cfg["user_pool"], cfg["seed"])[: args.users]
+        encoder = load_default_encoder("text")
+        reward = JudgeReward(judge, "text", lambda texts: encoder.encode([t or " " for t in texts], progress=False),
+                             pre_rl_poster_features(args.dataset, latest_checkpoint(args.dataset), users))
+        lm = load_text_generator(run, vocabulary, text_config({"num_threads": args.threads}))
+        conditioner, named = TokenConditioner(lm, vocabulary), rl_text.token_parameters(lm)
+        for batch in range(args.batches):
+            rollout = rl_text.sample_rollout(lm, conditioner, users, args.group, cfg["max_new_tokens"], cfg["temperature"], 1000 + batch)
+            adv = torch.tensor(group_advantages(reward(rollout.users, rollout.texts)["total"], args.group), dtype=torch.float32)
+            logps = rl_text.completion_logprobs(lm, conditioner, rollout, cfg["temperature"])
+            loss, _ = rl_text.grpo_loss(logps, logps.detach(), adv, rollout.completion_mask, cfg["clip_range"])
+            grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(named.values()))]))
+    else:
+        from recbole_dppmg.generation import rl_image
+        from recbole_dppmg.generation.image_data import tensor_to_pil
+        from recbole_dppmg.generation.image_metrics import image_features
+        from recbole_dppmg.generation.image_train import build_codec, image_settings, load_image_generator, read_image_config
+        from recbole_dppmg.generation.text_config import newest_generator_run
+        from recbole_dppmg.generation.user_split import split_users
+        from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+
+        meta = read_image_config(run)
+        tokens, judge = _judge(args.dataset, meta["tokens_folder"])
+        vocab = PreferenceVocabulary(tokens)
+        train = meta["train"]
+        users = user_pool(split_users(list(tokens.users), train["valid_users"], train["test_users"], train["seed"])["train"], cfg["user_pool"], cfg["seed"])[: args.users]
+        encoder = load_default_encoder("image")
+        reward = JudgeReward(judge, "image", lambda posters: image_features(encoder, [tensor_to_pil(x) for x in posters]),
+                             pre_rl_text_features(args.dataset, newest_generator_run(args.dataset), users))
+        model, meta = load_image_generator(run, vocab, dataset=args.dataset)
+        codec, _ = build_codec(image_settings({**train, **meta["model"]}))
+        named = rl_image.conditioning_parameters(model)
+        scheduler = rl_image.ddim_scheduler(model, cfg["sample_steps"])
+        repeated = [u for u in users for _ in range(args.group)]
+        positions = torch.tensor([vocab.ids_for(u) for u in repeated])
+        for batch in range(args.batches):
+            traj = rl_image.sample_trajectories(model, scheduler, positions, cfg["eta"], cfg["guidance_scale"], torch.Generator().manual_seed(1000 + batch))
+            with torch.no_grad():
+                posters = codec.decode(model.denormalise(traj.final))
+            adv = torch.tensor(group_advantages(reward(repeated, posters)["total"], args.group), dtype=torch.float32)
+            total = [torch.zeros_like(p) for p in named.values()]
+            for k, t in enumerate(traj.timesteps):
+                cond = model.condition(positions)
+                out = rl_image.guided_output(model, traj.starts[:, k], t, cond, model.null.expand_as(cond), cfg["guidance_scale"])
+                mean, _ = rl_image.ddim_transition(scheduler, out, t, traj.starts[:, k], cfg["eta"])
+                loss, _ = rl_image.ppo_loss(rl_image.gaussian_logprob(traj.ends[:, k], mean, traj.stds[k]), traj.logps[:, k], adv, cfg["clip_range"])
+                total = [a + g for a, g in zip(total, torch.autograd.grad(loss, list(named.values())))]
+            grads.append(torch.cat([g.flatten() for g in total]))
+    cosines = [float(a @ b / (a.norm() * b.norm())) for a, b in combinations(grads, 2)]
+    print(json.dumps({"modality": args.modality, "users": len(users), "samples_per_batch": len(users) * args.group,
+                      "pairwise_cosine": [round(c, 3) for c in cosines], "mean_cosine": round(float(np.mean(cosines)), 3)}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-d", "--dataset", default="ml-100k-mm")
@@ -176,10 +255,16 @@ def main() -> None:
     m.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     m.add_argument("--only", choices=["text", "image"], help="only the text metrics (+ consistency with the pre-RL posters) or only the poster metrics")
     m.add_argument("--out", default="rl_effect.json")
+    n = sub.add_parser("snr")
+    n.add_argument("modality", choices=["text", "image"])
+    n.add_argument("--run", required=True, help="TextGen-* (text) or ImageGen-* (image) run folder")
+    n.add_argument("--users", type=int, default=4, help="training users per batch (the first of the RL pool)")
+    n.add_argument("--group", type=int, default=8, help="samples per user per batch")
+    n.add_argument("--batches", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    train(args) if args.command == "train" else measure(args)
+    {"train": train, "measure": measure, "snr": snr}[args.command](args)
 
 
 if __name__ == "__main__":
