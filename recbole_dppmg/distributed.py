@@ -17,6 +17,7 @@ identical on every rank. They do nothing in a single process.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -123,12 +124,20 @@ def _rank_main(local_rank: int, fn: Callable, args: tuple, kwargs: dict, config_
             dist.destroy_process_group()
 
 
+def make_shared_dirs(config) -> None:
+    """Create the folders every rank would create: RecBole's ``ensure_dir`` checks, then
+    creates, so two ranks racing on a fresh ``checkpoint_dir`` or log folder crash one of them."""
+    Path(config["checkpoint_dir"]).mkdir(parents=True, exist_ok=True)
+    Path("log", str(config["model"])).mkdir(parents=True, exist_ok=True)  # init_logger's ./log/<model>
+
+
 def launch(fn: Callable, config, args: tuple, kwargs: dict, config_dict: dict | None):
     """Spawn ``nproc`` ranks that each call ``fn(*args, config_dict=..., **kwargs)`` (as
     RecBole's ``run`` does for ``run_recbole``); returns rank 0's result."""
     import torch.multiprocessing as mp
 
     settings = rank_settings(config, int(config["port"] or free_port()))
+    make_shared_dirs(config)
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
     mp.spawn(_rank_main, args=(fn, args, kwargs, dict(config_dict or {}), settings, queue),
