@@ -15,6 +15,7 @@ from pathlib import Path
 
 from recbole_dppmg.errors import DPPMGError
 from recbole_dppmg.pipeline import STAGES as PIPELINE_STAGES
+from recbole_dppmg.stage_logging import init_stage_logger
 
 COMPARISON_SEEDS = (2020, 2021, 2022)  # a comparison or ablation reports the median over these
 STAGES = ("prepare", "train", "export", "text", "image", "generate", "evaluate", "all")
@@ -227,10 +228,16 @@ def _stage_all(args, models, config_files, overrides) -> None:
     print(f"pipeline: {folder / 'pipeline.json'}")
 
 
+# Stages RecBole does not run, and the log/ folder each writes to.
+STAGE_LOGS = {"text": "TextGen", "image": "ImageGen", "generate": "Generate", "evaluate": "Report"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, models, config_files, overrides = parse_args(argv)
+        if args.stage in STAGE_LOGS:
+            init_stage_logger(STAGE_LOGS[args.stage], args.dataset)
         if args.stage == "all":
             _stage_all(args, models, config_files, overrides)
         if args.stage == "prepare":

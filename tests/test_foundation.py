@@ -159,3 +159,28 @@ def test_compare_writes_tables(run_settings, tmp_path):
     assert "| Pop |" in text and "| BPR |" in text and "ndcg@10" in text
     csv_lines = (tmp_path / "cmp" / "comparison.csv").read_text().splitlines()
     assert csv_lines[0].startswith("model,recall@10") and len(csv_lines) == 3
+
+
+def test_generation_stages_log_like_recbole(tmp_path, monkeypatch):
+    """--stage text|image|generate|evaluate log to the console and log/<Stage>/ with RecBole's
+    format, and leave alone a process that already logs."""
+    import logging
+
+    from recbole_dppmg.stage_logging import init_stage_logger
+
+    root = logging.getLogger()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    try:
+        init_stage_logger("TextGen", "ml-100k-mm")
+        added = list(root.handlers)
+        init_stage_logger("Report", "ml-100k-mm")  # already logging: nothing added
+        assert root.handlers == added and len(added) == 2
+        logging.getLogger("recbole_dppmg.generation.text_warmup").info("dppmg step 50: valid loss 3.5")
+    finally:
+        for handler in root.handlers:
+            handler.close()
+    files = list((tmp_path / "log" / "TextGen").glob("TextGen-ml-100k-mm-*.log"))
+    assert len(files) == 1 and "INFO  dppmg step 50: valid loss 3.5" in files[0].read_text()
+    assert not (tmp_path / "log" / "Report").exists()

@@ -154,6 +154,39 @@ def test_warmup_lowers_validation_loss(tokens, tmp_path):
     assert state["best_valid"] < state["history"][0]["valid_loss"]
 
 
+def test_contrast_term_trains_only_tokens_and_records_the_gap(tokens, tmp_path):
+    lm, vocabulary = make_lm(tokens)
+    base = {n: p.detach().clone() for n, p in lm.model.named_parameters() if not p.requires_grad}
+    before = lm.token_embeddings().detach().clone()
+    cfg = {**CFG, "contrast_weight": 1.0, "contrast_beta": 20.0}
+    state = train_conditioner(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), pairs_for(tokens, tokens.users[:8]),
+                              pairs_for(tokens, tokens.users[8:12]), item_texts(), cfg, tmp_path / "run")
+    for name, p in lm.model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, base[name]), name
+    assert not torch.allclose(lm.token_embeddings(), before)
+    gaps = [h["valid_gap"] for h in state["history"]]
+    assert len(gaps) == 3 and all(np.isfinite(gaps))  # steps 0, 2, 4: other users' prompts vs own, per token
+
+
+def test_contrast_loss_pays_only_when_the_own_prompt_does_not_explain_better(tokens):
+    lm, vocabulary = make_lm(tokens)
+    conditioner = TokenConditioner(lm, vocabulary)
+    texts = item_texts()
+    chunk = pairs_for(tokens, tokens.users[:4])[::3][:4]
+    cfg = {**CFG, "contrast_beta": 20.0}
+    batch = text_warmup.collate([text_warmup.encode_pair(lm.tokenizer, conditioner, u, texts[i], 16) for u, i in chunk], lm.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        own_sum, count = text_warmup.sequence_nll(lm.model, conditioner, batch, [u for u, _ in chunk])
+        other = text_warmup.contrast_loss(lm.model, lm.tokenizer, conditioner, chunk, texts, cfg, own_sum, count, "cpu")
+        much_better = text_warmup.contrast_loss(lm.model, lm.tokenizer, conditioner, chunk, texts, cfg, own_sum - 10 * count, count, "cpu")
+        much_worse = text_warmup.contrast_loss(lm.model, lm.tokenizer, conditioner, chunk, texts, cfg, own_sum + 10 * count, count, "cpu")
+    assert float(much_better) < 1e-6 < float(other) < float(much_worse)
+    assert float(much_worse) == pytest.approx(200.0, rel=0.05)  # softplus(20 x 10 nats per token)
+    same_user = [(chunk[0][0], i) for _, i in chunk]
+    assert text_warmup.contrast_loss(lm.model, lm.tokenizer, conditioner, same_user, texts, cfg, own_sum, count, "cpu") is None
+
+
 # ---------------------------------------------------------------------------- clear errors
 def test_user_without_tokens_is_a_clear_error(tokens):
     lm, vocabulary = make_lm(tokens)

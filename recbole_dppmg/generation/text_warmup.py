@@ -102,8 +102,8 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device) ->
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-def target_nll(model, conditioner, batch: dict, users: Sequence[str]) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL over the target tokens and their count.
+def sequence_nll(model, conditioner, batch: dict, users: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed next-token NLL over the target tokens, and the target-token counts.
 
     The softmax runs over the base vocabulary only: preference tokens are inputs, never
     predicted (generation suppresses them too). With tied embeddings their output logits would
@@ -117,8 +117,40 @@ def target_nll(model, conditioner, batch: dict, users: Sequence[str]) -> tuple[t
     logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
     logits = logits[:, :-1, : conditioner.output_vocab].float()
     labels = labels[:, labels.shape[1] - keep + 1 :]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return nll.sum(1), (labels != -100).sum(1)
+
+
+def target_nll(model, conditioner, batch: dict, users: Sequence[str]) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL over the target tokens of the batch and their count."""
+    sums, counts = sequence_nll(model, conditioner, batch, users)
+    return sums.sum(), int(counts.sum())
+
+
+def rolled_users(users: Sequence[str]) -> list[str]:
+    """Each pair's prompt user replaced by the next pair's (the in-batch negative)."""
+    users = list(users)
+    return users[1:] + users[:1]
+
+
+def contrast_loss(model, tokenizer, conditioner, chunk, texts, cfg, own_sum, own_count, device) -> torch.Tensor | None:
+    """Logistic loss on how much better a target is explained by its own user's prompt than by
+    another user's: ``softplus(-beta * (nll_other - nll_own) per token)``.
+
+    Why: with the likelihood alone the tokens mostly learn what every target shares (the
+    catalogue's style); measured on held-out users, own vs shuffled tokens differed by 0.012
+    nats/token after 300 steps. This term pays only for what tells users apart; it is bounded,
+    so it cannot push the other user's likelihood to zero."""
+    users = [u for u, _ in chunk]
+    others = rolled_users(users)
+    differ = torch.tensor([a != b for a, b in zip(users, others)], device=device)
+    if not bool(differ.any()):
+        return None
+    batch = collate([encode_pair(tokenizer, conditioner, o, texts[i], cfg["max_target_tokens"]) for o, (_, i) in zip(others, chunk)],
+                    tokenizer.pad_token_id, device)
+    other_sum, _ = sequence_nll(model, conditioner, batch, others)
+    margin = (other_sum - own_sum) / own_count.clamp(min=1)
+    return torch.nn.functional.softplus(-cfg["contrast_beta"] * margin)[differ].mean()
 
 
 # ---------------------------------------------------------------------------- training loop
@@ -151,14 +183,18 @@ def _schedule(warmup: int, total: int):
 
 
 @torch.no_grad()
-def validation_loss(model, tokenizer, conditioner, pairs, texts, cfg) -> float:
+def validation_loss(model, tokenizer, conditioner, pairs, texts, cfg, other_users: dict[str, str] | None = None) -> float:
+    """Mean target NLL per token; with ``other_users``, each pair is prompted with that user's
+    tokens instead (how much of the fit is about *this* user)."""
     conditioner.train(False)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(pairs), cfg["batch_size"]):
         chunk = pairs[start : start + cfg["batch_size"]]
-        batch = collate([encode_pair(tokenizer, conditioner, u, texts[i], cfg["max_target_tokens"]) for u, i in chunk], tokenizer.pad_token_id, device)
-        loss, n = target_nll(model, conditioner, batch, [u for u, _ in chunk])
+        users = [other_users.get(u, u) if other_users else u for u, _ in chunk]
+        batch = collate([encode_pair(tokenizer, conditioner, p, texts[i], cfg["max_target_tokens"]) for p, (_, i) in zip(users, chunk)],
+                        tokenizer.pad_token_id, device)
+        loss, n = target_nll(model, conditioner, batch, users)
         total, count = total + float(loss), count + n
     return total / max(1, count)
 
@@ -207,12 +243,19 @@ def train_conditioner(model, tokenizer, conditioner, train_pairs, valid_pairs, t
     def evaluate(step: int) -> None:
         nonlocal best
         loss = validation_loss(model, tokenizer, conditioner, valid_pairs, texts, cfg) if valid_pairs else float("nan")
-        state["history"].append({"step": step, "valid_loss": loss, "train_loss": running.get("loss")})
-        logger.info("%s step %d: valid loss %.4f", conditioner.name, step, loss)
+        gap = float("nan")
+        if other_users:
+            gap = validation_loss(model, tokenizer, conditioner, valid_pairs, texts, cfg, other_users) - loss
+        state["history"].append({"step": step, "valid_loss": loss, "valid_gap": gap, "train_loss": running.get("loss")})
+        logger.info("%s step %d: valid loss %.4f, other users' prompts %+.4f", conditioner.name, step, loss, gap)
         if valid_pairs and (state["best_valid"] is None or loss < state["best_valid"]):
             state["best_valid"], state["best_step"] = loss, step
             best = {k: v.detach().cpu().clone().contiguous() for k, v in conditioner.trainable_state().items()}
 
+    from recbole_dppmg.generation.text_generate import shuffled_user_map
+
+    valid_users = sorted({u for u, _ in valid_pairs})
+    other_users = shuffled_user_map(valid_users, cfg["seed"]) if len(valid_users) > 1 else None
     running: dict = {}
     if state["step"] == 0 and not state["history"]:
         evaluate(0)
@@ -223,8 +266,12 @@ def train_conditioner(model, tokenizer, conditioner, train_pairs, valid_pairs, t
         conditioner.train(True)
         chunk = [train_pairs[k] for k in order(step)]
         batch = collate([encode_pair(tokenizer, conditioner, u, texts[i], cfg["max_target_tokens"]) for u, i in chunk], tokenizer.pad_token_id, device)
-        loss, n = target_nll(model, conditioner, batch, [u for u, _ in chunk])
-        loss = loss / max(1, n)
+        own_sum, own_count = sequence_nll(model, conditioner, batch, [u for u, _ in chunk])
+        loss = own_sum.sum() / own_count.sum().clamp(min=1)
+        if cfg.get("contrast_weight"):
+            extra = contrast_loss(model, tokenizer, conditioner, chunk, texts, cfg, own_sum, own_count, device)
+            if extra is not None:
+                loss = loss + cfg["contrast_weight"] * extra
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.get("grad_clip"):
