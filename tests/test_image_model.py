@@ -146,3 +146,12 @@ def test_device_is_chosen_by_config(tmp_path, inputs):
     folder = _train(tmp_path, *inputs, name="cpu", device="cpu")
     model, _ = load_image_generator(folder, device="cpu")
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_ddim_sampler_does_not_clip_standardised_latents(tmp_path, inputs):
+    export, _ = inputs
+    folder = _train(tmp_path, *inputs)
+    model, _ = load_image_generator(folder, PreferenceVocabulary(PreferenceTokens.load(export)), dataset="tiny")
+    assert model.sample_scheduler("ddim").config.clip_sample is False  # x0 of std-1 latents is not cut at +-1
+    with pytest.raises(ConfigError, match="image.sampler must be 'dpm' or 'ddim'"):
+        model.sample_scheduler("euler")

@@ -137,8 +137,8 @@ class PosterDiffusion(nn.Module):
         base = self.train_scheduler().config
         if sampler == "dpm":
             return DPMSolverMultistepScheduler.from_config(base)
-        if sampler == "ddim":
-            return DDIMScheduler.from_config(base)
+        if sampler == "ddim":  # latents are standardised (std 1): clipping x0 to [-1, 1] would cut their tails
+            return DDIMScheduler.from_config(base, clip_sample=False)
         raise ConfigError(f"image.sampler must be 'dpm' or 'ddim', got {sampler!r}")
 
     # ------------------------------------------------------------------ sampling
