@@ -225,6 +225,32 @@ def check_resume(run: Path, previous: dict, cfg: dict, keys: Sequence[str]) -> N
             raise CheckpointError(f"cannot resume {run}: rl.{key} was {previous['rl'].get(key)!r}, now {cfg.get(key)!r}")
 
 
+def resume_or_start(kind: str, cfg: dict, source_run: Path | None, keys: Sequence[str], source_what: str) -> tuple[Path | None, Path]:
+    """``(RL run to continue or None, generator run it starts from)``: ``rl.<kind>.resume``
+    names a run whose recorded source wins; otherwise ``source_run`` is required."""
+    if cfg.get("resume"):
+        run = Path(cfg["resume"])
+        if not (run / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{run} is not {'an' if kind == 'image' else 'a'} {kind} RL run (no {CONFIG_FILE}); nothing to resume")
+        previous = json.loads((run / CONFIG_FILE).read_text())
+        check_resume(run, previous, cfg, keys)
+        return run, Path(previous["source_run"])
+    if source_run is None:
+        raise DataError(f"{kind} RL needs {source_what}")
+    return None, Path(source_run)
+
+
+def claim_run_folder(kind: str, out_dir: Path | None, default: Callable[[], Path]) -> Path:
+    """The folder of a new RL run: ``out_dir`` (refused if it already holds one) or ``default()``."""
+    if out_dir is None:
+        return default()
+    run = Path(out_dir)
+    if (run / CONFIG_FILE).exists():
+        raise CheckpointError(f"{run} already holds {'an' if kind == 'image' else 'a'} {kind} RL run; resume it (rl.{kind}.resume) or choose another folder")
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
 def user_pool(train_users: Sequence[str], size: int, seed: int) -> list[str]:
     """The training users RL draws prompts from: a seeded sample of ``size`` of them."""
     users = [str(u) for u in train_users]

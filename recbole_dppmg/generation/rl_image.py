@@ -41,8 +41,8 @@ import torch
 
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
 from recbole_dppmg.generation.rl_common import (
-    CONFIG_FILE, JudgeReward, check_resume, group_advantages, pre_rl_text_features, reward_table, rl_config,
-    save_progress, start_or_resume, step_record, step_users, user_pool, write_json,
+    CONFIG_FILE, JudgeReward, claim_run_folder, group_advantages, pre_rl_text_features, reward_table, rl_config,
+    resume_or_start, save_progress, start_or_resume, step_record, step_users, user_pool, write_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -264,18 +264,7 @@ def train_image_rl(dataset: str, image_run: Path | None, judge, config: dict | N
     from recbole_dppmg.tokens import PreferenceTokens
 
     cfg = rl_config("image", config, quick)
-    if cfg.get("resume"):
-        run = Path(cfg["resume"])
-        if not (run / CONFIG_FILE).is_file():
-            raise CheckpointError(f"{run} is not an image RL run (no {CONFIG_FILE}); nothing to resume")
-        previous = json.loads((run / CONFIG_FILE).read_text())
-        check_resume(run, previous, cfg, RESUME_KEYS)
-        image_run = Path(previous["source_run"])
-    else:
-        if image_run is None:
-            raise DataError("image RL needs a trained image generator (an ImageGen-* folder)")
-        run = None
-    image_run = Path(image_run)
+    run, image_run = resume_or_start("image", cfg, image_run, RESUME_KEYS, "a trained image generator (an ImageGen-* folder)")
     with torch_threads(cfg["num_threads"]):
         from recbole_dppmg.generation.image_train import read_image_config
 
@@ -302,13 +291,7 @@ def train_image_rl(dataset: str, image_run: Path | None, judge, config: dict | N
             settings = image_settings({**train, **meta["model"], **{k: v for k, v in load_image_config().items() if k in ("autoencoder_path", "poster_dir")}})
             codec, _ = build_codec(settings)
         if run is None:
-            if out_dir is not None:
-                run = Path(out_dir)
-                if (run / CONFIG_FILE).exists():
-                    raise CheckpointError(f"{run} already holds an image RL run; resume it (rl.image.resume) or choose another folder")
-                run.mkdir(parents=True, exist_ok=True)
-            else:
-                run = new_run_folder(dataset, SAVED_DIR, prefix=RUN_PREFIX)
+            run = claim_run_folder("image", out_dir, lambda: new_run_folder(dataset, SAVED_DIR, prefix=RUN_PREFIX))
             write_json(run / CONFIG_FILE, {"dataset": dataset, "source_run": str(image_run.resolve()), "tokens": meta["tokens_folder"],
                                            "partner_run": str(partner_run) if partner_run else None, "pool": pool, "rl": cfg,
                                            "reward": judge.config if judged else "reward_fn"})

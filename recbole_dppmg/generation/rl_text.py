@@ -46,8 +46,8 @@ import torch
 
 from recbole_dppmg.errors import CheckpointError, DataError
 from recbole_dppmg.generation.rl_common import (
-    CONFIG_FILE, JudgeReward, check_resume, group_advantages, pre_rl_poster_features, reward_table, rl_config,
-    save_progress, start_or_resume, step_record, step_users, user_pool, write_json,
+    CONFIG_FILE, JudgeReward, claim_run_folder, group_advantages, pre_rl_poster_features, reward_table, rl_config,
+    resume_or_start, save_progress, start_or_resume, step_record, step_users, user_pool, write_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -236,18 +236,7 @@ def train_text_rl(dataset: str, text_run: Path | None, judge, config: dict | Non
     from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 
     cfg = rl_config("text", config, quick)
-    if cfg.get("resume"):
-        run = Path(cfg["resume"])
-        if not (run / CONFIG_FILE).is_file():
-            raise CheckpointError(f"{run} is not a text RL run (no {CONFIG_FILE}); nothing to resume")
-        previous = json.loads((run / CONFIG_FILE).read_text())
-        check_resume(run, previous, cfg, RESUME_KEYS)
-        text_run = Path(previous["source_run"])
-    else:
-        if text_run is None:
-            raise DataError("text RL needs a warm-up run (a TextGen-* folder)")
-        run = None
-    text_run = Path(text_run)
+    run, text_run = resume_or_start("text", cfg, text_run, RESUME_KEYS, "a warm-up run (a TextGen-* folder)")
     source = _run_config(text_run)
     if not (text_run / "users.json").is_file():
         raise CheckpointError(f"{text_run} has no users.json (the user split); re-run the text warm-up")
@@ -272,13 +261,7 @@ def train_text_rl(dataset: str, text_run: Path | None, judge, config: dict | Non
             encoder = load_default_encoder("text")
             reward_fn = JudgeReward(judge, "text", lambda texts: encoder.encode([t or " " for t in texts], progress=False), partner)
         if run is None:
-            if out_dir is not None:
-                run = Path(out_dir)
-                if (run / CONFIG_FILE).exists():
-                    raise CheckpointError(f"{run} already holds a text RL run; resume it (rl.text.resume) or choose another folder")
-                run.mkdir(parents=True, exist_ok=True)
-            else:
-                run = new_run_folder(dataset, saved_root(source.get("text", {})), prefix=RUN_PREFIX)
+            run = claim_run_folder("text", out_dir, lambda: new_run_folder(dataset, saved_root(source.get("text", {})), prefix=RUN_PREFIX))
             write_json(run / "config.json", {**source, "rl": cfg, "source_run": str(text_run.resolve())})
             shutil.copy(text_run / "users.json", run / "users.json")
             write_json(run / CONFIG_FILE, {"dataset": dataset, "source_run": str(text_run.resolve()), "tokens": source["tokens"],
