@@ -273,26 +273,12 @@ def test_image_rl_resume_gives_the_same_state(tmp_path):
 # ---------------------------------------------------------------------------- run folders
 @pytest.fixture
 def warm_text_run(tmp_path, monkeypatch):
-    """A finished tiny text warm-up run (as tests/test_text_pipeline.py builds it)."""
-    import pandas as pd
+    """A finished tiny text warm-up run."""
+    from recbole_dppmg.generation import text_pipeline
+    from text_tiny import tiny_text_stage
 
-    from recbole_dppmg.generation import text_pipeline, text_warmup
-    from text_tiny import item_texts, tiny_lm
-
-    tokenizer = tiny_tokenizer()
-    backbone = tmp_path / "tiny-lm"
-    tiny_lm(tokenizer).save_pretrained(backbone)
-    tokenizer.save_pretrained(backbone)
-    tokens = FakeTokens(n_users=16)
-    tokens.folder = tmp_path / "tokens"
-    monkeypatch.setattr(text_pipeline, "_load_tokens", lambda *a, **k: tokens)
-    monkeypatch.setattr(text_warmup, "item_text_table", lambda path: item_texts())
-    monkeypatch.setattr(text_pipeline, "_item_path", lambda dataset: tmp_path / "x.item")
-    frame = pd.DataFrame({"item_id": list(item_texts())}).set_index("item_id", drop=False)
-    monkeypatch.setattr("recbole_dppmg.data.atomic.read_item_table", lambda path, with_features=False: frame)
-    config = {"backbone": str(backbone), "checkpoint_dir": str(tmp_path / "saved"), "valid_users": 2, "test_users": 4,
-              "max_steps": 1, "batch_size": 2, "eval_steps": 1, "save_steps": 1, "valid_pairs": 2, "max_target_tokens": 8,
-              "progress": False, "num_threads": 1}
+    tokens, config = tiny_text_stage(tmp_path, monkeypatch)
+    config = {**config, "max_steps": 1, "eval_steps": 1}
     return tokens, text_pipeline.train_text_generator("tiny-text", None, config), config
 
 

@@ -4,13 +4,12 @@ generate -> evaluate write what they promise; resume refuses changed settings.""
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from recbole_dppmg.errors import CheckpointError, DataError
-from recbole_dppmg.generation import text_pipeline, text_warmup
+from recbole_dppmg.generation import text_pipeline
 
-from text_tiny import FakeTokens, item_texts, tiny_lm, tiny_tokenizer
+from text_tiny import tiny_text_stage
 
 
 class HashEncoder:
@@ -26,23 +25,9 @@ class HashEncoder:
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
-    tokenizer = tiny_tokenizer()
-    backbone = tmp_path / "tiny-lm"
-    tiny_lm(tokenizer).save_pretrained(backbone)
-    tokenizer.save_pretrained(backbone)
-    tokens = FakeTokens(n_users=16)
-    tokens.folder = tmp_path / "tokens"
-    monkeypatch.setattr(text_pipeline, "_load_tokens", lambda *a, **k: tokens)
-    monkeypatch.setattr(text_warmup, "item_text_table", lambda path: item_texts())
-    monkeypatch.setattr(text_pipeline, "_item_path", lambda dataset: tmp_path / "x.item")
     encoder = HashEncoder()
-    frame = pd.DataFrame({"item_id": list(item_texts())}).set_index("item_id", drop=False)
-    frame["text_feat"] = list(encoder.encode(list(item_texts().values())))
-    monkeypatch.setattr("recbole_dppmg.data.atomic.read_item_table", lambda path, with_features=False: frame)
-    config = {"backbone": str(backbone), "checkpoint_dir": str(tmp_path / "saved"), "valid_users": 2, "test_users": 4,
-              "max_steps": 2, "batch_size": 2, "eval_steps": 2, "save_steps": 1, "valid_pairs": 2, "max_target_tokens": 8,
-              "progress": False, "num_threads": 1, "generate": {"max_new_tokens": 4, "batch_size": 3},
-              "evaluate": {"users": 4}}
+    tokens, config = tiny_text_stage(tmp_path, monkeypatch, text_features=encoder)
+    config = {**config, "max_steps": 2, "eval_steps": 2, "generate": {"max_new_tokens": 4, "batch_size": 3}, "evaluate": {"users": 4}}
     return tokens, config, encoder
 
 

@@ -92,3 +92,29 @@ class FakeTokens:
         items = [i for i in range(1, self.n_items + 1) if i % len(GENRES) == c]
         chosen = {"train": items[:-2], "valid": items[-2:-1], "test": items[-1:]}[split]
         return [(str(i), 5.0) for i in chosen]
+
+
+def tiny_text_stage(tmp_path, monkeypatch, text_features=None):
+    """The text stage's entry points wired to a tiny backbone folder, a fake export and the
+    fake item texts; returns ``(tokens, config)`` with the settings of a one-minute warm-up.
+    ``text_features`` (an encoder) fills the item table's ``text_feat`` column for evaluation."""
+    import pandas as pd
+
+    from recbole_dppmg.generation import text_pipeline, text_warmup
+
+    tokenizer = tiny_tokenizer()
+    backbone = tmp_path / "tiny-lm"
+    tiny_lm(tokenizer).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    tokens = FakeTokens(n_users=16)
+    tokens.folder = tmp_path / "tokens"
+    monkeypatch.setattr(text_pipeline, "_load_tokens", lambda *a, **k: tokens)
+    monkeypatch.setattr(text_warmup, "item_text_table", lambda path: item_texts())
+    monkeypatch.setattr(text_pipeline, "_item_path", lambda dataset: tmp_path / "x.item")
+    frame = pd.DataFrame({"item_id": list(item_texts())}).set_index("item_id", drop=False)
+    if text_features is not None:
+        frame["text_feat"] = list(text_features.encode(list(item_texts().values())))
+    monkeypatch.setattr("recbole_dppmg.data.atomic.read_item_table", lambda path, with_features=False: frame)
+    config = {"backbone": str(backbone), "checkpoint_dir": str(tmp_path / "saved"), "valid_users": 2, "test_users": 4,
+              "batch_size": 2, "save_steps": 1, "valid_pairs": 2, "max_target_tokens": 8, "progress": False, "num_threads": 1}
+    return tokens, config
