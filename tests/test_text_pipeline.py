@@ -62,3 +62,18 @@ def test_generate_errors(setup):
         text_pipeline.train_text_generator("tiny-text", None, {**config, "resume": str(run), "seed": 1})
     # resuming a finished run is a no-op that returns the same folder
     assert text_pipeline.train_text_generator("tiny-text", None, {**config, "resume": str(run), "soft_prompt": False}) == run
+
+
+def test_init_from_continues_a_finished_warmup(setup):
+    tokens, config, _ = setup
+    first = text_pipeline.train_text_generator("tiny-text", None, config)
+    history = json.loads((first / "dppmg" / "history.json").read_text())
+    best = min(h["valid_loss"] for h in history)
+    second = text_pipeline.train_text_generator("tiny-text", None, {**config, "init_from": str(first), "contrast_weight": 0.5})
+    continued = json.loads((second / "dppmg" / "history.json").read_text())
+    assert continued[0]["valid_loss"] == pytest.approx(best, abs=1e-5)  # starts where the first run's best state was
+    assert json.loads((second / "warmup.json").read_text())["soft_prompt"]["steps"] == 2
+    runs = sorted((first.parent).iterdir())
+    with pytest.raises(CheckpointError, match="text.init_from .*text.lora_r was 0, now 4"):
+        text_pipeline.train_text_generator("tiny-text", None, {**config, "init_from": str(first), "lora_r": 4})
+    assert sorted(first.parent.iterdir()) == runs  # refused before a run folder was made

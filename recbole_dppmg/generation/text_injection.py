@@ -176,6 +176,14 @@ class PreferenceTokenLM:
         params = [p for p in self.model.parameters() if p.requires_grad]
         return params + list(self.projection.linear.parameters())
 
+    def make_trainable(self) -> None:
+        """Unfreeze what the warm-up trains (token deltas, LoRA) on a generator loaded for
+        inference, to continue training it (``text.init_from``)."""
+        for name, p in self.model.named_parameters():
+            p.requires_grad_("trainable_tokens_delta" in name or "lora_" in name)
+        if not self.delta_parameters():
+            raise CheckpointError("the text generator has no trainable token parameters")
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every trained tensor (for resumable checkpoints), names stable across rebuilds."""
         state = {f"model.{n}": p.detach() for n, p in self.model.named_parameters() if p.requires_grad}

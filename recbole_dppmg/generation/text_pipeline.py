@@ -91,7 +91,7 @@ def load_soft_prompt(run: Path, tokens, vocabulary, cfg: dict):
 def train_text_generator(dataset: str, tokens_folder: Path | None = None, config: dict | None = None) -> Path:
     """Warm up the text generator on ``dataset``'s training split; returns the run folder."""
     from recbole_dppmg.generation.text_backbone import load_backbone
-    from recbole_dppmg.generation.text_config import new_run_folder, saved_root, text_config
+    from recbole_dppmg.generation.text_config import default_text_config, new_run_folder, saved_root, text_config
     from recbole_dppmg.generation.text_generate import SoftPromptConditioner, TokenConditioner
     from recbole_dppmg.generation.text_injection import add_preference_tokens, inject_preference_tokens
     from recbole_dppmg.generation.text_warmup import build_pairs, content_vectors, item_text_table, train_conditioner
@@ -104,11 +104,14 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
         run = Path(cfg["resume"])
         previous = _run_config(run)
         tokens = _load_tokens(dataset, tokens_folder, cfg, previous["tokens"])
-        for key in ("backbone", "seed", "lora_r", "content_init", "max_steps", "min_rating", "pairs_per_user", "valid_users", "test_users", "batch_size", "max_target_tokens"):
-            if previous["text"][key] != cfg[key]:
-                raise CheckpointError(f"cannot resume {run}: text.{key} was {previous['text'][key]!r}, now {cfg[key]!r}")
+        recorded = {**default_text_config(), **previous["text"]}  # runs from before a key existed had its default
+        for key in ("backbone", "seed", "lora_r", "init_from", "contrast_weight", "content_init", "max_steps", "min_rating", "pairs_per_user", "valid_users", "test_users", "batch_size", "max_target_tokens"):
+            if recorded[key] != cfg[key]:
+                raise CheckpointError(f"cannot resume {run}: text.{key} was {recorded[key]!r}, now {cfg[key]!r}")
+        init_run = _init_run(cfg, tokens)
     else:
         tokens = _load_tokens(dataset, tokens_folder, cfg)
+        init_run = _init_run(cfg, tokens)  # checked before the run folder exists
         run = new_run_folder(dataset, saved_root(cfg))
     vocabulary = PreferenceVocabulary(tokens)
     texts = item_text_table(_item_path(dataset))
@@ -123,24 +126,48 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
     summary = {"train_pairs": len(train_pairs), "valid_pairs": len(valid_pairs), "users": {k: len(v) for k, v in split.items()},
                "num_threads": torch.get_num_threads()}
     start = time.perf_counter()
-    model, tokenizer = load_backbone(cfg["backbone"], cfg["dtype"], cfg["device"])
     content = None
-    if cfg["content_init"]:
-        content = content_vectors(tokenizer, model.get_input_embeddings().weight, train_pairs, texts, cfg["max_target_tokens"])
-    lm = inject_preference_tokens(model, tokenizer, vocabulary, backbone=cfg["backbone"], lora_r=cfg["lora_r"],
-                                  lora_alpha=cfg["lora_alpha"], lora_targets=cfg["lora_targets"], seed=cfg["seed"], content=content)
+    if init_run is not None:  # continue a finished warm-up: its tokens, projection (and LoRA)
+        lm = load_text_generator(init_run, vocabulary, cfg)
+        lm.make_trainable()
+        tokenizer = lm.tokenizer
+    else:
+        model, tokenizer = load_backbone(cfg["backbone"], cfg["dtype"], cfg["device"])
+        if cfg["content_init"]:
+            content = content_vectors(tokenizer, model.get_input_embeddings().weight, train_pairs, texts, cfg["max_target_tokens"])
+        lm = inject_preference_tokens(model, tokenizer, vocabulary, backbone=cfg["backbone"], lora_r=cfg["lora_r"],
+                                      lora_alpha=cfg["lora_alpha"], lora_targets=cfg["lora_targets"], seed=cfg["seed"], content=content)
     state = train_conditioner(lm.model, tokenizer, TokenConditioner(lm, vocabulary), train_pairs, valid_pairs, texts, cfg, run / "dppmg")
     summary["dppmg"] = _phase_summary(state, time.perf_counter() - start, lm.trainable_parameters())
-    del lm, model
+    del lm
     if cfg["soft_prompt"]:
         start = time.perf_counter()
         model, tokenizer = load_backbone(cfg["backbone"], cfg["dtype"], cfg["device"])
         add_preference_tokens(model, tokenizer, vocabulary.strings)
-        soft = SoftPromptConditioner.build(model, tokenizer, tokens, seed=cfg["seed"], content=content)
+        if init_run is not None:
+            soft = SoftPromptConditioner.load(init_run / "soft_prompt", model, tokenizer, tokens)
+        else:
+            soft = SoftPromptConditioner.build(model, tokenizer, tokens, seed=cfg["seed"], content=content)
         state = train_conditioner(model, tokenizer, soft, train_pairs, valid_pairs, texts, cfg, run / "soft_prompt")
         summary["soft_prompt"] = _phase_summary(state, time.perf_counter() - start, soft.parameters())
     (run / "warmup.json").write_text(json.dumps(summary, indent=2))
     logger.info("text warm-up done: %s", json.dumps({k: v for k, v in summary.items() if isinstance(v, dict)}))
+    return run
+
+
+def _init_run(cfg: dict, tokens) -> Path | None:
+    """The warm-up run ``text.init_from`` continues from, checked against this run's settings."""
+    if not cfg.get("init_from"):
+        return None
+    run = Path(cfg["init_from"])
+    previous = _run_config(run)
+    if Path(previous["tokens"]).resolve() != Path(tokens.folder).resolve():
+        raise CheckpointError(f"text.init_from {run} was trained on tokens {previous['tokens']}, this warm-up uses {tokens.folder}")
+    for key in ("backbone", "lora_r", "seed", "valid_users", "test_users"):
+        if previous["text"][key] != cfg[key]:
+            raise CheckpointError(f"text.init_from {run}: text.{key} was {previous['text'][key]!r}, now {cfg[key]!r}")
+    if cfg["soft_prompt"] and not (run / "soft_prompt").is_dir():
+        raise CheckpointError(f"text.init_from {run} has no soft_prompt/ to continue (set text.soft_prompt False)")
     return run
 
 
