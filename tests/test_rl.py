@@ -20,7 +20,7 @@ from recbole_dppmg.generation.text_injection import inject_preference_tokens
 from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 from recbole_dppmg.tokens import PreferenceTokens
 
-from text_tiny import FakeTokens, tiny_tokenizer
+from text_tiny import FakeTokens, tiny_lm, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -34,18 +34,8 @@ def _one_thread():
 
 # ---------------------------------------------------------------------------- tiny models
 def sharp_lm(tokenizer, seed: int = 0):
-    """A 2-layer Llama whose output depends on its prompt: at the usual 0.02 init scale a random
-    model's next-token distribution barely moves with the prompt embeddings (measured: randomising
-    the preference rows changed log-probs by 0.003), so a policy gradient would have nothing to move."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.3,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    model = LlamaForCausalLM(config).eval()
-    model.requires_grad_(False)
-    return model
+    """A tiny Llama whose output depends on its prompt, so a policy gradient has something to move."""
+    return tiny_lm(tokenizer, seed=seed, init_range=0.3)
 
 
 def make_text(lora_r: int = 0):

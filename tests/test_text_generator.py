@@ -29,9 +29,9 @@ def tokens():
     return FakeTokens()
 
 
-def make_lm(tokens, lora_r=0, tie=True):
+def make_lm(tokens, lora_r=0, tie=True, init_range=0.02):
     tokenizer = tiny_tokenizer()
-    model = tiny_lm(tokenizer, tie=tie)
+    model = tiny_lm(tokenizer, tie=tie, init_range=init_range)
     vocabulary = PreferenceVocabulary(tokens)
     return inject_preference_tokens(model, tokenizer, vocabulary, backbone="tiny", lora_r=lora_r, seed=0), vocabulary
 
@@ -84,6 +84,31 @@ def test_adapter_round_trip_identical_generations(tokens, tmp_path):
     after = generate_texts(loaded.model, loaded.tokenizer, TokenConditioner(loaded, vocabulary), users, **options)
     greedy_after = generate_texts(loaded.model, loaded.tokenizer, TokenConditioner(loaded, vocabulary), users, do_sample=False, **options)
     assert before == after and greedy_before == greedy_after
+
+
+def test_guidance_mixes_with_the_instruction_without_tokens(tokens):
+    """One greedy step with guidance g equals argmax of log p(.|no tokens) + g (log p(.|tokens) -
+    log p(.|no tokens)) over the tokens generation may emit, computed by hand."""
+    lm, vocabulary = make_lm(tokens, init_range=0.3)  # a model whose next token depends on the prompt
+    conditioner = TokenConditioner(lm, vocabulary)
+    users, g = tokens.users[:4], 3.0
+    options = dict(batch_size=4, max_new_tokens=1, seed=0, suppress_ids=lm.token_ids, progress=False, do_sample=False)
+    guided = generate_texts(lm.model, lm.tokenizer, conditioner, users, guidance=g, **options)
+    with torch.no_grad():
+        plain = torch.tensor([prompt_ids(lm.tokenizer, None)])
+        without = torch.log_softmax(lm.model(input_ids=plain).logits[0, -1].float(), -1)
+        expected = []
+        for user in users:
+            ids = torch.tensor([prompt_ids(lm.tokenizer, conditioner.token_text(user))])
+            with_tokens = torch.log_softmax(lm.model(inputs_embeds=conditioner.inputs_embeds(ids, [user])).logits[0, -1].float(), -1)
+            mixed = without + g * (with_tokens - without)
+            mixed[lm.token_ids] = float("-inf")
+            expected.append(lm.tokenizer.decode([int(mixed.argmax())], skip_special_tokens=True).strip())
+    assert guided == expected and any(guided)
+    longer = {**options, "max_new_tokens": 8}
+    assert generate_texts(lm.model, lm.tokenizer, conditioner, users, guidance=g, **longer) != generate_texts(lm.model, lm.tokenizer, conditioner, users, **longer)
+    no_tokens = NoTokenConditioner(lm.embed)
+    assert generate_texts(lm.model, lm.tokenizer, no_tokens, users, guidance=g, **longer) == generate_texts(lm.model, lm.tokenizer, no_tokens, users, **longer)
 
 
 def test_tokens_change_the_model_input(tokens):

@@ -279,8 +279,18 @@ def generate_texts(
     top_p: float = 0.9,
     suppress_ids: Sequence[int] = (),
     progress: bool = True,
+    guidance: float = 1.0,
 ) -> list[str]:
-    """One generated text per user, in order."""
+    """One generated text per user, in order.
+
+    ``guidance`` != 1: classifier-free guidance for language models (Sanchez et al., 2023, "Stay
+    on topic with classifier-free guidance"; transformers' ``guidance_scale`` with a negative
+    prompt): each step samples from ``log p(x | no tokens) + g * (log p(x | tokens) - log p(x |
+    no tokens))``, the unconditional branch being the same instruction without preference
+    tokens. Why: after the warm-up a user's own tokens explain their liked texts only ~0.013-0.018
+    nats/token better than another user's, while most of what the tokens learned (the
+    catalogue's style) is shared; g > 1 amplifies what the user's tokens change, as
+    ``image.guidance_scale`` does for posters. Ignored for the no-tokens condition."""
     from tqdm.auto import tqdm
 
     users = [str(u) for u in users]
@@ -297,12 +307,13 @@ def generate_texts(
         options["suppress_tokens"] = list(suppress_ids)
     model.eval()
     bar = tqdm(range(0, len(users), batch_size), desc=f"generate ({conditioner.name})", unit="batch", disable=not progress)
+    unconditional = prompt_ids(tokenizer, None) if guidance != 1.0 and conditioner.token_text(users[0]) is not None else None
     with getattr(conditioner, "inference", contextlib.nullcontext)():
-        texts = _generate_batches(model, tokenizer, conditioner, users, prompts, bar, batch_size, seed, options)
+        texts = _generate_batches(model, tokenizer, conditioner, users, prompts, bar, batch_size, seed, options, unconditional, guidance)
     return texts
 
 
-def _generate_batches(model, tokenizer, conditioner, users, prompts, bar, batch_size, seed, options) -> list[str]:
+def _generate_batches(model, tokenizer, conditioner, users, prompts, bar, batch_size, seed, options, unconditional=None, guidance=1.0) -> list[str]:
     device = next(model.parameters()).device
     texts: list[str] = []
     for index, start in enumerate(bar):
@@ -312,6 +323,10 @@ def _generate_batches(model, tokenizer, conditioner, users, prompts, bar, batch_
         torch.manual_seed(seed + index)
         if torch.cuda.is_available():
             torch.cuda.manual_seed_all(seed + index)
-        out = model.generate(inputs_embeds=embeds, attention_mask=mask, **options)
+        extra = {}
+        if unconditional is not None:  # one instruction for every row: no padding, default positions
+            uncond = torch.tensor([unconditional] * len(batch_users), device=device)
+            extra = dict(guidance_scale=guidance, negative_prompt_ids=uncond, negative_prompt_attention_mask=torch.ones_like(uncond))
+        out = model.generate(inputs_embeds=embeds, attention_mask=mask, **options, **extra)
         texts += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
     return texts

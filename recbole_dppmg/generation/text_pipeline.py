@@ -56,7 +56,7 @@ def _generation_options(cfg: dict, lm_token_ids) -> dict:
     g = cfg["generate"]
     return dict(batch_size=g["batch_size"], max_new_tokens=g["max_new_tokens"], do_sample=g["do_sample"],
                 temperature=g["temperature"], top_p=g["top_p"], seed=cfg["seed"], suppress_ids=lm_token_ids,
-                progress=cfg.get("progress", True))
+                progress=cfg.get("progress", True), guidance=g.get("guidance", 1.0))
 
 
 def _run_config(run: Path) -> dict:
