@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from recbole_dppmg.devices import module_device
-from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
+from recbole_dppmg.data.featurize import image_encoder_version, load_default_encoder, torch_threads
+from recbole_dppmg.errors import DataError
 from recbole_dppmg.generation.image_data import cached_latents, load_poster, poster_files, tensor_to_pil
 from recbole_dppmg.generation.image_generate import GENERATE_DEFAULTS, generate_posters, user_positions
-from recbole_dppmg.generation.image_metrics import frechet_distance, image_features, retrieval_metrics
+from recbole_dppmg.generation.image_metrics import frechet_distance, image_features, real_poster_features, retrieval_metrics
 from recbole_dppmg.generation.image_train import build_codec, build_model, image_settings, load_image_generator
 from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 
@@ -57,8 +58,9 @@ def evaluate_image_generator(dataset: str, tokens_folder: str | Path, checkpoint
         posters = poster_files(dataset, settings["poster_dir"])
         item_ids, latents = cached_latents(posters, codec, height, width, codec_id)
         logger.info("features of %d real posters at %dx%d", len(item_ids), height, width)
-        real_images = [tensor_to_pil(load_poster(posters[i], height, width)) for i in item_ids]
-        real = image_features(encoder, real_images)
+        feature_ids, real = real_poster_features(posters, height, width, lambda images: image_features(encoder, images), image_encoder_version())
+        if feature_ids != item_ids:
+            raise DataError("real poster features and latents list the posters in different orders")
         rng = np.random.default_rng(gen["sample_seed"])
 
         # ---------------------------------------------------------------- quality
