@@ -225,13 +225,18 @@ def check_resume(run: Path, previous: dict, cfg: dict, keys: Sequence[str]) -> N
             raise CheckpointError(f"cannot resume {run}: rl.{key} was {previous['rl'].get(key)!r}, now {cfg.get(key)!r}")
 
 
+def _a(kind: str) -> str:
+    """"a text" / "an image"."""
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
 def resume_or_start(kind: str, cfg: dict, source_run: Path | None, keys: Sequence[str], source_what: str) -> tuple[Path | None, Path]:
     """``(RL run to continue or None, generator run it starts from)``: ``rl.<kind>.resume``
     names a run whose recorded source wins; otherwise ``source_run`` is required."""
     if cfg.get("resume"):
         run = Path(cfg["resume"])
         if not (run / CONFIG_FILE).is_file():
-            raise CheckpointError(f"{run} is not {'an' if kind == 'image' else 'a'} {kind} RL run (no {CONFIG_FILE}); nothing to resume")
+            raise CheckpointError(f"{run} is not {_a(kind)} RL run (no {CONFIG_FILE}); nothing to resume")
         previous = json.loads((run / CONFIG_FILE).read_text())
         check_resume(run, previous, cfg, keys)
         return run, Path(previous["source_run"])
@@ -246,7 +251,7 @@ def claim_run_folder(kind: str, out_dir: Path | None, default: Callable[[], Path
         return default()
     run = Path(out_dir)
     if (run / CONFIG_FILE).exists():
-        raise CheckpointError(f"{run} already holds {'an' if kind == 'image' else 'a'} {kind} RL run; resume it (rl.{kind}.resume) or choose another folder")
+        raise CheckpointError(f"{run} already holds {_a(kind)} RL run; resume it (rl.{kind}.resume) or choose another folder")
     run.mkdir(parents=True, exist_ok=True)
     return run
 

@@ -91,7 +91,7 @@ def load_soft_prompt(run: Path, tokens, vocabulary, cfg: dict):
 def train_text_generator(dataset: str, tokens_folder: Path | None = None, config: dict | None = None) -> Path:
     """Warm up the text generator on ``dataset``'s training split; returns the run folder."""
     from recbole_dppmg.generation.text_backbone import load_backbone
-    from recbole_dppmg.generation.text_config import default_text_config, new_run_folder, saved_root, text_config
+    from recbole_dppmg.generation.text_config import new_run_folder, saved_root, text_config
     from recbole_dppmg.generation.text_generate import SoftPromptConditioner, TokenConditioner
     from recbole_dppmg.generation.text_injection import add_preference_tokens, inject_preference_tokens
     from recbole_dppmg.generation.text_warmup import build_pairs, content_vectors, item_text_table, train_conditioner
@@ -104,10 +104,8 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
         run = Path(cfg["resume"])
         previous = _run_config(run)
         tokens = _load_tokens(dataset, tokens_folder, cfg, previous["tokens"])
-        recorded = {**default_text_config(), **previous["text"]}  # runs from before a key existed had its default
-        for key in ("backbone", "seed", "lora_r", "init_from", "contrast_weight", "content_init", "max_steps", "min_rating", "pairs_per_user", "valid_users", "test_users", "batch_size", "max_target_tokens"):
-            if recorded[key] != cfg[key]:
-                raise CheckpointError(f"cannot resume {run}: text.{key} was {recorded[key]!r}, now {cfg[key]!r}")
+        _check_same_settings(previous, cfg, ("backbone", "seed", "lora_r", "init_from", "contrast_weight", "content_init", "max_steps", "min_rating",
+                                             "pairs_per_user", "valid_users", "test_users", "batch_size", "max_target_tokens"), f"cannot resume {run}")
         init_run = _init_run(cfg, tokens)
     else:
         tokens = _load_tokens(dataset, tokens_folder, cfg)
@@ -155,6 +153,17 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
     return run
 
 
+def _check_same_settings(previous: dict, cfg: dict, keys, what: str) -> None:
+    """Refuse when a recorded warm-up's ``text.<key>`` differs from ``cfg``'s; a run from before
+    a key existed counts as having had its default."""
+    from recbole_dppmg.generation.text_config import default_text_config
+
+    recorded = {**default_text_config(), **previous["text"]}
+    for key in keys:
+        if recorded[key] != cfg[key]:
+            raise CheckpointError(f"{what}: text.{key} was {recorded[key]!r}, now {cfg[key]!r}")
+
+
 def _init_run(cfg: dict, tokens) -> Path | None:
     """The warm-up run ``text.init_from`` continues from, checked against this run's settings."""
     if not cfg.get("init_from"):
@@ -163,9 +172,7 @@ def _init_run(cfg: dict, tokens) -> Path | None:
     previous = _run_config(run)
     if Path(previous["tokens"]).resolve() != Path(tokens.folder).resolve():
         raise CheckpointError(f"text.init_from {run} was trained on tokens {previous['tokens']}, this warm-up uses {tokens.folder}")
-    for key in ("backbone", "lora_r", "seed", "valid_users", "test_users"):
-        if previous["text"][key] != cfg[key]:
-            raise CheckpointError(f"text.init_from {run}: text.{key} was {previous['text'][key]!r}, now {cfg[key]!r}")
+    _check_same_settings(previous, cfg, ("backbone", "lora_r", "seed", "valid_users", "test_users"), f"text.init_from {run}")
     if cfg["soft_prompt"] and not (run / "soft_prompt").is_dir():
         raise CheckpointError(f"text.init_from {run} has no soft_prompt/ to continue (set text.soft_prompt False)")
     return run
