@@ -262,6 +262,23 @@ def test_text_config_refuses_unknown_keys():
         text_config({"generate": {"nope": 1}})
 
 
+def test_target_template_shapes_targets_and_refuses_unknown_fields(tmp_path):
+    from recbole_dppmg.generation.text_warmup import item_text_table
+
+    item = tmp_path / "x.item"
+    item.write_text("item_id:token\ttitle:token_seq\tyear:token\tgenres:token_seq\tdescription:token_seq\tdescription_mask:float\n"
+                    "1\tToy Story\t1995\tAnimation Comedy\tToys come alive.\t1.0\n"
+                    "2\tNo Year\t\t\tA plot.\t1.0\n"
+                    "3\tNo Plot\t1990\tDrama\t\t0.0\n")
+    assert item_text_table(item) == {"1": "Toy Story (1995): Toys come alive.", "2": "No Year: A plot."}
+    shaped = item_text_table(item, "Genres: {genres}. {head}: {plot}")
+    assert shaped == {"1": "Genres: Animation, Comedy. Toy Story (1995): Toys come alive.", "2": "Genres: unknown. No Year: A plot."}
+    assert text_config({"target_template": "{title} | {year}"})["target_template"] == "{title} | {year}"
+    for bad, message in (("{rating}: {plot}", "not {rating}"), ("plain text", "may only use the fields"), ("{plot", "not a format string")):
+        with pytest.raises(ConfigError, match=message):
+            text_config({"target_template": bad})
+
+
 def test_content_init_points_tokens_at_liked_content(tokens):
     from recbole_dppmg.generation.text_warmup import content_vectors
 

@@ -1,4 +1,5 @@
-"""Metrics of generated text: retrieval Hit/NDCG with exclusion, distinct-n, perplexity."""
+"""Metrics of generated text: retrieval Hit/NDCG with exclusion, chance level, paired bootstrap,
+distinct-n, perplexity."""
 
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from recbole_dppmg.errors import DataError
-from recbole_dppmg.generation.text_metrics import distinct_n, perplexity, retrieval_metrics
+from recbole_dppmg.generation.text_metrics import distinct_n, paired_bootstrap, perplexity, random_hit_rate, retrieval_metrics
 
 from text_tiny import tiny_lm, tiny_tokenizer
 
@@ -28,6 +29,28 @@ def test_retrieval_skips_users_without_test_items_and_refuses_none():
     assert metrics["users"] == 1 and metrics["hit@1"] == 1.0
     with pytest.raises(DataError, match="no evaluated user has a test item"):
         retrieval_metrics(np.eye(3)[:1], items, targets=[[0]], exclude=[[0]], k=1)
+
+
+def test_random_hit_rate_matches_enumeration_and_simulation():
+    # 5 items, user 0 has item 0 excluded and targets {1, 2}: 4 candidates, P(hit@2) = 1 - C(2,2)/C(4,2) = 5/6
+    assert random_hit_rate([[1, 2]], [[0]], n_items=5, k=2) == pytest.approx(5 / 6)
+    # a user whose only target is excluded is skipped, as retrieval_metrics skips them
+    assert random_hit_rate([[1, 2], [0]], [[0], [0]], n_items=5, k=2) == pytest.approx(5 / 6)
+    rng = np.random.default_rng(0)
+    hits = [bool({1, 2} & set(rng.permutation([1, 2, 3, 4])[:2])) for _ in range(20000)]
+    assert np.mean(hits) == pytest.approx(5 / 6, abs=0.01)
+    with pytest.raises(DataError, match="no evaluated user"):
+        random_hit_rate([[0]], [[0]], n_items=5, k=2)
+
+
+def test_paired_bootstrap_interval():
+    a, b = np.r_[np.ones(50), np.zeros(50)], np.zeros(100)
+    result = paired_bootstrap(a, b, resamples=4000, seed=0)
+    assert result["diff"] == 0.5 and result["low"] < 0.5 < result["high"]
+    assert result["high"] - result["low"] == pytest.approx(2 * 1.96 * 0.05, rel=0.15)  # binomial standard error
+    assert paired_bootstrap(a, a)["low"] == paired_bootstrap(a, a)["high"] == 0.0  # identical pairs: no spread
+    with pytest.raises(DataError, match="paired bootstrap"):
+        paired_bootstrap([], [])
 
 
 def test_distinct_2():

@@ -41,11 +41,19 @@ def test_warmup_generate_evaluate(setup):
     rows = [json.loads(line) for line in (out / "texts.jsonl").read_text().splitlines()]
     assert [r["user"] for r in rows] == ["u1", "u2"] and (out / "texts.md").is_file()
     assert out == text_pipeline.run_generate_text("tiny-text", ["u1", "u2"], None, {**config, "output_dir": str(out)})
-    report = text_pipeline.evaluate_text_generation("tiny-text", None, config, encoder=encoder)
+    report = text_pipeline.evaluate_text_generation("tiny-text", None, {**config, "evaluate": {"users": 4, "seeds": [0, 1]}}, encoder=encoder)
     result = json.loads((report / "text_eval.json").read_text())
-    assert [r["condition"] for r in result["rows"]] == ["dppmg", "no_tokens", "shuffled", "soft_prompt", "real_liked_item"]
-    assert all(r["users"] == 4 and 0 <= r["hit@10"] <= 1 for r in result["rows"])
-    assert result["users"] == 4 and set(json.loads((report / "samples.jsonl").read_text().splitlines()[0])) >= {"user", "dppmg", "shuffled"}
+    rows = {r["condition"]: r for r in result["rows"]}
+    assert list(rows) == ["dppmg", "no_tokens", "shuffled", "soft_prompt", "real_liked_item"]
+    assert all(r["users"] == 4 and 0 <= r["hit@10"] <= 1 for r in rows.values()) and result["seeds"] == [0, 1]
+    assert rows["dppmg"]["hit@10_per_seed"] != [] and len(rows["no_tokens"]["hit@10_per_seed"]) == 2
+    assert rows["dppmg"]["hit@10"] == np.mean(rows["dppmg"]["hit@10_per_seed"]) and len(rows["real_liked_item"]["seeds"]) == 1
+    gap = rows["shuffled"]["dppmg_minus"]["ndcg"]
+    assert "dppmg_minus" not in rows["dppmg"] and gap["low"] <= gap["diff"] <= gap["high"]
+    assert gap["diff"] == pytest.approx(np.mean(rows["dppmg"]["per_user_ndcg"]) - np.mean(rows["shuffled"]["per_user_ndcg"]))
+    assert 0 < result["random_hit@10"] < 1 and "DPPMG - this" in (report / "text_eval.md").read_text()
+    samples = [json.loads(line) for line in (report / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and {s["seed"] for s in samples} == {0, 1} and set(samples[0]) >= {"user", "dppmg", "shuffled"}
     assert not set(split["test"]) & set(split["train"])
 
 

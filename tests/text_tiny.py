@@ -112,7 +112,7 @@ def tiny_text_stage(tmp_path, monkeypatch, text_features=None):
     tokens = FakeTokens(n_users=16)
     tokens.folder = tmp_path / "tokens"
     monkeypatch.setattr(text_pipeline, "_load_tokens", lambda *a, **k: tokens)
-    monkeypatch.setattr(text_warmup, "item_text_table", lambda path: item_texts())
+    monkeypatch.setattr(text_warmup, "item_text_table", lambda path, template=None: item_texts())
     monkeypatch.setattr(text_pipeline, "_item_path", lambda dataset: tmp_path / "x.item")
     frame = pd.DataFrame({"item_id": list(item_texts())}).set_index("item_id", drop=False)
     if text_features is not None:

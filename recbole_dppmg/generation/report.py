@@ -168,8 +168,9 @@ class Catalogues:
     text_features: np.ndarray
     poster_ids: list[str]
     poster_features: np.ndarray  # real posters at the generator's size
-    item_texts: dict[str, str]
+    item_texts: dict[str, str]  # in the shape the text generator was trained to write (the ceiling's text)
     posters: dict[str, Path]
+    item_titles: dict[str, str]  # "Title (year)" for the gallery
 
 
 def top_recommended_items(tokens, users: Sequence[str], allowed: set[str]) -> list[str | None]:
@@ -358,6 +359,7 @@ class _Generation:
     def catalogues(self, judge, image_featurize) -> Catalogues:
         from recbole_dppmg.generation.image_data import poster_files
         from recbole_dppmg.generation.image_metrics import real_poster_features
+        from recbole_dppmg.generation.text_pipeline import target_template
         from recbole_dppmg.generation.text_warmup import item_text_table
         from recbole_dppmg.paths import DATASET_DIR
 
@@ -368,8 +370,9 @@ class _Generation:
         height, width = self.image_settings["height"], self.image_settings["width"]
         poster_ids, poster_features = real_poster_features(posters, height, width, image_featurize, getattr(image_featurize, "cache_key", None))
         text = judge.catalogues["text"]
+        item_file = folder / f"{self.dataset}.item"
         return Catalogues(text.item_ids, text.features, poster_ids, poster_features,
-                          item_text_table(folder / f"{self.dataset}.item"), posters)
+                          item_text_table(item_file, target_template(Path(self.runs.text))), posters, item_text_table(item_file, "{head}"))
 
     # ------------------------------------------------------------------ text
     def texts(self, users: list[str], ceiling: list[str]) -> dict[str, dict[int, list[str]]]:

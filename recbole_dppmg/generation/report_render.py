@@ -231,7 +231,7 @@ def write_gallery(folder: Path, result: dict, tokens, catalogues, texts: dict, i
         for k, item in enumerate(history):
             name = f"{user}_history{k}.png"
             tensor_to_pil(load_poster(catalogues.posters[item], 144, 96)).save(pictures / name)
-            title = catalogues.item_texts.get(item, item).split(":")[0]
+            title = catalogues.item_titles.get(item, item)
             cells.append(f'<figure><img src="gallery/{html.escape(name)}" width="96"><figcaption>{html.escape(title)}</figcaption></figure>')
         codes = tokens.codes_for(user)
         token_text = " ".join(token_string(m, l, int(c)) for k, m in enumerate(tokens.modalities) for l, c in enumerate(codes[k]))

@@ -9,6 +9,7 @@ newest one under ``saved/<dataset>/``.
 from __future__ import annotations
 
 import copy
+import string
 import time
 from pathlib import Path
 
@@ -20,6 +21,21 @@ from recbole_dppmg.tokens.export import newest_token_export  # noqa: F401  (re-e
 
 GENERATION_YAML = PROPERTIES_DIR / "generation.yaml"
 RUN_PREFIX = "TextGen"
+TARGET_FIELDS = ("head", "title", "year", "genres", "plot")
+DEFAULT_TARGET_TEMPLATE = "{head}: {plot}"
+
+
+def check_target_template(template) -> str:
+    """``template`` if it is a ``str.format`` pattern over :data:`TARGET_FIELDS` only."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(str(template)) if name is not None}
+    except ValueError as exc:
+        raise ConfigError(f"text.target_template {template!r} is not a format string ({exc})") from None
+    unknown = sorted(fields - set(TARGET_FIELDS))
+    if unknown or not fields:
+        raise ConfigError(f"text.target_template {template!r} may only use the fields {{{'}, {'.join(TARGET_FIELDS)}}}"
+                          + (f", not {{{'}, {'.join(unknown)}}}" if unknown else ""))
+    return str(template)
 
 
 def default_text_config() -> dict:
@@ -45,7 +61,9 @@ def _merge(base: dict, overrides: dict, where: str) -> dict:
 
 def text_config(overrides: dict | None = None) -> dict:
     """Defaults from ``properties/generation.yaml`` with ``overrides`` applied."""
-    return _merge(default_text_config(), overrides or {}, "text.")
+    config = _merge(default_text_config(), overrides or {}, "text.")
+    check_target_template(config["target_template"])
+    return config
 
 
 def saved_root(config: dict) -> Path:

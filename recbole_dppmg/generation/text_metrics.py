@@ -7,11 +7,15 @@
 - Perplexity under the frozen base LM of the generated answer, given the instruction without
   preference tokens (the same context for every condition), pooled over all tokens.
 - distinct-n: unique word n-grams / all word n-grams over the corpus of generated texts.
+- The chance level of retrieval (a random ranking) and paired bootstrap intervals of the
+  difference between two conditions over the same users: differences of a few hundredths in
+  Hit@10 on 200 users are within noise, and the tables say so.
 """
 
 from __future__ import annotations
 
 import math
+from math import comb
 from typing import Sequence
 
 import numpy as np
@@ -90,3 +94,28 @@ def perplexity(model, tokenizer, texts: Sequence[str], context_ids: Sequence[int
     if count == 0:
         raise DataError("perplexity: every text is empty")
     return math.exp(total / count)
+
+
+def random_hit_rate(targets: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]], n_items: int, k: int = 10) -> float:
+    """Expected Hit@k of a uniformly random ranking, over the users :func:`retrieval_metrics` scores:
+    1 - C(N - T, k) / C(N, k) with N candidates (catalogue minus excluded) and T test items."""
+    rates = []
+    for target, excluded in zip(targets, exclude):
+        excluded = set(int(e) for e in excluded)
+        t = len(set(int(x) for x in target) - excluded)
+        if t:
+            n = n_items - len(excluded)
+            rates.append(1.0 - comb(n - t, k) / comb(n, k) if n >= k else 1.0)
+    if not rates:
+        raise DataError("no evaluated user has a test item outside their training items")
+    return float(np.mean(rates))
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean of ``a - b`` over paired users and its 95% percentile interval from resampling users."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if diff.ndim != 1 or len(diff) == 0:
+        raise DataError("paired bootstrap needs two equally long, non-empty lists of per-user values")
+    means = diff[np.random.default_rng(seed).integers(0, len(diff), (resamples, len(diff)))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"diff": float(diff.mean()), "low": float(low), "high": float(high)}

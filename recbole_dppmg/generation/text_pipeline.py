@@ -66,6 +66,13 @@ def _run_config(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def target_template(run: Path) -> str:
+    """The target shape a warm-up run was trained on (runs from before the setting: the default)."""
+    from recbole_dppmg.generation.text_config import DEFAULT_TARGET_TEMPLATE
+
+    return _run_config(run)["text"].get("target_template", DEFAULT_TARGET_TEMPLATE)
+
+
 def load_text_generator(run: Path, vocabulary, cfg: dict):
     """The trained DPPMG text generator of a warm-up run, on a freshly loaded backbone."""
     from recbole_dppmg.generation.text_backbone import load_backbone
@@ -105,14 +112,15 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
         previous = _run_config(run)
         tokens = _load_tokens(dataset, tokens_folder, cfg, previous["tokens"])
         _check_same_settings(previous, cfg, ("backbone", "seed", "lora_r", "init_from", "contrast_weight", "content_init", "max_steps", "min_rating",
-                                             "pairs_per_user", "valid_users", "test_users", "batch_size", "max_target_tokens"), f"cannot resume {run}")
+                                             "pairs_per_user", "valid_users", "test_users", "batch_size", "max_target_tokens", "target_template"),
+                             f"cannot resume {run}")
         init_run = _init_run(cfg, tokens)
     else:
         tokens = _load_tokens(dataset, tokens_folder, cfg)
         init_run = _init_run(cfg, tokens)  # checked before the run folder exists
         run = new_run_folder(dataset, saved_root(cfg))
     vocabulary = PreferenceVocabulary(tokens)
-    texts = item_text_table(_item_path(dataset))
+    texts = item_text_table(_item_path(dataset), cfg["target_template"])
     split = split_users(tokens.users, cfg["valid_users"], cfg["test_users"], cfg["seed"], cfg["train_users"])
     train_pairs = build_pairs(tokens, split["train"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"])
     valid_pairs = build_pairs(tokens, split["valid"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"] + 1)
@@ -253,7 +261,7 @@ class TextConditions:
         elif name == "real_liked_item" and self._item_texts is None:
             from recbole_dppmg.generation.text_warmup import item_text_table
 
-            self._item_texts = item_text_table(_item_path(self.dataset))
+            self._item_texts = item_text_table(_item_path(self.dataset), target_template(self.run))
         elif name in ("dppmg", "no_tokens", "shuffled", "soft_prompt"):
             self.lm  # noqa: B018  (loads the generator)
 
@@ -290,17 +298,22 @@ class TextConditions:
 
 
 def evaluate_text_generation(dataset: str, tokens_folder: Path | None = None, config: dict | None = None, encoder=None) -> Path:
-    """Compare the conditions on held-out test users; writes ``text_eval.{json,md}`` + samples."""
+    """Compare the conditions on held-out test users over ``text.evaluate.seeds`` generation
+    seeds; writes ``text_eval.{json,md}`` + ``samples.jsonl``. Each condition's retrieval is
+    also given as its paired difference from DPPMG tokens with a bootstrap interval over users,
+    next to the chance level of a random ranking."""
     from recbole_dppmg.data.atomic import read_item_table
-    from recbole_dppmg.generation.text_backbone import load_backbone
     from recbole_dppmg.generation.text_config import new_run_folder, newest_generator_run, saved_root, text_config
-    from recbole_dppmg.generation.text_generate import prompt_ids
-    from recbole_dppmg.generation.text_metrics import distinct_n, perplexity, retrieval_metrics
+    from recbole_dppmg.generation.text_metrics import random_hit_rate
     from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 
     cfg = text_config(config)
     _threads(cfg)
     ev = cfg["evaluate"]
+    unknown = [name for name in ev["conditions"] if name not in TEXT_CONDITIONS]
+    if unknown:
+        raise DataError(f"unknown text evaluation condition {unknown[0]!r} ({', '.join(TEXT_CONDITIONS)})")
+    seeds = [int(s) for s in (ev["seeds"] or [cfg["seed"]])]
     run = Path(cfg["generator"]) if cfg.get("generator") else newest_generator_run(dataset, saved_root(cfg))
     tokens = _load_tokens(dataset, tokens_folder, cfg, _run_config(run).get("tokens"))
     vocabulary = PreferenceVocabulary(tokens)
@@ -314,51 +327,87 @@ def evaluate_text_generation(dataset: str, tokens_folder: Path | None = None, co
     exclude = [[row_of[i] for i, _ in tokens.history(u, "train") if i in row_of] for u in users]
 
     generator = TextConditions(dataset, run, tokens, vocabulary, cfg)
-    unknown = [name for name in ev["conditions"] if name not in TEXT_CONDITIONS]
-    if unknown:
-        raise DataError(f"unknown text evaluation condition {unknown[0]!r} ({', '.join(TEXT_CONDITIONS)})")
-    conditions = {}
-    timings = {}
+    texts: dict[str, dict[int, list[str]]] = {}
+    seconds: dict[str, list[float]] = {}
     for name in ev["conditions"]:
         generator.prepare(name)  # model loading is not timed
-        start = time.perf_counter()
-        conditions[name] = generator.generate(name, users, cfg["seed"])
-        timings[name] = time.perf_counter() - start
+        for seed in seeds[:1] if name == "real_liked_item" else seeds:  # the reference does not depend on the seed
+            start = time.perf_counter()
+            texts.setdefault(name, {})[seed] = generator.generate(name, users, seed)
+            seconds.setdefault(name, []).append(time.perf_counter() - start)
     backbone = generator.lm.meta.backbone or cfg["backbone"]
     generator.release()
+
+    rows = _score_conditions(texts, seconds, features, targets, exclude, backbone, cfg, encoder)
+    chance = random_hit_rate(targets, exclude, len(catalogue), ev["topk"])
+    out = new_run_folder("", run, prefix="eval")
+    with open(out / "samples.jsonl", "w") as f:
+        for seed in seeds:
+            for idx, user in enumerate(users):
+                record = {n: by_seed.get(seed, by_seed[seeds[0]])[idx] for n, by_seed in texts.items()}
+                f.write(json.dumps({"seed": seed, "user": user, "tokens": vocabulary.strings_for(user), **record}) + "\n")
+    report = {"dataset": dataset, "generator": str(run), "tokens": str(tokens.folder), "users": len(users), "seeds": seeds,
+              "num_threads": torch.get_num_threads(), "generate": cfg["generate"], f"random_hit@{ev['topk']}": chance, "rows": rows}
+    (out / "text_eval.json").write_text(json.dumps(report, indent=2))
+    lines = _text_eval_markdown(report, run, tokens.folder, ev["topk"])
+    (out / "text_eval.md").write_text("\n".join(lines) + "\n")
+    logger.info("text evaluation written to %s\n%s", out, "\n".join(lines))
+    return out
+
+
+def _score_conditions(texts, seconds, features, targets, exclude, backbone, cfg, encoder) -> list[dict]:
+    """Retrieval per seed (mean, std, per-seed values), the paired difference from DPPMG
+    (per-user metrics averaged over seeds, bootstrap over users), perplexity pooled over seeds,
+    distinct-2 averaged over seeds."""
+    from recbole_dppmg.generation.text_backbone import load_backbone
+    from recbole_dppmg.generation.text_generate import prompt_ids
+    from recbole_dppmg.generation.text_metrics import distinct_n, paired_bootstrap, perplexity, retrieval_metrics
 
     if encoder is None:
         from recbole_dppmg.data.featurize import load_default_encoder
 
         encoder = load_default_encoder("text")
+    ev, k = cfg["evaluate"], cfg["evaluate"]["topk"]
     base, base_tokenizer = load_backbone(backbone, cfg["dtype"], cfg["device"])
     context = prompt_ids(base_tokenizer, None)
-    k = ev["topk"]
-    rows = []
-    for name, texts in conditions.items():
-        vectors = encoder.encode([t or " " for t in texts], progress=False)
-        metrics = retrieval_metrics(vectors, features, targets, exclude, k=k)
-        nonempty = [t for t in texts if t]
-        rows.append({
-            "condition": name, f"hit@{k}": metrics[f"hit@{k}"], f"ndcg@{k}": metrics[f"ndcg@{k}"], "users": metrics["users"],
-            "perplexity": perplexity(base, base_tokenizer, nonempty, context, ev["ppl_batch_size"]) if nonempty else None,
-            "distinct2": distinct_n(texts, 2), "mean_words": float(np.mean([len(t.split()) for t in texts])),
-            "seconds": round(timings[name], 1),
-            "per_user_hit": metrics["per_user_hit"], "per_user_ndcg": metrics["per_user_ndcg"],
-        })
-    out = new_run_folder("", run, prefix="eval")
-    with open(out / "samples.jsonl", "w") as f:
-        for idx, user in enumerate(users):
-            f.write(json.dumps({"user": user, "tokens": vocabulary.strings_for(user), **{n: t[idx] for n, t in conditions.items()}}) + "\n")
-    report = {"dataset": dataset, "generator": str(run), "tokens": str(tokens.folder), "users": len(users), "seed": cfg["seed"],
-              "num_threads": torch.get_num_threads(), "generate": cfg["generate"], "rows": rows}
-    (out / "text_eval.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# Text generation on {len(users)} held-out users of {dataset}", "",
-             f"generator `{run.name}`, tokens `{tokens.folder}`, seed {cfg['seed']}, {torch.get_num_threads()} CPU threads", "",
-             f"| condition | Hit@{k} | NDCG@{k} | perplexity (base LM) | distinct-2 | mean words | seconds |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
+    rows, per_user = [], {}
+    for name, by_seed in texts.items():
+        runs = [retrieval_metrics(encoder.encode([t or " " for t in batch], progress=False), features, targets, exclude, k=k) for batch in by_seed.values()]
+        per_user[name] = {m: np.mean([r[f"per_user_{m}"] for r in runs], axis=0) for m in ("hit", "ndcg")}
+        nonempty = [t for batch in by_seed.values() for t in batch if t]
+        row = {"condition": name, "users": runs[0]["users"], "seeds": list(by_seed)}
+        for m in ("hit", "ndcg"):
+            values = [r[f"{m}@{k}"] for r in runs]
+            row.update({f"{m}@{k}": float(np.mean(values)), f"{m}@{k}_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                        f"{m}@{k}_per_seed": values})
+        row.update({"perplexity": perplexity(base, base_tokenizer, nonempty, context, ev["ppl_batch_size"]) if nonempty else None,
+                    "distinct2": float(np.mean([distinct_n(batch, 2) for batch in by_seed.values()])),
+                    "mean_words": float(np.mean([len(t.split()) for batch in by_seed.values() for t in batch])),
+                    "seconds": round(float(np.mean(seconds[name])), 1),
+                    "per_user_hit": per_user[name]["hit"].tolist(), "per_user_ndcg": per_user[name]["ndcg"].tolist()})
+        rows.append(row)
+    if "dppmg" in per_user:
+        for row in rows:
+            if row["condition"] != "dppmg":
+                row["dppmg_minus"] = {m: paired_bootstrap(per_user["dppmg"][m], per_user[row["condition"]][m], ev["bootstrap"], cfg["seed"])
+                                      for m in ("hit", "ndcg")}
+    return rows
+
+
+def _text_eval_markdown(report: dict, run: Path, tokens_folder, k: int) -> list[str]:
+    def interval(row, m):
+        d = row.get("dppmg_minus", {}).get(m)
+        return f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else "-"
+
+    seeds = report["seeds"]
+    lines = [f"# Text generation on {report['users']} held-out users of {report['dataset']}", "",
+             f"generator `{run.name}`, tokens `{tokens_folder}`, generation seeds {seeds}, {report['num_threads']} CPU threads. "
+             f"Retrieval: mean ± std over the seeds; DPPMG minus the condition: per-user values averaged over the seeds, "
+             f"95% bootstrap interval over users. A random ranking hits {report[f'random_hit@{k}']:.4f} (Hit@{k}).", "",
+             f"| condition | Hit@{k} | NDCG@{k} | DPPMG - this, Hit@{k} | DPPMG - this, NDCG@{k} | perplexity (base LM) | distinct-2 | mean words | seconds per {report['users']} texts |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
         ppl = f"{r['perplexity']:.2f}" if r["perplexity"] is not None else "-"
-        lines.append(f"| {r['condition']} | {r[f'hit@{k}']:.4f} | {r[f'ndcg@{k}']:.4f} | {ppl} | {r['distinct2']:.3f} | {r['mean_words']:.1f} | {r['seconds']} |")
-    (out / "text_eval.md").write_text("\n".join(lines) + "\n")
-    logger.info("text evaluation written to %s\n%s", out, "\n".join(lines))
-    return out
+        lines.append(f"| {r['condition']} | {r[f'hit@{k}']:.4f} ± {r[f'hit@{k}_std']:.4f} | {r[f'ndcg@{k}']:.4f} ± {r[f'ndcg@{k}_std']:.4f} | "
+                     f"{interval(r, 'hit')} | {interval(r, 'ndcg')} | {ppl} | {r['distinct2']:.3f} | {r['mean_words']:.1f} | {r['seconds']} |")
+    return lines

@@ -2,9 +2,10 @@
 
 Users are split once (seeded) into training users, validation users and test users; the two
 held-out groups are never trained on. From each training user's *training split*, items rated
->= ``min_rating`` that have a plot become targets ``"Title (year): plot"``. The loss is the
-mean next-token NLL on the target only (prompt and padding masked). The validation loss, on
-pairs of the validation users, picks the best state.
+>= ``min_rating`` that have a plot become targets, by default ``"Title (year): plot"``
+(``text.target_template``). The loss is the mean next-token NLL on the target only (prompt
+and padding masked). The validation loss, on pairs of the validation users, picks the best
+state.
 
 Training is resumable exactly: every ``save_steps`` the trainable tensors (safetensors), the
 optimiser and scheduler states and the torch RNG (a plain state dict, read back with
@@ -27,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recbole_dppmg.errors import CheckpointError, DataError
+from recbole_dppmg.generation.text_config import DEFAULT_TARGET_TEMPLATE, check_target_template
 
 logger = logging.getLogger(__name__)
 
@@ -34,23 +36,27 @@ CHECKPOINT = "checkpoint"
 
 
 # ---------------------------------------------------------------------------- data
-def item_target_text(title: str, year, plot: str) -> str:
+def item_target_text(title: str, year, plot: str, genres: str = "", template: str = DEFAULT_TARGET_TEMPLATE) -> str:
+    """An item's text in the shape of ``template``; ``{head}`` is "Title (year)" (or the title
+    alone without a year), ``{genres}`` the genres comma-separated (RecBole token_seq in)."""
     title = str(title).strip()
     year = "" if year is None or (isinstance(year, float) and math.isnan(year)) else str(year).strip()
-    head = f"{title} ({year})" if year else title
-    return f"{head}: {str(plot).strip()}"
+    genres = ", ".join(str(genres).split()) if isinstance(genres, str) and genres.strip() else "unknown"
+    return template.format(head=f"{title} ({year})" if year else title, title=title, year=year, genres=genres, plot=str(plot).strip())
 
 
-def item_text_table(item_path: Path) -> dict[str, str]:
-    """``item_id -> "Title (year): plot"`` for every item of a prepared ``.item`` file with a plot."""
+def item_text_table(item_path: Path, template: str = DEFAULT_TARGET_TEMPLATE) -> dict[str, str]:
+    """``item_id -> template text`` (default "Title (year): plot") for every item of a prepared
+    ``.item`` file with a plot."""
     from recbole_dppmg.data.atomic import read_item_table
 
+    template = check_target_template(template)
     frame = read_item_table(Path(item_path))
     out = {}
     for item_id, row in frame.iterrows():
         plot = row.get("description")
         if isinstance(plot, str) and plot.strip() and float(row.get("description_mask", 1) or 0) > 0:
-            out[str(item_id)] = item_target_text(row["title"], row.get("year"), plot)
+            out[str(item_id)] = item_target_text(row["title"], row.get("year"), plot, row.get("genres"), template)
     if not out:
         raise DataError(f"{item_path} has no item with a plot description to train the text generator on")
     return out
