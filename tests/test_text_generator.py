@@ -251,6 +251,11 @@ def test_user_split_and_pairs(tokens):
         split_users(tokens.users, 10, 10, seed=0)
     pairs = build_pairs(tokens, ["u0"], item_texts(), 4, 2, 0)
     assert len(pairs) == 2 and all(int(i) % 4 == 0 for _, i in pairs)  # u0's cluster, training split only
+    top = build_pairs(tokens, ["u0"], item_texts(), 4, 2, 0, choice="token_score")
+    liked = sorted((int(i) for i, _ in tokens.history("u0")), reverse=True)
+    assert sorted(int(i) for _, i in top) == sorted(liked[:2])  # the two the tokens score highest
+    with pytest.raises(ConfigError, match="text.pair_choice 'best' is not one of random, token_score"):
+        text_config({"pair_choice": "best"})
     mapping = shuffled_user_map(tokens.users, 0)
     assert sorted(mapping.values()) == sorted(tokens.users) and all(k != v for k, v in mapping.items())
 

@@ -84,6 +84,22 @@ def test_item_features_map_into_the_models_item_space(trained):
         tokens.embed_item_features(np.zeros((1, 3)), "text")
 
 
+def test_token_scores_are_the_quantized_stage1_scores(trained):
+    result, folder, settings = trained
+    _, model, dataset, *_ = load_data_and_model(result.checkpoint, config_dict=settings)
+    tokens = PreferenceTokens.load(folder)
+    users = tokens.users
+    absolute = tokens.token_scores(users)
+    vectors = model.user_modal_vectors(quantized=True)
+    rows = [tokens.user_row(u) for u in users]
+    expected = sum(vectors[m][rows].numpy() @ tokens.item_vectors[m].T for m in tokens.modalities)
+    np.testing.assert_allclose(absolute, expected, rtol=1e-4, atol=1e-4)
+    relative = tokens.token_scores(users, relative=True)
+    np.testing.assert_allclose(relative.mean(0), 0, atol=1e-4)  # every item's average over users taken out
+    offset = absolute - relative
+    np.testing.assert_allclose(offset, np.broadcast_to(offset[:1], offset.shape), rtol=1e-5, atol=1e-5)  # the same per-item offset for everyone
+
+
 def test_history_is_the_stage1_split(trained):
     result, folder, settings = trained
     _, _, dataset, train_data, _, test_data = load_data_and_model(result.checkpoint, config_dict=settings)

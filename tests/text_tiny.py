@@ -90,6 +90,11 @@ class FakeTokens:
     def codes_for(self, user_id):
         return self.user_codes[self.user_row(user_id)]
 
+    def token_scores(self, user_ids, relative=False):
+        """Item ``i`` scores ``i`` (padding column 0) for every user, minus the mean when relative (= 0 offset)."""
+        scores = np.tile(np.arange(self.n_items + 1, dtype=np.float32), (len(list(user_ids)), 1))
+        return scores - scores.mean(1, keepdims=True) if relative else scores
+
     def history(self, user_id, split="train", min_rating=None):
         c = self.cluster[str(self.user_ids[self.user_row(user_id)])]
         items = [i for i in range(1, self.n_items + 1) if i % len(GENRES) == c]

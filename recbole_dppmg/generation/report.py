@@ -177,8 +177,7 @@ def top_recommended_items(tokens, users: Sequence[str], allowed: set[str]) -> li
     """Per user, the item with the highest stage-1 score ``sum_m <q(u_m), i_m>`` (decoded
     tokens, propagated item vectors of the export) among ``allowed`` items outside the user's
     training and validation splits."""
-    rows = np.array([tokens.user_row(u) for u in users])
-    scores = sum(tokens.decode(tokens.user_codes[rows, k], m) @ tokens.item_vectors[m].T for k, m in enumerate(tokens.modalities))
+    scores = tokens.token_scores(users)
     ok = np.array([i in allowed for i in tokens.item_ids])
     out = []
     for k, user in enumerate(users):

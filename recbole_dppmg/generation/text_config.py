@@ -23,6 +23,7 @@ GENERATION_YAML = PROPERTIES_DIR / "generation.yaml"
 RUN_PREFIX = "TextGen"
 TARGET_FIELDS = ("head", "title", "year", "genres", "plot")
 DEFAULT_TARGET_TEMPLATE = "{head}: {plot}"
+PAIR_CHOICES = ("random", "token_score")
 
 
 def check_target_template(template) -> str:
@@ -63,6 +64,8 @@ def text_config(overrides: dict | None = None) -> dict:
     """Defaults from ``properties/generation.yaml`` with ``overrides`` applied."""
     config = _merge(default_text_config(), overrides or {}, "text.")
     check_target_template(config["target_template"])
+    if config["pair_choice"] not in PAIR_CHOICES:
+        raise ConfigError(f"text.pair_choice {config['pair_choice']!r} is not one of {', '.join(PAIR_CHOICES)}")
     return config
 
 

@@ -112,8 +112,8 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
         previous = _run_config(run)
         tokens = _load_tokens(dataset, tokens_folder, cfg, previous["tokens"])
         _check_same_settings(previous, cfg, ("backbone", "seed", "lora_r", "init_from", "contrast_weight", "content_init", "max_steps", "min_rating",
-                                             "pairs_per_user", "valid_users", "test_users", "batch_size", "max_target_tokens", "target_template"),
-                             f"cannot resume {run}")
+                                             "pairs_per_user", "pair_choice", "valid_users", "test_users", "batch_size", "max_target_tokens",
+                                             "target_template"), f"cannot resume {run}")
         init_run = _init_run(cfg, tokens)
     else:
         tokens = _load_tokens(dataset, tokens_folder, cfg)
@@ -122,8 +122,8 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
     vocabulary = PreferenceVocabulary(tokens)
     texts = item_text_table(_item_path(dataset), cfg["target_template"])
     split = split_users(tokens.users, cfg["valid_users"], cfg["test_users"], cfg["seed"], cfg["train_users"])
-    train_pairs = build_pairs(tokens, split["train"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"])
-    valid_pairs = build_pairs(tokens, split["valid"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"] + 1)
+    train_pairs = build_pairs(tokens, split["train"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"], cfg["pair_choice"])
+    valid_pairs = build_pairs(tokens, split["valid"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"] + 1, cfg["pair_choice"])
     valid_pairs = [valid_pairs[k] for k in sorted(np.random.default_rng(cfg["seed"]).permutation(len(valid_pairs))[: cfg["valid_pairs"]])]
     (run / "config.json").write_text(json.dumps({"dataset": dataset, "tokens": str(Path(tokens.folder).resolve()), "text": cfg}, indent=2, default=str))
     (run / "users.json").write_text(json.dumps(split))

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from recbole_dppmg.errors import CheckpointError, DataError
-from recbole_dppmg.generation.text_config import DEFAULT_TARGET_TEMPLATE, check_target_template
+from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
+from recbole_dppmg.generation.text_config import DEFAULT_TARGET_TEMPLATE, PAIR_CHOICES, check_target_template
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +62,22 @@ def item_text_table(item_path: Path, template: str = DEFAULT_TARGET_TEMPLATE) ->
     return out
 
 
-def build_pairs(tokens, users: Sequence[str], texts: dict[str, str], min_rating: float | None, per_user: int, seed: int) -> list[tuple[str, str]]:
-    """``[(user, item), ...]``: up to ``per_user`` liked training-split items with a text per user."""
+def build_pairs(tokens, users: Sequence[str], texts: dict[str, str], min_rating: float | None, per_user: int, seed: int,
+                choice: str = "random") -> list[tuple[str, str]]:
+    """``[(user, item), ...]``: up to ``per_user`` liked training-split items with a text per user,
+    drawn at random or (``token_score``) the ones the user's own decoded tokens score highest in
+    stage 1 relative to the average user (targets the tokens can predict, not just popular ones)."""
+    if choice not in PAIR_CHOICES:
+        raise ConfigError(f"text.pair_choice {choice!r} is not one of {', '.join(PAIR_CHOICES)}")
     rng = np.random.default_rng(seed)
+    column = {item: k for k, item in enumerate(tokens.item_ids)}
     pairs = []
     for user in users:
         liked = [item for item, _ in tokens.history(user, split="train", min_rating=min_rating) if item in texts]
-        if len(liked) > per_user:
+        if len(liked) > per_user and choice == "token_score":
+            scores = tokens.token_scores([user], relative=True)[0][[column[item] for item in liked]]
+            liked = [liked[k] for k in sorted(np.argsort(-scores, kind="stable")[:per_user])]
+        elif len(liked) > per_user:
             liked = [liked[k] for k in sorted(rng.choice(len(liked), per_user, replace=False))]
         pairs += [(str(user), item) for item in liked]
     return pairs

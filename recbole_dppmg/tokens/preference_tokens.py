@@ -114,6 +114,20 @@ class PreferenceTokens:
         codes = self.codes_for(user_id)
         return {m: self.token_strings(codes[k], m) for k, m in enumerate(self.modalities)}
 
+    def token_scores(self, user_ids: Iterable, relative: bool = False) -> np.ndarray:
+        """``[n_users, n_items]`` stage-1 scores ``sum_m <q(u_m), i_m>`` of every item (columns in
+        ``item_ids`` order) from the users' decoded tokens: what the tokens alone say each user
+        likes. ``relative`` subtracts the average exported user's score of each item, so what is
+        left is what this user likes more than users do on average (popularity taken out)."""
+        rows = np.array([self.user_row(u) for u in user_ids])
+        out = 0
+        for k, m in enumerate(self.modalities):
+            vectors = self.decode(self.user_codes[rows, k], m)
+            if relative:
+                vectors = vectors - self.decode(self.user_codes[1:, k], m).mean(0)
+            out = out + vectors @ self.item_vectors[m].T
+        return out
+
     SPLITS = ("train", "valid", "test")
 
     def history(self, user_id, split: str = "train", min_rating: float | None = None) -> list[tuple[str, float]]:
