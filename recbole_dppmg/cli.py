@@ -18,7 +18,7 @@ from recbole_dppmg.pipeline import STAGES as PIPELINE_STAGES
 from recbole_dppmg.stage_logging import init_stage_logger
 
 COMPARISON_SEEDS = (2020, 2021, 2022)  # a comparison or ablation reports the median over these
-STAGES = ("prepare", "train", "export", "text", "image", "generate", "evaluate", "all")
+STAGES = ("prepare", "train", "export", "text", "image", "generate", "text_eval", "evaluate", "all")
 GENERATION_SECTIONS = ("text", "image", "rl", "reward", "evaluate")
 
 
@@ -160,6 +160,16 @@ def _stage_text(args) -> None:
     print(f"text generator: {run}")
 
 
+def _stage_text_eval(args) -> None:
+    """The text generator alone on held-out users: every text condition over text.evaluate.seeds,
+    with paired bootstrap intervals (the report of --stage evaluate adds posters, judge and RL)."""
+    from recbole_dppmg.generation.text_pipeline import evaluate_text_generation
+
+    out = evaluate_text_generation(args.dataset, Path(args.tokens) if args.tokens else None, args.generation["text"])
+    print((out / "text_eval.md").read_text())
+    print(f"text evaluation: {out} (text_eval.md, text_eval.json, samples.jsonl)")
+
+
 def _stage_image(args) -> None:
     from recbole_dppmg.generation.image_train import load_image_config, train_image_generator
 
@@ -229,7 +239,7 @@ def _stage_all(args, models, config_files, overrides) -> None:
 
 
 # Stages RecBole does not run, and the log/ folder each writes to.
-STAGE_LOGS = {"text": "TextGen", "image": "ImageGen", "generate": "Generate", "evaluate": "Report"}
+STAGE_LOGS = {"text": "TextGen", "image": "ImageGen", "generate": "Generate", "text_eval": "TextEval", "evaluate": "Report"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             _stage_image(args)
         if args.stage == "generate":
             _stage_generate(args)
+        if args.stage == "text_eval":
+            _stage_text_eval(args)
         if args.stage == "evaluate":
             _stage_evaluate(args)
     except DPPMGError as error:

@@ -20,6 +20,8 @@ def test_generation_overrides_are_split_by_section():
         (["--stage", "generate", "-d", "ml-100k-mm"], "--stage generate needs --users"),
         (["--stage", "text", "--foo.bar=1"], "dotted keys must be --text.<key> or --image.<key>"),
         (["--stage", "generate", "--users", "1", "--tokens", "/nonexistent/tokens"], "/nonexistent/tokens is not a token export"),
+        (["--stage", "text_eval", "--text.evaluate.conditions=[dppmg,nope]"], "unknown text evaluation condition 'nope'"),
+        (["--stage", "text_eval", "--text.generator=/nonexistent/TextGen-x"], "/nonexistent/TextGen-x is not a text warm-up run"),
     ],
 )
 def test_generation_stage_errors(argv, message, capsys):
