@@ -17,8 +17,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def item_texts(n_items: int = 24) -> dict[str, str]:
-    return {str(i): f"Film {i} ({1990 + i % 10}): a story of {GENRES[i % len(GENRES)]}." for i in range(1, n_items + 1)}
+def item_texts(n_items: int = 24):
+    from recbole_dppmg.generation.text_warmup import TargetTexts
+
+    return TargetTexts({str(i): f"Film {i} ({1990 + i % 10}): a story of {GENRES[i % len(GENRES)]}." for i in range(1, n_items + 1)})
 
 
 def tiny_tokenizer():
@@ -117,7 +119,7 @@ def tiny_text_stage(tmp_path, monkeypatch, text_features=None):
     tokens = FakeTokens(n_users=16)
     tokens.folder = tmp_path / "tokens"
     monkeypatch.setattr(text_pipeline, "_load_tokens", lambda *a, **k: tokens)
-    monkeypatch.setattr(text_warmup, "item_text_table", lambda path, template=None: item_texts())
+    monkeypatch.setattr(text_warmup, "item_text_table", lambda path, template=None, user_genres=None: item_texts())
     monkeypatch.setattr(text_pipeline, "_item_path", lambda dataset: tmp_path / "x.item")
     frame = pd.DataFrame({"item_id": list(item_texts())}).set_index("item_id", drop=False)
     if text_features is not None:

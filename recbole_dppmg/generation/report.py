@@ -168,7 +168,7 @@ class Catalogues:
     text_features: np.ndarray
     poster_ids: list[str]
     poster_features: np.ndarray  # real posters at the generator's size
-    item_texts: dict[str, str]  # in the shape the text generator was trained to write (the ceiling's text)
+    item_texts: dict[str, str]  # TargetTexts in the shape the text generator was trained to write (the ceiling: .target(user, item))
     posters: dict[str, Path]
     item_titles: dict[str, str]  # "Title (year)" for the gallery
 
@@ -238,7 +238,7 @@ def build_report(dataset: str, config: dict | None = None, out_dir: str | Path |
         ceiling_items = top_recommended_items(tokens, fd_users, set(catalogues.item_texts) & set(catalogues.poster_ids))
 
         tick = time.perf_counter()
-        texts = generation.texts(users, [catalogues.item_texts.get(i, "") if i else "" for i in ceiling_items[: len(users)]])
+        texts = generation.texts(users, [catalogues.item_texts.target(u, i) if i in catalogues.item_texts else "" for u, i in zip(users, ceiling_items)])
         timings["generate_texts"] = time.perf_counter() - tick
         tick = time.perf_counter()
         images = generation.posters(fd_users, ceiling_items, catalogues.posters)
@@ -358,7 +358,7 @@ class _Generation:
     def catalogues(self, judge, image_featurize) -> Catalogues:
         from recbole_dppmg.generation.image_data import poster_files
         from recbole_dppmg.generation.image_metrics import real_poster_features
-        from recbole_dppmg.generation.text_pipeline import target_template
+        from recbole_dppmg.generation.text_pipeline import run_target_texts
         from recbole_dppmg.generation.text_warmup import item_text_table
         from recbole_dppmg.paths import DATASET_DIR
 
@@ -371,7 +371,7 @@ class _Generation:
         text = judge.catalogues["text"]
         item_file = folder / f"{self.dataset}.item"
         return Catalogues(text.item_ids, text.features, poster_ids, poster_features,
-                          item_text_table(item_file, target_template(Path(self.runs.text))), posters, item_text_table(item_file, "{head}"))
+                          run_target_texts(self.dataset, Path(self.runs.text), self.tokens, item_file), posters, item_text_table(item_file, "{head}"))
 
     # ------------------------------------------------------------------ text
     def texts(self, users: list[str], ceiling: list[str]) -> dict[str, dict[int, list[str]]]:

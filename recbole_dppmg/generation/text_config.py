@@ -21,7 +21,7 @@ from recbole_dppmg.tokens.export import newest_token_export  # noqa: F401  (re-e
 
 GENERATION_YAML = PROPERTIES_DIR / "generation.yaml"
 RUN_PREFIX = "TextGen"
-TARGET_FIELDS = ("head", "title", "year", "genres", "plot")
+TARGET_FIELDS = ("head", "title", "year", "genres", "plot", "user_genres")
 DEFAULT_TARGET_TEMPLATE = "{head}: {plot}"
 PAIR_CHOICES = ("random", "token_score")
 
@@ -37,6 +37,11 @@ def check_target_template(template) -> str:
         raise ConfigError(f"text.target_template {template!r} may only use the fields {{{'}, {'.join(TARGET_FIELDS)}}}"
                           + (f", not {{{'}, {'.join(unknown)}}}" if unknown else ""))
     return str(template)
+
+
+def user_field(template: str) -> bool:
+    """Whether targets in the shape of ``template`` differ per user (``{user_genres}``)."""
+    return any(name == "user_genres" for _, name, _, _ in string.Formatter().parse(str(template)))
 
 
 def default_text_config() -> dict:
@@ -64,6 +69,9 @@ def text_config(overrides: dict | None = None) -> dict:
     """Defaults from ``properties/generation.yaml`` with ``overrides`` applied."""
     config = _merge(default_text_config(), overrides or {}, "text.")
     check_target_template(config["target_template"])
+    from recbole_dppmg.generation.user_genres import check_genre_settings
+
+    check_genre_settings(config["user_genres_from"], config["user_genres_count"])
     if config["pair_choice"] not in PAIR_CHOICES:
         raise ConfigError(f"text.pair_choice {config['pair_choice']!r} is not one of {', '.join(PAIR_CHOICES)}")
     return config

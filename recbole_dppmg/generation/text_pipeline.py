@@ -66,11 +66,26 @@ def _run_config(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def target_template(run: Path) -> str:
-    """The target shape a warm-up run was trained on (runs from before the setting: the default)."""
-    from recbole_dppmg.generation.text_config import DEFAULT_TARGET_TEMPLATE
+def target_texts(dataset: str, settings: dict, tokens, item_path: Path | None = None):
+    """The warm-up targets (``TargetTexts``) in the shape a text config gives them; a run from
+    before ``target_template`` existed wrote the default "Title (year): plot"."""
+    from recbole_dppmg.data.atomic import read_item_table
+    from recbole_dppmg.generation.text_config import DEFAULT_TARGET_TEMPLATE, default_text_config, user_field
+    from recbole_dppmg.generation.text_warmup import item_text_table
+    from recbole_dppmg.generation.user_genres import UserGenres, genres_by_item
 
-    return _run_config(run)["text"].get("target_template", DEFAULT_TARGET_TEMPLATE)
+    settings = {**default_text_config(), "target_template": DEFAULT_TARGET_TEMPLATE, **settings}
+    path = item_path or _item_path(dataset)
+    user_genres = None
+    if user_field(settings["target_template"]):
+        user_genres = UserGenres(tokens, genres_by_item(read_item_table(path)), settings["user_genres_from"],
+                                 settings["user_genres_count"], settings["min_rating"])
+    return item_text_table(path, settings["target_template"], user_genres)
+
+
+def run_target_texts(dataset: str, run: Path, tokens, item_path: Path | None = None):
+    """The targets in the shape warm-up ``run`` was trained on (its reference texts use it)."""
+    return target_texts(dataset, _run_config(Path(run))["text"], tokens, item_path)
 
 
 def load_text_generator(run: Path, vocabulary, cfg: dict):
@@ -101,7 +116,7 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
     from recbole_dppmg.generation.text_config import new_run_folder, saved_root, text_config
     from recbole_dppmg.generation.text_generate import SoftPromptConditioner, TokenConditioner
     from recbole_dppmg.generation.text_injection import add_preference_tokens, inject_preference_tokens
-    from recbole_dppmg.generation.text_warmup import build_pairs, content_vectors, item_text_table, train_conditioner
+    from recbole_dppmg.generation.text_warmup import build_pairs, content_vectors, train_conditioner
     from recbole_dppmg.generation.user_split import split_users
     from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 
@@ -113,14 +128,14 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
         tokens = _load_tokens(dataset, tokens_folder, cfg, previous["tokens"])
         _check_same_settings(previous, cfg, ("backbone", "seed", "lora_r", "init_from", "contrast_weight", "content_init", "max_steps", "min_rating",
                                              "pairs_per_user", "pair_choice", "valid_users", "test_users", "batch_size", "max_target_tokens",
-                                             "target_template"), f"cannot resume {run}")
+                                             "target_template", "user_genres_from", "user_genres_count"), f"cannot resume {run}")
         init_run = _init_run(cfg, tokens)
     else:
         tokens = _load_tokens(dataset, tokens_folder, cfg)
         init_run = _init_run(cfg, tokens)  # checked before the run folder exists
         run = new_run_folder(dataset, saved_root(cfg))
     vocabulary = PreferenceVocabulary(tokens)
-    texts = item_text_table(_item_path(dataset), cfg["target_template"])
+    texts = target_texts(dataset, cfg, tokens)
     split = split_users(tokens.users, cfg["valid_users"], cfg["test_users"], cfg["seed"], cfg["train_users"])
     train_pairs = build_pairs(tokens, split["train"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"], cfg["pair_choice"])
     valid_pairs = build_pairs(tokens, split["valid"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"] + 1, cfg["pair_choice"])
@@ -259,9 +274,7 @@ class TextConditions:
         if name == "soft_prompt" and self._soft is None:
             self._soft = load_soft_prompt(self.run, self.tokens, self.vocabulary, self.cfg)
         elif name == "real_liked_item" and self._item_texts is None:
-            from recbole_dppmg.generation.text_warmup import item_text_table
-
-            self._item_texts = item_text_table(_item_path(self.dataset), target_template(self.run))
+            self._item_texts = run_target_texts(self.dataset, self.run, self.tokens)
         elif name in ("dppmg", "no_tokens", "shuffled", "soft_prompt"):
             self.lm  # noqa: B018  (loads the generator)
 
@@ -290,7 +303,7 @@ class TextConditions:
 
     def _liked_text(self, user: str) -> str:
         liked = [i for i, _ in self.tokens.history(user, "train") if i in self._item_texts]
-        return self._item_texts[liked[0]] if liked else ""
+        return self._item_texts.target(user, liked[0]) if liked else ""
 
     def release(self) -> None:
         """Drop the loaded generators (the next condition may load other ones)."""

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
-from recbole_dppmg.generation.text_config import DEFAULT_TARGET_TEMPLATE, PAIR_CHOICES, check_target_template
+from recbole_dppmg.generation.text_config import DEFAULT_TARGET_TEMPLATE, PAIR_CHOICES, check_target_template, user_field
 
 logger = logging.getLogger(__name__)
 
@@ -36,30 +36,50 @@ CHECKPOINT = "checkpoint"
 
 
 # ---------------------------------------------------------------------------- data
-def item_target_text(title: str, year, plot: str, genres: str = "", template: str = DEFAULT_TARGET_TEMPLATE) -> str:
+def item_target_text(title: str, year, plot: str, genres: str = "", template: str = DEFAULT_TARGET_TEMPLATE, user_genres: str = "") -> str:
     """An item's text in the shape of ``template``; ``{head}`` is "Title (year)" (or the title
-    alone without a year), ``{genres}`` the genres comma-separated (RecBole token_seq in)."""
+    alone without a year), ``{genres}`` the genres comma-separated (RecBole token_seq in),
+    ``{user_genres}`` the reader's genre profile (``generation/user_genres.py``)."""
     title = str(title).strip()
     year = "" if year is None or (isinstance(year, float) and math.isnan(year)) else str(year).strip()
     genres = ", ".join(str(genres).split()) if isinstance(genres, str) and genres.strip() else "unknown"
-    return template.format(head=f"{title} ({year})" if year else title, title=title, year=year, genres=genres, plot=str(plot).strip())
+    return template.format(head=f"{title} ({year})" if year else title, title=title, year=year, genres=genres, plot=str(plot).strip(),
+                           user_genres=user_genres)
 
 
-def item_text_table(item_path: Path, template: str = DEFAULT_TARGET_TEMPLATE) -> dict[str, str]:
-    """``item_id -> template text`` (default "Title (year): plot") for every item of a prepared
-    ``.item`` file with a plot."""
+class TargetTexts(dict):
+    """``item_id -> target text``; :meth:`target` is the text of a (user, item) pair, which
+    differs per user when the template has ``{user_genres}`` (the dict values then show that
+    field as the literal ``{user_genres}``)."""
+
+    def __init__(self, texts: dict[str, str], per_user=None):
+        super().__init__(texts)
+        self._per_user = per_user
+
+    def target(self, user: str, item: str) -> str:
+        return self._per_user(user, item) if self._per_user is not None else self[item]
+
+
+def item_text_table(item_path: Path, template: str = DEFAULT_TARGET_TEMPLATE, user_genres=None) -> TargetTexts:
+    """Target texts (default "Title (year): plot") of every item of a prepared ``.item`` file
+    with a plot; ``user_genres`` (``user -> str``) fills a ``{user_genres}`` field."""
     from recbole_dppmg.data.atomic import read_item_table
 
     template = check_target_template(template)
+    if user_field(template) and user_genres is None:
+        raise ConfigError(f"text.target_template {template!r} needs the users' genre profiles")
     frame = read_item_table(Path(item_path))
-    out = {}
+    fields = {}
     for item_id, row in frame.iterrows():
         plot = row.get("description")
         if isinstance(plot, str) and plot.strip() and float(row.get("description_mask", 1) or 0) > 0:
-            out[str(item_id)] = item_target_text(row["title"], row.get("year"), plot, row.get("genres"), template)
-    if not out:
+            fields[str(item_id)] = (row["title"], row.get("year"), plot, row.get("genres"))
+    if not fields:
         raise DataError(f"{item_path} has no item with a plot description to train the text generator on")
-    return out
+    texts = {item: item_target_text(*f, template=template, user_genres="{user_genres}") for item, f in fields.items()}
+    if not user_field(template):
+        return TargetTexts(texts)
+    return TargetTexts(texts, lambda user, item: item_target_text(*fields[item], template=template, user_genres=user_genres(user)))
 
 
 def build_pairs(tokens, users: Sequence[str], texts: dict[str, str], min_rating: float | None, per_user: int, seed: int,
@@ -84,11 +104,11 @@ def build_pairs(tokens, users: Sequence[str], texts: dict[str, str], min_rating:
 
 
 @torch.no_grad()
-def content_vectors(tokenizer, embedding: torch.Tensor, pairs: Sequence[tuple[str, str]], texts: dict[str, str], max_tokens: int) -> dict[str, torch.Tensor]:
+def content_vectors(tokenizer, embedding: torch.Tensor, pairs: Sequence[tuple[str, str]], texts: TargetTexts, max_tokens: int) -> dict[str, torch.Tensor]:
     """user -> mean base-LM input embedding of the target texts of their training pairs."""
     sums: dict[str, list] = {}
     for user, item in pairs:
-        ids = tokenizer(texts[item], add_special_tokens=False)["input_ids"][:max_tokens]
+        ids = tokenizer(texts.target(user, item), add_special_tokens=False)["input_ids"][:max_tokens]
         vector = embedding[torch.tensor(ids, device=embedding.device)].float().mean(0).cpu()
         total, n = sums.get(user, (0, 0))
         sums[user] = (total + vector, n + 1)
@@ -161,7 +181,7 @@ def contrast_loss(model, tokenizer, conditioner, chunk, texts, cfg, own_sum, own
     differ = torch.tensor([a != b for a, b in zip(users, others)], device=device)
     if not bool(differ.any()):
         return None
-    batch = collate([encode_pair(tokenizer, conditioner, o, texts[i], cfg["max_target_tokens"]) for o, (_, i) in zip(others, chunk)],
+    batch = collate([encode_pair(tokenizer, conditioner, o, texts.target(u, i), cfg["max_target_tokens"]) for o, (u, i) in zip(others, chunk)],
                     tokenizer.pad_token_id, device)
     other_sum, _ = sequence_nll(model, conditioner, batch, others)
     margin = (other_sum - own_sum) / own_count.clamp(min=1)
@@ -207,7 +227,7 @@ def validation_loss(model, tokenizer, conditioner, pairs, texts, cfg, other_user
     for start in range(0, len(pairs), cfg["batch_size"]):
         chunk = pairs[start : start + cfg["batch_size"]]
         users = [other_users.get(u, u) if other_users else u for u, _ in chunk]
-        batch = collate([encode_pair(tokenizer, conditioner, p, texts[i], cfg["max_target_tokens"]) for p, (_, i) in zip(users, chunk)],
+        batch = collate([encode_pair(tokenizer, conditioner, p, texts.target(u, i), cfg["max_target_tokens"]) for p, (u, i) in zip(users, chunk)],
                         tokenizer.pad_token_id, device)
         loss, n = target_nll(model, conditioner, batch, users)
         total, count = total + float(loss), count + n
@@ -227,7 +247,7 @@ def _save_checkpoint(folder: Path, conditioner, optimizer, scheduler, state: dic
     os.replace(folder / "state.json.tmp", folder / "state.json")  # last: a readable state means a complete checkpoint
 
 
-def train_conditioner(model, tokenizer, conditioner, train_pairs, valid_pairs, texts: dict[str, str], cfg: dict, folder: Path) -> dict:
+def train_conditioner(model, tokenizer, conditioner, train_pairs, valid_pairs, texts: TargetTexts, cfg: dict, folder: Path) -> dict:
     """Warm up one conditioner; saves the best state into ``folder``; returns its history."""
     from tqdm.auto import tqdm
 
@@ -280,7 +300,7 @@ def train_conditioner(model, tokenizer, conditioner, train_pairs, valid_pairs, t
     for step in bar:
         conditioner.train(True)
         chunk = [train_pairs[k] for k in order(step)]
-        batch = collate([encode_pair(tokenizer, conditioner, u, texts[i], cfg["max_target_tokens"]) for u, i in chunk], tokenizer.pad_token_id, device)
+        batch = collate([encode_pair(tokenizer, conditioner, u, texts.target(u, i), cfg["max_target_tokens"]) for u, i in chunk], tokenizer.pad_token_id, device)
         own_sum, own_count = sequence_nll(model, conditioner, batch, [u for u, _ in chunk])
         loss = own_sum.sum() / own_count.sum().clamp(min=1)
         if cfg.get("contrast_weight"):

@@ -1,0 +1,82 @@
+"""A user's taste in words: the genres over-represented among the items a user likes.
+
+Used by the ``{user_genres}`` field of ``text.target_template``. Why: one liked item's plot is
+a lottery as a target (any of ~50 liked films), so the tokens learn the catalogue's style and
+little about the user; a genre profile is the same for all of a user's targets, and its words
+alone retrieve the user's held-out films as well as the real text of their best training item.
+
+Two sources (``text.user_genres_from``):
+
+- ``tokens``: the :data:`TOP_ITEMS` items the user's own decoded tokens score highest in stage 1
+  relative to the average user. A function of the tokens, so the generator can learn it exactly
+  and another user's tokens give another profile.
+- ``history``: the user's liked training-split items (their real taste, of which the tokens only
+  carry a part).
+
+Either way a genre ranks by lift: its share among those items over its share among all users'
+liked training items (so Drama, liked by everyone, does not win every profile).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable
+
+import numpy as np
+
+from recbole_dppmg.errors import ConfigError
+
+GENRE_SOURCES = ("tokens", "history")
+TOP_ITEMS = 20  # items of the token source
+UNKNOWN = "unknown"
+
+
+def check_genre_settings(source, count) -> None:
+    if source not in GENRE_SOURCES:
+        raise ConfigError(f"text.user_genres_from {source!r} is not one of {', '.join(GENRE_SOURCES)}")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ConfigError(f"text.user_genres_count must be a positive integer, got {count!r}")
+
+
+class UserGenres:
+    """``user -> "Horror, Thriller, Action"`` (cached per user)."""
+
+    def __init__(self, tokens, item_genres: dict[str, list[str]], source: str = "tokens", count: int = 3, min_rating: float | None = 4):
+        check_genre_settings(source, count)
+        self.tokens, self.item_genres, self.source, self.count, self.min_rating = tokens, item_genres, source, count, min_rating
+        prior = Counter()
+        for user in tokens.users:
+            prior.update(self._genres_of(self._liked(user)))
+        total = sum(prior.values())
+        self._prior = {g: n / total for g, n in prior.items()} if total else {}
+        self._cache: dict[str, str] = {}
+
+    def _liked(self, user) -> list[str]:
+        return [item for item, _ in self.tokens.history(user, "train", self.min_rating)]
+
+    def _genres_of(self, items: Iterable[str]) -> list[str]:
+        return [g for item in items for g in self.item_genres.get(str(item), ()) if g != UNKNOWN]
+
+    def _items(self, user) -> list[str]:
+        if self.source == "history":
+            return self._liked(user)
+        scores = self.tokens.token_scores([user], relative=True)[0]
+        order = [k for k in np.argsort(-scores, kind="stable") if k > 0]  # column 0 is the padding item
+        return [self.tokens.item_ids[k] for k in order[:TOP_ITEMS]]
+
+    def __call__(self, user) -> str:
+        user = str(user)
+        if user not in self._cache:
+            counts = Counter(self._genres_of(self._items(user)))
+            total = sum(counts.values())
+            lift = {g: (n / total) / self._prior.get(g, n / total) for g, n in counts.items()}
+            ranked = sorted(counts, key=lambda g: (-lift[g], -counts[g], g))[: self.count]
+            self._cache[user] = ", ".join(ranked) if ranked else UNKNOWN
+        return self._cache[user]
+
+
+def genres_by_item(frame) -> dict[str, list[str]]:
+    """``item_id -> [genre, ...]`` from a prepared ``.item`` table (RecBole token_seq column)."""
+    if "genres" not in frame.columns:
+        raise ConfigError("text.target_template uses {user_genres}, but the dataset's .item file has no genres column")
+    return {str(item): str(g).split() if isinstance(g, str) else [] for item, g in frame["genres"].items()}
