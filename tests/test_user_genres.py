@@ -82,3 +82,13 @@ def test_validation_with_other_users_prompts_scores_the_own_users_target(monkeyp
     validation_loss(torch.nn.Linear(1, 1), SimpleNamespace(pad_token_id=0), Conditioner(), [("u0", "1"), ("u1", "1")], texts, {"batch_size": 2, "max_target_tokens": 8},
                     other_users={"u0": "u1", "u1": "u0"})
     assert asked == ["u0", "u1"] and seen == [("u1", "u0 1"), ("u0", "u1 1")]
+
+
+def test_runs_from_before_target_template_count_as_plain_targets(monkeypatch):
+    from recbole_dppmg.generation import text_config as config
+
+    defaults = {**config.default_text_config(), "target_template": "Genres: {user_genres}. {head}: {plot}"}
+    monkeypatch.setattr(config, "default_text_config", lambda: defaults)
+    old_run = config.recorded_settings({"max_steps": 3})
+    assert old_run["target_template"] == "{head}: {plot}" and old_run["max_steps"] == 3 and old_run["seed"] == defaults["seed"]
+    assert config.recorded_settings({"target_template": "{plot}"})["target_template"] == "{plot}"

@@ -53,6 +53,12 @@ def default_text_config() -> dict:
     return data["text"]
 
 
+def recorded_settings(recorded: dict) -> dict:
+    """A warm-up run's recorded ``text`` settings; a key the run predates counts as its default,
+    except ``target_template``: runs from before it existed wrote :data:`DEFAULT_TARGET_TEMPLATE`."""
+    return {**default_text_config(), "target_template": DEFAULT_TARGET_TEMPLATE, **recorded}
+
+
 def _merge(base: dict, overrides: dict, where: str) -> dict:
     out = copy.deepcopy(base)
     for key, value in (overrides or {}).items():

@@ -67,14 +67,14 @@ def _run_config(run: Path) -> dict:
 
 
 def target_texts(dataset: str, settings: dict, tokens, item_path: Path | None = None):
-    """The warm-up targets (``TargetTexts``) in the shape a text config gives them; a run from
-    before ``target_template`` existed wrote the default "Title (year): plot"."""
+    """The warm-up targets (``TargetTexts``) in the shape a text config (or a run's recorded
+    one) gives them."""
     from recbole_dppmg.data.atomic import read_item_table
-    from recbole_dppmg.generation.text_config import DEFAULT_TARGET_TEMPLATE, default_text_config, user_field
+    from recbole_dppmg.generation.text_config import recorded_settings, user_field
     from recbole_dppmg.generation.text_warmup import item_text_table
     from recbole_dppmg.generation.user_genres import UserGenres, genres_by_item
 
-    settings = {**default_text_config(), "target_template": DEFAULT_TARGET_TEMPLATE, **settings}
+    settings = recorded_settings(settings)
     path = item_path or _item_path(dataset)
     user_genres = None
     if user_field(settings["target_template"]):
@@ -177,11 +177,10 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
 
 
 def _check_same_settings(previous: dict, cfg: dict, keys, what: str) -> None:
-    """Refuse when a recorded warm-up's ``text.<key>`` differs from ``cfg``'s; a run from before
-    a key existed counts as having had its default."""
-    from recbole_dppmg.generation.text_config import default_text_config
+    """Refuse when a recorded warm-up's ``text.<key>`` differs from ``cfg``'s."""
+    from recbole_dppmg.generation.text_config import recorded_settings
 
-    recorded = {**default_text_config(), **previous["text"]}
+    recorded = recorded_settings(previous["text"])
     for key in keys:
         if recorded[key] != cfg[key]:
             raise CheckpointError(f"{what}: text.{key} was {recorded[key]!r}, now {cfg[key]!r}")
