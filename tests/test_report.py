@@ -37,13 +37,13 @@ def poster_features(images):
 
 
 def add_item_texts_and_posters(item_file):
-    """Title, year, plot and poster columns for the tiny items (text tests read them)."""
+    """Title, year, genres, plot and poster columns for the tiny items (text tests read them)."""
     lines = item_file.read_text().splitlines()
-    out = [lines[0] + "\ttitle:token_seq\tyear:token\tdescription:token_seq\tdescription_mask:float\tposter:token"]
+    out = [lines[0] + "\ttitle:token_seq\tyear:token\tgenres:token_seq\tdescription:token_seq\tdescription_mask:float\tposter:token"]
     for line in lines[1:]:
         item = line.split("\t")[0]
         k = int(item[1:])
-        out.append(f"{line}\tFilm {k}\t{1990 + k % 10}\ta story of {GENRES[k % 4]}\t1\t{item}.png")
+        out.append(f"{line}\tFilm {k}\t{1990 + k % 10}\t{GENRES[k % 4]}\ta story of {GENRES[k % 4]}\t1\t{item}.png")
     item_file.write_text("\n".join(out) + "\n")
 
 

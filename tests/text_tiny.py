@@ -23,6 +23,16 @@ def item_texts(n_items: int = 24):
     return TargetTexts({str(i): f"Film {i} ({1990 + i % 10}): a story of {GENRES[i % len(GENRES)]}." for i in range(1, n_items + 1)})
 
 
+def tiny_item_text_table(path, template=None, user_genres=None):
+    """``item_text_table`` of the fake catalogue; with ``user_genres`` each user's targets start with their genres."""
+    texts = item_texts()
+    if user_genres is None:
+        return texts
+    from recbole_dppmg.generation.text_warmup import TargetTexts
+
+    return TargetTexts(texts, lambda user, item: f"Genres: {user_genres(user)}. {texts[item]}")
+
+
 def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -119,9 +129,10 @@ def tiny_text_stage(tmp_path, monkeypatch, text_features=None):
     tokens = FakeTokens(n_users=16)
     tokens.folder = tmp_path / "tokens"
     monkeypatch.setattr(text_pipeline, "_load_tokens", lambda *a, **k: tokens)
-    monkeypatch.setattr(text_warmup, "item_text_table", lambda path, template=None, user_genres=None: item_texts())
+    monkeypatch.setattr(text_warmup, "item_text_table", tiny_item_text_table)
     monkeypatch.setattr(text_pipeline, "_item_path", lambda dataset: tmp_path / "x.item")
     frame = pd.DataFrame({"item_id": list(item_texts())}).set_index("item_id", drop=False)
+    frame["genres"] = [GENRES[int(i) % len(GENRES)] for i in frame.index]
     if text_features is not None:
         frame["text_feat"] = list(text_features.encode(list(item_texts().values())))
     monkeypatch.setattr("recbole_dppmg.data.atomic.read_item_table", lambda path, with_features=False: frame)

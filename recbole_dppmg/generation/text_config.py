@@ -22,7 +22,7 @@ from recbole_dppmg.tokens.export import newest_token_export  # noqa: F401  (re-e
 GENERATION_YAML = PROPERTIES_DIR / "generation.yaml"
 RUN_PREFIX = "TextGen"
 TARGET_FIELDS = ("head", "title", "year", "genres", "plot", "user_genres")
-DEFAULT_TARGET_TEMPLATE = "{head}: {plot}"
+PLAIN_TARGET_TEMPLATE = "{head}: {plot}"  # an item alone; the targets of runs from before text.target_template existed
 PAIR_CHOICES = ("random", "token_score")
 
 
@@ -55,8 +55,8 @@ def default_text_config() -> dict:
 
 def recorded_settings(recorded: dict) -> dict:
     """A warm-up run's recorded ``text`` settings; a key the run predates counts as its default,
-    except ``target_template``: runs from before it existed wrote :data:`DEFAULT_TARGET_TEMPLATE`."""
-    return {**default_text_config(), "target_template": DEFAULT_TARGET_TEMPLATE, **recorded}
+    except ``target_template``: runs from before it existed wrote :data:`PLAIN_TARGET_TEMPLATE`."""
+    return {**default_text_config(), "target_template": PLAIN_TARGET_TEMPLATE, **recorded}
 
 
 def _merge(base: dict, overrides: dict, where: str) -> dict:

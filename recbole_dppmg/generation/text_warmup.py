@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
-from recbole_dppmg.generation.text_config import DEFAULT_TARGET_TEMPLATE, PAIR_CHOICES, check_target_template, user_field
+from recbole_dppmg.generation.text_config import PLAIN_TARGET_TEMPLATE, PAIR_CHOICES, check_target_template, user_field
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ CHECKPOINT = "checkpoint"
 
 
 # ---------------------------------------------------------------------------- data
-def item_target_text(title: str, year, plot: str, genres: str = "", template: str = DEFAULT_TARGET_TEMPLATE, user_genres: str = "") -> str:
+def item_target_text(title: str, year, plot: str, genres: str = "", template: str = PLAIN_TARGET_TEMPLATE, user_genres: str = "") -> str:
     """An item's text in the shape of ``template``; ``{head}`` is "Title (year)" (or the title
     alone without a year), ``{genres}`` the genres comma-separated (RecBole token_seq in),
     ``{user_genres}`` the reader's genre profile (``generation/user_genres.py``)."""
@@ -60,7 +60,7 @@ class TargetTexts(dict):
         return self._per_user(user, item) if self._per_user is not None else self[item]
 
 
-def item_text_table(item_path: Path, template: str = DEFAULT_TARGET_TEMPLATE, user_genres=None) -> TargetTexts:
+def item_text_table(item_path: Path, template: str = PLAIN_TARGET_TEMPLATE, user_genres=None) -> TargetTexts:
     """Target texts (default "Title (year): plot") of every item of a prepared ``.item`` file
     with a plot; ``user_genres`` (``user -> str``) fills a ``{user_genres}`` field."""
     from recbole_dppmg.data.atomic import read_item_table

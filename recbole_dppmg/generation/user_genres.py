@@ -78,5 +78,6 @@ class UserGenres:
 def genres_by_item(frame) -> dict[str, list[str]]:
     """``item_id -> [genre, ...]`` from a prepared ``.item`` table (RecBole token_seq column)."""
     if "genres" not in frame.columns:
-        raise ConfigError("text.target_template uses {user_genres}, but the dataset's .item file has no genres column")
+        raise ConfigError("text.target_template uses {user_genres}, but the dataset's .item file has no genres column "
+                          "(set text.target_template to a shape without it, e.g. '{head}: {plot}')")
     return {str(item): str(g).split() if isinstance(g, str) else [] for item, g in frame["genres"].items()}
