@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from recbole_dppmg.errors import DPPMGError
+from recbole_dppmg.errors import ConfigError, DPPMGError
 from recbole_dppmg.pipeline import STAGES as PIPELINE_STAGES
 from recbole_dppmg.stage_logging import init_stage_logger
 
@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, models, config_files, overrides = parse_args(argv)
+        if args.profile and args.stage not in ("all", "evaluate"):
+            raise ConfigError(f"--profile applies to --stage all and evaluate, not {args.stage} "
+                              "(give that stage's settings as --text.<key>=... / --image.<key>=...)")
         if args.stage in STAGE_LOGS:
             init_stage_logger(STAGE_LOGS[args.stage], args.dataset)
         if args.stage == "all":

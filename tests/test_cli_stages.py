@@ -22,6 +22,7 @@ def test_generation_overrides_are_split_by_section():
         (["--stage", "generate", "--users", "1", "--tokens", "/nonexistent/tokens"], "/nonexistent/tokens is not a token export"),
         (["--stage", "text_eval", "--text.evaluate.conditions=[dppmg,nope]"], "unknown text evaluation condition 'nope'"),
         (["--stage", "text_eval", "--text.generator=/nonexistent/TextGen-x"], "/nonexistent/TextGen-x is not a text warm-up run"),
+        (["--stage", "text", "--profile", "quick"], "--profile applies to --stage all and evaluate, not text"),
     ],
 )
 def test_generation_stage_errors(argv, message, capsys):
