@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from recbole_dppmg.errors import CheckpointError, ConfigError
+from recbole_dppmg.generation.user_genres import check_genre_settings
 from recbole_dppmg.paths import PROPERTIES_DIR, REPO_ROOT, SAVED_DIR
 from recbole_dppmg.tokens.export import newest_token_export  # noqa: F401  (re-exported for the text stage)
 
@@ -75,8 +76,6 @@ def text_config(overrides: dict | None = None) -> dict:
     """Defaults from ``properties/generation.yaml`` with ``overrides`` applied."""
     config = _merge(default_text_config(), overrides or {}, "text.")
     check_target_template(config["target_template"])
-    from recbole_dppmg.generation.user_genres import check_genre_settings
-
     check_genre_settings(config["user_genres_from"], config["user_genres_count"])
     if config["pair_choice"] not in PAIR_CHOICES:
         raise ConfigError(f"text.pair_choice {config['pair_choice']!r} is not one of {', '.join(PAIR_CHOICES)}")

@@ -50,6 +50,7 @@ class UserGenres:
         total = sum(prior.values())
         self._prior = {g: n / total for g, n in prior.items()} if total else {}
         self._cache: dict[str, str] = {}
+        self._token_scores = None  # [users, items], computed once for the token source
 
     def _liked(self, user) -> list[str]:
         return [item for item, _ in self.tokens.history(user, "train", self.min_rating)]
@@ -60,7 +61,9 @@ class UserGenres:
     def _items(self, user) -> list[str]:
         if self.source == "history":
             return self._liked(user)
-        scores = self.tokens.token_scores([user], relative=True)[0]
+        if self._token_scores is None:  # one batch: the relative scores subtract a mean over all users
+            self._token_scores = self.tokens.token_scores(self.tokens.users, relative=True)
+        scores = self._token_scores[self.tokens.user_row(user) - 1]  # row 0 of the export is the padding user
         order = [k for k in np.argsort(-scores, kind="stable") if k > 0]  # column 0 is the padding item
         return [self.tokens.item_ids[k] for k in order[:TOP_ITEMS]]
 
