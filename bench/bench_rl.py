@@ -15,14 +15,19 @@ the posters to all real posters.
 
     python bench/bench_rl.py train text  --run saved/ml-100k-mm/TextGen-<time> [--quick] [--set steps=40 ...]
     python bench/bench_rl.py train image --run saved/ml-100k-mm/ImageGen-<time> [--quick]
+    python bench/bench_rl.py measure --text-before saved/.../TextGen-<t> --text-after saved/.../TextRL-<t> \\
+        --image-before saved/.../ImageGen-<t> --image-after saved/.../ImageRL-<t> --out rl_effect.json
+
+``measure`` also writes each seed's row and each user's judge, consistency and reward values, so
+seeds measured by parallel calls can be joined: ``combine a.json b.json --out rl_effect.json``
+(spread over all seeds; after - before paired by user with a 95% bootstrap interval, and by seed).
+
 ``snr``: how much of one step's policy gradient is signal: the gradients of --batches
 independent batches (same --users training users, --group samples each, fresh sampling noise)
 at the start of RL, and their pairwise cosine (near 0: the step is mostly noise; the same
 direction needs ~1/cos^2 times more samples per step).
 
     python bench/bench_rl.py snr text --run saved/ml-100k-mm/TextGen-<time>
-    python bench/bench_rl.py measure --text-before saved/.../TextGen-<t> --text-after saved/.../TextRL-<t> \\
-        --image-before saved/.../ImageGen-<t> --image-after saved/.../ImageRL-<t> --out rl_effect.json
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ def measure(args) -> None:
     if args.only != "image":
         base, base_tokenizer = load_backbone(read_meta(text_before / "dppmg").backbone, "float32", "cpu")
         context = prompt_ids(base_tokenizer, None)
-    rows, samples = {}, {}
+    rows, samples, per_user = {}, {}, {}
     text_runs = {"before": text_before, "after": text_after} if args.only != "image" else {}
     image_runs = {"before": image_before, "after": image_after} if args.only != "text" else {"before": image_before}
     for seed in args.seeds:
@@ -138,17 +143,24 @@ def measure(args) -> None:
         tf = {k: text_encoder.encode([t or " " for t in v], progress=False) for k, v in texts.items()}
         pf = {k: image_features(image_encoder, v) for k, v in posters.items()}
         row = {"text_seconds": text_seconds, "poster_seconds": poster_seconds}
+        per_user[seed] = {}
         for t_name in texts:
-            row[f"text_{t_name}_judge"] = float(judge.personalization(users, "text", tf[t_name]).mean())
+            judged = judge.personalization(users, "text", tf[t_name])
+            per_user[seed][f"text_{t_name}_judge"] = [round(float(v), 5) for v in judged]
+            row[f"text_{t_name}_judge"] = float(judged.mean())
             row[f"text_{t_name}_perplexity"] = perplexity(base, base_tokenizer, [t for t in texts[t_name] if t], context, 16)
             row[f"text_{t_name}_distinct2"] = distinct_n(texts[t_name], 2)
         for p_name in posters:
-            row[f"image_{p_name}_judge"] = float(judge.personalization(drawn, "image", pf[p_name]).mean())  # every poster drawn
+            judged = judge.personalization(drawn, "image", pf[p_name])  # every poster drawn
+            per_user[seed][f"image_{p_name}_judge"] = [round(float(v), 5) for v in judged]
+            row[f"image_{p_name}_judge"] = float(judged.mean())
             if args.only != "text":
                 row[f"image_{p_name}_fd"] = frechet_distance(pf[p_name], real)
         for t_name in texts:
             for p_name in posters:
                 out = judge.reward(users, text_features=tf[t_name], image_features=pf[p_name][: len(users)])
+                per_user[seed][f"consistency_t{t_name}_p{p_name}"] = [round(float(v), 5) for v in out["consistency"]]
+                per_user[seed][f"reward_t{t_name}_p{p_name}"] = [round(float(v), 5) for v in out["total"]]
                 row[f"consistency_t{t_name}_p{p_name}"] = float(out["consistency"].mean())
                 row[f"reward_t{t_name}_p{p_name}"] = float(out["total"].mean())
         rows[seed] = row
@@ -157,11 +169,55 @@ def measure(args) -> None:
     summary = {k: _spread([rows[s][k] for s in args.seeds]) for k in rows[args.seeds[0]]}
     result = {"dataset": args.dataset, "users": len(users), "fd_users": len(fd_users), "seeds": args.seeds,
               "runs": {"text_before": str(text_before), "text_after": str(text_after), "image_before": str(image_before), "image_after": str(image_after)},
-              "summary": summary, "text_samples": samples, "wall_seconds": round(time.perf_counter() - started, 1),
+              "summary": summary, "per_seed": rows, "per_user": per_user, "users_measured": [str(u) for u in users], "text_samples": samples, "wall_seconds": round(time.perf_counter() - started, 1),
               "num_threads": torch.get_num_threads()}
     Path(args.out).write_text(json.dumps(result, indent=2))
     for key, value in summary.items():
         print(f"{key:32s} {value['mean']:.4f} ± {value['std']:.4f}  [{value['min']:.4f}, {value['max']:.4f}]")
+
+
+def combine(args) -> None:
+    """Seeds measured in separate ``measure`` calls (same runs and users) as one result: spread over
+    all seeds, and after - before per metric, paired by user (values averaged over the seeds) with a
+    95% bootstrap interval, next to the difference paired by seed."""
+    from recbole_dppmg.generation.text_metrics import paired_bootstrap
+
+    parts = [json.loads(Path(path).read_text()) for path in args.inputs]
+    first = parts[0]
+    for part in parts[1:]:
+        if part["runs"] != first["runs"] or part["users_measured"] != first["users_measured"]:
+            raise SystemExit(f"combine: {args.inputs} measured different runs or users")
+    rows = {str(seed): row for part in parts for seed, row in part["per_seed"].items()}
+    per_user = {str(seed): values for part in parts for seed, values in part["per_user"].items()}
+    seeds = sorted(rows, key=int)
+    summary = {k: _spread([rows[s][k] for s in seeds]) for k in rows[seeds[0]]}
+    deltas = {}
+    for key in per_user[seeds[0]]:
+        if "_after" not in key and "pafter" not in key and "tafter" not in key:
+            continue
+        base = key.replace("tafter", "tbefore").replace("pafter", "pbefore").replace("_after", "_before")
+        if base == key or base not in per_user[seeds[0]]:
+            continue
+        after = np.mean([per_user[s][key] for s in seeds], axis=0)
+        before = np.mean([per_user[s][base] for s in seeds], axis=0)
+        by_seed = [rows[s][key] - rows[s][base] for s in seeds]
+        deltas[f"{key} - {base}"] = {**paired_bootstrap(after, before, 2000, 2020), "by_seed": by_seed, "before_seed_std": summary[base]["std"]}
+    for key in summary:
+        if "perplexity" in key or "_fd" in key:
+            base = key.replace("after", "before")
+            if base != key and base in summary:
+                deltas[f"{key} / {base}"] = {"ratio": summary[key]["mean"] / summary[base]["mean"]}
+    result = {**{k: first[k] for k in ("dataset", "users", "fd_users", "runs")}, "seeds": [int(s) for s in seeds],
+              "summary": summary, "after_minus_before": deltas, "inputs": args.inputs}
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    for key, value in summary.items():
+        print(f"{key:32s} {value['mean']:.4f} ± {value['std']:.4f}  [{value['min']:.4f}, {value['max']:.4f}]")
+    for key, value in deltas.items():
+        if "ratio" in value:
+            print(f"{key:50s} {value['ratio']:.3f}")
+        else:
+            print(f"{key:50s} {value['diff']:+.4f} [{value['low']:+.4f}, {value['high']:+.4f}]  by seed {[round(v, 4) for v in value['by_seed']]}  "
+                  f"(seed std before {value['before_seed_std']:.4f})")
 
 
 def snr(args) -> None:
@@ -255,6 +311,9 @@ def main() -> None:
     m.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     m.add_argument("--only", choices=["text", "image"], help="only the text metrics (+ consistency with the pre-RL posters) or only the poster metrics")
     m.add_argument("--out", default="rl_effect.json")
+    c = sub.add_parser("combine")
+    c.add_argument("inputs", nargs="+", help="measure outputs of the same runs and users, other seeds")
+    c.add_argument("--out", default="rl_effect.json")
     n = sub.add_parser("snr")
     n.add_argument("modality", choices=["text", "image"])
     n.add_argument("--run", required=True, help="TextGen-* (text) or ImageGen-* (image) run folder")
@@ -264,7 +323,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    {"train": train, "measure": measure, "snr": snr}[args.command](args)
+    {"train": train, "measure": measure, "combine": combine, "snr": snr}[args.command](args)
 
 
 if __name__ == "__main__":

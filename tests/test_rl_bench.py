@@ -1,0 +1,56 @@
+"""bench_rl.py combine: seeds measured by parallel calls are joined, and after - before is paired by user."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from recbole_dppmg.paths import REPO_ROOT
+
+RUNS = {"text_before": "T0", "text_after": "T1", "image_before": "I0", "image_after": "I0"}
+
+
+def _part(seeds, shift):
+    """A measure output where every user's text judge rises by ``shift`` after RL."""
+    before = {0: [0.2, 0.4, 0.6], 1: [0.3, 0.5, 0.7], 2: [0.1, 0.3, 0.5]}
+    per_user, per_seed = {}, {}
+    for seed in seeds:
+        after = [v + shift for v in before[seed]]
+        per_user[str(seed)] = {"text_before_judge": before[seed], "text_after_judge": after}
+        per_seed[str(seed)] = {"text_before_judge": sum(before[seed]) / 3, "text_after_judge": sum(after) / 3,
+                               "text_before_perplexity": 10.0, "text_after_perplexity": 11.0}
+    return {"dataset": "x", "users": 3, "fd_users": 3, "runs": RUNS, "seeds": seeds, "users_measured": ["1", "2", "3"],
+            "per_seed": per_seed, "per_user": per_user}
+
+
+def _combine(tmp_path, parts):
+    paths = []
+    for k, part in enumerate(parts):
+        paths.append(tmp_path / f"part{k}.json")
+        paths[-1].write_text(json.dumps(part))
+    out = tmp_path / "joined.json"
+    proc = subprocess.run([sys.executable, "bench/bench_rl.py", "combine", *map(str, paths), "--out", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    return proc, out
+
+
+def test_combine_joins_seeds_and_pairs_by_user(tmp_path):
+    proc, out = _combine(tmp_path, [_part([0, 1], 0.1), _part([2], 0.1)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["seeds"] == [0, 1, 2]
+    assert result["summary"]["text_before_judge"]["per_seed"] == pytest.approx([0.4, 0.5, 0.3])
+    delta = result["after_minus_before"]["text_after_judge - text_before_judge"]
+    assert delta["diff"] == pytest.approx(0.1) and delta["low"] == pytest.approx(0.1) and delta["high"] == pytest.approx(0.1)
+    assert delta["by_seed"] == pytest.approx([0.1, 0.1, 0.1])
+    assert delta["before_seed_std"] == pytest.approx(0.1)
+    assert result["after_minus_before"]["text_after_perplexity / text_before_perplexity"]["ratio"] == pytest.approx(1.1)
+
+
+def test_combine_refuses_other_users(tmp_path):
+    other = _part([2], 0.1)
+    other["users_measured"] = ["1", "2", "4"]
+    proc, out = _combine(tmp_path, [_part([0], 0.1), other])
+    assert proc.returncode != 0 and "different runs or users" in proc.stderr
+    assert not out.exists()
