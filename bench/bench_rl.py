@@ -99,6 +99,15 @@ def _spread(values):
             "min": float(np.min(values)), "max": float(np.max(values)), "per_seed": values}
 
 
+def _per_user(values) -> list[float]:
+    return [round(float(v), 5) for v in values]
+
+
+def _print_summary(summary: dict) -> None:
+    for key, value in summary.items():
+        print(f"{key:32s} {value['mean']:.4f} ± {value['std']:.4f}  [{value['min']:.4f}, {value['max']:.4f}]")
+
+
 def measure(args) -> None:
     from recbole_dppmg.data.featurize import image_encoder_version, load_default_encoder
     from recbole_dppmg.generation.image_data import poster_files
@@ -146,21 +155,21 @@ def measure(args) -> None:
         per_user[seed] = {}
         for t_name in texts:
             judged = judge.personalization(users, "text", tf[t_name])
-            per_user[seed][f"text_{t_name}_judge"] = [round(float(v), 5) for v in judged]
+            per_user[seed][f"text_{t_name}_judge"] = _per_user(judged)
             row[f"text_{t_name}_judge"] = float(judged.mean())
             row[f"text_{t_name}_perplexity"] = perplexity(base, base_tokenizer, [t for t in texts[t_name] if t], context, 16)
             row[f"text_{t_name}_distinct2"] = distinct_n(texts[t_name], 2)
         for p_name in posters:
             judged = judge.personalization(drawn, "image", pf[p_name])  # every poster drawn
-            per_user[seed][f"image_{p_name}_judge"] = [round(float(v), 5) for v in judged]
+            per_user[seed][f"image_{p_name}_judge"] = _per_user(judged)
             row[f"image_{p_name}_judge"] = float(judged.mean())
             if args.only != "text":
                 row[f"image_{p_name}_fd"] = frechet_distance(pf[p_name], real)
         for t_name in texts:
             for p_name in posters:
                 out = judge.reward(users, text_features=tf[t_name], image_features=pf[p_name][: len(users)])
-                per_user[seed][f"consistency_t{t_name}_p{p_name}"] = [round(float(v), 5) for v in out["consistency"]]
-                per_user[seed][f"reward_t{t_name}_p{p_name}"] = [round(float(v), 5) for v in out["total"]]
+                per_user[seed][f"consistency_t{t_name}_p{p_name}"] = _per_user(out["consistency"])
+                per_user[seed][f"reward_t{t_name}_p{p_name}"] = _per_user(out["total"])
                 row[f"consistency_t{t_name}_p{p_name}"] = float(out["consistency"].mean())
                 row[f"reward_t{t_name}_p{p_name}"] = float(out["total"].mean())
         rows[seed] = row
@@ -172,8 +181,7 @@ def measure(args) -> None:
               "summary": summary, "per_seed": rows, "per_user": per_user, "users_measured": [str(u) for u in users], "text_samples": samples, "wall_seconds": round(time.perf_counter() - started, 1),
               "num_threads": torch.get_num_threads()}
     Path(args.out).write_text(json.dumps(result, indent=2))
-    for key, value in summary.items():
-        print(f"{key:32s} {value['mean']:.4f} ± {value['std']:.4f}  [{value['min']:.4f}, {value['max']:.4f}]")
+    _print_summary(summary)
 
 
 def combine(args) -> None:
@@ -193,8 +201,6 @@ def combine(args) -> None:
     summary = {k: _spread([rows[s][k] for s in seeds]) for k in rows[seeds[0]]}
     deltas = {}
     for key in per_user[seeds[0]]:
-        if "_after" not in key and "pafter" not in key and "tafter" not in key:
-            continue
         base = key.replace("tafter", "tbefore").replace("pafter", "pbefore").replace("_after", "_before")
         if base == key or base not in per_user[seeds[0]]:
             continue
@@ -210,8 +216,7 @@ def combine(args) -> None:
     result = {**{k: first[k] for k in ("dataset", "users", "fd_users", "runs")}, "seeds": [int(s) for s in seeds],
               "summary": summary, "after_minus_before": deltas, "inputs": args.inputs}
     Path(args.out).write_text(json.dumps(result, indent=2))
-    for key, value in summary.items():
-        print(f"{key:32s} {value['mean']:.4f} ± {value['std']:.4f}  [{value['min']:.4f}, {value['max']:.4f}]")
+    _print_summary(summary)
     for key, value in deltas.items():
         if "ratio" in value:
             print(f"{key:50s} {value['ratio']:.3f}")
