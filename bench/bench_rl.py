@@ -201,7 +201,7 @@ def combine(args) -> None:
     summary = {k: _spread([rows[s][k] for s in seeds]) for k in rows[seeds[0]]}
     deltas = {}
     for key in per_user[seeds[0]]:
-        base = key.replace("tafter", "tbefore").replace("pafter", "pbefore").replace("_after", "_before")
+        base = key.replace("after", "before")  # consistency_tbefore_pafter -> consistency_tbefore_pbefore
         if base == key or base not in per_user[seeds[0]]:
             continue
         after = np.mean([per_user[s][key] for s in seeds], axis=0)
