@@ -119,9 +119,12 @@ def measure(args) -> None:
     from recbole_dppmg.generation.text_metrics import distinct_n, perplexity
     from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 
+    for needed, skipped_by in (("text_after", "image"), ("image_after", "text")):
+        if getattr(args, needed) is None and args.only != skipped_by:
+            raise SystemExit(f"measure: --{needed.replace('_', '-')} is required unless --only {skipped_by}")
     started = time.perf_counter()
-    text_before, text_after = Path(args.text_before), Path(args.text_after)
-    image_before, image_after = Path(args.image_before), Path(args.image_after)
+    text_before, text_after = Path(args.text_before), args.text_after and Path(args.text_after)
+    image_before, image_after = Path(args.image_before), args.image_after and Path(args.image_after)
     tokens_folder = json.loads((text_before / "config.json").read_text())["tokens"]
     tokens, judge = _judge(args.dataset, tokens_folder)
     vocabulary = PreferenceVocabulary(tokens)
@@ -177,7 +180,7 @@ def measure(args) -> None:
         print(json.dumps({"seed": seed, **{k: round(v, 4) for k, v in row.items()}}), flush=True)
     summary = {k: _spread([rows[s][k] for s in args.seeds]) for k in rows[args.seeds[0]]}
     result = {"dataset": args.dataset, "users": len(users), "fd_users": len(fd_users), "seeds": args.seeds,
-              "runs": {"text_before": str(text_before), "text_after": str(text_after), "image_before": str(image_before), "image_after": str(image_after)},
+              "runs": {"text_before": str(text_before), "text_after": args.text_after, "image_before": str(image_before), "image_after": args.image_after},
               "summary": summary, "per_seed": rows, "per_user": per_user, "users_measured": [str(u) for u in users], "text_samples": samples, "wall_seconds": round(time.perf_counter() - started, 1),
               "num_threads": torch.get_num_threads()}
     Path(args.out).write_text(json.dumps(result, indent=2))
@@ -214,7 +217,7 @@ def combine(args) -> None:
             if base != key and base in summary:
                 deltas[f"{key} / {base}"] = {"ratio": summary[key]["mean"] / summary[base]["mean"]}
     result = {**{k: first[k] for k in ("dataset", "users", "fd_users", "runs")}, "seeds": [int(s) for s in seeds],
-              "summary": summary, "after_minus_before": deltas, "inputs": args.inputs}
+              "summary": summary, "after_minus_before": deltas, "inputs": [Path(path).name for path in args.inputs]}
     Path(args.out).write_text(json.dumps(result, indent=2))
     _print_summary(summary)
     for key, value in deltas.items():
@@ -309,8 +312,10 @@ def main() -> None:
     t.add_argument("--set", nargs="*", default=[], help="rl.<modality> overrides key=value")
     t.add_argument("--out", help="run folder (default: saved/<dataset>/TextRL-<time> or ImageRL-<time>)")
     m = sub.add_parser("measure")
-    for name in ("--text-before", "--text-after", "--image-before", "--image-after"):
+    for name in ("--text-before", "--image-before"):
         m.add_argument(name, required=True)
+    m.add_argument("--text-after", help="TextRL-* run (required unless --only image)")
+    m.add_argument("--image-after", help="ImageRL-* run (required unless --only text)")
     m.add_argument("--users", type=int, default=50, help="held-out test users for the judge metrics and perplexity")
     m.add_argument("--fd-users", type=int, default=200, help="held-out test users whose posters enter the Fréchet distance")
     m.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -14,7 +14,7 @@ from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
 from recbole_dppmg.generation import rl_image, rl_text
 from recbole_dppmg.generation.image_autoencoder import PixelCodec
 from recbole_dppmg.generation.image_model import PosterDiffusion
-from recbole_dppmg.generation.rl_common import JudgeReward, cached_features, group_advantages, rl_config
+from recbole_dppmg.generation.rl_common import JudgeReward, cached_features, group_advantages, reward_advantages, rl_config, step_record
 from recbole_dppmg.generation.text_generate import TokenConditioner
 from recbole_dppmg.generation.text_injection import inject_preference_tokens
 from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
@@ -99,6 +99,37 @@ def test_group_advantages_on_a_hand_made_group():
     np.testing.assert_allclose(group_advantages(np.array(rewards) + [0.3, 0.3, 0.3, 0.9, 0.9, 0.9], 3), adv, atol=1e-9)
     with pytest.raises(DataError, match="groups of 4"):
         group_advantages(rewards, 4)
+
+
+def test_component_advantages_give_a_narrow_component_its_weight():
+    # two groups of 4: the judge spreads widely, consistency only by hundredths; the partner's
+    # personalization is fixed per user
+    judge = np.array([0.2, 0.8, 0.5, 0.6, 0.3, 0.9, 0.4, 0.7])
+    consistency = np.array([0.37, 0.36, 0.41, 0.35, 0.40, 0.36, 0.38, 0.37])
+    partner = np.repeat([0.55, 0.65], 4)
+    table = {"text_personalization": judge, "consistency": consistency, "image_personalization": partner,
+             "total": (judge + consistency + partner) / 3}
+    by_total = reward_advantages(table, 4, "group")
+    np.testing.assert_allclose(by_total, group_advantages(table["total"], 4))
+    mixed = reward_advantages(table, 4, "component")
+    expected = group_advantages(judge, 4) + group_advantages(consistency, 4)  # the constant partner adds 0
+    np.testing.assert_allclose(mixed, expected / (expected.std(ddof=1) + 1e-4))
+    assert abs(np.std(mixed, ddof=1) - 1) < 1e-3
+    # sample 3 (best consistency, middling judge) loses against sample 4 by the total, wins by components
+    assert by_total[2] < by_total[3] and mixed[2] > mixed[3]
+    # a component's scale and offset do not matter any more; its weight does
+    rescaled = {**table, "consistency": 10 * consistency - 3}
+    np.testing.assert_allclose(reward_advantages(rescaled, 4, "component"), mixed, atol=0.02)  # up to eps
+    judge_only = reward_advantages(table, 4, "component", {"consistency": 0.0})
+    z = group_advantages(judge, 4)
+    np.testing.assert_allclose(judge_only, z / (z.std(ddof=1) + 1e-4))
+    # a bare total (a reward_fn without components) falls back to it
+    np.testing.assert_allclose(reward_advantages({"total": judge}, 4, "component"), z / (z.std(ddof=1) + 1e-4))
+    record = step_record(1, table, mixed, group_size=4)
+    assert record["group_std_image_personalization"] == 0.0
+    assert record["group_std_text_personalization"] > 10 * record["group_std_consistency"]
+    with pytest.raises(ConfigError, match="component"):
+        rl_config("text", {"advantage_scale": "components"})
 
 
 def test_grpo_loss_on_hand_made_numbers():

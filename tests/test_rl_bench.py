@@ -54,3 +54,11 @@ def test_combine_refuses_other_users(tmp_path):
     proc, out = _combine(tmp_path, [_part([0], 0.1), other])
     assert proc.returncode != 0 and "different runs or users" in proc.stderr
     assert not out.exists()
+
+
+def test_measure_asks_only_for_the_runs_it_measures(tmp_path):
+    base = [sys.executable, "bench/bench_rl.py", "measure", "--text-before", "T0", "--image-before", "I0"]
+    proc = subprocess.run([*base, "--text-after", "T1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--image-after is required unless --only text" in proc.stderr
+    proc = subprocess.run([*base, "--image-after", "I1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--text-after is required unless --only image" in proc.stderr

@@ -41,7 +41,7 @@ import torch
 
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
 from recbole_dppmg.generation.rl_common import (
-    CONFIG_FILE, JudgeReward, claim_run_folder, group_advantages, pre_rl_text_features, reward_table, rl_config,
+    CONFIG_FILE, JudgeReward, claim_run_folder, pre_rl_text_features, reward_advantages, reward_table, rl_config,
     resume_or_start, save_progress, start_or_resume, step_record, step_users, user_pool, write_json,
 )
 
@@ -196,7 +196,7 @@ def run_image_rl(model, codec, vocab, reward_fn: Callable, pool: Sequence[str], 
         with torch.no_grad():
             posters = codec.decode(model.denormalise(traj.final))
         rewards = reward_table(reward_fn(users, posters))
-        advantages = group_advantages(rewards["total"], group, cfg["advantage_scale"])
+        advantages = reward_advantages(rewards, group, cfg["advantage_scale"], getattr(reward_fn, "weights", None))
         adv = torch.tensor(advantages, dtype=torch.float32).clamp(-cfg["advantage_clip"], cfg["advantage_clip"])
         ref_cond = None
         if cfg["kl_weight"]:
@@ -230,7 +230,7 @@ def run_image_rl(model, codec, vocab, reward_fn: Callable, pool: Sequence[str], 
         state["step"] = step + 1
         extra = {"loss": float(np.mean(losses)), "clip_fraction": float(np.mean(clipped)), "kl": float(np.mean(kls)) if kls else None,
                  "grad_norm": grad_norm, "seconds": round(seconds, 2)}
-        state["history"].append(step_record(step + 1, rewards, advantages, **extra))
+        state["history"].append(step_record(step + 1, rewards, advantages, group, **extra))
         bar.update(1)
         bar.set_postfix(reward=f"{np.mean(rewards['total']):.3f}")
         if state["step"] % int(cfg["save_steps"]) == 0:

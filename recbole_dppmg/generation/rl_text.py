@@ -46,7 +46,7 @@ import torch
 
 from recbole_dppmg.errors import CheckpointError, DataError
 from recbole_dppmg.generation.rl_common import (
-    CONFIG_FILE, JudgeReward, claim_run_folder, group_advantages, pre_rl_poster_features, reward_table, rl_config,
+    CONFIG_FILE, JudgeReward, claim_run_folder, pre_rl_poster_features, reward_advantages, reward_table, rl_config,
     resume_or_start, save_progress, start_or_resume, step_record, step_users, user_pool, write_json,
 )
 
@@ -184,7 +184,7 @@ def run_text_rl(lm, vocabulary, reward_fn: Callable, pool: Sequence[str], cfg: d
         users = step_users(pool, cfg["users_per_step"], cfg["seed"], step)
         rollout = sample_rollout(lm, conditioner, users, group, cfg["max_new_tokens"], cfg["temperature"], _step_seed(cfg["seed"], step))
         rewards = reward_table(reward_fn(rollout.users, rollout.texts))
-        advantages = group_advantages(rewards["total"], group, cfg["advantage_scale"])
+        advantages = reward_advantages(rewards, group, cfg["advantage_scale"], getattr(reward_fn, "weights", None))
         adv = torch.tensor(advantages, dtype=torch.float32, device=lm.device)
         ref_logps = None
         if cfg["kl_weight"]:
@@ -206,7 +206,7 @@ def run_text_rl(lm, vocabulary, reward_fn: Callable, pool: Sequence[str], cfg: d
         seconds = time.perf_counter() - tick
         state["seconds"] += seconds
         state["step"] = step + 1
-        state["history"].append(step_record(step + 1, rewards, advantages, **stats, completion_tokens=float(rollout.completion_mask.sum(1).float().mean()),
+        state["history"].append(step_record(step + 1, rewards, advantages, group, **stats, completion_tokens=float(rollout.completion_mask.sum(1).float().mean()),
                                             seconds=round(seconds, 2)))
         bar.update(1)
         bar.set_postfix(reward=f"{np.mean(rewards['total']):.3f}", kl=f"{stats.get('kl', 0.0):.4f}")
