@@ -110,10 +110,11 @@ def reward_advantages(rewards: dict[str, np.ndarray], group_size: int, scale: st
     ``group`` / ``batch`` / ``none``: :func:`group_advantages` of the ``total``. ``component``
     (decoupled normalisation, as in GDPO): every component is group-normalised on its own, the
     results are summed with ``weights`` (default 1) and the sum is divided by its batch std.
-    Why: the total's spread inside a group is the spread of its widest component. The judge
-    percentile of a text spreads ~10x more within a group than its consistency with the
-    partner poster. Normalising the total then lets the judge steer almost every update, even at
-    equal weights. A component that is constant within a group (the fixed partner's
+    Why: the total's spread inside a group is the spread of its widest component. On
+    ml-100k-mm the judge percentile of a text spreads ~4.5x more within a group (std ~0.21)
+    than its consistency with the partner poster (~0.047; ``group_std_*`` in
+    ``rl_history.json``), so normalising the total lets the judge steer almost every update,
+    even at equal weights. A component that is constant within a group (the fixed partner's
     personalization) gets zero advantage either way.
     """
     if scale != "component":
