@@ -316,7 +316,7 @@ class Pipeline:
                 from recbole_dppmg.generation.rl_text import RUN_PREFIX, train_text_rl as train
             else:
                 from recbole_dppmg.generation.rl_image import RUN_PREFIX, train_image_rl as train
-            from recbole_dppmg.generation.rl_common import rl_config
+            from recbole_dppmg.generation.rl_common import next_phase, rl_config
         except ImportError as error:
             self.outputs[f"{modality}_rl"] = None
             return "not available", None, f"RL not available: {error}"
@@ -324,16 +324,19 @@ class Pipeline:
         quick = bool(rl.get("quick", False))
         partner = self.outputs["image" if modality == "text" else "text"]
         overrides = {**(rl.get(modality) or {}), "partner": str(partner)}
-        cfg = rl_config(modality, overrides, quick)
-        source = self.outputs[modality]
-        run, finished = valid_rl_run(self.dataset, RUN_PREFIX, source, cfg, self.root, partner)
-        if run is not None and finished:
-            self.outputs[f"{modality}_rl"] = run
-            return "skipped", run, f"a finished {modality} RL run from {Path(source).name} with these settings"
-        if run is not None:
-            overrides["resume"] = str(run)
-        self.outputs[f"{modality}_rl"] = train(self.dataset, source, self._judge(), overrides, quick)
-        return "ran", self.outputs[f"{modality}_rl"], f"resumed {run.name}" if run is not None else None
+        source, status, notes = self.outputs[modality], "skipped", []
+        while overrides is not None:  # rl.<modality>.then: each phase starts from the previous one's run
+            cfg = rl_config(modality, overrides, quick)
+            run, finished = valid_rl_run(self.dataset, RUN_PREFIX, source, cfg, self.root, partner)
+            if run is not None and finished:
+                notes.append(f"a finished {modality} RL run from {Path(source).name} with these settings")
+            else:
+                if run is not None:
+                    notes.append(f"resumed {run.name}")
+                run, status = train(self.dataset, source, self._judge(), {**overrides, **({"resume": str(run)} if run else {})}, quick), "ran"
+            source, overrides = Path(run), next_phase(overrides, cfg)
+        self.outputs[f"{modality}_rl"] = source
+        return status, source, "; ".join(notes) or None
 
     def _rl_text(self):
         return self._rl("text")

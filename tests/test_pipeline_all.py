@@ -4,6 +4,7 @@ RL missing, and the profiles (every key of the shipped profiles is a known setti
 import json
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -143,3 +144,63 @@ def test_shipped_profiles_hold_only_known_settings(profile):
     for modality in ("text", "image"):
         rl_config(modality, sections["rl"].get(modality), bool(sections["rl"].get("quick")))
     assert set(sections["rl"]) <= {"quick", "text", "image"}
+
+
+def test_rl_in_two_phases_starts_the_second_from_the_first(tiny_pipeline, monkeypatch, tmp_path):
+    """rl.text.then: the second phase is a new run from the first one's result; a re-run skips both."""
+    from recbole_dppmg.generation import rl_text
+
+    calls = []
+
+    def fake_train(dataset, source, judge, overrides, quick):
+        run = tmp_path / "saved" / "tiny" / f"TextRL-{len(calls)}"
+        run.mkdir(parents=True)
+        cfg = rl_text.rl_config("text", overrides, quick)
+        calls.append((Path(source).name, cfg["advantage_scale"], cfg["then"]))
+        (run / "rl_config.json").write_text(json.dumps({"source_run": str(source), "partner_run": overrides["partner"], "rl": cfg,
+                                                         "steps_done": cfg["steps"]}))
+        return run
+
+    monkeypatch.setattr(rl_text, "train_text_rl", fake_train)
+    pipeline = tiny_pipeline()
+    pipeline.sections["rl"] = {"text": {"steps": 2, "then": {"advantage_scale": "component"}}}
+    pipeline.outputs.update(text=str(tmp_path / "TextGen-x"), image=str(tmp_path / "ImageGen-x"), export="e", judge=object())
+    status, output, _ = pipeline._rl_text()
+    assert calls == [("TextGen-x", "group", {"advantage_scale": "component"}), ("TextRL-0", "component", None)]
+    assert status == "ran" and output.name == "TextRL-1" and pipeline.outputs["text_rl"] == output
+    status, output, note = pipeline._rl_text()
+    assert status == "skipped" and output.name == "TextRL-1" and len(calls) == 2 and "finished text RL run" in note
+
+
+def test_rl_phase_settings_are_checked():
+    from recbole_dppmg.generation.rl_common import next_phase, rl_config
+
+    with pytest.raises(ConfigError, match="unknown RL setting rl.text.then.stepz"):
+        rl_config("text", {"then": {"stepz": 3}})
+    with pytest.raises(ConfigError, match="rl.text.then cannot set then"):
+        rl_config("text", {"then": {"then": {"steps": 1}}})
+    with pytest.raises(ConfigError, match="rl.image.then must be a mapping"):
+        rl_config("image", {"then": "component"})
+    cfg = rl_config("text", {"steps": 3, "resume": "x", "then": {"advantage_scale": "component"}})
+    assert next_phase({"steps": 3, "resume": "x", "then": {"advantage_scale": "component"}}, cfg) == {
+        "steps": 3, "advantage_scale": "component", "then": None}
+    assert next_phase({}, rl_config("text")) is None
+
+
+def test_the_report_finds_the_last_rl_phase(tmp_path):
+    from recbole_dppmg.generation.report import _finished_text_runs, _rl_run
+    from recbole_dppmg.errors import CheckpointError
+
+    root = tmp_path / "saved"
+    warmup, other = _text_run(root, "TextGen-a", tmp_path, {}), _text_run(root, "TextGen-b", tmp_path, {})
+    for name, source in (("TextRL-1", warmup), ("TextRL-2", None), ("TextRL-3", other)):
+        run = _text_run(root, name, tmp_path, {})
+        (run / "users.json").write_text("{}")
+        source = source or root / "tiny" / "TextRL-1"  # the second phase starts from the first
+        (run / "rl_config.json").write_text(json.dumps({"source_run": str(source)}))
+        time.sleep(0.01)
+    (warmup / "users.json").write_text("{}")
+    assert _rl_run("tiny", root, "TextRL", None, warmup, _finished_text_runs) == str((root / "tiny" / "TextRL-2").resolve())
+    assert _rl_run("tiny", root, "TextRL", str(root / "tiny" / "TextRL-2"), warmup, _finished_text_runs).endswith("TextRL-2")
+    with pytest.raises(CheckpointError, match="was not made from"):
+        _rl_run("tiny", root, "TextRL", str(root / "tiny" / "TextRL-3"), warmup, _finished_text_runs)

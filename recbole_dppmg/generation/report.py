@@ -148,14 +148,26 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
     return EvaluatedRuns(tokens, str(text.resolve()), str(image.resolve()), text_rl, image_rl, [str(u) for u in test_users])
 
 
+def _rl_origin(run: Path) -> str | None:
+    """The generator an RL run descends from: its source, or its source's origin when that is
+    itself an RL run (a later phase, ``rl.<modality>.then``)."""
+    seen, source = set(), _rl_source(run)
+    while source is not None and (Path(source) / "rl_config.json").is_file() and source not in seen:
+        seen.add(source)
+        source = _rl_source(Path(source))
+    return source
+
+
 def _rl_run(dataset: str, root: Path, prefix: str, given, source: Path, finished: Callable) -> str | None:
+    """The RL run named by ``given`` or the newest finished one descending from ``source`` (the
+    last phase, when RL ran in phases)."""
     source = str(source.resolve())
     if given:
         run = Path(given)
-        if _rl_source(run) != source:
+        if _rl_origin(run) != source:
             raise CheckpointError(f"RL run {run} was not made from {source} (its rl_config.json names {_rl_source(run)})")
         return str(run.resolve())
-    runs = [r for r in finished(dataset, root, prefix) if _rl_source(r) == source]
+    runs = [r for r in finished(dataset, root, prefix) if _rl_origin(r) == source]
     return str(runs[-1].resolve()) if runs else None
 
 

@@ -55,7 +55,7 @@ def _merge(base: dict, overrides: dict, where: str) -> dict:
 
 def rl_config(modality: str, overrides: dict | None = None, quick: bool = False, path: Path | None = None) -> dict:
     """``rl.<modality>`` of ``properties/generation.yaml`` (+ ``rl.quick.<modality>`` when
-    ``quick``) with ``overrides`` applied; unknown keys are refused."""
+    ``quick``) with ``overrides`` applied; unknown keys are refused, in ``then`` too."""
     if modality not in MODALITIES:
         raise ConfigError(f"RL modality must be text or image, got {modality!r}")
     path = Path(path or GENERATION_YAML)
@@ -68,6 +68,14 @@ def rl_config(modality: str, overrides: dict | None = None, quick: bool = False,
     if quick:
         cfg = _merge(cfg, (section.get("quick") or {}).get(modality) or {}, f"rl.quick.{modality}.")
     cfg = _merge(cfg, overrides or {}, f"rl.{modality}.")
+    then = cfg.get("then")
+    if then is not None:
+        if not isinstance(then, dict) or not then:
+            raise ConfigError(f"rl.{modality}.then must be a mapping of rl.{modality} settings or None, got {then!r}")
+        nested = sorted(set(then) & {"then", "resume"})
+        if nested:
+            raise ConfigError(f"rl.{modality}.then cannot set {', '.join(nested)} (one further phase; it starts fresh from the first)")
+        _merge(cfg, then, f"rl.{modality}.then.")  # unknown keys are refused
     if int(cfg["group_size"]) < 2:
         raise ConfigError(f"rl.{modality}.group_size must be >= 2 (advantages are relative to the group), got {cfg['group_size']}")
     for key in ("steps", "users_per_step", "user_pool", "save_steps", "inner_epochs"):
@@ -79,6 +87,16 @@ def rl_config(modality: str, overrides: dict | None = None, quick: bool = False,
 
 
 # ---------------------------------------------------------------------------- advantages
+def next_phase(overrides: dict, cfg: dict) -> dict | None:
+    """The overrides of the phase after the one ``rl_config(modality, overrides)`` gave as
+    ``cfg``: ``overrides`` + ``cfg["then"]``, with ``then`` cleared. None when ``cfg`` is the last
+    phase. That phase starts from the first phase's run (its policy is the new KL reference)."""
+    then = cfg.get("then")
+    if not then:
+        return None
+    return {**{k: v for k, v in (overrides or {}).items() if k != "resume"}, **then, "then": None}
+
+
 def group_advantages(rewards: Sequence[float], group_size: int, scale: str = "group", eps: float = 1e-4) -> np.ndarray:
     """``(r - mean of its group) / (std + eps)`` for rewards laid out group after group.
 
