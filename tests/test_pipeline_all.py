@@ -184,7 +184,8 @@ def test_rl_phase_settings_are_checked():
     cfg = rl_config("text", {"steps": 3, "resume": "x", "then": {"advantage_scale": "component"}})
     assert next_phase({"steps": 3, "resume": "x", "then": {"advantage_scale": "component"}}, cfg) == {
         "steps": 3, "advantage_scale": "component", "then": None}
-    assert next_phase({}, rl_config("text")) is None
+    assert next_phase({}, rl_config("text", {"then": None})) is None
+    assert next_phase({}, rl_config("text", quick=True)) is None  # the quick profile: one phase
 
 
 def test_the_report_finds_the_last_rl_phase(tmp_path):

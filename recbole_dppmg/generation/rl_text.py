@@ -3,7 +3,7 @@
 Each step draws ``users_per_step`` training users, samples ``group_size`` texts per user from
 the current policy, scores them with the reward (the stage-1 judge: personalization of the
 text + consistency with the user's pre-RL poster, see ``rl_common``), turns the rewards into
-group-normalised advantages and takes ``inner_epochs`` gradient steps on
+group-normalised advantages (of the total, or of each component: ``advantage_scale``) and takes ``inner_epochs`` gradient steps on
 
     mean over generated tokens of  -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) + beta * KL_k3
 
