@@ -2,6 +2,7 @@
 RL missing, and the profiles (every key of the shipped profiles is a known setting)."""
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -158,8 +159,19 @@ def test_rl_in_two_phases_starts_the_second_from_the_first(tiny_pipeline, monkey
         cfg = rl_text.rl_config("text", overrides, quick)
         calls.append((Path(source).name, cfg["advantage_scale"], cfg["then"]))
         (run / "rl_config.json").write_text(json.dumps({"source_run": str(source), "partner_run": overrides["partner"], "rl": cfg,
-                                                         "steps_done": cfg["steps"]}))
+                                                         "steps_done": cfg["steps"] - stopped_early}))
         return run
+
+    stopped_early = 1  # the first phase stops by max_minutes: the second waits for it
+    monkeypatch.setattr(rl_text, "train_text_rl", fake_train)
+    pipeline = tiny_pipeline()
+    pipeline.sections["rl"] = {"text": {"steps": 2, "then": {"advantage_scale": "component"}}}
+    pipeline.outputs.update(text=str(tmp_path / "TextGen-x"), image=str(tmp_path / "ImageGen-x"), export="e", judge=object())
+    status, output, note = pipeline._rl_text()
+    assert len(calls) == 1 and output.name == "TextRL-0" and "stopped before its last step" in note
+    calls.clear()
+    shutil.rmtree(tmp_path / "saved" / "tiny" / "TextRL-0")
+    stopped_early = 0
 
     monkeypatch.setattr(rl_text, "train_text_rl", fake_train)
     pipeline = tiny_pipeline()
