@@ -334,11 +334,12 @@ class Pipeline:
                 if run is not None:
                     notes.append(f"resumed {run.name}")
                 run, status = train(self.dataset, source, self._judge(), {**overrides, **({"resume": str(run)} if run else {})}, quick), "ran"
-                if not valid_rl_run(self.dataset, RUN_PREFIX, source, cfg, self.root, partner)[1]:  # stopped by max_minutes
-                    notes.append(f"{Path(run).name} stopped before its last step; run again to continue")
-                    source = Path(run)
-                    break
-            source, overrides = Path(run), next_phase(overrides, cfg)
+                finished = valid_rl_run(self.dataset, RUN_PREFIX, source, cfg, self.root, partner)[1]
+            source = Path(run)
+            if not finished:  # stopped by max_minutes: the next phase waits for it
+                notes.append(f"{source.name} stopped before its last step; run again to continue")
+                break
+            overrides = next_phase(overrides, cfg)
         self.outputs[f"{modality}_rl"] = source
         return status, source, "; ".join(notes) or None
 

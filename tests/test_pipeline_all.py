@@ -162,21 +162,21 @@ def test_rl_in_two_phases_starts_the_second_from_the_first(tiny_pipeline, monkey
                                                          "steps_done": cfg["steps"] - stopped_early}))
         return run
 
-    stopped_early = 1  # the first phase stops by max_minutes: the second waits for it
+    def two_phase_pipeline():
+        pipeline = tiny_pipeline()
+        pipeline.sections["rl"] = {"text": {"steps": 2, "then": {"advantage_scale": "component"}}}
+        pipeline.outputs.update(text=str(tmp_path / "TextGen-x"), image=str(tmp_path / "ImageGen-x"), export="e", judge=object())
+        return pipeline
+
     monkeypatch.setattr(rl_text, "train_text_rl", fake_train)
-    pipeline = tiny_pipeline()
-    pipeline.sections["rl"] = {"text": {"steps": 2, "then": {"advantage_scale": "component"}}}
-    pipeline.outputs.update(text=str(tmp_path / "TextGen-x"), image=str(tmp_path / "ImageGen-x"), export="e", judge=object())
+    stopped_early = 1  # the first phase stops by max_minutes: the second waits for it
+    pipeline = two_phase_pipeline()
     status, output, note = pipeline._rl_text()
     assert len(calls) == 1 and output.name == "TextRL-0" and "stopped before its last step" in note
     calls.clear()
     shutil.rmtree(tmp_path / "saved" / "tiny" / "TextRL-0")
     stopped_early = 0
-
-    monkeypatch.setattr(rl_text, "train_text_rl", fake_train)
-    pipeline = tiny_pipeline()
-    pipeline.sections["rl"] = {"text": {"steps": 2, "then": {"advantage_scale": "component"}}}
-    pipeline.outputs.update(text=str(tmp_path / "TextGen-x"), image=str(tmp_path / "ImageGen-x"), export="e", judge=object())
+    pipeline = two_phase_pipeline()
     status, output, _ = pipeline._rl_text()
     assert calls == [("TextGen-x", "group", {"advantage_scale": "component"}), ("TextRL-0", "component", None)]
     assert status == "ran" and output.name == "TextRL-1" and pipeline.outputs["text_rl"] == output
