@@ -179,3 +179,25 @@ def test_rl_effect_verdicts():
     assert effect["perplexity"]["within_tolerance"] and not effect["frechet_distance"]["within_tolerance"]
     assert effect["reward"]["difference"] == pytest.approx(0.06) and "text_judge" not in effect
     assert rl_effect({"dppmg": summary["dppmg"]}) == {}  # no RL run: nothing to compare
+
+
+def test_reward_curves_follow_rl_phases(tmp_path):
+    from recbole_dppmg.generation.report import rl_phases
+    from recbole_dppmg.generation.report_render import chained_history, reward_curves
+
+    generator = tmp_path / "TextGen-x"
+    generator.mkdir()
+    source = generator
+    for name, steps in (("TextRL-1", 3), ("TextRL-2", 2)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "rl_config.json").write_text(json.dumps({"source_run": str(source)}))
+        (run / "rl_history.json").write_text(json.dumps([{"step": s, "reward_total": 0.1 * s, "kl": 0.0} for s in range(1, steps + 1)]))
+        source = run
+    phases = rl_phases(tmp_path / "TextRL-2")
+    assert [p.name for p in phases] == ["TextRL-1", "TextRL-2"]
+    records, boundaries = chained_history(phases)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and boundaries == [3]
+    assert [r["reward_total"] for r in records][3:] == [0.1, 0.2]  # phase 2's own values, steps continued
+    assert rl_phases(tmp_path / "TextRL-1") == [tmp_path / "TextRL-1"]
+    assert reward_curves([phases], tmp_path / "curves.png").stat().st_size > 0

@@ -148,14 +148,21 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
     return EvaluatedRuns(tokens, str(text.resolve()), str(image.resolve()), text_rl, image_rl, [str(u) for u in test_users])
 
 
-def _rl_origin(run: Path) -> str | None:
-    """The generator an RL run descends from: its source, or its source's origin when that is
-    itself an RL run (a later phase, ``rl.<modality>.then``)."""
-    seen, source = set(), _rl_source(run)
+def rl_phases(run) -> list[Path]:
+    """The RL runs that led to ``run``, first phase first (``rl.<modality>.then`` starts each
+    later phase from the one before); ``[run]`` when RL ran in one phase."""
+    chain, seen = [Path(run)], set()
+    source = _rl_source(chain[0])
     while source is not None and (Path(source) / "rl_config.json").is_file() and source not in seen:
         seen.add(source)
-        source = _rl_source(Path(source))
-    return source
+        chain.insert(0, Path(source))
+        source = _rl_source(chain[0])
+    return chain
+
+
+def _rl_origin(run: Path) -> str | None:
+    """The generator an RL run descends from: the source of its chain's first phase."""
+    return _rl_source(rl_phases(run)[0])
 
 
 def _rl_run(dataset: str, root: Path, prefix: str, given, source: Path, finished: Callable) -> str | None:

@@ -29,6 +29,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
+from recbole_dppmg.generation.report import rl_phases  # noqa: E402
+
 REPORT = "report"
 LABELS = {
     "no_tokens": "no tokens",
@@ -59,7 +61,7 @@ def write_report(out_dir: Path, result: dict, tokens, catalogues, texts: dict, i
     try:
         (tmp / "report.json").write_text(json.dumps(result, indent=2, default=str))
         _write_csv(tmp, result)
-        curves = reward_curves([r for r in (runs.text_rl, runs.image_rl) if r], tmp / "reward_curves.png")
+        curves = reward_curves([rl_phases(r) for r in (runs.text_rl, runs.image_rl) if r], tmp / "reward_curves.png")
         (tmp / "report.md").write_text(markdown(result, curves is not None))
         _write_samples(tmp / "samples.jsonl", result, tokens, texts)
         write_gallery(tmp, result, tokens, catalogues, texts, images)
@@ -183,28 +185,43 @@ def _write_samples(path: Path, result: dict, tokens, texts: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- plots
-def reward_curves(rl_runs: list[str], path: Path) -> Path | None:
-    """Mean reward components (and KL when logged) per RL step, one panel per RL run."""
-    histories = []
-    for run in rl_runs:
+def chained_history(phases: list[Path]) -> tuple[list[dict], list[int]]:
+    """The per-step records of an RL chain as one history (each phase's steps continue the
+    previous phase's), and the last step of every phase but the final one."""
+    records, boundaries, offset = [], [], 0
+    for run in phases:
         file = Path(run) / "rl_history.json"
-        if file.is_file():
-            records = json.loads(file.read_text())
-            if records:
-                histories.append((Path(run).name, records))
+        phase = json.loads(file.read_text()) if file.is_file() else []
+        if not phase:
+            continue
+        if records:
+            boundaries.append(offset)
+        records += [{**r, "step": r["step"] + offset} for r in phase]
+        offset = records[-1]["step"]
+    return records, boundaries
+
+
+def reward_curves(chains: list[list[Path]], path: Path) -> Path | None:
+    """Mean reward components (and KL when logged) per RL step, one panel per modality's RL
+    chain, a dotted line where a later phase starts."""
+    histories = [(" -> ".join(Path(r).name for r in chain), *chained_history(chain)) for chain in chains]
+    histories = [h for h in histories if h[1]]
     if not histories:
         return None
     fig, axes = plt.subplots(1, len(histories), figsize=(6 * len(histories), 4), squeeze=False)
-    for ax, (name, records) in zip(axes[0], histories):
+    for ax, (name, records, boundaries) in zip(axes[0], histories):
         steps = [r["step"] for r in records]
         for key in sorted({k for r in records for k in r if k.startswith("reward_") and k != "reward_std"}):
             ax.plot(steps, [r.get(key) for r in records], label=key[len("reward_"):], lw=2 if key == "reward_total" else 1)
+        for step in boundaries:
+            ax.axvline(step + 0.5, color="black", ls=":", lw=1)
         kl = [r.get("kl") for r in records]
         if any(v is not None for v in kl):
             twin = ax.twinx()
             twin.plot(steps, kl, color="grey", ls="--", label="KL")
-            twin.set_ylabel("KL to the pre-RL policy")
-        ax.set(title=name, xlabel="RL step", ylabel="mean reward of the step's samples")
+            twin.set_ylabel("KL to the phase's starting policy")
+        ax.set(xlabel="RL step" + (" (dotted: next phase)" if boundaries else ""), ylabel="mean reward of the step's samples")
+        ax.set_title(name, fontsize=9)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
