@@ -3,13 +3,15 @@
 Each step draws ``users_per_step`` training users, samples ``group_size`` texts per user from
 the current policy, scores them with the reward (the stage-1 judge: personalization of the
 text + consistency with the user's pre-RL poster, see ``rl_common``), turns the rewards into
-group-normalised advantages (of the total, or of each component: ``advantage_scale``) and takes ``inner_epochs`` gradient steps on
+group-normalised advantages (of the total, or of each component: ``advantage_scale``) and
+takes ``inner_epochs`` gradient steps on
 
     mean over generated tokens of  -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) + beta * KL_k3
 
 with ``rho`` the ratio to the sampling policy and ``KL_k3 = exp(ref - logp) - (ref - logp) - 1``
-the per-token estimator of the KL to the pre-RL policy (the warm-up adapter). The mean runs
-over all generated tokens of the batch, so long and short texts weigh by their tokens
+the per-token estimator of the KL to the run's starting policy (the warm-up adapter, or the
+previous phase's policy under ``rl.text.then``). The mean runs over all generated tokens of
+the batch, so long and short texts weigh by their tokens
 (GRPO's per-sequence mean favours short answers). Texts are sampled from the tempered softmax
 over the base vocabulary without nucleus truncation, so the log-probs of the loss are exactly
 those of the sampling policy. Only token-associated tensors move: the PEFT trainable-token
