@@ -21,10 +21,10 @@ import time
 import torch
 
 from recbole_dppmg.devices import resolve_device
-from recbole_dppmg.generation.image_autoencoder import PixelCodec
-from recbole_dppmg.generation.image_generate import generate_posters
-from recbole_dppmg.generation.image_model import PosterDiffusion
-from recbole_dppmg.generation.image_train import build_codec, image_settings, load_image_generator
+from recbole_dppmg.generation.image.autoencoder import PixelCodec
+from recbole_dppmg.generation.image.generate import generate_posters
+from recbole_dppmg.generation.image.model import PosterDiffusion
+from recbole_dppmg.generation.image.train import build_codec, image_settings, load_image_generator
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Sanity of the reward's judge (``recbole_dppmg/generation/reward.py``) on a real token export.
+"""Sanity of the reward's judge (``recbole_dppmg/generation/reward/judge.py``) on a real token export.
 
 Real content stands in for generated content:
 
@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def main() -> None:
-    from recbole_dppmg.generation.reward import PreferenceJudge
+    from recbole_dppmg.generation.reward.judge import PreferenceJudge
     from recbole_dppmg.paths import CACHE_DIR
     from recbole_dppmg.tokens import PreferenceTokens
     from recbole_dppmg.tokens.export import newest_token_export

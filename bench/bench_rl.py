@@ -44,7 +44,7 @@ import yaml
 
 
 def _judge(dataset: str, tokens_folder: str):
-    from recbole_dppmg.generation.reward import PreferenceJudge
+    from recbole_dppmg.generation.reward.judge import PreferenceJudge
     from recbole_dppmg.tokens import PreferenceTokens
 
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
@@ -55,14 +55,14 @@ def train(args) -> None:
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     run = Path(args.run)
     if args.modality == "text":
-        from recbole_dppmg.generation.rl_text import train_text_rl
+        from recbole_dppmg.generation.rl.text import train_text_rl
 
         tokens_folder = json.loads((run / "config.json").read_text())["tokens"]
         _, judge = _judge(args.dataset, tokens_folder)
         out = train_text_rl(args.dataset, run, judge, overrides, quick=args.quick, out_dir=args.out)
     else:
-        from recbole_dppmg.generation.image_train import read_image_config
-        from recbole_dppmg.generation.rl_image import train_image_rl
+        from recbole_dppmg.generation.image.train import read_image_config
+        from recbole_dppmg.generation.rl.image import train_image_rl
 
         _, judge = _judge(args.dataset, read_image_config(run)["tokens_folder"])
         out = train_image_rl(args.dataset, run, judge, overrides, quick=args.quick, out_dir=args.out)
@@ -70,9 +70,9 @@ def train(args) -> None:
 
 
 def _texts(dataset, run: Path, users, seed: int, vocabulary):
-    from recbole_dppmg.generation.text_config import text_config
-    from recbole_dppmg.generation.text_generate import TokenConditioner, generate_texts
-    from recbole_dppmg.generation.text_pipeline import _generation_options, load_text_generator
+    from recbole_dppmg.generation.text.config import text_config
+    from recbole_dppmg.generation.text.generate import TokenConditioner, generate_texts
+    from recbole_dppmg.generation.text.pipeline import _generation_options, load_text_generator
 
     cfg = text_config({"num_threads": 1, "progress": False, "device": "cpu"})
     cfg["seed"] = seed
@@ -81,9 +81,9 @@ def _texts(dataset, run: Path, users, seed: int, vocabulary):
 
 
 def _posters(dataset, run: Path, users, seed: int, vocab, codec):
-    from recbole_dppmg.generation.image_data import tensor_to_pil
-    from recbole_dppmg.generation.image_generate import GENERATE_DEFAULTS, generate_posters, user_positions
-    from recbole_dppmg.generation.image_train import load_image_config, load_image_generator
+    from recbole_dppmg.generation.image.data import tensor_to_pil
+    from recbole_dppmg.generation.image.generate import GENERATE_DEFAULTS, generate_posters, user_positions
+    from recbole_dppmg.generation.image.train import load_image_config, load_image_generator
 
     config = load_image_config()
     gen = {**GENERATE_DEFAULTS, **{k: v for k, v in config.items() if k in GENERATE_DEFAULTS}}
@@ -110,14 +110,14 @@ def _print_summary(summary: dict) -> None:
 
 def measure(args) -> None:
     from recbole_dppmg.data.featurize import image_encoder_version, load_default_encoder
-    from recbole_dppmg.generation.image_data import poster_files
-    from recbole_dppmg.generation.image_metrics import frechet_distance, image_features, real_poster_features
-    from recbole_dppmg.generation.image_train import build_codec, image_settings, load_image_config, read_image_config
-    from recbole_dppmg.generation.text_backbone import load_backbone
-    from recbole_dppmg.generation.text_generate import prompt_ids
-    from recbole_dppmg.generation.text_injection import read_meta
-    from recbole_dppmg.generation.text_metrics import distinct_n, perplexity
-    from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+    from recbole_dppmg.generation.image.data import poster_files
+    from recbole_dppmg.generation.image.metrics import frechet_distance, image_features, real_poster_features
+    from recbole_dppmg.generation.image.train import build_codec, image_settings, load_image_config, read_image_config
+    from recbole_dppmg.generation.text.backbone import load_backbone
+    from recbole_dppmg.generation.text.generate import prompt_ids
+    from recbole_dppmg.generation.text.injection import read_meta
+    from recbole_dppmg.generation.text.metrics import distinct_n, perplexity
+    from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 
     for needed, skipped_by in (("text_after", "image"), ("image_after", "text")):
         if getattr(args, needed) is None and args.only != skipped_by:
@@ -191,7 +191,7 @@ def combine(args) -> None:
     """Seeds measured in separate ``measure`` calls (same runs and users) as one result: spread over
     all seeds, and after - before per metric, paired by user (values averaged over the seeds) with a
     95% bootstrap interval, next to the difference paired by seed."""
-    from recbole_dppmg.generation.text_metrics import paired_bootstrap
+    from recbole_dppmg.generation.text.metrics import paired_bootstrap
 
     parts = [json.loads(Path(path).read_text()) for path in args.inputs]
     first = parts[0]
@@ -232,18 +232,18 @@ def snr(args) -> None:
     from itertools import combinations
 
     from recbole_dppmg.data.featurize import load_default_encoder
-    from recbole_dppmg.generation.rl_common import JudgeReward, group_advantages, pre_rl_poster_features, pre_rl_text_features, rl_config, user_pool
+    from recbole_dppmg.generation.rl.common import JudgeReward, group_advantages, pre_rl_poster_features, pre_rl_text_features, rl_config, user_pool
 
     run = Path(args.run)
     cfg = rl_config(args.modality)
     grads = []
     if args.modality == "text":
-        from recbole_dppmg.generation import rl_text
-        from recbole_dppmg.generation.image_generate import latest_checkpoint
-        from recbole_dppmg.generation.text_config import text_config
-        from recbole_dppmg.generation.text_generate import TokenConditioner
-        from recbole_dppmg.generation.text_pipeline import load_text_generator
-        from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+        from recbole_dppmg.generation.rl import text as rl_text
+        from recbole_dppmg.generation.image.generate import latest_checkpoint
+        from recbole_dppmg.generation.text.config import text_config
+        from recbole_dppmg.generation.text.generate import TokenConditioner
+        from recbole_dppmg.generation.text.pipeline import load_text_generator
+        from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 
         tokens, judge = _judge(args.dataset, json.loads((run / "config.json").read_text())["tokens"])
         vocabulary = PreferenceVocabulary(tokens)
@@ -260,13 +260,13 @@ def snr(args) -> None:
             loss, _ = rl_text.grpo_loss(logps, logps.detach(), adv, rollout.completion_mask, cfg["clip_range"])
             grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(named.values()))]))
     else:
-        from recbole_dppmg.generation import rl_image
-        from recbole_dppmg.generation.image_data import tensor_to_pil
-        from recbole_dppmg.generation.image_metrics import image_features
-        from recbole_dppmg.generation.image_train import build_codec, image_settings, load_image_generator, read_image_config
-        from recbole_dppmg.generation.text_config import newest_generator_run
-        from recbole_dppmg.generation.user_split import split_users
-        from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+        from recbole_dppmg.generation.rl import image as rl_image
+        from recbole_dppmg.generation.image.data import tensor_to_pil
+        from recbole_dppmg.generation.image.metrics import image_features
+        from recbole_dppmg.generation.image.train import build_codec, image_settings, load_image_generator, read_image_config
+        from recbole_dppmg.generation.text.config import newest_generator_run
+        from recbole_dppmg.generation.common.user_split import split_users
+        from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 
         meta = read_image_config(run)
         tokens, judge = _judge(args.dataset, meta["tokens_folder"])

@@ -39,9 +39,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from recbole_dppmg.generation.text_generate import TokenConditioner, generate_texts
-    from recbole_dppmg.generation.text_injection import inject_preference_tokens
-    from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+    from recbole_dppmg.generation.text.generate import TokenConditioner, generate_texts
+    from recbole_dppmg.generation.text.injection import inject_preference_tokens
+    from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
     from text_tiny import FakeTokens, tiny_lm, tiny_tokenizer
 
     if args.backbone == "tiny":
@@ -51,7 +51,7 @@ def main() -> None:
         model = tiny_lm(tokenizer).to(resolve_device(args.device, key="--device"))
         tokens = FakeTokens(n_users=args.users)
     else:
-        from recbole_dppmg.generation.text_backbone import load_backbone
+        from recbole_dppmg.generation.text.backbone import load_backbone
 
         model, tokenizer = load_backbone(args.backbone, args.dtype, args.device)
         tokens = FakeTokens(n_users=args.users, levels=3, codebook_size=256, dim=64)

@@ -13,9 +13,30 @@ import argparse
 import sys
 from pathlib import Path
 
-from recbole_dppmg.errors import ConfigError, DPPMGError
+from recbole_dppmg.config import build_config, parse_overrides
+from recbole_dppmg.data.prepare import prepare_dataset
+from recbole_dppmg.errors import CheckpointError, ConfigError, DPPMGError
+from recbole_dppmg.generation.image.generate import run_generate_images
+from recbole_dppmg.generation.image.train import (
+    load_image_config,
+    train_image_generator,
+)
+from recbole_dppmg.generation.report.build import build_report
+from recbole_dppmg.generation.text.pipeline import (
+    evaluate_text_generation,
+    run_generate_text,
+    train_text_generator,
+)
 from recbole_dppmg.pipeline import STAGES as PIPELINE_STAGES
+from recbole_dppmg.pipeline import Pipeline, load_profile, merge
+from recbole_dppmg.quick_start import ablation, compare, compare_runs, run
 from recbole_dppmg.stage_logging import init_stage_logger
+from recbole_dppmg.tokens.export import (
+    export_tokens,
+    latest_checkpoint,
+    newest_token_export,
+)
+from recbole_dppmg.utils import get_model
 
 COMPARISON_SEEDS = (2020, 2021, 2022)  # a comparison or ablation reports the median over these
 STAGES = ("prepare", "train", "export", "text", "image", "generate", "text_eval", "evaluate", "all")
@@ -65,7 +86,6 @@ def parse_seeds(raw: str | None) -> list[int] | None:
 
 
 def parse_args(argv: list[str]):
-    from recbole_dppmg.config import parse_overrides
 
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -94,7 +114,6 @@ def parse_args(argv: list[str]):
 
 
 def _stage_prepare(args) -> None:
-    from recbole_dppmg.data.prepare import prepare_dataset
 
     folder = prepare_dataset(args.dataset, spec_file=Path(args.spec) if args.spec else None, force=args.force)
     print(f"dataset ready: {folder}")
@@ -102,7 +121,6 @@ def _stage_prepare(args) -> None:
 
 def _stage_train(args, models, config_files, overrides) -> str | None:
     """Train; returns the DPPMG checkpoint when one was trained (for a following export)."""
-    from recbole_dppmg.quick_start import ablation, compare, compare_runs, run
 
     if args.from_runs:
         if not args.out:
@@ -135,9 +153,6 @@ def _stage_train(args, models, config_files, overrides) -> str | None:
 
 
 def _stage_export(args, models, config_files, overrides, trained_checkpoint=None) -> None:
-    from recbole_dppmg.config import build_config
-    from recbole_dppmg.tokens.export import export_tokens, latest_checkpoint
-    from recbole_dppmg.utils import get_model
 
     checkpoint = args.checkpoint or trained_checkpoint
     if checkpoint is None:
@@ -148,13 +163,11 @@ def _stage_export(args, models, config_files, overrides, trained_checkpoint=None
 
 
 def _token_folder(args) -> Path:
-    from recbole_dppmg.tokens.export import newest_token_export
 
     return Path(args.tokens) if args.tokens else newest_token_export(args.dataset)
 
 
 def _stage_text(args) -> None:
-    from recbole_dppmg.generation.text_pipeline import train_text_generator
 
     run = train_text_generator(args.dataset, _token_folder(args), args.generation["text"])
     print(f"text generator: {run}")
@@ -163,7 +176,6 @@ def _stage_text(args) -> None:
 def _stage_text_eval(args) -> None:
     """The text generator alone on held-out users: every text condition over text.evaluate.seeds,
     with paired bootstrap intervals (the report of --stage evaluate adds posters, judge and RL)."""
-    from recbole_dppmg.generation.text_pipeline import evaluate_text_generation
 
     out = evaluate_text_generation(args.dataset, Path(args.tokens) if args.tokens else None, args.generation["text"])
     print((out / "text_eval.md").read_text())
@@ -171,7 +183,6 @@ def _stage_text_eval(args) -> None:
 
 
 def _stage_image(args) -> None:
-    from recbole_dppmg.generation.image_train import load_image_config, train_image_generator
 
     run = train_image_generator(args.dataset, _token_folder(args), load_image_config(args.generation["image"]))
     print(f"image generator: {run}")
@@ -179,7 +190,6 @@ def _stage_image(args) -> None:
 
 def _stage_generate(args) -> None:
     """Text and poster for each user, from whichever generators have been trained."""
-    from recbole_dppmg.errors import CheckpointError
 
     if not args.users:
         raise DPPMGError("--stage generate needs --users, e.g. --users 1,2,3")
@@ -187,7 +197,6 @@ def _stage_generate(args) -> None:
     tokens = _token_folder(args)
     written = []
     try:
-        from recbole_dppmg.generation.text_pipeline import run_generate_text
 
         written.append(("text", run_generate_text(args.dataset, users, tokens, args.generation["text"])))
     except CheckpointError as error:
@@ -195,8 +204,6 @@ def _stage_generate(args) -> None:
     else:
         missing_text = None
     try:
-        from recbole_dppmg.generation.image_generate import run_generate_images
-        from recbole_dppmg.generation.image_train import load_image_config
 
         written.append(("image", run_generate_images(args.dataset, users, tokens, load_image_config(args.generation["image"]))))
     except CheckpointError as error:
@@ -214,8 +221,6 @@ def _stage_generate(args) -> None:
 
 def _stage_evaluate(args) -> None:
     """The report of the newest generators (or those named in the evaluate: section)."""
-    from recbole_dppmg.generation.report import build_report
-    from recbole_dppmg.pipeline import load_profile, merge
 
     profile = load_profile(args.profile)
     sections = {s: merge(profile[s], args.generation[s]) for s in ("text", "image", "reward", "evaluate")}
@@ -229,7 +234,6 @@ def _stage_evaluate(args) -> None:
 
 def _stage_all(args, models, config_files, overrides) -> None:
     """prepare -> train -> export -> text -> image -> RL -> evaluate, skipping what is valid."""
-    from recbole_dppmg.pipeline import Pipeline
 
     if models != ["DPPMG"]:
         raise DPPMGError("--stage all runs the DPPMG pipeline; leave --model at DPPMG (compare models with --stage train)")

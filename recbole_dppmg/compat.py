@@ -23,6 +23,9 @@ import warnings
 
 import numpy as np
 
+from recbole_dppmg.distributed import resolve_backend
+from recbole_dppmg.errors import ConfigError
+
 _APPLIED = False
 
 
@@ -103,8 +106,6 @@ def _configurable_dist_backend() -> None:
         values = self.final_config_dict
         if "local_rank" not in values:
             return recbole_init_device(self)
-        from recbole_dppmg.distributed import resolve_backend
-        from recbole_dppmg.errors import ConfigError
 
         gpu_id = values["gpu_id"]
         gpu_id = ",".join(map(str, gpu_id)) if isinstance(gpu_id, (tuple, list)) else str(gpu_id)

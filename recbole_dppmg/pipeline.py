@@ -12,7 +12,6 @@ Valid means made from the same inputs with the same settings:
 - text RL / image RL (``generation/rl_text.py`` / ``rl_image.py``): an RL run made from that
   generator, rewarded against the other modality's generator of this pipeline, with the same
   ``rl:`` settings and all its steps done; an unfinished one is resumed.
-  When the RL modules are missing the stage is recorded as "not available";
 - evaluate: a report of exactly these runs with the same ``evaluate:`` / ``reward:`` settings.
 
 Each call writes ``saved/<dataset>/Pipeline-<time>/pipeline.json`` (profile, per-stage status,
@@ -32,8 +31,34 @@ from pathlib import Path
 
 import yaml
 
+from recbole_dppmg.config import MACHINE_KEYS, build_config, jsonable_config
+from recbole_dppmg.data.cache import read_manifest
+from recbole_dppmg.data.prepare import KNOWN_DATASETS, find_spec_file, prepare_dataset
 from recbole_dppmg.errors import ConfigError, DPPMGError
-from recbole_dppmg.paths import PROPERTIES_DIR, SAVED_DIR
+from recbole_dppmg.generation.image.model import model_config
+from recbole_dppmg.generation.image.train import (
+    TRAIN_DEFAULTS,
+    image_settings,
+    load_image_config,
+    train_image_generator,
+)
+from recbole_dppmg.generation.report.build import (
+    build_report,
+    evaluate_config,
+    resolve_runs,
+)
+from recbole_dppmg.generation.reward.judge import PreferenceJudge, reward_config
+from recbole_dppmg.generation.rl import image as rl_image
+from recbole_dppmg.generation.rl import text as rl_text
+from recbole_dppmg.generation.rl.common import next_phase, rl_config
+from recbole_dppmg.generation.text.config import saved_root, text_config
+from recbole_dppmg.generation.text.pipeline import train_text_generator
+from recbole_dppmg.paths import DATASET_DIR, PROPERTIES_DIR, SAVED_DIR
+from recbole_dppmg.quick_start import run
+from recbole_dppmg.tokens import PreferenceTokens
+from recbole_dppmg.tokens.export import dataset_fingerprint, export_tokens
+from recbole_dppmg.tokens.format import read_manifest as read_token_manifest
+from recbole_dppmg.utils import get_model
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +113,6 @@ def valid_stage1_run(dataset: str, config, data_dir: Path) -> tuple[Path | None,
     exact config on this build of the dataset, and its export when that export was made from
     this build (``dataset_fingerprint``). A run without a usable export counts when it finished
     after the dataset was prepared (then it only needs exporting)."""
-    from recbole_dppmg.config import MACHINE_KEYS, jsonable_config
-    from recbole_dppmg.tokens.export import dataset_fingerprint
-    from recbole_dppmg.tokens.format import read_manifest
 
     wanted = _without(jsonable_config(config), set(MACHINE_KEYS))
     fingerprint = dataset_fingerprint(data_dir)
@@ -104,7 +126,7 @@ def valid_stage1_run(dataset: str, config, data_dir: Path) -> tuple[Path | None,
         if _without(saved, set(MACHINE_KEYS)) != wanted or not (run / "best.pth").is_file():
             continue
         try:
-            exported = read_manifest(run / "tokens", dataset=dataset).get("dataset_fingerprint") == fingerprint
+            exported = read_token_manifest(run / "tokens", dataset=dataset).get("dataset_fingerprint") == fingerprint
         except DPPMGError:  # no export, or an unusable one
             exported = False
         if exported:
@@ -128,8 +150,6 @@ def valid_text_run(dataset: str, tokens: Path, cfg: dict, root: Path) -> tuple[P
 
 def valid_image_run(dataset: str, tokens: Path, settings: dict, root: Path) -> tuple[Path | None, bool]:
     """``(run, finished)``: the newest ImageGen run on ``tokens`` with these settings."""
-    from recbole_dppmg.generation.image_model import model_config
-    from recbole_dppmg.generation.image_train import TRAIN_DEFAULTS
 
     wanted_train = _without({k: settings[k] for k in TRAIN_DEFAULTS}, IMAGE_RUNTIME_KEYS)
     wanted_model = model_config(settings)
@@ -227,8 +247,6 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stage 1
     def _prepare(self):
-        from recbole_dppmg.data.cache import read_manifest
-        from recbole_dppmg.data.prepare import KNOWN_DATASETS, find_spec_file, prepare_dataset
 
         spec = Path(self.spec) if self.spec else find_spec_file(self.dataset)
         if self.dataset not in KNOWN_DATASETS and spec is None:
@@ -240,18 +258,14 @@ class Pipeline:
         return ("skipped" if hit else "ran"), folder, ("dataset cache hit" if hit else None)
 
     def _stage1_config(self):
-        from recbole_dppmg.config import build_config
-        from recbole_dppmg.utils import get_model
 
         return build_config(get_model("DPPMG"), self.dataset, self.config_files, self.overrides)
 
     def _data_dir(self) -> Path:
-        from recbole_dppmg.paths import DATASET_DIR
 
         return DATASET_DIR / self.dataset
 
     def _train(self):
-        from recbole_dppmg.quick_start import run
 
         config = self._stage1_config()
         stage1, export = valid_stage1_run(self.dataset, config, Path(config["data_path"]))
@@ -264,7 +278,6 @@ class Pipeline:
         return "ran", result.run_dir, f"test {json.dumps(result.test_result)}"
 
     def _export(self):
-        from recbole_dppmg.tokens.export import export_tokens
 
         if self.outputs.get("export") is not None:
             return "skipped", self.outputs["export"], "export of this run made from this build of the dataset"
@@ -273,8 +286,6 @@ class Pipeline:
 
     # ------------------------------------------------------------------ generators
     def _text(self):
-        from recbole_dppmg.generation.text_config import saved_root, text_config
-        from recbole_dppmg.generation.text_pipeline import train_text_generator
 
         cfg = text_config(self.sections["text"])
         run, finished = valid_text_run(self.dataset, self.outputs["export"], cfg, saved_root(cfg))
@@ -286,7 +297,6 @@ class Pipeline:
         return "ran", self.outputs["text"], f"resumed {run.name}" if run is not None else None
 
     def _image(self):
-        from recbole_dppmg.generation.image_train import image_settings, load_image_config, train_image_generator
 
         config = load_image_config(self.sections["image"])
         settings = image_settings(config)
@@ -297,29 +307,21 @@ class Pipeline:
         self.outputs["image"] = train_image_generator(self.dataset, self.outputs["export"], config, out_dir=run, resume=run is not None)
         meta = json.loads((Path(self.outputs["image"]) / "image_config.json").read_text())
         stopped = int(meta["trained_steps"]) < int(settings["max_steps"])
-        note = (f"resumed; " if run is not None else "") + (f"stopped by image.max_minutes at step {meta['trained_steps']} of {settings['max_steps']}" if stopped else "")
+        note = ("resumed; " if run is not None else "") + (f"stopped by image.max_minutes at step {meta['trained_steps']} of {settings['max_steps']}" if stopped else "")
         return "ran", self.outputs["image"], note or None
 
     # ------------------------------------------------------------------ RL
     def _judge(self):
         if "judge" not in self.outputs:
-            from recbole_dppmg.generation.reward import PreferenceJudge
-            from recbole_dppmg.tokens import PreferenceTokens
 
             tokens = PreferenceTokens.load(self.outputs["export"], dataset=self.dataset)
             self.outputs["judge"] = PreferenceJudge.for_dataset(self.dataset, tokens, self.sections["reward"])
         return self.outputs["judge"]
 
     def _rl(self, modality: str):
-        try:
-            if modality == "text":
-                from recbole_dppmg.generation.rl_text import RUN_PREFIX, train_text_rl as train
-            else:
-                from recbole_dppmg.generation.rl_image import RUN_PREFIX, train_image_rl as train
-            from recbole_dppmg.generation.rl_common import next_phase, rl_config
-        except ImportError as error:
-            self.outputs[f"{modality}_rl"] = None
-            return "not available", None, f"RL not available: {error}"
+        module = rl_text if modality == "text" else rl_image
+        RUN_PREFIX = module.RUN_PREFIX
+        train = module.train_text_rl if modality == "text" else module.train_image_rl
         rl = self.sections["rl"]
         quick = bool(rl.get("quick", False))
         partner = self.outputs["image" if modality == "text" else "text"]
@@ -351,8 +353,6 @@ class Pipeline:
 
     # ------------------------------------------------------------------ evaluate
     def _evaluate(self):
-        from recbole_dppmg.generation.report import build_report, evaluate_config, resolve_runs
-        from recbole_dppmg.generation.reward import reward_config
 
         cfg = evaluate_config(self.sections["evaluate"])
         given = {"tokens": str(self.outputs["export"]), "text_run": str(self.outputs["text"]), "image_run": str(self.outputs["image"])}

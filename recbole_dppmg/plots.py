@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
+from recbole_dppmg.results import RunResult
 from recbole_dppmg.tables import group_by  # noqa: E402
-
-if TYPE_CHECKING:
-    from recbole_dppmg.quick_start import RunResult
 
 CODE_STATS = (("codes_used", "codes used"), ("perplexity", "perplexity"), ("quant_error", "variance left"))
 
@@ -30,7 +27,7 @@ def load_history(run_dir: str | Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def plot_training_curves(results: list["RunResult"], path: str | Path) -> Path:
+def plot_training_curves(results: list[RunResult], path: str | Path) -> Path:
     """Training loss and validation NDCG@10 per epoch for every run of ``results``."""
     fig, (loss_ax, valid_ax) = plt.subplots(1, 2, figsize=(11, 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -57,7 +54,7 @@ def plot_training_curves(results: list["RunResult"], path: str | Path) -> Path:
     return path
 
 
-def plot_code_usage(results: list["RunResult"], path: str | Path) -> Path | None:
+def plot_code_usage(results: list[RunResult], path: str | Path) -> Path | None:
     """Codes used, perplexity and variance left per modality and level, per epoch, for the
     runs whose history has DPPMG's codebook statistics; None when no run has them."""
     runs = [(r, load_history(r.run_dir)) for r in results]
@@ -95,7 +92,7 @@ def plot_code_usage(results: list["RunResult"], path: str | Path) -> Path | None
     return path
 
 
-def write_stage1_plots(results: list["RunResult"], out_dir: str | Path) -> list[Path]:
+def write_stage1_plots(results: list[RunResult], out_dir: str | Path) -> list[Path]:
     """Both plots into ``out_dir``; returns the files written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
@@ -25,53 +25,23 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_local_time, init_logger, init_seed
 
 from recbole_dppmg import compat, distributed
-from recbole_dppmg.config import RECBOLE_BUNDLED_DATASETS, apply_threads, build_config, jsonable_config
+from recbole_dppmg.config import (
+    RECBOLE_BUNDLED_DATASETS,
+    apply_threads,
+    build_config,
+    jsonable_config,
+)
+from recbole_dppmg.data.prepare import ensure_prepared
 from recbole_dppmg.errors import ConfigError, DataError
 from recbole_dppmg.paths import DATASET_DIR
 from recbole_dppmg.plots import write_stage1_plots
+from recbole_dppmg.results import RunResult
 from recbole_dppmg.tables import METRIC_COLUMNS, write_ablation, write_comparison  # noqa: F401 (public)
 from recbole_dppmg.trainer import load_checkpoint_file
 from recbole_dppmg.utils import get_model, get_trainer
 
 compat.apply()
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RunResult:
-    """What one training run produced; the row of a comparison table."""
-
-    model: str
-    dataset: str
-    best_valid_score: float
-    best_valid_result: dict
-    test_result: dict
-    epochs_trained: int
-    seconds_per_epoch: float
-    peak_memory_mb: float
-    run_dir: str
-    checkpoint: str
-    extra: dict = field(default_factory=dict)
-    seed: int = 0
-    label: str = ""  # the ablation variant, empty for a plain run
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> "RunResult":
-        """The result of a finished run folder (its ``result.json``; the seed from
-        ``config.json`` for folders written before results recorded it)."""
-        run_dir = Path(run_dir)
-        path = run_dir / "result.json"
-        if not path.is_file():
-            raise DataError(f"{run_dir} is not a finished run folder: no result.json")
-        values = json.loads(path.read_text())
-        config_path = run_dir / "config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        values.setdefault("seed", config.get("seed", 0))
-        extra = values.get("extra") or {}
-        if "code_stats" in extra and "quantizer" not in extra:  # DPPMG runs before it was recorded
-            extra["quantizer"] = {k: config.get(k) for k in ("modalities", "levels", "codebook_size")}
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 class PeakMemory:
@@ -117,12 +87,7 @@ def check_dataset(dataset: str, data_path: str | Path | None = None) -> None:
     if dataset in RECBOLE_BUNDLED_DATASETS:
         return
     root = Path(data_path) if data_path else DATASET_DIR
-    try:
-        from recbole_dppmg.data.prepare import ensure_prepared
-    except ImportError:  # data stage not installed in this checkout
-        ensure_prepared = None
-    if ensure_prepared is not None:
-        ensure_prepared(dataset, dataset_dir=root)
+    ensure_prepared(dataset, dataset_dir=root)
     if not (root / dataset / f"{dataset}.inter").is_file():
         known = sorted({p.name for p in root.iterdir() if p.is_dir() and (p / f"{p.name}.inter").is_file()} | set(RECBOLE_BUNDLED_DATASETS)) if root.is_dir() else list(RECBOLE_BUNDLED_DATASETS)
         raise DataError(

@@ -1,7 +1,7 @@
 """Stage-1 result tables: each model (or ablation variant) trained with several seeds and
 summarised per metric as the median with its min-max spread, as Markdown and CSV.
 
-Reads only ``RunResult`` objects (``recbole_dppmg.quick_start``); DPPMG's ``extra`` (its
+Reads only ``RunResult`` objects (``recbole_dppmg.results``); DPPMG's ``extra`` (its
 ``run_summary``) adds the quantized-versus-continuous test NDCG@10 and the codebook usage.
 """
 
@@ -11,10 +11,9 @@ import csv
 import statistics
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
-if TYPE_CHECKING:
-    from recbole_dppmg.quick_start import RunResult
+from recbole_dppmg.results import RunResult
 
 METRIC_COLUMNS = ("recall@10", "ndcg@10", "hit@10", "recall@20", "ndcg@20", "hit@20")
 NAN = float("nan")
@@ -39,7 +38,7 @@ def fmt_spread(values: Iterable[float], digits: int = 4) -> str:
     return f"{median:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def group_by(results: Iterable["RunResult"], key) -> "OrderedDict[str, list[RunResult]]":
+def group_by(results: Iterable[RunResult], key) -> OrderedDict[str, list[RunResult]]:
     """Results grouped by ``key(result)``, groups in order of first appearance."""
     groups: OrderedDict[str, list] = OrderedDict()
     for result in results:
@@ -47,7 +46,7 @@ def group_by(results: Iterable["RunResult"], key) -> "OrderedDict[str, list[RunR
     return groups
 
 
-def quantized_ndcg(result: "RunResult") -> tuple[float, float]:
+def quantized_ndcg(result: RunResult) -> tuple[float, float]:
     """DPPMG's test NDCG@10 with quantized and with continuous user vectors (NaN otherwise)."""
     extra = result.extra or {}
     q = extra.get("test_quantized", {}).get("ndcg@10", NAN)
@@ -55,28 +54,28 @@ def quantized_ndcg(result: "RunResult") -> tuple[float, float]:
     return float(q), float(c)
 
 
-def level_stats(result: "RunResult", level: int, key: str) -> list[float]:
+def level_stats(result: RunResult, level: int, key: str) -> list[float]:
     """``key`` (codes_used, perplexity, quant_error) of one level, per modality, from the
     best checkpoint's code statistics over all users."""
     stats = (result.extra or {}).get("code_stats", {})
     return [v for k, v in stats.items() if k.endswith(f"/L{level}/{key}")]
 
 
-def level0_usage(result: "RunResult") -> float:
+def level0_usage(result: RunResult) -> float:
     """Smallest fraction of level-0 codes in use over the modalities (NaN without a quantizer)."""
     size = (result.extra or {}).get("quantizer", {}).get("codebook_size")
     used = level_stats(result, 0, "codes_used")
     return min(used) / size if size and used else NAN
 
 
-def final_quant_error(result: "RunResult") -> float:
+def final_quant_error(result: RunResult) -> float:
     """Mean over modalities of the users' variance left after the last level."""
     levels = (result.extra or {}).get("quantizer", {}).get("levels")
     errors = level_stats(result, levels - 1, "quant_error") if levels else []
     return sum(errors) / len(errors) if errors else NAN
 
 
-def speed_ratio(results: list["RunResult"], model: str = "DPPMG", reference: str = "LightGCN") -> list[float]:
+def speed_ratio(results: list[RunResult], model: str = "DPPMG", reference: str = "LightGCN") -> list[float]:
     """Per seed, ``model``'s seconds per epoch over ``reference``'s (same comparison)."""
     by_seed: dict[int, dict[str, float]] = {}
     for r in results:
@@ -103,7 +102,7 @@ def _num(value: float, digits: int = 4) -> str:
     return "" if value != value else f"{value:.{digits}f}"
 
 
-def write_runs_csv(results: list["RunResult"], path: Path) -> Path:
+def write_runs_csv(results: list[RunResult], path: Path) -> Path:
     """One row per run (every seed), the raw numbers behind the summary tables."""
     header = ["label", "model", "seed", "valid ndcg@10", *METRIC_COLUMNS, "test ndcg@10 quantized",
               "test ndcg@10 continuous", "level0 usage", "epochs", "s/epoch", "peak MB", "run_dir"]
@@ -118,7 +117,7 @@ def write_runs_csv(results: list["RunResult"], path: Path) -> Path:
     return path
 
 
-def write_comparison(results: list["RunResult"], out_dir: str | Path, note: str = "") -> tuple[Path, Path]:
+def write_comparison(results: list[RunResult], out_dir: str | Path, note: str = "") -> tuple[Path, Path]:
     """``comparison.md`` / ``comparison.csv`` (per model: median and min-max over seeds of the
     test metrics, best valid NDCG@10, epochs, s/epoch, peak memory), DPPMG's quantized versus
     continuous NDCG@10 and codebook usage, the DPPMG/LightGCN s/epoch ratio, and ``runs.csv``;
@@ -202,7 +201,7 @@ def write_comparison(results: list["RunResult"], out_dir: str | Path, note: str 
         lines += [
             "## Speed",
             "",
-            f"DPPMG / LightGCN seconds per training epoch, per seed: "
+            "DPPMG / LightGCN seconds per training epoch, per seed: "
             + ", ".join(f"{x:.2f}" for x in ratios) + f"; median {spread(ratios)[0]:.2f}.",
             "",
         ]
@@ -212,7 +211,7 @@ def write_comparison(results: list["RunResult"], out_dir: str | Path, note: str 
     return md_path, csv_path
 
 
-def write_ablation(results: list["RunResult"], variants: dict[str, dict], out_dir: str | Path) -> tuple[Path, Path]:
+def write_ablation(results: list[RunResult], variants: dict[str, dict], out_dir: str | Path) -> tuple[Path, Path]:
     """``ablation.md`` / ``ablation.csv``: per variant (label -> config overrides), median and
     min-max over seeds of valid and test NDCG@10, the quantized/continuous ratio, code usage and
     seconds per epoch; and ``ablation_runs.csv`` with every run."""

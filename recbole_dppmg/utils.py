@@ -10,6 +10,7 @@ from pathlib import Path
 from recbole.utils import get_trainer as recbole_get_trainer
 
 from recbole_dppmg.errors import ConfigError
+from recbole_dppmg.trainer import plain_checkpoint_trainer
 
 # Plugin models: name -> "module:Class". Imported lazily so a broken optional model
 # never stops the others from loading.
@@ -70,7 +71,6 @@ def get_model(name: str):
 
 def get_trainer(config, model_class):
     """RecBole's trainer for this model type, with plain (pickle-free) checkpoints."""
-    from recbole_dppmg.trainer import plain_checkpoint_trainer
 
     base = recbole_get_trainer(config["MODEL_TYPE"], model_class.__name__)
     return plain_checkpoint_trainer(base)

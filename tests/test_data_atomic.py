@@ -4,7 +4,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recbole_dppmg.data.atomic import read_atomic, read_item_table, sanitize_text, write_atomic
+from recbole_dppmg.data.atomic import (
+    read_atomic,
+    read_item_table,
+    sanitize_text,
+    write_atomic,
+)
 from recbole_dppmg.errors import DataError
 
 

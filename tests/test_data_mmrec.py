@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import yaml
-
 from data_fixtures import leftovers
+
 from recbole_dppmg.data.atomic import read_atomic, read_item_table
 from recbole_dppmg.data.prepare import prepare_dataset
 from recbole_dppmg.errors import DataError

@@ -6,8 +6,14 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from data_fixtures import (
+    IMAGE_DIM,
+    TEXT_DIM,
+    fake_encoders,
+    leftovers,
+    write_user_dataset,
+)
 
-from data_fixtures import IMAGE_DIM, TEXT_DIM, fake_encoders, leftovers, write_user_dataset
 from recbole_dppmg.data import prepare as prepare_module
 from recbole_dppmg.data.atomic import read_atomic, read_item_table
 from recbole_dppmg.data.prepare import ensure_prepared, is_prepared, prepare_dataset

@@ -5,11 +5,11 @@ import io
 import pytest
 import torch
 from recbole.data.interaction import Interaction
+from tiny_mm import build_model, tiny_data, write_tiny_mm
 
 from recbole_dppmg.errors import ConfigError, DataError
 from recbole_dppmg.model import DPPMG
 from recbole_dppmg.model.graph import LightGCNPropagation, normalized_adjacency
-from tiny_mm import build_model, tiny_data, write_tiny_mm
 
 
 @pytest.fixture(scope="module")

@@ -177,7 +177,7 @@ def test_generation_stages_log_like_recbole(tmp_path, monkeypatch):
         added = list(root.handlers)
         init_stage_logger("Report", "ml-100k-mm")  # already logging: nothing added
         assert root.handlers == added and len(added) == 2
-        logging.getLogger("recbole_dppmg.generation.text_warmup").info("dppmg step 50: valid loss 3.5")
+        logging.getLogger("recbole_dppmg.generation.text.warmup").info("dppmg step 50: valid loss 3.5")
     finally:
         for handler in root.handlers:
             handler.close()

@@ -5,10 +5,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from tiny_mm import build_model, tiny_data, write_tiny_mm
 
 from recbole_dppmg.model import DPPMG
-from recbole_dppmg.model.graph import LightGCNPropagation, csr_rows, normalized_adjacency
-from tiny_mm import build_model, tiny_data, write_tiny_mm
+from recbole_dppmg.model.graph import (
+    LightGCNPropagation,
+    csr_rows,
+    normalized_adjacency,
+)
 
 
 def random_graph(n_users=30, n_items=20, nnz=120, seed=0):

@@ -3,9 +3,8 @@ real TAEF2 autoencoder (e2e, needs ../shared)."""
 
 import numpy as np
 import pytest
-import torch
 
-from recbole_dppmg.generation.image_metrics import frechet_distance, retrieval_metrics
+from recbole_dppmg.generation.image.metrics import frechet_distance, retrieval_metrics
 
 
 def test_frechet_distance_known_values():
@@ -36,8 +35,11 @@ def test_retrieval_hit_and_ndcg():
 
 @pytest.mark.e2e
 def test_real_autoencoder_reconstructs_a_poster(shared_data):
-    from recbole_dppmg.generation.image_autoencoder import default_autoencoder_dir, load_autoencoder
-    from recbole_dppmg.generation.image_data import load_poster
+    from recbole_dppmg.generation.image.autoencoder import (
+        default_autoencoder_dir,
+        load_autoencoder,
+    )
+    from recbole_dppmg.generation.image.data import load_poster
 
     if not (default_autoencoder_dir() / "taef2_encoder.pth").is_file():
         pytest.skip(f"TAEF2 weights not found in {default_autoencoder_dir()}")

@@ -5,15 +5,26 @@ import json
 
 import pytest
 import torch
+from image_fixtures import tiny_settings, write_tiny_export, write_tiny_posters
 from safetensors.torch import load_file
 
-from image_fixtures import tiny_settings, write_tiny_export, write_tiny_posters
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
-from recbole_dppmg.generation.image_autoencoder import PixelCodec, TinyAutoencoder, load_autoencoder
-from recbole_dppmg.generation.image_generate import generate_posters, run_generate_images, user_positions
-from recbole_dppmg.generation.image_model import model_config
-from recbole_dppmg.generation.image_train import load_image_generator, train_image_generator
-from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.autoencoder import (
+    PixelCodec,
+    TinyAutoencoder,
+    load_autoencoder,
+)
+from recbole_dppmg.generation.image.generate import (
+    generate_posters,
+    run_generate_images,
+    user_positions,
+)
+from recbole_dppmg.generation.image.model import model_config
+from recbole_dppmg.generation.image.train import (
+    load_image_generator,
+    train_image_generator,
+)
 from recbole_dppmg.tokens import PreferenceTokens
 
 

@@ -5,10 +5,14 @@ import json
 
 import pytest
 import torch
-
 from image_fixtures import write_tiny_export, write_tiny_posters
+
 from recbole_dppmg.errors import CheckpointError
-from recbole_dppmg.generation.image_sd import generate_sd_posters, load_sd_pipeline, train_sd_tokens
+from recbole_dppmg.generation.image.sd import (
+    generate_sd_posters,
+    load_sd_pipeline,
+    train_sd_tokens,
+)
 
 
 def _tiny_tokenizer(folder):
@@ -26,7 +30,12 @@ def _tiny_tokenizer(folder):
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     root = tmp_path_factory.mktemp("sd")

@@ -8,17 +8,24 @@ import time
 from pathlib import Path
 
 import pytest
-
 from judge_fixtures import TINY_DPPMG
-from recbole_dppmg.errors import ConfigError
-from recbole_dppmg.generation.image_train import image_settings
-from recbole_dppmg.generation.report import EvaluatedRuns, evaluate_config
-from recbole_dppmg.generation.reward import reward_config
-from recbole_dppmg.generation.text_config import text_config
-from recbole_dppmg.pipeline import (
-    PROFILES_DIR, STAGES, Pipeline, load_profile, valid_image_run, valid_report, valid_rl_run, valid_text_run,
-)
 from tiny_mm import write_tiny_mm
+
+from recbole_dppmg.errors import ConfigError
+from recbole_dppmg.generation.image.train import image_settings
+from recbole_dppmg.generation.report.build import EvaluatedRuns, evaluate_config
+from recbole_dppmg.generation.reward.judge import reward_config
+from recbole_dppmg.generation.text.config import text_config
+from recbole_dppmg.pipeline import (
+    PROFILES_DIR,
+    STAGES,
+    Pipeline,
+    load_profile,
+    valid_image_run,
+    valid_report,
+    valid_rl_run,
+    valid_text_run,
+)
 
 
 @pytest.fixture
@@ -117,7 +124,7 @@ def test_a_report_counts_only_for_the_same_runs_settings_and_weights(tmp_path):
 
 def test_rl_stage_without_the_rl_modules(tiny_pipeline, monkeypatch):
     pipeline = tiny_pipeline()
-    monkeypatch.setitem(sys.modules, "recbole_dppmg.generation.rl_text", None)  # import fails
+    monkeypatch.setitem(sys.modules, "recbole_dppmg.generation.rl.text", None)  # import fails
     pipeline.outputs.update(text="t", image="i", export="e")
     status, output, note = pipeline._rl_text()
     assert status == "not available" and output is None and note.startswith("RL not available")
@@ -134,8 +141,8 @@ def test_until_and_profiles(tiny_pipeline):
 
 @pytest.mark.parametrize("profile", sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
 def test_shipped_profiles_hold_only_known_settings(profile):
-    from recbole_dppmg.generation.image_train import load_image_config
-    from recbole_dppmg.generation.rl_common import rl_config
+    from recbole_dppmg.generation.image.train import load_image_config
+    from recbole_dppmg.generation.rl.common import rl_config
 
     sections = load_profile(profile)
     text_config(sections["text"])
@@ -149,7 +156,7 @@ def test_shipped_profiles_hold_only_known_settings(profile):
 
 def test_rl_in_two_phases_starts_the_second_from_the_first(tiny_pipeline, monkeypatch, tmp_path):
     """rl.text.then: the second phase is a new run from the first one's result; a re-run skips both."""
-    from recbole_dppmg.generation import rl_text
+    from recbole_dppmg.generation.rl import text as rl_text
 
     calls = []
 
@@ -185,7 +192,7 @@ def test_rl_in_two_phases_starts_the_second_from_the_first(tiny_pipeline, monkey
 
 
 def test_rl_phase_settings_are_checked():
-    from recbole_dppmg.generation.rl_common import next_phase, rl_config
+    from recbole_dppmg.generation.rl.common import next_phase, rl_config
 
     with pytest.raises(ConfigError, match="unknown RL setting rl.text.then.stepz"):
         rl_config("text", {"then": {"stepz": 3}})
@@ -201,8 +208,8 @@ def test_rl_phase_settings_are_checked():
 
 
 def test_the_report_finds_the_last_rl_phase(tmp_path):
-    from recbole_dppmg.generation.report import _finished_text_runs, _rl_run
     from recbole_dppmg.errors import CheckpointError
+    from recbole_dppmg.generation.report.build import _finished_text_runs, _rl_run
 
     root = tmp_path / "saved"
     warmup, other = _text_run(root, "TextGen-a", tmp_path, {}), _text_run(root, "TextGen-b", tmp_path, {})

@@ -7,15 +7,20 @@ import shutil
 
 import numpy as np
 import pytest
-
 from image_fixtures import tiny_settings, write_tiny_posters
 from judge_fixtures import tiny_export
-from recbole_dppmg.errors import CheckpointError, ConfigError
-from recbole_dppmg.generation import text_pipeline
-from recbole_dppmg.generation.image_autoencoder import PixelCodec
-from recbole_dppmg.generation.image_train import train_image_generator
-from recbole_dppmg.generation.report import EvaluatedRuns, build_report, evaluate_config, resolve_runs
 from text_tiny import GENRES, tiny_lm, tiny_tokenizer
+
+from recbole_dppmg.errors import CheckpointError, ConfigError
+from recbole_dppmg.generation.image.autoencoder import PixelCodec
+from recbole_dppmg.generation.image.train import train_image_generator
+from recbole_dppmg.generation.report.build import (
+    EvaluatedRuns,
+    build_report,
+    evaluate_config,
+    resolve_runs,
+)
+from recbole_dppmg.generation.text import pipeline as text_pipeline
 
 SPLIT = {"valid_users": 2, "test_users": 4, "seed": 2020, "min_rating": 0}  # the tiny export has no ratings (1.0)
 QUICK = {"users": 4, "fd_users": 4, "seeds": [0, 1], "gallery_users": 2, "gallery_history": 2, "progress": False}
@@ -167,7 +172,7 @@ def test_evaluate_stage_without_generators_is_one_line(capsys):
 
 
 def test_rl_effect_verdicts():
-    from recbole_dppmg.generation.report import rl_effect
+    from recbole_dppmg.generation.report.build import rl_effect
 
     def s(mean, low, high):
         return {"mean": mean, "std": (high - low) / 2, "min": low, "max": high, "seeds": 3}
@@ -182,8 +187,8 @@ def test_rl_effect_verdicts():
 
 
 def test_reward_curves_follow_rl_phases(tmp_path):
-    from recbole_dppmg.generation.report import rl_phases
-    from recbole_dppmg.generation.report_render import chained_history, reward_curves
+    from recbole_dppmg.generation.common.runs import rl_phases
+    from recbole_dppmg.generation.report.render import chained_history, reward_curves
 
     generator = tmp_path / "TextGen-x"
     generator.mkdir()

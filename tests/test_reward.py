@@ -7,11 +7,11 @@ import string
 
 import numpy as np
 import pytest
+from judge_fixtures import tiny_export
 from PIL import Image
 
-from judge_fixtures import tiny_export
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
-from recbole_dppmg.generation.reward import PreferenceJudge, reward_config
+from recbole_dppmg.generation.reward.judge import PreferenceJudge, reward_config
 from recbole_dppmg.tokens import PreferenceTokens
 
 
@@ -91,7 +91,13 @@ def test_reward_total_is_the_weighted_mean(judged):
 
 
 def _tiny_clip(folder):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
 
     folder.mkdir()
     chars = list(string.ascii_lowercase + string.digits + ".,:()'-!?")
@@ -151,7 +157,7 @@ def test_bad_settings_and_inputs(judged):
 
 
 def test_an_export_with_an_id_channel(tmp_path):
-    from recbole_dppmg.generation.report import top_recommended_items
+    from recbole_dppmg.generation.report.build import top_recommended_items
 
     folder, data = tiny_export(tmp_path, modalities=["text", "image", "id"])
     tokens = PreferenceTokens.load(folder)

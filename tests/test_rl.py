@@ -8,19 +8,31 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from image_fixtures import TINY_MODEL, tiny_settings, write_tiny_export, write_tiny_posters
-from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
-from recbole_dppmg.generation import rl_image, rl_text
-from recbole_dppmg.generation.image_autoencoder import PixelCodec
-from recbole_dppmg.generation.image_model import PosterDiffusion
-from recbole_dppmg.generation.rl_common import JudgeReward, cached_features, group_advantages, reward_advantages, rl_config, step_record
-from recbole_dppmg.generation.text_generate import TokenConditioner
-from recbole_dppmg.generation.text_injection import inject_preference_tokens
-from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
-from recbole_dppmg.tokens import PreferenceTokens
-
+from image_fixtures import (
+    TINY_MODEL,
+    tiny_settings,
+    write_tiny_export,
+    write_tiny_posters,
+)
 from text_tiny import FakeTokens, tiny_lm, tiny_tokenizer
+
+from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
+from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.autoencoder import PixelCodec
+from recbole_dppmg.generation.image.model import PosterDiffusion
+from recbole_dppmg.generation.rl import image as rl_image
+from recbole_dppmg.generation.rl import text as rl_text
+from recbole_dppmg.generation.rl.common import (
+    JudgeReward,
+    cached_features,
+    group_advantages,
+    reward_advantages,
+    rl_config,
+    step_record,
+)
+from recbole_dppmg.generation.text.generate import TokenConditioner
+from recbole_dppmg.generation.text.injection import inject_preference_tokens
+from recbole_dppmg.tokens import PreferenceTokens
 
 
 @pytest.fixture(autouse=True)
@@ -295,8 +307,9 @@ def test_image_rl_resume_gives_the_same_state(tmp_path):
 @pytest.fixture
 def warm_text_run(tmp_path, monkeypatch):
     """A finished tiny text warm-up run."""
-    from recbole_dppmg.generation import text_pipeline
     from text_tiny import tiny_text_stage
+
+    from recbole_dppmg.generation.text import pipeline as text_pipeline
 
     tokens, config = tiny_text_stage(tmp_path, monkeypatch)
     config = {**config, "max_steps": 1, "eval_steps": 1}
@@ -304,8 +317,8 @@ def warm_text_run(tmp_path, monkeypatch):
 
 
 def test_train_text_rl_writes_a_loadable_generator(warm_text_run, tmp_path):
-    from recbole_dppmg.generation.text_config import text_config
-    from recbole_dppmg.generation.text_pipeline import load_text_generator
+    from recbole_dppmg.generation.text.config import text_config
+    from recbole_dppmg.generation.text.pipeline import load_text_generator
 
     tokens, warm, config = warm_text_run
     settings = {"steps": 2, "users_per_step": 2, "group_size": 2, "max_new_tokens": 4, "save_steps": 1, "progress": False}
@@ -321,8 +334,9 @@ def test_train_text_rl_writes_a_loadable_generator(warm_text_run, tmp_path):
     after = load_text_generator(run, vocabulary, text_config(config)).token_embeddings()
     assert after.shape == before.shape and not torch.allclose(after, before)
     # the saved adapter holds exactly the embeddings RL ended with (the checkpoint's tensors on the warm-up model)
-    from recbole_dppmg.generation.rl_common import FrozenReference
     from safetensors.torch import load_file
+
+    from recbole_dppmg.generation.rl.common import FrozenReference
 
     final, _ = FrozenReference.split(load_file(str(run / "checkpoint" / "tensors.safetensors")))
     lm = load_text_generator(warm, vocabulary, text_config(config))
@@ -343,7 +357,10 @@ def test_train_text_rl_writes_a_loadable_generator(warm_text_run, tmp_path):
 
 
 def test_train_image_rl_writes_a_loadable_generator(tmp_path):
-    from recbole_dppmg.generation.image_train import load_image_generator, train_image_generator
+    from recbole_dppmg.generation.image.train import (
+        load_image_generator,
+        train_image_generator,
+    )
 
     export = write_tiny_export(tmp_path / "tokens", n_users=8)
     posters = write_tiny_posters(tmp_path / "posters")

@@ -4,13 +4,19 @@ import csv
 import math
 
 import pytest
+from tiny_mm import tiny_config, write_tiny_mm
 
 from recbole_dppmg.cli import COMPARISON_SEEDS, parse_args, parse_seeds
 from recbole_dppmg.errors import ConfigError, DataError, DPPMGError
 from recbole_dppmg.model import DPPMG
-from recbole_dppmg.quick_start import RunResult, ablation, ablation_variants, compare, compare_runs
+from recbole_dppmg.quick_start import (
+    RunResult,
+    ablation,
+    ablation_variants,
+    compare,
+    compare_runs,
+)
 from recbole_dppmg.tables import fmt_spread, spread, write_ablation, write_comparison
-from tiny_mm import tiny_config, write_tiny_mm
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from recbole_dppmg.errors import ConfigError
-from recbole_dppmg.generation import text_backbone
+from recbole_dppmg.generation.text import backbone as text_backbone
 
 
 def test_missing_package_is_a_clear_error(monkeypatch):

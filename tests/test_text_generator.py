@@ -6,19 +6,27 @@ import json
 import numpy as np
 import pytest
 import torch
+from text_tiny import FakeTokens, item_texts, tiny_lm, tiny_tokenizer
 
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
-from recbole_dppmg.generation.text_config import text_config
-from recbole_dppmg.generation.text_generate import (
-    NoTokenConditioner, SoftPromptConditioner, TokenConditioner, generate_texts, prompt_ids, shuffled_user_map,
+from recbole_dppmg.generation.common.user_split import split_users
+from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.text import warmup as text_warmup
+from recbole_dppmg.generation.text.config import text_config
+from recbole_dppmg.generation.text.generate import (
+    NoTokenConditioner,
+    SoftPromptConditioner,
+    TokenConditioner,
+    generate_texts,
+    prompt_ids,
+    shuffled_user_map,
 )
-from recbole_dppmg.generation.text_injection import add_preference_tokens, inject_preference_tokens, load_preference_lm
-from recbole_dppmg.generation import text_warmup
-from recbole_dppmg.generation.text_warmup import build_pairs, train_conditioner
-from recbole_dppmg.generation.user_split import split_users
-from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
-
-from text_tiny import FakeTokens, item_texts, tiny_lm, tiny_tokenizer
+from recbole_dppmg.generation.text.injection import (
+    add_preference_tokens,
+    inject_preference_tokens,
+    load_preference_lm,
+)
+from recbole_dppmg.generation.text.warmup import build_pairs, train_conditioner
 
 CFG = dict(batch_size=4, max_steps=4, learning_rate=0.05, weight_decay=0.0, warmup_steps=1, grad_clip=1.0,
            eval_steps=2, save_steps=2, max_target_tokens=16, seed=0, progress=False)
@@ -268,7 +276,7 @@ def test_text_config_refuses_unknown_keys():
 
 
 def test_target_template_shapes_targets_and_refuses_unknown_fields(tmp_path):
-    from recbole_dppmg.generation.text_warmup import item_text_table
+    from recbole_dppmg.generation.text.warmup import item_text_table
 
     item = tmp_path / "x.item"
     item.write_text("item_id:token\ttitle:token_seq\tyear:token\tgenres:token_seq\tdescription:token_seq\tdescription_mask:float\n"
@@ -285,7 +293,7 @@ def test_target_template_shapes_targets_and_refuses_unknown_fields(tmp_path):
 
 
 def test_content_init_points_tokens_at_liked_content(tokens):
-    from recbole_dppmg.generation.text_warmup import content_vectors
+    from recbole_dppmg.generation.text.warmup import content_vectors
 
     tokenizer = tiny_tokenizer()
     model = tiny_lm(tokenizer)
@@ -309,9 +317,9 @@ def test_content_init_points_tokens_at_liked_content(tokens):
 
 def test_text_and_image_generators_hold_out_the_same_users(tokens):
     """One shared split: the poster and the text of a held-out user are judged together."""
-    from recbole_dppmg.generation.image_data import training_pairs
-    from recbole_dppmg.generation.image_train import TRAIN_DEFAULTS, load_image_config
-    from recbole_dppmg.generation.text_config import text_config
+    from recbole_dppmg.generation.image.data import training_pairs
+    from recbole_dppmg.generation.image.train import TRAIN_DEFAULTS, load_image_config
+    from recbole_dppmg.generation.text.config import text_config
 
     text, image = text_config(), {**TRAIN_DEFAULTS, **load_image_config()}
     assert (text["seed"], text["valid_users"], text["test_users"]) == (image["seed"], image["valid_users"], image["test_users"])

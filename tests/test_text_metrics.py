@@ -6,11 +6,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from text_tiny import tiny_lm, tiny_tokenizer
 
 from recbole_dppmg.errors import DataError
-from recbole_dppmg.generation.text_metrics import distinct_n, paired_bootstrap, perplexity, random_hit_rate, retrieval_metrics
-
-from text_tiny import tiny_lm, tiny_tokenizer
+from recbole_dppmg.generation.text.metrics import (
+    distinct_n,
+    paired_bootstrap,
+    perplexity,
+    random_hit_rate,
+    retrieval_metrics,
+)
 
 
 def test_retrieval_hit_and_ndcg_with_exclusion():

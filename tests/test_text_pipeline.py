@@ -5,11 +5,10 @@ import json
 
 import numpy as np
 import pytest
+from text_tiny import tiny_text_stage
 
 from recbole_dppmg.errors import CheckpointError, DataError
-from recbole_dppmg.generation import text_pipeline
-
-from text_tiny import tiny_text_stage
+from recbole_dppmg.generation.text import pipeline as text_pipeline
 
 
 class HashEncoder:

@@ -2,21 +2,23 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny_mm import TINY_RUN, write_tiny_mm
 
 from recbole_dppmg.errors import CheckpointError, DataError
 from recbole_dppmg.quick_start import load_data_and_model, run
 from recbole_dppmg.tokens import PreferenceTokens
 from recbole_dppmg.tokens import export as export_module
 from recbole_dppmg.tokens.export import export_tokens
-from recbole_dppmg.tokens.faiss_lookup import brute_force_search, build_index, residual_search
+from recbole_dppmg.tokens.faiss_lookup import (
+    brute_force_search,
+    build_index,
+    residual_search,
+)
 from recbole_dppmg.tokens.format import MANIFEST
-from tiny_mm import TINY_RUN, write_tiny_mm
-
 
 
 @pytest.fixture(scope="module")

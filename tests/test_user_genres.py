@@ -6,13 +6,16 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+from text_tiny import FakeTokens
 
 from recbole_dppmg.errors import ConfigError
-from recbole_dppmg.generation.text_config import text_config
-from recbole_dppmg.generation.text_warmup import TargetTexts, item_text_table, validation_loss
-from recbole_dppmg.generation.user_genres import UserGenres, genres_by_item
-
-from text_tiny import FakeTokens
+from recbole_dppmg.generation.text.config import text_config
+from recbole_dppmg.generation.text.user_genres import UserGenres, genres_by_item
+from recbole_dppmg.generation.text.warmup import (
+    TargetTexts,
+    item_text_table,
+    validation_loss,
+)
 
 
 class GenreTokens(FakeTokens):
@@ -37,7 +40,7 @@ def test_history_profile_ranks_genres_by_lift_not_count():
 
 
 def test_token_profile_comes_from_the_items_the_tokens_score_highest(monkeypatch):
-    monkeypatch.setattr("recbole_dppmg.generation.user_genres.TOP_ITEMS", 3)
+    monkeypatch.setattr("recbole_dppmg.generation.text.user_genres.TOP_ITEMS", 3)
     tokens = GenreTokens(n_users=2, n_items=9)  # FakeTokens scores item i with i: the top 3 are 9, 8, 7
     assert UserGenres(tokens, GENRES, source="tokens", count=2)("u0") == "Western, War"
 
@@ -66,7 +69,7 @@ def test_user_genres_targets_differ_per_user(tmp_path):
 
 def test_validation_with_other_users_prompts_scores_the_own_users_target(monkeypatch):
     """The valid_gap asks how well *another* user's tokens explain *this* user's target."""
-    from recbole_dppmg.generation import text_warmup
+    from recbole_dppmg.generation.text import warmup as text_warmup
 
     asked = []
     texts = TargetTexts({"1": "x"}, lambda user, item: asked.append(user) or f"{user} {item}")
@@ -85,7 +88,7 @@ def test_validation_with_other_users_prompts_scores_the_own_users_target(monkeyp
 
 
 def test_runs_from_before_target_template_count_as_plain_targets(monkeypatch):
-    from recbole_dppmg.generation import text_config as config
+    from recbole_dppmg.generation.text import config
 
     defaults = {**config.default_text_config(), "target_template": "Genres: {user_genres}. {head}: {plot}"}
     monkeypatch.setattr(config, "default_text_config", lambda: defaults)

@@ -5,10 +5,10 @@ import io
 import pytest
 import torch
 from recbole.data.interaction import Interaction
+from tiny_mm import IMAGE_DIM, TEXT_DIM, build_model, tiny_data, write_tiny_mm
 
 from recbole_dppmg.errors import ConfigError, DataError
 from recbole_dppmg.model import VBPR
-from tiny_mm import IMAGE_DIM, TEXT_DIM, build_model, tiny_data, write_tiny_mm
 
 
 @pytest.fixture(scope="module")

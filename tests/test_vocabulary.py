@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from recbole_dppmg.errors import CheckpointError
-from recbole_dppmg.generation.vocabulary import CodebookProjection, PreferenceVocabulary
+from recbole_dppmg.generation.common.vocabulary import (
+    CodebookProjection,
+    PreferenceVocabulary,
+)
 
 
 class FakeTokens:

@@ -18,7 +18,7 @@ CHAT_TEMPLATE = (
 
 
 def item_texts(n_items: int = 24):
-    from recbole_dppmg.generation.text_warmup import TargetTexts
+    from recbole_dppmg.generation.text.warmup import TargetTexts
 
     return TargetTexts({str(i): f"Film {i} ({1990 + i % 10}): a story of {GENRES[i % len(GENRES)]}." for i in range(1, n_items + 1)})
 
@@ -28,7 +28,7 @@ def tiny_item_text_table(path, template=None, user_genres=None):
     texts = item_texts()
     if user_genres is None:
         return texts
-    from recbole_dppmg.generation.text_warmup import TargetTexts
+    from recbole_dppmg.generation.text.warmup import TargetTexts
 
     return TargetTexts(texts, lambda user, item: f"Genres: {user_genres(user)}. {texts[item]}")
 
@@ -120,7 +120,8 @@ def tiny_text_stage(tmp_path, monkeypatch, text_features=None):
     ``text_features`` (an encoder) fills the item table's ``text_feat`` column for evaluation."""
     import pandas as pd
 
-    from recbole_dppmg.generation import text_pipeline, text_warmup
+    from recbole_dppmg.generation.text import pipeline as text_pipeline
+    from recbole_dppmg.generation.text import warmup as text_warmup
 
     tokenizer = tiny_tokenizer()
     backbone = tmp_path / "tiny-lm"

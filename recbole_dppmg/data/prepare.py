@@ -27,12 +27,27 @@ import pandas as pd
 
 from recbole_dppmg.data import featurize
 from recbole_dppmg.data.atomic import read_atomic, write_atomic
-from recbole_dppmg.data.cache import MANIFEST_NAME, PIPELINE_VERSION, cache_key, hash_file, hash_inputs, read_manifest
+from recbole_dppmg.data.cache import (
+    MANIFEST_NAME,
+    PIPELINE_VERSION,
+    cache_key,
+    hash_file,
+    hash_inputs,
+    read_manifest,
+)
 from recbole_dppmg.data.card import featured_rows, render_card
 from recbole_dppmg.data.mmrec import MMRecSource
-from recbole_dppmg.data.sources import ML100K_MM, AtomicFolderSource, DatasetSpec, LoadedSource, Ml100kMMSource, Source
+from recbole_dppmg.data.sources import (
+    ML100K_MM,
+    AtomicFolderSource,
+    DatasetSpec,
+    LoadedSource,
+    Ml100kMMSource,
+    Source,
+)
 from recbole_dppmg.errors import DataError
-from recbole_dppmg.paths import DATASET_DIR, shared_dir as default_shared_dir
+from recbole_dppmg.paths import DATASET_DIR
+from recbole_dppmg.paths import shared_dir as default_shared_dir
 
 logger = logging.getLogger(__name__)
 

@@ -21,14 +21,30 @@ import torch
 from safetensors.numpy import save_file
 
 from recbole_dppmg.errors import CheckpointError
+from recbole_dppmg.model.dppmg import DPPMG
+from recbole_dppmg.model.modal_features import (
+    ID_MODALITY,
+    config_value,
+    feature_scaling,
+    load_modal_features,
+)
 from recbole_dppmg.paths import SAVED_DIR
+from recbole_dppmg.quick_start import load_data_and_model
 from recbole_dppmg.tokens.faiss_lookup import build_index
-from recbole_dppmg.tokens.format import FORMAT_VERSION, MANIFEST, TOKEN_PATTERN, modality_prefix, token_string
+from recbole_dppmg.tokens.foldin import FOLDIN_RIDGE, fit_foldin
+from recbole_dppmg.tokens.foldin_quality import evaluate_fold_in
+from recbole_dppmg.tokens.format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    TOKEN_PATTERN,
+    modality_prefix,
+    token_string,
+)
+from recbole_dppmg.tokens.interpret import write_code_report
 from recbole_dppmg.trainer import load_checkpoint_file
 
 logger = logging.getLogger(__name__)
 
-FOLDIN_RIDGE = 1e-2  # relative to the mean eigenvalue of X^T X
 
 
 def dataset_fingerprint(data_dir: Path) -> str:
@@ -67,25 +83,6 @@ def newest_token_export(dataset: str, root: Path | None = None) -> Path:
     return found[-1].parent
 
 
-def fit_foldin(item_vectors: np.ndarray, user_items, user_vectors: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge map from the mean of a user's item vectors to the user's vector."""
-    x = mean_item_vectors(item_vectors, user_items, users)
-    y = user_vectors[users]
-    x_aug = np.hstack([x, np.ones((len(x), 1), dtype=x.dtype)]).astype(np.float64)
-    gram = x_aug.T @ x_aug
-    ridge = FOLDIN_RIDGE * np.trace(gram) / gram.shape[0]
-    gram[np.diag_indices_from(gram)] += ridge
-    solution = np.linalg.solve(gram, x_aug.T @ y.astype(np.float64))
-    return solution[:-1].astype(np.float32), solution[-1].astype(np.float32)
-
-
-def mean_item_vectors(item_vectors: np.ndarray, user_items, users: np.ndarray) -> np.ndarray:
-    """Row ``k``: the mean of ``item_vectors`` over user ``users[k]``'s items (CSR rows)."""
-    rows = user_items[users]
-    counts = np.maximum(np.asarray(rows.sum(1)).ravel(), 1)
-    return np.asarray(rows @ item_vectors) / counts[:, None]
-
-
 def _write_user_tokens(path: Path, user_ids: list[str], codes: np.ndarray, modalities: list[str]) -> None:
     header = ["user_id:token"] + [f"{modality_prefix(m)}_tokens:token_seq" for m in modalities]
     with path.open("w") as handle:
@@ -119,7 +116,6 @@ def _write_interactions(path: Path, train_data, valid_data, test_data, config) -
 def _item_encoders(model, dataset, config) -> tuple[dict, dict]:
     """Everything needed to map a new item feature vector (e.g. of generated content) into
     the model's layer-0 item space without stage-1 code: feature scaling + MLP weights."""
-    from recbole_dppmg.model.modal_features import ID_MODALITY, config_value, feature_scaling, load_modal_features
 
     how = config_value(config, "feature_norm", "standard")
     raw_config = {key: config[key] for key in config.final_config_dict}
@@ -156,8 +152,6 @@ def export_tokens(
     interpret: bool = True,
 ) -> Path:
     """Write the token export of a DPPMG checkpoint; returns the export folder."""
-    from recbole_dppmg.model.dppmg import DPPMG
-    from recbole_dppmg.quick_start import load_data_and_model
 
     checkpoint = Path(checkpoint)
     state = load_checkpoint_file(checkpoint)
@@ -201,7 +195,6 @@ def export_tokens(
         save_file(foldin, str(tmp / "foldin.safetensors"))
         encoder_tensors, encoder_info = _item_encoders(model, dataset, config)
         save_file(encoder_tensors, str(tmp / "item_encoders.safetensors"))
-        from recbole_dppmg.tokens.foldin_quality import evaluate_fold_in
 
         valid_items = valid_data._dataset.inter_matrix(form="csr")
         foldin_quality = evaluate_fold_in(modalities, codebooks, items, user_vectors, codes, user_items.tocsr(), valid_items)
@@ -218,7 +211,6 @@ def export_tokens(
         files = ["codebooks.safetensors", "user_codes.npy", "user_vectors.safetensors", "item_vectors.safetensors",
                  "foldin.safetensors", "foldin_quality.json", "item_encoders.safetensors", "ids.json", "interactions.npz", "user_tokens.tsv", *index_files]
         if interpret:
-            from recbole_dppmg.tokens.interpret import write_code_report
 
             files += write_code_report(tmp, config, codes, codebooks, items, user_items, modalities, item_ids)
         data_dir = Path(config["data_path"])

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from recbole_dppmg.tokens.export import fit_foldin, mean_item_vectors
 from recbole_dppmg.tokens.faiss_lookup import brute_force_search
+from recbole_dppmg.tokens.foldin import fit_foldin, mean_item_vectors
 
 TOPK = 10
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recbole_dppmg.data.atomic import read_item_table
 from recbole_dppmg.tokens.format import token_string
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,6 @@ def _item_labels(config, item_ids: list[str]) -> tuple[list[str], list[list[str]
     path = Path(config["data_path"]) / f"{config['dataset']}.item"
     labels, genres = list(item_ids), [[] for _ in item_ids]
     try:
-        from recbole_dppmg.data.atomic import read_item_table
 
         table = read_item_table(path)
     except Exception as error:  # a dataset without a readable .item keeps the ids

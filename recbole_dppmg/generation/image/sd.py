@@ -22,8 +22,16 @@ from tqdm.auto import tqdm
 
 from recbole_dppmg.devices import resolve_device
 from recbole_dppmg.errors import CheckpointError, ConfigError
-from recbole_dppmg.generation.image_data import load_poster, poster_files, training_pairs
-from recbole_dppmg.generation.vocabulary import CodebookProjection, PreferenceVocabulary
+from recbole_dppmg.generation.common.vocabulary import (
+    CodebookProjection,
+    PreferenceVocabulary,
+)
+from recbole_dppmg.generation.image.data import (
+    load_poster,
+    poster_files,
+    training_pairs,
+)
+from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +86,6 @@ def train_sd_tokens(pipeline_path: str | Path, dataset: str, tokens_folder: str 
     """Textual-inversion training of the preference-token embeddings (optionally + UNet LoRA)."""
     from diffusers import DDPMScheduler
 
-    from recbole_dppmg.tokens import PreferenceTokens
 
     unknown = set(config or {}) - set(SD_DEFAULTS)
     if unknown:
@@ -152,7 +159,6 @@ def train_sd_tokens(pipeline_path: str | Path, dataset: str, tokens_folder: str 
 def generate_sd_posters(run_folder: str | Path, users: list, tokens_folder: str | Path, seed: int = 0, steps: int = 30,
                         guidance: float = 7.5, pipe=None) -> list:
     """PIL posters for ``users`` from a trained token run; user k uses seed ``seed + k``."""
-    from recbole_dppmg.tokens import PreferenceTokens
 
     run_folder = Path(run_folder)
     if not (run_folder / SD_CONFIG).is_file():

@@ -39,11 +39,39 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
-from recbole_dppmg.generation.rl_common import (
-    CONFIG_FILE, JudgeReward, claim_run_folder, pre_rl_text_features, reward_advantages, reward_table, rl_config,
-    resume_or_start, save_progress, start_or_resume, step_record, step_users, user_pool, write_json,
+from recbole_dppmg.generation.common.user_split import split_users
+from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.data import tensor_to_pil
+from recbole_dppmg.generation.image.metrics import image_features
+from recbole_dppmg.generation.image.train import (
+    build_codec,
+    image_settings,
+    load_image_config,
+    load_image_generator,
+    read_image_config,
 )
+from recbole_dppmg.generation.image.train import save_checkpoint as save_generator
+from recbole_dppmg.generation.rl.common import (
+    CONFIG_FILE,
+    JudgeReward,
+    claim_run_folder,
+    pre_rl_text_features,
+    resume_or_start,
+    reward_advantages,
+    reward_table,
+    rl_config,
+    save_progress,
+    start_or_resume,
+    step_record,
+    step_users,
+    user_pool,
+    write_json,
+)
+from recbole_dppmg.generation.text.config import new_run_folder, newest_generator_run
+from recbole_dppmg.paths import SAVED_DIR
+from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
@@ -253,20 +281,10 @@ def train_image_rl(dataset: str, image_run: Path | None, judge, config: dict | N
     ``codec`` the autoencoder (tests). ``rl.image.resume`` continues an ``ImageRL-*`` folder.
     The new run goes to ``out_dir`` or ``saved/<dataset>/ImageRL-<time>/``.
     """
-    from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
-    from recbole_dppmg.generation.image_data import tensor_to_pil
-    from recbole_dppmg.generation.image_metrics import image_features
-    from recbole_dppmg.generation.image_train import build_codec, image_settings, load_image_config, load_image_generator, save_checkpoint as save_generator
-    from recbole_dppmg.generation.text_config import new_run_folder
-    from recbole_dppmg.generation.user_split import split_users
-    from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
-    from recbole_dppmg.paths import SAVED_DIR
-    from recbole_dppmg.tokens import PreferenceTokens
 
     cfg = rl_config("image", config, quick)
     run, image_run = resume_or_start("image", cfg, image_run, RESUME_KEYS, "a trained image generator (an ImageGen-* folder)")
     with torch_threads(cfg["num_threads"]):
-        from recbole_dppmg.generation.image_train import read_image_config
 
         meta = read_image_config(image_run)
         tokens = PreferenceTokens.load(meta["tokens_folder"], dataset=dataset)
@@ -281,7 +299,6 @@ def train_image_rl(dataset: str, image_run: Path | None, judge, config: dict | N
         if judged:
             if judge is None:
                 raise DataError("image RL needs a judge (reward.PreferenceJudge) or a reward_fn")
-            from recbole_dppmg.generation.text_config import newest_generator_run
 
             partner_run = Path(cfg["partner"]) if cfg.get("partner") else newest_generator_run(dataset, SAVED_DIR)
             partner = pre_rl_text_features(dataset, partner_run, pool, cfg["num_threads"], cfg["progress"])

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from recbole_dppmg.data.atomic import read_item_table
 from recbole_dppmg.errors import DataError
-from recbole_dppmg.generation.user_split import split_users
+from recbole_dppmg.generation.common.user_split import split_users
 from recbole_dppmg.paths import CACHE_DIR, DATASET_DIR, shared_dir
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ def default_poster_dir(dataset: str) -> Path:
 
 def poster_files(dataset: str, poster_dir: str | Path | None = None, dataset_dir: str | Path | None = None) -> dict[str, Path]:
     """``{item_id: poster path}`` for every item of the prepared dataset whose poster exists."""
-    from recbole_dppmg.data.atomic import read_item_table
 
     poster_dir = Path(poster_dir) if poster_dir else default_poster_dir(dataset)
     item_file = Path(dataset_dir or DATASET_DIR / dataset) / f"{dataset}.item"

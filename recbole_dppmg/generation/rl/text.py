@@ -46,10 +46,37 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
 from recbole_dppmg.errors import CheckpointError, DataError
-from recbole_dppmg.generation.rl_common import (
-    CONFIG_FILE, JudgeReward, claim_run_folder, pre_rl_poster_features, reward_advantages, reward_table, rl_config,
-    resume_or_start, save_progress, start_or_resume, step_record, step_users, user_pool, write_json,
+from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.generate import latest_checkpoint
+from recbole_dppmg.generation.image.train import read_image_config
+from recbole_dppmg.generation.rl.common import (
+    CONFIG_FILE,
+    JudgeReward,
+    claim_run_folder,
+    pre_rl_poster_features,
+    resume_or_start,
+    reward_advantages,
+    reward_table,
+    rl_config,
+    save_progress,
+    start_or_resume,
+    step_record,
+    step_users,
+    user_pool,
+    write_json,
+)
+from recbole_dppmg.generation.text.config import new_run_folder, saved_root, text_config
+from recbole_dppmg.generation.text.generate import (
+    TokenConditioner,
+    left_pad,
+    prompt_ids,
+)
+from recbole_dppmg.generation.text.pipeline import (
+    _load_tokens,
+    _run_config,
+    load_text_generator,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,7 +110,6 @@ def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_rollout(lm, conditioner, users: Sequence[str], group_size: int, max_new_tokens: int, temperature: float, seed: int) -> Rollout:
     """``group_size`` texts per user from the tempered softmax over the base vocabulary."""
-    from recbole_dppmg.generation.text_generate import left_pad, prompt_ids
 
     tokenizer = lm.tokenizer
     users = [str(u) for u in users for _ in range(group_size)]
@@ -162,7 +188,6 @@ def run_text_rl(lm, vocabulary, reward_fn: Callable, pool: Sequence[str], cfg: d
     ``folder/checkpoint`` when one exists); returns the state with its ``history``."""
     from tqdm.auto import tqdm
 
-    from recbole_dppmg.generation.text_generate import TokenConditioner
 
     folder = Path(folder)
     conditioner = TokenConditioner(lm, vocabulary)
@@ -232,10 +257,6 @@ def train_text_rl(dataset: str, text_run: Path | None, judge, config: dict | Non
     ``rl.text.resume`` continues a ``TextRL-*`` folder. The new run goes to ``out_dir`` or
     ``<warm-up's checkpoint_dir>/<dataset>/TextRL-<time>/``.
     """
-    from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
-    from recbole_dppmg.generation.text_config import new_run_folder, saved_root, text_config
-    from recbole_dppmg.generation.text_pipeline import _load_tokens, _run_config, load_text_generator
-    from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 
     cfg = rl_config("text", config, quick)
     run, text_run = resume_or_start("text", cfg, text_run, RESUME_KEYS, "a warm-up run (a TextGen-* folder)")
@@ -252,8 +273,6 @@ def train_text_rl(dataset: str, text_run: Path | None, judge, config: dict | Non
         if judged:
             if judge is None:
                 raise DataError("text RL needs a judge (reward.PreferenceJudge) or a reward_fn")
-            from recbole_dppmg.generation.image_generate import latest_checkpoint
-            from recbole_dppmg.generation.image_train import read_image_config
 
             partner_run = Path(cfg["partner"]) if cfg.get("partner") else latest_checkpoint(dataset)
             partner_tokens = read_image_config(partner_run)["tokens_folder"]

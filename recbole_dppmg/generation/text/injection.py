@@ -29,7 +29,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recbole_dppmg.errors import CheckpointError, DataError
-from recbole_dppmg.generation.vocabulary import CodebookProjection, PreferenceVocabulary
+from recbole_dppmg.generation.common.vocabulary import (
+    CodebookProjection,
+    PreferenceVocabulary,
+)
+from recbole_dppmg.tokens.format import all_token_strings
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +304,6 @@ def load_preference_lm(folder: str | Path, model, tokenizer, vocabulary: Prefere
             raise CheckpointError(f"token export has codebook dim {vocabulary.dim}, the text generator was built for {meta.dim}")
         strings = vocabulary.strings
     else:
-        from recbole_dppmg.tokens.format import all_token_strings
 
         strings = [s for m in meta.modalities for s in all_token_strings(m, meta.levels, meta.codebook_size)]
     ids = add_preference_tokens(model, tokenizer, strings)

@@ -19,11 +19,17 @@ from tqdm.auto import tqdm
 from recbole_dppmg.data.featurize import torch_threads
 from recbole_dppmg.devices import module_device
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
-from recbole_dppmg.generation.image_data import load_poster, poster_files, tensor_to_pil
-from recbole_dppmg.generation.image_model import PosterDiffusion, check_image_size
-from recbole_dppmg.generation.image_train import WEIGHTS_FILE, build_codec, image_settings, load_image_generator
-from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.data import load_poster, poster_files, tensor_to_pil
+from recbole_dppmg.generation.image.model import PosterDiffusion, check_image_size
+from recbole_dppmg.generation.image.train import (
+    WEIGHTS_FILE,
+    build_codec,
+    image_settings,
+    load_image_generator,
+)
 from recbole_dppmg.paths import SAVED_DIR
+from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +112,6 @@ def run_generate_images(dataset: str, users: list, tokens_folder: str | Path, co
     """Write ``<user>.png`` for each user, ``contact_sheet.png`` and ``generated.json``; returns
     the folder (default ``<checkpoint>/generated-<time>/``). ``codec`` / ``posters`` replace
     the autoencoder and the dataset's posters (tests)."""
-    from recbole_dppmg.tokens import PreferenceTokens
 
     config = dict(config or {})
     settings = {**GENERATE_DEFAULTS, **{k: v for k, v in config.items() if k in GENERATE_DEFAULTS}}

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from recbole_dppmg.errors import CheckpointError, ConfigError
-from recbole_dppmg.generation.user_genres import check_genre_settings
+from recbole_dppmg.generation.text.user_genres import check_genre_settings
 from recbole_dppmg.paths import PROPERTIES_DIR, REPO_ROOT, SAVED_DIR
 from recbole_dppmg.tokens.export import newest_token_export  # noqa: F401  (re-exported for the text stage)
 

@@ -27,8 +27,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from recbole_dppmg.data.atomic import read_item_table
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
-from recbole_dppmg.generation.text_config import PLAIN_TARGET_TEMPLATE, PAIR_CHOICES, check_target_template, user_field
+from recbole_dppmg.generation.text.config import (
+    PAIR_CHOICES,
+    PLAIN_TARGET_TEMPLATE,
+    check_target_template,
+    user_field,
+)
+from recbole_dppmg.generation.text.generate import prompt_ids, shuffled_user_map
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +70,6 @@ class TargetTexts(dict):
 def item_text_table(item_path: Path, template: str = PLAIN_TARGET_TEMPLATE, user_genres=None) -> TargetTexts:
     """Target texts (default "Title (year): plot") of every item of a prepared ``.item`` file
     with a plot; ``user_genres`` (``user -> str``) fills a ``{user_genres}`` field."""
-    from recbole_dppmg.data.atomic import read_item_table
 
     template = check_target_template(template)
     if user_field(template) and user_genres is None:
@@ -117,7 +123,6 @@ def content_vectors(tokenizer, embedding: torch.Tensor, pairs: Sequence[tuple[st
 
 def encode_pair(tokenizer, conditioner, user: str, target: str, max_target_tokens: int) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` with the prompt masked out of the labels."""
-    from recbole_dppmg.generation.text_generate import prompt_ids
 
     prompt = prompt_ids(tokenizer, conditioner.token_text(user))
     answer = tokenizer(target, add_special_tokens=False)["input_ids"][:max_target_tokens] + [tokenizer.eos_token_id]
@@ -287,7 +292,6 @@ def train_conditioner(model, tokenizer, conditioner, train_pairs, valid_pairs, t
             state["best_valid"], state["best_step"] = loss, step
             best = {k: v.detach().cpu().clone().contiguous() for k, v in conditioner.trainable_state().items()}
 
-    from recbole_dppmg.generation.text_generate import shuffled_user_map
 
     valid_users = sorted({u for u, _ in valid_pairs})
     other_users = shuffled_user_map(valid_users, cfg["seed"]) if len(valid_users) > 1 else None

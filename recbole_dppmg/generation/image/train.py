@@ -21,14 +21,24 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from recbole_dppmg.data.featurize import torch_threads
 from recbole_dppmg.devices import resolve_device
 from recbole_dppmg.errors import CheckpointError, ConfigError
-from recbole_dppmg.data.featurize import torch_threads
-from recbole_dppmg.generation.image_autoencoder import ENCODER_FILE, PixelCodec, default_autoencoder_dir, load_autoencoder
-from recbole_dppmg.generation.image_data import cached_latents, poster_files, training_pairs
-from recbole_dppmg.generation.image_model import EMA, PosterDiffusion, model_config
-from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
-from recbole_dppmg.paths import SAVED_DIR
+from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.autoencoder import (
+    ENCODER_FILE,
+    PixelCodec,
+    default_autoencoder_dir,
+    load_autoencoder,
+)
+from recbole_dppmg.generation.image.data import (
+    cached_latents,
+    poster_files,
+    training_pairs,
+)
+from recbole_dppmg.generation.image.model import EMA, PosterDiffusion, model_config
+from recbole_dppmg.paths import PROPERTIES_DIR, SAVED_DIR
+from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +72,6 @@ def load_image_config(overrides: dict | None = None, path: str | Path | None = N
     """The ``image:`` section of ``properties/generation.yaml`` (or ``path``) with ``overrides``."""
     import yaml
 
-    from recbole_dppmg.paths import PROPERTIES_DIR
 
     path = Path(path) if path else PROPERTIES_DIR / "generation.yaml"
     if not path.is_file():
@@ -161,7 +170,6 @@ def train_image_generator(dataset: str, tokens_folder: str | Path, config: dict 
     ``max_minutes`` or until ``max_steps``; returns the run folder.
 
     ``posters`` / ``codec`` replace the dataset's posters and the autoencoder (tests)."""
-    from recbole_dppmg.tokens import PreferenceTokens
 
     settings = image_settings(config)
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)

@@ -23,8 +23,51 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from recbole_dppmg.data.atomic import read_item_table
+from recbole_dppmg.data.featurize import load_default_encoder
 from recbole_dppmg.errors import CheckpointError, DataError
+from recbole_dppmg.generation.common.user_split import split_users
+from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.text.backbone import load_backbone
+from recbole_dppmg.generation.text.config import (
+    new_run_folder,
+    newest_generator_run,
+    newest_token_export,
+    recorded_settings,
+    saved_root,
+    text_config,
+    user_field,
+)
+from recbole_dppmg.generation.text.generate import (
+    NoTokenConditioner,
+    SoftPromptConditioner,
+    TokenConditioner,
+    generate_texts,
+    prompt_ids,
+    shuffled_user_map,
+)
+from recbole_dppmg.generation.text.injection import (
+    add_preference_tokens,
+    inject_preference_tokens,
+    load_preference_lm,
+    read_meta,
+)
+from recbole_dppmg.generation.text.metrics import (
+    distinct_n,
+    paired_bootstrap,
+    perplexity,
+    random_hit_rate,
+    retrieval_metrics,
+)
+from recbole_dppmg.generation.text.user_genres import UserGenres, genres_by_item
+from recbole_dppmg.generation.text.warmup import (
+    build_pairs,
+    content_vectors,
+    item_text_table,
+    train_conditioner,
+)
 from recbole_dppmg.paths import DATASET_DIR
+from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +86,6 @@ def _item_path(dataset: str) -> Path:
 
 
 def _load_tokens(dataset: str, tokens_folder, cfg: dict, recorded: str | None = None):
-    from recbole_dppmg.generation.text_config import newest_token_export, saved_root
-    from recbole_dppmg.tokens import PreferenceTokens
 
     folder = tokens_folder or cfg.get("tokens") or recorded or newest_token_export(dataset, saved_root(cfg))
     if recorded and Path(folder).resolve() != Path(recorded).resolve():
@@ -69,10 +110,6 @@ def _run_config(run: Path) -> dict:
 def target_texts(dataset: str, settings: dict, tokens, item_path: Path | None = None):
     """The warm-up targets (``TargetTexts``) in the shape a text config (or a run's recorded
     one) gives them."""
-    from recbole_dppmg.data.atomic import read_item_table
-    from recbole_dppmg.generation.text_config import recorded_settings, user_field
-    from recbole_dppmg.generation.text_warmup import item_text_table
-    from recbole_dppmg.generation.user_genres import UserGenres, genres_by_item
 
     settings = recorded_settings(settings)
     path = item_path or _item_path(dataset)
@@ -90,8 +127,6 @@ def run_target_texts(dataset: str, run: Path, tokens, item_path: Path | None = N
 
 def load_text_generator(run: Path, vocabulary, cfg: dict):
     """The trained DPPMG text generator of a warm-up run, on a freshly loaded backbone."""
-    from recbole_dppmg.generation.text_backbone import load_backbone
-    from recbole_dppmg.generation.text_injection import load_preference_lm, read_meta
 
     meta = read_meta(run / "dppmg")
     model, tokenizer = load_backbone(meta.backbone or cfg["backbone"], cfg["dtype"], cfg["device"])
@@ -99,9 +134,6 @@ def load_text_generator(run: Path, vocabulary, cfg: dict):
 
 
 def load_soft_prompt(run: Path, tokens, vocabulary, cfg: dict):
-    from recbole_dppmg.generation.text_backbone import load_backbone
-    from recbole_dppmg.generation.text_generate import SoftPromptConditioner
-    from recbole_dppmg.generation.text_injection import add_preference_tokens, read_meta
 
     meta = read_meta(run / "dppmg")
     model, tokenizer = load_backbone(meta.backbone or cfg["backbone"], cfg["dtype"], cfg["device"])
@@ -112,13 +144,6 @@ def load_soft_prompt(run: Path, tokens, vocabulary, cfg: dict):
 # ---------------------------------------------------------------------------- warm-up
 def train_text_generator(dataset: str, tokens_folder: Path | None = None, config: dict | None = None) -> Path:
     """Warm up the text generator on ``dataset``'s training split; returns the run folder."""
-    from recbole_dppmg.generation.text_backbone import load_backbone
-    from recbole_dppmg.generation.text_config import new_run_folder, saved_root, text_config
-    from recbole_dppmg.generation.text_generate import SoftPromptConditioner, TokenConditioner
-    from recbole_dppmg.generation.text_injection import add_preference_tokens, inject_preference_tokens
-    from recbole_dppmg.generation.text_warmup import build_pairs, content_vectors, train_conditioner
-    from recbole_dppmg.generation.user_split import split_users
-    from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 
     cfg = text_config(config)
     _threads(cfg)
@@ -178,7 +203,6 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
 
 def _check_same_settings(previous: dict, cfg: dict, keys, what: str) -> None:
     """Refuse when a recorded warm-up's ``text.<key>`` differs from ``cfg``'s."""
-    from recbole_dppmg.generation.text_config import recorded_settings
 
     recorded = recorded_settings(previous["text"])
     for key in keys:
@@ -214,9 +238,6 @@ def run_generate_text(dataset: str, users: Sequence[str], tokens_folder: Path | 
     Writes ``texts.jsonl`` ({user, tokens, text}) and ``texts.md`` into ``text.output_dir`` or
     ``<run>/generate-<time>/`` and returns that folder.
     """
-    from recbole_dppmg.generation.text_config import new_run_folder, newest_generator_run, saved_root, text_config
-    from recbole_dppmg.generation.text_generate import TokenConditioner, generate_texts
-    from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 
     cfg = text_config(config)
     _threads(cfg)
@@ -280,7 +301,6 @@ class TextConditions:
     def generate(self, name: str, users: Sequence[str], seed: int, user_map: dict[str, str] | None = None) -> list[str]:
         """One text per user; ``user_map`` is the shuffled condition's derangement (default:
         ``shuffled_user_map(users, seed)``)."""
-        from recbole_dppmg.generation.text_generate import NoTokenConditioner, TokenConditioner, generate_texts, shuffled_user_map
 
         users = list(users)
         if name not in TEXT_CONDITIONS:
@@ -314,10 +334,6 @@ def evaluate_text_generation(dataset: str, tokens_folder: Path | None = None, co
     seeds; writes ``text_eval.{json,md}`` + ``samples.jsonl``. Each condition's retrieval is
     also given as its paired difference from DPPMG tokens with a bootstrap interval over users,
     next to the chance level of a random ranking."""
-    from recbole_dppmg.data.atomic import read_item_table
-    from recbole_dppmg.generation.text_config import new_run_folder, newest_generator_run, saved_root, text_config
-    from recbole_dppmg.generation.text_metrics import random_hit_rate
-    from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 
     cfg = text_config(config)
     _threads(cfg)
@@ -371,12 +387,8 @@ def _score_conditions(texts, seconds, features, targets, exclude, backbone, cfg,
     """Retrieval per seed (mean, std, per-seed values), the paired difference from DPPMG
     (per-user metrics averaged over seeds, bootstrap over users), perplexity pooled over seeds,
     distinct-2 averaged over seeds."""
-    from recbole_dppmg.generation.text_backbone import load_backbone
-    from recbole_dppmg.generation.text_generate import prompt_ids
-    from recbole_dppmg.generation.text_metrics import distinct_n, paired_bootstrap, perplexity, retrieval_metrics
 
     if encoder is None:
-        from recbole_dppmg.data.featurize import load_default_encoder
 
         encoder = load_default_encoder("text")
     ev, k = cfg["evaluate"], cfg["evaluate"]["topk"]

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from recbole_dppmg.errors import CheckpointError, DataError
+from recbole_dppmg.generation.text.injection import ridge_map
 from recbole_dppmg.tokens.format import token_string
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,6 @@ class SoftPromptEncoder(nn.Module):
     def fit_to_content(self, vectors: torch.Tensor, targets: torch.Tensor, target_scale: float | None) -> None:
         """Same initialisation as DPPMG's projection (for a fair comparison): every slot of a
         user approximates the user's content vector, by a closed-form ridge fit per modality."""
-        from recbole_dppmg.generation.text_injection import ridge_map
 
         x = (vectors.float() - self.mean) / self.std  # [U, M, dim]
         with torch.no_grad():

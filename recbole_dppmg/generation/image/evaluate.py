@@ -22,14 +22,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recbole_dppmg.data.featurize import (
+    image_encoder_version,
+    load_default_encoder,
+    torch_threads,
+)
 from recbole_dppmg.devices import module_device
-from recbole_dppmg.data.featurize import image_encoder_version, load_default_encoder, torch_threads
 from recbole_dppmg.errors import DataError
-from recbole_dppmg.generation.image_data import cached_latents, load_poster, poster_files, tensor_to_pil
-from recbole_dppmg.generation.image_generate import GENERATE_DEFAULTS, generate_posters, user_positions
-from recbole_dppmg.generation.image_metrics import frechet_distance, image_features, real_poster_features, retrieval_metrics
-from recbole_dppmg.generation.image_train import build_codec, build_model, image_settings, load_image_generator
-from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.data import (
+    cached_latents,
+    load_poster,
+    poster_files,
+    tensor_to_pil,
+)
+from recbole_dppmg.generation.image.generate import (
+    GENERATE_DEFAULTS,
+    generate_posters,
+    user_positions,
+)
+from recbole_dppmg.generation.image.metrics import (
+    frechet_distance,
+    image_features,
+    real_poster_features,
+    retrieval_metrics,
+)
+from recbole_dppmg.generation.image.train import (
+    build_codec,
+    build_model,
+    image_settings,
+    load_image_generator,
+)
+from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +61,6 @@ logger = logging.getLogger(__name__)
 def evaluate_image_generator(dataset: str, tokens_folder: str | Path, checkpoint: str | Path, config: dict | None = None,
                              n_fd: int = 500, topk: int = 10, max_users: int | None = None, out_dir: str | Path | None = None) -> dict:
     """All figures as a dict; also written to ``<out_dir>/image_eval.json`` and ``.md``."""
-    from recbole_dppmg.tokens import PreferenceTokens
 
     config = dict(config or {})
     gen = {**GENERATE_DEFAULTS, **{k: v for k, v in config.items() if k in GENERATE_DEFAULTS}}
@@ -122,7 +145,7 @@ def _save_grid(images, path: Path, columns: int = 8) -> None:
 
 
 def _markdown(result: dict, topk: int) -> str:
-    lines = [f"# Image generator evaluation", "", f"checkpoint `{result['checkpoint']}`, {result['trained_steps']} steps, "
+    lines = ["# Image generator evaluation", "", f"checkpoint `{result['checkpoint']}`, {result['trained_steps']} steps, "
              f"{result['train_seconds']} s of training, posters {result['size'][0]}x{result['size'][1]}, "
              f"{result['seconds_per_poster']:.3f} s per poster", "", "| poster set | Fréchet distance to real posters |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in result["frechet_distance"].items()]

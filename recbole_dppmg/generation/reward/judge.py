@@ -33,6 +33,7 @@ import numpy as np
 import yaml
 from scipy.special import rel_entr, softmax
 
+from recbole_dppmg.data.atomic import read_item_table
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
 from recbole_dppmg.paths import DATASET_DIR, PROPERTIES_DIR
 
@@ -133,7 +134,6 @@ class PreferenceJudge:
     def for_dataset(cls, dataset: str, tokens, config: dict | None = None, dataset_dir: str | Path | None = None) -> "PreferenceJudge":
         """The judge over the prepared dataset's catalogue (its ``.item`` features, the field
         names recorded in the export; an item whose ``<m>_mask`` is 0 lacks modality ``m``)."""
-        from recbole_dppmg.data.atomic import read_item_table
 
         if tokens.manifest.get("dataset") != dataset:
             raise CheckpointError(f"token export {tokens.folder} was made for dataset {tokens.manifest.get('dataset')}, not {dataset}")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from recbole_dppmg.errors import ConfigError
-from recbole_dppmg.generation.vocabulary import CodebookProjection
+from recbole_dppmg.generation.common.vocabulary import CodebookProjection
 
 logger = logging.getLogger(__name__)
 

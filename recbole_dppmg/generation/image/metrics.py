@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from recbole_dppmg.generation.image_data import load_poster, tensor_to_pil
+from recbole_dppmg.generation.image.data import load_poster, tensor_to_pil
 from recbole_dppmg.paths import CACHE_DIR
 
 logger = logging.getLogger(__name__)

@@ -38,8 +38,47 @@ from typing import Callable, Sequence
 import numpy as np
 import yaml
 
+from recbole_dppmg.data.featurize import (
+    image_encoder_version,
+    load_default_encoder,
+    torch_threads,
+)
 from recbole_dppmg.errors import CheckpointError, ConfigError
-from recbole_dppmg.paths import PROPERTIES_DIR, SAVED_DIR
+from recbole_dppmg.generation.common.runs import rl_phases, rl_source
+from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.data import load_poster, poster_files, tensor_to_pil
+from recbole_dppmg.generation.image.generate import (
+    GENERATE_DEFAULTS,
+    generate_posters,
+    user_positions,
+)
+from recbole_dppmg.generation.image.metrics import (
+    frechet_distance,
+    image_features,
+    real_poster_features,
+)
+from recbole_dppmg.generation.image.train import (
+    build_codec,
+    image_settings,
+    load_image_config,
+    load_image_generator,
+    read_image_config,
+)
+from recbole_dppmg.generation.report.render import write_report
+from recbole_dppmg.generation.reward.judge import PreferenceJudge, reward_config
+from recbole_dppmg.generation.text.backbone import load_backbone
+from recbole_dppmg.generation.text.config import text_config
+from recbole_dppmg.generation.text.generate import prompt_ids, shuffled_user_map
+from recbole_dppmg.generation.text.injection import read_meta
+from recbole_dppmg.generation.text.metrics import (
+    distinct_n,
+    perplexity,
+    retrieval_metrics,
+)
+from recbole_dppmg.generation.text.pipeline import TextConditions, run_target_texts
+from recbole_dppmg.generation.text.warmup import item_text_table
+from recbole_dppmg.paths import DATASET_DIR, PROPERTIES_DIR, SAVED_DIR
+from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
@@ -100,16 +139,10 @@ def _finished_image_runs(dataset: str, root: Path, prefix: str) -> list[Path]:
     return [p.parent for p in found if (p.parent / "image_config.json").is_file()]
 
 
-def _rl_source(run: Path) -> str | None:
-    path = run / "rl_config.json"
-    return str(Path(json.loads(path.read_text())["source_run"]).resolve()) if path.is_file() else None
-
-
 def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> EvaluatedRuns:
     """The runs named in ``cfg`` or, for those left at None, the newest that fit: text and
     image generators trained on the same token export with the same held-out test users, RL
     runs made from exactly those generators. A clear error otherwise."""
-    from recbole_dppmg.generation.image_train import read_image_config
 
     root = Path(root or SAVED_DIR)
     tokens = str(Path(cfg["tokens"]).resolve()) if cfg.get("tokens") else None
@@ -148,21 +181,9 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
     return EvaluatedRuns(tokens, str(text.resolve()), str(image.resolve()), text_rl, image_rl, [str(u) for u in test_users])
 
 
-def rl_phases(run) -> list[Path]:
-    """The RL runs that led to ``run``, first phase first (``rl.<modality>.then`` starts each
-    later phase from the one before); ``[run]`` when RL ran in one phase."""
-    chain, seen = [Path(run)], set()
-    source = _rl_source(chain[0])
-    while source is not None and (Path(source) / "rl_config.json").is_file() and source not in seen:
-        seen.add(source)
-        chain.insert(0, Path(source))
-        source = _rl_source(chain[0])
-    return chain
-
-
 def _rl_origin(run: Path) -> str | None:
     """The generator an RL run descends from: the source of its chain's first phase."""
-    return _rl_source(rl_phases(run)[0])
+    return rl_source(rl_phases(run)[0])
 
 
 def _rl_run(dataset: str, root: Path, prefix: str, given, source: Path, finished: Callable) -> str | None:
@@ -172,7 +193,7 @@ def _rl_run(dataset: str, root: Path, prefix: str, given, source: Path, finished
     if given:
         run = Path(given)
         if _rl_origin(run) != source:
-            raise CheckpointError(f"RL run {run} was not made from {source} (its rl_config.json names {_rl_source(run)})")
+            raise CheckpointError(f"RL run {run} was not made from {source} (its rl_config.json names {rl_source(run)})")
         return str(run.resolve())
     runs = [r for r in finished(dataset, root, prefix) if _rl_origin(r) == source]
     return str(runs[-1].resolve()) if runs else None
@@ -235,10 +256,6 @@ def build_report(dataset: str, config: dict | None = None, out_dir: str | Path |
     ``text_featurize`` / ``image_featurize`` (lists of texts / PIL images -> features), ``codec``,
     ``posters`` and ``dataset_dir`` replace the default encoders, autoencoder, the dataset's
     posters and ``dataset/<dataset>/`` (tests)."""
-    from recbole_dppmg.data.featurize import torch_threads
-    from recbole_dppmg.generation.report_render import write_report
-    from recbole_dppmg.generation.reward import PreferenceJudge, reward_config
-    from recbole_dppmg.tokens import PreferenceTokens
 
     cfg = evaluate_config(config)
     reward_cfg = reward_config(reward_overrides)
@@ -326,13 +343,10 @@ def _new_folder(parent: Path) -> Path:
 def _featurizers(text_featurize, image_featurize):
     """The item encoders of the dataset (MiniLM, EfficientNet-Lite0) unless given."""
     if text_featurize is None:
-        from recbole_dppmg.data.featurize import load_default_encoder
 
         encoder = load_default_encoder("text")
         text_featurize = lambda texts: encoder.encode([t or " " for t in texts], progress=False)  # noqa: E731
     if image_featurize is None:
-        from recbole_dppmg.data.featurize import image_encoder_version, load_default_encoder
-        from recbole_dppmg.generation.image_metrics import image_features
 
         image_encoder = load_default_encoder("image")
         image_featurize = lambda images: image_features(image_encoder, images)  # noqa: E731
@@ -344,10 +358,6 @@ class _Generation:
     """Loads the generators of ``runs`` and writes every condition's content per seed."""
 
     def __init__(self, dataset, runs: EvaluatedRuns, tokens, cfg, text_overrides, image_overrides, codec, posters, dataset_dir):
-        from recbole_dppmg.generation.image_generate import GENERATE_DEFAULTS
-        from recbole_dppmg.generation.image_train import image_settings, load_image_config, read_image_config
-        from recbole_dppmg.generation.text_config import text_config
-        from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 
         self.dataset, self.runs, self.tokens, self.cfg = dataset, runs, tokens, cfg
         self.vocabulary = PreferenceVocabulary(tokens)
@@ -369,17 +379,11 @@ class _Generation:
     @property
     def codec(self):
         if self._codec is None:
-            from recbole_dppmg.generation.image_train import build_codec
 
             self._codec, _ = build_codec(self.image_settings)
         return self._codec
 
     def catalogues(self, judge, image_featurize) -> Catalogues:
-        from recbole_dppmg.generation.image_data import poster_files
-        from recbole_dppmg.generation.image_metrics import real_poster_features
-        from recbole_dppmg.generation.text_pipeline import run_target_texts
-        from recbole_dppmg.generation.text_warmup import item_text_table
-        from recbole_dppmg.paths import DATASET_DIR
 
         folder = self.dataset_dir or DATASET_DIR / self.dataset
         posters = self._posters if self._posters is not None else poster_files(self.dataset, self.image_settings["poster_dir"], folder)
@@ -395,8 +399,6 @@ class _Generation:
     # ------------------------------------------------------------------ text
     def texts(self, users: list[str], ceiling: list[str]) -> dict[str, dict[int, list[str]]]:
         """Texts per condition and seed for ``users``; ``ceiling`` = the real texts of their top items."""
-        from recbole_dppmg.generation.text_generate import shuffled_user_map
-        from recbole_dppmg.generation.text_pipeline import TextConditions
 
         out: dict[str, dict[int, list[str]]] = {}
         before = TextConditions(self.dataset, Path(self.runs.text), self.tokens, self.vocabulary, self.text_cfg)
@@ -416,10 +418,6 @@ class _Generation:
         first); the ceiling's are the ``real`` poster files of their top items."""
         import torch
 
-        from recbole_dppmg.generation.image_data import load_poster, tensor_to_pil
-        from recbole_dppmg.generation.image_generate import generate_posters, user_positions
-        from recbole_dppmg.generation.image_train import load_image_generator
-        from recbole_dppmg.generation.text_generate import shuffled_user_map
 
         out: dict[str, dict[int, list]] = {}
         models = [("before", self.runs.image)] + ([("after", self.runs.image_rl)] if self.runs.image_rl else [])
@@ -444,10 +442,6 @@ class _Generation:
 
     # ------------------------------------------------------------------ quality
     def perplexity(self, texts: list[str], batch_size: int) -> float | None:
-        from recbole_dppmg.generation.text_backbone import load_backbone
-        from recbole_dppmg.generation.text_generate import prompt_ids
-        from recbole_dppmg.generation.text_injection import read_meta
-        from recbole_dppmg.generation.text_metrics import perplexity
 
         nonempty = [t for t in texts if t]
         if not nonempty:
@@ -467,8 +461,6 @@ def _measure(tokens, judge, cfg, users, fd_users, catalogues: Catalogues, texts,
              generation, ceiling_items) -> dict:
     """``{condition: {seed: {metric: value}}}``; the ceiling counts only users who have a top
     recommended item with a text and a poster."""
-    from recbole_dppmg.generation.image_metrics import frechet_distance
-    from recbole_dppmg.generation.text_metrics import distinct_n, retrieval_metrics
 
     k = cfg["topk"]
     text_targets, text_exclude = _targets(tokens, users, catalogues.text_ids, cfg["min_test_rating"])

@@ -29,7 +29,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
-from recbole_dppmg.generation.report import rl_phases  # noqa: E402
+from recbole_dppmg.generation.common.runs import rl_phases  # noqa: E402
+from recbole_dppmg.generation.image.data import load_poster, tensor_to_pil
+from recbole_dppmg.tokens.format import token_string
 
 REPORT = "report"
 LABELS = {
@@ -173,7 +175,6 @@ def _write_csv(folder: Path, result: dict) -> None:
 
 
 def _write_samples(path: Path, result: dict, tokens, texts: dict) -> None:
-    from recbole_dppmg.tokens.format import token_string
 
     with open(path, "w") as f:
         for j, user in enumerate(result["users"]):
@@ -233,8 +234,6 @@ def reward_curves(chains: list[list[Path]], path: Path) -> Path | None:
 # ---------------------------------------------------------------------------- gallery
 def write_gallery(folder: Path, result: dict, tokens, catalogues, texts: dict, images: dict) -> Path:
     """``gallery.html`` with its images under ``gallery/``."""
-    from recbole_dppmg.generation.image_data import load_poster, tensor_to_pil
-    from recbole_dppmg.tokens.format import token_string
 
     cfg = result["evaluate"]
     pictures = folder / "gallery"

@@ -32,8 +32,35 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
+from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.data import tensor_to_pil
+from recbole_dppmg.generation.image.generate import (
+    GENERATE_DEFAULTS,
+    generate_posters,
+    user_positions,
+)
+from recbole_dppmg.generation.image.metrics import image_features
+from recbole_dppmg.generation.image.train import (
+    WEIGHTS_FILE,
+    build_codec,
+    image_settings,
+    load_image_config,
+    load_image_generator,
+    read_image_config,
+)
+from recbole_dppmg.generation.text.config import text_config
+from recbole_dppmg.generation.text.generate import TokenConditioner, generate_texts
+from recbole_dppmg.generation.text.injection import META
+from recbole_dppmg.generation.text.pipeline import (
+    _generation_options,
+    _load_tokens,
+    _run_config,
+    load_text_generator,
+)
 from recbole_dppmg.paths import CACHE_DIR, PROPERTIES_DIR
+from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
@@ -370,13 +397,6 @@ def pre_rl_poster_features(dataset: str, image_run: Path, users: Sequence[str], 
                            progress: bool = True, seed: int | None = None) -> dict[str, np.ndarray]:
     """EfficientNet features of one poster per user from the image generator ``image_run``
     (its default sampler, steps, guidance and seed from the ``image:`` section), cached."""
-    from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
-    from recbole_dppmg.generation.image_data import tensor_to_pil
-    from recbole_dppmg.generation.image_generate import GENERATE_DEFAULTS, generate_posters, user_positions
-    from recbole_dppmg.generation.image_metrics import image_features
-    from recbole_dppmg.generation.image_train import WEIGHTS_FILE, build_codec, image_settings, load_image_config, load_image_generator, read_image_config
-    from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
-    from recbole_dppmg.tokens import PreferenceTokens
 
     image_run = Path(image_run)
     meta = read_image_config(image_run)
@@ -406,12 +426,6 @@ def pre_rl_text_features(dataset: str, text_run: Path, users: Sequence[str], num
                          progress: bool = True, seed: int | None = None) -> dict[str, np.ndarray]:
     """MiniLM features of one text per user from the text generator ``text_run`` (the
     ``text.generate`` settings and ``text.seed``), cached."""
-    from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
-    from recbole_dppmg.generation.text_config import text_config
-    from recbole_dppmg.generation.text_generate import TokenConditioner, generate_texts
-    from recbole_dppmg.generation.text_injection import META
-    from recbole_dppmg.generation.text_pipeline import _generation_options, _load_tokens, _run_config, load_text_generator
-    from recbole_dppmg.generation.vocabulary import PreferenceVocabulary
 
     text_run = Path(text_run)
     cfg = text_config({"num_threads": num_threads, "progress": progress})
