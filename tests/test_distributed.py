@@ -11,12 +11,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from recbole.data import create_dataset, data_preparation
+from tiny_mm import yaml_quantizer
 
 from recbole_dppmg.config import build_config, user_settings
 from recbole_dppmg.data.synthetic import SyntheticSpec, write_synthetic
 from recbole_dppmg.distributed import free_port, resolve_backend
 from recbole_dppmg.errors import ConfigError
-from recbole_dppmg.model.quantizer import ResidualVectorQuantizer
 from recbole_dppmg.quick_start import run
 from recbole_dppmg.utils import get_model, get_trainer
 
@@ -62,7 +62,7 @@ def _quantizer_rank(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
     try:
         torch.manual_seed(100 + rank)  # ranks draw different k-means seeds and data
-        quantizer = ResidualVectorQuantizer(levels=2, codebook_size=4, dim=3, dead_code_threshold=0.0)
+        quantizer = yaml_quantizer(levels=2, codebook_size=4, dim=3, dead_code_threshold=0.0)
         quantizer.kmeans_init(torch.randn(64, 3) + rank)
         after_init = quantizer.codebooks.clone()
         batch = torch.load(Path(out) / "batch.pt", weights_only=True)[rank]
@@ -84,7 +84,7 @@ def test_quantizer_state_is_identical_on_both_ranks_and_sees_both_batches(tmp_pa
         assert torch.allclose(value.float(), ranks[1]["state"][key].float(), atol=1e-6), key
 
     torch.manual_seed(100)  # replay rank 0's k-means here
-    single = ResidualVectorQuantizer(levels=2, codebook_size=4, dim=3, dead_code_threshold=0.0)
+    single = yaml_quantizer(levels=2, codebook_size=4, dim=3, dead_code_threshold=0.0)
     single.kmeans_init(torch.randn(64, 3))
     assert torch.allclose(single.codebooks, ranks[0]["init"], atol=1e-5)
     single.train()(torch.cat(halves))

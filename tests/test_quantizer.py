@@ -4,8 +4,9 @@ import io
 
 import pytest
 import torch
+from tiny_mm import yaml_quantizer
 
-from recbole_dppmg.model.quantizer import ResidualVectorQuantizer, faiss_kmeans
+from recbole_dppmg.model.quantizer import faiss_kmeans
 
 
 def clustered(n_per=25, centres=4, dim=6, spread=0.01, seed=0):
@@ -18,14 +19,14 @@ def clustered(n_per=25, centres=4, dim=6, spread=0.01, seed=0):
 def test_kmeans_init_lands_on_data_points():
     # As many distinct points as codes: every code is exactly one of the points.
     x = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
-    rvq = ResidualVectorQuantizer(levels=1, codebook_size=8, dim=5)
+    rvq = yaml_quantizer(levels=1, codebook_size=8, dim=5)
     rvq.kmeans_init(x, seed=0)
     dist = torch.cdist(rvq.codebooks[0], x)
     assert torch.allclose(dist.min(1).values, torch.zeros(8), atol=1e-5)
     assert dist.argmin(1).unique().numel() == 8  # each point has its own code
     # Tight clusters: each code sits on a cluster, next to its points.
     x, centres = clustered()
-    rvq = ResidualVectorQuantizer(levels=1, codebook_size=4, dim=6)
+    rvq = yaml_quantizer(levels=1, codebook_size=4, dim=6)
     rvq.kmeans_init(x, seed=0)
     assert torch.cdist(rvq.codebooks[0], x).min(1).values.max() < 0.05
     assert torch.cdist(rvq.codebooks[0], centres).argmin(1).unique().numel() == 4
@@ -43,7 +44,7 @@ def test_straight_through_gradients_reach_the_encoder():
     torch.manual_seed(0)
     encoder = torch.nn.Linear(3, 4)
     inputs = torch.randn(32, 3)
-    rvq = ResidualVectorQuantizer(levels=2, codebook_size=4, dim=4)
+    rvq = yaml_quantizer(levels=2, codebook_size=4, dim=4)
     rvq.kmeans_init(encoder(inputs))
     rvq.eval()
     out = rvq(encoder(inputs))
@@ -65,7 +66,7 @@ def test_straight_through_gradients_reach_the_encoder():
 def test_commitment_is_on_the_final_reconstruction_only():
     torch.manual_seed(0)
     x = torch.randn(200, 6)
-    rvq = ResidualVectorQuantizer(levels=3, codebook_size=8, dim=6, commitment_beta=0.5)
+    rvq = yaml_quantizer(levels=3, codebook_size=8, dim=6, commitment_beta=0.5)
     rvq.kmeans_init(x, seed=0)
     rvq.eval()  # no EMA update, so the codebooks are those that produced the codes
     out = rvq(x)
@@ -79,7 +80,7 @@ def test_commitment_is_on_the_final_reconstruction_only():
 def test_reconstruction_error_falls_as_levels_are_added():
     torch.manual_seed(0)
     x = torch.randn(400, 8)
-    rvq = ResidualVectorQuantizer(levels=4, codebook_size=16, dim=8)
+    rvq = yaml_quantizer(levels=4, codebook_size=16, dim=8)
     rvq.kmeans_init(x, seed=0)
     err = rvq.code_stats(x)["quant_error"]
     assert all(b < a for a, b in zip(err, err[1:])), err
@@ -95,7 +96,7 @@ def test_reconstruction_error_falls_as_levels_are_added():
 def test_dead_codes_get_restarted_on_batch_vectors():
     torch.manual_seed(0)
     x, _ = clustered(centres=4)  # 25 points per cluster -> EMA count 25 per code
-    rvq = ResidualVectorQuantizer(levels=1, codebook_size=4, dim=6, ema_decay=0.5, dead_code_threshold=13)
+    rvq = yaml_quantizer(levels=1, codebook_size=4, dim=6, ema_decay=0.5, dead_code_threshold=13)
     rvq.kmeans_init(x, seed=0)
     old_codes = rvq.encode(x)[:, 0]
     # A batch from two clusters only: the other two codes decay to 12.5 < 13 and restart.
@@ -114,7 +115,7 @@ def test_dead_codes_get_restarted_on_batch_vectors():
 
 def test_ema_moves_codes_toward_assigned_vectors():
     x, _ = clustered(centres=2)
-    rvq = ResidualVectorQuantizer(levels=1, codebook_size=2, dim=6, ema_decay=0.8, dead_code_threshold=0.0)
+    rvq = yaml_quantizer(levels=1, codebook_size=2, dim=6, ema_decay=0.8, dead_code_threshold=0.0)
     rvq.kmeans_init(x, seed=0)
     shifted = x + 0.5
     rvq.train()
@@ -130,14 +131,14 @@ def test_ema_moves_codes_toward_assigned_vectors():
 
 def test_state_dict_round_trip_weights_only():
     x = torch.randn(50, 4)
-    rvq = ResidualVectorQuantizer(levels=2, codebook_size=4, dim=4)
+    rvq = yaml_quantizer(levels=2, codebook_size=4, dim=4)
     rvq.kmeans_init(x, seed=0)
     rvq.train()
     rvq(x)
     buf = io.BytesIO()
     torch.save(rvq.state_dict(), buf)
     buf.seek(0)
-    fresh = ResidualVectorQuantizer(levels=2, codebook_size=4, dim=4)
+    fresh = yaml_quantizer(levels=2, codebook_size=4, dim=4)
     assert not fresh.is_initialized
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     assert fresh.is_initialized
@@ -147,4 +148,4 @@ def test_state_dict_round_trip_weights_only():
 
 def test_use_before_init_is_an_error():
     with pytest.raises(RuntimeError, match="kmeans_init"):
-        ResidualVectorQuantizer(levels=1, codebook_size=2, dim=2)(torch.randn(3, 2))
+        yaml_quantizer(levels=1, codebook_size=2, dim=2)(torch.randn(3, 2))

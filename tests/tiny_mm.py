@@ -15,6 +15,8 @@ from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
+from recbole_dppmg.model.config_check import model_defaults
+from recbole_dppmg.model.quantizer import ResidualVectorQuantizer
 from recbole_dppmg.paths import PROPERTIES_DIR
 
 TEXT_DIM, IMAGE_DIM = 8, 6
@@ -57,6 +59,12 @@ def write_tiny_mm(root: Path, name: str = "tiny", n_users: int = 40, n_items: in
             f.write("\t".join([f"i{i}"] + [values[c] for c in item_columns]) + "\n")
     return root
 
+
+def yaml_quantizer(**kwargs) -> ResidualVectorQuantizer:
+    """A quantizer with properties/model/DPPMG.yaml's settings for the keys ``kwargs`` leaves out."""
+    defaults = model_defaults("DPPMG")
+    keys = ("commitment_beta", "ema_decay", "dead_code_threshold")
+    return ResidualVectorQuantizer(**{**{key: defaults[key] for key in keys}, **kwargs})
 
 
 # RecBole settings of a tiny DPPMG run through quick_start.run (token export, judge and report tests).

@@ -39,32 +39,14 @@ from recbole.model.loss import BPRLoss, EmbLoss
 from recbole.utils import InputType
 from torch import nn
 
-from recbole_dppmg.errors import ConfigError
+from recbole_dppmg.model.config_check import check_config
 from recbole_dppmg.model.graph import LightGCNPropagation, normalized_adjacency
 from recbole_dppmg.model.modal_features import (
     ID_MODALITY,
-    config_value,
     load_modal_features,
     parse_modalities,
 )
 from recbole_dppmg.model.quantizer import ResidualVectorQuantizer
-
-
-def _positive_int(config, key, default=None) -> int:
-    value = config_value(config, key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-    return value
-
-
-def _number(config, key, default, low=0.0, high=None) -> float:
-    value = config_value(config, key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (
-        high is not None and value >= high
-    ):
-        bound = f"[{low}, {high})" if high is not None else f">= {low}"
-        raise ConfigError(f"{key} must be a number in {bound}, got {value!r}")
-    return float(value)
 
 
 def feature_mlp(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
@@ -85,42 +67,31 @@ class DPPMG(GeneralRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        check_config(config, "DPPMG")  # every key below is set (properties/model/DPPMG.yaml) and valid
         self.modalities = parse_modalities(config)
         features = load_modal_features(dataset, config)
-        self.dim = _positive_int(config, "embedding_size")
-        self.n_layers = config_value(config, "n_layers", 2)
-        if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 0:
-            raise ConfigError(f"n_layers must be an integer >= 0, got {self.n_layers!r}")
-        hidden = config_value(config, "mlp_hidden_size", [])
+        self.dim = config["embedding_size"]
+        self.n_layers = config["n_layers"]
+        hidden = config["mlp_hidden_size"]
         if isinstance(hidden, int):
             hidden = [hidden]
-        if not isinstance(hidden, (list, tuple)) or not all(
-            isinstance(h, int) and h > 0 for h in hidden
-        ):
-            raise ConfigError(f"mlp_hidden_size must be a list of positive integers, got {hidden!r}")
-        self.levels = _positive_int(config, "levels")
-        self.codebook_size = _positive_int(config, "codebook_size")
-        self.vq_weight = _number(config, "vq_weight", 1.0)
-        self.continuous_bpr_weight = _number(config, "continuous_bpr_weight", 0.0)
-        self.reg_weight = _number(config, "reg_weight", 1e-5)
-        self.kmeans_warmup_epochs = config_value(config, "kmeans_warmup_epochs", 0)
-        if not isinstance(self.kmeans_warmup_epochs, int) or self.kmeans_warmup_epochs < 0:
-            raise ConfigError(
-                f"kmeans_warmup_epochs must be an integer >= 0, got {self.kmeans_warmup_epochs!r}"
-            )
-        self.eval_quantized = bool(config_value(config, "eval_quantized", True))
+        self.levels = config["levels"]
+        self.codebook_size = config["codebook_size"]
+        self.vq_weight = float(config["vq_weight"])
+        self.continuous_bpr_weight = float(config["continuous_bpr_weight"])
+        self.reg_weight = float(config["reg_weight"])
+        self.kmeans_warmup_epochs = config["kmeans_warmup_epochs"]
+        self.eval_quantized = config["eval_quantized"]
         self._eval_levels: int | None = None  # set_eval_quantized(True, l): first l codes only
-        self.item_id_residual = config_value(config, "item_id_residual", False)
-        if not isinstance(self.item_id_residual, bool):
-            raise ConfigError(f"item_id_residual must be True or False, got {self.item_id_residual!r}")
-        self.feature_dropout = _number(config, "feature_dropout", 0.0, 0.0, 1.0)
+        self.item_id_residual = config["item_id_residual"]
+        self.feature_dropout = float(config["feature_dropout"])
         quantizer_args = dict(
             levels=self.levels,
             codebook_size=self.codebook_size,
             dim=self.dim,
-            commitment_beta=_number(config, "commitment_beta", 0.25),
-            ema_decay=_number(config, "ema_decay", 0.99, 0.0, 1.0),
-            dead_code_threshold=_number(config, "dead_code_threshold", 0.1),
+            commitment_beta=float(config["commitment_beta"]),
+            ema_decay=float(config["ema_decay"]),
+            dead_code_threshold=float(config["dead_code_threshold"]),
         )
 
         self.user_embeddings = nn.ModuleDict()

@@ -3,10 +3,11 @@
 Multimodal models (DPPMG, VBPR) read the same config keys: ``modalities``, ``feature_fields``,
 ``mask_fields``, ``feature_dims``, ``feature_norm``. A modality's field names come from
 ``feature_fields.<m>`` / ``mask_fields.<m>`` when set, else from the dataset property keys
-``<m>_feature_field`` / ``<m>_mask_field`` (so a dataset YAML names its own columns). Every problem a user can cause (a modality
-without a field, a field the dataset lacks, a width that does not match the config, NaNs)
-raises ``ConfigError`` / ``DataError`` with one line naming the key or field, instead of a
-shape error deep inside a forward pass.
+``<m>_feature_field`` / ``<m>_mask_field`` (so a dataset YAML names its own columns). The keys'
+types are checked by ``recbole_dppmg.model.config_check``; every problem the data can cause (a
+modality without a field, a field the dataset lacks, a width that does not match the config,
+NaNs) raises ``ConfigError`` / ``DataError`` here with one line naming the key or field, instead
+of a shape error deep inside a forward pass.
 """
 
 from __future__ import annotations
@@ -36,32 +37,27 @@ class ModalFeature:
         return int(self.features.shape[1])
 
 
-def config_value(config, key, default=None):
-    """``config[key]`` for a RecBole ``Config`` or a plain dict, ``default`` when unset."""
-    try:
-        value = config[key]
-    except KeyError:
-        value = None
-    return default if value is None else value
+def modality_names(value) -> list[str] | None:
+    """``modalities`` as a list of names (a list or ``"text,image"``), None if malformed."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(m, str) and m for m in value):
+        return None
+    return list(value)
 
 
 def parse_modalities(config) -> list[str]:
     """The ``modalities`` key as a list of unique names (a list or ``"text,image"``)."""
-    raw = config_value(config, "modalities")
-    if isinstance(raw, str):
-        raw = [part.strip() for part in raw.split(",") if part.strip()]
-    if not isinstance(raw, (list, tuple)) or not raw or not all(isinstance(m, str) for m in raw):
-        raise ConfigError(f"modalities must be a non-empty list of names, got {raw!r}")
-    if len(set(raw)) != len(raw):
-        raise ConfigError(f"modalities lists a name twice: {list(raw)}")
-    return list(raw)
+    names = modality_names(config["modalities"])
+    if names is None or len(set(names)) != len(names):
+        raise ConfigError(f"modalities must be a non-empty list of distinct names, got {config['modalities']!r}")
+    return names
 
 
-def _mapping(config, key) -> dict:
-    value = config_value(config, key, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key} must be a mapping modality -> value, got {value!r}")
-    return value
+def dataset_key(config, key: str):
+    """A dataset property (``<m>_feature_field``, ``<m>_mask_field``): None where the dataset
+    YAML does not name that column, which ``load_modal_features`` then reports."""
+    return config[key] if key in config else None
 
 
 def _feature_fields(dataset) -> list[str]:
@@ -81,10 +77,8 @@ def feature_scaling(rows: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.T
 
     ``zscore``: z-score per dimension; ``standard``: z-score divided by sqrt(width), so rows
     have unit norm on average and a fresh encoder gives item vectors at the scale of ID
-    embeddings. DPPMG on ml-100k-mm with commitment weight 1 and no item residual: ``standard``
-    valid NDCG@10 0.186 after 61 epochs vs a 0.205 peak at epoch 33 with ``zscore``; with
-    ``item_id_residual`` and ``vq_weight`` 0 (DPPMG.yaml) ``standard`` is the default; VBPR
-    keeps ``zscore``. ``l2``: unit rows; ``none``: as stored.
+    embeddings (DPPMG's default; VBPR keeps ``zscore``; measurements in
+    docs/stage1-tuning-notes.md). ``l2``: unit rows; ``none``: as stored.
     """
     width = rows.shape[1]
     mean, divisor = torch.zeros(width), torch.ones(width)
@@ -115,17 +109,15 @@ def load_modal_features(dataset, config) -> dict[str, ModalFeature]:
     (if configured) is > 0.5 and its feature row is not all zeros.
     """
     modalities = parse_modalities(config)
-    fields = _mapping(config, "feature_fields")
-    masks = _mapping(config, "mask_fields")
-    dims = _mapping(config, "feature_dims")
-    how = config_value(config, "feature_norm", "standard")
-    if how not in FEATURE_NORMS:
-        raise ConfigError(f"feature_norm must be one of {FEATURE_NORMS}, got {how!r}")
+    fields = config["feature_fields"] or {}  # None: the dataset keys <m>_feature_field
+    masks = config["mask_fields"] or {}
+    dims = config["feature_dims"] or {}
+    how = config["feature_norm"]
     name = getattr(dataset, "dataset_name", "?")
 
     wanted = [m for m in modalities if m != ID_MODALITY]
-    fields = {m: fields.get(m, config_value(config, f"{m}_feature_field")) for m in wanted}
-    masks = {m: masks.get(m, config_value(config, f"{m}_mask_field")) for m in wanted}
+    fields = {m: fields.get(m, dataset_key(config, f"{m}_feature_field")) for m in wanted}
+    masks = {m: masks.get(m, dataset_key(config, f"{m}_mask_field")) for m in wanted}
     for m in wanted:
         if not isinstance(fields[m], str):
             raise ConfigError(

@@ -61,11 +61,12 @@ def nearest_code(residual: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
 
 
 class ResidualVectorQuantizer(nn.Module):
-    """``levels`` codebooks of ``codebook_size`` vectors of size ``dim``, residual-stacked."""
+    """``levels`` codebooks of ``codebook_size`` vectors of size ``dim``, residual-stacked.
+    ``commitment_beta``, ``ema_decay`` and ``dead_code_threshold`` have no defaults here: DPPMG
+    passes its keys (properties/model/DPPMG.yaml, the one place their values live)."""
 
-    def __init__(self, levels: int, codebook_size: int, dim: int, commitment_beta: float = 0.25,
-                 ema_decay: float = 0.99, dead_code_threshold: float = 0.1,
-                 kmeans_iters: int = 25, eps: float = 1e-5):
+    def __init__(self, levels: int, codebook_size: int, dim: int, *, commitment_beta: float,
+                 ema_decay: float, dead_code_threshold: float, kmeans_iters: int = 25, eps: float = 1e-5):
         super().__init__()
         if levels < 1 or codebook_size < 1 or dim < 1:
             raise ValueError(f"levels, codebook_size, dim must be >= 1, got {levels}, {codebook_size}, {dim}")

@@ -14,13 +14,8 @@ from recbole.model.loss import BPRLoss, EmbLoss
 from recbole.utils import InputType
 from torch import nn
 
-from recbole_dppmg.errors import ConfigError
-from recbole_dppmg.model.modal_features import (
-    ID_MODALITY,
-    config_value,
-    load_modal_features,
-    parse_modalities,
-)
+from recbole_dppmg.model.config_check import check_config
+from recbole_dppmg.model.modal_features import load_modal_features, parse_modalities
 
 
 class VBPR(GeneralRecommender):
@@ -30,18 +25,13 @@ class VBPR(GeneralRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        check_config(config, "VBPR")  # every key below is set (properties/model/VBPR.yaml) and valid
         modalities = parse_modalities(config)
-        if ID_MODALITY in modalities:
-            raise ConfigError("modalities: VBPR always has ID factors; list only feature modalities")
         features = load_modal_features(dataset, config)
         self.modalities = modalities
         self.embedding_size = config["embedding_size"]
-        self.content_size = config_value(config, "content_embedding_size", self.embedding_size)
-        for key, value in (("embedding_size", self.embedding_size),
-                           ("content_embedding_size", self.content_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-        self.reg_weight = float(config_value(config, "reg_weight", 1e-5))
+        self.content_size = config["content_embedding_size"]
+        self.reg_weight = float(config["reg_weight"])
 
         content = torch.cat([features[m].features for m in modalities], 1)
         self.register_buffer("content", content, persistent=False)  # [n_items, sum of widths]

@@ -24,7 +24,6 @@ from recbole_dppmg.errors import CheckpointError
 from recbole_dppmg.model.dppmg import DPPMG
 from recbole_dppmg.model.modal_features import (
     ID_MODALITY,
-    config_value,
     feature_scaling,
     load_modal_features,
 )
@@ -117,7 +116,7 @@ def _item_encoders(model, dataset, config) -> tuple[dict, dict]:
     """Everything needed to map a new item feature vector (e.g. of generated content) into
     the model's layer-0 item space without stage-1 code: feature scaling + MLP weights."""
 
-    how = config_value(config, "feature_norm", "standard")
+    how = config["feature_norm"]
     raw_config = {key: config[key] for key in config.final_config_dict}
     raw_config["feature_norm"] = "none"
     raw = load_modal_features(dataset, raw_config)
@@ -161,7 +160,7 @@ def export_tokens(
     start = time.time()
     config, model, dataset, train_data, valid_data, test_data = load_data_and_model(checkpoint, config_dict)
     assert isinstance(model, DPPMG)
-    index_type = index_type or config["token_index_type"] or "flat"
+    index_type = index_type or config["token_index_type"]
     out_dir = Path(out_dir) if out_dir else checkpoint.parent / "tokens"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 

@@ -1,0 +1,162 @@
+"""The stage-1 models' keys: defined once in ``properties/model/<Model>.yaml``, checked here.
+
+RecBole's ``Config`` answers ``None`` for a key nobody set, so a config built without the
+model's YAML (a test, a notebook) would train whatever the code makes of ``None``. The models
+therefore call ``check_config`` first: it refuses a missing key (naming the key and the file
+that defines it) and checks the type and range of every value, after which the model reads
+``config[key]`` as RecBole's own models do. ``RULES`` lists each model's keys; a test holds
+them, the keys the code reads and the YAML to the same set.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from recbole_dppmg.errors import ConfigError
+from recbole_dppmg.model.modal_features import (
+    FEATURE_NORMS,
+    ID_MODALITY,
+    modality_names,
+)
+from recbole_dppmg.paths import PROPERTIES_DIR
+
+Rule = Callable[[object], str | None]  # None when the value is fine, else what it must be
+
+
+def model_yaml(model: str) -> Path:
+    """The property file that defines every key of ``model``."""
+    return PROPERTIES_DIR / "model" / f"{model}.yaml"
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """Safe YAML that reads ``1e-05`` as a float, as RecBole's config loader does."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def model_defaults(model: str) -> dict:
+    """The keys and values of ``model``'s property file (its defaults, the only ones)."""
+    return yaml.load(model_yaml(model).read_text(), Loader=_YamlLoader) or {}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(low: int) -> Rule:
+    return lambda value: None if _is_int(value) and value >= low else f"an integer >= {low}"
+
+
+def _number(low: float = 0.0, high: float | None = None) -> Rule:
+    bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+
+    def rule(value):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
+        return None if ok and (high is None or value < high) else f"a number {bound}"
+
+    return rule
+
+
+def _boolean(value) -> str | None:
+    return None if isinstance(value, bool) else "True or False"
+
+
+def _choice(options: tuple[str, ...]) -> Rule:
+    return lambda value: None if value in options else f"one of {', '.join(options)}"
+
+
+def _mapping(values: Rule | None = None, what: str = "values") -> Rule:
+    """None, or a mapping modality -> value (each value checked by ``values``)."""
+
+    def rule(value):
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            return "None or a mapping modality -> value"
+        if values is not None and any(values(v) for v in value.values()):
+            return f"None or a mapping modality -> {what}"
+        return None
+
+    return rule
+
+
+def _modalities(allow_id: bool) -> Rule:
+    what = "a non-empty list of distinct names"
+    if not allow_id:
+        what += f" without {ID_MODALITY!r} (VBPR always has ID factors)"
+
+    def rule(value):
+        names = modality_names(value)
+        ok = names is not None and len(set(names)) == len(names) and (allow_id or ID_MODALITY not in names)
+        return None if ok else what
+
+    return rule
+
+
+def _hidden_sizes(value) -> str | None:
+    sizes = [value] if _is_int(value) else value
+    ok = isinstance(sizes, (list, tuple)) and all(_is_int(h) and h > 0 for h in sizes)
+    return None if ok else "a list of positive integers ([] for one linear layer)"
+
+
+def _index_type(value) -> str | None:
+    ok = isinstance(value, str) and re.fullmatch(r"flat|ivf[1-9][0-9]*", value) is not None
+    return None if ok else "flat or ivf<nlist> (e.g. ivf16)"
+
+
+# Keys every multimodal model reads through recbole_dppmg.model.modal_features.
+_FEATURE_RULES: dict[str, Rule] = {
+    "feature_fields": _mapping(lambda v: None if isinstance(v, str) else "a field name", "field name"),
+    "mask_fields": _mapping(lambda v: None if isinstance(v, str) else "a field name", "field name"),
+    "feature_dims": _mapping(_integer(1), "positive integer"),
+    "feature_norm": _choice(FEATURE_NORMS),
+    "embedding_size": _integer(1),
+    "reg_weight": _number(),
+}
+
+RULES: dict[str, dict[str, Rule]] = {
+    "DPPMG": {
+        "modalities": _modalities(allow_id=True),
+        **_FEATURE_RULES,
+        "mlp_hidden_size": _hidden_sizes,
+        "n_layers": _integer(0),
+        "item_id_residual": _boolean,
+        "feature_dropout": _number(0.0, 1.0),
+        "levels": _integer(1),
+        "codebook_size": _integer(2),
+        "commitment_beta": _number(),
+        "vq_weight": _number(),
+        "ema_decay": _number(0.0, 1.0),
+        "dead_code_threshold": _number(),
+        "kmeans_warmup_epochs": _integer(0),
+        "continuous_bpr_weight": _number(),
+        "eval_quantized": _boolean,
+        "token_index_type": _index_type,
+    },
+    "VBPR": {
+        "modalities": _modalities(allow_id=False),
+        **_FEATURE_RULES,
+        "content_embedding_size": _integer(1),
+    },
+}
+
+
+def check_config(config, model: str) -> None:
+    """Refuse a config that lacks one of ``model``'s keys or holds a bad value, naming the key."""
+    yaml_file = model_yaml(model).relative_to(PROPERTIES_DIR.parent)
+    for key, rule in RULES[model].items():
+        if key not in config:
+            raise ConfigError(
+                f"{model} key {key} is not set: {yaml_file} defines it (build the config with"
+                f" recbole_dppmg.config.build_config, which reads that file)"
+            )
+        problem = rule(config[key])
+        if problem is not None:
+            raise ConfigError(f"{model} key {key} = {config[key]!r}: must be {problem}")
