@@ -4,33 +4,39 @@ Known flags are parsed here; every other ``--key=value`` is a RecBole config ove
 ``--<section>.<key>=value`` (sections text, image, rl, reward, evaluate; nested keys with more
 dots, e.g. ``--rl.text.steps=8``), which override the sections of ``properties/generation.yaml``.
 ``--stage all`` runs the whole pipeline (``recbole_dppmg/pipeline.py``) with ``--profile``.
-User errors print one line (``run_dppmg.py: error: ...``) and exit with status 2.
+The stages, their help and their log folders come from ``recbole_dppmg/stages.py``, the table
+the pipeline reads too; ``HANDLERS`` maps each stage to the function that runs it.
+User errors (argparse's included) print one line (``run_dppmg.py: error: ...``) and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from recbole_dppmg.config import build_config, parse_overrides
 from recbole_dppmg.data.prepare import prepare_dataset
 from recbole_dppmg.errors import CheckpointError, ConfigError, DPPMGError
+from recbole_dppmg.generation.common.runs import final_generator, rl_phases, rl_source
 from recbole_dppmg.generation.image.generate import run_generate_images
 from recbole_dppmg.generation.image.train import (
     load_image_config,
     train_image_generator,
 )
 from recbole_dppmg.generation.report.build import build_report
+from recbole_dppmg.generation.text.config import saved_root, text_config
 from recbole_dppmg.generation.text.pipeline import (
     evaluate_text_generation,
     run_generate_text,
     train_text_generator,
 )
-from recbole_dppmg.pipeline import STAGES as PIPELINE_STAGES
+from recbole_dppmg.paths import SAVED_DIR
 from recbole_dppmg.pipeline import Pipeline, load_profile, merge
 from recbole_dppmg.quick_start import ablation, compare, compare_runs, run
 from recbole_dppmg.stage_logging import init_stage_logger
+from recbole_dppmg.stages import PIPELINE_STEPS, STAGE_NAMES, STAGES, stage
 from recbole_dppmg.tokens.export import (
     export_tokens,
     latest_checkpoint,
@@ -38,13 +44,22 @@ from recbole_dppmg.tokens.export import (
 )
 from recbole_dppmg.utils import get_model
 
+logger = logging.getLogger(__name__)
+
 COMPARISON_SEEDS = (2020, 2021, 2022)  # a comparison or ablation reports the median over these
-STAGES = ("prepare", "train", "export", "text", "image", "generate", "text_eval", "evaluate", "all")
 GENERATION_SECTIONS = ("text", "image", "rl", "reward", "evaluate")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown --stage, a missing value) become the one-line error
+    ``main`` prints, exit status 2, instead of the usage text."""
+
+    def error(self, message):
+        raise DPPMGError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="run_dppmg.py",
         description="DPPMG: discrete preference tokens for personalized multimodal generation (RecBole plugin).",
         epilog="Any other --key=value is passed to RecBole as a config override, e.g. --epochs=50 --learning_rate=1e-3.",
@@ -52,15 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", "-d", default="ml-100k-mm", help="dataset name (default: ml-100k-mm)")
     parser.add_argument("--model", "-m", default="DPPMG", help="model name, or a comma-separated list for a comparison table")
     parser.add_argument("--config_files", default=None, help="space-separated extra YAML config files")
-    parser.add_argument("--stage", default="train", choices=STAGES, help="pipeline stage to run (default: train)")
+    parser.add_argument("--stage", default="train", choices=STAGE_NAMES, help="stage to run (default: train): "
+                        + "; ".join(f"{s.name}: {s.help}" for s in STAGES))
     parser.add_argument("--resume", default=None, help="checkpoint (best.pth or last.pth) to continue training from")
     parser.add_argument("--checkpoint", default=None, help="export: the DPPMG best.pth to export (default: the newest DPPMG run of the dataset)")
-    parser.add_argument("--tokens", default=None, help="text/image/generate: token export folder (default: the newest saved/<dataset>/DPPMG-*/tokens)")
+    parser.add_argument("--tokens", default=None, help="text/image/rl/generate: token export folder "
+                        "(default: the newest saved/<dataset>/DPPMG-*/tokens)")
     parser.add_argument("--users", default=None, help="generate: comma-separated original user ids")
     parser.add_argument("--spec", default=None, help="prepare: YAML that describes a user dataset (see dataset/README.md)")
     parser.add_argument("--force", action="store_true", help="prepare: rebuild even if the cached dataset is up to date")
-    parser.add_argument("--profile", default=None, help="all / evaluate: settings profile properties/profiles/<name>.yaml over the defaults (quick = the README quick start; default: full = the defaults)")
-    parser.add_argument("--until", default=None, choices=PIPELINE_STAGES, help="all: stop after this pipeline stage (default: run all of %s)" % ", ".join(PIPELINE_STAGES))
+    parser.add_argument("--profile", default=None, help="all / rl / evaluate: settings profile "
+                        "properties/profiles/<name>.yaml over the defaults (quick = the README quick start; "
+                        "default: full = the defaults)")
+    parser.add_argument("--until", default=None, choices=PIPELINE_STEPS,
+                        help="all: stop after this pipeline stage (default: run all of %s)" % ", ".join(PIPELINE_STEPS))
     parser.add_argument("--seeds", default=None, help="train: seeds of a comparison or ablation, e.g. [2020,2021,2022] (default for several models or --ablation: %s; a single model without --seeds: the config's seed)" % list(COMPARISON_SEEDS))
     parser.add_argument("--jobs", type=int, default=1, help="train: runs of a comparison / ablation at a time, each in its own process (default 1)")
     parser.add_argument("--ablation", action="store_true", help="train: DPPMG ablation (modalities, levels, codebook size; one factor at a time) instead of a comparison")
@@ -113,14 +133,14 @@ def parse_args(argv: list[str]):
     return args, models, config_files, overrides
 
 
-def _stage_prepare(args) -> None:
+def _stage_prepare(args, models, config_files, overrides) -> None:
 
     folder = prepare_dataset(args.dataset, spec_file=Path(args.spec) if args.spec else None, force=args.force)
     print(f"dataset ready: {folder}")
 
 
-def _stage_train(args, models, config_files, overrides) -> str | None:
-    """Train; returns the DPPMG checkpoint when one was trained (for a following export)."""
+def _stage_train(args, models, config_files, overrides) -> None:
+    """One model's run, a comparison, an ablation, or the tables of finished runs."""
 
     if args.from_runs:
         if not args.out:
@@ -128,7 +148,7 @@ def _stage_train(args, models, config_files, overrides) -> str | None:
         _, table = compare_runs(args.from_runs.split(), args.out)
         print(table.read_text())
         print(f"comparison table: {table}")
-        return None
+        return
     seeds = args.seeds
     if seeds is None and "seed" not in overrides and (len(models) > 1 or args.ablation):
         seeds = list(COMPARISON_SEEDS)
@@ -138,23 +158,21 @@ def _stage_train(args, models, config_files, overrides) -> str | None:
         _, table = ablation(args.dataset, config_files, overrides, out_dir=args.out, seeds=seeds, jobs=args.jobs)
         print(table.read_text())
         print(f"ablation table: {table} (and ablation.csv beside it)")
-        return None
+        return
     if len(models) == 1 and args.seeds is None:
         result = run(models[0], args.dataset, config_files, overrides, resume=args.resume)
         print(f"{result.model} on {result.dataset}: test {result.test_result}  (run folder {result.run_dir})")
-        return result.checkpoint if result.model == "DPPMG" else None
+        return
     if args.resume:
         raise DPPMGError("--resume continues one model's run; give a single --model")
-    results, table = compare(models, args.dataset, config_files, overrides, out_dir=args.out, seeds=seeds, jobs=args.jobs)
+    _, table = compare(models, args.dataset, config_files, overrides, out_dir=args.out, seeds=seeds, jobs=args.jobs)
     print(table.read_text())
     print(f"comparison table: {table} (comparison.csv, runs.csv and the PNG plots beside it)")
-    dppmg = [r.checkpoint for r in results if r.model == "DPPMG"]
-    return dppmg[-1] if dppmg else None
 
 
-def _stage_export(args, models, config_files, overrides, trained_checkpoint=None) -> None:
+def _stage_export(args, models, config_files, overrides) -> None:
 
-    checkpoint = args.checkpoint or trained_checkpoint
+    checkpoint = args.checkpoint
     if checkpoint is None:
         config = build_config(get_model("DPPMG"), args.dataset, config_files, overrides)
         checkpoint = latest_checkpoint(Path(config["checkpoint_dir"]), args.dataset)
@@ -167,13 +185,13 @@ def _token_folder(args) -> Path:
     return Path(args.tokens) if args.tokens else newest_token_export(args.dataset)
 
 
-def _stage_text(args) -> None:
+def _stage_text(args, models, config_files, overrides) -> None:
 
     run = train_text_generator(args.dataset, _token_folder(args), args.generation["text"])
     print(f"text generator: {run}")
 
 
-def _stage_text_eval(args) -> None:
+def _stage_text_eval(args, models, config_files, overrides) -> None:
     """The text generator alone on held-out users: every text condition over text.evaluate.seeds,
     with paired bootstrap intervals (the report of --stage evaluate adds posters, judge and RL)."""
 
@@ -182,30 +200,54 @@ def _stage_text_eval(args) -> None:
     print(f"text evaluation: {out} (text_eval.md, text_eval.json, samples.jsonl)")
 
 
-def _stage_image(args) -> None:
+def _stage_image(args, models, config_files, overrides) -> None:
 
     run = train_image_generator(args.dataset, _token_folder(args), load_image_config(args.generation["image"]))
     print(f"image generator: {run}")
 
 
-def _stage_generate(args) -> None:
-    """Text and poster for each user, from whichever generators have been trained."""
+def _final_generators(args) -> tuple[dict, dict]:
+    """The text and image settings of ``--stage generate``, each naming its generator: the one
+    given (``--text.generator`` / ``--image.checkpoint``) or the final generator of the newest
+    finished chain (the last finished RL phase, else the warm-up); logs which runs are used."""
+    text, image = dict(args.generation["text"]), load_image_config(args.generation["image"])
+    for modality, settings, key, root in (("text", text, "generator", saved_root(text_config(text))),
+                                          ("image", image, "checkpoint", SAVED_DIR)):
+        if settings.get(key):
+            logger.info("%s generator: %s (given by --%s.%s)", modality, settings[key], modality, key)
+            continue
+        run = final_generator(args.dataset, modality, root)
+        if run is None:  # left unset: generating this modality fails with its own message
+            continue
+        settings[key] = str(run)
+        phases = rl_phases(run) if (run / "rl_config.json").is_file() else []
+        if phases:
+            logger.info("%s generator: %s (RL %s from the warm-up %s)", modality, run,
+                        " -> ".join(p.name for p in phases), Path(rl_source(phases[0])).name)
+        else:
+            logger.info("%s generator: %s (the warm-up; no finished RL run made from it)", modality, run)
+    return text, image
+
+
+def _stage_generate(args, models, config_files, overrides) -> None:
+    """Text and poster for each user, from the final generators (see ``_final_generators``)."""
 
     if not args.users:
         raise DPPMGError("--stage generate needs --users, e.g. --users 1,2,3")
     users = [u.strip() for u in args.users.split(",") if u.strip()]
     tokens = _token_folder(args)
+    text_settings, image_settings = _final_generators(args)
     written = []
     try:
 
-        written.append(("text", run_generate_text(args.dataset, users, tokens, args.generation["text"])))
+        written.append(("text", run_generate_text(args.dataset, users, tokens, text_settings)))
     except CheckpointError as error:
         missing_text = str(error)
     else:
         missing_text = None
     try:
 
-        written.append(("image", run_generate_images(args.dataset, users, tokens, load_image_config(args.generation["image"]))))
+        written.append(("image", run_generate_images(args.dataset, users, tokens, image_settings)))
     except CheckpointError as error:
         missing_image = str(error)
     else:
@@ -219,7 +261,7 @@ def _stage_generate(args) -> None:
             print(f"skipped: {missing}")
 
 
-def _stage_evaluate(args) -> None:
+def _stage_evaluate(args, models, config_files, overrides) -> None:
     """The report of the newest generators (or those named in the evaluate: section)."""
 
     profile = load_profile(args.profile)
@@ -232,6 +274,16 @@ def _stage_evaluate(args) -> None:
     print(f"report: {report} (report.md, report.csv, report.json, gallery.html)")
 
 
+def _stage_rl(args, models, config_files, overrides) -> None:
+    """Text and image RL alone: the pipeline's RL steps from the newest finished warm-up generators
+    (or --tokens, --text.generator, --image.checkpoint), finished runs skipped, unfinished resumed."""
+
+    pipeline = Pipeline(args.dataset, args.profile, config_files, overrides, args.generation)
+    folder = pipeline.run_rl(args.tokens, pipeline.sections["text"].get("generator"),
+                             pipeline.sections["image"].get("checkpoint"))
+    print(f"pipeline: {folder / 'pipeline.json'}")
+
+
 def _stage_all(args, models, config_files, overrides) -> None:
     """prepare -> train -> export -> text -> image -> RL -> evaluate, skipping what is valid."""
 
@@ -242,37 +294,23 @@ def _stage_all(args, models, config_files, overrides) -> None:
     print(f"pipeline: {folder / 'pipeline.json'}")
 
 
-# Stages RecBole does not run, and the log/ folder each writes to.
-STAGE_LOGS = {"text": "TextGen", "image": "ImageGen", "generate": "Generate", "text_eval": "TextEval", "evaluate": "Report"}
+HANDLERS = {"prepare": _stage_prepare, "train": _stage_train, "export": _stage_export, "text": _stage_text,
+            "image": _stage_image, "rl": _stage_rl, "generate": _stage_generate, "text_eval": _stage_text_eval,
+            "evaluate": _stage_evaluate, "all": _stage_all}  # one per stage of the table (tests check)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, models, config_files, overrides = parse_args(argv)
-        if args.profile and args.stage not in ("all", "evaluate"):
-            raise ConfigError(f"--profile applies to --stage all and evaluate, not {args.stage} "
-                              "(give that stage's settings as --text.<key>=... / --image.<key>=...)")
-        if args.stage in STAGE_LOGS:
-            init_stage_logger(STAGE_LOGS[args.stage], args.dataset)
-        if args.stage == "all":
-            _stage_all(args, models, config_files, overrides)
-        if args.stage == "prepare":
-            _stage_prepare(args)
-        if args.stage == "train":
-            _stage_train(args, models, config_files, overrides)
-        if args.stage == "export":
-            _stage_export(args, models, config_files, overrides)
-        if args.stage == "text":
-            _stage_text(args)
-        if args.stage == "image":
-            _stage_image(args)
-        if args.stage == "generate":
-            _stage_generate(args)
-        if args.stage == "text_eval":
-            _stage_text_eval(args)
-        if args.stage == "evaluate":
-            _stage_evaluate(args)
+        entry = stage(args.stage)
+        if args.profile and not entry.profile:
+            profiled = [s.name for s in STAGES if s.profile]
+            raise ConfigError(f"--profile applies to --stage {', '.join(profiled[:-1])} and {profiled[-1]}, "
+                              f"not {args.stage} (give that stage's settings as --text.<key>=... / --image.<key>=...)")
+        if entry.log:
+            init_stage_logger(entry.log, args.dataset)
+        HANDLERS[args.stage](args, models, config_files, overrides)
     except DPPMGError as error:
         print(f"run_dppmg.py: error: {error}", file=sys.stderr)
         return 2

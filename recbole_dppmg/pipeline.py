@@ -9,10 +9,14 @@ Valid means made from the same inputs with the same settings:
   from this build of the dataset (``dataset_fingerprint``); a run without an export is exported;
 - text / image: a generator run trained on that token export with the same settings (runtime
   keys such as threads, progress bars and time budgets aside); an unfinished one is resumed;
-- text RL / image RL (``generation/rl_text.py`` / ``rl_image.py``): an RL run made from that
+- text RL / image RL (``generation/rl/text.py`` / ``rl/image.py``): an RL run made from that
   generator, rewarded against the other modality's generator of this pipeline, with the same
   ``rl:`` settings and all its steps done; an unfinished one is resumed.
 - evaluate: a report of exactly these runs with the same ``evaluate:`` / ``reward:`` settings.
+
+``--stage rl`` runs the two RL steps alone (``Pipeline.run_rl``), from the newest finished
+warm-up generators or those given, with the same checks. The steps come from the stage table
+(``recbole_dppmg/stages.py``) the command line reads too.
 
 Each call writes ``saved/<dataset>/Pipeline-<time>/pipeline.json`` (profile, per-stage status,
 wall seconds and output, rewritten after every stage) and, when evaluate runs, the report in
@@ -55,6 +59,8 @@ from recbole_dppmg.generation.text.config import saved_root, text_config
 from recbole_dppmg.generation.text.pipeline import train_text_generator
 from recbole_dppmg.paths import DATASET_DIR, PROPERTIES_DIR, SAVED_DIR
 from recbole_dppmg.quick_start import run
+from recbole_dppmg.stages import PIPELINE_STEPS
+from recbole_dppmg.stages import stage as stage_entry
 from recbole_dppmg.tokens import PreferenceTokens
 from recbole_dppmg.tokens.export import dataset_fingerprint, export_tokens
 from recbole_dppmg.tokens.format import read_manifest as read_token_manifest
@@ -62,7 +68,7 @@ from recbole_dppmg.utils import get_model
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("prepare", "train", "export", "text", "image", "rl_text", "rl_image", "evaluate")
+STAGES = PIPELINE_STEPS  # the steps of --stage all, from the stage table (recbole_dppmg/stages.py)
 PROFILE_SECTIONS = ("recbole", "text", "image", "rl", "reward", "evaluate")
 PROFILES_DIR = PROPERTIES_DIR / "profiles"
 # settings that change how a stage runs on this machine, not what it produces
@@ -232,8 +238,22 @@ class Pipeline:
         """Run every stage up to ``until`` (inclusive; default: all); returns the folder."""
         if until is not None and until not in STAGES:
             raise ConfigError(f"--until must be one of {', '.join(STAGES)}, got {until!r}")
+        return self._run_steps(STAGES[: STAGES.index(until) + 1 if until else None])
+
+    def run_rl(self, tokens=None, text_run=None, image_run=None) -> Path:
+        """``--stage rl``: the RL steps of ``--stage all`` alone, from the warm-up generators given
+        (``text_run`` / ``image_run``) or the newest finished pair on one token export (``tokens``
+        when given); finished RL runs are skipped and unfinished ones resumed as in the pipeline."""
+        runs = resolve_runs(self.dataset, {"tokens": tokens, "text_run": text_run, "image_run": image_run}, self.root)
+        self.outputs.update(export=Path(runs.tokens), text=Path(runs.text), image=Path(runs.image))
+        self.record["generators"] = {"tokens": runs.tokens, "text": runs.text, "image": runs.image}
+        logger.info("RL from the text generator %s and the image generator %s (token export %s)",
+                    runs.text, runs.image, runs.tokens)
+        return self._run_steps(stage_entry("rl").steps)
+
+    def _run_steps(self, steps) -> Path:
         started = time.perf_counter()
-        for stage in STAGES[: STAGES.index(until) + 1 if until else None]:
+        for stage in steps:
             tick = time.perf_counter()
             status, output, note = getattr(self, f"_{stage}")()
             entry = {"stage": stage, "status": status, "seconds": round(time.perf_counter() - tick, 1),

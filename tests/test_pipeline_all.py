@@ -11,9 +11,10 @@ from judge_fixtures import TINY_DPPMG
 from tiny_mm import write_tiny_mm
 
 from recbole_dppmg.errors import ConfigError
-from recbole_dppmg.generation.image.train import image_settings
+from recbole_dppmg.generation.image.train import FORMAT, image_settings
 from recbole_dppmg.generation.report.build import EvaluatedRuns, evaluate_config
 from recbole_dppmg.generation.reward.judge import reward_config
+from recbole_dppmg.generation.rl.common import rl_config
 from recbole_dppmg.generation.text.config import text_config
 from recbole_dppmg.pipeline import (
     PROFILES_DIR,
@@ -214,3 +215,105 @@ def test_the_report_finds_the_last_rl_phase(tmp_path):
     assert _rl_run("tiny", root, "TextRL", str(root / "tiny" / "TextRL-2"), warmup, _finished_text_runs).endswith("TextRL-2")
     with pytest.raises(CheckpointError, match="was not made from"):
         _rl_run("tiny", root, "TextRL", str(root / "tiny" / "TextRL-3"), warmup, _finished_text_runs)
+
+
+# ---------------------------------------------------------------------------- --stage rl and the final generators
+def _generators(root, tokens):
+    """A finished text warm-up and image generator on ``tokens`` with the same test users."""
+    text = _text_run(root, "TextGen-a", tokens, {})
+    (text / "users.json").write_text(json.dumps({"test": ["u1", "u2"], "valid": []}))
+    image = root / "tiny" / "ImageGen-a"
+    image.mkdir(parents=True)
+    meta = {"format": FORMAT, "dataset": "tiny", "tokens_folder": str(tokens), "test_users": ["u1", "u2"]}
+    (image / "image_config.json").write_text(json.dumps(meta))
+    (image / "model.safetensors").write_text("weights")
+    return text, image
+
+
+def _fake_rl(root, prefix, weights, calls, steps_short=0):
+    """A stand-in for train_text_rl / train_image_rl: writes the RL run's rl_config.json and weights."""
+    def train(dataset, source, judge, overrides, quick):
+        run = Path(overrides["resume"]) if overrides.get("resume") else root / "tiny" / f"{prefix}-{len(calls)}"
+        (run / Path(weights).parent).mkdir(parents=True, exist_ok=True)
+        cfg = rl_config(prefix[:-2].lower(), overrides, quick)
+        calls.append((prefix, Path(source).name, cfg["steps"], overrides.get("resume")))
+        saved = {"source_run": str(source), "partner_run": overrides["partner"], "rl": cfg,
+                 "steps_done": cfg["steps"] - steps_short}
+        (run / "rl_config.json").write_text(json.dumps(saved))
+        (run / weights).write_text("weights")
+        return run
+    return train
+
+
+def test_stage_rl_runs_text_and_image_rl_and_a_second_call_skips_them(tmp_path, monkeypatch):
+    """--stage rl: RL from the newest finished generators with the profile's rl: settings; an
+    unfinished run is resumed, a finished one skipped; pipeline.json records the two RL steps."""
+    from recbole_dppmg import cli
+    from recbole_dppmg import pipeline as pipeline_module
+    from recbole_dppmg.generation.rl import image as rl_image
+    from recbole_dppmg.generation.rl import text as rl_text
+
+    root, tokens = tmp_path / "saved", tmp_path / "tokens"
+    tokens.mkdir()
+    text, image = _generators(root, tokens)
+    calls = []
+    monkeypatch.setattr(pipeline_module, "SAVED_DIR", root)
+    monkeypatch.setattr(Pipeline, "_judge", lambda self: None)
+    monkeypatch.setattr(cli, "init_stage_logger", lambda *a: None)
+    monkeypatch.setattr(rl_image, "train_image_rl", _fake_rl(root, "ImageRL", "model.safetensors", calls))
+    text_rl = _fake_rl(root, "TextRL", "dppmg/text_generator.json", calls, steps_short=1)
+    monkeypatch.setattr(rl_text, "train_text_rl", text_rl)
+    argv = ["--stage", "rl", "-d", "tiny", "--profile", "quick"]
+    assert cli.main(argv) == 0  # text RL stops short (max_minutes), image RL finishes
+    assert calls == [("TextRL", "TextGen-a", 8, None), ("ImageRL", "ImageGen-a", 24, None)]  # rl.quick sizes
+
+    monkeypatch.setattr(rl_text, "train_text_rl", _fake_rl(root, "TextRL", "dppmg/text_generator.json", calls))
+    calls.clear()
+    assert cli.main(argv) == 0
+    assert calls == [("TextRL", "TextGen-a", 8, str(root / "tiny" / "TextRL-0"))]  # resumed; image RL skipped
+    calls.clear()
+    assert cli.main(argv) == 0 and calls == []
+    record = json.loads(sorted((root / "tiny").glob("Pipeline-*/pipeline.json"))[-1].read_text())
+    assert [s["stage"] for s in record["stages"]] == ["rl_text", "rl_image"]
+    assert {s["status"] for s in record["stages"]} == {"skipped"}
+    assert record["generators"] == {"tokens": str(tokens.resolve()), "text": str(text.resolve()),
+                                    "image": str(image.resolve())}
+
+
+def test_generate_takes_the_last_finished_rl_phase_over_the_warm_up(tmp_path, monkeypatch, caplog):
+    from recbole_dppmg import cli
+    from recbole_dppmg.generation.common.runs import final_generator
+
+    root, tokens = tmp_path / "saved", tmp_path / "tokens"
+    tokens.mkdir()
+    text, image = _generators(root, tokens)
+    assert final_generator("tiny", "text", root) == text and final_generator("tiny", "image", root) == image
+    assert final_generator("other", "text", root) is None
+    calls = []
+    time.sleep(0.01)
+    phase1 = _fake_rl(root, "TextRL", "dppmg/text_generator.json", calls)("tiny", text, None, {"partner": "i"}, True)
+    time.sleep(0.01)
+    phase2 = _fake_rl(root, "TextRL", "dppmg/text_generator.json", calls, steps_short=1)
+    unfinished = phase2("tiny", phase1, None, {"partner": "i"}, True)
+    time.sleep(0.01)
+    image_rl = _fake_rl(root, "ImageRL", "model.safetensors", calls)("tiny", image, None, {"partner": "t"}, True)
+    assert final_generator("tiny", "text", root) == phase1  # phase 2 stopped short: phase 1 is the last finished
+    assert final_generator("tiny", "image", root) == image_rl
+    time.sleep(0.01)
+    _text_run(root, "TextGen-b", tokens, {})  # a newer warm-up without RL: its chain is the newest
+    assert final_generator("tiny", "text", root).name == "TextGen-b"
+    shutil.rmtree(root / "tiny" / "TextGen-b")
+    rl = json.loads((unfinished / "rl_config.json").read_text())
+    (unfinished / "rl_config.json").write_text(json.dumps({**rl, "steps_done": rl["rl"]["steps"]}))
+    assert final_generator("tiny", "text", root) == unfinished
+
+    monkeypatch.setattr(cli, "SAVED_DIR", root)
+    monkeypatch.setattr(cli, "saved_root", lambda cfg: root)
+    args, *_ = cli.parse_args(["--stage", "generate", "-d", "tiny", "--users", "u1"])
+    with caplog.at_level("INFO", logger="recbole_dppmg.cli"):
+        text_settings, image_settings = cli._final_generators(args)
+    assert text_settings["generator"] == str(unfinished) and image_settings["checkpoint"] == str(image_rl)
+    assert f"RL {phase1.name} -> {unfinished.name} from the warm-up TextGen-a" in caplog.text
+    assert f"RL {image_rl.name} from the warm-up ImageGen-a" in caplog.text
+    args, *_ = cli.parse_args(["--stage", "generate", "-d", "tiny", "--users", "u1", f"--text.generator={text}"])
+    assert cli._final_generators(args)[0]["generator"] == str(text)  # a named generator wins
