@@ -33,7 +33,7 @@ from recbole_dppmg.quick_start import ablation, compare, compare_runs, run
 from recbole_dppmg.stage_logging import init_stage_logger
 from recbole_dppmg.tokens.export import (
     export_tokens,
-    latest_checkpoint,
+    newest_stage1_checkpoint,
     newest_token_export,
 )
 from recbole_dppmg.utils import get_model
@@ -157,7 +157,7 @@ def _stage_export(args, models, config_files, overrides, trained_checkpoint=None
     checkpoint = args.checkpoint or trained_checkpoint
     if checkpoint is None:
         config = build_config(get_model("DPPMG"), args.dataset, config_files, overrides)
-        checkpoint = latest_checkpoint(Path(config["checkpoint_dir"]), args.dataset)
+        checkpoint = newest_stage1_checkpoint(Path(config["checkpoint_dir"]), args.dataset)
     folder = export_tokens(checkpoint, config_dict=overrides)
     print(f"token export: {folder}")
 
