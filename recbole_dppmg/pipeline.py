@@ -153,9 +153,7 @@ def valid_text_run(dataset: str, tokens: Path, cfg: dict, root: Path) -> tuple[P
     for folder in recorded_runs(root, dataset, TEXT_GEN.name):
         saved = read_run_meta(folder, TEXT_KINDS)
         if _same_path(saved.get("tokens"), tokens) and _without(saved.get("text", {}), TEXT_RUNTIME_KEYS) == wanted:
-            run = folder
-            finished = (run / "warmup.json").is_file() and (run / TEXT_GEN.done).is_file()
-            return run, finished
+            return folder, (folder / "warmup.json").is_file() and (folder / TEXT_GEN.done).is_file()
     return None, False
 
 

@@ -188,8 +188,8 @@ def test_rl_effect_verdicts():
 
 
 def test_reward_curves_follow_rl_phases(tmp_path):
-    from recbole_dppmg.runs import rl_phases
     from recbole_dppmg.generation.report.render import chained_history, reward_curves
+    from recbole_dppmg.runs import rl_phases
 
     generator = tmp_path / "TextGen-x"
     generator.mkdir()

@@ -163,7 +163,8 @@ def load_image_generator(folder: str | Path, vocab: PreferenceVocabulary | None 
     try:
         model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     except RuntimeError as exc:
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit its {RUN_META}: {str(exc).splitlines()[0]}") from None
+        reason = str(exc).splitlines()[0]
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit its {RUN_META}: {reason}") from None
     return model.to(resolve_device(device, key="image.device")).eval(), meta
 
 

@@ -167,7 +167,8 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
     if cfg.get("text_run"):
         text = Path(cfg["text_run"])
     else:
-        runs = [r for r in _finished_text_runs(dataset, root, TEXT_GEN.name) if tokens is None or _text_run_tokens(r) == tokens]
+        runs = [r for r in _finished_text_runs(dataset, root, TEXT_GEN.name)
+                if tokens is None or _text_run_tokens(r) == tokens]
         if not runs:
             raise CheckpointError(f"no trained text generator for dataset {dataset} under {root / dataset}"
                                   + (f" on token export {tokens}" if tokens else "") + "; run --stage text first (or set evaluate.text_run)")
@@ -179,7 +180,8 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
     if cfg.get("image_run"):
         image = Path(cfg["image_run"])
     else:
-        runs = [r for r in _finished_image_runs(dataset, root, IMAGE_GEN.name) if str(Path(read_image_config(r)["tokens_folder"]).resolve()) == tokens]
+        runs = [r for r in _finished_image_runs(dataset, root, IMAGE_GEN.name)
+                if str(Path(read_image_config(r)["tokens_folder"]).resolve()) == tokens]
         if not runs:
             raise CheckpointError(f"no image generator for dataset {dataset} under {root / dataset} was trained on token export {tokens} "
                                   f"(the text generator {text.name}'s); run --stage image with --tokens {tokens} (or set evaluate.image_run)")

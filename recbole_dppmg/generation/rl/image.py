@@ -314,9 +314,10 @@ def train_image_rl(dataset: str, image_run: Path | None, judge, config: dict | N
             codec, _ = build_codec(settings)
         if run is None:
             run = claim_run_folder("image", out_dir, lambda: new_run_folder(SAVED_DIR, dataset, RUN_PREFIX))
-            write_run_meta(run, RUN_PREFIX, {"dataset": dataset, "source_run": str(image_run.resolve()), "tokens": meta["tokens_folder"],
-                                             "partner_run": str(partner_run) if partner_run else None, "pool": pool, "rl": cfg,
-                                             "reward": judge.config if judged else "reward_fn"}, RL_SECTION)
+            record = {"dataset": dataset, "source_run": str(image_run.resolve()), "tokens": meta["tokens_folder"],
+                      "partner_run": str(partner_run) if partner_run else None, "pool": pool, "rl": cfg,
+                      "reward": judge.config if judged else "reward_fn"}
+            write_run_meta(run, RUN_PREFIX, record, RL_SECTION)
         logger.info("image RL in %s: %d steps x %d users x %d posters, pool of %d training users", run, cfg["steps"], cfg["users_per_step"], cfg["group_size"], len(pool))
         state = run_image_rl(model, codec, vocab, reward_fn, pool, cfg, run)
         meta = {**meta, "source_checkpoint": str(image_run.resolve()),

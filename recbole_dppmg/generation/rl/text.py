@@ -289,12 +289,14 @@ def train_text_rl(dataset: str, text_run: Path | None, judge, config: dict | Non
             encoder = load_default_encoder("text")
             reward_fn = JudgeReward(judge, "text", lambda texts: encoder.encode([t or " " for t in texts], progress=False), partner)
         if run is None:
-            run = claim_run_folder("text", out_dir, lambda: new_run_folder(saved_root(source.get("text", {})), dataset, RUN_PREFIX))
+            root = saved_root(source.get("text", {}))
+            run = claim_run_folder("text", out_dir, lambda: new_run_folder(root, dataset, RUN_PREFIX))
             write_run_meta(run, RUN_PREFIX, {**source, "rl": cfg, "source_run": str(text_run.resolve())})
             shutil.copy(text_run / "users.json", run / "users.json")
-            write_run_meta(run, RUN_PREFIX, {"dataset": dataset, "source_run": str(text_run.resolve()), "tokens": source["tokens"],
-                                             "partner_run": str(partner_run) if partner_run else None, "pool": pool, "rl": cfg,
-                                             "reward": judge.config if judged else "reward_fn"}, RL_SECTION)
+            record = {"dataset": dataset, "source_run": str(text_run.resolve()), "tokens": source["tokens"],
+                      "partner_run": str(partner_run) if partner_run else None, "pool": pool, "rl": cfg,
+                      "reward": judge.config if judged else "reward_fn"}
+            write_run_meta(run, RUN_PREFIX, record, RL_SECTION)
         logger.info("text RL in %s: %d steps x %d users x %d samples, pool of %d training users", run, cfg["steps"], cfg["users_per_step"], cfg["group_size"], len(pool))
         lm = load_text_generator(text_run, vocabulary, text_cfg)
         state = run_text_rl(lm, vocabulary, reward_fn, pool, cfg, run)
