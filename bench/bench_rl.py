@@ -42,8 +42,6 @@ import numpy as np
 import torch
 import yaml
 
-from recbole_dppmg.runs import TEXT_KINDS, read_run_meta
-
 
 def _judge(dataset: str, tokens_folder: str):
     from recbole_dppmg.generation.reward.judge import PreferenceJudge
@@ -58,6 +56,7 @@ def train(args) -> None:
     run = Path(args.run)
     if args.modality == "text":
         from recbole_dppmg.generation.rl.text import train_text_rl
+        from recbole_dppmg.runs import TEXT_KINDS, read_run_meta
 
         tokens_folder = read_run_meta(run, TEXT_KINDS)["tokens"]
         _, judge = _judge(args.dataset, tokens_folder)
@@ -127,6 +126,8 @@ def measure(args) -> None:
     started = time.perf_counter()
     text_before, text_after = Path(args.text_before), args.text_after and Path(args.text_after)
     image_before, image_after = Path(args.image_before), args.image_after and Path(args.image_after)
+    from recbole_dppmg.runs import TEXT_KINDS, read_run_meta  # after the argument checks: they need no run
+
     tokens_folder = read_run_meta(text_before, TEXT_KINDS)["tokens"]
     tokens, judge = _judge(args.dataset, tokens_folder)
     vocabulary = PreferenceVocabulary(tokens)
@@ -246,6 +247,7 @@ def snr(args) -> None:
         from recbole_dppmg.generation.text.generate import TokenConditioner
         from recbole_dppmg.generation.text.pipeline import load_text_generator
         from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+        from recbole_dppmg.runs import TEXT_KINDS, read_run_meta
 
         tokens, judge = _judge(args.dataset, read_run_meta(run, TEXT_KINDS)["tokens"])
         vocabulary = PreferenceVocabulary(tokens)
