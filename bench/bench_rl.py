@@ -56,8 +56,9 @@ def train(args) -> None:
     run = Path(args.run)
     if args.modality == "text":
         from recbole_dppmg.generation.rl.text import train_text_rl
+        from recbole_dppmg.runs import TEXT_KINDS, read_run_meta
 
-        tokens_folder = json.loads((run / "config.json").read_text())["tokens"]
+        tokens_folder = read_run_meta(run, TEXT_KINDS)["tokens"]
         _, judge = _judge(args.dataset, tokens_folder)
         out = train_text_rl(args.dataset, run, judge, overrides, quick=args.quick, out_dir=args.out)
     else:
@@ -125,7 +126,9 @@ def measure(args) -> None:
     started = time.perf_counter()
     text_before, text_after = Path(args.text_before), args.text_after and Path(args.text_after)
     image_before, image_after = Path(args.image_before), args.image_after and Path(args.image_after)
-    tokens_folder = json.loads((text_before / "config.json").read_text())["tokens"]
+    from recbole_dppmg.runs import TEXT_KINDS, read_run_meta  # after the argument checks: they need no run
+
+    tokens_folder = read_run_meta(text_before, TEXT_KINDS)["tokens"]
     tokens, judge = _judge(args.dataset, tokens_folder)
     vocabulary = PreferenceVocabulary(tokens)
     test = json.loads((text_before / "users.json").read_text())["test"]
@@ -239,18 +242,19 @@ def snr(args) -> None:
     grads = []
     if args.modality == "text":
         from recbole_dppmg.generation.rl import text as rl_text
-        from recbole_dppmg.generation.image.generate import latest_checkpoint
+        from recbole_dppmg.generation.image.generate import newest_image_run
         from recbole_dppmg.generation.text.config import text_config
         from recbole_dppmg.generation.text.generate import TokenConditioner
         from recbole_dppmg.generation.text.pipeline import load_text_generator
         from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+        from recbole_dppmg.runs import TEXT_KINDS, read_run_meta
 
-        tokens, judge = _judge(args.dataset, json.loads((run / "config.json").read_text())["tokens"])
+        tokens, judge = _judge(args.dataset, read_run_meta(run, TEXT_KINDS)["tokens"])
         vocabulary = PreferenceVocabulary(tokens)
         users = user_pool(json.loads((run / "users.json").read_text())["train"], cfg["user_pool"], cfg["seed"])[: args.users]
         encoder = load_default_encoder("text")
         reward = JudgeReward(judge, "text", lambda texts: encoder.encode([t or " " for t in texts], progress=False),
-                             pre_rl_poster_features(args.dataset, latest_checkpoint(args.dataset), users))
+                             pre_rl_poster_features(args.dataset, newest_image_run(args.dataset), users))
         lm = load_text_generator(run, vocabulary, text_config({"num_threads": args.threads}))
         conditioner, named = TokenConditioner(lm, vocabulary), rl_text.token_parameters(lm)
         for batch in range(args.batches):

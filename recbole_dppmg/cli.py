@@ -19,7 +19,6 @@ from pathlib import Path
 from recbole_dppmg.config import build_config, parse_overrides
 from recbole_dppmg.data.prepare import prepare_dataset
 from recbole_dppmg.errors import CheckpointError, ConfigError, DPPMGError
-from recbole_dppmg.generation.common.runs import final_generator, rl_phases, rl_source
 from recbole_dppmg.generation.image.generate import run_generate_images
 from recbole_dppmg.generation.image.train import (
     load_image_config,
@@ -35,11 +34,12 @@ from recbole_dppmg.generation.text.pipeline import (
 from recbole_dppmg.paths import SAVED_DIR
 from recbole_dppmg.pipeline import Pipeline, load_profile, merge
 from recbole_dppmg.quick_start import ablation, compare, compare_runs, run
+from recbole_dppmg.runs import final_generator, rl_phases, rl_source
 from recbole_dppmg.stage_logging import init_stage_logger
 from recbole_dppmg.stages import PIPELINE_STEPS, STAGE_NAMES, STAGES, stage
 from recbole_dppmg.tokens.export import (
     export_tokens,
-    latest_checkpoint,
+    newest_stage1_checkpoint,
     newest_token_export,
 )
 from recbole_dppmg.utils import get_model
@@ -175,7 +175,7 @@ def _stage_export(args, models, config_files, overrides) -> None:
     checkpoint = args.checkpoint
     if checkpoint is None:
         config = build_config(get_model("DPPMG"), args.dataset, config_files, overrides)
-        checkpoint = latest_checkpoint(Path(config["checkpoint_dir"]), args.dataset)
+        checkpoint = newest_stage1_checkpoint(Path(config["checkpoint_dir"]), args.dataset)
     folder = export_tokens(checkpoint, config_dict=overrides)
     print(f"token export: {folder}")
 

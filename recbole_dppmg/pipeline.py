@@ -59,6 +59,21 @@ from recbole_dppmg.generation.text.config import saved_root, text_config
 from recbole_dppmg.generation.text.pipeline import train_text_generator
 from recbole_dppmg.paths import DATASET_DIR, PROPERTIES_DIR, SAVED_DIR
 from recbole_dppmg.quick_start import run
+from recbole_dppmg.runs import (
+    DPPMG_RESULT,
+    IMAGE_GEN,
+    IMAGE_KINDS,
+    PIPELINE_REPORT,
+    REPORT,
+    RL_KINDS,
+    RL_SECTION,
+    TEXT_GEN,
+    TEXT_KINDS,
+    finished_runs,
+    new_run_folder,
+    read_run_meta,
+    recorded_runs,
+)
 from recbole_dppmg.stages import PIPELINE_STEPS
 from recbole_dppmg.stages import stage as stage_entry
 from recbole_dppmg.tokens import PreferenceTokens
@@ -109,10 +124,6 @@ def _same_path(a, b) -> bool:
     return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
 
 
-def _newest(paths) -> list[Path]:
-    return sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
-
-
 # ---------------------------------------------------------------------------- validity
 def valid_stage1_run(dataset: str, config, data_dir: Path) -> tuple[Path | None, Path | None]:
     """``(run folder, token export or None)``: the newest finished DPPMG run trained with this
@@ -123,7 +134,7 @@ def valid_stage1_run(dataset: str, config, data_dir: Path) -> tuple[Path | None,
     wanted = _without(jsonable_config(config), set(MACHINE_KEYS))
     fingerprint = dataset_fingerprint(data_dir)
     prepared = (data_dir / "manifest.json").stat().st_mtime if (data_dir / "manifest.json").is_file() else None
-    for result in _newest((Path(config["checkpoint_dir"]) / dataset).glob("DPPMG-*/result.json")):
+    for result in (r / DPPMG_RESULT.done for r in finished_runs(config["checkpoint_dir"], dataset, DPPMG_RESULT)[::-1]):
         run = result.parent
         try:
             saved = json.loads((run / "config.json").read_text())
@@ -145,12 +156,10 @@ def valid_stage1_run(dataset: str, config, data_dir: Path) -> tuple[Path | None,
 def valid_text_run(dataset: str, tokens: Path, cfg: dict, root: Path) -> tuple[Path | None, bool]:
     """``(run, finished)``: the newest TextGen run on ``tokens`` with these settings."""
     wanted = _without(cfg, TEXT_RUNTIME_KEYS)
-    for path in _newest((root / dataset).glob("TextGen-*/config.json")):
-        saved = json.loads(path.read_text())
+    for folder in recorded_runs(root, dataset, TEXT_GEN.name):
+        saved = read_run_meta(folder, TEXT_KINDS)
         if _same_path(saved.get("tokens"), tokens) and _without(saved.get("text", {}), TEXT_RUNTIME_KEYS) == wanted:
-            run = path.parent
-            finished = (run / "warmup.json").is_file() and (run / "dppmg" / "text_generator.json").is_file()
-            return run, finished
+            return folder, (folder / "warmup.json").is_file() and (folder / TEXT_GEN.done).is_file()
     return None, False
 
 
@@ -159,11 +168,11 @@ def valid_image_run(dataset: str, tokens: Path, settings: dict, root: Path) -> t
 
     wanted_train = _without({k: settings[k] for k in TRAIN_DEFAULTS}, IMAGE_RUNTIME_KEYS)
     wanted_model = model_config(settings)
-    for path in _newest((root / dataset).glob("ImageGen-*/image_config.json")):
-        meta = json.loads(path.read_text())
+    for folder in recorded_runs(root, dataset, IMAGE_GEN.name):
+        meta = read_run_meta(folder, IMAGE_KINDS)
         if (_same_path(meta.get("tokens_folder"), tokens) and meta.get("model") == wanted_model
                 and _without(meta.get("train", {}), IMAGE_RUNTIME_KEYS) == wanted_train):
-            return path.parent, int(meta.get("trained_steps", 0)) >= int(settings["max_steps"])
+            return folder, int(meta.get("trained_steps", 0)) >= int(settings["max_steps"])
     return None, False
 
 
@@ -171,12 +180,12 @@ def valid_rl_run(dataset: str, prefix: str, source: Path, cfg: dict, root: Path,
     """``(run, finished)``: the newest RL run made from ``source`` (and, when given, rewarded
     against the other modality's ``partner`` generator) with these settings."""
     wanted = _without(cfg, RL_RUNTIME_KEYS)
-    for path in _newest((root / dataset).glob(f"{prefix}-*/rl_config.json")):
-        saved = json.loads(path.read_text())
+    for folder in recorded_runs(root, dataset, prefix, RL_SECTION):
+        saved = read_run_meta(folder, RL_KINDS, RL_SECTION)
         if partner is not None and not _same_path(saved.get("partner_run"), partner):
             continue
         if _same_path(saved.get("source_run"), source) and _without(saved.get("rl", {}), RL_RUNTIME_KEYS) == wanted:
-            return path.parent, int(saved.get("steps_done", -1)) >= int(cfg["steps"])
+            return folder, int(saved.get("steps_done", -1)) >= int(cfg["steps"])
     return None, False
 
 
@@ -193,8 +202,8 @@ def valid_report(dataset: str, runs, cfg: dict, reward: dict, root: Path) -> Pat
     these evaluate / reward settings."""
     wanted = (asdict(runs), _without(cfg, EVALUATE_RUNTIME_KEYS), reward)
     newest_weights = max(_weights_time(r) for r in (runs.text, runs.image, runs.text_rl, runs.image_rl))
-    for pattern in ("Pipeline-*/report/report.json", "Report-*/report/report.json"):
-        for path in _newest((root / dataset).glob(pattern)):
+    for kind in (PIPELINE_REPORT, REPORT):
+        for path in (folder / kind.done for folder in finished_runs(root, dataset, kind)[::-1]):
             result = json.loads(path.read_text())
             same = (result.get("runs"), _without(result.get("evaluate", {}), EVALUATE_RUNTIME_KEYS), result.get("reward")) == wanted
             if same and path.stat().st_mtime > newest_weights:
@@ -216,17 +225,10 @@ class Pipeline:
         generation = generation or {}
         self.sections = {s: merge(self.profile[s], generation.get(s) or {}) for s in ("text", "image", "rl", "reward", "evaluate")}
         self.root = Path(root or SAVED_DIR)
-        self.folder = self._new_folder()
+        self.folder = new_run_folder(self.root, dataset, "Pipeline")
         self.record = {"dataset": dataset, "profile": self.profile_name, "folder": str(self.folder), "stages": [],
                        "settings": {"recbole": self.overrides, **self.sections}}
         self.outputs: dict[str, Path | None] = {}
-
-    def _new_folder(self) -> Path:
-        stamp = time.strftime("%b-%d-%Y_%H-%M-%S")
-        folder, k = self.root / self.dataset / f"Pipeline-{stamp}", 1
-        while folder.exists():
-            folder, k = self.root / self.dataset / f"Pipeline-{stamp}-{k}", k + 1
-        return folder
 
     def _save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -325,7 +327,7 @@ class Pipeline:
             self.outputs["image"] = run
             return "skipped", run, "a finished image generator on this token export with these settings"
         self.outputs["image"] = train_image_generator(self.dataset, self.outputs["export"], config, out_dir=run, resume=run is not None)
-        meta = json.loads((Path(self.outputs["image"]) / "image_config.json").read_text())
+        meta = read_run_meta(self.outputs["image"], IMAGE_KINDS)
         stopped = int(meta["trained_steps"]) < int(settings["max_steps"])
         note = ("resumed; " if run is not None else "") + (f"stopped by image.max_minutes at step {meta['trained_steps']} of {settings['max_steps']}" if stopped else "")
         return "ran", self.outputs["image"], note or None

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, NamedTuple
 import psutil
 import torch
 from recbole.data import create_dataset, data_preparation
-from recbole.utils import get_local_time, init_logger, init_seed
+from recbole.utils import init_logger, init_seed
 
 from recbole_dppmg import compat, distributed
 from recbole_dppmg.config import (
@@ -36,6 +36,7 @@ from recbole_dppmg.errors import ConfigError, DataError
 from recbole_dppmg.paths import DATASET_DIR
 from recbole_dppmg.plots import write_stage1_plots
 from recbole_dppmg.results import RunResult
+from recbole_dppmg.runs import new_run_folder
 from recbole_dppmg.tables import METRIC_COLUMNS, write_ablation, write_comparison  # noqa: F401 (public)
 from recbole_dppmg.trainer import load_checkpoint_file
 from recbole_dppmg.utils import get_model, get_trainer
@@ -97,15 +98,8 @@ def check_dataset(dataset: str, data_path: str | Path | None = None) -> None:
 
 
 def new_run_dir(config, model_name: str) -> Path:
-    base = Path(config["checkpoint_dir"]) / config["dataset"] / f"{model_name}-{get_local_time()}"
-    run_dir, suffix = base, 1
-    while True:  # two runs in the same second (fast models, parallel jobs)
-        try:
-            run_dir.mkdir(parents=True)
-            return run_dir
-        except FileExistsError:
-            suffix += 1
-            run_dir = base.with_name(f"{base.name}~{suffix}")
+    """A new stage-1 run folder; a second run started in the same second gets ``~2``, ``~3``..."""
+    return new_run_folder(config["checkpoint_dir"], config["dataset"], model_name, separator="~", first=2)
 
 
 def run(
@@ -276,9 +270,9 @@ def compare_runs(run_dirs: Iterable[str | Path], out_dir: str | Path) -> tuple[l
 
 
 def _default_out_dir(dataset: str, config_files, config_dict: dict | None, kind: str) -> Path:
-    """``<checkpoint_dir>/<dataset>/<kind>-<time>``, beside the run folders."""
+    """A new ``<checkpoint_dir>/<dataset>/<kind>-<time>``, beside the run folders."""
     config = build_config(get_model("DPPMG"), dataset, config_files, config_dict)
-    return Path(config["checkpoint_dir"]) / dataset / f"{kind}-{get_local_time()}"
+    return new_run_folder(config["checkpoint_dir"], dataset, kind)
 
 
 def ablation_variants(dataset: str, config_files: Iterable[str | Path] = (),

@@ -42,7 +42,7 @@ def _train(tmp_path, export, posters, name="run", **overrides):
 def test_train_save_load_gives_identical_seeded_samples(tmp_path, inputs):
     export, posters = inputs
     folder = _train(tmp_path, *inputs)
-    meta = json.loads((folder / "image_config.json").read_text())
+    meta = json.loads((folder / "run.json").read_text())
     assert meta["trained_steps"] == 3 and len(meta["heldout_users"]) == 2 and meta["pairs"] == 8
     vocab = PreferenceVocabulary(PreferenceTokens.load(export))
     positions = user_positions(vocab, ["u0", "u1", "u2"])
@@ -67,7 +67,7 @@ def test_resume_continues_exactly(tmp_path, inputs):
                                     resume=True, posters=inputs[1])
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((resumed / "image_config.json").read_text())["trained_steps"] == 4
+    assert json.loads((resumed / "run.json").read_text())["trained_steps"] == 4
 
 
 def test_generate_writes_pngs_and_contact_sheet(tmp_path, inputs):
@@ -153,7 +153,7 @@ def test_device_is_chosen_by_config(tmp_path, inputs):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="image.device is cuda but no CUDA device"):
             _train(tmp_path, *inputs, device="cuda")
-        assert not (tmp_path / "run" / "image_config.json").exists()
+        assert not (tmp_path / "run" / "run.json").exists()
     folder = _train(tmp_path, *inputs, name="cpu", device="cpu")
     model, _ = load_image_generator(folder, device="cpu")
     assert next(model.parameters()).device.type == "cpu"

@@ -282,7 +282,7 @@ def test_stage_rl_runs_text_and_image_rl_and_a_second_call_skips_them(tmp_path, 
 
 def test_generate_takes_the_last_finished_rl_phase_over_the_warm_up(tmp_path, monkeypatch, caplog):
     from recbole_dppmg import cli
-    from recbole_dppmg.generation.common.runs import final_generator
+    from recbole_dppmg.runs import final_generator
 
     root, tokens = tmp_path / "saved", tmp_path / "tokens"
     tokens.mkdir()

@@ -21,6 +21,7 @@ from recbole_dppmg.generation.report.build import (
     resolve_runs,
 )
 from recbole_dppmg.generation.text import pipeline as text_pipeline
+from recbole_dppmg.runs import RL_SECTION, write_run_meta
 
 SPLIT = {"valid_users": 2, "test_users": 4, "seed": 2020, "min_rating": 0}  # the tiny export has no ratings (1.0)
 QUICK = {"users": 4, "fd_users": 4, "seeds": [0, 1], "gallery_users": 2, "gallery_history": 2, "progress": False}
@@ -73,7 +74,7 @@ def tiny_run(tmp_path_factory):
     for kind, source, steps in (("TextRL", text_run, 3), ("ImageRL", image_run, 2)):
         rl = root / "saved" / "tiny" / f"{kind}-tiny"
         shutil.copytree(source, rl)
-        (rl / "rl_config.json").write_text(json.dumps({"source_run": str(source.resolve())}))
+        write_run_meta(rl, kind, {"source_run": str(source.resolve())}, RL_SECTION)
         history = [{"step": s + 1, "reward_total": 0.5 + 0.01 * s, "reward_consistency": 0.3, "kl": 0.001 * s} for s in range(steps)]
         (rl / "rl_history.json").write_text(json.dumps(history))
     options = dict(text_config_overrides={"backbone": str(backbone), "generate": {"max_new_tokens": 4, "batch_size": 4}},
@@ -138,12 +139,12 @@ def test_generators_that_do_not_fit_together(tiny_run, tmp_path):
     shutil.copytree(export, other_export)
     moved = tmp_path / "ImageGen-other"
     shutil.copytree(image_run, moved)
-    meta = json.loads((moved / "image_config.json").read_text())
-    (moved / "image_config.json").write_text(json.dumps({**meta, "tokens_folder": str(other_export)}))
+    meta = json.loads((moved / "run.json").read_text())
+    (moved / "run.json").write_text(json.dumps({**meta, "tokens_folder": str(other_export)}))
     with pytest.raises(CheckpointError, match="trained on different token exports"):
         resolve_runs("tiny", {**cfg, "text_run": str(text_run), "image_run": str(moved)}, root / "saved")
 
-    (moved / "image_config.json").write_text(json.dumps({**meta, "test_users": meta["test_users"][::-1]}))
+    (moved / "run.json").write_text(json.dumps({**meta, "test_users": meta["test_users"][::-1]}))
     with pytest.raises(CheckpointError, match="hold out different test users"):
         resolve_runs("tiny", {**cfg, "text_run": str(text_run), "image_run": str(moved)}, root / "saved")
 
@@ -187,8 +188,8 @@ def test_rl_effect_verdicts():
 
 
 def test_reward_curves_follow_rl_phases(tmp_path):
-    from recbole_dppmg.generation.common.runs import rl_phases
     from recbole_dppmg.generation.report.render import chained_history, reward_curves
+    from recbole_dppmg.runs import rl_phases
 
     generator = tmp_path / "TextGen-x"
     generator.mkdir()

@@ -325,7 +325,7 @@ def test_train_text_rl_writes_a_loadable_generator(warm_text_run, tmp_path):
     run = rl_text.train_text_rl("tiny-text", warm, None, settings, reward_fn=letters_reward(tokens), out_dir=tmp_path / "rl")
     split = json.loads((warm / "users.json").read_text())
     assert json.loads((run / "users.json").read_text()) == split
-    rl_config_file = json.loads((run / "rl_config.json").read_text())
+    rl_config_file = json.loads((run / "run.json").read_text())["rl_run"]
     assert rl_config_file["steps_done"] == 2 and not set(rl_config_file["pool"]) & set(split["test"] + split["valid"])
     history = json.loads((run / "rl_history.json").read_text())
     assert [h["step"] for h in history] == [1, 2] and all("reward_total" in h and "kl" in h for h in history)
@@ -371,10 +371,10 @@ def test_train_image_rl_writes_a_loadable_generator(tmp_path):
     vocab = PreferenceVocabulary(tokens)
     tuned, meta = load_image_generator(run, vocab, dataset="tiny")
     original, _ = load_image_generator(source, vocab, dataset="tiny")
-    assert meta["rl"]["steps"] == 2 and meta["test_users"] == json.loads((source / "image_config.json").read_text())["test_users"]
+    assert meta["rl"]["steps"] == 2 and meta["test_users"] == json.loads((source / "run.json").read_text())["test_users"]
     a, b = original.state_dict(), tuned.state_dict()
     assert {k for k in a if not torch.equal(a[k], b[k])} == {"slot", "projection.linear.weight", "projection.linear.bias"}
-    pool = json.loads((run / "rl_config.json").read_text())["pool"]
+    pool = json.loads((run / "run.json").read_text())["rl_run"]["pool"]
     assert pool and not set(pool) & set(meta["heldout_users"])
     assert len(json.loads((run / "rl_history.json").read_text())) == 2
 

@@ -29,6 +29,7 @@ from recbole_dppmg.model.modal_features import (
 )
 from recbole_dppmg.paths import SAVED_DIR
 from recbole_dppmg.quick_start import load_data_and_model
+from recbole_dppmg.runs import DPPMG_RUN, TOKEN_EXPORT, RunKind, newest_finished_run
 from recbole_dppmg.tokens.faiss_lookup import build_index
 from recbole_dppmg.tokens.foldin import FOLDIN_RIDGE, fit_foldin
 from recbole_dppmg.tokens.foldin_quality import evaluate_fold_in
@@ -60,26 +61,26 @@ def dataset_fingerprint(data_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def latest_checkpoint(checkpoint_root: Path, dataset: str, model: str = "DPPMG") -> Path:
-    """The newest ``best.pth`` of ``model`` on ``dataset`` under the checkpoint folder."""
-    runs = sorted((checkpoint_root / dataset).glob(f"{model}-*/best.pth"), key=lambda p: p.stat().st_mtime)
-    if not runs:
+def newest_stage1_checkpoint(checkpoint_root: Path, dataset: str, model: str = "DPPMG") -> Path:
+    """The ``best.pth`` of the newest finished ``model`` run on ``dataset`` under the checkpoint folder."""
+    run = newest_finished_run(checkpoint_root, dataset, RunKind(model, DPPMG_RUN.done))
+    if run is None:
         raise CheckpointError(
             f"no trained {model} run for dataset {dataset} under {checkpoint_root / dataset}; "
             f"train one (python run_dppmg.py -d {dataset} -m {model}) or pass --checkpoint"
         )
-    return runs[-1]
+    return run / DPPMG_RUN.done
 
 
 def newest_token_export(dataset: str, root: Path | None = None) -> Path:
     """The newest ``saved/<dataset>/DPPMG-*/tokens`` folder that holds a manifest."""
     root = Path(root or SAVED_DIR)
-    found = sorted((root / dataset).glob("DPPMG-*/tokens/manifest.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
+    run = newest_finished_run(root, dataset, TOKEN_EXPORT)
+    if run is None:
         raise CheckpointError(
             f"no token export for dataset {dataset} under {root / dataset}; run --stage export first or pass a tokens folder"
         )
-    return found[-1].parent
+    return run / "tokens"
 
 
 def _write_user_tokens(path: Path, user_ids: list[str], codes: np.ndarray, modalities: list[str]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +22,12 @@ from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.data import load_poster, poster_files, tensor_to_pil
 from recbole_dppmg.generation.image.model import PosterDiffusion, check_image_size
 from recbole_dppmg.generation.image.train import (
-    WEIGHTS_FILE,
     build_codec,
     image_settings,
     load_image_generator,
 )
 from recbole_dppmg.paths import SAVED_DIR
+from recbole_dppmg.runs import IMAGE_GEN, new_run_folder, newest_finished_run
 from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
@@ -99,11 +98,12 @@ def contact_sheet(rows: list[tuple[str, list, object]], path: Path, cell: tuple[
     return path
 
 
-def latest_checkpoint(dataset: str) -> Path:
-    runs = sorted((SAVED_DIR / dataset).glob("ImageGen-*/" + WEIGHTS_FILE), key=lambda p: p.stat().st_mtime)
-    if not runs:
+def newest_image_run(dataset: str) -> Path:
+    """The newest finished image generator run ``saved/<dataset>/ImageGen-*``."""
+    run = newest_finished_run(SAVED_DIR, dataset, IMAGE_GEN)
+    if run is None:
         raise CheckpointError(f"no trained image generator under {SAVED_DIR / dataset}; train one first (or set image.checkpoint)")
-    return runs[-1].parent
+    return run
 
 
 def run_generate_images(dataset: str, users: list, tokens_folder: str | Path, config: dict | None = None,
@@ -117,7 +117,7 @@ def run_generate_images(dataset: str, users: list, tokens_folder: str | Path, co
     settings = {**GENERATE_DEFAULTS, **{k: v for k, v in config.items() if k in GENERATE_DEFAULTS}}
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
     vocab = PreferenceVocabulary(tokens)
-    folder = Path(checkpoint or settings["checkpoint"] or latest_checkpoint(dataset))
+    folder = Path(checkpoint or settings["checkpoint"] or newest_image_run(dataset))
     model, meta = load_image_generator(folder, vocab, dataset=dataset, device=config.get("device", "auto"))
     train_settings = image_settings({**meta["train"], **meta["model"], **{k: v for k, v in config.items() if k in ("autoencoder_path", "poster_dir", "num_threads")}})
     users = [str(u) for u in users]
@@ -125,7 +125,6 @@ def run_generate_images(dataset: str, users: list, tokens_folder: str | Path, co
         raise DataError("no users given to generate posters for")
     for u in users:
         tokens.user_row(u)  # one clear error for an unknown user before any sampling
-    out = Path(out_dir or settings["output_dir"] or folder / f"generated-{datetime.now().strftime('%b-%d-%Y_%H-%M-%S')}")
     with torch_threads(train_settings["num_threads"]):
         if codec is None:
             codec, _ = build_codec(train_settings)
@@ -133,7 +132,12 @@ def run_generate_images(dataset: str, users: list, tokens_folder: str | Path, co
                                    steps=settings["sample_steps"], guidance=settings["guidance_scale"],
                                    sampler=settings["sampler"], batch_size=settings["sample_batch"],
                                    height=config.get("height"), width=config.get("width"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir or settings["output_dir"]
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        out = new_run_folder(folder, "", "generated")
     real_posters = posters
     if real_posters is None:
         try:

@@ -3,7 +3,7 @@ poster of an item the user rated highly in the training split (noise-prediction 
 poster's normalised latent). Only the token export and the posters are read.
 
 A run folder holds the checkpoint as plain state dicts + JSON, never pickles:
-``model.safetensors`` (EMA weights, what sampling uses), ``image_config.json`` (everything
+``model.safetensors`` (EMA weights, what sampling uses), ``run.json`` (everything
 needed to rebuild the model and check a token export against it), ``train_state.pt`` (raw
 weights, optimizer, step and random state: ``weights_only=True`` loadable, for an exact
 resume) and ``history.json`` (loss per logged step, seconds).
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -38,11 +37,21 @@ from recbole_dppmg.generation.image.data import (
 )
 from recbole_dppmg.generation.image.model import EMA, PosterDiffusion, model_config
 from recbole_dppmg.paths import PROPERTIES_DIR, SAVED_DIR
+from recbole_dppmg.runs import (
+    IMAGE_GEN,
+    IMAGE_KINDS,
+    RUN_META,
+    meta_path,
+    new_run_folder,
+    read_run_meta,
+    run_kind,
+    write_run_meta,
+)
 from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, HISTORY_FILE = "image_config.json", "model.safetensors", "train_state.pt", "history.json"
+WEIGHTS_FILE, STATE_FILE, HISTORY_FILE = IMAGE_GEN.done, "train_state.pt", "history.json"
 FORMAT = "dppmg-image-diffusion/1"
 
 TRAIN_DEFAULTS = {
@@ -105,8 +114,10 @@ def build_codec(settings: dict):
 
 
 # ---------------------------------------------------------------------- checkpoints
-def save_checkpoint(folder: Path, model: PosterDiffusion, meta: dict, train_state: dict | None = None) -> None:
-    """Weights + config (+ training state), each written to a temp file and renamed."""
+def save_checkpoint(folder: Path, model: PosterDiffusion, meta: dict, train_state: dict | None = None,
+                    kind: str = IMAGE_GEN.name) -> None:
+    """Weights + config (+ training state), each written to a temp file and renamed; ``kind``
+    is the run kind ``run.json`` records (an RL run saves its tuned generator here too)."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (WEIGHTS_FILE + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
@@ -115,17 +126,15 @@ def save_checkpoint(folder: Path, model: PosterDiffusion, meta: dict, train_stat
         tmp = folder / (STATE_FILE + ".tmp")
         torch.save(train_state, tmp)
         tmp.replace(folder / STATE_FILE)
-    tmp = folder / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(folder / CONFIG_FILE)
+    write_run_meta(folder, kind, meta)
 
 
 def read_image_config(folder: str | Path) -> dict:
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{folder} is not an image generator checkpoint (no {CONFIG_FILE})")
-    meta = json.loads(path.read_text())
+    meta = read_run_meta(folder, IMAGE_KINDS)
+    if meta is None:
+        raise CheckpointError(f"{folder} is not an image generator checkpoint (no {RUN_META})")
     if meta.get("format") != FORMAT:
+        path = meta_path(folder, IMAGE_KINDS)
         raise CheckpointError(f"{path} has format {meta.get('format')!r}, this code reads {FORMAT!r}")
     return meta
 
@@ -154,15 +163,12 @@ def load_image_generator(folder: str | Path, vocab: PreferenceVocabulary | None 
     try:
         model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     except RuntimeError as exc:
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit its {CONFIG_FILE}: {str(exc).splitlines()[0]}") from None
+        reason = str(exc).splitlines()[0]
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit its {RUN_META}: {reason}") from None
     return model.to(resolve_device(device, key="image.device")).eval(), meta
 
 
 # ---------------------------------------------------------------------- training
-def _new_run_folder(dataset: str) -> Path:
-    return SAVED_DIR / dataset / f"ImageGen-{datetime.now().strftime('%b-%d-%Y_%H-%M-%S')}"
-
-
 def train_image_generator(dataset: str, tokens_folder: str | Path, config: dict | None = None,
                           out_dir: str | Path | None = None, resume: bool = False,
                           posters: dict[str, Path] | None = None, codec=None) -> Path:
@@ -174,10 +180,10 @@ def train_image_generator(dataset: str, tokens_folder: str | Path, config: dict 
     settings = image_settings(config)
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
     vocab = PreferenceVocabulary(tokens)
-    folder = Path(out_dir) if out_dir else _new_run_folder(dataset)
+    folder = Path(out_dir) if out_dir else new_run_folder(SAVED_DIR, dataset, IMAGE_GEN.name)
     if resume and not (folder / STATE_FILE).is_file():
         raise CheckpointError(f"nothing to resume in {folder} (no {STATE_FILE})")
-    if not resume and (folder / CONFIG_FILE).is_file():
+    if not resume and (run_kind(folder) is not None or meta_path(folder, IMAGE_KINDS) is not None):
         raise CheckpointError(f"{folder} already holds an image generator; pass resume=True or another folder")
 
     with torch_threads(settings["num_threads"]):

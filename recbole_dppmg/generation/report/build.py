@@ -44,7 +44,6 @@ from recbole_dppmg.data.featurize import (
     torch_threads,
 )
 from recbole_dppmg.errors import CheckpointError, ConfigError
-from recbole_dppmg.generation.common.runs import rl_phases, rl_source
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.data import load_poster, poster_files, tensor_to_pil
 from recbole_dppmg.generation.image.generate import (
@@ -78,6 +77,23 @@ from recbole_dppmg.generation.text.metrics import (
 from recbole_dppmg.generation.text.pipeline import TextConditions, run_target_texts
 from recbole_dppmg.generation.text.warmup import item_text_table
 from recbole_dppmg.paths import DATASET_DIR, PROPERTIES_DIR, SAVED_DIR
+from recbole_dppmg.runs import (
+    IMAGE_GEN,
+    IMAGE_KINDS,
+    IMAGE_RL,
+    REPORT,
+    RUN_META,
+    TEXT_GEN,
+    TEXT_KINDS,
+    TEXT_RL,
+    RunKind,
+    finished_runs,
+    meta_path,
+    new_run_folder,
+    read_run_meta,
+    rl_phases,
+    rl_source,
+)
 from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
@@ -85,7 +101,7 @@ logger = logging.getLogger(__name__)
 CONDITIONS = ("no_tokens", "shuffled", "soft_prompt", "dppmg", "dppmg_rl", "ceiling")
 TEXT_GENERATED = {"no_tokens": "no_tokens", "shuffled": "shuffled", "soft_prompt": "soft_prompt", "dppmg": "dppmg"}
 IMAGE_MODES = {"no_tokens": "none", "shuffled": "shuffled", "dppmg": "tokens"}
-RUN_PREFIX = "Report"
+RUN_PREFIX = REPORT.name
 
 
 def evaluate_config(overrides: dict | None = None, path: str | Path | None = None) -> dict:
@@ -123,20 +139,22 @@ class EvaluatedRuns:
 
 
 def _text_run_tokens(run: Path) -> str:
-    path = run / "config.json"
-    if not path.is_file() or not (run / "users.json").is_file():
-        raise CheckpointError(f"{run} is not a text generator run (needs config.json and users.json)")
-    return str(Path(json.loads(path.read_text())["tokens"]).resolve())
+    meta = read_run_meta(run, TEXT_KINDS)
+    if meta is None or not (run / "users.json").is_file():
+        raise CheckpointError(f"{run} is not a text generator run (needs {RUN_META} and users.json)")
+    return str(Path(meta["tokens"]).resolve())
 
 
 def _finished_text_runs(dataset: str, root: Path, prefix: str) -> list[Path]:
-    found = sorted((root / dataset).glob(f"{prefix}-*/dppmg/text_generator.json"), key=lambda p: p.stat().st_mtime)
-    return [p.parent.parent for p in found if (p.parent.parent / "users.json").is_file()]
+    """Finished ``<prefix>-*`` text runs (TextGen, TextRL) with their user split, oldest first."""
+    runs = finished_runs(root, dataset, RunKind(prefix, TEXT_GEN.done))
+    return [r for r in runs if (r / "users.json").is_file()]
 
 
 def _finished_image_runs(dataset: str, root: Path, prefix: str) -> list[Path]:
-    found = sorted((root / dataset).glob(f"{prefix}-*/model.safetensors"), key=lambda p: p.stat().st_mtime)
-    return [p.parent for p in found if (p.parent / "image_config.json").is_file()]
+    """Finished ``<prefix>-*`` image runs (ImageGen, ImageRL) with their record, oldest first."""
+    runs = finished_runs(root, dataset, RunKind(prefix, IMAGE_GEN.done))
+    return [r for r in runs if meta_path(r, IMAGE_KINDS) is not None]
 
 
 def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> EvaluatedRuns:
@@ -149,7 +167,8 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
     if cfg.get("text_run"):
         text = Path(cfg["text_run"])
     else:
-        runs = [r for r in _finished_text_runs(dataset, root, "TextGen") if tokens is None or _text_run_tokens(r) == tokens]
+        runs = [r for r in _finished_text_runs(dataset, root, TEXT_GEN.name)
+                if tokens is None or _text_run_tokens(r) == tokens]
         if not runs:
             raise CheckpointError(f"no trained text generator for dataset {dataset} under {root / dataset}"
                                   + (f" on token export {tokens}" if tokens else "") + "; run --stage text first (or set evaluate.text_run)")
@@ -161,7 +180,8 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
     if cfg.get("image_run"):
         image = Path(cfg["image_run"])
     else:
-        runs = [r for r in _finished_image_runs(dataset, root, "ImageGen") if str(Path(read_image_config(r)["tokens_folder"]).resolve()) == tokens]
+        runs = [r for r in _finished_image_runs(dataset, root, IMAGE_GEN.name)
+                if str(Path(read_image_config(r)["tokens_folder"]).resolve()) == tokens]
         if not runs:
             raise CheckpointError(f"no image generator for dataset {dataset} under {root / dataset} was trained on token export {tokens} "
                                   f"(the text generator {text.name}'s); run --stage image with --tokens {tokens} (or set evaluate.image_run)")
@@ -176,8 +196,8 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
     if [str(u) for u in meta["test_users"]] != [str(u) for u in test_users]:
         raise CheckpointError(f"the generators hold out different test users (text {text}: {len(test_users)}, image {image}: "
                               f"{len(meta['test_users'])}); train both with the same seed, valid_users and test_users")
-    text_rl = _rl_run(dataset, root, "TextRL", cfg.get("text_rl_run"), text, _finished_text_runs)
-    image_rl = _rl_run(dataset, root, "ImageRL", cfg.get("image_rl_run"), image, _finished_image_runs)
+    text_rl = _rl_run(dataset, root, TEXT_RL.name, cfg.get("text_rl_run"), text, _finished_text_runs)
+    image_rl = _rl_run(dataset, root, IMAGE_RL.name, cfg.get("image_rl_run"), image, _finished_image_runs)
     return EvaluatedRuns(tokens, str(text.resolve()), str(image.resolve()), text_rl, image_rl, [str(u) for u in test_users])
 
 
@@ -193,7 +213,7 @@ def _rl_run(dataset: str, root: Path, prefix: str, given, source: Path, finished
     if given:
         run = Path(given)
         if _rl_origin(run) != source:
-            raise CheckpointError(f"RL run {run} was not made from {source} (its rl_config.json names {rl_source(run)})")
+            raise CheckpointError(f"RL run {run} was not made from {source} (its {RUN_META} names {rl_source(run)})")
         return str(run.resolve())
     runs = [r for r in finished(dataset, root, prefix) if _rl_origin(r) == source]
     return str(runs[-1].resolve()) if runs else None
@@ -300,7 +320,7 @@ def build_report(dataset: str, config: dict | None = None, out_dir: str | Path |
         "per_seed": per_seed, "summary": summary,
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
-    out_dir = Path(out_dir or cfg.get("output_dir") or _new_folder(Path(root or SAVED_DIR) / dataset))
+    out_dir = Path(out_dir or cfg.get("output_dir") or new_run_folder(root or SAVED_DIR, dataset, RUN_PREFIX))
     report = write_report(out_dir, result, tokens, catalogues, texts, images, runs)
     result["timings"]["total"] = round(time.perf_counter() - started, 1)
     logger.info("report written to %s in %.0f s", report, result["timings"]["total"])
@@ -330,14 +350,6 @@ def rl_effect(summary: dict) -> dict:
             entry["within_tolerance"] = entry["relative_change"] is not None and abs(entry["relative_change"]) <= QUALITY_TOLERANCE
         out[metric] = entry
     return out
-
-
-def _new_folder(parent: Path) -> Path:
-    stamp = time.strftime("%b-%d-%Y_%H-%M-%S")
-    folder, k = parent / f"{RUN_PREFIX}-{stamp}", 1
-    while folder.exists():
-        folder, k = parent / f"{RUN_PREFIX}-{stamp}-{k}", k + 1
-    return folder
 
 
 def _featurizers(text_featurize, image_featurize):

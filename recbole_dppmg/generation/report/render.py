@@ -29,8 +29,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
-from recbole_dppmg.generation.common.runs import rl_phases  # noqa: E402
 from recbole_dppmg.generation.image.data import load_poster, tensor_to_pil
+from recbole_dppmg.runs import rl_phases  # noqa: E402
 from recbole_dppmg.tokens.format import token_string
 
 REPORT = "report"

@@ -60,12 +60,13 @@ from recbole_dppmg.generation.text.pipeline import (
     load_text_generator,
 )
 from recbole_dppmg.paths import CACHE_DIR, PROPERTIES_DIR
+from recbole_dppmg.runs import RL_KINDS, RL_SECTION, RUN_META, meta_path, read_run_meta
 from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
 GENERATION_YAML = PROPERTIES_DIR / "generation.yaml"
-HISTORY_FILE, CONFIG_FILE, CHECKPOINT = "rl_history.json", "rl_config.json", "checkpoint"
+HISTORY_FILE, CHECKPOINT = "rl_history.json", "checkpoint"
 MODALITIES = ("text", "image")
 ADVANTAGE_SCALES = ("group", "batch", "none", "component")
 
@@ -309,9 +310,9 @@ def resume_or_start(kind: str, cfg: dict, source_run: Path | None, keys: Sequenc
     names a run whose recorded source wins; otherwise ``source_run`` is required."""
     if cfg.get("resume"):
         run = Path(cfg["resume"])
-        if not (run / CONFIG_FILE).is_file():
-            raise CheckpointError(f"{run} is not {_a(kind)} RL run (no {CONFIG_FILE}); nothing to resume")
-        previous = json.loads((run / CONFIG_FILE).read_text())
+        previous = read_run_meta(run, RL_KINDS, RL_SECTION)
+        if previous is None:
+            raise CheckpointError(f"{run} is not {_a(kind)} RL run (no {RUN_META}); nothing to resume")
         check_resume(run, previous, cfg, keys)
         return run, Path(previous["source_run"])
     if source_run is None:
@@ -324,7 +325,7 @@ def claim_run_folder(kind: str, out_dir: Path | None, default: Callable[[], Path
     if out_dir is None:
         return default()
     run = Path(out_dir)
-    if (run / CONFIG_FILE).exists():
+    if meta_path(run, RL_KINDS, RL_SECTION) is not None:
         raise CheckpointError(f"{run} already holds {_a(kind)} RL run; resume it (rl.{kind}.resume) or choose another folder")
     run.mkdir(parents=True, exist_ok=True)
     return run

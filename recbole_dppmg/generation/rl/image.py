@@ -19,8 +19,8 @@ bit-identical. TRL dropped its DDPO trainer, and it targeted Stable Diffusion pi
 is the same algorithm on ``PosterDiffusion``.
 
 Run folder ``saved/<dataset>/ImageRL-<time>/`` loads like a trained image generator
-(``image_train.load_image_generator``): ``model.safetensors`` + ``image_config.json`` (with an
-``rl`` entry), plus ``rl_config.json``, ``rl_history.json`` and ``checkpoint/``.
+(``image_train.load_image_generator``): ``model.safetensors`` + ``run.json`` (the generator's record with
+an ``rl`` entry, and the RL run's own under ``rl_run``), ``rl_history.json`` and ``checkpoint/``.
 
 The stochastic DDIM sampler here does not clip the predicted x0 (``clip_sample=False``): the
 model works on standardised latents, which are not confined to [-1, 1].
@@ -28,7 +28,6 @@ model works on standardised latents, which are not confined to [-1, 1].
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -54,7 +53,6 @@ from recbole_dppmg.generation.image.train import (
 )
 from recbole_dppmg.generation.image.train import save_checkpoint as save_generator
 from recbole_dppmg.generation.rl.common import (
-    CONFIG_FILE,
     JudgeReward,
     claim_run_folder,
     pre_rl_text_features,
@@ -67,15 +65,22 @@ from recbole_dppmg.generation.rl.common import (
     step_record,
     step_users,
     user_pool,
-    write_json,
 )
-from recbole_dppmg.generation.text.config import new_run_folder, newest_generator_run
+from recbole_dppmg.generation.text.config import newest_generator_run
 from recbole_dppmg.paths import SAVED_DIR
+from recbole_dppmg.runs import (
+    IMAGE_RL,
+    RL_KINDS,
+    RL_SECTION,
+    new_run_folder,
+    read_run_meta,
+    write_run_meta,
+)
 from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
-RUN_PREFIX = "ImageRL"
+RUN_PREFIX = IMAGE_RL.name
 RESUME_KEYS = ("users_per_step", "group_size", "user_pool", "learning_rate", "clip_range", "advantage_clip", "kl_weight",
                "inner_epochs", "sample_steps", "eta", "guidance_scale", "timestep_fraction", "train_null", "advantage_scale",
                "grad_clip", "seed", "partner")
@@ -308,17 +313,18 @@ def train_image_rl(dataset: str, image_run: Path | None, judge, config: dict | N
             settings = image_settings({**train, **meta["model"], **{k: v for k, v in load_image_config().items() if k in ("autoencoder_path", "poster_dir")}})
             codec, _ = build_codec(settings)
         if run is None:
-            run = claim_run_folder("image", out_dir, lambda: new_run_folder(dataset, SAVED_DIR, prefix=RUN_PREFIX))
-            write_json(run / CONFIG_FILE, {"dataset": dataset, "source_run": str(image_run.resolve()), "tokens": meta["tokens_folder"],
-                                           "partner_run": str(partner_run) if partner_run else None, "pool": pool, "rl": cfg,
-                                           "reward": judge.config if judged else "reward_fn"})
+            run = claim_run_folder("image", out_dir, lambda: new_run_folder(SAVED_DIR, dataset, RUN_PREFIX))
+            record = {"dataset": dataset, "source_run": str(image_run.resolve()), "tokens": meta["tokens_folder"],
+                      "partner_run": str(partner_run) if partner_run else None, "pool": pool, "rl": cfg,
+                      "reward": judge.config if judged else "reward_fn"}
+            write_run_meta(run, RUN_PREFIX, record, RL_SECTION)
         logger.info("image RL in %s: %d steps x %d users x %d posters, pool of %d training users", run, cfg["steps"], cfg["users_per_step"], cfg["group_size"], len(pool))
         state = run_image_rl(model, codec, vocab, reward_fn, pool, cfg, run)
         meta = {**meta, "source_checkpoint": str(image_run.resolve()),
                 "rl": {"steps": state["step"], "seconds": round(state["seconds"], 1), "stopped": state["stopped"], "settings": cfg}}
-        save_generator(run, model.eval(), meta)
-    summary = json.loads((run / CONFIG_FILE).read_text())
+        save_generator(run, model.eval(), meta, kind=RUN_PREFIX)
+    summary = read_run_meta(run, RL_KINDS, RL_SECTION)
     summary.update(rl=cfg, steps_done=state["step"], train_seconds=round(state["seconds"], 1), stopped=state["stopped"], num_threads=cfg["num_threads"])
-    write_json(run / CONFIG_FILE, summary)
+    write_run_meta(run, RUN_PREFIX, summary, RL_SECTION)
     logger.info("image RL: %d steps in %.0f s (%s), saved in %s", state["step"], state["seconds"], state["stopped"], run)
     return run

@@ -28,9 +28,10 @@ The loss above is TRL's ``loss_type="bnpo"`` with ``beta`` > 0, written out in
 dependency for it.
 
 Run folder ``saved/<dataset>/TextRL-<time>/`` is a drop-in for a warm-up run
-(``text_pipeline.load_text_generator``): ``dppmg/`` (adapter after RL), ``config.json``,
-``users.json`` (the warm-up's split), ``soft_prompt/`` (copied, for the baselines), plus
-``rl_config.json``, ``rl_history.json`` and ``checkpoint/`` (resumable every ``save_steps``).
+(``text_pipeline.load_text_generator``): ``dppmg/`` (adapter after RL), ``run.json`` (the
+warm-up's record, and the RL run's own under ``rl_run``), ``users.json`` (the warm-up's split),
+``soft_prompt/`` (copied, for the baselines), ``rl_history.json`` and ``checkpoint/``
+(resumable every ``save_steps``).
 """
 
 from __future__ import annotations
@@ -49,10 +50,9 @@ import torch
 from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
 from recbole_dppmg.errors import CheckpointError, DataError
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
-from recbole_dppmg.generation.image.generate import latest_checkpoint
+from recbole_dppmg.generation.image.generate import newest_image_run
 from recbole_dppmg.generation.image.train import read_image_config
 from recbole_dppmg.generation.rl.common import (
-    CONFIG_FILE,
     JudgeReward,
     claim_run_folder,
     pre_rl_poster_features,
@@ -65,9 +65,8 @@ from recbole_dppmg.generation.rl.common import (
     step_record,
     step_users,
     user_pool,
-    write_json,
 )
-from recbole_dppmg.generation.text.config import new_run_folder, saved_root, text_config
+from recbole_dppmg.generation.text.config import saved_root, text_config
 from recbole_dppmg.generation.text.generate import (
     TokenConditioner,
     left_pad,
@@ -78,10 +77,18 @@ from recbole_dppmg.generation.text.pipeline import (
     _run_config,
     load_text_generator,
 )
+from recbole_dppmg.runs import (
+    RL_KINDS,
+    RL_SECTION,
+    TEXT_RL,
+    new_run_folder,
+    read_run_meta,
+    write_run_meta,
+)
 
 logger = logging.getLogger(__name__)
 
-RUN_PREFIX = "TextRL"
+RUN_PREFIX = TEXT_RL.name
 # settings a resumed run must share with the run it continues
 RESUME_KEYS = ("users_per_step", "group_size", "user_pool", "learning_rate", "kl_weight", "clip_range",
                "inner_epochs", "temperature", "max_new_tokens", "advantage_scale", "grad_clip", "seed", "partner")
@@ -274,7 +281,7 @@ def train_text_rl(dataset: str, text_run: Path | None, judge, config: dict | Non
             if judge is None:
                 raise DataError("text RL needs a judge (reward.PreferenceJudge) or a reward_fn")
 
-            partner_run = Path(cfg["partner"]) if cfg.get("partner") else latest_checkpoint(dataset)
+            partner_run = Path(cfg["partner"]) if cfg.get("partner") else newest_image_run(dataset)
             partner_tokens = read_image_config(partner_run)["tokens_folder"]
             if Path(partner_tokens).resolve() != Path(source["tokens"]).resolve():
                 logger.warning("the partner image generator %s was trained on tokens %s, the text generator on %s", partner_run, partner_tokens, source["tokens"])
@@ -282,20 +289,22 @@ def train_text_rl(dataset: str, text_run: Path | None, judge, config: dict | Non
             encoder = load_default_encoder("text")
             reward_fn = JudgeReward(judge, "text", lambda texts: encoder.encode([t or " " for t in texts], progress=False), partner)
         if run is None:
-            run = claim_run_folder("text", out_dir, lambda: new_run_folder(dataset, saved_root(source.get("text", {})), prefix=RUN_PREFIX))
-            write_json(run / "config.json", {**source, "rl": cfg, "source_run": str(text_run.resolve())})
+            root = saved_root(source.get("text", {}))
+            run = claim_run_folder("text", out_dir, lambda: new_run_folder(root, dataset, RUN_PREFIX))
+            write_run_meta(run, RUN_PREFIX, {**source, "rl": cfg, "source_run": str(text_run.resolve())})
             shutil.copy(text_run / "users.json", run / "users.json")
-            write_json(run / CONFIG_FILE, {"dataset": dataset, "source_run": str(text_run.resolve()), "tokens": source["tokens"],
-                                           "partner_run": str(partner_run) if partner_run else None, "pool": pool, "rl": cfg,
-                                           "reward": judge.config if judged else "reward_fn"})
+            record = {"dataset": dataset, "source_run": str(text_run.resolve()), "tokens": source["tokens"],
+                      "partner_run": str(partner_run) if partner_run else None, "pool": pool, "rl": cfg,
+                      "reward": judge.config if judged else "reward_fn"}
+            write_run_meta(run, RUN_PREFIX, record, RL_SECTION)
         logger.info("text RL in %s: %d steps x %d users x %d samples, pool of %d training users", run, cfg["steps"], cfg["users_per_step"], cfg["group_size"], len(pool))
         lm = load_text_generator(text_run, vocabulary, text_cfg)
         state = run_text_rl(lm, vocabulary, reward_fn, pool, cfg, run)
         lm.save(run / "dppmg")
     if (text_run / "soft_prompt").is_dir() and not (run / "soft_prompt").exists():
         shutil.copytree(text_run / "soft_prompt", run / "soft_prompt", ignore=shutil.ignore_patterns("checkpoint"))
-    summary = json.loads((run / CONFIG_FILE).read_text())
+    summary = read_run_meta(run, RL_KINDS, RL_SECTION)
     summary.update(rl=cfg, steps_done=state["step"], train_seconds=round(state["seconds"], 1), stopped=state["stopped"], num_threads=cfg["num_threads"])
-    write_json(run / CONFIG_FILE, summary)
+    write_run_meta(run, RUN_PREFIX, summary, RL_SECTION)
     logger.info("text RL: %d steps in %.0f s (%s), saved in %s", state["step"], state["seconds"], state["stopped"], run)
     return run

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import string
-import time
 from pathlib import Path
 
 import yaml
@@ -18,10 +17,11 @@ import yaml
 from recbole_dppmg.errors import CheckpointError, ConfigError
 from recbole_dppmg.generation.text.user_genres import check_genre_settings
 from recbole_dppmg.paths import PROPERTIES_DIR, REPO_ROOT, SAVED_DIR
+from recbole_dppmg.runs import TEXT_GEN, newest_finished_run
 from recbole_dppmg.tokens.export import newest_token_export  # noqa: F401  (re-exported for the text stage)
 
 GENERATION_YAML = PROPERTIES_DIR / "generation.yaml"
-RUN_PREFIX = "TextGen"
+RUN_PREFIX = TEXT_GEN.name
 TARGET_FIELDS = ("head", "title", "year", "genres", "plot", "user_genres")
 PLAIN_TARGET_TEMPLATE = "{head}: {plot}"  # an item alone; the targets of runs from before text.target_template existed
 PAIR_CHOICES = ("random", "token_score")
@@ -90,20 +90,9 @@ def saved_root(config: dict) -> Path:
 def newest_generator_run(dataset: str, root: Path | None = None) -> Path:
     """The newest finished text warm-up run ``saved/<dataset>/TextGen-*``."""
     root = Path(root or SAVED_DIR)
-    found = sorted((root / dataset).glob(f"{RUN_PREFIX}-*/dppmg/text_generator.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
+    run = newest_finished_run(root, dataset, TEXT_GEN)
+    if run is None:
         raise CheckpointError(
             f"no trained text generator for dataset {dataset} under {root / dataset}; run the text warm-up first"
         )
-    return found[-1].parent.parent
-
-
-def new_run_folder(dataset: str, root: Path, prefix: str = RUN_PREFIX) -> Path:
-    stamp = time.strftime("%b-%d-%Y_%H-%M-%S")
-    folder = root / dataset / f"{prefix}-{stamp}"
-    k = 1
-    while folder.exists():
-        folder = root / dataset / f"{prefix}-{stamp}-{k}"
-        k += 1
-    folder.mkdir(parents=True)
-    return folder
+    return run

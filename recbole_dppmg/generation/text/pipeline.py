@@ -1,7 +1,7 @@
 """Entry points of the text generator for the command line: warm-up, generate, evaluate.
 
 - :func:`train_text_generator` trains DPPMG's preference tokens (and the soft-prompt baseline)
-  into a run folder ``saved/<dataset>/TextGen-<time>/``: ``config.json``, ``users.json`` (the
+  into a run folder ``saved/<dataset>/TextGen-<time>/``: ``run.json``, ``users.json`` (the
   train / valid / test user split), ``dppmg/`` (PEFT adapter + projection), ``soft_prompt/``,
   ``warmup.json`` (wall times, best validation losses).
 - :func:`run_generate_text` writes each requested user's text (``texts.jsonl`` + ``texts.md``).
@@ -30,7 +30,6 @@ from recbole_dppmg.generation.common.user_split import split_users
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.text.backbone import load_backbone
 from recbole_dppmg.generation.text.config import (
-    new_run_folder,
     newest_generator_run,
     newest_token_export,
     recorded_settings,
@@ -67,6 +66,14 @@ from recbole_dppmg.generation.text.warmup import (
     train_conditioner,
 )
 from recbole_dppmg.paths import DATASET_DIR
+from recbole_dppmg.runs import (
+    RUN_META,
+    TEXT_GEN,
+    TEXT_KINDS,
+    new_run_folder,
+    read_run_meta,
+    write_run_meta,
+)
 from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
@@ -101,10 +108,10 @@ def _generation_options(cfg: dict, lm_token_ids) -> dict:
 
 
 def _run_config(run: Path) -> dict:
-    path = run / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{run} is not a text warm-up run (no config.json)")
-    return json.loads(path.read_text())
+    meta = read_run_meta(run, TEXT_KINDS)
+    if meta is None:
+        raise CheckpointError(f"{run} is not a text warm-up run (no {RUN_META})")
+    return meta
 
 
 def target_texts(dataset: str, settings: dict, tokens, item_path: Path | None = None):
@@ -158,14 +165,14 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
     else:
         tokens = _load_tokens(dataset, tokens_folder, cfg)
         init_run = _init_run(cfg, tokens)  # checked before the run folder exists
-        run = new_run_folder(dataset, saved_root(cfg))
+        run = new_run_folder(saved_root(cfg), dataset, TEXT_GEN.name)
     vocabulary = PreferenceVocabulary(tokens)
     texts = target_texts(dataset, cfg, tokens)
     split = split_users(tokens.users, cfg["valid_users"], cfg["test_users"], cfg["seed"], cfg["train_users"])
     train_pairs = build_pairs(tokens, split["train"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"], cfg["pair_choice"])
     valid_pairs = build_pairs(tokens, split["valid"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"] + 1, cfg["pair_choice"])
     valid_pairs = [valid_pairs[k] for k in sorted(np.random.default_rng(cfg["seed"]).permutation(len(valid_pairs))[: cfg["valid_pairs"]])]
-    (run / "config.json").write_text(json.dumps({"dataset": dataset, "tokens": str(Path(tokens.folder).resolve()), "text": cfg}, indent=2, default=str))
+    write_run_meta(run, TEXT_GEN.name, {"dataset": dataset, "tokens": str(Path(tokens.folder).resolve()), "text": cfg})
     (run / "users.json").write_text(json.dumps(split))
     logger.info("text warm-up in %s: %d training pairs from %d users, %d validation pairs", run, len(train_pairs), len(split["train"]), len(valid_pairs))
 
@@ -257,7 +264,7 @@ def run_generate_text(dataset: str, users: Sequence[str], tokens_folder: Path | 
         out = Path(cfg["output_dir"])
         out.mkdir(parents=True, exist_ok=True)
     else:
-        out = new_run_folder("", run, prefix="generate")
+        out = new_run_folder(run, "", "generate")
     with open(out / "texts.jsonl", "w") as f:
         for user, text in zip(users, texts):
             f.write(json.dumps({"user": user, "tokens": vocabulary.strings_for(user), "text": text}) + "\n")
@@ -368,7 +375,7 @@ def evaluate_text_generation(dataset: str, tokens_folder: Path | None = None, co
 
     rows = _score_conditions(texts, seconds, features, targets, exclude, backbone, cfg, encoder)
     chance = random_hit_rate(targets, exclude, len(catalogue), ev["topk"])
-    out = new_run_folder("", run, prefix="eval")
+    out = new_run_folder(run, "", "eval")
     with open(out / "samples.jsonl", "w") as f:
         for seed in seeds:
             for idx, user in enumerate(users):
