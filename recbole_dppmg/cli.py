@@ -16,11 +16,9 @@ from pathlib import Path
 from recbole_dppmg.config import build_config, parse_overrides
 from recbole_dppmg.data.prepare import prepare_dataset
 from recbole_dppmg.errors import CheckpointError, ConfigError, DPPMGError
+from recbole_dppmg.generation.common.settings import load_settings, merge
 from recbole_dppmg.generation.image.generate import run_generate_images
-from recbole_dppmg.generation.image.train import (
-    load_image_config,
-    train_image_generator,
-)
+from recbole_dppmg.generation.image.train import train_image_generator
 from recbole_dppmg.generation.report.build import build_report
 from recbole_dppmg.generation.text.pipeline import (
     evaluate_text_generation,
@@ -28,7 +26,7 @@ from recbole_dppmg.generation.text.pipeline import (
     train_text_generator,
 )
 from recbole_dppmg.pipeline import STAGES as PIPELINE_STAGES
-from recbole_dppmg.pipeline import Pipeline, load_profile, merge
+from recbole_dppmg.pipeline import Pipeline, load_profile
 from recbole_dppmg.quick_start import ablation, compare, compare_runs, run
 from recbole_dppmg.stage_logging import init_stage_logger
 from recbole_dppmg.tokens.export import (
@@ -184,7 +182,7 @@ def _stage_text_eval(args) -> None:
 
 def _stage_image(args) -> None:
 
-    run = train_image_generator(args.dataset, _token_folder(args), load_image_config(args.generation["image"]))
+    run = train_image_generator(args.dataset, _token_folder(args), load_settings("image", args.generation["image"]))
     print(f"image generator: {run}")
 
 
@@ -205,7 +203,7 @@ def _stage_generate(args) -> None:
         missing_text = None
     try:
 
-        written.append(("image", run_generate_images(args.dataset, users, tokens, load_image_config(args.generation["image"]))))
+        written.append(("image", run_generate_images(args.dataset, users, tokens, load_settings("image", args.generation["image"]))))
     except CheckpointError as error:
         missing_image = str(error)
     else:
