@@ -12,6 +12,8 @@ from tiny_mm import write_tiny_mm
 
 from recbole_dppmg.errors import ConfigError
 from recbole_dppmg.generation.common.settings import load_settings, rl_phase_settings
+from recbole_dppmg.generation.image.model import MODEL_KEYS
+from recbole_dppmg.generation.image.train import TRAIN_KEYS
 from recbole_dppmg.generation.report.build import EvaluatedRuns
 from recbole_dppmg.pipeline import (
     PROFILES_DIR,
@@ -81,11 +83,8 @@ def test_generator_runs_count_only_with_the_same_export_and_settings(tmp_path):
     settings = load_settings("image", {"max_steps": 10})
     image = root / "tiny" / "ImageGen-a"
     image.mkdir(parents=True)
-    meta = {"tokens_folder": str(tokens), "model": {k: settings[k] for k in ("space", "height", "width", "unet_channels", "layers_per_block",
-            "attention_head_dim", "cross_attention_dim", "norm_num_groups", "train_timesteps", "beta_schedule", "prediction_type")},
-            "train": {k: v for k, v in settings.items() if k not in ("space", "height", "width", "unet_channels", "layers_per_block",
-            "attention_head_dim", "cross_attention_dim", "norm_num_groups", "train_timesteps", "beta_schedule", "prediction_type")},
-            "trained_steps": 10}
+    meta = {"tokens_folder": str(tokens), "model": {k: settings[k] for k in MODEL_KEYS},
+            "train": {k: settings[k] for k in TRAIN_KEYS}, "trained_steps": 10}
     (image / "image_config.json").write_text(json.dumps(meta))
     assert valid_image_run("tiny", tokens, settings, root) == (image, True)
     assert valid_image_run("tiny", tokens, {**settings, "max_minutes": 1.0}, root) == (image, True)

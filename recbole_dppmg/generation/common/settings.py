@@ -114,7 +114,8 @@ def _type_name(hint) -> str:
     if hint is type(None):
         return "None"
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+        item = typing.get_args(hint)[0]
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, _type_name(item))
     if hint is dict:
         return "a mapping"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
@@ -197,7 +198,8 @@ class Section(dict):
         cls.check_keys(data, where)
         missing = [name for name in cls.field_names() if name not in data]
         if missing:
-            raise ConfigError(f"{where} lacks the setting(s) {', '.join(missing)} (is {GENERATION_YAML.name} complete?)")
+            raise ConfigError(f"{where} lacks the setting(s) {', '.join(missing)} "
+                              f"(is {GENERATION_YAML.name} complete?)")
         hints, values = cls.hints(), {}
         for f in fields(cls):
             key, value, hint = f"{where}.{f.name}", data[f.name], hints[f.name]
@@ -320,6 +322,32 @@ class TextSettings(Section):
 
 # ---------------------------------------------------------------------------- image
 @dataclass(frozen=True, eq=False)
+class ImageSDSettings(Section):
+    """``image.sd``: textual inversion of the preference tokens on a Stable Diffusion pipeline."""
+
+    LABEL: ClassVar[str] = "image"
+    prompt_template: str = rule()
+    height: int = rule(ge=8)
+    width: int = rule(ge=8)
+    batch_size: int = rule(ge=1)
+    learning_rate: float = rule(ge=0)
+    max_steps: int = rule(ge=0)
+    max_minutes: float = rule(gt=0)
+    lora_rank: int = rule(ge=0)
+    min_rating: float = rule()
+    valid_users: int = rule(ge=0)
+    test_users: int = rule(ge=0)
+    seed: int = rule()
+    device: str = rule()
+    progress: bool = rule()
+    poster_dir: str | None = rule()
+
+    def validate(self, where: str) -> None:
+        if "{tokens}" not in self.prompt_template:
+            raise ConfigError(f"{where}.prompt_template must contain {{tokens}}, got {self.prompt_template!r}")
+
+
+@dataclass(frozen=True, eq=False)
 class ImageSettings(Section):
     """``image``: the poster diffusion model (training, sampling, evaluation)."""
 
@@ -362,6 +390,7 @@ class ImageSettings(Section):
     sample_seed: int = rule()
     sample_batch: int = rule(ge=1)
     contact_top: int = rule(ge=0)
+    sd: ImageSDSettings = rule()
 
     def validate(self, where: str) -> None:
         if not self.unet_channels:
@@ -399,7 +428,8 @@ class _RLPhase(Section):
 
     def validate(self, where: str) -> None:
         if self.group_size < 2:
-            raise ConfigError(f"{where}.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+            raise ConfigError(f"{where}.group_size must be >= 2 (advantages are relative to the group), "
+                              f"got {self.group_size}")
         then = self.then
         if then is None:
             return
@@ -407,7 +437,8 @@ class _RLPhase(Section):
             raise ConfigError(f"{where}.then must be a mapping of {where} settings or None, got {then!r}")
         nested = sorted(set(then) & {"then", "resume"})
         if nested:
-            raise ConfigError(f"{where}.then cannot set {', '.join(nested)} (one further phase; it starts fresh from the first)")
+            raise ConfigError(f"{where}.then cannot set {', '.join(nested)} "
+                              "(one further phase; it starts fresh from the first)")
         self.check_keys(then, f"{where}.then")
         type(self).build({**self, **then, "then": None}, f"{where}.then")
 
@@ -517,17 +548,12 @@ class EvaluateSettings(Section):
     progress: bool = rule()
     output_dir: str | None = rule()
 
-    @classmethod
-    def build(cls, data: Mapping, where: str):
-        seeds = data.get("seeds") if isinstance(data, Mapping) else None
-        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
-                or len(set(seeds)) != len(seeds):
-            raise ConfigError(f"{where}.seeds must be a list of distinct integers, got {seeds!r}")
+    def validate(self, where: str) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"{where}.seeds must be a list of distinct integers, got {self.seeds!r}")
         for key in ("users", "fd_users"):
-            value = data.get(key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 2):
-                raise ConfigError(f"{where}.{key} must be an integer >= 2 or None, got {value!r}")
-        return super().build(data, where)
+            if self[key] is not None and self[key] < 2:
+                raise ConfigError(f"{where}.{key} must be an integer >= 2 or None, got {self[key]!r}")
 
 
 SECTIONS: dict[str, type[Section]] = {"text": TextSettings, "image": ImageSettings, "reward": RewardSettings,

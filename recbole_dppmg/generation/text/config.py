@@ -36,7 +36,8 @@ def recorded_settings(recorded: dict) -> TextSettings:
     except ``target_template``: runs from before it existed wrote :data:`PLAIN_TARGET_TEMPLATE`.
     Keys later versions dropped are ignored."""
     known = TextSettings.field_names()
-    return load_settings("text", {"target_template": PLAIN_TARGET_TEMPLATE, **{k: v for k, v in recorded.items() if k in known}})
+    kept = {k: v for k, v in recorded.items() if k in known}
+    return load_settings("text", {"target_template": PLAIN_TARGET_TEMPLATE, **kept})
 
 
 def saved_root(config: dict) -> Path:
