@@ -5,7 +5,8 @@ frozen dataclass whose fields are the section's keys, in the YAML's order. Defau
 in the YAML: no field carries a Python default. Callers pass overrides of the same shape, merged
 key by key into nested sections (:func:`merge`); unknown keys and bad values (wrong type, out of
 range, not an allowed choice) raise :class:`~recbole_dppmg.errors.ConfigError` naming the dotted
-key, here and nowhere else.
+key, here, when the settings are loaded. Only checks that need the data or the machine (enough
+users to hold out, a visible device, a pipeline's VAE factor) stay where those are known.
 
 A settings object is also a read-only ``dict`` of its fields, so ``s["key"]``, ``s.get``, ``{**s}``
 and ``json.dumps(s)`` give exactly what the plain dicts of earlier versions gave (the JSON recorded
@@ -14,6 +15,7 @@ in run folders is unchanged).
 
 from __future__ import annotations
 
+import os
 import string
 import types
 import typing
@@ -98,8 +100,8 @@ def _type_ok(value, hint) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
+    if hint is str:  # a path object is accepted where a path is asked for, as before
+        return isinstance(value, (str, os.PathLike))
     if origin is list:
         return isinstance(value, (list, tuple)) and all(_type_ok(v, typing.get_args(hint)[0]) for v in value)
     if hint is dict:
@@ -183,8 +185,8 @@ class Section(dict):
         return tuple(f.name for f in fields(cls))
 
     @classmethod
-    def check_keys(cls, data: Mapping, where: str, allowed=None) -> None:
-        known = cls.field_names() if allowed is None else tuple(allowed)
+    def check_keys(cls, data: Mapping, where: str) -> None:
+        known = cls.field_names()
         unknown = [key for key in data if key not in known]
         if unknown:
             raise ConfigError(f"unknown {cls.LABEL} setting {', '.join(f'{where}.{k}' for k in unknown)} "
