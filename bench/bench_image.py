@@ -24,7 +24,8 @@ from recbole_dppmg.devices import resolve_device
 from recbole_dppmg.generation.image.autoencoder import PixelCodec
 from recbole_dppmg.generation.image.generate import generate_posters
 from recbole_dppmg.generation.image.model import PosterDiffusion
-from recbole_dppmg.generation.image.train import build_codec, image_settings, load_image_generator
+from recbole_dppmg.generation.common.settings import load_settings
+from recbole_dppmg.generation.image.train import build_codec, load_image_generator
 
 
 def main() -> None:
@@ -42,14 +43,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     if args.tiny:
-        settings = image_settings({"space": "pixel", "height": 16, "width": 8, "unet_channels": [8, 16], "attention_head_dim": 4,
+        settings = load_settings("image", {"space": "pixel", "height": 16, "width": 8, "unet_channels": [8, 16], "attention_head_dim": 4,
                                    "cross_attention_dim": 8, "norm_num_groups": 4})
         model, codec = PosterDiffusion(settings, torch.randn(24, 4), 6, 3).eval(), PixelCodec()
     elif args.checkpoint:
         model, meta = load_image_generator(args.checkpoint)
-        codec, _ = build_codec(image_settings({**meta["train"], **meta["model"]}))
+        codec, _ = build_codec(load_settings("image", {**meta["train"], **meta["model"]}))
     else:
-        settings = image_settings({})
+        settings = load_settings("image")
         model, codec = PosterDiffusion(settings, torch.randn(1536, 64), 6, 32).eval(), build_codec(settings)[0]
     device = resolve_device(args.device, key="--device")
     model.to(device)

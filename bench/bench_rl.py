@@ -71,23 +71,23 @@ def train(args) -> None:
 
 
 def _texts(dataset, run: Path, users, seed: int, vocabulary):
-    from recbole_dppmg.generation.text.config import text_config
+    from recbole_dppmg.generation.common.settings import load_settings
     from recbole_dppmg.generation.text.generate import TokenConditioner, generate_texts
     from recbole_dppmg.generation.text.pipeline import _generation_options, load_text_generator
 
-    cfg = text_config({"num_threads": 1, "progress": False, "device": "cpu"})
-    cfg["seed"] = seed
+    cfg = load_settings("text", {"num_threads": 1, "progress": False, "device": "cpu", "seed": seed})
     lm = load_text_generator(run, vocabulary, cfg)
     return generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, **_generation_options(cfg, lm.token_ids))
 
 
 def _posters(dataset, run: Path, users, seed: int, vocab, codec):
     from recbole_dppmg.generation.image.data import tensor_to_pil
-    from recbole_dppmg.generation.image.generate import GENERATE_DEFAULTS, generate_posters, user_positions
-    from recbole_dppmg.generation.image.train import load_image_config, load_image_generator
+    from recbole_dppmg.generation.common.settings import load_settings
+    from recbole_dppmg.generation.image.generate import GENERATE_KEYS, generate_posters, user_positions
+    from recbole_dppmg.generation.image.train import load_image_generator
 
-    config = load_image_config()
-    gen = {**GENERATE_DEFAULTS, **{k: v for k, v in config.items() if k in GENERATE_DEFAULTS}}
+    config = load_settings("image")
+    gen = {k: config[k] for k in GENERATE_KEYS}
     model, _ = load_image_generator(run, vocab, dataset=dataset)
     images = generate_posters(model, codec, user_positions(vocab, users), seed=seed, steps=gen["sample_steps"], guidance=gen["guidance_scale"],
                               sampler=gen["sampler"], batch_size=gen["sample_batch"], progress=False)
@@ -113,7 +113,8 @@ def measure(args) -> None:
     from recbole_dppmg.data.featurize import image_encoder_version, load_default_encoder
     from recbole_dppmg.generation.image.data import poster_files
     from recbole_dppmg.generation.image.metrics import frechet_distance, image_features, real_poster_features
-    from recbole_dppmg.generation.image.train import build_codec, image_settings, load_image_config, read_image_config
+    from recbole_dppmg.generation.common.settings import load_settings
+    from recbole_dppmg.generation.image.train import build_codec, read_image_config
     from recbole_dppmg.generation.text.backbone import load_backbone
     from recbole_dppmg.generation.text.generate import prompt_ids
     from recbole_dppmg.generation.text.injection import read_meta
@@ -136,7 +137,8 @@ def measure(args) -> None:
     assert [str(u) for u in meta["test_users"]] == [str(u) for u in test], "the generators hold out different test users"
     users, fd_users = test[: args.users], test[: max(args.users, args.fd_users)]
     text_encoder, image_encoder = load_default_encoder("text"), load_default_encoder("image")
-    settings = image_settings({**meta["train"], **meta["model"], **{k: v for k, v in load_image_config().items() if k in ("autoencoder_path", "poster_dir")}})
+    image_cfg = load_settings("image")
+    settings = load_settings("image", {**meta["train"], **meta["model"], **{k: image_cfg[k] for k in ("autoencoder_path", "poster_dir")}})
     codec, _ = build_codec(settings)
     _, real = real_poster_features(poster_files(args.dataset, settings["poster_dir"]), settings["height"], settings["width"],
                                    lambda images: image_features(image_encoder, images), cache_key=image_encoder_version())
@@ -235,15 +237,15 @@ def snr(args) -> None:
     from itertools import combinations
 
     from recbole_dppmg.data.featurize import load_default_encoder
-    from recbole_dppmg.generation.rl.common import JudgeReward, group_advantages, pre_rl_poster_features, pre_rl_text_features, rl_config, user_pool
+    from recbole_dppmg.generation.common.settings import load_settings, rl_phase_settings
+    from recbole_dppmg.generation.rl.common import JudgeReward, group_advantages, pre_rl_poster_features, pre_rl_text_features, user_pool
 
     run = Path(args.run)
-    cfg = rl_config(args.modality)
+    cfg = rl_phase_settings(args.modality)
     grads = []
     if args.modality == "text":
         from recbole_dppmg.generation.rl import text as rl_text
         from recbole_dppmg.generation.image.generate import newest_image_run
-        from recbole_dppmg.generation.text.config import text_config
         from recbole_dppmg.generation.text.generate import TokenConditioner
         from recbole_dppmg.generation.text.pipeline import load_text_generator
         from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
@@ -255,7 +257,7 @@ def snr(args) -> None:
         encoder = load_default_encoder("text")
         reward = JudgeReward(judge, "text", lambda texts: encoder.encode([t or " " for t in texts], progress=False),
                              pre_rl_poster_features(args.dataset, newest_image_run(args.dataset), users))
-        lm = load_text_generator(run, vocabulary, text_config({"num_threads": args.threads}))
+        lm = load_text_generator(run, vocabulary, load_settings("text", {"num_threads": args.threads}))
         conditioner, named = TokenConditioner(lm, vocabulary), rl_text.token_parameters(lm)
         for batch in range(args.batches):
             rollout = rl_text.sample_rollout(lm, conditioner, users, args.group, cfg["max_new_tokens"], cfg["temperature"], 1000 + batch)
@@ -267,7 +269,7 @@ def snr(args) -> None:
         from recbole_dppmg.generation.rl import image as rl_image
         from recbole_dppmg.generation.image.data import tensor_to_pil
         from recbole_dppmg.generation.image.metrics import image_features
-        from recbole_dppmg.generation.image.train import build_codec, image_settings, load_image_generator, read_image_config
+        from recbole_dppmg.generation.image.train import build_codec, load_image_generator, read_image_config
         from recbole_dppmg.generation.text.config import newest_generator_run
         from recbole_dppmg.generation.common.user_split import split_users
         from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
@@ -281,7 +283,7 @@ def snr(args) -> None:
         reward = JudgeReward(judge, "image", lambda posters: image_features(encoder, [tensor_to_pil(x) for x in posters]),
                              pre_rl_text_features(args.dataset, newest_generator_run(args.dataset), users))
         model, meta = load_image_generator(run, vocab, dataset=args.dataset)
-        codec, _ = build_codec(image_settings({**train, **meta["model"]}))
+        codec, _ = build_codec(load_settings("image", {**train, **meta["model"]}))
         named = rl_image.conditioning_parameters(model)
         scheduler = rl_image.ddim_scheduler(model, cfg["sample_steps"])
         repeated = [u for u in users for _ in range(args.group)]

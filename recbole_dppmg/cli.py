@@ -19,22 +19,27 @@ from pathlib import Path
 from recbole_dppmg.config import build_config, parse_overrides
 from recbole_dppmg.data.prepare import prepare_dataset
 from recbole_dppmg.errors import CheckpointError, ConfigError, DPPMGError
+from recbole_dppmg.generation.common.settings import load_settings, merge
 from recbole_dppmg.generation.image.generate import run_generate_images
-from recbole_dppmg.generation.image.train import (
-    load_image_config,
-    train_image_generator,
-)
+from recbole_dppmg.generation.image.train import train_image_generator
 from recbole_dppmg.generation.report.build import build_report
-from recbole_dppmg.generation.text.config import saved_root, text_config
+from recbole_dppmg.generation.text.config import saved_root
 from recbole_dppmg.generation.text.pipeline import (
     evaluate_text_generation,
     run_generate_text,
     train_text_generator,
 )
 from recbole_dppmg.paths import SAVED_DIR
-from recbole_dppmg.pipeline import Pipeline, load_profile, merge
+from recbole_dppmg.pipeline import Pipeline, load_profile
 from recbole_dppmg.quick_start import ablation, compare, compare_runs, run
-from recbole_dppmg.runs import final_generator, rl_phases, rl_source
+from recbole_dppmg.runs import (
+    RL_KINDS,
+    RL_SECTION,
+    final_generator,
+    meta_path,
+    rl_phases,
+    rl_source,
+)
 from recbole_dppmg.stage_logging import init_stage_logger
 from recbole_dppmg.stages import PIPELINE_STEPS, STAGE_NAMES, STAGES, stage
 from recbole_dppmg.tokens.export import (
@@ -202,7 +207,7 @@ def _stage_text_eval(args, models, config_files, overrides) -> None:
 
 def _stage_image(args, models, config_files, overrides) -> None:
 
-    run = train_image_generator(args.dataset, _token_folder(args), load_image_config(args.generation["image"]))
+    run = train_image_generator(args.dataset, _token_folder(args), load_settings("image", args.generation["image"]))
     print(f"image generator: {run}")
 
 
@@ -210,8 +215,8 @@ def _final_generators(args) -> tuple[dict, dict]:
     """The text and image settings of ``--stage generate``, each naming its generator: the one
     given (``--text.generator`` / ``--image.checkpoint``) or the final generator of the newest
     finished chain (the last finished RL phase, else the warm-up); logs which runs are used."""
-    text, image = dict(args.generation["text"]), load_image_config(args.generation["image"])
-    for modality, settings, key, root in (("text", text, "generator", saved_root(text_config(text))),
+    text, image = dict(args.generation["text"]), dict(load_settings("image", args.generation["image"]))
+    for modality, settings, key, root in (("text", text, "generator", saved_root(load_settings("text", text))),
                                           ("image", image, "checkpoint", SAVED_DIR)):
         if settings.get(key):
             logger.info("%s generator: %s (given by --%s.%s)", modality, settings[key], modality, key)
@@ -220,7 +225,7 @@ def _final_generators(args) -> tuple[dict, dict]:
         if run is None:  # left unset: generating this modality fails with its own message
             continue
         settings[key] = str(run)
-        phases = rl_phases(run) if (run / "rl_config.json").is_file() else []
+        phases = rl_phases(run) if meta_path(run, RL_KINDS, RL_SECTION) is not None else []
         if phases:
             logger.info("%s generator: %s (RL %s from the warm-up %s)", modality, run,
                         " -> ".join(p.name for p in phases), Path(rl_source(phases[0])).name)

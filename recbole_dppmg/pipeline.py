@@ -26,7 +26,6 @@ its ``report/`` subfolder. Profiles: ``properties/profiles/<name>.yaml`` (sectio
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -39,23 +38,19 @@ from recbole_dppmg.config import MACHINE_KEYS, build_config, jsonable_config
 from recbole_dppmg.data.cache import read_manifest
 from recbole_dppmg.data.prepare import KNOWN_DATASETS, find_spec_file, prepare_dataset
 from recbole_dppmg.errors import ConfigError, DPPMGError
+from recbole_dppmg.generation.common.settings import (
+    load_settings,
+    merge,
+    rl_phase_settings,
+)
 from recbole_dppmg.generation.image.model import model_config
-from recbole_dppmg.generation.image.train import (
-    TRAIN_DEFAULTS,
-    image_settings,
-    load_image_config,
-    train_image_generator,
-)
-from recbole_dppmg.generation.report.build import (
-    build_report,
-    evaluate_config,
-    resolve_runs,
-)
-from recbole_dppmg.generation.reward.judge import PreferenceJudge, reward_config
+from recbole_dppmg.generation.image.train import TRAIN_KEYS, train_image_generator
+from recbole_dppmg.generation.report.build import build_report, resolve_runs
+from recbole_dppmg.generation.reward.judge import PreferenceJudge
 from recbole_dppmg.generation.rl import image as rl_image
 from recbole_dppmg.generation.rl import text as rl_text
-from recbole_dppmg.generation.rl.common import next_phase, rl_config
-from recbole_dppmg.generation.text.config import saved_root, text_config
+from recbole_dppmg.generation.rl.common import next_phase
+from recbole_dppmg.generation.text.config import saved_root
 from recbole_dppmg.generation.text.pipeline import train_text_generator
 from recbole_dppmg.paths import DATASET_DIR, PROPERTIES_DIR, SAVED_DIR
 from recbole_dppmg.quick_start import run
@@ -108,14 +103,6 @@ def load_profile(name: str | None) -> dict:
     return {s: data.get(s) or {} for s in PROFILE_SECTIONS}
 
 
-def merge(base: dict, overrides: dict) -> dict:
-    """``overrides`` over ``base``, nested dicts merged key by key."""
-    out = copy.deepcopy(base)
-    for key, value in (overrides or {}).items():
-        out[key] = merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
-    return out
-
-
 def _without(settings: dict, keys: set) -> dict:
     return {k: v for k, v in settings.items() if k not in keys}
 
@@ -166,7 +153,7 @@ def valid_text_run(dataset: str, tokens: Path, cfg: dict, root: Path) -> tuple[P
 def valid_image_run(dataset: str, tokens: Path, settings: dict, root: Path) -> tuple[Path | None, bool]:
     """``(run, finished)``: the newest ImageGen run on ``tokens`` with these settings."""
 
-    wanted_train = _without({k: settings[k] for k in TRAIN_DEFAULTS}, IMAGE_RUNTIME_KEYS)
+    wanted_train = _without({k: settings[k] for k in TRAIN_KEYS}, IMAGE_RUNTIME_KEYS)
     wanted_model = model_config(settings)
     for folder in recorded_runs(root, dataset, IMAGE_GEN.name):
         meta = read_run_meta(folder, IMAGE_KINDS)
@@ -309,7 +296,7 @@ class Pipeline:
     # ------------------------------------------------------------------ generators
     def _text(self):
 
-        cfg = text_config(self.sections["text"])
+        cfg = load_settings("text", self.sections["text"])
         run, finished = valid_text_run(self.dataset, self.outputs["export"], cfg, saved_root(cfg))
         if run is not None and finished:
             self.outputs["text"] = run
@@ -320,13 +307,12 @@ class Pipeline:
 
     def _image(self):
 
-        config = load_image_config(self.sections["image"])
-        settings = image_settings(config)
+        settings = load_settings("image", self.sections["image"])
         run, finished = valid_image_run(self.dataset, self.outputs["export"], settings, self.root)
         if run is not None and finished:
             self.outputs["image"] = run
             return "skipped", run, "a finished image generator on this token export with these settings"
-        self.outputs["image"] = train_image_generator(self.dataset, self.outputs["export"], config, out_dir=run, resume=run is not None)
+        self.outputs["image"] = train_image_generator(self.dataset, self.outputs["export"], settings, out_dir=run, resume=run is not None)
         meta = read_run_meta(self.outputs["image"], IMAGE_KINDS)
         stopped = int(meta["trained_steps"]) < int(settings["max_steps"])
         note = ("resumed; " if run is not None else "") + (f"stopped by image.max_minutes at step {meta['trained_steps']} of {settings['max_steps']}" if stopped else "")
@@ -350,7 +336,7 @@ class Pipeline:
         overrides = {**(rl.get(modality) or {}), "partner": str(partner)}
         source, status, notes = self.outputs[modality], "skipped", []
         while overrides is not None:  # rl.<modality>.then: each phase starts from the previous one's run
-            cfg = rl_config(modality, overrides, quick)
+            cfg = rl_phase_settings(modality, overrides, quick)
             run, finished = valid_rl_run(self.dataset, RUN_PREFIX, source, cfg, self.root, partner)
             if run is not None and finished:
                 notes.append(f"a finished {modality} RL run from {Path(source).name} with these settings")
@@ -376,13 +362,13 @@ class Pipeline:
     # ------------------------------------------------------------------ evaluate
     def _evaluate(self):
 
-        cfg = evaluate_config(self.sections["evaluate"])
+        cfg = load_settings("evaluate", self.sections["evaluate"])
         given = {"tokens": str(self.outputs["export"]), "text_run": str(self.outputs["text"]), "image_run": str(self.outputs["image"])}
         runs = resolve_runs(self.dataset, {**cfg, **given}, self.root)
         # exactly this pipeline's RL runs (or none), not the newest made from the same generators
         runs.text_rl = str(Path(self.outputs["text_rl"]).resolve()) if self.outputs.get("text_rl") else None
         runs.image_rl = str(Path(self.outputs["image_rl"]).resolve()) if self.outputs.get("image_rl") else None
-        reward = reward_config(self.sections["reward"])
+        reward = load_settings("reward", self.sections["reward"])
         existing = valid_report(self.dataset, runs, cfg, reward, self.root)
         if existing is not None:
             return "skipped", existing, "a report of these runs with these settings"

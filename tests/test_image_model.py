@@ -139,7 +139,7 @@ def test_latent_space_training_with_a_tiny_autoencoder(tmp_path, inputs):
 
 
 def test_unknown_config_key(tmp_path, inputs):
-    with pytest.raises(ConfigError, match="unknown image config keys: bogus"):
+    with pytest.raises(ConfigError, match="unknown image setting image.bogus"):
         train_image_generator("tiny", inputs[0], {"bogus": 1}, out_dir=tmp_path / "run", posters=inputs[1])
 
 

@@ -11,11 +11,10 @@ from judge_fixtures import TINY_DPPMG
 from tiny_mm import write_tiny_mm
 
 from recbole_dppmg.errors import ConfigError
-from recbole_dppmg.generation.image.train import FORMAT, image_settings
-from recbole_dppmg.generation.report.build import EvaluatedRuns, evaluate_config
-from recbole_dppmg.generation.reward.judge import reward_config
-from recbole_dppmg.generation.rl.common import rl_config
-from recbole_dppmg.generation.text.config import text_config
+from recbole_dppmg.generation.common.settings import load_settings, rl_phase_settings
+from recbole_dppmg.generation.image.model import MODEL_KEYS
+from recbole_dppmg.generation.image.train import FORMAT, TRAIN_KEYS
+from recbole_dppmg.generation.report.build import EvaluatedRuns
 from recbole_dppmg.pipeline import (
     PROFILES_DIR,
     STAGES,
@@ -71,7 +70,7 @@ def _text_run(root, name, tokens, cfg, finished=True):
 def test_generator_runs_count_only_with_the_same_export_and_settings(tmp_path):
     root, tokens = tmp_path / "saved", tmp_path / "tokens"
     tokens.mkdir()
-    cfg = text_config({"max_steps": 5})
+    cfg = load_settings("text", {"max_steps": 5})
     run = _text_run(root, "TextGen-a", tokens, cfg)
     assert valid_text_run("tiny", tokens, cfg, root) == (run, True)
     assert valid_text_run("tiny", tokens, {**cfg, "num_threads": 2, "progress": False}, root) == (run, True)  # runtime keys
@@ -81,14 +80,11 @@ def test_generator_runs_count_only_with_the_same_export_and_settings(tmp_path):
     unfinished = _text_run(root, "TextGen-b", tokens, cfg, finished=False)
     assert valid_text_run("tiny", tokens, cfg, root) == (unfinished, False)  # resumed by the pipeline
 
-    settings = image_settings({"max_steps": 10})
+    settings = load_settings("image", {"max_steps": 10})
     image = root / "tiny" / "ImageGen-a"
     image.mkdir(parents=True)
-    meta = {"tokens_folder": str(tokens), "model": {k: settings[k] for k in ("space", "height", "width", "unet_channels", "layers_per_block",
-            "attention_head_dim", "cross_attention_dim", "norm_num_groups", "train_timesteps", "beta_schedule", "prediction_type")},
-            "train": {k: v for k, v in settings.items() if k not in ("space", "height", "width", "unet_channels", "layers_per_block",
-            "attention_head_dim", "cross_attention_dim", "norm_num_groups", "train_timesteps", "beta_schedule", "prediction_type")},
-            "trained_steps": 10}
+    meta = {"tokens_folder": str(tokens), "model": {k: settings[k] for k in MODEL_KEYS},
+            "train": {k: settings[k] for k in TRAIN_KEYS}, "trained_steps": 10}
     (image / "image_config.json").write_text(json.dumps(meta))
     assert valid_image_run("tiny", tokens, settings, root) == (image, True)
     assert valid_image_run("tiny", tokens, {**settings, "max_minutes": 1.0}, root) == (image, True)
@@ -110,7 +106,7 @@ def test_a_report_counts_only_for_the_same_runs_settings_and_weights(tmp_path):
     root = tmp_path / "saved"
     text = _text_run(root, "TextGen-a", tmp_path, {})
     runs = EvaluatedRuns(str(tmp_path), str(text), str(tmp_path / "image"), None, None, ["u1", "u2"])
-    cfg, reward = evaluate_config({"users": 4}), reward_config()
+    cfg, reward = load_settings("evaluate", {"users": 4}), load_settings("reward")
     report = root / "tiny" / "Report-a" / "report"
     report.mkdir(parents=True)
     (report / "report.json").write_text(json.dumps({"runs": runs.__dict__, "evaluate": {**cfg, "progress": False}, "reward": reward}))
@@ -132,16 +128,14 @@ def test_until_and_profiles(tiny_pipeline):
 
 @pytest.mark.parametrize("profile", sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
 def test_shipped_profiles_hold_only_known_settings(profile):
-    from recbole_dppmg.generation.image.train import load_image_config
-    from recbole_dppmg.generation.rl.common import rl_config
 
     sections = load_profile(profile)
-    text_config(sections["text"])
-    load_image_config(sections["image"])
-    evaluate_config(sections["evaluate"])
-    reward_config(sections["reward"])
+    load_settings("text", sections["text"])
+    load_settings("image", sections["image"])
+    load_settings("evaluate", sections["evaluate"])
+    load_settings("reward", sections["reward"])
     for modality in ("text", "image"):
-        rl_config(modality, sections["rl"].get(modality), bool(sections["rl"].get("quick")))
+        rl_phase_settings(modality, sections["rl"].get(modality), bool(sections["rl"].get("quick")))
     assert set(sections["rl"]) <= {"quick", "text", "image"}
 
 
@@ -154,7 +148,7 @@ def test_rl_in_two_phases_starts_the_second_from_the_first(tiny_pipeline, monkey
     def fake_train(dataset, source, judge, overrides, quick):
         run = tmp_path / "saved" / "tiny" / f"TextRL-{len(calls)}"
         run.mkdir(parents=True)
-        cfg = rl_text.rl_config("text", overrides, quick)
+        cfg = rl_phase_settings("text", overrides, quick)
         calls.append((Path(source).name, cfg["advantage_scale"], cfg["then"]))
         (run / "rl_config.json").write_text(json.dumps({"source_run": str(source), "partner_run": overrides["partner"], "rl": cfg,
                                                          "steps_done": cfg["steps"] - stopped_early}))
@@ -183,19 +177,19 @@ def test_rl_in_two_phases_starts_the_second_from_the_first(tiny_pipeline, monkey
 
 
 def test_rl_phase_settings_are_checked():
-    from recbole_dppmg.generation.rl.common import next_phase, rl_config
+    from recbole_dppmg.generation.rl.common import next_phase
 
     with pytest.raises(ConfigError, match="unknown RL setting rl.text.then.stepz"):
-        rl_config("text", {"then": {"stepz": 3}})
+        rl_phase_settings("text", {"then": {"stepz": 3}})
     with pytest.raises(ConfigError, match="rl.text.then cannot set then"):
-        rl_config("text", {"then": {"then": {"steps": 1}}})
+        rl_phase_settings("text", {"then": {"then": {"steps": 1}}})
     with pytest.raises(ConfigError, match="rl.image.then must be a mapping"):
-        rl_config("image", {"then": "component"})
-    cfg = rl_config("text", {"steps": 3, "resume": "x", "then": {"advantage_scale": "component"}})
+        rl_phase_settings("image", {"then": "component"})
+    cfg = rl_phase_settings("text", {"steps": 3, "resume": "x", "then": {"advantage_scale": "component"}})
     assert next_phase({"steps": 3, "resume": "x", "then": {"advantage_scale": "component"}}, cfg) == {
         "steps": 3, "advantage_scale": "component", "then": None}
-    assert next_phase({}, rl_config("text", {"then": None})) is None
-    assert next_phase({}, rl_config("text", quick=True)) is None  # the quick profile: one phase
+    assert next_phase({}, rl_phase_settings("text", {"then": None})) is None
+    assert next_phase({}, rl_phase_settings("text", quick=True)) is None  # the quick profile: one phase
 
 
 def test_the_report_finds_the_last_rl_phase(tmp_path):
@@ -235,7 +229,7 @@ def _fake_rl(root, prefix, weights, calls, steps_short=0):
     def train(dataset, source, judge, overrides, quick):
         run = Path(overrides["resume"]) if overrides.get("resume") else root / "tiny" / f"{prefix}-{len(calls)}"
         (run / Path(weights).parent).mkdir(parents=True, exist_ok=True)
-        cfg = rl_config(prefix[:-2].lower(), overrides, quick)
+        cfg = rl_phase_settings(prefix[:-2].lower(), overrides, quick)
         calls.append((prefix, Path(source).name, cfg["steps"], overrides.get("resume")))
         saved = {"source_run": str(source), "partner_run": overrides["partner"], "rl": cfg,
                  "steps_done": cfg["steps"] - steps_short}

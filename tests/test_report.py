@@ -12,12 +12,12 @@ from judge_fixtures import tiny_export
 from text_tiny import GENRES, tiny_lm, tiny_tokenizer
 
 from recbole_dppmg.errors import CheckpointError, ConfigError
+from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.image.autoencoder import PixelCodec
 from recbole_dppmg.generation.image.train import train_image_generator
 from recbole_dppmg.generation.report.build import (
     EvaluatedRuns,
     build_report,
-    evaluate_config,
     resolve_runs,
 )
 from recbole_dppmg.generation.text import pipeline as text_pipeline
@@ -119,7 +119,7 @@ def test_report_on_a_tiny_run(tiny_run):
 
 def test_rows_without_rl_say_not_run(tiny_run):
     root, export, text_run, image_run, options = tiny_run
-    runs = resolve_runs("tiny", evaluate_config(QUICK), root / "saved")
+    runs = resolve_runs("tiny", load_settings("evaluate", QUICK), root / "saved")
     runs = EvaluatedRuns(runs.tokens, runs.text, runs.image, None, None, runs.test_users)
     report = build_report("tiny", {**QUICK, "seeds": [3]}, root / "Report-2", runs=runs, **options)
     row = next(line for line in (report / "report.md").read_text().splitlines() if line.startswith("| DPPMG after RL"))
@@ -129,7 +129,7 @@ def test_rows_without_rl_say_not_run(tiny_run):
 
 def test_generators_that_do_not_fit_together(tiny_run, tmp_path):
     root, export, text_run, image_run, _ = tiny_run
-    cfg = evaluate_config(QUICK)
+    cfg = load_settings("evaluate", QUICK)
     with pytest.raises(CheckpointError, match="no trained text generator for dataset tiny"):
         resolve_runs("tiny", cfg, tmp_path / "empty")
     with pytest.raises(CheckpointError, match="no image generator for dataset tiny .* was trained on token export"):
@@ -157,11 +157,11 @@ def test_generators_that_do_not_fit_together(tiny_run, tmp_path):
 
 def test_evaluate_settings_are_checked():
     with pytest.raises(ConfigError, match="unknown evaluate setting.*bogus"):
-        evaluate_config({"bogus": 1})
+        load_settings("evaluate", {"bogus": 1})
     with pytest.raises(ConfigError, match="evaluate.seeds must be a list of distinct integers"):
-        evaluate_config({"seeds": [1, 1]})
+        load_settings("evaluate", {"seeds": [1, 1]})
     with pytest.raises(ConfigError, match="evaluate.users must be an integer >= 2"):
-        evaluate_config({"users": 1})
+        load_settings("evaluate", {"users": 1})
 
 
 def test_evaluate_stage_without_generators_is_one_line(capsys):

@@ -11,7 +11,8 @@ from judge_fixtures import tiny_export
 from PIL import Image
 
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
-from recbole_dppmg.generation.reward.judge import PreferenceJudge, reward_config
+from recbole_dppmg.generation.common.settings import load_settings
+from recbole_dppmg.generation.reward.judge import PreferenceJudge
 from recbole_dppmg.tokens import PreferenceTokens
 
 
@@ -44,7 +45,7 @@ def test_text_and_poster_of_one_item_are_more_consistent_than_unrelated_ones(jud
     other = judge.consistency(_features(judge, "text", items), _features(judge, "image", unrelated))
     assert same.shape == (len(items),) and ((0 <= same) & (same <= 1)).all()
     assert same.mean() > other.mean() + 0.2 and (same > other).mean() > 0.9
-    bhattacharyya = PreferenceJudge(judge.tokens, judge.catalogues, reward_config({"consistency_measure": "bhattacharyya"}))
+    bhattacharyya = PreferenceJudge(judge.tokens, judge.catalogues, load_settings("reward", {"consistency_measure": "bhattacharyya"}))
     assert bhattacharyya.consistency(_features(judge, "text", items[:5]), _features(judge, "image", items[:5])).mean() > \
         bhattacharyya.consistency(_features(judge, "text", items[:5]), _features(judge, "image", unrelated[:5])).mean()
 
@@ -137,11 +138,11 @@ def test_optional_clip_term(judged, tmp_path):
 def test_bad_settings_and_inputs(judged):
     tokens, data, judge = judged
     with pytest.raises(ConfigError, match="unknown reward setting.*bogus"):
-        reward_config({"bogus": 1})
+        load_settings("reward", {"bogus": 1})
     with pytest.raises(ConfigError, match="reward.consistency_measure must be one of js, bhattacharyya"):
-        reward_config({"consistency_measure": "kl"})
+        load_settings("reward", {"consistency_measure": "kl"})
     with pytest.raises(ConfigError, match="weights must be >= 0 and not all 0"):
-        reward_config({k: 0 for k in ("text_personalization_weight", "image_personalization_weight", "consistency_weight", "clip_weight")})
+        load_settings("reward", {k: 0 for k in ("text_personalization_weight", "image_personalization_weight", "consistency_weight", "clip_weight")})
     with pytest.raises(DataError, match="one feature row per user, got 1 rows for 2 users"):
         judge.personalization(tokens.users[:2], "text", np.zeros((1, 8)))
     with pytest.raises(DataError, match="width 5, the export's encoder expects 6"):

@@ -17,6 +17,7 @@ from image_fixtures import (
 from text_tiny import FakeTokens, tiny_lm, tiny_tokenizer
 
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
+from recbole_dppmg.generation.common.settings import load_settings, rl_phase_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.autoencoder import PixelCodec
 from recbole_dppmg.generation.image.model import PosterDiffusion
@@ -27,7 +28,6 @@ from recbole_dppmg.generation.rl.common import (
     cached_features,
     group_advantages,
     reward_advantages,
-    rl_config,
     step_record,
 )
 from recbole_dppmg.generation.text.generate import TokenConditioner
@@ -72,7 +72,7 @@ def letters_reward(tokens):
 
 
 def text_cfg(**overrides):
-    return rl_config("text", {"users_per_step": 4, "group_size": 4, "max_new_tokens": 8, "learning_rate": 0.1, "kl_weight": 0.02,
+    return rl_phase_settings("text", {"users_per_step": 4, "group_size": 4, "max_new_tokens": 8, "learning_rate": 0.1, "kl_weight": 0.02,
                               "save_steps": 1, "progress": False, "max_minutes": None, **overrides})
 
 
@@ -95,7 +95,7 @@ def colour_reward(tokens):
 
 
 def image_cfg(**overrides):
-    return rl_config("image", {"users_per_step": 2, "group_size": 8, "sample_steps": 4, "learning_rate": 0.1, "save_steps": 1,
+    return rl_phase_settings("image", {"users_per_step": 2, "group_size": 8, "sample_steps": 4, "learning_rate": 0.1, "save_steps": 1,
                                "progress": False, "max_minutes": None, **overrides})
 
 
@@ -141,7 +141,7 @@ def test_component_advantages_give_a_narrow_component_its_weight():
     assert record["group_std_image_personalization"] == 0.0
     assert record["group_std_text_personalization"] > 10 * record["group_std_consistency"]
     with pytest.raises(ConfigError, match="component"):
-        rl_config("text", {"advantage_scale": "components"})
+        rl_phase_settings("text", {"advantage_scale": "components"})
 
 
 def test_grpo_loss_on_hand_made_numbers():
@@ -317,7 +317,6 @@ def warm_text_run(tmp_path, monkeypatch):
 
 
 def test_train_text_rl_writes_a_loadable_generator(warm_text_run, tmp_path):
-    from recbole_dppmg.generation.text.config import text_config
     from recbole_dppmg.generation.text.pipeline import load_text_generator
 
     tokens, warm, config = warm_text_run
@@ -330,8 +329,8 @@ def test_train_text_rl_writes_a_loadable_generator(warm_text_run, tmp_path):
     history = json.loads((run / "rl_history.json").read_text())
     assert [h["step"] for h in history] == [1, 2] and all("reward_total" in h and "kl" in h for h in history)
     vocabulary = PreferenceVocabulary(tokens)
-    before = load_text_generator(warm, vocabulary, text_config(config)).token_embeddings()
-    after = load_text_generator(run, vocabulary, text_config(config)).token_embeddings()
+    before = load_text_generator(warm, vocabulary, load_settings("text", config)).token_embeddings()
+    after = load_text_generator(run, vocabulary, load_settings("text", config)).token_embeddings()
     assert after.shape == before.shape and not torch.allclose(after, before)
     # the saved adapter holds exactly the embeddings RL ended with (the checkpoint's tensors on the warm-up model)
     from safetensors.torch import load_file
@@ -339,7 +338,7 @@ def test_train_text_rl_writes_a_loadable_generator(warm_text_run, tmp_path):
     from recbole_dppmg.generation.rl.common import FrozenReference
 
     final, _ = FrozenReference.split(load_file(str(run / "checkpoint" / "tensors.safetensors")))
-    lm = load_text_generator(warm, vocabulary, text_config(config))
+    lm = load_text_generator(warm, vocabulary, load_settings("text", config))
     named = rl_text.token_parameters(lm)
     with torch.no_grad():
         for name, p in named.items():
@@ -381,15 +380,15 @@ def test_train_image_rl_writes_a_loadable_generator(tmp_path):
 
 # ---------------------------------------------------------------------------- settings, reward plumbing
 def test_rl_config_refuses_bad_settings():
-    assert rl_config("text", quick=True)["steps"] < rl_config("text")["steps"]
+    assert rl_phase_settings("text", quick=True)["steps"] < rl_phase_settings("text")["steps"]
     with pytest.raises(ConfigError, match="unknown RL setting rl.text.stepz"):
-        rl_config("text", {"stepz": 3})
+        rl_phase_settings("text", {"stepz": 3})
     with pytest.raises(ConfigError, match="group_size must be >= 2"):
-        rl_config("image", {"group_size": 1})
+        rl_phase_settings("image", {"group_size": 1})
     with pytest.raises(ConfigError, match="advantage_scale"):
-        rl_config("image", {"advantage_scale": "median"})
+        rl_phase_settings("image", {"advantage_scale": "median"})
     with pytest.raises(ConfigError, match="text or image"):
-        rl_config("audio")
+        rl_phase_settings("audio")
 
 
 class RecordingJudge:

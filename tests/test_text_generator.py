@@ -9,10 +9,10 @@ import torch
 from text_tiny import FakeTokens, item_texts, tiny_lm, tiny_tokenizer
 
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
+from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.user_split import split_users
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.text import warmup as text_warmup
-from recbole_dppmg.generation.text.config import text_config
 from recbole_dppmg.generation.text.generate import (
     NoTokenConditioner,
     SoftPromptConditioner,
@@ -263,16 +263,16 @@ def test_user_split_and_pairs(tokens):
     liked = sorted((int(i) for i, _ in tokens.history("u0")), reverse=True)
     assert sorted(int(i) for _, i in top) == sorted(liked[:2])  # the two the tokens score highest
     with pytest.raises(ConfigError, match="text.pair_choice 'best' is not one of random, token_score"):
-        text_config({"pair_choice": "best"})
+        load_settings("text", {"pair_choice": "best"})
     mapping = shuffled_user_map(tokens.users, 0)
     assert sorted(mapping.values()) == sorted(tokens.users) and all(k != v for k, v in mapping.items())
 
 
 def test_text_config_refuses_unknown_keys():
-    cfg = text_config({"max_steps": 3, "generate": {"max_new_tokens": 5}})
+    cfg = load_settings("text", {"max_steps": 3, "generate": {"max_new_tokens": 5}})
     assert cfg["max_steps"] == 3 and cfg["generate"]["max_new_tokens"] == 5 and cfg["generate"]["batch_size"] == 16
     with pytest.raises(ConfigError, match="unknown text generator setting text.generate.nope"):
-        text_config({"generate": {"nope": 1}})
+        load_settings("text", {"generate": {"nope": 1}})
 
 
 def test_target_template_shapes_targets_and_refuses_unknown_fields(tmp_path):
@@ -286,10 +286,10 @@ def test_target_template_shapes_targets_and_refuses_unknown_fields(tmp_path):
     assert item_text_table(item) == {"1": "Toy Story (1995): Toys come alive.", "2": "No Year: A plot."}
     shaped = item_text_table(item, "Genres: {genres}. {head}: {plot}")
     assert shaped == {"1": "Genres: Animation, Comedy. Toy Story (1995): Toys come alive.", "2": "Genres: unknown. No Year: A plot."}
-    assert text_config({"target_template": "{title} | {year}"})["target_template"] == "{title} | {year}"
+    assert load_settings("text", {"target_template": "{title} | {year}"})["target_template"] == "{title} | {year}"
     for bad, message in (("{rating}: {plot}", "not {rating}"), ("plain text", "may only use the fields"), ("{plot", "not a format string")):
         with pytest.raises(ConfigError, match=message):
-            text_config({"target_template": bad})
+            load_settings("text", {"target_template": bad})
 
 
 def test_content_init_points_tokens_at_liked_content(tokens):
@@ -318,10 +318,8 @@ def test_content_init_points_tokens_at_liked_content(tokens):
 def test_text_and_image_generators_hold_out_the_same_users(tokens):
     """One shared split: the poster and the text of a held-out user are judged together."""
     from recbole_dppmg.generation.image.data import training_pairs
-    from recbole_dppmg.generation.image.train import TRAIN_DEFAULTS, load_image_config
-    from recbole_dppmg.generation.text.config import text_config
 
-    text, image = text_config(), {**TRAIN_DEFAULTS, **load_image_config()}
+    text, image = load_settings("text"), load_settings("image")
     assert (text["seed"], text["valid_users"], text["test_users"]) == (image["seed"], image["valid_users"], image["test_users"])
     split = split_users(tokens.users, 2, 3, seed=7)
     items = [i for u in tokens.users for i, _ in tokens.history(u, "train")]

@@ -6,10 +6,11 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+import yaml
 from text_tiny import FakeTokens
 
 from recbole_dppmg.errors import ConfigError
-from recbole_dppmg.generation.text.config import text_config
+from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.text.user_genres import UserGenres, genres_by_item
 from recbole_dppmg.generation.text.warmup import (
     TargetTexts,
@@ -49,7 +50,7 @@ def test_genre_settings_are_checked():
     for bad, message in ((("likes", 3), "text.user_genres_from 'likes' is not one of tokens, history"),
                          (("tokens", 0), "text.user_genres_count must be a positive integer, got 0")):
         with pytest.raises(ConfigError, match=message):
-            text_config({"user_genres_from": bad[0], "user_genres_count": bad[1]})
+            load_settings("text", {"user_genres_from": bad[0], "user_genres_count": bad[1]})
     with pytest.raises(ConfigError, match="has no genres column"):
         genres_by_item(pd.DataFrame({"title": ["A"]}, index=["1"]))
 
@@ -87,11 +88,15 @@ def test_validation_with_other_users_prompts_scores_the_own_users_target(monkeyp
     assert asked == ["u0", "u1"] and seen == [("u1", "u0 1"), ("u0", "u1 1")]
 
 
-def test_runs_from_before_target_template_count_as_plain_targets(monkeypatch):
+def test_runs_from_before_target_template_count_as_plain_targets(monkeypatch, tmp_path):
+    from recbole_dppmg.generation.common import settings
     from recbole_dppmg.generation.text import config
 
-    defaults = {**config.default_text_config(), "target_template": "Genres: {user_genres}. {head}: {plot}"}
-    monkeypatch.setattr(config, "default_text_config", lambda: defaults)
+    data = settings.read_generation_yaml()
+    data["text"]["target_template"] = "Genres: {user_genres}. {head}: {plot}"
+    (tmp_path / "generation.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(settings, "GENERATION_YAML", tmp_path / "generation.yaml")
+    defaults = settings.load_settings("text")
     old_run = config.recorded_settings({"max_steps": 3})
     assert old_run["target_template"] == "{head}: {plot}" and old_run["max_steps"] == 3 and old_run["seed"] == defaults["seed"]
     assert config.recorded_settings({"target_template": "{plot}"})["target_template"] == "{plot}"

@@ -29,6 +29,7 @@ from recbole_dppmg.data.featurize import (
 )
 from recbole_dppmg.devices import module_device
 from recbole_dppmg.errors import DataError
+from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.data import (
     cached_latents,
@@ -37,7 +38,7 @@ from recbole_dppmg.generation.image.data import (
     tensor_to_pil,
 )
 from recbole_dppmg.generation.image.generate import (
-    GENERATE_DEFAULTS,
+    GENERATE_KEYS,
     generate_posters,
     user_positions,
 )
@@ -50,7 +51,6 @@ from recbole_dppmg.generation.image.metrics import (
 from recbole_dppmg.generation.image.train import (
     build_codec,
     build_model,
-    image_settings,
     load_image_generator,
 )
 from recbole_dppmg.tokens import PreferenceTokens
@@ -63,11 +63,12 @@ def evaluate_image_generator(dataset: str, tokens_folder: str | Path, checkpoint
     """All figures as a dict; also written to ``<out_dir>/image_eval.json`` and ``.md``."""
 
     config = dict(config or {})
-    gen = {**GENERATE_DEFAULTS, **{k: v for k, v in config.items() if k in GENERATE_DEFAULTS}}
+    image = load_settings("image", config)
+    gen = {k: image[k] for k in GENERATE_KEYS}
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
     vocab = PreferenceVocabulary(tokens)
-    model, meta = load_image_generator(checkpoint, vocab, dataset=dataset, device=config.get("device", "auto"))
-    settings = image_settings({**meta["train"], **meta["model"], **{k: v for k, v in config.items() if k in ("num_threads", "autoencoder_path", "poster_dir")}})
+    model, meta = load_image_generator(checkpoint, vocab, dataset=dataset, device=image["device"])
+    settings = load_settings("image", {**meta["train"], **meta["model"], **{k: v for k, v in config.items() if k in ("num_threads", "autoencoder_path", "poster_dir")}})
     height, width = settings["height"], settings["width"]
     out_dir = Path(out_dir or Path(checkpoint) / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 from recbole_dppmg.data.featurize import torch_threads
 from recbole_dppmg.devices import module_device
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
+from recbole_dppmg.generation.common.settings import check_image_size, load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.data import load_poster, poster_files, tensor_to_pil
-from recbole_dppmg.generation.image.model import PosterDiffusion, check_image_size
+from recbole_dppmg.generation.image.model import PosterDiffusion
 from recbole_dppmg.generation.image.train import (
     build_codec,
-    image_settings,
     load_image_generator,
 )
 from recbole_dppmg.paths import SAVED_DIR
@@ -32,8 +32,9 @@ from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
-GENERATE_DEFAULTS = {"sample_steps": 20, "guidance_scale": 2.0, "sampler": "dpm", "sample_seed": 0,
-                     "contact_top": 4, "sample_batch": 16, "checkpoint": None, "output_dir": None}
+# The keys of the ``image:`` section that sampling reads (a generate call records them in this order).
+GENERATE_KEYS = ("sample_steps", "guidance_scale", "sampler", "sample_seed", "contact_top", "sample_batch", "checkpoint",
+                 "output_dir")
 
 
 def initial_noise(model: PosterDiffusion, count: int, seed: int, first: int = 0) -> torch.Tensor:
@@ -114,12 +115,13 @@ def run_generate_images(dataset: str, users: list, tokens_folder: str | Path, co
     the autoencoder and the dataset's posters (tests)."""
 
     config = dict(config or {})
-    settings = {**GENERATE_DEFAULTS, **{k: v for k, v in config.items() if k in GENERATE_DEFAULTS}}
+    image = load_settings("image", config)
+    settings = {k: image[k] for k in GENERATE_KEYS}
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
     vocab = PreferenceVocabulary(tokens)
     folder = Path(checkpoint or settings["checkpoint"] or newest_image_run(dataset))
-    model, meta = load_image_generator(folder, vocab, dataset=dataset, device=config.get("device", "auto"))
-    train_settings = image_settings({**meta["train"], **meta["model"], **{k: v for k, v in config.items() if k in ("autoencoder_path", "poster_dir", "num_threads")}})
+    model, meta = load_image_generator(folder, vocab, dataset=dataset, device=image["device"])
+    train_settings = load_settings("image", {**meta["train"], **meta["model"], **{k: v for k, v in config.items() if k in ("autoencoder_path", "poster_dir", "num_threads")}})
     users = [str(u) for u in users]
     if not users:
         raise DataError("no users given to generate posters for")

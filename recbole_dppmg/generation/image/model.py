@@ -21,49 +21,21 @@ import torch
 from torch import nn
 
 from recbole_dppmg.errors import ConfigError
+from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import CodebookProjection
 
 logger = logging.getLogger(__name__)
 
-# Defaults of the ``image:`` section of properties/generation.yaml that shape the network.
-MODEL_DEFAULTS = {
-    "space": "latent",
-    "height": 96,
-    "width": 64,
-    "unet_channels": [32, 64, 128],
-    "layers_per_block": 1,
-    "attention_head_dim": 32,
-    "cross_attention_dim": 128,
-    "norm_num_groups": 32,
-    "train_timesteps": 1000,
-    "beta_schedule": "squaredcos_cap_v2",
-    "prediction_type": "epsilon",
-}
+# The keys of the ``image:`` section of properties/generation.yaml that shape the network (in the
+# order checkpoints record them).
+MODEL_KEYS = ("space", "height", "width", "unet_channels", "layers_per_block", "attention_head_dim",
+              "cross_attention_dim", "norm_num_groups", "train_timesteps", "beta_schedule", "prediction_type")
 
 
 def model_config(config: dict | None = None) -> dict:
-    """The network-shaping keys of ``config`` over the defaults, validated."""
-    merged = {**MODEL_DEFAULTS, **{k: v for k, v in (config or {}).items() if k in MODEL_DEFAULTS}}
-    if merged["space"] not in ("latent", "pixel"):
-        raise ConfigError(f"image.space must be 'latent' or 'pixel', got {merged['space']!r}")
-    check_image_size(merged, merged["height"], merged["width"])
-    return merged
-
-
-def downsample_factor(config: dict) -> int:
-    """Pixels per latent cell times the UNet's own downsampling."""
-    autoencoder = 8 if config["space"] == "latent" else 1
-    return autoencoder * 2 ** (len(config["unet_channels"]) - 1)
-
-
-def check_image_size(config: dict, height: int, width: int) -> None:
-    factor = downsample_factor(config)
-    for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or value <= 0 or value % factor:
-            raise ConfigError(
-                f"image.{name}={value} must be a positive multiple of {factor} "
-                f"({config['space']} space with {len(config['unet_channels'])} UNet levels)"
-            )
+    """The network-shaping keys of ``config`` over the ``image:`` defaults, validated."""
+    settings = load_settings("image", {k: v for k, v in (config or {}).items() if k in MODEL_KEYS})
+    return {k: settings[k] for k in MODEL_KEYS}
 
 
 class PosterDiffusion(nn.Module):

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from recbole_dppmg.devices import resolve_device
 from recbole_dppmg.errors import CheckpointError, ConfigError
+from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import (
     CodebookProjection,
     PreferenceVocabulary,
@@ -35,12 +36,6 @@ from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
-SD_DEFAULTS = {
-    "prompt_template": "a movie poster, {tokens}",
-    "height": 512, "width": 512, "batch_size": 4, "learning_rate": 5.0e-3, "max_steps": 1000,
-    "max_minutes": 60.0, "lora_rank": 0, "min_rating": 4, "valid_users": 50, "test_users": 200, "seed": 2020,
-    "device": "auto", "progress": True, "poster_dir": None,
-}
 SD_CONFIG, SD_WEIGHTS = "sd_config.json", "sd_tokens.safetensors"
 
 
@@ -83,14 +78,12 @@ def user_prompt(vocab: PreferenceVocabulary, user: str, template: str) -> str:
 
 def train_sd_tokens(pipeline_path: str | Path, dataset: str, tokens_folder: str | Path, config: dict | None, out_dir: str | Path,
                     posters: dict[str, Path] | None = None, pipe=None) -> Path:
-    """Textual-inversion training of the preference-token embeddings (optionally + UNet LoRA)."""
+    """Textual-inversion training of the preference-token embeddings (optionally + UNet LoRA);
+    ``config`` overrides the ``image.sd`` settings."""
     from diffusers import DDPMScheduler
 
 
-    unknown = set(config or {}) - set(SD_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"unknown Stable Diffusion config keys: {', '.join(sorted(unknown))}")
-    s = {**SD_DEFAULTS, **(config or {})}
+    s = load_settings("image", {"sd": config or {}}).sd.to_dict()
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
     vocab = PreferenceVocabulary(tokens)
     pipe = pipe or load_sd_pipeline(pipeline_path, s["device"])

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from recbole_dppmg.data.featurize import torch_threads
 from recbole_dppmg.devices import resolve_device
-from recbole_dppmg.errors import CheckpointError, ConfigError
+from recbole_dppmg.errors import CheckpointError
+from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.autoencoder import (
     ENCODER_FILE,
@@ -35,8 +36,8 @@ from recbole_dppmg.generation.image.data import (
     poster_files,
     training_pairs,
 )
-from recbole_dppmg.generation.image.model import EMA, PosterDiffusion, model_config
-from recbole_dppmg.paths import PROPERTIES_DIR, SAVED_DIR
+from recbole_dppmg.generation.image.model import EMA, PosterDiffusion
+from recbole_dppmg.paths import SAVED_DIR
 from recbole_dppmg.runs import (
     IMAGE_GEN,
     IMAGE_KINDS,
@@ -54,54 +55,10 @@ logger = logging.getLogger(__name__)
 WEIGHTS_FILE, STATE_FILE, HISTORY_FILE = IMAGE_GEN.done, "train_state.pt", "history.json"
 FORMAT = "dppmg-image-diffusion/1"
 
-TRAIN_DEFAULTS = {
-    "autoencoder_path": None,
-    "poster_dir": None,
-    "cache_dir": None,
-    "min_rating": 4,
-    "valid_users": 50,
-    "test_users": 200,
-    "seed": 2020,
-    "batch_size": 16,
-    "learning_rate": 3.0e-4,
-    "warmup_steps": 100,
-    "cond_dropout": 0.1,
-    "ema_decay": 0.995,
-    "max_steps": 20000,
-    "max_minutes": 20.0,
-    "save_every": 200,
-    "log_every": 10,
-    "num_threads": 1,
-    "device": "auto",
-    "progress": True,
-}
-
-
-def load_image_config(overrides: dict | None = None, path: str | Path | None = None) -> dict:
-    """The ``image:`` section of ``properties/generation.yaml`` (or ``path``) with ``overrides``."""
-    import yaml
-
-
-    path = Path(path) if path else PROPERTIES_DIR / "generation.yaml"
-    if not path.is_file():
-        raise ConfigError(f"generation config {path} not found")
-    section = (yaml.safe_load(path.read_text()) or {}).get("image") or {}
-    merged = {**section, **(overrides or {})}
-    image_settings(merged)  # refuse unknown keys and bad sizes early
-    return merged
-
-
-def image_settings(config: dict | None) -> dict:
-    """Training keys over their defaults plus the validated model keys."""
-    config = dict(config or {})
-    unknown = set(config) - set(TRAIN_DEFAULTS) - set(model_config({})) - GENERATE_KEYS
-    if unknown:
-        raise ConfigError(f"unknown image config keys: {', '.join(sorted(unknown))}")
-    return {**TRAIN_DEFAULTS, **{k: v for k, v in config.items() if k in TRAIN_DEFAULTS}, **model_config(config)}
-
-
-# keys read by image_generate, accepted here so one ``image:`` section configures both
-GENERATE_KEYS = {"sample_steps", "guidance_scale", "sampler", "sample_seed", "contact_top", "sample_batch", "checkpoint", "output_dir"}
+# The keys of the ``image:`` section a run records under ``train`` (in this order).
+TRAIN_KEYS = ("autoencoder_path", "poster_dir", "cache_dir", "min_rating", "valid_users", "test_users", "seed",
+              "batch_size", "learning_rate", "warmup_steps", "cond_dropout", "ema_decay", "max_steps", "max_minutes",
+              "save_every", "log_every", "num_threads", "device", "progress")
 
 
 def build_codec(settings: dict):
@@ -177,7 +134,7 @@ def train_image_generator(dataset: str, tokens_folder: str | Path, config: dict 
 
     ``posters`` / ``codec`` replace the dataset's posters and the autoencoder (tests)."""
 
-    settings = image_settings(config)
+    settings = load_settings("image", config)
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
     vocab = PreferenceVocabulary(tokens)
     folder = Path(out_dir) if out_dir else new_run_folder(SAVED_DIR, dataset, IMAGE_GEN.name)
@@ -217,7 +174,7 @@ def train_image_generator(dataset: str, tokens_folder: str | Path, config: dict 
             "format": FORMAT, "dataset": dataset, "tokens_folder": str(tokens_folder),
             "model": model.config, "latent_channels": latents.shape[1], "n_slots": positions.shape[1],
             "vocabulary": {"modalities": vocab.modalities, "levels": vocab.levels, "codebook_size": vocab.codebook_size, "dim": vocab.dim},
-            "codec": codec_id, "train": {k: settings[k] for k in TRAIN_DEFAULTS},
+            "codec": codec_id, "train": {k: settings[k] for k in TRAIN_KEYS},
             "pairs": len(split.pairs), "train_users": len(split.train_users), "heldout_users": split.heldout_users, "test_users": split.test_users,
         }
         if resume:

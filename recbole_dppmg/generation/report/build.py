@@ -27,7 +27,6 @@ posters (EfficientNet features, generator size). Files: ``report_render.py``.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -36,18 +35,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import yaml
 
 from recbole_dppmg.data.featurize import (
     image_encoder_version,
     load_default_encoder,
     torch_threads,
 )
-from recbole_dppmg.errors import CheckpointError, ConfigError
+from recbole_dppmg.errors import CheckpointError
+from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.data import load_poster, poster_files, tensor_to_pil
 from recbole_dppmg.generation.image.generate import (
-    GENERATE_DEFAULTS,
+    GENERATE_KEYS,
     generate_posters,
     user_positions,
 )
@@ -58,15 +57,12 @@ from recbole_dppmg.generation.image.metrics import (
 )
 from recbole_dppmg.generation.image.train import (
     build_codec,
-    image_settings,
-    load_image_config,
     load_image_generator,
     read_image_config,
 )
 from recbole_dppmg.generation.report.render import write_report
-from recbole_dppmg.generation.reward.judge import PreferenceJudge, reward_config
+from recbole_dppmg.generation.reward.judge import PreferenceJudge
 from recbole_dppmg.generation.text.backbone import load_backbone
-from recbole_dppmg.generation.text.config import text_config
 from recbole_dppmg.generation.text.generate import prompt_ids, shuffled_user_map
 from recbole_dppmg.generation.text.injection import read_meta
 from recbole_dppmg.generation.text.metrics import (
@@ -76,7 +72,7 @@ from recbole_dppmg.generation.text.metrics import (
 )
 from recbole_dppmg.generation.text.pipeline import TextConditions, run_target_texts
 from recbole_dppmg.generation.text.warmup import item_text_table
-from recbole_dppmg.paths import DATASET_DIR, PROPERTIES_DIR, SAVED_DIR
+from recbole_dppmg.paths import DATASET_DIR, SAVED_DIR
 from recbole_dppmg.runs import (
     IMAGE_GEN,
     IMAGE_KINDS,
@@ -102,27 +98,6 @@ CONDITIONS = ("no_tokens", "shuffled", "soft_prompt", "dppmg", "dppmg_rl", "ceil
 TEXT_GENERATED = {"no_tokens": "no_tokens", "shuffled": "shuffled", "soft_prompt": "soft_prompt", "dppmg": "dppmg"}
 IMAGE_MODES = {"no_tokens": "none", "shuffled": "shuffled", "dppmg": "tokens"}
 RUN_PREFIX = REPORT.name
-
-
-def evaluate_config(overrides: dict | None = None, path: str | Path | None = None) -> dict:
-    """The ``evaluate:`` section of ``properties/generation.yaml`` with ``overrides``."""
-    path = Path(path) if path else PROPERTIES_DIR / "generation.yaml"
-    if not path.is_file():
-        raise ConfigError(f"generation config {path} not found")
-    section = (yaml.safe_load(path.read_text()) or {}).get("evaluate")
-    if not isinstance(section, dict):
-        raise ConfigError(f"{path} has no evaluate: section")
-    unknown = set(overrides or {}) - set(section)
-    if unknown:
-        raise ConfigError(f"unknown evaluate setting(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(section))})")
-    cfg = {**copy.deepcopy(section), **(overrides or {})}
-    seeds = cfg["seeds"]
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"evaluate.seeds must be a list of distinct integers, got {seeds!r}")
-    for key in ("users", "fd_users"):
-        if cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 2):
-            raise ConfigError(f"evaluate.{key} must be an integer >= 2 or None, got {cfg[key]!r}")
-    return cfg
 
 
 # ---------------------------------------------------------------------------- which runs
@@ -277,8 +252,8 @@ def build_report(dataset: str, config: dict | None = None, out_dir: str | Path |
     ``posters`` and ``dataset_dir`` replace the default encoders, autoencoder, the dataset's
     posters and ``dataset/<dataset>/`` (tests)."""
 
-    cfg = evaluate_config(config)
-    reward_cfg = reward_config(reward_overrides)
+    cfg = load_settings("evaluate", config)
+    reward_cfg = load_settings("reward", reward_overrides)
     runs = runs or resolve_runs(dataset, cfg, root)
     started = time.perf_counter()
     tokens = PreferenceTokens.load(runs.tokens, dataset=dataset)
@@ -373,12 +348,12 @@ class _Generation:
 
         self.dataset, self.runs, self.tokens, self.cfg = dataset, runs, tokens, cfg
         self.vocabulary = PreferenceVocabulary(tokens)
-        self.text_cfg = text_config({"num_threads": cfg["num_threads"], "progress": cfg["progress"], **(text_overrides or {})})
-        image_cfg = load_image_config(image_overrides)
-        gen = {**GENERATE_DEFAULTS, **{k: v for k, v in image_cfg.items() if k in GENERATE_DEFAULTS}}
+        self.text_cfg = load_settings("text", {"num_threads": cfg["num_threads"], "progress": cfg["progress"], **(text_overrides or {})})
+        image_cfg = load_settings("image", image_overrides)
+        gen = {k: image_cfg[k] for k in GENERATE_KEYS}
         self.sampling = {"steps": gen["sample_steps"], "guidance": gen["guidance_scale"], "sampler": gen["sampler"], "batch_size": gen["sample_batch"]}
         meta = read_image_config(runs.image)
-        self.image_settings = image_settings({**meta["train"], **meta["model"], **{k: v for k, v in image_cfg.items() if k in ("autoencoder_path", "poster_dir")}})
+        self.image_settings = load_settings("image", {**meta["train"], **meta["model"], **{k: v for k, v in image_cfg.items() if k in ("autoencoder_path", "poster_dir")}})
         self._codec, self._posters, self.dataset_dir = codec, posters, dataset_dir
         self._base = None  # the frozen base LM for perplexity, loaded on first use
         self._perplexities: dict[tuple, float] = {}

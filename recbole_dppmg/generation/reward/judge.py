@@ -24,46 +24,17 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import yaml
 from scipy.special import rel_entr, softmax
 
 from recbole_dppmg.data.atomic import read_item_table
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
-from recbole_dppmg.paths import DATASET_DIR, PROPERTIES_DIR
-
-USER_VECTORS = ("quantized", "continuous")
-SPACES = ("features", "stage1")
-MEASURES = ("js", "bhattacharyya")
-
-
-def reward_config(overrides: dict | None = None, path: str | Path | None = None) -> dict:
-    """The ``reward:`` section of ``properties/generation.yaml`` (or ``path``) with ``overrides``;
-    unknown keys and bad values are refused."""
-    path = Path(path) if path else PROPERTIES_DIR / "generation.yaml"
-    if not path.is_file():
-        raise ConfigError(f"generation config {path} not found")
-    section = (yaml.safe_load(path.read_text()) or {}).get("reward")
-    if not isinstance(section, dict):
-        raise ConfigError(f"{path} has no reward: section")
-    unknown = set(overrides or {}) - set(section)
-    if unknown:
-        raise ConfigError(f"unknown reward setting(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(section))})")
-    config = {**copy.deepcopy(section), **(overrides or {})}
-    for key, allowed in (("user_vector", USER_VECTORS), ("consistency_space", SPACES), ("consistency_measure", MEASURES)):
-        if config[key] not in allowed:
-            raise ConfigError(f"reward.{key} must be one of {', '.join(allowed)}, got {config[key]!r}")
-    if not float(config["consistency_temperature"]) > 0:
-        raise ConfigError(f"reward.consistency_temperature must be > 0, got {config['consistency_temperature']!r}")
-    weights = {k: v for k, v in config.items() if k.endswith("_weight")}
-    if any(float(v) < 0 for v in weights.values()) or not sum(float(v) for v in weights.values()) > 0:
-        raise ConfigError(f"reward weights must be >= 0 and not all 0, got {weights}")
-    return config
+from recbole_dppmg.generation.common.settings import load_settings
+from recbole_dppmg.paths import DATASET_DIR
 
 
 @dataclass
@@ -111,7 +82,7 @@ class PreferenceJudge:
         """``item_features[m]``: raw features ``[len(item_ids), width]`` of the catalogue, rows in
         ``item_ids`` order; an all-zero (or non-finite) row = the item lacks that modality.
         Items unknown to the export are ignored."""
-        config = reward_config(config)
+        config = load_settings("reward", config)
         known = set(tokens.item_ids[1:])
         item_ids = [str(i) for i in item_ids]
         catalogues = {}

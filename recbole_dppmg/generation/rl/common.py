@@ -1,7 +1,5 @@
 """What text RL (``rl_text``) and image RL (``rl_image``) share.
 
-- the ``rl:`` settings of ``properties/generation.yaml`` (``text`` / ``image``, and the
-  overrides of the ``quick`` profile);
 - group-normalised advantages (GRPO; DDPO's per-prompt statistics are the same thing);
 - a frozen copy of the trainable tensors at the start of RL: the reference policy. Only
   token-associated tensors move, so writing the copy back for one no-grad pass *is* the
@@ -19,7 +17,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -29,15 +26,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
+from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.data import tensor_to_pil
 from recbole_dppmg.generation.image.generate import (
-    GENERATE_DEFAULTS,
+    GENERATE_KEYS,
     generate_posters,
     user_positions,
 )
@@ -45,12 +42,9 @@ from recbole_dppmg.generation.image.metrics import image_features
 from recbole_dppmg.generation.image.train import (
     WEIGHTS_FILE,
     build_codec,
-    image_settings,
-    load_image_config,
     load_image_generator,
     read_image_config,
 )
-from recbole_dppmg.generation.text.config import text_config
 from recbole_dppmg.generation.text.generate import TokenConditioner, generate_texts
 from recbole_dppmg.generation.text.injection import META
 from recbole_dppmg.generation.text.pipeline import (
@@ -59,64 +53,18 @@ from recbole_dppmg.generation.text.pipeline import (
     _run_config,
     load_text_generator,
 )
-from recbole_dppmg.paths import CACHE_DIR, PROPERTIES_DIR
+from recbole_dppmg.paths import CACHE_DIR
 from recbole_dppmg.runs import RL_KINDS, RL_SECTION, RUN_META, meta_path, read_run_meta
 from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
-GENERATION_YAML = PROPERTIES_DIR / "generation.yaml"
 HISTORY_FILE, CHECKPOINT = "rl_history.json", "checkpoint"
-MODALITIES = ("text", "image")
-ADVANTAGE_SCALES = ("group", "batch", "none", "component")
-
-
-# ---------------------------------------------------------------------------- settings
-def _merge(base: dict, overrides: dict, where: str) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in (overrides or {}).items():
-        if key not in base:
-            raise ConfigError(f"unknown RL setting {where}{key} (known: {', '.join(sorted(base))})")
-        out[key] = value
-    return out
-
-
-def rl_config(modality: str, overrides: dict | None = None, quick: bool = False, path: Path | None = None) -> dict:
-    """``rl.<modality>`` of ``properties/generation.yaml`` (+ ``rl.quick.<modality>`` when
-    ``quick``) with ``overrides`` applied; unknown keys are refused, in ``then`` too."""
-    if modality not in MODALITIES:
-        raise ConfigError(f"RL modality must be text or image, got {modality!r}")
-    path = Path(path or GENERATION_YAML)
-    if not path.is_file():
-        raise ConfigError(f"{path} is missing")
-    section = (yaml.safe_load(path.read_text()) or {}).get("rl")
-    if not isinstance(section, dict) or not isinstance(section.get(modality), dict):
-        raise ConfigError(f"{path} has no rl.{modality} section")
-    cfg = section[modality]
-    if quick:
-        cfg = _merge(cfg, (section.get("quick") or {}).get(modality) or {}, f"rl.quick.{modality}.")
-    cfg = _merge(cfg, overrides or {}, f"rl.{modality}.")
-    then = cfg.get("then")
-    if then is not None:
-        if not isinstance(then, dict) or not then:
-            raise ConfigError(f"rl.{modality}.then must be a mapping of rl.{modality} settings or None, got {then!r}")
-        nested = sorted(set(then) & {"then", "resume"})
-        if nested:
-            raise ConfigError(f"rl.{modality}.then cannot set {', '.join(nested)} (one further phase; it starts fresh from the first)")
-        _merge(cfg, then, f"rl.{modality}.then.")  # unknown keys are refused
-    if int(cfg["group_size"]) < 2:
-        raise ConfigError(f"rl.{modality}.group_size must be >= 2 (advantages are relative to the group), got {cfg['group_size']}")
-    for key in ("steps", "users_per_step", "user_pool", "save_steps", "inner_epochs"):
-        if int(cfg[key]) < 1:
-            raise ConfigError(f"rl.{modality}.{key} must be >= 1, got {cfg[key]}")
-    if cfg["advantage_scale"] not in ADVANTAGE_SCALES:
-        raise ConfigError(f"rl.{modality}.advantage_scale must be one of {', '.join(ADVANTAGE_SCALES)}, got {cfg['advantage_scale']!r}")
-    return cfg
 
 
 # ---------------------------------------------------------------------------- advantages
 def next_phase(overrides: dict, cfg: dict) -> dict | None:
-    """The overrides of the phase after the one ``rl_config(modality, overrides)`` gave as
+    """The overrides of the phase after the one ``rl_phase_settings(modality, overrides)`` gave as
     ``cfg``: ``overrides`` + ``cfg["then"]``, with ``then`` cleared. None when ``cfg`` is the last
     phase. That phase starts from the first phase's run (its policy is the new KL reference)."""
     then = cfg.get("then")
@@ -401,8 +349,8 @@ def pre_rl_poster_features(dataset: str, image_run: Path, users: Sequence[str], 
 
     image_run = Path(image_run)
     meta = read_image_config(image_run)
-    config = load_image_config()
-    gen = {**GENERATE_DEFAULTS, **{k: v for k, v in config.items() if k in GENERATE_DEFAULTS}}
+    config = load_settings("image")
+    gen = {k: config[k] for k in GENERATE_KEYS}
     if seed is not None:
         gen["sample_seed"] = seed
     descriptor = {"run": str(image_run.resolve()), "weights": _file_stamp(image_run / WEIGHTS_FILE),
@@ -412,7 +360,7 @@ def pre_rl_poster_features(dataset: str, image_run: Path, users: Sequence[str], 
         tokens = PreferenceTokens.load(meta["tokens_folder"], dataset=dataset)
         vocab = PreferenceVocabulary(tokens)
         model, _ = load_image_generator(image_run, vocab, dataset=dataset)
-        settings = image_settings({**meta["train"], **meta["model"], **{k: v for k, v in config.items() if k in ("autoencoder_path", "poster_dir")}})
+        settings = load_settings("image", {**meta["train"], **meta["model"], **{k: v for k, v in config.items() if k in ("autoencoder_path", "poster_dir")}})
         with torch_threads(num_threads):
             codec, _ = build_codec(settings)
             images = generate_posters(model, codec, user_positions(vocab, batch_users), seed=gen["sample_seed"], steps=gen["sample_steps"],
@@ -429,9 +377,7 @@ def pre_rl_text_features(dataset: str, text_run: Path, users: Sequence[str], num
     ``text.generate`` settings and ``text.seed``), cached."""
 
     text_run = Path(text_run)
-    cfg = text_config({"num_threads": num_threads, "progress": progress})
-    if seed is not None:
-        cfg["seed"] = seed
+    cfg = load_settings("text", {"num_threads": num_threads, "progress": progress, **({"seed": seed} if seed is not None else {})})
     descriptor = {"run": str(text_run.resolve()), "adapter": _file_stamp(text_run / "dppmg" / META), "seed": cfg["seed"], **cfg["generate"]}
 
     def compute(batch_users: list[str]) -> np.ndarray:

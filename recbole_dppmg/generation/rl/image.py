@@ -40,14 +40,13 @@ import torch
 
 from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
+from recbole_dppmg.generation.common.settings import load_settings, rl_phase_settings
 from recbole_dppmg.generation.common.user_split import split_users
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.data import tensor_to_pil
 from recbole_dppmg.generation.image.metrics import image_features
 from recbole_dppmg.generation.image.train import (
     build_codec,
-    image_settings,
-    load_image_config,
     load_image_generator,
     read_image_config,
 )
@@ -59,7 +58,6 @@ from recbole_dppmg.generation.rl.common import (
     resume_or_start,
     reward_advantages,
     reward_table,
-    rl_config,
     save_progress,
     start_or_resume,
     step_record,
@@ -215,7 +213,7 @@ def run_image_rl(model, codec, vocab, reward_fn: Callable, pool: Sequence[str], 
     scheduler = ddim_scheduler(model, int(cfg["sample_steps"]))
     budget = float(cfg["max_minutes"]) * 60 if cfg.get("max_minutes") else float("inf")
     started = time.perf_counter()
-    bar = tqdm(total=cfg["steps"], initial=state["step"], desc="image RL", unit="step", disable=not cfg.get("progress", True))
+    bar = tqdm(total=cfg["steps"], initial=state["step"], desc="image RL", unit="step", disable=not cfg["progress"])
     while state["step"] < cfg["steps"]:
         if time.perf_counter() - started > budget:
             state["stopped"] = "max_minutes"
@@ -287,7 +285,7 @@ def train_image_rl(dataset: str, image_run: Path | None, judge, config: dict | N
     The new run goes to ``out_dir`` or ``saved/<dataset>/ImageRL-<time>/``.
     """
 
-    cfg = rl_config("image", config, quick)
+    cfg = rl_phase_settings("image", config, quick)
     run, image_run = resume_or_start("image", cfg, image_run, RESUME_KEYS, "a trained image generator (an ImageGen-* folder)")
     with torch_threads(cfg["num_threads"]):
 
@@ -310,7 +308,8 @@ def train_image_rl(dataset: str, image_run: Path | None, judge, config: dict | N
             encoder = load_default_encoder("image")
             reward_fn = JudgeReward(judge, "image", lambda posters: image_features(encoder, [tensor_to_pil(x) for x in posters]), partner)
         if codec is None:
-            settings = image_settings({**train, **meta["model"], **{k: v for k, v in load_image_config().items() if k in ("autoencoder_path", "poster_dir")}})
+            image_cfg = load_settings("image")
+            settings = load_settings("image", {**train, **meta["model"], **{k: image_cfg[k] for k in ("autoencoder_path", "poster_dir")}})
             codec, _ = build_codec(settings)
         if run is None:
             run = claim_run_folder("image", out_dir, lambda: new_run_folder(SAVED_DIR, dataset, RUN_PREFIX))

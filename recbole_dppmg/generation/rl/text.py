@@ -49,6 +49,7 @@ import torch
 
 from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
 from recbole_dppmg.errors import CheckpointError, DataError
+from recbole_dppmg.generation.common.settings import load_settings, rl_phase_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.generate import newest_image_run
 from recbole_dppmg.generation.image.train import read_image_config
@@ -59,14 +60,13 @@ from recbole_dppmg.generation.rl.common import (
     resume_or_start,
     reward_advantages,
     reward_table,
-    rl_config,
     save_progress,
     start_or_resume,
     step_record,
     step_users,
     user_pool,
 )
-from recbole_dppmg.generation.text.config import saved_root, text_config
+from recbole_dppmg.generation.text.config import saved_root
 from recbole_dppmg.generation.text.generate import (
     TokenConditioner,
     left_pad,
@@ -208,7 +208,7 @@ def run_text_rl(lm, vocabulary, reward_fn: Callable, pool: Sequence[str], cfg: d
     budget = float(cfg["max_minutes"]) * 60 if cfg.get("max_minutes") else float("inf")
     started = time.perf_counter()
     group = int(cfg["group_size"])
-    bar = tqdm(total=cfg["steps"], initial=state["step"], desc="text RL", unit="step", disable=not cfg.get("progress", True))
+    bar = tqdm(total=cfg["steps"], initial=state["step"], desc="text RL", unit="step", disable=not cfg["progress"])
     while state["step"] < cfg["steps"]:
         if time.perf_counter() - started > budget:
             state["stopped"] = "max_minutes"
@@ -265,13 +265,13 @@ def train_text_rl(dataset: str, text_run: Path | None, judge, config: dict | Non
     ``<warm-up's checkpoint_dir>/<dataset>/TextRL-<time>/``.
     """
 
-    cfg = rl_config("text", config, quick)
+    cfg = rl_phase_settings("text", config, quick)
     run, text_run = resume_or_start("text", cfg, text_run, RESUME_KEYS, "a warm-up run (a TextGen-* folder)")
     source = _run_config(text_run)
     if not (text_run / "users.json").is_file():
         raise CheckpointError(f"{text_run} has no users.json (the user split); re-run the text warm-up")
     split = json.loads((text_run / "users.json").read_text())
-    text_cfg = text_config({"num_threads": cfg["num_threads"], "progress": cfg["progress"]})
+    text_cfg = load_settings("text", {"num_threads": cfg["num_threads"], "progress": cfg["progress"]})
     pool = user_pool(split["train"], cfg["user_pool"], cfg["seed"])
     with torch_threads(cfg["num_threads"]):
         tokens = _load_tokens(dataset, None, text_cfg, source["tokens"])

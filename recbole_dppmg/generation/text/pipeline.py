@@ -26,6 +26,7 @@ import torch
 from recbole_dppmg.data.atomic import read_item_table
 from recbole_dppmg.data.featurize import load_default_encoder
 from recbole_dppmg.errors import CheckpointError, DataError
+from recbole_dppmg.generation.common.settings import TEXT_CONDITIONS, load_settings
 from recbole_dppmg.generation.common.user_split import split_users
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.text.backbone import load_backbone
@@ -34,7 +35,6 @@ from recbole_dppmg.generation.text.config import (
     newest_token_export,
     recorded_settings,
     saved_root,
-    text_config,
     user_field,
 )
 from recbole_dppmg.generation.text.generate import (
@@ -104,7 +104,7 @@ def _generation_options(cfg: dict, lm_token_ids) -> dict:
     g = cfg["generate"]
     return dict(batch_size=g["batch_size"], max_new_tokens=g["max_new_tokens"], do_sample=g["do_sample"],
                 temperature=g["temperature"], top_p=g["top_p"], seed=cfg["seed"], suppress_ids=lm_token_ids,
-                progress=cfg.get("progress", True), guidance=g.get("guidance", 1.0))
+                progress=cfg["progress"], guidance=g["guidance"])
 
 
 def _run_config(run: Path) -> dict:
@@ -152,7 +152,7 @@ def load_soft_prompt(run: Path, tokens, vocabulary, cfg: dict):
 def train_text_generator(dataset: str, tokens_folder: Path | None = None, config: dict | None = None) -> Path:
     """Warm up the text generator on ``dataset``'s training split; returns the run folder."""
 
-    cfg = text_config(config)
+    cfg = load_settings("text", config)
     _threads(cfg)
     if cfg.get("resume"):
         run = Path(cfg["resume"])
@@ -246,7 +246,7 @@ def run_generate_text(dataset: str, users: Sequence[str], tokens_folder: Path | 
     ``<run>/generate-<time>/`` and returns that folder.
     """
 
-    cfg = text_config(config)
+    cfg = load_settings("text", config)
     _threads(cfg)
     users = [str(u).strip() for u in users if str(u).strip()]
     if not users:
@@ -276,7 +276,6 @@ def run_generate_text(dataset: str, users: Sequence[str], tokens_folder: Path | 
 
 
 # ---------------------------------------------------------------------------- evaluate
-TEXT_CONDITIONS = ("dppmg", "no_tokens", "shuffled", "soft_prompt", "real_liked_item")
 
 
 class TextConditions:
@@ -342,12 +341,9 @@ def evaluate_text_generation(dataset: str, tokens_folder: Path | None = None, co
     also given as its paired difference from DPPMG tokens with a bootstrap interval over users,
     next to the chance level of a random ranking."""
 
-    cfg = text_config(config)
+    cfg = load_settings("text", config)
     _threads(cfg)
     ev = cfg["evaluate"]
-    unknown = [name for name in ev["conditions"] if name not in TEXT_CONDITIONS]
-    if unknown:
-        raise DataError(f"unknown text evaluation condition {unknown[0]!r} ({', '.join(TEXT_CONDITIONS)})")
     seeds = [int(s) for s in (ev["seeds"] or [cfg["seed"]])]
     run = Path(cfg["generator"]) if cfg.get("generator") else newest_generator_run(dataset, saved_root(cfg))
     tokens = _load_tokens(dataset, tokens_folder, cfg, _run_config(run).get("tokens"))

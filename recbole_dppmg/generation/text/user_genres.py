@@ -25,17 +25,10 @@ from typing import Iterable
 import numpy as np
 
 from recbole_dppmg.errors import ConfigError
+from recbole_dppmg.generation.common.settings import GENRE_SOURCES, check_genre_settings  # noqa: F401  (re-exported)
 
-GENRE_SOURCES = ("tokens", "history")
 TOP_ITEMS = 20  # items of the token source
 UNKNOWN = "unknown"
-
-
-def check_genre_settings(source, count) -> None:
-    if source not in GENRE_SOURCES:
-        raise ConfigError(f"text.user_genres_from {source!r} is not one of {', '.join(GENRE_SOURCES)}")
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise ConfigError(f"text.user_genres_count must be a positive integer, got {count!r}")
 
 
 class UserGenres:

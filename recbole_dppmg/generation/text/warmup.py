@@ -299,7 +299,7 @@ def train_conditioner(model, tokenizer, conditioner, train_pairs, valid_pairs, t
     if state["step"] == 0 and not state["history"]:
         evaluate(0)
     bar = tqdm(range(state["step"], cfg["max_steps"]), desc=f"warm-up ({conditioner.name})", unit="step",
-               initial=state["step"], total=cfg["max_steps"], disable=not cfg.get("progress", True))
+               initial=state["step"], total=cfg["max_steps"], disable=not cfg["progress"])
     started = time.perf_counter()
     for step in bar:
         conditioner.train(True)
