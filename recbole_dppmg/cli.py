@@ -37,6 +37,7 @@ from recbole_dppmg.tokens.export import (
     newest_token_export,
 )
 from recbole_dppmg.utils import get_model
+from recbole_dppmg.validation import check_checkpoint, check_request
 
 COMPARISON_SEEDS = (2020, 2021, 2022)  # a comparison or ablation reports the median over these
 STAGES = ("prepare", "train", "export", "text", "image", "generate", "text_eval", "evaluate", "all")
@@ -113,9 +114,10 @@ def parse_args(argv: list[str]):
     return args, models, config_files, overrides
 
 
-def _stage_prepare(args) -> None:
+def _stage_prepare(args, overrides) -> None:
 
-    folder = prepare_dataset(args.dataset, spec_file=Path(args.spec) if args.spec else None, force=args.force)
+    folder = prepare_dataset(args.dataset, spec_file=Path(args.spec) if args.spec else None, force=args.force,
+                             num_threads=overrides.get("torch_num_threads"))
     print(f"dataset ready: {folder}")
 
 
@@ -158,6 +160,7 @@ def _stage_export(args, models, config_files, overrides, trained_checkpoint=None
     if checkpoint is None:
         config = build_config(get_model("DPPMG"), args.dataset, config_files, overrides)
         checkpoint = latest_checkpoint(Path(config["checkpoint_dir"]), args.dataset)
+    check_checkpoint(checkpoint, "DPPMG", None, trained=True)
     folder = export_tokens(checkpoint, config_dict=overrides)
     print(f"token export: {folder}")
 
@@ -250,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, models, config_files, overrides = parse_args(argv)
+        check_request(args, models, config_files, overrides)
         if args.profile and args.stage not in ("all", "evaluate"):
             raise ConfigError(f"--profile applies to --stage all and evaluate, not {args.stage} "
                               "(give that stage's settings as --text.<key>=... / --image.<key>=...)")
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "all":
             _stage_all(args, models, config_files, overrides)
         if args.stage == "prepare":
-            _stage_prepare(args)
+            _stage_prepare(args, overrides)
         if args.stage == "train":
             _stage_train(args, models, config_files, overrides)
         if args.stage == "export":
