@@ -3,7 +3,6 @@ RL missing, and the profiles (every key of the shipped profiles is a known setti
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -120,15 +119,6 @@ def test_a_report_counts_only_for_the_same_runs_settings_and_weights(tmp_path):
     time.sleep(0.01)
     (text / "dppmg" / "adapter.safetensors").write_text("newer weights")  # e.g. a resumed run
     assert valid_report("tiny", runs, cfg, reward, root) is None
-
-
-def test_rl_stage_without_the_rl_modules(tiny_pipeline, monkeypatch):
-    pipeline = tiny_pipeline()
-    monkeypatch.setitem(sys.modules, "recbole_dppmg.generation.rl.text", None)  # import fails
-    pipeline.outputs.update(text="t", image="i", export="e")
-    status, output, note = pipeline._rl_text()
-    assert status == "not available" and output is None and note.startswith("RL not available")
-    assert pipeline.outputs["text_rl"] is None
 
 
 def test_until_and_profiles(tiny_pipeline):

@@ -7,6 +7,8 @@ and the items they rated highly are that cluster's films, so tokens carry prefer
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
@@ -15,6 +17,16 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+def patch_everywhere(monkeypatch, original, replacement) -> None:
+    """Replace a project function in every loaded module that imported it by name (project
+    imports sit at module top, so patching only the defining module would miss the callers)."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("recbole_dppmg") and module is not None:
+            for attr, value in list(vars(module).items()):
+                if value is original:
+                    monkeypatch.setattr(module, attr, replacement)
 
 
 def item_texts(n_items: int = 24):
@@ -120,6 +132,7 @@ def tiny_text_stage(tmp_path, monkeypatch, text_features=None):
     ``text_features`` (an encoder) fills the item table's ``text_feat`` column for evaluation."""
     import pandas as pd
 
+    from recbole_dppmg.data.atomic import read_item_table
     from recbole_dppmg.generation.text import pipeline as text_pipeline
     from recbole_dppmg.generation.text import warmup as text_warmup
 
@@ -129,14 +142,14 @@ def tiny_text_stage(tmp_path, monkeypatch, text_features=None):
     tokenizer.save_pretrained(backbone)
     tokens = FakeTokens(n_users=16)
     tokens.folder = tmp_path / "tokens"
-    monkeypatch.setattr(text_pipeline, "_load_tokens", lambda *a, **k: tokens)
-    monkeypatch.setattr(text_warmup, "item_text_table", tiny_item_text_table)
-    monkeypatch.setattr(text_pipeline, "_item_path", lambda dataset: tmp_path / "x.item")
+    patch_everywhere(monkeypatch, text_pipeline._load_tokens, lambda *a, **k: tokens)
+    patch_everywhere(monkeypatch, text_warmup.item_text_table, tiny_item_text_table)
+    patch_everywhere(monkeypatch, text_pipeline._item_path, lambda dataset: tmp_path / "x.item")
     frame = pd.DataFrame({"item_id": list(item_texts())}).set_index("item_id", drop=False)
     frame["genres"] = [GENRES[int(i) % len(GENRES)] for i in frame.index]
     if text_features is not None:
         frame["text_feat"] = list(text_features.encode(list(item_texts().values())))
-    monkeypatch.setattr("recbole_dppmg.data.atomic.read_item_table", lambda path, with_features=False: frame)
+    patch_everywhere(monkeypatch, read_item_table, lambda path, with_features=False: frame)
     config = {"backbone": str(backbone), "checkpoint_dir": str(tmp_path / "saved"), "valid_users": 2, "test_users": 4,
               "batch_size": 2, "save_steps": 1, "valid_pairs": 2, "max_target_tokens": 8, "progress": False, "num_threads": 1}
     return tokens, config
