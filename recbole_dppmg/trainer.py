@@ -216,6 +216,16 @@ class PlainCheckpointMixin:
         if verbose:
             self.logger.info(f"Saving current best: {path}")
 
+    def save_pretrained_model(self, epoch, saved_model_file):
+        """Pre-training trainers (RaCT's): RecBole pickles its Config into ``saved_model_file``
+        beside the run folders; here a plain checkpoint of that name goes into the run folder,
+        and into ``best.pth`` too (a pre-training run's result is its last saved epoch)."""
+        if not self._is_writer():
+            return
+        state = self._state(epoch, with_rng=False)
+        save_checkpoint_file(state, Path(self.saved_model_file).with_name(Path(saved_model_file).name))
+        save_checkpoint_file(state, self.saved_model_file)
+
     def _save_last(self, epoch: int) -> None:
         if self._is_writer():
             save_checkpoint_file(self._state(epoch, with_rng=True), self.last_model_file)
