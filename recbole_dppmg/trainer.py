@@ -65,12 +65,11 @@ def load_checkpoint_file(path: str | Path, map_location="cpu") -> dict:
 
 
 def _load_failure(error: Exception) -> str:
-    """The line of torch's (multi-line) load error that says what was refused, whole."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    refused = [line for line in lines if "WeightsUnpickler error" in line or "Unsupported global" in line]
-    return (refused or lines)[0]
+    """What torch's (multi-paragraph) load error says was refused, whole, on one line."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation of torch.load", 1)[0]
+    return " ".join(text.split()) or type(error).__name__
 
 
 def encode_other_parameter(values: dict | None) -> dict | None:
