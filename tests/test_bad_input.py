@@ -1,6 +1,7 @@
 """Bad input and unusual setups (issue 21): each answered by one line and exit status 2 before any
 data is loaded or folder made, or handled without writing; one test per row of the issue's table."""
 
+import errno
 import fcntl
 import json
 import logging
@@ -17,6 +18,7 @@ from tiny_mm import write_tiny_mm
 
 from recbole_dppmg import cli
 from recbole_dppmg.cli import main
+from recbole_dppmg.data import prepare as prepare_module
 from recbole_dppmg.data.atomic import read_atomic
 from recbole_dppmg.data.prepare import is_prepared, prepare_dataset
 from recbole_dppmg.errors import DataError
@@ -258,3 +260,21 @@ def test_a_waiting_prepare_says_so(tmp_path, caplog):
         fcntl.flock(held, fcntl.LOCK_UN)
     worker.join(timeout=30)
     assert is_prepared("tiny", tmp_path / "dataset")
+
+
+def test_stale_dataset_on_a_read_only_folder_is_one_line(tmp_path, monkeypatch):
+    """Inputs changed but dataset/ cannot be written: one line naming the path, the old copy intact."""
+    spec = write_user_dataset(tmp_path)
+    folder = prepare_dataset("tiny", dataset_dir=tmp_path / "dataset", spec_file=spec,
+                             encoders=fake_encoders(), num_threads=1)
+    before = (folder / "tiny.inter").read_text()
+    with open(tmp_path / "raw" / "tiny.inter", "a") as raw:
+        raw.write("u9\ti1\t3\t5000\n")
+
+    def read_only(dataset_dir, dataset):
+        raise OSError(errno.EROFS, "Read-only file system", str(dataset_dir / ".locks" / f"{dataset}.lock"))
+
+    monkeypatch.setattr(prepare_module, "_exclusive", read_only)
+    with pytest.raises(DataError, match=r"cannot prepare tiny in .*dataset: Read-only file system: .*tiny\.lock$"):
+        prepare_dataset("tiny", dataset_dir=tmp_path / "dataset", spec_file=spec, encoders=fake_encoders())
+    assert (folder / "tiny.inter").read_text() == before

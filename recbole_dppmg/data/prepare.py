@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -149,7 +150,9 @@ def prepare_dataset(
     try:
         with _exclusive(dataset_dir, dataset):
             return _prepare_locked(dataset, dataset_dir, target, source, force, num_threads, encoders)
-    except PermissionError as error:
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
         raise DataError(f"cannot prepare {dataset} in {dataset_dir}: {error.strerror}: {error.filename}") from None
 
 
