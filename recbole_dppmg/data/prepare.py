@@ -159,7 +159,8 @@ def prepare_dataset(
 def _cache_hit(dataset: str, target: Path, source: Source, encoders: dict | None) -> bool:
     """The prepared folder's manifest matches the inputs' hashes: nothing to build, nothing written."""
     started = time.perf_counter()
-    key = cache_key(source.kind, source.settings(), hash_inputs(source.input_files()), _encoder_versions(source, encoders))
+    input_hashes = hash_inputs(source.input_files())
+    key = cache_key(source.kind, source.settings(), input_hashes, _encoder_versions(source, encoders))
     manifest = read_manifest(target)
     if manifest is None or manifest.get("cache_key") != key:
         return False
