@@ -48,6 +48,7 @@ from recbole_dppmg.tokens.export import (
     newest_token_export,
 )
 from recbole_dppmg.utils import get_model
+from recbole_dppmg.validation import check_checkpoint, check_request
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="run_dppmg.py",
         description="DPPMG: discrete preference tokens for personalized multimodal generation (RecBole plugin).",
         epilog="Any other --key=value is passed to RecBole as a config override, e.g. --epochs=50 --learning_rate=1e-3.",
+        allow_abbrev=False,  # else --seed=1 (a RecBole key) would be read as --seeds=1
     )
     parser.add_argument("--dataset", "-d", default="ml-100k-mm", help="dataset name (default: ml-100k-mm)")
     parser.add_argument("--model", "-m", default="DPPMG", help="model name, or a comma-separated list for a comparison table")
@@ -140,7 +142,8 @@ def parse_args(argv: list[str]):
 
 def _stage_prepare(args, models, config_files, overrides) -> None:
 
-    folder = prepare_dataset(args.dataset, spec_file=Path(args.spec) if args.spec else None, force=args.force)
+    folder = prepare_dataset(args.dataset, spec_file=Path(args.spec) if args.spec else None, force=args.force,
+                             num_threads=overrides.get("torch_num_threads"))
     print(f"dataset ready: {folder}")
 
 
@@ -181,6 +184,7 @@ def _stage_export(args, models, config_files, overrides) -> None:
     if checkpoint is None:
         config = build_config(get_model("DPPMG"), args.dataset, config_files, overrides)
         checkpoint = newest_stage1_checkpoint(Path(config["checkpoint_dir"]), args.dataset)
+    check_checkpoint(checkpoint, "DPPMG", None, trained=True)
     folder = export_tokens(checkpoint, config_dict=overrides)
     print(f"token export: {folder}")
 
@@ -308,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, models, config_files, overrides = parse_args(argv)
+        check_request(args, models, config_files, overrides)
         entry = stage(args.stage)
         if args.profile and not entry.profile:
             profiled = [s.name for s in STAGES if s.profile]

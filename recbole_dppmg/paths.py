@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+from recbole_dppmg.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROPERTIES_DIR = REPO_ROOT / "properties"
 DATASET_DIR = REPO_ROOT / "dataset"
@@ -13,3 +15,12 @@ CACHE_DIR = REPO_ROOT / ".cache"
 def shared_dir() -> Path:
     """The read-only shared data folder: ``$DPPMG_SHARED`` or ``../shared`` beside the repo."""
     return Path(os.environ.get("DPPMG_SHARED", REPO_ROOT.parent / "shared")).resolve()
+
+
+def check_dataset_name(name: str) -> str:
+    """A dataset name is one folder name under ``dataset/``: no path separators, no ``..``,
+    no leading dot (hidden folders hold locks and temporary builds)."""
+    if not name or "/" in name or "\\" in name or os.sep in name or ".." in name or name.startswith("."):
+        raise ConfigError(f"dataset name {name!r} is not allowed: use one folder name without '/', '\\\\', '..' "
+                          "or a leading dot, e.g. ml-100k-mm")
+    return name

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import os
 import threading
@@ -33,13 +34,14 @@ from recbole_dppmg.config import (
 )
 from recbole_dppmg.data.prepare import ensure_prepared
 from recbole_dppmg.errors import ConfigError, DataError
-from recbole_dppmg.paths import DATASET_DIR
+from recbole_dppmg.paths import DATASET_DIR, check_dataset_name
 from recbole_dppmg.plots import write_stage1_plots
 from recbole_dppmg.results import RunResult
 from recbole_dppmg.runs import new_run_folder
 from recbole_dppmg.tables import METRIC_COLUMNS, write_ablation, write_comparison  # noqa: F401 (public)
-from recbole_dppmg.trainer import load_checkpoint_file
+from recbole_dppmg.trainer import decode_other_parameter, load_checkpoint_file
 from recbole_dppmg.utils import get_model, get_trainer
+from recbole_dppmg.validation import check_checkpoint, check_settings
 
 compat.apply()
 logger = logging.getLogger(__name__)
@@ -82,13 +84,14 @@ class PeakMemory:
         return False
 
 
-def check_dataset(dataset: str, data_path: str | Path | None = None) -> None:
+def check_dataset(dataset: str, data_path: str | Path | None = None, num_threads: int | None = None) -> None:
     """Fail early, in one line, when RecBole would not find the dataset's atomic files;
-    prepare the plugin's multimodal datasets on first use."""
+    prepare the plugin's multimodal datasets on first use (with ``num_threads`` torch threads)."""
+    check_dataset_name(dataset)
     if dataset in RECBOLE_BUNDLED_DATASETS:
         return
     root = Path(data_path) if data_path else DATASET_DIR
-    ensure_prepared(dataset, dataset_dir=root)
+    ensure_prepared(dataset, dataset_dir=root, num_threads=num_threads)
     if not (root / dataset / f"{dataset}.inter").is_file():
         known = sorted({p.name for p in root.iterdir() if p.is_dir() and (p / f"{p.name}.inter").is_file()} | set(RECBOLE_BUNDLED_DATASETS)) if root.is_dir() else list(RECBOLE_BUNDLED_DATASETS)
         raise DataError(
@@ -99,7 +102,10 @@ def check_dataset(dataset: str, data_path: str | Path | None = None) -> None:
 
 def new_run_dir(config, model_name: str) -> Path:
     """A new stage-1 run folder; a second run started in the same second gets ``~2``, ``~3``..."""
-    return new_run_folder(config["checkpoint_dir"], config["dataset"], model_name, separator="~", first=2)
+    try:
+        return new_run_folder(config["checkpoint_dir"], config["dataset"], model_name, separator="~", first=2)
+    except OSError as error:
+        raise ConfigError(f"cannot create the run folder under {config['checkpoint_dir']}: {error.strerror or error}") from None
 
 
 def run(
@@ -117,7 +123,10 @@ def run(
     is returned."""
     model_class = get_model(model)
     config = build_config(model_class, dataset, config_files, config_dict)
-    check_dataset(dataset, Path(config["data_path"]).parent)
+    check_settings(config)
+    if resume is not None:
+        check_checkpoint(resume, model_class.__name__, dataset)
+    check_dataset(dataset, Path(config["data_path"]).parent, config["torch_num_threads"])
     if distributed.wants_launch(config):
         return distributed.launch(run, config, (model, dataset, list(config_files)),
                                   {"saved": saved, "resume": resume}, config_dict)
@@ -153,6 +162,9 @@ def run(
             train_data, valid_data, saved=saved, show_progress=config["show_progress"]
         )
         distributed.barrier()  # rank 0 has written best.pth
+        if saved and not Path(trainer.saved_model_file).is_file():
+            raise ConfigError(f"the run in {run_dir} trained no epoch (epochs={config['epochs']}); "
+                              "it has no best.pth and is not a result")
         test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
     trained = [h for h in trainer.history if "train_seconds" in h]
@@ -174,10 +186,21 @@ def run(
         result.extra = extra(test_data=test_data, trainer=trainer) or {}
     if distributed.rank() == 0:
         (run_dir / "history.json").write_text(json.dumps(trainer.history, indent=2))
-        (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
+        (run_dir / "result.json").write_text(json.dumps(finite_or_null(asdict(result)), indent=2, allow_nan=False))
     log.info(f"best valid: {result.best_valid_result}")
     log.info(f"test result: {result.test_result}")
     return result
+
+
+def finite_or_null(value):
+    """JSON has no Infinity or NaN: such floats are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 class RunTask(NamedTuple):
@@ -327,7 +350,7 @@ def load_data_and_model(checkpoint_file: str | Path, config_dict: dict | None = 
     overrides = json.loads(state["settings_json"])
     overrides.update(config_dict or {})
     config = build_config(model_class, state["dataset"], (), overrides)
-    check_dataset(state["dataset"], Path(config["data_path"]).parent)
+    check_dataset(state["dataset"], Path(config["data_path"]).parent, config["torch_num_threads"])
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
@@ -337,6 +360,6 @@ def load_data_and_model(checkpoint_file: str | Path, config_dict: dict | None = 
         model.load_state_dict(state["state_dict"])
     except RuntimeError as error:
         raise ConfigError(f"checkpoint {checkpoint_file} does not fit {state['model']}: {str(error).splitlines()[0]}") from None
-    model.load_other_parameter(state.get("other_parameter"))
+    model.load_other_parameter(decode_other_parameter(state.get("other_parameter")))
     model.eval()
     return config, model, dataset, train_data, valid_data, test_data

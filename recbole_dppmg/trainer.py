@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import tempfile
 from pathlib import Path
 from time import time
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from recbole_dppmg.config import jsonable_config, user_settings
@@ -54,15 +54,74 @@ def load_checkpoint_file(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except Exception as error:  # torch raises many kinds on a file that is not a checkpoint
         raise CheckpointError(
             f"{path} is not a recbole_dppmg checkpoint that loads with weights_only=True "
-            f"(RecBole's own pickled checkpoints are refused on purpose): {first[:160]}"
+            f"(RecBole's own pickled checkpoints are refused on purpose): {_load_failure(error)}"
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a recbole_dppmg checkpoint (format {CHECKPOINT_FORMAT} expected)")
     return state
+
+
+def _load_failure(error: Exception) -> str:
+    """What torch's (multi-paragraph) load error says was refused, whole, on one line."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation of torch.load", 1)[0]
+    return " ".join(text.split()) or type(error).__name__
+
+
+def encode_other_parameter(values: dict | None) -> dict | None:
+    """A model's ``other_parameter()`` (numpy arrays, scipy sparse matrices, tensors, numbers)
+    as tensors and plain values, which ``torch.load(weights_only=True)`` reads back."""
+    if values is None:
+        return None
+    return {str(key): _encode_value(value) for key, value in values.items()}
+
+
+def decode_other_parameter(values: dict | None) -> dict | None:
+    """The inverse of ``encode_other_parameter``: the original numpy / scipy types again."""
+    if values is None:
+        return None
+    return {key: _decode_value(value) for key, value in values.items()}
+
+
+def _encode_value(value):
+    if sp.issparse(value):
+        coo = value.tocoo()
+        return {"__kind__": "scipy_sparse", "format": value.format, "shape": [int(n) for n in coo.shape],
+                "row": torch.from_numpy(np.asarray(coo.row, dtype=np.int64)),
+                "col": torch.from_numpy(np.asarray(coo.col, dtype=np.int64)),
+                "data": torch.from_numpy(np.ascontiguousarray(coo.data))}
+    if isinstance(value, (np.ndarray, np.generic)):
+        array = np.asarray(value)
+        if array.dtype == object:
+            raise CheckpointError(f"cannot store a numpy object array ({array.shape}) in a plain checkpoint")
+        return {"__kind__": "numpy", "array": torch.from_numpy(np.ascontiguousarray(array).reshape(-1)),
+                "shape": list(array.shape), "scalar": isinstance(value, np.generic)}
+    if isinstance(value, dict):
+        return {"__kind__": "dict", "items": {str(k): _encode_value(v) for k, v in value.items()}}
+    if isinstance(value, (list, tuple)):
+        return {"__kind__": type(value).__name__, "items": [_encode_value(v) for v in value]}
+    return value  # tensors, numbers, strings, None
+
+
+def _decode_value(value):
+    kind = value.get("__kind__") if isinstance(value, dict) else None
+    if kind == "scipy_sparse":
+        matrix = sp.coo_matrix((value["data"].numpy(), (value["row"].numpy(), value["col"].numpy())),
+                               shape=tuple(value["shape"]))
+        return matrix.asformat(value["format"])
+    if kind == "numpy":
+        array = value["array"].numpy().reshape(value["shape"])
+        return array[()] if value["scalar"] else array
+    if kind == "dict":
+        return {k: _decode_value(v) for k, v in value["items"].items()}
+    if kind in ("list", "tuple"):
+        items = [_decode_value(v) for v in value["items"]]
+        return items if kind == "list" else tuple(items)
+    return value
 
 
 def _rng_state(train_data) -> dict:
@@ -138,7 +197,7 @@ class PlainCheckpointMixin:
             "best_model_file": str(self.saved_model_file),
             "history_json": json.dumps(self.history),
             "state_dict": self.model.state_dict(),
-            "other_parameter": self.model.other_parameter(),
+            "other_parameter": encode_other_parameter(self.model.other_parameter()),
             "optimizer": self.optimizer.state_dict(),
         }
         if with_rng:
@@ -149,12 +208,22 @@ class PlainCheckpointMixin:
         return self.config["single_spec"] or self.config["local_rank"] == 0
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        if not self._is_writer():
+        if not self._is_writer() or epoch < 0:  # RecBole saves epoch -1 when none is trained: not a result
             return
         path = kwargs.pop("saved_model_file", self.saved_model_file)
         save_checkpoint_file(self._state(epoch, with_rng=False), path)
         if verbose:
             self.logger.info(f"Saving current best: {path}")
+
+    def save_pretrained_model(self, epoch, saved_model_file):
+        """Pre-training trainers (RaCT's): RecBole pickles its Config into ``saved_model_file``
+        beside the run folders; here a plain checkpoint of that name goes into the run folder,
+        and into ``best.pth`` too (a pre-training run's result is its last saved epoch)."""
+        if not self._is_writer():
+            return
+        state = self._state(epoch, with_rng=False)
+        save_checkpoint_file(state, Path(self.saved_model_file).with_name(Path(saved_model_file).name))
+        save_checkpoint_file(state, self.saved_model_file)
 
     def _save_last(self, epoch: int) -> None:
         if self._is_writer():
@@ -176,7 +245,7 @@ class PlainCheckpointMixin:
         except RuntimeError as error:
             first = str(error).splitlines()[0]
             raise CheckpointError(f"checkpoint {path} does not fit this model's configuration: {first}") from None
-        self.model.load_other_parameter(state.get("other_parameter"))
+        self.model.load_other_parameter(decode_other_parameter(state.get("other_parameter")))
 
     def resume_checkpoint(self, resume_file):
         """Continue training from ``best.pth`` or (exactly) from ``last.pth``."""

@@ -75,12 +75,13 @@ def read_atomic(path: Path, *, parse_float_seq: bool = True) -> pd.DataFrame:
             raise DataError(f"{path}: empty file (no header line)")
         columns = split_header(header, path)
         width = len(columns)
-        rows = []
+        rows, line_numbers = [], []
         for line_no, line in enumerate(handle, start=2):
             line = line.rstrip("\r\n")
             if not line:
                 continue
             fields = line.split(FIELD_SEPARATOR)
+            line_numbers.append(line_no)
             if len(fields) != width:
                 raise DataError(
                     f"{path}:{line_no}: expected {width} tab-separated fields, found {len(fields)}"
@@ -92,12 +93,25 @@ def read_atomic(path: Path, *, parse_float_seq: bool = True) -> pd.DataFrame:
         if ftype == "float":
             try:
                 frame[name] = pd.to_numeric(frame[name].replace("", np.nan), errors="raise").astype(np.float64)
-            except (ValueError, TypeError) as exc:
-                raise DataError(f"{path}: column {name}:float holds a non-number ({exc})") from None
+            except (ValueError, TypeError):
+                row = _first_non_number(frame[name])
+                raise DataError(f"{path}:{line_numbers[row]}: column {name}:float holds a non-number "
+                                f"{frame[name].iloc[row]!r}") from None
         elif ftype == "float_seq" and parse_float_seq:
             frame[name] = [_parse_float_seq(value, path, name) for value in frame[name]]
     frame.attrs["field_types"] = dict(columns)
     return frame
+
+
+def _first_non_number(column: pd.Series) -> int:
+    """Position of the first value that is neither empty nor a number."""
+    for position, value in enumerate(column):
+        try:
+            if value != "":
+                float(value)
+        except (ValueError, TypeError):
+            return position
+    return 0
 
 
 def _parse_float_seq(value: str, path: Path, name: str) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -46,7 +47,7 @@ from recbole_dppmg.data.sources import (
     Source,
 )
 from recbole_dppmg.errors import DataError
-from recbole_dppmg.paths import DATASET_DIR
+from recbole_dppmg.paths import DATASET_DIR, check_dataset_name
 from recbole_dppmg.paths import shared_dir as default_shared_dir
 
 logger = logging.getLogger(__name__)
@@ -137,13 +138,34 @@ def prepare_dataset(
     of the pretrained defaults; tests pass tiny fakes, and a different encoder version
     invalidates the cache like any changed input.
     """
+    check_dataset_name(dataset)
     dataset_dir = Path(dataset_dir or DATASET_DIR)
     target = dataset_dir / dataset
     spec_file = spec_file or find_spec_file(dataset, dataset_dir)
     source = resolve_source(dataset, shared_dir=shared_dir, spec_file=spec_file)
     _refuse_source_inside_target(source, target)
-    with _exclusive(dataset_dir, dataset):
-        return _prepare_locked(dataset, dataset_dir, target, source, force, num_threads, encoders)
+    if not force and _cache_hit(dataset, target, source, encoders):  # read-only: no lock on a valid dataset
+        _remove_stale_temp_dirs(dataset_dir, dataset)
+        return target
+    try:
+        with _exclusive(dataset_dir, dataset):
+            return _prepare_locked(dataset, dataset_dir, target, source, force, num_threads, encoders)
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise DataError(f"cannot prepare {dataset} in {dataset_dir}: {error.strerror}: {error.filename}") from None
+
+
+def _cache_hit(dataset: str, target: Path, source: Source, encoders: dict | None) -> bool:
+    """The prepared folder's manifest matches the inputs' hashes: nothing to build, nothing written."""
+    started = time.perf_counter()
+    input_hashes = hash_inputs(source.input_files())
+    key = cache_key(source.kind, source.settings(), input_hashes, _encoder_versions(source, encoders))
+    manifest = read_manifest(target)
+    if manifest is None or manifest.get("cache_key") != key:
+        return False
+    logger.info("%s is up to date (%s); checked in %.1fs", dataset, target, time.perf_counter() - started)
+    return True
 
 
 @contextlib.contextmanager
@@ -158,7 +180,7 @@ def _exclusive(dataset_dir: Path, dataset: str):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            logger.info("another process is preparing %s; waiting for it", dataset_dir / dataset)
+            logger.warning("another process is preparing %s; waiting for it", dataset_dir / dataset)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -447,6 +469,7 @@ def _write_atomically(dataset_dir: Path, target: Path, dataset: str, loaded: Loa
     """Write everything into a temp folder beside ``target``, then swap it into place."""
     temp = Path(tempfile.mkdtemp(prefix=f".{dataset}.tmp-{os.getpid()}-", dir=dataset_dir))
     try:
+        temp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a published dataset follows the umask
         inter_columns = loaded.inter_columns
         write_atomic(temp / f"{dataset}.inter", inter_columns,
                      built.inter[[c for c, _ in inter_columns]].itertuples(index=False, name=None))
@@ -481,6 +504,13 @@ def _publish(temp: Path, target: Path, dataset: str) -> None:
         os.replace(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, then restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_stale_temp_dirs(dataset_dir: Path, dataset: str) -> None:
