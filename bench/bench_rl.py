@@ -73,17 +73,24 @@ def train(args) -> None:
 def _texts(dataset, run: Path, users, seed: int, vocabulary):
     from recbole_dppmg.generation.common.settings import load_settings
     from recbole_dppmg.generation.text.generate import TokenConditioner, generate_texts
-    from recbole_dppmg.generation.text.pipeline import _generation_options, load_text_generator
+    from recbole_dppmg.generation.text.loading import (
+        generation_options,
+        load_text_generator,
+    )
 
     cfg = load_settings("text", {"num_threads": 1, "progress": False, "device": "cpu", "seed": seed})
     lm = load_text_generator(run, vocabulary, cfg)
-    return generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, **_generation_options(cfg, lm.token_ids))
+    return generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, **generation_options(cfg, lm.token_ids))
 
 
 def _posters(dataset, run: Path, users, seed: int, vocab, codec):
-    from recbole_dppmg.generation.image.data import tensor_to_pil
     from recbole_dppmg.generation.common.settings import load_settings
-    from recbole_dppmg.generation.image.generate import GENERATE_KEYS, generate_posters, user_positions
+    from recbole_dppmg.generation.image.data import tensor_to_pil
+    from recbole_dppmg.generation.image.generate import (
+        GENERATE_KEYS,
+        generate_posters,
+        user_positions,
+    )
     from recbole_dppmg.generation.image.train import load_image_generator
 
     config = load_settings("image")
@@ -111,15 +118,19 @@ def _print_summary(summary: dict) -> None:
 
 def measure(args) -> None:
     from recbole_dppmg.data.featurize import image_encoder_version, load_default_encoder
-    from recbole_dppmg.generation.image.data import poster_files
-    from recbole_dppmg.generation.image.metrics import frechet_distance, image_features, real_poster_features
     from recbole_dppmg.generation.common.settings import load_settings
+    from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+    from recbole_dppmg.generation.image.data import poster_files
+    from recbole_dppmg.generation.image.metrics import (
+        frechet_distance,
+        image_features,
+        real_poster_features,
+    )
     from recbole_dppmg.generation.image.train import build_codec, read_image_config
     from recbole_dppmg.generation.text.backbone import load_backbone
     from recbole_dppmg.generation.text.generate import prompt_ids
     from recbole_dppmg.generation.text.injection import read_meta
     from recbole_dppmg.generation.text.metrics import distinct_n, perplexity
-    from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 
     for needed, skipped_by in (("text_after", "image"), ("image_after", "text")):
         if getattr(args, needed) is None and args.only != skipped_by:
@@ -127,7 +138,10 @@ def measure(args) -> None:
     started = time.perf_counter()
     text_before, text_after = Path(args.text_before), args.text_after and Path(args.text_after)
     image_before, image_after = Path(args.image_before), args.image_after and Path(args.image_after)
-    from recbole_dppmg.runs import TEXT_KINDS, read_run_meta  # after the argument checks: they need no run
+    from recbole_dppmg.runs import (  # after the argument checks: they need no run
+        TEXT_KINDS,
+        read_run_meta,
+    )
 
     tokens_folder = read_run_meta(text_before, TEXT_KINDS)["tokens"]
     tokens, judge = _judge(args.dataset, tokens_folder)
@@ -237,18 +251,27 @@ def snr(args) -> None:
     from itertools import combinations
 
     from recbole_dppmg.data.featurize import load_default_encoder
-    from recbole_dppmg.generation.common.settings import load_settings, rl_phase_settings
-    from recbole_dppmg.generation.rl.common import JudgeReward, group_advantages, pre_rl_poster_features, pre_rl_text_features, user_pool
+    from recbole_dppmg.generation.common.settings import (
+        load_settings,
+        rl_phase_settings,
+    )
+    from recbole_dppmg.generation.rl.common import (
+        JudgeReward,
+        group_advantages,
+        pre_rl_poster_features,
+        pre_rl_text_features,
+        user_pool,
+    )
 
     run = Path(args.run)
     cfg = rl_phase_settings(args.modality)
     grads = []
     if args.modality == "text":
-        from recbole_dppmg.generation.rl import text as rl_text
-        from recbole_dppmg.generation.image.generate import newest_image_run
-        from recbole_dppmg.generation.text.generate import TokenConditioner
-        from recbole_dppmg.generation.text.pipeline import load_text_generator
         from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+        from recbole_dppmg.generation.image.generate import newest_image_run
+        from recbole_dppmg.generation.rl import text as rl_text
+        from recbole_dppmg.generation.text.generate import TokenConditioner
+        from recbole_dppmg.generation.text.loading import load_text_generator
         from recbole_dppmg.runs import TEXT_KINDS, read_run_meta
 
         tokens, judge = _judge(args.dataset, read_run_meta(run, TEXT_KINDS)["tokens"])
@@ -266,13 +289,17 @@ def snr(args) -> None:
             loss, _ = rl_text.grpo_loss(logps, logps.detach(), adv, rollout.completion_mask, cfg["clip_range"])
             grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(named.values()))]))
     else:
-        from recbole_dppmg.generation.rl import image as rl_image
-        from recbole_dppmg.generation.image.data import tensor_to_pil
-        from recbole_dppmg.generation.image.metrics import image_features
-        from recbole_dppmg.generation.image.train import build_codec, load_image_generator, read_image_config
-        from recbole_dppmg.generation.text.config import newest_generator_run
         from recbole_dppmg.generation.common.user_split import split_users
         from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+        from recbole_dppmg.generation.image.data import tensor_to_pil
+        from recbole_dppmg.generation.image.metrics import image_features
+        from recbole_dppmg.generation.image.train import (
+            build_codec,
+            load_image_generator,
+            read_image_config,
+        )
+        from recbole_dppmg.generation.rl import image as rl_image
+        from recbole_dppmg.generation.text.config import newest_generator_run
 
         meta = read_image_config(run)
         tokens, judge = _judge(args.dataset, meta["tokens_folder"])

@@ -122,3 +122,14 @@ def test_layers_point_one_way():
         rank = order.index(parts[1])
         higher = sorted(e for e in edges if len(e.split(".")) > 1 and e.split(".")[1] in order[rank + 1:])
         assert not higher, f"{name} imports the higher layer {higher}"
+
+
+def test_no_private_name_imported_from_another_module():
+    """What another module needs is public; a leading underscore means "this module only"."""
+    offenders = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(NAME):
+                offenders += [f"{name} imports {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not offenders, "; ".join(offenders)

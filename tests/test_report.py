@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from image_fixtures import tiny_settings, write_tiny_posters
 from judge_fixtures import tiny_export
-from text_tiny import GENRES, tiny_lm, tiny_tokenizer
+from text_tiny import GENRES, patch_everywhere, tiny_lm, tiny_tokenizer
 
 from recbole_dppmg.errors import CheckpointError, ConfigError
 from recbole_dppmg.generation.common.settings import load_settings
@@ -68,7 +68,7 @@ def tiny_run(tmp_path_factory):
                 "eval_steps": 2, "save_steps": 2, "valid_pairs": 2, "max_target_tokens": 8, "progress": False, "num_threads": 1,
                 "generate": {"max_new_tokens": 4, "batch_size": 4}}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(text_pipeline, "_item_path", lambda dataset: item_file)
+        patch_everywhere(patch, text_pipeline.item_file, lambda dataset: item_file)
         text_run = text_pipeline.train_text_generator("tiny", export, text_cfg)
     image_run = train_image_generator("tiny", export, tiny_settings(root, **SPLIT), out_dir=root / "saved" / "tiny" / "ImageGen-tiny", posters=posters)
     for kind, source, steps in (("TextRL", text_run, 3), ("ImageRL", image_run, 2)):

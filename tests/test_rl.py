@@ -317,7 +317,7 @@ def warm_text_run(tmp_path, monkeypatch):
 
 
 def test_train_text_rl_writes_a_loadable_generator(warm_text_run, tmp_path):
-    from recbole_dppmg.generation.text.pipeline import load_text_generator
+    from recbole_dppmg.generation.text.loading import load_text_generator
 
     tokens, warm, config = warm_text_run
     settings = {"steps": 2, "users_per_step": 2, "group_size": 2, "max_new_tokens": 4, "save_steps": 1, "progress": False}

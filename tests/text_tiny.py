@@ -142,9 +142,9 @@ def tiny_text_stage(tmp_path, monkeypatch, text_features=None):
     tokenizer.save_pretrained(backbone)
     tokens = FakeTokens(n_users=16)
     tokens.folder = tmp_path / "tokens"
-    patch_everywhere(monkeypatch, text_pipeline._load_tokens, lambda *a, **k: tokens)
+    patch_everywhere(monkeypatch, text_pipeline.load_tokens, lambda *a, **k: tokens)
     patch_everywhere(monkeypatch, text_warmup.item_text_table, tiny_item_text_table)
-    patch_everywhere(monkeypatch, text_pipeline._item_path, lambda dataset: tmp_path / "x.item")
+    patch_everywhere(monkeypatch, text_pipeline.item_file, lambda dataset: tmp_path / "x.item")
     frame = pd.DataFrame({"item_id": list(item_texts())}).set_index("item_id", drop=False)
     frame["genres"] = [GENRES[int(i) % len(GENRES)] for i in frame.index]
     if text_features is not None:

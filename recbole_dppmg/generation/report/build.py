@@ -65,12 +65,13 @@ from recbole_dppmg.generation.reward.judge import PreferenceJudge
 from recbole_dppmg.generation.text.backbone import load_backbone
 from recbole_dppmg.generation.text.generate import prompt_ids, shuffled_user_map
 from recbole_dppmg.generation.text.injection import read_meta
+from recbole_dppmg.generation.text.loading import run_target_texts
 from recbole_dppmg.generation.text.metrics import (
     distinct_n,
     perplexity,
     retrieval_metrics,
 )
-from recbole_dppmg.generation.text.pipeline import TextConditions, run_target_texts
+from recbole_dppmg.generation.text.pipeline import TextConditions
 from recbole_dppmg.generation.text.warmup import item_text_table
 from recbole_dppmg.paths import DATASET_DIR, SAVED_DIR
 from recbole_dppmg.runs import (

@@ -47,11 +47,11 @@ from recbole_dppmg.generation.image.train import (
 )
 from recbole_dppmg.generation.text.generate import TokenConditioner, generate_texts
 from recbole_dppmg.generation.text.injection import META
-from recbole_dppmg.generation.text.pipeline import (
-    _generation_options,
-    _load_tokens,
-    _run_config,
+from recbole_dppmg.generation.text.loading import (
+    generation_options,
     load_text_generator,
+    load_tokens,
+    run_settings,
 )
 from recbole_dppmg.paths import CACHE_DIR
 from recbole_dppmg.runs import RL_KINDS, RL_SECTION, RUN_META, meta_path, read_run_meta
@@ -382,10 +382,10 @@ def pre_rl_text_features(dataset: str, text_run: Path, users: Sequence[str], num
 
     def compute(batch_users: list[str]) -> np.ndarray:
         with torch_threads(num_threads):
-            tokens = _load_tokens(dataset, None, cfg, _run_config(text_run).get("tokens"))
+            tokens = load_tokens(dataset, None, cfg, run_settings(text_run).get("tokens"))
             vocabulary = PreferenceVocabulary(tokens)
             lm = load_text_generator(text_run, vocabulary, cfg)
-            texts = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), batch_users, **_generation_options(cfg, lm.token_ids))
+            texts = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), batch_users, **generation_options(cfg, lm.token_ids))
             return load_default_encoder("text").encode([t or " " for t in texts], progress=False)
 
     logger.info("pre-RL texts of %d users from %s (cached)", len(users), text_run)

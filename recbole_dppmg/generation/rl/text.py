@@ -72,10 +72,10 @@ from recbole_dppmg.generation.text.generate import (
     left_pad,
     prompt_ids,
 )
-from recbole_dppmg.generation.text.pipeline import (
-    _load_tokens,
-    _run_config,
+from recbole_dppmg.generation.text.loading import (
     load_text_generator,
+    load_tokens,
+    run_settings,
 )
 from recbole_dppmg.runs import (
     RL_KINDS,
@@ -267,14 +267,14 @@ def train_text_rl(dataset: str, text_run: Path | None, judge, config: dict | Non
 
     cfg = rl_phase_settings("text", config, quick)
     run, text_run = resume_or_start("text", cfg, text_run, RESUME_KEYS, "a warm-up run (a TextGen-* folder)")
-    source = _run_config(text_run)
+    source = run_settings(text_run)
     if not (text_run / "users.json").is_file():
         raise CheckpointError(f"{text_run} has no users.json (the user split); re-run the text warm-up")
     split = json.loads((text_run / "users.json").read_text())
     text_cfg = load_settings("text", {"num_threads": cfg["num_threads"], "progress": cfg["progress"]})
     pool = user_pool(split["train"], cfg["user_pool"], cfg["seed"])
     with torch_threads(cfg["num_threads"]):
-        tokens = _load_tokens(dataset, None, text_cfg, source["tokens"])
+        tokens = load_tokens(dataset, None, text_cfg, source["tokens"])
         vocabulary = PreferenceVocabulary(tokens)
         partner_run, judged = None, reward_fn is None
         if judged:

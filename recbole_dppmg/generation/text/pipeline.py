@@ -32,10 +32,8 @@ from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.text.backbone import load_backbone
 from recbole_dppmg.generation.text.config import (
     newest_generator_run,
-    newest_token_export,
     recorded_settings,
     saved_root,
-    user_field,
 )
 from recbole_dppmg.generation.text.generate import (
     NoTokenConditioner,
@@ -48,8 +46,16 @@ from recbole_dppmg.generation.text.generate import (
 from recbole_dppmg.generation.text.injection import (
     add_preference_tokens,
     inject_preference_tokens,
-    load_preference_lm,
-    read_meta,
+)
+from recbole_dppmg.generation.text.loading import (
+    generation_options,
+    item_file,
+    load_soft_prompt,
+    load_text_generator,
+    load_tokens,
+    run_settings,
+    run_target_texts,
+    target_texts,
 )
 from recbole_dppmg.generation.text.metrics import (
     distinct_n,
@@ -58,23 +64,16 @@ from recbole_dppmg.generation.text.metrics import (
     random_hit_rate,
     retrieval_metrics,
 )
-from recbole_dppmg.generation.text.user_genres import UserGenres, genres_by_item
 from recbole_dppmg.generation.text.warmup import (
     build_pairs,
     content_vectors,
-    item_text_table,
     train_conditioner,
 )
-from recbole_dppmg.paths import DATASET_DIR
 from recbole_dppmg.runs import (
-    RUN_META,
     TEXT_GEN,
-    TEXT_KINDS,
     new_run_folder,
-    read_run_meta,
     write_run_meta,
 )
-from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
@@ -85,69 +84,6 @@ def _threads(cfg: dict) -> None:
         torch.set_num_threads(int(cfg["num_threads"]))
 
 
-def _item_path(dataset: str) -> Path:
-    path = DATASET_DIR / dataset / f"{dataset}.item"
-    if not path.is_file():
-        raise DataError(f"{path} is missing; run --stage prepare for dataset {dataset} first")
-    return path
-
-
-def _load_tokens(dataset: str, tokens_folder, cfg: dict, recorded: str | None = None):
-
-    folder = tokens_folder or cfg.get("tokens") or recorded or newest_token_export(dataset, saved_root(cfg))
-    if recorded and Path(folder).resolve() != Path(recorded).resolve():
-        logger.warning("using token export %s, but the text generator was trained on %s", folder, recorded)
-    return PreferenceTokens.load(folder, dataset=dataset)
-
-
-def _generation_options(cfg: dict, lm_token_ids) -> dict:
-    g = cfg["generate"]
-    return dict(batch_size=g["batch_size"], max_new_tokens=g["max_new_tokens"], do_sample=g["do_sample"],
-                temperature=g["temperature"], top_p=g["top_p"], seed=cfg["seed"], suppress_ids=lm_token_ids,
-                progress=cfg["progress"], guidance=g["guidance"])
-
-
-def _run_config(run: Path) -> dict:
-    meta = read_run_meta(run, TEXT_KINDS)
-    if meta is None:
-        raise CheckpointError(f"{run} is not a text warm-up run (no {RUN_META})")
-    return meta
-
-
-def target_texts(dataset: str, settings: dict, tokens, item_path: Path | None = None):
-    """The warm-up targets (``TargetTexts``) in the shape a text config (or a run's recorded
-    one) gives them."""
-
-    settings = recorded_settings(settings)
-    path = item_path or _item_path(dataset)
-    user_genres = None
-    if user_field(settings["target_template"]):
-        user_genres = UserGenres(tokens, genres_by_item(read_item_table(path)), settings["user_genres_from"],
-                                 settings["user_genres_count"], settings["min_rating"])
-    return item_text_table(path, settings["target_template"], user_genres)
-
-
-def run_target_texts(dataset: str, run: Path, tokens, item_path: Path | None = None):
-    """The targets in the shape warm-up ``run`` was trained on (its reference texts use it)."""
-    return target_texts(dataset, _run_config(Path(run))["text"], tokens, item_path)
-
-
-def load_text_generator(run: Path, vocabulary, cfg: dict):
-    """The trained DPPMG text generator of a warm-up run, on a freshly loaded backbone."""
-
-    meta = read_meta(run / "dppmg")
-    model, tokenizer = load_backbone(meta.backbone or cfg["backbone"], cfg["dtype"], cfg["device"])
-    return load_preference_lm(run / "dppmg", model, tokenizer, vocabulary)
-
-
-def load_soft_prompt(run: Path, tokens, vocabulary, cfg: dict):
-
-    meta = read_meta(run / "dppmg")
-    model, tokenizer = load_backbone(meta.backbone or cfg["backbone"], cfg["dtype"], cfg["device"])
-    add_preference_tokens(model, tokenizer, vocabulary.strings)
-    return model, tokenizer, SoftPromptConditioner.load(run / "soft_prompt", model, tokenizer, tokens)
-
-
 # ---------------------------------------------------------------------------- warm-up
 def train_text_generator(dataset: str, tokens_folder: Path | None = None, config: dict | None = None) -> Path:
     """Warm up the text generator on ``dataset``'s training split; returns the run folder."""
@@ -156,14 +92,14 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
     _threads(cfg)
     if cfg.get("resume"):
         run = Path(cfg["resume"])
-        previous = _run_config(run)
-        tokens = _load_tokens(dataset, tokens_folder, cfg, previous["tokens"])
+        previous = run_settings(run)
+        tokens = load_tokens(dataset, tokens_folder, cfg, previous["tokens"])
         _check_same_settings(previous, cfg, ("backbone", "seed", "lora_r", "init_from", "contrast_weight", "content_init", "max_steps", "min_rating",
                                              "pairs_per_user", "pair_choice", "valid_users", "test_users", "batch_size", "max_target_tokens",
                                              "target_template", "user_genres_from", "user_genres_count"), f"cannot resume {run}")
         init_run = _init_run(cfg, tokens)
     else:
-        tokens = _load_tokens(dataset, tokens_folder, cfg)
+        tokens = load_tokens(dataset, tokens_folder, cfg)
         init_run = _init_run(cfg, tokens)  # checked before the run folder exists
         run = new_run_folder(saved_root(cfg), dataset, TEXT_GEN.name)
     vocabulary = PreferenceVocabulary(tokens)
@@ -222,7 +158,7 @@ def _init_run(cfg: dict, tokens) -> Path | None:
     if not cfg.get("init_from"):
         return None
     run = Path(cfg["init_from"])
-    previous = _run_config(run)
+    previous = run_settings(run)
     if Path(previous["tokens"]).resolve() != Path(tokens.folder).resolve():
         raise CheckpointError(f"text.init_from {run} was trained on tokens {previous['tokens']}, this warm-up uses {tokens.folder}")
     _check_same_settings(previous, cfg, ("backbone", "lora_r", "seed", "valid_users", "test_users"), f"text.init_from {run}")
@@ -252,13 +188,13 @@ def run_generate_text(dataset: str, users: Sequence[str], tokens_folder: Path | 
     if not users:
         raise DataError("no users given to generate text for (e.g. --users 1,2,3)")
     run = Path(cfg["generator"]) if cfg.get("generator") else newest_generator_run(dataset, saved_root(cfg))
-    tokens = _load_tokens(dataset, tokens_folder, cfg, _run_config(run).get("tokens"))
+    tokens = load_tokens(dataset, tokens_folder, cfg, run_settings(run).get("tokens"))
     for user in users:
         tokens.user_row(user)  # a clear error before any model loads
     vocabulary = PreferenceVocabulary(tokens)
     lm = load_text_generator(run, vocabulary, cfg)
     start = time.perf_counter()
-    texts = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, **_generation_options(cfg, lm.token_ids))
+    texts = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, **generation_options(cfg, lm.token_ids))
     seconds = time.perf_counter() - start
     if cfg.get("output_dir"):
         out = Path(cfg["output_dir"])
@@ -316,9 +252,9 @@ class TextConditions:
             return [self._liked_text(u) for u in users]
         if name == "soft_prompt":
             model, tokenizer, soft = self._soft
-            return generate_texts(model, tokenizer, soft, users, **{**_generation_options(self.cfg, self.lm.token_ids), "seed": seed})
+            return generate_texts(model, tokenizer, soft, users, **{**generation_options(self.cfg, self.lm.token_ids), "seed": seed})
         lm = self.lm
-        options = {**_generation_options(self.cfg, lm.token_ids), "seed": seed}
+        options = {**generation_options(self.cfg, lm.token_ids), "seed": seed}
         if name == "dppmg":
             return generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, self.vocabulary), users, **options)
         if name == "no_tokens":
@@ -346,11 +282,11 @@ def evaluate_text_generation(dataset: str, tokens_folder: Path | None = None, co
     ev = cfg["evaluate"]
     seeds = [int(s) for s in (ev["seeds"] or [cfg["seed"]])]
     run = Path(cfg["generator"]) if cfg.get("generator") else newest_generator_run(dataset, saved_root(cfg))
-    tokens = _load_tokens(dataset, tokens_folder, cfg, _run_config(run).get("tokens"))
+    tokens = load_tokens(dataset, tokens_folder, cfg, run_settings(run).get("tokens"))
     vocabulary = PreferenceVocabulary(tokens)
     users = json.loads((run / "users.json").read_text())["test"][: ev["users"] or None]
 
-    items = read_item_table(_item_path(dataset), with_features=True)
+    items = read_item_table(item_file(dataset), with_features=True)
     catalogue = [i for i in tokens.item_ids[1:] if i in items.index]
     row_of = {item: k for k, item in enumerate(catalogue)}
     features = np.stack([np.asarray(items.loc[i, "text_feat"], dtype=np.float32) for i in catalogue])

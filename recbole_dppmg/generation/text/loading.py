@@ -1,0 +1,105 @@
+"""A finished text warm-up run read back: its recorded settings, its token export, its trained
+generator and soft prompt, and the targets it was trained on.
+
+The text stage's entry points (``pipeline.py``), RL and the report all read runs through these
+functions, so the entry points stay entry points and nobody imports a private helper.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from recbole_dppmg.data.atomic import read_item_table
+from recbole_dppmg.errors import CheckpointError, DataError
+from recbole_dppmg.generation.text.backbone import load_backbone
+from recbole_dppmg.generation.text.config import (
+    newest_token_export,
+    recorded_settings,
+    saved_root,
+    user_field,
+)
+from recbole_dppmg.generation.text.generate import (
+    SoftPromptConditioner,
+)
+from recbole_dppmg.generation.text.injection import (
+    add_preference_tokens,
+    load_preference_lm,
+    read_meta,
+)
+from recbole_dppmg.generation.text.user_genres import UserGenres, genres_by_item
+from recbole_dppmg.generation.text.warmup import (
+    item_text_table,
+)
+from recbole_dppmg.paths import DATASET_DIR
+from recbole_dppmg.runs import (
+    RUN_META,
+    TEXT_KINDS,
+    read_run_meta,
+)
+from recbole_dppmg.tokens import PreferenceTokens
+
+logger = logging.getLogger(__name__)
+
+
+def item_file(dataset: str) -> Path:
+    path = DATASET_DIR / dataset / f"{dataset}.item"
+    if not path.is_file():
+        raise DataError(f"{path} is missing; run --stage prepare for dataset {dataset} first")
+    return path
+
+
+def load_tokens(dataset: str, tokens_folder, cfg: dict, recorded: str | None = None):
+
+    folder = tokens_folder or cfg.get("tokens") or recorded or newest_token_export(dataset, saved_root(cfg))
+    if recorded and Path(folder).resolve() != Path(recorded).resolve():
+        logger.warning("using token export %s, but the text generator was trained on %s", folder, recorded)
+    return PreferenceTokens.load(folder, dataset=dataset)
+
+
+def generation_options(cfg: dict, lm_token_ids) -> dict:
+    g = cfg["generate"]
+    return dict(batch_size=g["batch_size"], max_new_tokens=g["max_new_tokens"], do_sample=g["do_sample"],
+                temperature=g["temperature"], top_p=g["top_p"], seed=cfg["seed"], suppress_ids=lm_token_ids,
+                progress=cfg["progress"], guidance=g["guidance"])
+
+
+def run_settings(run: Path) -> dict:
+    meta = read_run_meta(run, TEXT_KINDS)
+    if meta is None:
+        raise CheckpointError(f"{run} is not a text warm-up run (no {RUN_META})")
+    return meta
+
+
+def target_texts(dataset: str, settings: dict, tokens, item_path: Path | None = None):
+    """The warm-up targets (``TargetTexts``) in the shape a text config (or a run's recorded
+    one) gives them."""
+
+    settings = recorded_settings(settings)
+    path = item_path or item_file(dataset)
+    user_genres = None
+    if user_field(settings["target_template"]):
+        user_genres = UserGenres(tokens, genres_by_item(read_item_table(path)), settings["user_genres_from"],
+                                 settings["user_genres_count"], settings["min_rating"])
+    return item_text_table(path, settings["target_template"], user_genres)
+
+
+def run_target_texts(dataset: str, run: Path, tokens, item_path: Path | None = None):
+    """The targets in the shape warm-up ``run`` was trained on (its reference texts use it)."""
+    return target_texts(dataset, run_settings(Path(run))["text"], tokens, item_path)
+
+
+def load_text_generator(run: Path, vocabulary, cfg: dict):
+    """The trained DPPMG text generator of a warm-up run, on a freshly loaded backbone."""
+
+    meta = read_meta(run / "dppmg")
+    model, tokenizer = load_backbone(meta.backbone or cfg["backbone"], cfg["dtype"], cfg["device"])
+    return load_preference_lm(run / "dppmg", model, tokenizer, vocabulary)
+
+
+def load_soft_prompt(run: Path, tokens, vocabulary, cfg: dict):
+
+    meta = read_meta(run / "dppmg")
+    model, tokenizer = load_backbone(meta.backbone or cfg["backbone"], cfg["dtype"], cfg["device"])
+    add_preference_tokens(model, tokenizer, vocabulary.strings)
+    return model, tokenizer, SoftPromptConditioner.load(run / "soft_prompt", model, tokenizer, tokens)
