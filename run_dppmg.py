@@ -1,8 +1,8 @@
 """Run DPPMG or any RecBole model under the plugin's protocol.
 
-    python run_dppmg.py -d ml-100k-mm -m DPPMG
-    python run_dppmg.py -d ml-100k -m BPR,LightGCN,NGCF --epochs=100
-    python run_dppmg.py --stage prepare -d ml-100k-mm
+python run_dppmg.py -d ml-100k-mm -m DPPMG
+python run_dppmg.py -d ml-100k -m BPR,LightGCN,NGCF --epochs=100
+python run_dppmg.py --stage prepare -d ml-100k-mm
 """
 
 import sys

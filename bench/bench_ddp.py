@@ -37,7 +37,9 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's (early stopping)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--config_files", default="", help="space-separated extra YAML files (e.g. a synthetic dataset's)")
+    parser.add_argument(
+        "--config_files", default="", help="space-separated extra YAML files (e.g. a synthetic dataset's)"
+    )
     parser.add_argument("--data-path", default=None, help="folder holding the dataset (default: dataset/)")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
     args, unknown = parser.parse_known_args(argv)
@@ -46,8 +48,15 @@ def main(argv=None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for nproc in [int(n) for n in args.nproc.split(",")]:
-            settings = {**overrides, "nproc": nproc, "torch_num_threads": args.threads, "use_gpu": args.device == "cuda",
-                        "checkpoint_dir": tmp, "state": "WARNING", "show_progress": False}
+            settings = {
+                **overrides,
+                "nproc": nproc,
+                "torch_num_threads": args.threads,
+                "use_gpu": args.device == "cuda",
+                "checkpoint_dir": tmp,
+                "state": "WARNING",
+                "show_progress": False,
+            }
             if args.epochs is not None:
                 settings["epochs"] = args.epochs
             if args.data_path:
@@ -56,8 +65,11 @@ def main(argv=None) -> None:
             result = run(args.model, args.dataset, args.config_files.split(), settings)
             wall = time.perf_counter() - start
             rows.append({"nproc": nproc, "wall_s": wall, **asdict(result)})
-            print(f"nproc {nproc}: {result.seconds_per_epoch:.2f} s/epoch, {result.epochs_trained} epochs,"
-                  f" wall {wall:.0f} s, test ndcg@10 {result.test_result['ndcg@10']:.4f}", flush=True)
+            print(
+                f"nproc {nproc}: {result.seconds_per_epoch:.2f} s/epoch, {result.epochs_trained} epochs,"
+                f" wall {wall:.0f} s, test ndcg@10 {result.test_result['ndcg@10']:.4f}",
+                flush=True,
+            )
     base = rows[0]
     print()
     print(f"{args.model} on {args.dataset}, {args.device}, {args.threads} thread(s) per process")
@@ -66,8 +78,10 @@ def main(argv=None) -> None:
     for row in rows:
         speedup = base["seconds_per_epoch"] / row["seconds_per_epoch"] if row["seconds_per_epoch"] else float("nan")
         values = " | ".join(f"{row['test_result'][m]:.4f}" for m in METRICS)
-        print(f"| {row['nproc']} | {row['seconds_per_epoch']:.2f} | {speedup:.2f} | {row['epochs_trained']} |"
-              f" {row['wall_s']:.0f} | {values} |")
+        print(
+            f"| {row['nproc']} | {row['seconds_per_epoch']:.2f} | {speedup:.2f} | {row['epochs_trained']} |"
+            f" {row['wall_s']:.0f} | {values} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -30,8 +30,12 @@ def measure(encode, inputs, repeats: int) -> dict:
         started = time.perf_counter()
         encode(inputs)
         rates.append(len(inputs) / (time.perf_counter() - started))
-    return {"items": len(inputs), "repeats": repeats, "items_per_s_median": round(statistics.median(rates), 2),
-            "items_per_s_all": [round(r, 2) for r in rates]}
+    return {
+        "items": len(inputs),
+        "repeats": repeats,
+        "items_per_s_median": round(statistics.median(rates), 2),
+        "items_per_s_all": [round(r, 2) for r in rates],
+    }
 
 
 def main() -> None:
@@ -56,8 +60,11 @@ def main() -> None:
             load_s = time.perf_counter() - started
             result = measure(lambda xs: encoder.encode(xs, batch_size=batch, progress=False), inputs, args.repeats)
             report[modality] = {"encoder": f"{encoder.name} ({encoder.version})", "load_s": round(load_s, 2), **result}
-            print(f"{modality:5s}: {result['items_per_s_median']:8.1f} items/s (median of {args.repeats}, "
-                  f"{len(inputs)} items, {threads} threads; model load {load_s:.1f}s)", flush=True)
+            print(
+                f"{modality:5s}: {result['items_per_s_median']:8.1f} items/s (median of {args.repeats}, "
+                f"{len(inputs)} items, {threads} threads; model load {load_s:.1f}s)",
+                flush=True,
+            )
     print(json.dumps(report, indent=2))
 
 

@@ -21,10 +21,10 @@ import time
 import torch
 
 from recbole_dppmg.devices import resolve_device
+from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.image.autoencoder import PixelCodec
 from recbole_dppmg.generation.image.generate import generate_posters
 from recbole_dppmg.generation.image.model import PosterDiffusion
-from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.image.train import build_codec, load_image_generator
 
 
@@ -43,8 +43,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     if args.tiny:
-        settings = load_settings("image", {"space": "pixel", "height": 16, "width": 8, "unet_channels": [8, 16], "attention_head_dim": 4,
-                                   "cross_attention_dim": 8, "norm_num_groups": 4})
+        settings = load_settings(
+            "image",
+            {
+                "space": "pixel",
+                "height": 16,
+                "width": 8,
+                "unet_channels": [8, 16],
+                "attention_head_dim": 4,
+                "cross_attention_dim": 8,
+                "norm_num_groups": 4,
+            },
+        )
         model, codec = PosterDiffusion(settings, torch.randn(24, 4), 6, 3).eval(), PixelCodec()
     elif args.checkpoint:
         model, meta = load_image_generator(args.checkpoint)
@@ -56,15 +66,24 @@ def main() -> None:
     model.to(device)
     if isinstance(codec, torch.nn.Module):
         codec.to(device)
-    positions = torch.randint(0, len(model.projection.codebook_vectors), (args.posters, model.n_slots), generator=torch.Generator().manual_seed(0))
+    positions = torch.randint(
+        0,
+        len(model.projection.codebook_vectors),
+        (args.posters, model.n_slots),
+        generator=torch.Generator().manual_seed(0),
+    )
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        generate_posters(model, codec, positions, steps=args.steps, guidance=args.guidance, batch_size=args.batch, progress=False)
+        generate_posters(
+            model, codec, positions, steps=args.steps, guidance=args.guidance, batch_size=args.batch, progress=False
+        )
         times.append((time.perf_counter() - start) / args.posters)
     c = model.config
-    print(f"{c['height']}x{c['width']} posters ({c['space']} space, UNet {c['unet_channels']}), {args.steps} steps, guidance {args.guidance}, "
-          f"batch {args.batch}, {device}, {args.threads} thread(s): {statistics.median(times):.3f} s per poster (median of {args.repeats})")
+    print(
+        f"{c['height']}x{c['width']} posters ({c['space']} space, UNet {c['unet_channels']}), {args.steps} steps, guidance {args.guidance}, "
+        f"batch {args.batch}, {device}, {args.threads} thread(s): {statistics.median(times):.3f} s per poster (median of {args.repeats})"
+    )
 
 
 if __name__ == "__main__":

@@ -80,7 +80,9 @@ def _texts(dataset, run: Path, users, seed: int, vocabulary):
 
     cfg = load_settings("text", {"num_threads": 1, "progress": False, "device": "cpu", "seed": seed})
     lm = load_text_generator(run, vocabulary, cfg)
-    return generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, **generation_options(cfg, lm.token_ids))
+    return generate_texts(
+        lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, **generation_options(cfg, lm.token_ids)
+    )
 
 
 def _posters(dataset, run: Path, users, seed: int, vocab, codec):
@@ -96,15 +98,29 @@ def _posters(dataset, run: Path, users, seed: int, vocab, codec):
     config = load_settings("image")
     gen = {k: config[k] for k in GENERATE_KEYS}
     model, _ = load_image_generator(run, vocab, dataset=dataset)
-    images = generate_posters(model, codec, user_positions(vocab, users), seed=seed, steps=gen["sample_steps"], guidance=gen["guidance_scale"],
-                              sampler=gen["sampler"], batch_size=gen["sample_batch"], progress=False)
+    images = generate_posters(
+        model,
+        codec,
+        user_positions(vocab, users),
+        seed=seed,
+        steps=gen["sample_steps"],
+        guidance=gen["guidance_scale"],
+        sampler=gen["sampler"],
+        batch_size=gen["sample_batch"],
+        progress=False,
+    )
     return [tensor_to_pil(x) for x in images]
 
 
 def _spread(values):
     values = [float(v) for v in values]
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            "min": float(np.min(values)), "max": float(np.max(values)), "per_seed": values}
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "min": float(np.min(values)),
+        "max": float(np.max(values)),
+        "per_seed": values,
+    }
 
 
 def _per_user(values) -> list[float]:
@@ -148,14 +164,23 @@ def measure(args) -> None:
     vocabulary = PreferenceVocabulary(tokens)
     test = json.loads((text_before / "users.json").read_text())["test"]
     meta = read_image_config(image_before)
-    assert [str(u) for u in meta["test_users"]] == [str(u) for u in test], "the generators hold out different test users"
+    assert [str(u) for u in meta["test_users"]] == [str(u) for u in test], (
+        "the generators hold out different test users"
+    )
     users, fd_users = test[: args.users], test[: max(args.users, args.fd_users)]
     text_encoder, image_encoder = load_default_encoder("text"), load_default_encoder("image")
     image_cfg = load_settings("image")
-    settings = load_settings("image", {**meta["train"], **meta["model"], **{k: image_cfg[k] for k in ("autoencoder_path", "poster_dir")}})
+    settings = load_settings(
+        "image", {**meta["train"], **meta["model"], **{k: image_cfg[k] for k in ("autoencoder_path", "poster_dir")}}
+    )
     codec, _ = build_codec(settings)
-    _, real = real_poster_features(poster_files(args.dataset, settings["poster_dir"]), settings["height"], settings["width"],
-                                   lambda images: image_features(image_encoder, images), cache_key=image_encoder_version())
+    _, real = real_poster_features(
+        poster_files(args.dataset, settings["poster_dir"]),
+        settings["height"],
+        settings["width"],
+        lambda images: image_features(image_encoder, images),
+        cache_key=image_encoder_version(),
+    )
     base, base_tokenizer, context = None, None, None
     if args.only != "image":
         base, base_tokenizer = load_backbone(read_meta(text_before / "dppmg").backbone, "float32", "cpu")
@@ -169,7 +194,9 @@ def measure(args) -> None:
         text_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
         drawn = users if args.only == "text" else fd_users
-        posters = {name: _posters(args.dataset, run, drawn, seed, vocabulary, codec) for name, run in image_runs.items()}
+        posters = {
+            name: _posters(args.dataset, run, drawn, seed, vocabulary, codec) for name, run in image_runs.items()
+        }
         poster_seconds = time.perf_counter() - tick
         tf = {k: text_encoder.encode([t or " " for t in v], progress=False) for k, v in texts.items()}
         pf = {k: image_features(image_encoder, v) for k, v in posters.items()}
@@ -179,7 +206,9 @@ def measure(args) -> None:
             judged = judge.personalization(users, "text", tf[t_name])
             per_user[seed][f"text_{t_name}_judge"] = _per_user(judged)
             row[f"text_{t_name}_judge"] = float(judged.mean())
-            row[f"text_{t_name}_perplexity"] = perplexity(base, base_tokenizer, [t for t in texts[t_name] if t], context, 16)
+            row[f"text_{t_name}_perplexity"] = perplexity(
+                base, base_tokenizer, [t for t in texts[t_name] if t], context, 16
+            )
             row[f"text_{t_name}_distinct2"] = distinct_n(texts[t_name], 2)
         for p_name in posters:
             judged = judge.personalization(drawn, "image", pf[p_name])  # every poster drawn
@@ -198,10 +227,25 @@ def measure(args) -> None:
         samples[seed] = [{"user": u, **{name: t[k] for name, t in texts.items()}} for k, u in enumerate(users[:10])]
         print(json.dumps({"seed": seed, **{k: round(v, 4) for k, v in row.items()}}), flush=True)
     summary = {k: _spread([rows[s][k] for s in args.seeds]) for k in rows[args.seeds[0]]}
-    result = {"dataset": args.dataset, "users": len(users), "fd_users": len(fd_users), "seeds": args.seeds,
-              "runs": {"text_before": str(text_before), "text_after": args.text_after, "image_before": str(image_before), "image_after": args.image_after},
-              "summary": summary, "per_seed": rows, "per_user": per_user, "users_measured": [str(u) for u in users], "text_samples": samples, "wall_seconds": round(time.perf_counter() - started, 1),
-              "num_threads": torch.get_num_threads()}
+    result = {
+        "dataset": args.dataset,
+        "users": len(users),
+        "fd_users": len(fd_users),
+        "seeds": args.seeds,
+        "runs": {
+            "text_before": str(text_before),
+            "text_after": args.text_after,
+            "image_before": str(image_before),
+            "image_after": args.image_after,
+        },
+        "summary": summary,
+        "per_seed": rows,
+        "per_user": per_user,
+        "users_measured": [str(u) for u in users],
+        "text_samples": samples,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "num_threads": torch.get_num_threads(),
+    }
     Path(args.out).write_text(json.dumps(result, indent=2))
     _print_summary(summary)
 
@@ -229,22 +273,33 @@ def combine(args) -> None:
         after = np.mean([per_user[s][key] for s in seeds], axis=0)
         before = np.mean([per_user[s][base] for s in seeds], axis=0)
         by_seed = [rows[s][key] - rows[s][base] for s in seeds]
-        deltas[f"{key} - {base}"] = {**paired_bootstrap(after, before, 2000, 2020), "by_seed": by_seed, "before_seed_std": summary[base]["std"]}
+        deltas[f"{key} - {base}"] = {
+            **paired_bootstrap(after, before, 2000, 2020),
+            "by_seed": by_seed,
+            "before_seed_std": summary[base]["std"],
+        }
     for key in summary:
         if "perplexity" in key or "_fd" in key:
             base = key.replace("after", "before")
             if base != key and base in summary:
                 deltas[f"{key} / {base}"] = {"ratio": summary[key]["mean"] / summary[base]["mean"]}
-    result = {**{k: first[k] for k in ("dataset", "users", "fd_users", "runs")}, "seeds": [int(s) for s in seeds],
-              "summary": summary, "after_minus_before": deltas, "inputs": [Path(path).name for path in args.inputs]}
+    result = {
+        **{k: first[k] for k in ("dataset", "users", "fd_users", "runs")},
+        "seeds": [int(s) for s in seeds],
+        "summary": summary,
+        "after_minus_before": deltas,
+        "inputs": [Path(path).name for path in args.inputs],
+    }
     Path(args.out).write_text(json.dumps(result, indent=2))
     _print_summary(summary)
     for key, value in deltas.items():
         if "ratio" in value:
             print(f"{key:50s} {value['ratio']:.3f}")
         else:
-            print(f"{key:50s} {value['diff']:+.4f} [{value['low']:+.4f}, {value['high']:+.4f}]  by seed {[round(v, 4) for v in value['by_seed']]}  "
-                  f"(seed std before {value['before_seed_std']:.4f})")
+            print(
+                f"{key:50s} {value['diff']:+.4f} [{value['low']:+.4f}, {value['high']:+.4f}]  by seed {[round(v, 4) for v in value['by_seed']]}  "
+                f"(seed std before {value['before_seed_std']:.4f})"
+            )
 
 
 def snr(args) -> None:
@@ -276,15 +331,25 @@ def snr(args) -> None:
 
         tokens, judge = _judge(args.dataset, read_run_meta(run, TEXT_KINDS)["tokens"])
         vocabulary = PreferenceVocabulary(tokens)
-        users = user_pool(json.loads((run / "users.json").read_text())["train"], cfg["user_pool"], cfg["seed"])[: args.users]
+        users = user_pool(json.loads((run / "users.json").read_text())["train"], cfg["user_pool"], cfg["seed"])[
+            : args.users
+        ]
         encoder = load_default_encoder("text")
-        reward = JudgeReward(judge, "text", lambda texts: encoder.encode([t or " " for t in texts], progress=False),
-                             pre_rl_poster_features(args.dataset, newest_image_run(args.dataset), users))
+        reward = JudgeReward(
+            judge,
+            "text",
+            lambda texts: encoder.encode([t or " " for t in texts], progress=False),
+            pre_rl_poster_features(args.dataset, newest_image_run(args.dataset), users),
+        )
         lm = load_text_generator(run, vocabulary, load_settings("text", {"num_threads": args.threads}))
         conditioner, named = TokenConditioner(lm, vocabulary), rl_text.token_parameters(lm)
         for batch in range(args.batches):
-            rollout = rl_text.sample_rollout(lm, conditioner, users, args.group, cfg["max_new_tokens"], cfg["temperature"], 1000 + batch)
-            adv = torch.tensor(group_advantages(reward(rollout.users, rollout.texts)["total"], args.group), dtype=torch.float32)
+            rollout = rl_text.sample_rollout(
+                lm, conditioner, users, args.group, cfg["max_new_tokens"], cfg["temperature"], 1000 + batch
+            )
+            adv = torch.tensor(
+                group_advantages(reward(rollout.users, rollout.texts)["total"], args.group), dtype=torch.float32
+            )
             logps = rl_text.completion_logprobs(lm, conditioner, rollout, cfg["temperature"])
             loss, _ = rl_text.grpo_loss(logps, logps.detach(), adv, rollout.completion_mask, cfg["clip_range"])
             grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(named.values()))]))
@@ -305,10 +370,18 @@ def snr(args) -> None:
         tokens, judge = _judge(args.dataset, meta["tokens_folder"])
         vocab = PreferenceVocabulary(tokens)
         train = meta["train"]
-        users = user_pool(split_users(list(tokens.users), train["valid_users"], train["test_users"], train["seed"])["train"], cfg["user_pool"], cfg["seed"])[: args.users]
+        users = user_pool(
+            split_users(list(tokens.users), train["valid_users"], train["test_users"], train["seed"])["train"],
+            cfg["user_pool"],
+            cfg["seed"],
+        )[: args.users]
         encoder = load_default_encoder("image")
-        reward = JudgeReward(judge, "image", lambda posters: image_features(encoder, [tensor_to_pil(x) for x in posters]),
-                             pre_rl_text_features(args.dataset, newest_generator_run(args.dataset), users))
+        reward = JudgeReward(
+            judge,
+            "image",
+            lambda posters: image_features(encoder, [tensor_to_pil(x) for x in posters]),
+            pre_rl_text_features(args.dataset, newest_generator_run(args.dataset), users),
+        )
         model, meta = load_image_generator(run, vocab, dataset=args.dataset)
         codec, _ = build_codec(load_settings("image", {**train, **meta["model"]}))
         named = rl_image.conditioning_parameters(model)
@@ -316,21 +389,44 @@ def snr(args) -> None:
         repeated = [u for u in users for _ in range(args.group)]
         positions = torch.tensor([vocab.ids_for(u) for u in repeated])
         for batch in range(args.batches):
-            traj = rl_image.sample_trajectories(model, scheduler, positions, cfg["eta"], cfg["guidance_scale"], torch.Generator().manual_seed(1000 + batch))
+            traj = rl_image.sample_trajectories(
+                model,
+                scheduler,
+                positions,
+                cfg["eta"],
+                cfg["guidance_scale"],
+                torch.Generator().manual_seed(1000 + batch),
+            )
             with torch.no_grad():
                 posters = codec.decode(model.denormalise(traj.final))
             adv = torch.tensor(group_advantages(reward(repeated, posters)["total"], args.group), dtype=torch.float32)
             total = [torch.zeros_like(p) for p in named.values()]
             for k, t in enumerate(traj.timesteps):
                 cond = model.condition(positions)
-                out = rl_image.guided_output(model, traj.starts[:, k], t, cond, model.null.expand_as(cond), cfg["guidance_scale"])
+                out = rl_image.guided_output(
+                    model, traj.starts[:, k], t, cond, model.null.expand_as(cond), cfg["guidance_scale"]
+                )
                 mean, _ = rl_image.ddim_transition(scheduler, out, t, traj.starts[:, k], cfg["eta"])
-                loss, _ = rl_image.ppo_loss(rl_image.gaussian_logprob(traj.ends[:, k], mean, traj.stds[k]), traj.logps[:, k], adv, cfg["clip_range"])
+                loss, _ = rl_image.ppo_loss(
+                    rl_image.gaussian_logprob(traj.ends[:, k], mean, traj.stds[k]),
+                    traj.logps[:, k],
+                    adv,
+                    cfg["clip_range"],
+                )
                 total = [a + g for a, g in zip(total, torch.autograd.grad(loss, list(named.values())))]
             grads.append(torch.cat([g.flatten() for g in total]))
     cosines = [float(a @ b / (a.norm() * b.norm())) for a, b in combinations(grads, 2)]
-    print(json.dumps({"modality": args.modality, "users": len(users), "samples_per_batch": len(users) * args.group,
-                      "pairwise_cosine": [round(c, 3) for c in cosines], "mean_cosine": round(float(np.mean(cosines)), 3)}))
+    print(
+        json.dumps(
+            {
+                "modality": args.modality,
+                "users": len(users),
+                "samples_per_batch": len(users) * args.group,
+                "pairwise_cosine": [round(c, 3) for c in cosines],
+                "mean_cosine": round(float(np.mean(cosines)), 3),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -350,9 +446,15 @@ def main() -> None:
     m.add_argument("--text-after", help="TextRL-* run (required unless --only image)")
     m.add_argument("--image-after", help="ImageRL-* run (required unless --only text)")
     m.add_argument("--users", type=int, default=50, help="held-out test users for the judge metrics and perplexity")
-    m.add_argument("--fd-users", type=int, default=200, help="held-out test users whose posters enter the Fréchet distance")
+    m.add_argument(
+        "--fd-users", type=int, default=200, help="held-out test users whose posters enter the Fréchet distance"
+    )
     m.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    m.add_argument("--only", choices=["text", "image"], help="only the text metrics (+ consistency with the pre-RL posters) or only the poster metrics")
+    m.add_argument(
+        "--only",
+        choices=["text", "image"],
+        help="only the text metrics (+ consistency with the pre-RL posters) or only the poster metrics",
+    )
     m.add_argument("--out", default="rl_effect.json")
     c = sub.add_parser("combine")
     c.add_argument("inputs", nargs="+", help="measure outputs of the same runs and users, other seeds")

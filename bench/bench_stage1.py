@@ -57,7 +57,7 @@ def synthetic_size(name: str) -> int | None:
     """Interactions of a ``synth-<N>`` name (``synth-1e6`` or ``synth-250000``), else None."""
     if not name.startswith("synth-"):
         return None
-    return int(float(name[len("synth-"):]))
+    return int(float(name[len("synth-") :]))
 
 
 def dataset_location(name: str, data_root: Path) -> tuple[Path, list[str]]:
@@ -97,10 +97,14 @@ def first_eval_batches(loader, limit: int):
             self.batch_times.append(time.perf_counter())
             yield batch
 
-    limited = type(f"First{limit}{base.__name__}", (base,), {
-        "__iter__": iterate,
-        "__len__": lambda self: min(limit, base.__len__(self)),
-    })
+    limited = type(
+        f"First{limit}{base.__name__}",
+        (base,),
+        {
+            "__iter__": iterate,
+            "__len__": lambda self: min(limit, base.__len__(self)),
+        },
+    )
     clone = object.__new__(limited)
     clone.__dict__.update(loader.__dict__)
     clone.batch_times = []
@@ -131,8 +135,16 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
-def measure_model(model_name: str, dataset: str, data, settings: dict, config_files: list[str],
-                  repeats: int, max_batches: int, max_eval_batches: int) -> dict:
+def measure_model(
+    model_name: str,
+    dataset: str,
+    data,
+    settings: dict,
+    config_files: list[str],
+    repeats: int,
+    max_batches: int,
+    max_eval_batches: int,
+) -> dict:
     """Train/eval timings and peak memory of one model on already-prepared dataloaders."""
     from recbole.trainer import Trainer
     from recbole.utils import init_seed
@@ -206,8 +218,9 @@ def measure_model(model_name: str, dataset: str, data, settings: dict, config_fi
     }
 
 
-def profile_model(model_name: str, dataset: str, data, settings: dict, config_files: list[str], batches: int,
-                  top: int = 12) -> str:
+def profile_model(
+    model_name: str, dataset: str, data, settings: dict, config_files: list[str], batches: int, top: int = 12
+) -> str:
     """cProfile of ``batches`` training batches after a warm-up: the functions with the most own
     time, with their share of the total (where a step's time goes, before optimising it)."""
     import cProfile
@@ -233,8 +246,11 @@ def profile_model(model_name: str, dataset: str, data, settings: dict, config_fi
     stats = pstats.Stats(profiler)
     total = stats.total_tt
     rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
-    lines = [f"{model_name} on {dataset}: {total / batches:.3f} s per training batch ({batches} batches profiled)",
-             "| own time % | s per batch | calls per batch | function |", "|---|---|---|---|"]
+    lines = [
+        f"{model_name} on {dataset}: {total / batches:.3f} s per training batch ({batches} batches profiled)",
+        "| own time % | s per batch | calls per batch | function |",
+        "|---|---|---|---|",
+    ]
     for (filename, line, name), (_, calls, own, _, _) in rows:
         where = name if filename == "~" else f"{Path(filename).name}:{line}({name})"
         lines.append(f"| {100 * own / total:.1f} | {own / batches:.4f} | {calls / batches:.3g} | `{where}` |")
@@ -290,17 +306,34 @@ def bench_dataset(dataset: str, args) -> dict:
         "load_s": load_s,
         "load_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    print(f"{dataset}: {info['interactions']:,} interactions, {info['users']:,} users, {info['items']:,} items;"
-          f" loaded in {load_s:.1f} s", flush=True)
+    print(
+        f"{dataset}: {info['interactions']:,} interactions, {info['users']:,} users, {info['items']:,} items;"
+        f" loaded in {load_s:.1f} s",
+        flush=True,
+    )
     rows = []
     for model in args.models.split(","):
         if args.profile:
-            print(profile_model(model, dataset, (train_data, valid_data), settings, config_files, args.profile), flush=True)
+            print(
+                profile_model(model, dataset, (train_data, valid_data), settings, config_files, args.profile),
+                flush=True,
+            )
             continue
-        row = measure_model(model, dataset, (train_data, valid_data), settings, config_files,
-                            args.repeats, args.max_batches, args.max_eval_batches)
-        print(f"  {model}: {row['epoch_s']:.3f} s/epoch ({row['epoch_measured']}), eval {row['eval_s']:.3f} s"
-              f" ({row['eval_measured']}), peak {row['peak_mb']:.0f} MB", flush=True)
+        row = measure_model(
+            model,
+            dataset,
+            (train_data, valid_data),
+            settings,
+            config_files,
+            args.repeats,
+            args.max_batches,
+            args.max_eval_batches,
+        )
+        print(
+            f"  {model}: {row['epoch_s']:.3f} s/epoch ({row['epoch_measured']}), eval {row['eval_s']:.3f} s"
+            f" ({row['eval_measured']}), peak {row['peak_mb']:.0f} MB",
+            flush=True,
+        )
         rows.append({**info, **row})
     info["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for row in rows:
@@ -335,8 +368,24 @@ def fit_exponent(x: list[float], y: list[float]) -> float | None:
 
 def write_scale_report(rows: list[dict], skipped: list[str], out: Path, args) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    columns = ["dataset", "interactions", "users", "items", "model", "channels", "epoch_s", "epoch_measured", "train_batches",
-               "eval_s", "eval_measured", "peak_mb", "max_rss_mb", "load_s", "device", "threads"]
+    columns = [
+        "dataset",
+        "interactions",
+        "users",
+        "items",
+        "model",
+        "channels",
+        "epoch_s",
+        "epoch_measured",
+        "train_batches",
+        "eval_s",
+        "eval_measured",
+        "peak_mb",
+        "max_rss_mb",
+        "load_s",
+        "device",
+        "threads",
+    ]
     with open(out / "scale.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -361,17 +410,28 @@ def write_scale_report(rows: list[dict], skipped: list[str], out: Path, args) ->
         " were timed (the first holds the score caches) and the median of the others stands for each"
         " batch left. Peak MB: resident memory above the loaded dataset (CPU) or the CUDA allocator"
         " peak; max RSS: the whole process, dataset included."
-        + (" `--reuse`: each size's figures were read from `synth-*.json` in this folder, written by"
-           " the same command without `--reuse`." if args.reuse else ""),
+        + (
+            " `--reuse`: each size's figures were read from `synth-*.json` in this folder, written by"
+            " the same command without `--reuse`."
+            if args.reuse
+            else ""
+        ),
         "",
         "| interactions | users | items | model | channels | s/epoch | measured | full-sort eval s | eval measured | peak MB | max RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['interactions']:,} | {r['users']:,} | {r['items']:,} | {r['model']} | {r['channels']} | {r['epoch_s']:.2f} |"
-                     f" {r['epoch_measured']} | {r['eval_s']:.2f} | {r['eval_measured']} | {r['peak_mb']:.0f} | {r['max_rss_mb']:.0f} |")
-    lines += ["", "Growth exponent b of cost ~ interactions^b (least squares on log-log):", "",
-              "| model | s/epoch | eval s | peak MB |", "|---|---|---|---|"]
+        lines.append(
+            f"| {r['interactions']:,} | {r['users']:,} | {r['items']:,} | {r['model']} | {r['channels']} | {r['epoch_s']:.2f} |"
+            f" {r['epoch_measured']} | {r['eval_s']:.2f} | {r['eval_measured']} | {r['peak_mb']:.0f} | {r['max_rss_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        "Growth exponent b of cost ~ interactions^b (least squares on log-log):",
+        "",
+        "| model | s/epoch | eval s | peak MB |",
+        "|---|---|---|---|",
+    ]
     for model, exp in exponents.items():
         lines.append(f"| {model} | {fmt(exp['epoch_s'])} | {fmt(exp['eval_s'])} | {fmt(exp['peak_mb'])} |")
     if skipped:
@@ -388,13 +448,20 @@ def plot_scale(rows: list[dict], exponents: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, key, label in zip(axes, ("epoch_s", "eval_s", "peak_mb"),
-                              ("seconds per training epoch", "seconds per full-sort evaluation", "peak MB")):
+    for ax, key, label in zip(
+        axes,
+        ("epoch_s", "eval_s", "peak_mb"),
+        ("seconds per training epoch", "seconds per full-sort evaluation", "peak MB"),
+    ):
         for model in sorted({r["model"] for r in rows}):
             mine = [r for r in rows if r["model"] == model]
             b = exponents[model][key]
-            ax.loglog([r["interactions"] for r in mine], [max(r[key], 1e-9) for r in mine], "o-",
-                      label=f"{model} (b={b:.2f})" if b is not None else model)
+            ax.loglog(
+                [r["interactions"] for r in mine],
+                [max(r[key], 1e-9) for r in mine],
+                "o-",
+                label=f"{model} (b={b:.2f})" if b is not None else model,
+            )
         ax.set_xlabel("interactions")
         ax.set_title(label)
         ax.grid(True, which="both", alpha=0.3)
@@ -417,17 +484,39 @@ def run_scale(args) -> None:
             b = fit_exponent([p[0] for p in peaks], [p[1] for p in peaks])
             predicted = peaks[-1][1] * (size / peaks[-1][0]) ** b
             if predicted > args.memory_limit_gb * 1024:
-                skipped.append(f"{size:,} interactions (predicted {predicted / 1024:.1f} GiB > {args.memory_limit_gb} GiB)")
+                skipped.append(
+                    f"{size:,} interactions (predicted {predicted / 1024:.1f} GiB > {args.memory_limit_gb} GiB)"
+                )
                 print(f"skip {name}: {skipped[-1]}", flush=True)
                 continue
         part = out / f"{name}.json"
         scaled = size > args.full_below
-        command = [sys.executable, __file__, "-d", name, "--json", str(part), "--models", args.models,
-                   "--repeats", str(args.repeats_scaled if scaled else args.repeats),
-                   "--max-batches", str(args.max_batches if scaled else 0),
-                   "--max-eval-batches", str(args.max_eval_batches if scaled else 0),
-                   "--threads", str(args.threads), "--device", args.device, "--dim", str(args.dim),
-                   "--layers", str(args.layers), "--data-root", args.data_root]
+        command = [
+            sys.executable,
+            __file__,
+            "-d",
+            name,
+            "--json",
+            str(part),
+            "--models",
+            args.models,
+            "--repeats",
+            str(args.repeats_scaled if scaled else args.repeats),
+            "--max-batches",
+            str(args.max_batches if scaled else 0),
+            "--max-eval-batches",
+            str(args.max_eval_batches if scaled else 0),
+            "--threads",
+            str(args.threads),
+            "--device",
+            args.device,
+            "--dim",
+            str(args.dim),
+            "--layers",
+            str(args.layers),
+            "--data-root",
+            args.data_root,
+        ]
         for key in ("train_batch_size", "eval_batch_size"):
             if getattr(args, key) is not None:
                 command += ["--" + key.replace("_", "-"), str(getattr(args, key))]
@@ -444,27 +533,49 @@ def run_scale(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-d", "--datasets", default="ml-100k-mm,synth-1e5", help="comma-separated; synth-<N> is generated")
+    parser.add_argument(
+        "-d", "--datasets", default="ml-100k-mm,synth-1e5", help="comma-separated; synth-<N> is generated"
+    )
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs (median)")
-    parser.add_argument("--max-batches", type=int, default=0, help="time only this many training batches and scale (0: full epochs)")
-    parser.add_argument("--max-eval-batches", type=int, default=0, help="time this many (>= 3) evaluation batches and scale (0: full)")
+    parser.add_argument(
+        "--max-batches", type=int, default=0, help="time only this many training batches and scale (0: full epochs)"
+    )
+    parser.add_argument(
+        "--max-eval-batches", type=int, default=0, help="time this many (>= 3) evaluation batches and scale (0: full)"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--dim", type=int, default=64, help="embedding_size for both models")
     parser.add_argument("--layers", type=int, default=2, help="n_layers for both models")
     parser.add_argument("--train-batch-size", type=int, default=None, help="default: properties/overall.yaml")
-    parser.add_argument("--eval-batch-size", type=int, default=None, help="user x item cells per full-sort batch (default: overall.yaml)")
+    parser.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=None,
+        help="user x item cells per full-sort batch (default: overall.yaml)",
+    )
     parser.add_argument("--data-root", default=str(DATASET_DIR), help="where synthetic datasets are written")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
-    parser.add_argument("--profile", type=int, default=0, metavar="BATCHES",
-                        help="instead of timing: cProfile this many training batches per model and print where the time goes")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="BATCHES",
+        help="instead of timing: cProfile this many training batches per model and print where the time goes",
+    )
     parser.add_argument("--scale", default=None, help="comma-separated interaction counts, e.g. 1e5,1e6,1e7")
     parser.add_argument("--full-below", type=float, default=2e5, help="--scale: full epochs up to this size")
-    parser.add_argument("--repeats-scaled", type=int, default=1, help="--scale: repeats of the --max-batches timing above --full-below")
+    parser.add_argument(
+        "--repeats-scaled", type=int, default=1, help="--scale: repeats of the --max-batches timing above --full-below"
+    )
     parser.add_argument("--memory-limit-gb", type=float, default=20.0, help="--scale: skip sizes predicted above this")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"), help="--scale: output folder")
-    parser.add_argument("--reuse", action="store_true", help="--scale: take a size's figures from <out>/<name>.json when there (redraw the table)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="--scale: take a size's figures from <out>/<name>.json when there (redraw the table)",
+    )
     args = parser.parse_args(argv)
     if 0 < args.max_eval_batches < 3:
         parser.error("--max-eval-batches must be 0 (full) or at least 3")
@@ -481,8 +592,10 @@ def main(argv=None) -> None:
     if args.profile:
         return
     print()
-    print(f"median of {args.repeats} epochs, {rows[0]['device']}, {rows[0]['threads']} thread(s), "
-          f"embedding {args.dim} per channel, {args.layers} layers")
+    print(
+        f"median of {args.repeats} epochs, {rows[0]['device']}, {rows[0]['threads']} thread(s), "
+        f"embedding {args.dim} per channel, {args.layers} layers"
+    )
     print(comparison_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"info": infos[-1], "infos": infos, "rows": rows}, indent=2))

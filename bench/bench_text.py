@@ -39,10 +39,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from text_tiny import FakeTokens, tiny_lm, tiny_tokenizer
+
+    from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
     from recbole_dppmg.generation.text.generate import TokenConditioner, generate_texts
     from recbole_dppmg.generation.text.injection import inject_preference_tokens
-    from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
-    from text_tiny import FakeTokens, tiny_lm, tiny_tokenizer
 
     if args.backbone == "tiny":
         from recbole_dppmg.devices import resolve_device
@@ -60,15 +61,36 @@ def main() -> None:
     conditioner = TokenConditioner(lm, vocabulary)
     model.generation_config.min_new_tokens = args.new_tokens  # no early stop: an exact token count
     users = tokens.users[: args.users]
-    print(f"backbone {args.backbone}, device {lm.device}, {torch.get_num_threads()} threads, {len(users)} texts x {args.new_tokens} new tokens")
+    print(
+        f"backbone {args.backbone}, device {lm.device}, {torch.get_num_threads()} threads, {len(users)} texts x {args.new_tokens} new tokens"
+    )
     print("| batch size | seconds | new tokens/s | texts/s |\n|---|---|---|---|")
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        generate_texts(lm.model, lm.tokenizer, conditioner, users[:batch_size], batch_size=batch_size, max_new_tokens=2, progress=False)  # warm-up
+        generate_texts(
+            lm.model,
+            lm.tokenizer,
+            conditioner,
+            users[:batch_size],
+            batch_size=batch_size,
+            max_new_tokens=2,
+            progress=False,
+        )  # warm-up
         start = time.perf_counter()
-        generate_texts(lm.model, lm.tokenizer, conditioner, users, batch_size=batch_size, max_new_tokens=args.new_tokens,
-                       do_sample=False, suppress_ids=lm.token_ids, progress=False)
+        generate_texts(
+            lm.model,
+            lm.tokenizer,
+            conditioner,
+            users,
+            batch_size=batch_size,
+            max_new_tokens=args.new_tokens,
+            do_sample=False,
+            suppress_ids=lm.token_ids,
+            progress=False,
+        )
         seconds = time.perf_counter() - start
-        print(f"| {batch_size} | {seconds:.2f} | {len(users) * args.new_tokens / seconds:.1f} | {len(users) / seconds:.2f} |")
+        print(
+            f"| {batch_size} | {seconds:.2f} | {len(users) * args.new_tokens / seconds:.1f} | {len(users) / seconds:.2f} |"
+        )
 
 
 if __name__ == "__main__":

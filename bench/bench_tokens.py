@@ -15,7 +15,6 @@ import argparse
 import statistics
 import time
 
-import faiss
 import numpy as np
 import torch
 
@@ -23,7 +22,9 @@ from recbole_dppmg.tokens.faiss_lookup import brute_force_search, build_index, r
 
 
 def chunked_brute_force(vectors: np.ndarray, codebooks: np.ndarray, chunk: int = 65536) -> np.ndarray:
-    return np.concatenate([brute_force_search(vectors[i:i + chunk], codebooks) for i in range(0, len(vectors), chunk)])
+    return np.concatenate(
+        [brute_force_search(vectors[i : i + chunk], codebooks) for i in range(0, len(vectors), chunk)]
+    )
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -46,7 +47,9 @@ def bench_lookup(n: int, dim: int, codes: int, levels: int, repeats: int, thread
     print(f"  numpy argmin ({torch.get_num_threads()} BLAS threads) {numpy_s:8.3f} s {n / numpy_s:12,.0f} vectors/s")
     for count in threads:
         faiss_s = median_seconds(lambda: residual_search(vectors, indexes, codebooks, threads=count), repeats)
-        print(f"  faiss flat ({count} OpenMP threads)  {faiss_s:8.3f} s {n / faiss_s:12,.0f} vectors/s   faiss speed-up x{numpy_s / faiss_s:.2f}")
+        print(
+            f"  faiss flat ({count} OpenMP threads)  {faiss_s:8.3f} s {n / faiss_s:12,.0f} vectors/s   faiss speed-up x{numpy_s / faiss_s:.2f}"
+        )
 
 
 def bench_fold_in(export: str | None, users: int, repeats: int) -> None:

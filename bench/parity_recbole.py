@@ -39,9 +39,21 @@ def main() -> None:
             stock = stock_run(model, args.dataset, config_dict=settings)
             stock_s = time.time() - start
             same = ours.test_result == stock["test_result"] and ours.best_valid_result == stock["best_valid_result"]
-            rows.append({"model": model, "identical": same, "epochs": ours.epochs_trained, "plugin": ours.test_result,
-                         "recbole": stock["test_result"], "plugin_s": ours_s, "recbole_s": stock_s})
-            print(f"{model}: identical={same} epochs={ours.epochs_trained} plugin {ours_s:.0f}s recbole {stock_s:.0f}s", flush=True)
+            rows.append(
+                {
+                    "model": model,
+                    "identical": same,
+                    "epochs": ours.epochs_trained,
+                    "plugin": ours.test_result,
+                    "recbole": stock["test_result"],
+                    "plugin_s": ours_s,
+                    "recbole_s": stock_s,
+                }
+            )
+            print(
+                f"{model}: identical={same} epochs={ours.epochs_trained} plugin {ours_s:.0f}s recbole {stock_s:.0f}s",
+                flush=True,
+            )
     print()
     print("| model | trainer | epochs | " + " | ".join(METRICS) + " | identical |")
     print("|---|---|---|" + "---|" * len(METRICS) + "---|")

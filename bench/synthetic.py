@@ -1,8 +1,8 @@
 """Write a synthetic multimodal dataset in RecBole's atomic format (recbole_dppmg.data.synthetic).
 
-    python bench/synthetic.py --interactions 1e6                  # dataset/synth-1e6/
-    python bench/synthetic.py --interactions 2e5 --text-dim 64 --image-dim 128 --name synth-small
-    python run_dppmg.py -d synth-1e6 --config_files dataset/synth-1e6/synth-1e6.yaml --epochs=5
+python bench/synthetic.py --interactions 1e6                  # dataset/synth-1e6/
+python bench/synthetic.py --interactions 2e5 --text-dim 64 --image-dim 128 --name synth-small
+python run_dppmg.py -d synth-1e6 --config_files dataset/synth-1e6/synth-1e6.yaml --epochs=5
 """
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ def main(argv=None) -> None:
     for spec_field in dataclasses.fields(SyntheticSpec):
         kind = float if spec_field.type in ("float", float) else int
         flag = "--" + spec_field.name.replace("_", "-")
-        parser.add_argument(flag, type=lambda v, kind=kind: kind(float(v)), default=spec_field.default,
-                            help=f"default: {spec_field.default} (see SyntheticSpec)")
+        parser.add_argument(
+            flag,
+            type=lambda v, kind=kind: kind(float(v)),
+            default=spec_field.default,
+            help=f"default: {spec_field.default} (see SyntheticSpec)",
+        )
     parser.add_argument("--name", default=None, help="folder / dataset name (default: synth-<interactions>)")
     parser.add_argument("--root", default=str(DATASET_DIR), help="where the dataset folder goes")
     args = vars(parser.parse_args(argv))

@@ -72,27 +72,74 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # else --seed=1 (a RecBole key) would be read as --seeds=1
     )
     parser.add_argument("--dataset", "-d", default="ml-100k-mm", help="dataset name (default: ml-100k-mm)")
-    parser.add_argument("--model", "-m", default="DPPMG", help="model name, or a comma-separated list for a comparison table")
+    parser.add_argument(
+        "--model", "-m", default="DPPMG", help="model name, or a comma-separated list for a comparison table"
+    )
     parser.add_argument("--config_files", default=None, help="space-separated extra YAML config files")
-    parser.add_argument("--stage", default="train", choices=STAGE_NAMES, help="stage to run (default: train): "
-                        + "; ".join(f"{s.name}: {s.help}" for s in STAGES))
+    parser.add_argument(
+        "--stage",
+        default="train",
+        choices=STAGE_NAMES,
+        help="stage to run (default: train): " + "; ".join(f"{s.name}: {s.help}" for s in STAGES),
+    )
     parser.add_argument("--resume", default=None, help="checkpoint (best.pth or last.pth) to continue training from")
-    parser.add_argument("--checkpoint", default=None, help="export: the DPPMG best.pth to export (default: the newest DPPMG run of the dataset)")
-    parser.add_argument("--tokens", default=None, help="text/image/rl/generate: token export folder "
-                        "(default: the newest saved/<dataset>/DPPMG-*/tokens)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="export: the DPPMG best.pth to export (default: the newest DPPMG run of the dataset)",
+    )
+    parser.add_argument(
+        "--tokens",
+        default=None,
+        help="text/image/rl/generate: token export folder (default: the newest saved/<dataset>/DPPMG-*/tokens)",
+    )
     parser.add_argument("--users", default=None, help="generate: comma-separated original user ids")
-    parser.add_argument("--spec", default=None, help="prepare: YAML that describes a user dataset (see dataset/README.md)")
-    parser.add_argument("--force", action="store_true", help="prepare: rebuild even if the cached dataset is up to date")
-    parser.add_argument("--profile", default=None, help="all / rl / evaluate: settings profile "
-                        "properties/profiles/<name>.yaml over the defaults (quick = the README quick start; "
-                        "default: full = the defaults)")
-    parser.add_argument("--until", default=None, choices=PIPELINE_STEPS,
-                        help="all: stop after this pipeline stage (default: run all of %s)" % ", ".join(PIPELINE_STEPS))
-    parser.add_argument("--seeds", default=None, help="train: seeds of a comparison or ablation, e.g. [2020,2021,2022] (default for several models or --ablation: %s; a single model without --seeds: the config's seed)" % list(COMPARISON_SEEDS))
-    parser.add_argument("--jobs", type=int, default=1, help="train: runs of a comparison / ablation at a time, each in its own process (default 1)")
-    parser.add_argument("--ablation", action="store_true", help="train: DPPMG ablation (modalities, levels, codebook size; one factor at a time) instead of a comparison")
-    parser.add_argument("--out", default=None, help="train: folder for the comparison / ablation tables and plots (default saved/<dataset>/compare-<time> or ablation-<time>)")
-    parser.add_argument("--from_runs", default=None, help="train: no training; the comparison tables and plots of these finished run folders (space-separated), written to --out")
+    parser.add_argument(
+        "--spec", default=None, help="prepare: YAML that describes a user dataset (see dataset/README.md)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="prepare: rebuild even if the cached dataset is up to date"
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="all / rl / evaluate: settings profile "
+        "properties/profiles/<name>.yaml over the defaults (quick = the README quick start; "
+        "default: full = the defaults)",
+    )
+    parser.add_argument(
+        "--until",
+        default=None,
+        choices=PIPELINE_STEPS,
+        help="all: stop after this pipeline stage (default: run all of %s)" % ", ".join(PIPELINE_STEPS),
+    )
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        help="train: seeds of a comparison or ablation, e.g. [2020,2021,2022] (default for several models or --ablation: %s; a single model without --seeds: the config's seed)"
+        % list(COMPARISON_SEEDS),
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train: runs of a comparison / ablation at a time, each in its own process (default 1)",
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="train: DPPMG ablation (modalities, levels, codebook size; one factor at a time) instead of a comparison",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="train: folder for the comparison / ablation tables and plots (default saved/<dataset>/compare-<time> or ablation-<time>)",
+    )
+    parser.add_argument(
+        "--from_runs",
+        default=None,
+        help="train: no training; the comparison tables and plots of these finished run folders (space-separated), written to --out",
+    )
     return parser
 
 
@@ -110,8 +157,6 @@ def parse_seeds(raw: str | None) -> list[int] | None:
     return seeds
 
 
-
-
 def parse_args(argv: list[str]):
 
     parser = build_parser()
@@ -125,8 +170,10 @@ def parse_args(argv: list[str]):
     for key in [k for k in overrides if "." in k]:
         section, *names = key.split(".")
         if section not in GENERATION_SECTIONS or not all(names):
-            raise DPPMGError(f"malformed override '--{key}': dotted keys must be --text.<key> or --image.<key> "
-                             f"(or --rl.<key>, --reward.<key>, --evaluate.<key>; nested: --rl.text.<key>)")
+            raise DPPMGError(
+                f"malformed override '--{key}': dotted keys must be --text.<key> or --image.<key> "
+                f"(or --rl.<key>, --reward.<key>, --evaluate.<key>; nested: --rl.text.<key>)"
+            )
         target = generation[section]
         for name in names[:-1]:
             target = target.setdefault(name, {})
@@ -142,8 +189,12 @@ def parse_args(argv: list[str]):
 
 def _stage_prepare(args, models, config_files, overrides) -> None:
 
-    folder = prepare_dataset(args.dataset, spec_file=Path(args.spec) if args.spec else None, force=args.force,
-                             num_threads=overrides.get("torch_num_threads"))
+    folder = prepare_dataset(
+        args.dataset,
+        spec_file=Path(args.spec) if args.spec else None,
+        force=args.force,
+        num_threads=overrides.get("torch_num_threads"),
+    )
     print(f"dataset ready: {folder}")
 
 
@@ -220,8 +271,10 @@ def _final_generators(args) -> tuple[dict, dict]:
     given (``--text.generator`` / ``--image.checkpoint``) or the final generator of the newest
     finished chain (the last finished RL phase, else the warm-up); logs which runs are used."""
     text, image = dict(args.generation["text"]), dict(load_settings("image", args.generation["image"]))
-    for modality, settings, key, root in (("text", text, "generator", saved_root(load_settings("text", text))),
-                                          ("image", image, "checkpoint", SAVED_DIR)):
+    for modality, settings, key, root in (
+        ("text", text, "generator", saved_root(load_settings("text", text))),
+        ("image", image, "checkpoint", SAVED_DIR),
+    ):
         if settings.get(key):
             logger.info("%s generator: %s (given by --%s.%s)", modality, settings[key], modality, key)
             continue
@@ -231,8 +284,13 @@ def _final_generators(args) -> tuple[dict, dict]:
         settings[key] = str(run)
         phases = rl_phases(run) if meta_path(run, RL_KINDS, RL_SECTION) is not None else []
         if phases:
-            logger.info("%s generator: %s (RL %s from the warm-up %s)", modality, run,
-                        " -> ".join(p.name for p in phases), Path(rl_source(phases[0])).name)
+            logger.info(
+                "%s generator: %s (RL %s from the warm-up %s)",
+                modality,
+                run,
+                " -> ".join(p.name for p in phases),
+                Path(rl_source(phases[0])).name,
+            )
         else:
             logger.info("%s generator: %s (the warm-up; no finished RL run made from it)", modality, run)
     return text, image
@@ -248,14 +306,12 @@ def _stage_generate(args, models, config_files, overrides) -> None:
     text_settings, image_settings = _final_generators(args)
     written = []
     try:
-
         written.append(("text", run_generate_text(args.dataset, users, tokens, text_settings)))
     except CheckpointError as error:
         missing_text = str(error)
     else:
         missing_text = None
     try:
-
         written.append(("image", run_generate_images(args.dataset, users, tokens, image_settings)))
     except CheckpointError as error:
         missing_image = str(error)
@@ -277,8 +333,13 @@ def _stage_evaluate(args, models, config_files, overrides) -> None:
     sections = {s: merge(profile[s], args.generation[s]) for s in ("text", "image", "reward", "evaluate")}
     if args.tokens:
         sections["evaluate"]["tokens"] = args.tokens
-    report = build_report(args.dataset, sections["evaluate"], text_config_overrides=sections["text"],
-                          image_config_overrides=sections["image"], reward_overrides=sections["reward"])
+    report = build_report(
+        args.dataset,
+        sections["evaluate"],
+        text_config_overrides=sections["text"],
+        image_config_overrides=sections["image"],
+        reward_overrides=sections["reward"],
+    )
     print((report / "report.md").read_text())
     print(f"report: {report} (report.md, report.csv, report.json, gallery.html)")
 
@@ -288,8 +349,9 @@ def _stage_rl(args, models, config_files, overrides) -> None:
     (or --tokens, --text.generator, --image.checkpoint), finished runs skipped, unfinished resumed."""
 
     pipeline = Pipeline(args.dataset, args.profile, config_files, overrides, args.generation)
-    folder = pipeline.run_rl(args.tokens, pipeline.sections["text"].get("generator"),
-                             pipeline.sections["image"].get("checkpoint"))
+    folder = pipeline.run_rl(
+        args.tokens, pipeline.sections["text"].get("generator"), pipeline.sections["image"].get("checkpoint")
+    )
     print(f"pipeline: {folder / 'pipeline.json'}")
 
 
@@ -297,15 +359,28 @@ def _stage_all(args, models, config_files, overrides) -> None:
     """prepare -> train -> export -> text -> image -> RL -> evaluate, skipping what is valid."""
 
     if models != ["DPPMG"]:
-        raise DPPMGError("--stage all runs the DPPMG pipeline; leave --model at DPPMG (compare models with --stage train)")
-    pipeline = Pipeline(args.dataset, args.profile, config_files, overrides, args.generation, spec=args.spec, force_prepare=args.force)
+        raise DPPMGError(
+            "--stage all runs the DPPMG pipeline; leave --model at DPPMG (compare models with --stage train)"
+        )
+    pipeline = Pipeline(
+        args.dataset, args.profile, config_files, overrides, args.generation, spec=args.spec, force_prepare=args.force
+    )
     folder = pipeline.run(until=args.until)
     print(f"pipeline: {folder / 'pipeline.json'}")
 
 
-HANDLERS = {"prepare": _stage_prepare, "train": _stage_train, "export": _stage_export, "text": _stage_text,
-            "image": _stage_image, "rl": _stage_rl, "generate": _stage_generate, "text_eval": _stage_text_eval,
-            "evaluate": _stage_evaluate, "all": _stage_all}  # one per stage of the table (tests check)
+HANDLERS = {
+    "prepare": _stage_prepare,
+    "train": _stage_train,
+    "export": _stage_export,
+    "text": _stage_text,
+    "image": _stage_image,
+    "rl": _stage_rl,
+    "generate": _stage_generate,
+    "text_eval": _stage_text_eval,
+    "evaluate": _stage_evaluate,
+    "all": _stage_all,
+}  # one per stage of the table (tests check)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,8 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         entry = stage(args.stage)
         if args.profile and not entry.profile:
             profiled = [s.name for s in STAGES if s.profile]
-            raise ConfigError(f"--profile applies to --stage {', '.join(profiled[:-1])} and {profiled[-1]}, "
-                              f"not {args.stage} (give that stage's settings as --text.<key>=... / --image.<key>=...)")
+            raise ConfigError(
+                f"--profile applies to --stage {', '.join(profiled[:-1])} and {profiled[-1]}, "
+                f"not {args.stage} (give that stage's settings as --text.<key>=... / --image.<key>=...)"
+            )
         if entry.log:
             init_stage_logger(entry.log, args.dataset)
         HANDLERS[args.stage](args, models, config_files, overrides)

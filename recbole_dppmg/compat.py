@@ -65,9 +65,7 @@ def _fix_fill_nan() -> None:
                     feat[field] = feat[field].fillna(value=feat[field].mean())
                 else:
                     dtype = np.int64 if ftype == FeatureType.TOKEN_SEQ else np.float64
-                    feat[field] = feat[field].apply(
-                        lambda x: np.array([], dtype=dtype) if isinstance(x, float) else x
-                    )
+                    feat[field] = feat[field].apply(lambda x: np.array([], dtype=dtype) if isinstance(x, float) else x)
 
     _fill_nan.__doc__ = dataset_module.Dataset._fill_nan.__doc__
     dataset_module.Dataset._fill_nan = _fill_nan

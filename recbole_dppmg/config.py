@@ -82,7 +82,9 @@ def _argv_isolated():
         sys.argv = saved
 
 
-def build_config(model_class, dataset: str, config_files: Iterable[str | Path] = (), config_dict: dict | None = None) -> Config:
+def build_config(
+    model_class, dataset: str, config_files: Iterable[str | Path] = (), config_dict: dict | None = None
+) -> Config:
     """A RecBole Config for ``model_class`` on ``dataset`` with the plugin's defaults."""
     values = {"data_path": str(DATASET_DIR)}
     values.update(config_dict or {})
@@ -134,8 +136,18 @@ def jsonable_config(config: Config) -> dict:
 
 # Keys that describe where things are on this machine, not what was trained.
 # The multi-process keys are among them: a checkpoint of a 2-process run reloads in one process.
-MACHINE_KEYS = ("data_path", "checkpoint_dir", "gpu_id", "use_gpu", "device", "torch_num_threads", "show_progress", "state",
-                *DIST_KEYS, "single_spec")
+MACHINE_KEYS = (
+    "data_path",
+    "checkpoint_dir",
+    "gpu_id",
+    "use_gpu",
+    "device",
+    "torch_num_threads",
+    "show_progress",
+    "state",
+    *DIST_KEYS,
+    "single_spec",
+)
 
 
 def user_settings(config: Config) -> dict:

@@ -111,8 +111,9 @@ def rank_settings(config, port: int) -> dict:
     }
 
 
-def _rank_main(local_rank: int, fn: Callable, args: tuple, kwargs: dict, config_dict: dict,
-               settings: dict, queue) -> None:
+def _rank_main(
+    local_rank: int, fn: Callable, args: tuple, kwargs: dict, config_dict: dict, settings: dict, queue
+) -> None:
     """One spawned rank: run ``fn`` with its rank settings; rank 0 hands back the result."""
     rank_config = {**config_dict, **settings, "local_rank": local_rank}
     try:
@@ -140,6 +141,10 @@ def launch(fn: Callable, config, args: tuple, kwargs: dict, config_dict: dict | 
     make_shared_dirs(config)
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    mp.spawn(_rank_main, args=(fn, args, kwargs, dict(config_dict or {}), settings, queue),
-             nprocs=settings["nproc"], join=True)
+    mp.spawn(
+        _rank_main,
+        args=(fn, args, kwargs, dict(config_dict or {}), settings, queue),
+        nprocs=settings["nproc"],
+        join=True,
+    )
     return None if queue.empty() else queue.get()

@@ -20,7 +20,9 @@ from recbole_dppmg.config import apply_threads, build_config
 from recbole_dppmg.utils import get_model
 
 
-def stock_run(model: str, dataset: str, config_files: Iterable[str | Path] = (), config_dict: dict | None = None) -> dict:
+def stock_run(
+    model: str, dataset: str, config_files: Iterable[str | Path] = (), config_dict: dict | None = None
+) -> dict:
     """Train and test with RecBole's own trainer; returns valid and test results."""
     model_class = get_model(model)
     config = build_config(model_class, dataset, config_files, config_dict)

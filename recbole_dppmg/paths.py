@@ -21,6 +21,8 @@ def check_dataset_name(name: str) -> str:
     """A dataset name is one folder name under ``dataset/``: no path separators, no ``..``,
     no leading dot (hidden folders hold locks and temporary builds)."""
     if not name or "/" in name or "\\" in name or os.sep in name or ".." in name or name.startswith("."):
-        raise ConfigError(f"dataset name {name!r} is not allowed: use one folder name without '/', '\\\\', '..' "
-                          "or a leading dot, e.g. ml-100k-mm")
+        raise ConfigError(
+            f"dataset name {name!r} is not allowed: use one folder name without '/', '\\\\', '..' "
+            "or a leading dot, e.g. ml-100k-mm"
+        )
     return name

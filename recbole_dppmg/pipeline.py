@@ -82,8 +82,29 @@ STAGES = PIPELINE_STEPS  # the steps of --stage all, from the stage table (recbo
 PROFILE_SECTIONS = ("recbole", "text", "image", "rl", "reward", "evaluate")
 PROFILES_DIR = PROPERTIES_DIR / "profiles"
 # settings that change how a stage runs on this machine, not what it produces
-TEXT_RUNTIME_KEYS = {"num_threads", "progress", "resume", "generator", "output_dir", "tokens", "checkpoint_dir", "generate", "evaluate", "device"}
-IMAGE_RUNTIME_KEYS = {"num_threads", "progress", "max_minutes", "save_every", "log_every", "device", "cache_dir", "autoencoder_path", "poster_dir"}
+TEXT_RUNTIME_KEYS = {
+    "num_threads",
+    "progress",
+    "resume",
+    "generator",
+    "output_dir",
+    "tokens",
+    "checkpoint_dir",
+    "generate",
+    "evaluate",
+    "device",
+}
+IMAGE_RUNTIME_KEYS = {
+    "num_threads",
+    "progress",
+    "max_minutes",
+    "save_every",
+    "log_every",
+    "device",
+    "cache_dir",
+    "autoencoder_path",
+    "poster_dir",
+}
 RL_RUNTIME_KEYS = {"num_threads", "progress", "max_minutes", "save_steps", "resume", "partner", "device"}
 EVALUATE_RUNTIME_KEYS = {"num_threads", "progress", "output_dir"}
 
@@ -99,7 +120,9 @@ def load_profile(name: str | None) -> dict:
     data = yaml.safe_load(path.read_text()) or {}
     unknown = set(data) - set(PROFILE_SECTIONS)
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))} (known: {', '.join(PROFILE_SECTIONS)})")
+        raise ConfigError(
+            f"{path}: unknown section(s) {', '.join(sorted(unknown))} (known: {', '.join(PROFILE_SECTIONS)})"
+        )
     return {s: data.get(s) or {} for s in PROFILE_SECTIONS}
 
 
@@ -157,13 +180,18 @@ def valid_image_run(dataset: str, tokens: Path, settings: dict, root: Path) -> t
     wanted_model = model_config(settings)
     for folder in recorded_runs(root, dataset, IMAGE_GEN.name):
         meta = read_run_meta(folder, IMAGE_KINDS)
-        if (_same_path(meta.get("tokens_folder"), tokens) and meta.get("model") == wanted_model
-                and _without(meta.get("train", {}), IMAGE_RUNTIME_KEYS) == wanted_train):
+        if (
+            _same_path(meta.get("tokens_folder"), tokens)
+            and meta.get("model") == wanted_model
+            and _without(meta.get("train", {}), IMAGE_RUNTIME_KEYS) == wanted_train
+        ):
             return folder, int(meta.get("trained_steps", 0)) >= int(settings["max_steps"])
     return None, False
 
 
-def valid_rl_run(dataset: str, prefix: str, source: Path, cfg: dict, root: Path, partner: Path | None = None) -> tuple[Path | None, bool]:
+def valid_rl_run(
+    dataset: str, prefix: str, source: Path, cfg: dict, root: Path, partner: Path | None = None
+) -> tuple[Path | None, bool]:
     """``(run, finished)``: the newest RL run made from ``source`` (and, when given, rewarded
     against the other modality's ``partner`` generator) with these settings."""
     wanted = _without(cfg, RL_RUNTIME_KEYS)
@@ -180,7 +208,9 @@ def _weights_time(run: str | None) -> float:
     """When a run's weights last changed (an RL or resumed run keeps its folder)."""
     if not run:
         return 0.0
-    files = [p for p in Path(run).glob("dppmg/*") if p.is_file()] + [p for p in (Path(run) / "model.safetensors",) if p.is_file()]
+    files = [p for p in Path(run).glob("dppmg/*") if p.is_file()] + [
+        p for p in (Path(run) / "model.safetensors",) if p.is_file()
+    ]
     return max((p.stat().st_mtime for p in files), default=0.0)
 
 
@@ -192,7 +222,11 @@ def valid_report(dataset: str, runs, cfg: dict, reward: dict, root: Path) -> Pat
     for kind in (PIPELINE_REPORT, REPORT):
         for path in (folder / kind.done for folder in finished_runs(root, dataset, kind)[::-1]):
             result = json.loads(path.read_text())
-            same = (result.get("runs"), _without(result.get("evaluate", {}), EVALUATE_RUNTIME_KEYS), result.get("reward")) == wanted
+            same = (
+                result.get("runs"),
+                _without(result.get("evaluate", {}), EVALUATE_RUNTIME_KEYS),
+                result.get("reward"),
+            ) == wanted
             if same and path.stat().st_mtime > newest_weights:
                 return path.parent
     return None
@@ -202,19 +236,35 @@ def valid_report(dataset: str, runs, cfg: dict, reward: dict, root: Path) -> Pat
 class Pipeline:
     """Runs the stages in order and records each in ``pipeline.json``."""
 
-    def __init__(self, dataset: str, profile: str | None = None, config_files=(), overrides: dict | None = None,
-                 generation: dict | None = None, spec: str | None = None, force_prepare: bool = False, root: Path | None = None):
+    def __init__(
+        self,
+        dataset: str,
+        profile: str | None = None,
+        config_files=(),
+        overrides: dict | None = None,
+        generation: dict | None = None,
+        spec: str | None = None,
+        force_prepare: bool = False,
+        root: Path | None = None,
+    ):
         self.dataset, self.spec, self.force_prepare = dataset, spec, force_prepare
         self.profile_name = profile or "full"
         self.profile = load_profile(profile)
         self.config_files = list(config_files)
         self.overrides = merge(self.profile["recbole"], overrides or {})
         generation = generation or {}
-        self.sections = {s: merge(self.profile[s], generation.get(s) or {}) for s in ("text", "image", "rl", "reward", "evaluate")}
+        self.sections = {
+            s: merge(self.profile[s], generation.get(s) or {}) for s in ("text", "image", "rl", "reward", "evaluate")
+        }
         self.root = Path(root or SAVED_DIR)
         self.folder = new_run_folder(self.root, dataset, "Pipeline")
-        self.record = {"dataset": dataset, "profile": self.profile_name, "folder": str(self.folder), "stages": [],
-                       "settings": {"recbole": self.overrides, **self.sections}}
+        self.record = {
+            "dataset": dataset,
+            "profile": self.profile_name,
+            "folder": str(self.folder),
+            "stages": [],
+            "settings": {"recbole": self.overrides, **self.sections},
+        }
         self.outputs: dict[str, Path | None] = {}
 
     def _save(self) -> None:
@@ -236,8 +286,12 @@ class Pipeline:
         runs = resolve_runs(self.dataset, {"tokens": tokens, "text_run": text_run, "image_run": image_run}, self.root)
         self.outputs.update(export=Path(runs.tokens), text=Path(runs.text), image=Path(runs.image))
         self.record["generators"] = {"tokens": runs.tokens, "text": runs.text, "image": runs.image}
-        logger.info("RL from the text generator %s and the image generator %s (token export %s)",
-                    runs.text, runs.image, runs.tokens)
+        logger.info(
+            "RL from the text generator %s and the image generator %s (token export %s)",
+            runs.text,
+            runs.image,
+            runs.tokens,
+        )
         return self._run_steps(stage_entry("rl").steps)
 
     def _run_steps(self, steps) -> Path:
@@ -245,13 +299,23 @@ class Pipeline:
         for stage in steps:
             tick = time.perf_counter()
             status, output, note = getattr(self, f"_{stage}")()
-            entry = {"stage": stage, "status": status, "seconds": round(time.perf_counter() - tick, 1),
-                     "output": str(output) if output else None, "note": note}
+            entry = {
+                "stage": stage,
+                "status": status,
+                "seconds": round(time.perf_counter() - tick, 1),
+                "output": str(output) if output else None,
+                "note": note,
+            }
             self.record["stages"].append(entry)
             self.record["total_seconds"] = round(time.perf_counter() - started, 1)
             self._save()
-            logger.info("stage %s: %s in %.1f s (%s)%s", stage, status, entry["seconds"], output, f": {note}" if note else "")
-            print(f"[{stage}] {status} in {entry['seconds']} s: {output or ''}{'  (' + note + ')' if note else ''}", flush=True)
+            logger.info(
+                "stage %s: %s in %.1f s (%s)%s", stage, status, entry["seconds"], output, f": {note}" if note else ""
+            )
+            print(
+                f"[{stage}] {status} in {entry['seconds']} s: {output or ''}{'  (' + note + ')' if note else ''}",
+                flush=True,
+            )
         return self.folder
 
     # ------------------------------------------------------------------ stage 1
@@ -312,16 +376,21 @@ class Pipeline:
         if run is not None and finished:
             self.outputs["image"] = run
             return "skipped", run, "a finished image generator on this token export with these settings"
-        self.outputs["image"] = train_image_generator(self.dataset, self.outputs["export"], settings, out_dir=run, resume=run is not None)
+        self.outputs["image"] = train_image_generator(
+            self.dataset, self.outputs["export"], settings, out_dir=run, resume=run is not None
+        )
         meta = read_run_meta(self.outputs["image"], IMAGE_KINDS)
         stopped = int(meta["trained_steps"]) < int(settings["max_steps"])
-        note = ("resumed; " if run is not None else "") + (f"stopped by image.max_minutes at step {meta['trained_steps']} of {settings['max_steps']}" if stopped else "")
+        note = ("resumed; " if run is not None else "") + (
+            f"stopped by image.max_minutes at step {meta['trained_steps']} of {settings['max_steps']}"
+            if stopped
+            else ""
+        )
         return "ran", self.outputs["image"], note or None
 
     # ------------------------------------------------------------------ RL
     def _judge(self):
         if "judge" not in self.outputs:
-
             tokens = PreferenceTokens.load(self.outputs["export"], dataset=self.dataset)
             self.outputs["judge"] = PreferenceJudge.for_dataset(self.dataset, tokens, self.sections["reward"])
         return self.outputs["judge"]
@@ -343,7 +412,16 @@ class Pipeline:
             else:
                 if run is not None:
                     notes.append(f"resumed {run.name}")
-                run, status = train(self.dataset, source, self._judge(), {**overrides, **({"resume": str(run)} if run else {})}, quick), "ran"
+                run, status = (
+                    train(
+                        self.dataset,
+                        source,
+                        self._judge(),
+                        {**overrides, **({"resume": str(run)} if run else {})},
+                        quick,
+                    ),
+                    "ran",
+                )
                 finished = valid_rl_run(self.dataset, RUN_PREFIX, source, cfg, self.root, partner)[1]
             source = Path(run)
             if not finished:  # stopped by max_minutes: the next phase waits for it
@@ -363,7 +441,11 @@ class Pipeline:
     def _evaluate(self):
 
         cfg = load_settings("evaluate", self.sections["evaluate"])
-        given = {"tokens": str(self.outputs["export"]), "text_run": str(self.outputs["text"]), "image_run": str(self.outputs["image"])}
+        given = {
+            "tokens": str(self.outputs["export"]),
+            "text_run": str(self.outputs["text"]),
+            "image_run": str(self.outputs["image"]),
+        }
         runs = resolve_runs(self.dataset, {**cfg, **given}, self.root)
         # exactly this pipeline's RL runs (or none), not the newest made from the same generators
         runs.text_rl = str(Path(self.outputs["text_rl"]).resolve()) if self.outputs.get("text_rl") else None
@@ -372,6 +454,14 @@ class Pipeline:
         existing = valid_report(self.dataset, runs, cfg, reward, self.root)
         if existing is not None:
             return "skipped", existing, "a report of these runs with these settings"
-        report = build_report(self.dataset, cfg, self.folder, runs=runs, text_config_overrides=self.sections["text"],
-                              image_config_overrides=self.sections["image"], reward_overrides=self.sections["reward"], root=self.root)
+        report = build_report(
+            self.dataset,
+            cfg,
+            self.folder,
+            runs=runs,
+            text_config_overrides=self.sections["text"],
+            image_config_overrides=self.sections["image"],
+            reward_overrides=self.sections["reward"],
+            root=self.root,
+        )
         return "ran", report, None

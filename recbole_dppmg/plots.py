@@ -36,11 +36,23 @@ def plot_training_curves(results: list[RunResult], path: str | Path) -> Path:
         for j, run in enumerate(runs):
             history = [h for h in load_history(run.run_dir) if "train_loss" in h]
             label = model if j == 0 else None
-            loss_ax.plot([h["epoch"] for h in history], [h["train_loss"] for h in history],
-                         color=colour, alpha=0.8, lw=1, label=label)
+            loss_ax.plot(
+                [h["epoch"] for h in history],
+                [h["train_loss"] for h in history],
+                color=colour,
+                alpha=0.8,
+                lw=1,
+                label=label,
+            )
             valid = [h for h in history if "ndcg@10" in (h.get("valid_result") or {})]
-            valid_ax.plot([h["epoch"] for h in valid], [h["valid_result"]["ndcg@10"] for h in valid],
-                          color=colour, alpha=0.8, lw=1, label=label)
+            valid_ax.plot(
+                [h["epoch"] for h in valid],
+                [h["valid_result"]["ndcg@10"] for h in valid],
+                color=colour,
+                alpha=0.8,
+                lw=1,
+                label=label,
+            )
     loss_ax.set(xlabel="epoch", ylabel="training loss (sum over batches)", yscale="log", title="Training loss")
     valid_ax.set(xlabel="epoch", ylabel="NDCG@10", title="Validation NDCG@10")
     for ax in (loss_ax, valid_ax):
@@ -65,8 +77,9 @@ def plot_code_usage(results: list[RunResult], path: str | Path) -> Path | None:
     level_keys = [k.split("/") for k in runs[0][1][-1]["model_stats"] if "/L" in k]
     modalities = list(dict.fromkeys(parts[0] for parts in level_keys))  # in logging order
     levels = sorted({int(parts[1][1:]) for parts in level_keys})
-    fig, axes = plt.subplots(len(CODE_STATS), len(modalities), figsize=(4.5 * len(modalities), 8),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(CODE_STATS), len(modalities), figsize=(4.5 * len(modalities), 8), squeeze=False, sharex=True
+    )
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for col, modality in enumerate(modalities):
         for row, (stat, title) in enumerate(CODE_STATS):
@@ -74,9 +87,14 @@ def plot_code_usage(results: list[RunResult], path: str | Path) -> Path | None:
             for j, (run, history) in enumerate(runs):
                 for level in levels:
                     key = f"{modality}/L{level}/{stat}"
-                    ax.plot([h["epoch"] for h in history], [h["model_stats"].get(key) for h in history],
-                            color=colours[level % len(colours)], alpha=0.8, lw=1,
-                            label=f"level {level}" if j == 0 else None)
+                    ax.plot(
+                        [h["epoch"] for h in history],
+                        [h["model_stats"].get(key) for h in history],
+                        color=colours[level % len(colours)],
+                        alpha=0.8,
+                        lw=1,
+                        label=f"level {level}" if j == 0 else None,
+                    )
             ax.set_title(f"{modality}: {title}")
             ax.grid(alpha=0.3)
             if row == len(CODE_STATS) - 1:

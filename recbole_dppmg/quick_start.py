@@ -93,7 +93,14 @@ def check_dataset(dataset: str, data_path: str | Path | None = None, num_threads
     root = Path(data_path) if data_path else DATASET_DIR
     ensure_prepared(dataset, dataset_dir=root, num_threads=num_threads)
     if not (root / dataset / f"{dataset}.inter").is_file():
-        known = sorted({p.name for p in root.iterdir() if p.is_dir() and (p / f"{p.name}.inter").is_file()} | set(RECBOLE_BUNDLED_DATASETS)) if root.is_dir() else list(RECBOLE_BUNDLED_DATASETS)
+        known = (
+            sorted(
+                {p.name for p in root.iterdir() if p.is_dir() and (p / f"{p.name}.inter").is_file()}
+                | set(RECBOLE_BUNDLED_DATASETS)
+            )
+            if root.is_dir()
+            else list(RECBOLE_BUNDLED_DATASETS)
+        )
         raise DataError(
             f"unknown dataset '{dataset}': no {root / dataset / (dataset + '.inter')}; "
             f"available: {', '.join(known)} (or prepare one with --stage prepare)"
@@ -105,7 +112,9 @@ def new_run_dir(config, model_name: str) -> Path:
     try:
         return new_run_folder(config["checkpoint_dir"], config["dataset"], model_name, separator="~", first=2)
     except OSError as error:
-        raise ConfigError(f"cannot create the run folder under {config['checkpoint_dir']}: {error.strerror or error}") from None
+        raise ConfigError(
+            f"cannot create the run folder under {config['checkpoint_dir']}: {error.strerror or error}"
+        ) from None
 
 
 def run(
@@ -128,8 +137,9 @@ def run(
         check_checkpoint(resume, model_class.__name__, dataset)
     check_dataset(dataset, Path(config["data_path"]).parent, config["torch_num_threads"])
     if distributed.wants_launch(config):
-        return distributed.launch(run, config, (model, dataset, list(config_files)),
-                                  {"saved": saved, "resume": resume}, config_dict)
+        return distributed.launch(
+            run, config, (model, dataset, list(config_files)), {"saved": saved, "resume": resume}, config_dict
+        )
     apply_threads(config)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
@@ -153,7 +163,8 @@ def run(
             trainer.resume_checkpoint(resume)
         else:
             run_dir = distributed.broadcast_object(
-                new_run_dir(config, model_class.__name__) if distributed.rank() == 0 else None)
+                new_run_dir(config, model_class.__name__) if distributed.rank() == 0 else None
+            )
             trainer.set_checkpoint_files(run_dir / "best.pth", run_dir / "last.pth")
         if distributed.rank() == 0:
             (run_dir / "config.json").write_text(json.dumps(jsonable_config(config), indent=2))
@@ -163,8 +174,10 @@ def run(
         )
         distributed.barrier()  # rank 0 has written best.pth
         if saved and not Path(trainer.saved_model_file).is_file():
-            raise ConfigError(f"the run in {run_dir} trained no epoch (epochs={config['epochs']}); "
-                              "it has no best.pth and is not a result")
+            raise ConfigError(
+                f"the run in {run_dir} trained no epoch (epochs={config['epochs']}); "
+                "it has no best.pth and is not a result"
+            )
         test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
     trained = [h for h in trainer.history if "train_seconds" in h]
@@ -211,8 +224,13 @@ class RunTask(NamedTuple):
     label: str = ""
 
 
-def run_many(tasks: list[RunTask], dataset: str, config_files: Iterable[str | Path] = (),
-             jobs: int = 1, on_result: Callable[[list[RunResult]], None] | None = None) -> list[RunResult]:
+def run_many(
+    tasks: list[RunTask],
+    dataset: str,
+    config_files: Iterable[str | Path] = (),
+    jobs: int = 1,
+    on_result: Callable[[list[RunResult]], None] | None = None,
+) -> list[RunResult]:
     """Run every task, ``jobs`` at a time in separate processes (spawned, so each has its own
     torch threads and seeds); results in task order, labelled. ``on_result`` gets the finished
     results (in task order) after each run, so tables can be written as they grow."""
@@ -231,8 +249,10 @@ def run_many(tasks: list[RunTask], dataset: str, config_files: Iterable[str | Pa
     else:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context) as pool:
-            futures = {pool.submit(run, task.model, dataset, config_files, task.overrides): index
-                       for index, task in enumerate(tasks)}
+            futures = {
+                pool.submit(run, task.model, dataset, config_files, task.overrides): index
+                for index, task in enumerate(tasks)
+            }
             for future in as_completed(futures):
                 finished(futures[future], future.result())
     return [done[i] for i in range(len(tasks))]
@@ -284,9 +304,11 @@ def compare_runs(run_dirs: Iterable[str | Path], out_dir: str | Path) -> tuple[l
     results = [RunResult.load(d) for d in run_dirs]
     if not results:
         raise ConfigError("no run folders given")
-    note = ("Rebuilt from finished run folders (`--from_runs`); seconds per epoch depend on the "
-            "machine's load when each run was made, so a speed ratio is only like for like between "
-            "runs of one comparison command (see each run's folder in `runs.csv`).")
+    note = (
+        "Rebuilt from finished run folders (`--from_runs`); seconds per epoch depend on the "
+        "machine's load when each run was made, so a speed ratio is only like for like between "
+        "runs of one comparison command (see each run's folder in `runs.csv`)."
+    )
     md_path, _ = write_comparison(results, out_dir, note=note)
     write_stage1_plots(results, out_dir)
     return results, md_path
@@ -298,8 +320,9 @@ def _default_out_dir(dataset: str, config_files, config_dict: dict | None, kind:
     return new_run_folder(config["checkpoint_dir"], dataset, kind)
 
 
-def ablation_variants(dataset: str, config_files: Iterable[str | Path] = (),
-                      config_dict: dict | None = None) -> dict[str, dict]:
+def ablation_variants(
+    dataset: str, config_files: Iterable[str | Path] = (), config_dict: dict | None = None
+) -> dict[str, dict]:
     """DPPMG variants, one factor at a time from the configured defaults: each feature modality
     alone (and without the id channel when it is on), 1-3 levels, codebooks of 64 and 256."""
     config = build_config(get_model("DPPMG"), dataset, config_files, config_dict)
@@ -334,10 +357,15 @@ def ablation(
     ``ablation.md`` / ``ablation.csv``."""
     if variants is None:
         variants = ablation_variants(dataset, config_files, config_dict)
-    tasks = [RunTask("DPPMG", _with_seed(config_dict, seed, overrides), label)
-             for seed in _seed_list(seeds) for label, overrides in variants.items()]
+    tasks = [
+        RunTask("DPPMG", _with_seed(config_dict, seed, overrides), label)
+        for seed in _seed_list(seeds)
+        for label, overrides in variants.items()
+    ]
     out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(dataset, config_files, config_dict, "ablation")
-    results = run_many(tasks, dataset, config_files, jobs, on_result=lambda done: write_ablation(done, variants, out_dir))
+    results = run_many(
+        tasks, dataset, config_files, jobs, on_result=lambda done: write_ablation(done, variants, out_dir)
+    )
     md_path, _ = write_ablation(results, variants, out_dir)
     return results, md_path
 
@@ -359,7 +387,9 @@ def load_data_and_model(checkpoint_file: str | Path, config_dict: dict | None = 
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as error:
-        raise ConfigError(f"checkpoint {checkpoint_file} does not fit {state['model']}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(
+            f"checkpoint {checkpoint_file} does not fit {state['model']}: {str(error).splitlines()[0]}"
+        ) from None
     model.load_other_parameter(decode_other_parameter(state.get("other_parameter")))
     model.eval()
     return config, model, dataset, train_data, valid_data, test_data

@@ -31,8 +31,12 @@ SECTIONS = (RL_SECTION,)
 
 # Folders written before run.json recorded a kind's settings in its own file (and an RL run's
 # record in rl_config.json); they are still read, run.json winning where both exist.
-LEGACY_META = {"TextGen": "config.json", "TextRL": "config.json",
-               "ImageGen": "image_config.json", "ImageRL": "image_config.json"}
+LEGACY_META = {
+    "TextGen": "config.json",
+    "TextRL": "config.json",
+    "ImageGen": "image_config.json",
+    "ImageRL": "image_config.json",
+}
 LEGACY_SECTIONS = {RL_SECTION: "rl_config.json"}
 TEXT_KINDS, IMAGE_KINDS, RL_KINDS = ("TextGen", "TextRL"), ("ImageGen", "ImageRL"), ("TextRL", "ImageRL")
 
@@ -45,15 +49,15 @@ class RunKind:
     done: str
 
 
-DPPMG_RUN = RunKind("DPPMG", "best.pth")                    # stage 1, a best epoch saved
-DPPMG_RESULT = RunKind("DPPMG", "result.json")              # stage 1, trained and tested
-TOKEN_EXPORT = RunKind("DPPMG", "tokens/manifest.json")     # stage 1 run with its token export
+DPPMG_RUN = RunKind("DPPMG", "best.pth")  # stage 1, a best epoch saved
+DPPMG_RESULT = RunKind("DPPMG", "result.json")  # stage 1, trained and tested
+TOKEN_EXPORT = RunKind("DPPMG", "tokens/manifest.json")  # stage 1 run with its token export
 TEXT_GEN = RunKind("TextGen", "dppmg/text_generator.json")  # text warm-up, adapter saved
 TEXT_RL = RunKind("TextRL", "dppmg/text_generator.json")
-IMAGE_GEN = RunKind("ImageGen", "model.safetensors")         # image generator, EMA weights saved
+IMAGE_GEN = RunKind("ImageGen", "model.safetensors")  # image generator, EMA weights saved
 IMAGE_RL = RunKind("ImageRL", "model.safetensors")
 PIPELINE_REPORT = RunKind("Pipeline", "report/report.json")  # --stage all, its report written
-REPORT = RunKind("Report", "report/report.json")              # --stage report
+REPORT = RunKind("Report", "report/report.json")  # --stage report
 
 
 # ---------------------------------------------------------------------------- creating

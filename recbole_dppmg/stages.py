@@ -27,10 +27,16 @@ STAGES: tuple[Stage, ...] = (
     Stage("export", "export the DPPMG run's preference tokens", ("export",)),
     Stage("text", "train the text generator (warm-up) on a token export", ("text",), log="TextGen"),
     Stage("image", "train the image generator on a token export", ("image",), log="ImageGen"),
-    Stage("rl", "tune the text and image generators with RL (rl: settings), resuming unfinished runs",
-          ("rl_text", "rl_image"), log="RL", profile=True),
-    Stage("generate", "text and poster for --users with the final generators (RL-tuned when RL finished)",
-          log="Generate"),
+    Stage(
+        "rl",
+        "tune the text and image generators with RL (rl: settings), resuming unfinished runs",
+        ("rl_text", "rl_image"),
+        log="RL",
+        profile=True,
+    ),
+    Stage(
+        "generate", "text and poster for --users with the final generators (RL-tuned when RL finished)", log="Generate"
+    ),
     Stage("text_eval", "evaluate the text generator alone on held-out users", log="TextEval"),
     Stage("evaluate", "the generation report of the newest generators", ("evaluate",), log="Report", profile=True),
     Stage("all", "the whole pipeline, skipping what is already there and valid (--profile, --until)", profile=True),

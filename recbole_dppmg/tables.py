@@ -104,15 +104,39 @@ def _num(value: float, digits: int = 4) -> str:
 
 def write_runs_csv(results: list[RunResult], path: Path) -> Path:
     """One row per run (every seed), the raw numbers behind the summary tables."""
-    header = ["label", "model", "seed", "valid ndcg@10", *METRIC_COLUMNS, "test ndcg@10 quantized",
-              "test ndcg@10 continuous", "level0 usage", "epochs", "s/epoch", "peak MB", "run_dir"]
+    header = [
+        "label",
+        "model",
+        "seed",
+        "valid ndcg@10",
+        *METRIC_COLUMNS,
+        "test ndcg@10 quantized",
+        "test ndcg@10 continuous",
+        "level0 usage",
+        "epochs",
+        "s/epoch",
+        "peak MB",
+        "run_dir",
+    ]
     rows = []
     for r in results:
         q, c = quantized_ndcg(r)
-        rows.append([r.label or r.model, r.model, r.seed, _num(r.best_valid_result.get("ndcg@10", NAN)),
-                     *(_num(r.test_result.get(m, NAN)) for m in METRIC_COLUMNS), _num(q), _num(c),
-                     _num(level0_usage(r), 3), r.epochs_trained, _num(r.seconds_per_epoch, 3),
-                     _num(r.peak_memory_mb, 0), r.run_dir])
+        rows.append(
+            [
+                r.label or r.model,
+                r.model,
+                r.seed,
+                _num(r.best_valid_result.get("ndcg@10", NAN)),
+                *(_num(r.test_result.get(m, NAN)) for m in METRIC_COLUMNS),
+                _num(q),
+                _num(c),
+                _num(level0_usage(r), 3),
+                r.epochs_trained,
+                _num(r.seconds_per_epoch, 3),
+                _num(r.peak_memory_mb, 0),
+                r.run_dir,
+            ]
+        )
     _write_csv(path, header, rows)
     return path
 
@@ -142,8 +166,16 @@ def write_comparison(results: list[RunResult], out_dir: str | Path, note: str = 
         for values in columns.values():
             row += [_num(v) for v in spread(values)]
         csv_rows.append(row + [len(runs), _num(epochs, 1), _num(seconds, 3), _num(memory, 0)])
-        md_rows.append([model, *(fmt_spread(v) for v in columns.values()), str(len(runs)),
-                        f"{epochs:.0f}", f"{seconds:.2f}", f"{memory:.0f}"])
+        md_rows.append(
+            [
+                model,
+                *(fmt_spread(v) for v in columns.values()),
+                str(len(runs)),
+                f"{epochs:.0f}",
+                f"{seconds:.2f}",
+                f"{memory:.0f}",
+            ]
+        )
     csv_path = out_dir / "comparison.csv"
     _write_csv(csv_path, csv_header, csv_rows)
     write_runs_csv(results, out_dir / "runs.csv")
@@ -166,13 +198,20 @@ def write_comparison(results: list[RunResult], out_dir: str | Path, note: str = 
         rows = []
         for r in dppmg:
             q, c = quantized_ndcg(r)
-            rows.append([str(r.seed), _num(q), _num(c), _num(q / c, 3), _num(level0_usage(r), 3),
-                         _num(final_quant_error(r), 4)])
+            rows.append(
+                [str(r.seed), _num(q), _num(c), _num(q / c, 3), _num(level0_usage(r), 3), _num(final_quant_error(r), 4)]
+            )
         qs, cs = zip(*(quantized_ndcg(r) for r in dppmg))
-        rows.append(["median", fmt_spread(qs), fmt_spread(cs),
-                     fmt_spread([q / c for q, c in zip(qs, cs)], 3),
-                     fmt_spread([level0_usage(r) for r in dppmg], 3),
-                     fmt_spread([final_quant_error(r) for r in dppmg], 4)])
+        rows.append(
+            [
+                "median",
+                fmt_spread(qs),
+                fmt_spread(cs),
+                fmt_spread([q / c for q, c in zip(qs, cs)], 3),
+                fmt_spread([level0_usage(r) for r in dppmg], 3),
+                fmt_spread([final_quant_error(r) for r in dppmg], 4),
+            ]
+        )
         lines += [
             "## DPPMG: quantized versus continuous user vectors",
             "",
@@ -181,8 +220,9 @@ def write_comparison(results: list[RunResult], out_dir: str | Path, note: str = 
             "of level-0 codes used by some user, over the modalities; the last column is the "
             "fraction of the users' variance left after the last level.",
             "",
-            *_markdown_table(["seed", "quantized", "continuous", "quantized / continuous",
-                              "level-0 usage", "variance left"], rows),
+            *_markdown_table(
+                ["seed", "quantized", "continuous", "quantized / continuous", "level-0 usage", "variance left"], rows
+            ),
             "",
         ]
         prefixes = [r.extra.get("test_quantized_levels", {}) for r in dppmg]
@@ -192,8 +232,10 @@ def write_comparison(results: list[RunResult], out_dir: str | Path, note: str = 
             runs = "" if recorded == len(prefixes) else f" ({recorded} of the {len(prefixes)} runs recorded it)"
             lines += [
                 f"Test NDCG@10 when users keep only their first l codes (the same trained models){runs}: "
-                + "; ".join(f"l = {l}: " + fmt_spread([p.get(str(l), NAN) for p in prefixes])
-                            for l in range(1, depth + 1)) + ".",
+                + "; ".join(
+                    f"l = {l}: " + fmt_spread([p.get(str(l), NAN) for p in prefixes]) for l in range(1, depth + 1)
+                )
+                + ".",
                 "",
             ]
     ratios = speed_ratio(results)
@@ -202,7 +244,8 @@ def write_comparison(results: list[RunResult], out_dir: str | Path, note: str = 
             "## Speed",
             "",
             "DPPMG / LightGCN seconds per training epoch, per seed: "
-            + ", ".join(f"{x:.2f}" for x in ratios) + f"; median {spread(ratios)[0]:.2f}.",
+            + ", ".join(f"{x:.2f}" for x in ratios)
+            + f"; median {spread(ratios)[0]:.2f}.",
             "",
         ]
     lines += ["Run folders: see `runs.csv`.", ""]
@@ -218,8 +261,19 @@ def write_ablation(results: list[RunResult], variants: dict[str, dict], out_dir:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = group_by(results, lambda r: r.label or r.model)
-    header = ["variant", "overrides", "seeds", "valid ndcg@10", "test ndcg@10", "test ndcg@10 continuous",
-              "quantized / continuous", "level-0 usage", "level-0 perplexity", "variance left", "s/epoch"]
+    header = [
+        "variant",
+        "overrides",
+        "seeds",
+        "valid ndcg@10",
+        "test ndcg@10",
+        "test ndcg@10 continuous",
+        "quantized / continuous",
+        "level-0 usage",
+        "level-0 perplexity",
+        "variance left",
+        "s/epoch",
+    ]
     csv_header = ["variant", "overrides", "seeds"]
     for m in header[3:]:
         csv_header += [m, f"{m} min", f"{m} max"]

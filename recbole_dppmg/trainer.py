@@ -90,16 +90,24 @@ def decode_other_parameter(values: dict | None) -> dict | None:
 def _encode_value(value):
     if sp.issparse(value):
         coo = value.tocoo()
-        return {"__kind__": "scipy_sparse", "format": value.format, "shape": [int(n) for n in coo.shape],
-                "row": torch.from_numpy(np.asarray(coo.row, dtype=np.int64)),
-                "col": torch.from_numpy(np.asarray(coo.col, dtype=np.int64)),
-                "data": torch.from_numpy(np.ascontiguousarray(coo.data))}
+        return {
+            "__kind__": "scipy_sparse",
+            "format": value.format,
+            "shape": [int(n) for n in coo.shape],
+            "row": torch.from_numpy(np.asarray(coo.row, dtype=np.int64)),
+            "col": torch.from_numpy(np.asarray(coo.col, dtype=np.int64)),
+            "data": torch.from_numpy(np.ascontiguousarray(coo.data)),
+        }
     if isinstance(value, (np.ndarray, np.generic)):
         array = np.asarray(value)
         if array.dtype == object:
             raise CheckpointError(f"cannot store a numpy object array ({array.shape}) in a plain checkpoint")
-        return {"__kind__": "numpy", "array": torch.from_numpy(np.ascontiguousarray(array).reshape(-1)),
-                "shape": list(array.shape), "scalar": isinstance(value, np.generic)}
+        return {
+            "__kind__": "numpy",
+            "array": torch.from_numpy(np.ascontiguousarray(array).reshape(-1)),
+            "shape": list(array.shape),
+            "scalar": isinstance(value, np.generic),
+        }
     if isinstance(value, dict):
         return {"__kind__": "dict", "items": {str(k): _encode_value(v) for k, v in value.items()}}
     if isinstance(value, (list, tuple)):
@@ -110,8 +118,9 @@ def _encode_value(value):
 def _decode_value(value):
     kind = value.get("__kind__") if isinstance(value, dict) else None
     if kind == "scipy_sparse":
-        matrix = sp.coo_matrix((value["data"].numpy(), (value["row"].numpy(), value["col"].numpy())),
-                               shape=tuple(value["shape"]))
+        matrix = sp.coo_matrix(
+            (value["data"].numpy(), (value["row"].numpy(), value["col"].numpy())), shape=tuple(value["shape"])
+        )
         return matrix.asformat(value["format"])
     if kind == "numpy":
         array = value["array"].numpy().reshape(value["shape"])
@@ -274,7 +283,9 @@ class PlainCheckpointMixin:
         if self._pending_rng is not None:
             _restore_rng_state(self._pending_rng, train_data)
             self._pending_rng = None
-        result = super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress, callback_fn=callback_fn)
+        result = super().fit(
+            train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress, callback_fn=callback_fn
+        )
         self._close_epoch_record()
         if saved and self._last_finished_epoch is not None:
             self._save_last(self._last_finished_epoch)
@@ -299,7 +310,11 @@ class PlainCheckpointMixin:
         if stats:
             record["model_stats"] = {k: float(v) for k, v in stats.items()}
             describe = getattr(self.model, "describe_epoch_stats", None)
-            line = describe(stats) if callable(describe) else ", ".join(f"{k}={v:.4g}" for k, v in record["model_stats"].items())
+            line = (
+                describe(stats)
+                if callable(describe)
+                else ", ".join(f"{k}={v:.4g}" for k, v in record["model_stats"].items())
+            )
             self.logger.info(f"epoch {epoch_idx} model stats: {line}")
         self._epoch_record = record
         self._last_finished_epoch = int(epoch_idx)
@@ -309,7 +324,9 @@ class PlainCheckpointMixin:
         start = time()
         score, result = super()._valid_epoch(valid_data, show_progress=show_progress)
         if self._epoch_record:
-            self._epoch_record.update(valid_score=float(score), valid_result=_plain_floats(result), valid_seconds=time() - start)
+            self._epoch_record.update(
+                valid_score=float(score), valid_result=_plain_floats(result), valid_seconds=time() - start
+            )
         return score, result
 
     # ------------------------------------------------------------------ evaluation

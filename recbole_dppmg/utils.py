@@ -64,9 +64,7 @@ def get_model(name: str):
             from recbole.utils import get_model as recbole_get_model
 
             return recbole_get_model(recbole_name)
-    raise ConfigError(
-        f"unknown model '{name}'; available: {', '.join(available_models())}"
-    )
+    raise ConfigError(f"unknown model '{name}'; available: {', '.join(available_models())}")
 
 
 def get_trainer(config, model_class):

@@ -14,23 +14,50 @@ from safetensors.numpy import save_file
 from recbole_dppmg.tokens.format import FORMAT_VERSION
 
 TINY_MODEL = {
-    "space": "pixel", "height": 16, "width": 8, "unet_channels": [8, 16], "layers_per_block": 1,
-    "attention_head_dim": 4, "cross_attention_dim": 8, "norm_num_groups": 4, "train_timesteps": 50,
+    "space": "pixel",
+    "height": 16,
+    "width": 8,
+    "unet_channels": [8, 16],
+    "layers_per_block": 1,
+    "attention_head_dim": 4,
+    "cross_attention_dim": 8,
+    "norm_num_groups": 4,
+    "train_timesteps": 50,
 }
 
 
-def write_tiny_export(folder: Path, dataset: str = "tiny", n_users: int = 6, n_items: int = 5,
-                      levels: int = 2, codebook_size: int = 4, dim: int = 3, seed: int = 0) -> Path:
+def write_tiny_export(
+    folder: Path,
+    dataset: str = "tiny",
+    n_users: int = 6,
+    n_items: int = 5,
+    levels: int = 2,
+    codebook_size: int = 4,
+    dim: int = 3,
+    seed: int = 0,
+) -> Path:
     rng = np.random.default_rng(seed)
     modalities = ["text", "image"]
     folder.mkdir(parents=True, exist_ok=True)
     books = {m: rng.normal(size=(levels, codebook_size, dim)).astype(np.float32) for m in modalities}
     save_file(books, str(folder / "codebooks.safetensors"))
     np.save(folder / "user_codes.npy", rng.integers(0, codebook_size, size=(n_users + 1, 2, levels)).astype(np.int32))
-    save_file({m: rng.normal(size=(n_users + 1, dim)).astype(np.float32) for m in modalities}, str(folder / "user_vectors.safetensors"))
-    save_file({m: rng.normal(size=(n_items + 1, dim)).astype(np.float32) for m in modalities}, str(folder / "item_vectors.safetensors"))
-    save_file({f"{m}.{p}": np.zeros((dim, dim) if p == "weight" else (dim,), np.float32) for m in modalities for p in ("weight", "bias")},
-              str(folder / "foldin.safetensors"))
+    save_file(
+        {m: rng.normal(size=(n_users + 1, dim)).astype(np.float32) for m in modalities},
+        str(folder / "user_vectors.safetensors"),
+    )
+    save_file(
+        {m: rng.normal(size=(n_items + 1, dim)).astype(np.float32) for m in modalities},
+        str(folder / "item_vectors.safetensors"),
+    )
+    save_file(
+        {
+            f"{m}.{p}": np.zeros((dim, dim) if p == "weight" else (dim,), np.float32)
+            for m in modalities
+            for p in ("weight", "bias")
+        },
+        str(folder / "foldin.safetensors"),
+    )
     save_file({"unused": np.zeros(1, np.float32)}, str(folder / "item_encoders.safetensors"))
     users = ["[PAD]"] + [f"u{k}" for k in range(n_users)]
     items = ["[PAD]"] + [f"i{k}" for k in range(n_items)]
@@ -43,15 +70,28 @@ def write_tiny_export(folder: Path, dataset: str = "tiny", n_users: int = 6, n_i
             indices += chosen.tolist()
             values += [5.0, 4.0] if split == "train" else [5.0, 3.0]
             indptr.append(len(indices))
-        arrays.update({f"{split}_indptr": np.array(indptr), f"{split}_indices": np.array(indices), f"{split}_values": np.array(values)})
+        arrays.update(
+            {
+                f"{split}_indptr": np.array(indptr),
+                f"{split}_indices": np.array(indices),
+                f"{split}_values": np.array(values),
+            }
+        )
     np.savez(folder / "interactions.npz", **arrays)
     for m in modalities:
         for level in range(levels):
             index = faiss.IndexFlatL2(dim)
             index.add(books[m][level])
             faiss.write_index(index, str(folder / f"index_{m}_L{level}.faiss"))
-    manifest = {"format_version": FORMAT_VERSION, "dataset": dataset, "modalities": modalities, "levels": levels,
-                "codebook_size": codebook_size, "dim": dim, "files": []}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset,
+        "modalities": modalities,
+        "levels": levels,
+        "codebook_size": codebook_size,
+        "dim": dim,
+        "files": [],
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
@@ -71,6 +111,20 @@ def write_tiny_posters(folder: Path, n_items: int = 5, size=(10, 14)) -> dict[st
 
 
 def tiny_settings(tmp_path: Path, **overrides) -> dict:
-    return {**TINY_MODEL, "batch_size": 4, "max_steps": 3, "max_minutes": 5, "save_every": 2, "log_every": 1,
-            "warmup_steps": 1, "valid_users": 1, "test_users": 1, "progress": False, "num_threads": 1,
-            "cache_dir": str(tmp_path / "cache"), "sample_steps": 2, "sample_batch": 2, **overrides}
+    return {
+        **TINY_MODEL,
+        "batch_size": 4,
+        "max_steps": 3,
+        "max_minutes": 5,
+        "save_every": 2,
+        "log_every": 1,
+        "warmup_steps": 1,
+        "valid_users": 1,
+        "test_users": 1,
+        "progress": False,
+        "num_threads": 1,
+        "cache_dir": str(tmp_path / "cache"),
+        "sample_steps": 2,
+        "sample_batch": 2,
+        **overrides,
+    }

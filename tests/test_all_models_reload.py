@@ -11,11 +11,44 @@ from recbole_dppmg.quick_start import load_data_and_model, run
 from recbole_dppmg.trainer import load_checkpoint_file
 from recbole_dppmg.utils import get_trainer, recbole_model_names
 
-GENERAL_MODELS = sorted(set(recbole_model_names()) & {
-    "ADMMSLIM", "AsymKNN", "BPR", "CDAE", "ConvNCF", "DGCF", "DiffRec", "DMF", "EASE", "ENMF", "FISM", "GCMC",
-    "ItemKNN", "LDiffRec", "LightGCN", "LINE", "MacridVAE", "MultiDAE", "MultiVAE", "NAIS", "NCEPLRec", "NCL",
-    "NeuMF", "NGCF", "NNCF", "Pop", "Random", "RaCT", "RecVAE", "SGL", "SimpleX", "SLIMElastic", "SpectralCF",
-})
+GENERAL_MODELS = sorted(
+    set(recbole_model_names())
+    & {
+        "ADMMSLIM",
+        "AsymKNN",
+        "BPR",
+        "CDAE",
+        "ConvNCF",
+        "DGCF",
+        "DiffRec",
+        "DMF",
+        "EASE",
+        "ENMF",
+        "FISM",
+        "GCMC",
+        "ItemKNN",
+        "LDiffRec",
+        "LightGCN",
+        "LINE",
+        "MacridVAE",
+        "MultiDAE",
+        "MultiVAE",
+        "NAIS",
+        "NCEPLRec",
+        "NCL",
+        "NeuMF",
+        "NGCF",
+        "NNCF",
+        "Pop",
+        "Random",
+        "RaCT",
+        "RecVAE",
+        "SGL",
+        "SimpleX",
+        "SLIMElastic",
+        "SpectralCF",
+    }
+)
 # Models that cannot run here, each with its reason.
 SKIPPED: dict[str, str] = {}
 # Settings a model needs on 24 users x 30 items, or to stay at one epoch.
@@ -41,8 +74,13 @@ def test_the_list_holds_every_general_model():
 def test_model_saves_and_reloads(model, tiny_root, tmp_path):
     if model in SKIPPED:
         pytest.skip(SKIPPED[model])
-    machine = {"data_path": str(tiny_root), "checkpoint_dir": str(tmp_path / "saved"), "state": "WARNING",
-               "show_progress": False, "torch_num_threads": 1}
+    machine = {
+        "data_path": str(tiny_root),
+        "checkpoint_dir": str(tmp_path / "saved"),
+        "state": "WARNING",
+        "show_progress": False,
+        "torch_num_threads": 1,
+    }
     settings = {**machine, "epochs": 1, "train_batch_size": 64, "eval_batch_size": 4096, **SETTINGS.get(model, {})}
     result = run(model, "tiny", config_dict=settings)
     state = load_checkpoint_file(result.checkpoint)  # weights_only=True

@@ -30,8 +30,15 @@ from recbole_dppmg.trainer import CHECKPOINT_FORMAT
 def tiny(tmp_path):
     """Command-line arguments of a quick run on a tiny dataset, everything inside tmp_path."""
     write_tiny_mm(tmp_path / "data", "tiny", n_users=20, n_items=24, per_user=6)
-    return ["-d", "tiny", f"--data_path={tmp_path / 'data'}", f"--checkpoint_dir={tmp_path / 'saved'}",
-            "--state=WARNING", "--show_progress=False", "--torch_num_threads=1"]
+    return [
+        "-d",
+        "tiny",
+        f"--data_path={tmp_path / 'data'}",
+        f"--checkpoint_dir={tmp_path / 'saved'}",
+        "--state=WARNING",
+        "--show_progress=False",
+        "--torch_num_threads=1",
+    ]
 
 
 def one_error_line(capsys) -> str:
@@ -47,23 +54,29 @@ def nothing_written(tmp_path) -> bool:
     return not (tmp_path / "saved").exists() and not (tmp_path / "log").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["-m", "BPR", "--epochs=-1"], "epochs=-1 is not allowed: epochs must be an integer >= 1"),
-    (["-m", "BPR", "--epochs=0"], "epochs=0 is not allowed"),
-    (["-m", "DPPMG", "--epochs=-1"], "epochs=-1 is not allowed"),
-    (["-m", "BPR", "--learning_rate=0"], "learning_rate=0 is not allowed: learning_rate must be a finite number > 0"),
-    (["-m", "BPR", "--learning_rate=-1e-3"], "learning_rate=-0.001 is not allowed"),
-    (["-m", "BPR", "--epochs=abc"], "epochs='abc' is not allowed"),
-    (["-m", "BPR", "--topk=[0]"], "topk=[0] is not allowed: topk must be an integer >= 1"),
-    (["-m", "BPR", "--topk=[]"], "topk=[] is not allowed"),
-    (["-m", "BPR", "--train_batch_size=0"], "train_batch_size=0 is not allowed"),
-    (["-m", "BPR", "--eval_batch_size=1.5"], "eval_batch_size=1.5 is not allowed"),
-    (["-m", "BPR", "--stopping_step=0"], "stopping_step=0 is not allowed"),
-    (["-m", "BPR", "--embedding_size=-4"], "embedding_size=-4 is not allowed"),
-    (["-m", "BPR", "--seeds=abc"], "--seeds must be a list of integers"),
-    (["-m", "BPR,Pop", "--seeds=[1,-2]"], "--seeds value -2 is not allowed"),
-    (["-m", "BPR,Pop", "--epochs=0"], "epochs=0 is not allowed"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["-m", "BPR", "--epochs=-1"], "epochs=-1 is not allowed: epochs must be an integer >= 1"),
+        (["-m", "BPR", "--epochs=0"], "epochs=0 is not allowed"),
+        (["-m", "DPPMG", "--epochs=-1"], "epochs=-1 is not allowed"),
+        (
+            ["-m", "BPR", "--learning_rate=0"],
+            "learning_rate=0 is not allowed: learning_rate must be a finite number > 0",
+        ),
+        (["-m", "BPR", "--learning_rate=-1e-3"], "learning_rate=-0.001 is not allowed"),
+        (["-m", "BPR", "--epochs=abc"], "epochs='abc' is not allowed"),
+        (["-m", "BPR", "--topk=[0]"], "topk=[0] is not allowed: topk must be an integer >= 1"),
+        (["-m", "BPR", "--topk=[]"], "topk=[] is not allowed"),
+        (["-m", "BPR", "--train_batch_size=0"], "train_batch_size=0 is not allowed"),
+        (["-m", "BPR", "--eval_batch_size=1.5"], "eval_batch_size=1.5 is not allowed"),
+        (["-m", "BPR", "--stopping_step=0"], "stopping_step=0 is not allowed"),
+        (["-m", "BPR", "--embedding_size=-4"], "embedding_size=-4 is not allowed"),
+        (["-m", "BPR", "--seeds=abc"], "--seeds must be a list of integers"),
+        (["-m", "BPR,Pop", "--seeds=[1,-2]"], "--seeds value -2 is not allowed"),
+        (["-m", "BPR,Pop", "--epochs=0"], "epochs=0 is not allowed"),
+    ],
+)
 def test_settings_are_checked_before_anything_is_loaded_or_written(tiny, tmp_path, capsys, argv, message):
     assert main(tiny + argv) == 2
     assert message in one_error_line(capsys)
@@ -185,10 +198,12 @@ def test_weights_only_message_is_whole(tmp_path):
         cli.check_checkpoint(pickled, None, None)
     message = str(caught.value)
     assert "\n" not in message and "..." not in message
-    assert message.rstrip().endswith("pathlib.PosixPath was not an allowed global by default. Please use "
-                                     "`torch.serialization.add_safe_globals([pathlib.PosixPath])` or the "
-                                     "`torch.serialization.safe_globals([pathlib.PosixPath])` context manager "
-                                     "to allowlist this global if you trust this class/function.")
+    assert message.rstrip().endswith(
+        "pathlib.PosixPath was not an allowed global by default. Please use "
+        "`torch.serialization.add_safe_globals([pathlib.PosixPath])` or the "
+        "`torch.serialization.safe_globals([pathlib.PosixPath])` context manager "
+        "to allowlist this global if you trust this class/function."
+    )
 
 
 def test_export_checkpoint_is_checked_before_the_data_loads(tiny, tmp_path, capsys):
@@ -218,8 +233,9 @@ def test_prepared_folders_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
         spec = write_user_dataset(tmp_path)
-        folder = prepare_dataset("tiny", dataset_dir=tmp_path / "dataset", spec_file=spec,
-                                 encoders=fake_encoders(), num_threads=1)
+        folder = prepare_dataset(
+            "tiny", dataset_dir=tmp_path / "dataset", spec_file=spec, encoders=fake_encoders(), num_threads=1
+        )
     finally:
         os.umask(old)
     assert folder.stat().st_mode & 0o777 == 0o755
@@ -237,8 +253,9 @@ def test_prepare_stage_honours_torch_num_threads(tmp_path, monkeypatch, capsys):
     assert main(["--stage", "prepare", "-d", "ml-100k-mm", "--torch_num_threads=1"]) == 0
     assert seen["num_threads"] == 1
     spec = write_user_dataset(tmp_path)
-    folder = prepare_dataset("tiny", dataset_dir=tmp_path / "dataset", spec_file=spec,
-                             encoders=fake_encoders(), num_threads=1)
+    folder = prepare_dataset(
+        "tiny", dataset_dir=tmp_path / "dataset", spec_file=spec, encoders=fake_encoders(), num_threads=1
+    )
     assert json.loads((folder / "manifest.json").read_text())["threads"] == 1
 
 
@@ -249,9 +266,16 @@ def test_a_waiting_prepare_says_so(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="recbole_dppmg.data.prepare")
     with open(lock_dir / "tiny.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        worker = threading.Thread(target=prepare_dataset, args=("tiny",),
-                                  kwargs={"dataset_dir": tmp_path / "dataset", "spec_file": spec,
-                                          "encoders": fake_encoders(), "num_threads": 1})
+        worker = threading.Thread(
+            target=prepare_dataset,
+            args=("tiny",),
+            kwargs={
+                "dataset_dir": tmp_path / "dataset",
+                "spec_file": spec,
+                "encoders": fake_encoders(),
+                "num_threads": 1,
+            },
+        )
         worker.start()
         worker.join(timeout=1.0)
         assert worker.is_alive()
@@ -265,8 +289,9 @@ def test_a_waiting_prepare_says_so(tmp_path, caplog):
 def test_stale_dataset_on_a_read_only_folder_is_one_line(tmp_path, monkeypatch):
     """Inputs changed but dataset/ cannot be written: one line naming the path, the old copy intact."""
     spec = write_user_dataset(tmp_path)
-    folder = prepare_dataset("tiny", dataset_dir=tmp_path / "dataset", spec_file=spec,
-                             encoders=fake_encoders(), num_threads=1)
+    folder = prepare_dataset(
+        "tiny", dataset_dir=tmp_path / "dataset", spec_file=spec, encoders=fake_encoders(), num_threads=1
+    )
     before = (folder / "tiny.inter").read_text()
     with open(tmp_path / "raw" / "tiny.inter", "a") as raw:
         raw.write("u9\ti1\t3\t5000\n")

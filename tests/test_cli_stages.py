@@ -6,11 +6,30 @@ from recbole_dppmg.cli import main, parse_args
 
 
 def test_generation_overrides_are_split_by_section():
-    args, models, _, overrides = parse_args(["--stage", "text", "--text.max_steps=10", "--image.num_threads=1", "--epochs=3"])
-    assert args.generation == {"text": {"max_steps": 10}, "image": {"num_threads": 1}, "rl": {}, "reward": {}, "evaluate": {}}
+    args, models, _, overrides = parse_args(
+        ["--stage", "text", "--text.max_steps=10", "--image.num_threads=1", "--epochs=3"]
+    )
+    assert args.generation == {
+        "text": {"max_steps": 10},
+        "image": {"num_threads": 1},
+        "rl": {},
+        "reward": {},
+        "evaluate": {},
+    }
     assert overrides == {"epochs": 3} and models == ["DPPMG"]
-    args, *_ = parse_args(["--stage", "all", "--rl.text.steps=8", "--rl.quick=true", "--evaluate.users=5", "--text.generate.max_new_tokens=16"])
-    assert args.generation["rl"] == {"text": {"steps": 8}, "quick": True} and args.generation["evaluate"] == {"users": 5}
+    args, *_ = parse_args(
+        [
+            "--stage",
+            "all",
+            "--rl.text.steps=8",
+            "--rl.quick=true",
+            "--evaluate.users=5",
+            "--text.generate.max_new_tokens=16",
+        ]
+    )
+    assert args.generation["rl"] == {"text": {"steps": 8}, "quick": True} and args.generation["evaluate"] == {
+        "users": 5
+    }
     assert args.generation["text"] == {"generate": {"max_new_tokens": 16}}
 
 
@@ -19,9 +38,18 @@ def test_generation_overrides_are_split_by_section():
     [
         (["--stage", "generate", "-d", "ml-100k-mm"], "--stage generate needs --users"),
         (["--stage", "text", "--foo.bar=1"], "dotted keys must be --text.<key> or --image.<key>"),
-        (["--stage", "generate", "--users", "1", "--tokens", "/nonexistent/tokens"], "/nonexistent/tokens is not a token export"),
-        (["--stage", "text_eval", "--text.evaluate.conditions=[dppmg,nope]"], "unknown text evaluation condition 'nope'"),
-        (["--stage", "text_eval", "--text.generator=/nonexistent/TextGen-x"], "/nonexistent/TextGen-x is not a text warm-up run"),
+        (
+            ["--stage", "generate", "--users", "1", "--tokens", "/nonexistent/tokens"],
+            "/nonexistent/tokens is not a token export",
+        ),
+        (
+            ["--stage", "text_eval", "--text.evaluate.conditions=[dppmg,nope]"],
+            "unknown text evaluation condition 'nope'",
+        ),
+        (
+            ["--stage", "text_eval", "--text.generator=/nonexistent/TextGen-x"],
+            "/nonexistent/TextGen-x is not a text warm-up run",
+        ),
         (["--stage", "text", "--profile", "quick"], "--profile applies to --stage rl, evaluate and all, not text"),
     ],
 )
@@ -49,8 +77,10 @@ def test_one_stage_table_for_the_command_line_and_the_pipeline():
         (["--stage", "deploy"], "argument --stage: invalid choice: 'deploy'"),
         (["--stage"], "argument --stage: expected one argument"),
         (["--stage", "all", "--until", "deploy"], "argument --until: invalid choice: 'deploy'"),
-        (["--stage", "generate", "--profile", "quick"],
-         "--profile applies to --stage rl, evaluate and all, not generate"),
+        (
+            ["--stage", "generate", "--profile", "quick"],
+            "--profile applies to --stage rl, evaluate and all, not generate",
+        ),
     ],
 )
 def test_argument_errors_are_one_line(argv, message, capsys):

@@ -26,8 +26,11 @@ def test_write_refuses_unsanitised_text(tmp_path):
 def test_float_seq_round_trip_and_recbole_style_parse(tmp_path):
     path = tmp_path / "x.item"
     vector = np.array([0.1234567, -2.5, 1e-8], dtype=np.float32)
-    write_atomic(path, [("item_id", "token"), ("title", "token_seq"), ("feat", "float_seq"), ("mask", "float")],
-                 [("7", sanitize_text('Bob\'s "Big"\tDay'), vector, 1.0)])
+    write_atomic(
+        path,
+        [("item_id", "token"), ("title", "token_seq"), ("feat", "float_seq"), ("mask", "float")],
+        [("7", sanitize_text('Bob\'s "Big"\tDay'), vector, 1.0)],
+    )
     frame = read_atomic(path)
     np.testing.assert_allclose(frame["feat"][0], vector, rtol=1e-6)
     assert frame["mask"][0] == 1.0 and frame.attrs["field_types"]["feat"] == "float_seq"
@@ -62,8 +65,11 @@ def test_bad_header_and_non_numbers_are_named(tmp_path):
 
 def test_read_item_table_indexes_by_id_and_skips_features(tmp_path):
     path = tmp_path / "x.item"
-    write_atomic(path, [("item_id", "token"), ("title", "token_seq"), ("feat", "float_seq")],
-                 [("1", "A", np.zeros(2)), ("2", "B", np.ones(2))])
+    write_atomic(
+        path,
+        [("item_id", "token"), ("title", "token_seq"), ("feat", "float_seq")],
+        [("1", "A", np.zeros(2)), ("2", "B", np.ones(2))],
+    )
     table = read_item_table(path)
     assert table.loc["2", "title"] == "B" and "feat" not in table.columns
     assert read_item_table(path, with_features=True).loc["2", "feat"].tolist() == [1.0, 1.0]

@@ -31,7 +31,9 @@ def recbole_dataset(data_path, name):
     from recbole.data import create_dataset
 
     config = Config(
-        model="BPR", dataset=name, config_file_list=[str(PROPERTIES_DIR / "dataset" / "ml-100k-mm.yaml")],
+        model="BPR",
+        dataset=name,
+        config_file_list=[str(PROPERTIES_DIR / "dataset" / "ml-100k-mm.yaml")],
         config_dict={"data_path": str(data_path), "show_progress": False, "state": "ERROR"},
     )
     dataset = create_dataset(config)
@@ -50,10 +52,14 @@ def write_slice(tmp_path):
     ml = tmp_path / "ml-100k"
     ml.mkdir()
     movies = movies[movies["item_id"].isin(chosen)]
-    write_atomic(ml / "ml-100k.item", list(movies.attrs["field_types"].items()), movies.itertuples(index=False, name=None))
+    write_atomic(
+        ml / "ml-100k.item", list(movies.attrs["field_types"].items()), movies.itertuples(index=False, name=None)
+    )
     inter = read_atomic(full / "ml-100k.inter")
     inter = inter[inter["item_id"].isin(chosen)]
-    write_atomic(ml / "ml-100k.inter", list(inter.attrs["field_types"].items()), inter.itertuples(index=False, name=None))
+    write_atomic(
+        ml / "ml-100k.inter", list(inter.attrs["field_types"].items()), inter.itertuples(index=False, name=None)
+    )
     shared = tmp_path / "shared" / "data" / "ml-100k-mm"
     (shared / "posters").mkdir(parents=True)
     (shared / "details.json").write_text(json.dumps([r for r in details if str(r["movie_id"]) in chosen]))
@@ -81,7 +87,10 @@ def test_real_encoders_on_a_slice(tmp_path, monkeypatch):
     dataset = recbole_dataset(tmp_path / "dataset", "ml-100k-mm")
     assert (dataset.item_num - 1, dataset.inter_num) == (SLICE_SIZE, n_inter)
     feats = dataset.get_item_feature()
-    assert tuple(feats["text_feat"].shape) == (SLICE_SIZE + 1, 384) and tuple(feats["image_feat"].shape) == (SLICE_SIZE + 1, 1280)
+    assert tuple(feats["text_feat"].shape) == (SLICE_SIZE + 1, 384) and tuple(feats["image_feat"].shape) == (
+        SLICE_SIZE + 1,
+        1280,
+    )
     rows = dataset.token2id(dataset.iid_field, chosen)
     with_poster = [(SOURCE / "posters" / f"{i}.jpg").is_file() for i in chosen]
     assert feats["image_mask"][rows].numpy().tolist() == [float(p) for p in with_poster]

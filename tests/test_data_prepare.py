@@ -21,8 +21,14 @@ from recbole_dppmg.errors import DataError
 
 
 def build(tmp_path, spec, encoders=None, **kwargs):
-    return prepare_dataset("tiny", dataset_dir=tmp_path / "dataset", spec_file=spec,
-                           encoders=encoders or fake_encoders(), num_threads=1, **kwargs)
+    return prepare_dataset(
+        "tiny",
+        dataset_dir=tmp_path / "dataset",
+        spec_file=spec,
+        encoders=encoders or fake_encoders(),
+        num_threads=1,
+        **kwargs,
+    )
 
 
 def manifest_of(folder):
@@ -33,8 +39,14 @@ def test_builds_atomic_files_with_features_and_masks(tmp_path):
     folder = build(tmp_path, write_user_dataset(tmp_path))
     counts = manifest_of(folder)["counts"]
     assert counts == {
-        "users": 4, "items": 5, "interactions": 12, "interactions_dropped_unknown_item": 0,
-        "items_with_text": 3, "items_with_image": 4, "images_failed": 0, "images_missing_file": 0,
+        "users": 4,
+        "items": 5,
+        "interactions": 12,
+        "interactions_dropped_unknown_item": 0,
+        "items_with_text": 3,
+        "items_with_image": 4,
+        "images_failed": 0,
+        "images_missing_file": 0,
     }
     items = read_item_table(folder / "tiny.item", with_features=True)
     assert items.attrs["field_types"]["text_feat"] == "float_seq"
@@ -169,10 +181,12 @@ def test_ensure_prepared_finds_the_conventional_spec(tmp_path, monkeypatch):
     spec = write_user_dataset(tmp_path)
     os.replace(spec, dataset_dir / "tiny.prepare.yaml")
     (dataset_dir / "tiny.prepare.yaml").write_text(
-        (dataset_dir / "tiny.prepare.yaml").read_text().replace("source_dir: raw", "source_dir: ../raw"))
+        (dataset_dir / "tiny.prepare.yaml").read_text().replace("source_dir: raw", "source_dir: ../raw")
+    )
     monkeypatch.setattr(prepare_module.featurize, "load_default_encoder", lambda m: fake_encoders()[m])
-    monkeypatch.setattr(prepare_module.featurize, "default_encoder_versions",
-                        lambda: {"text": "fake-text==1", "image": "fake-image==1"})
+    monkeypatch.setattr(
+        prepare_module.featurize, "default_encoder_versions", lambda: {"text": "fake-text==1", "image": "fake-image==1"}
+    )
     assert ensure_prepared("tiny", dataset_dir=dataset_dir) == dataset_dir / "tiny"
     assert is_prepared("tiny", dataset_dir)
 
@@ -199,7 +213,9 @@ def test_recbole_loads_the_prepared_features(tmp_path):
 
     build(tmp_path, write_user_dataset(tmp_path))
     config = recbole_config.Config(
-        model="BPR", dataset="tiny", config_file_list=[str(PROPERTIES_DIR / "dataset" / "ml-100k-mm.yaml")],
+        model="BPR",
+        dataset="tiny",
+        config_file_list=[str(PROPERTIES_DIR / "dataset" / "ml-100k-mm.yaml")],
         config_dict={"data_path": str(tmp_path / "dataset"), "show_progress": False, "state": "ERROR"},
     )
     dataset = create_dataset(config)

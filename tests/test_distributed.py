@@ -21,8 +21,15 @@ from recbole_dppmg.quick_start import run
 from recbole_dppmg.utils import get_model, get_trainer
 
 TINY = SyntheticSpec(interactions=4000, users=200, items=120, text_dim=16, image_dim=12, clusters=4)
-SMALL_MODEL = {"embedding_size": 16, "codebook_size": 8, "levels": 2, "train_batch_size": 256,
-               "eval_batch_size": 100000, "use_gpu": False, "torch_num_threads": 1}
+SMALL_MODEL = {
+    "embedding_size": 16,
+    "codebook_size": 8,
+    "levels": 2,
+    "train_batch_size": 256,
+    "eval_batch_size": 100000,
+    "use_gpu": False,
+    "torch_num_threads": 1,
+}
 
 
 def test_backend_follows_the_device_unless_set():
@@ -40,8 +47,18 @@ def test_patched_recbole_starts_gloo_on_cpu_and_wraps_dppmg_in_ddp(tmp_path):
     NCCL; DDP without device ids on CPU; the dataset-derived buffers (the sparse graph, the
     features) are not broadcast."""
     folder = write_synthetic(TINY, tmp_path, "tiny")
-    settings = {**SMALL_MODEL, "data_path": str(tmp_path), "state": "ERROR", "checkpoint_dir": str(tmp_path / "saved"),
-                "local_rank": 0, "nproc": 1, "world_size": 1, "ip": "127.0.0.1", "port": free_port(), "offset": 0}
+    settings = {
+        **SMALL_MODEL,
+        "data_path": str(tmp_path),
+        "state": "ERROR",
+        "checkpoint_dir": str(tmp_path / "saved"),
+        "local_rank": 0,
+        "nproc": 1,
+        "world_size": 1,
+        "ip": "127.0.0.1",
+        "port": free_port(),
+        "offset": 0,
+    }
     try:
         config = build_config(get_model("DPPMG"), "tiny", [folder / "tiny.yaml"], settings)
         assert dist.is_initialized() and dist.get_backend() == "gloo"
@@ -93,10 +110,20 @@ def test_quantizer_state_is_identical_on_both_ranks_and_sees_both_batches(tmp_pa
 
 
 def _run(tmp_path: Path, folder: Path, nproc: int):
-    return run("DPPMG", "tiny", [str(folder / "tiny.yaml")], {
-        **SMALL_MODEL, "data_path": str(tmp_path), "checkpoint_dir": str(tmp_path / f"saved{nproc}"),
-        "state": "ERROR", "epochs": 4, "nproc": nproc, "seed": 0,
-    })
+    return run(
+        "DPPMG",
+        "tiny",
+        [str(folder / "tiny.yaml")],
+        {
+            **SMALL_MODEL,
+            "data_path": str(tmp_path),
+            "checkpoint_dir": str(tmp_path / f"saved{nproc}"),
+            "state": "ERROR",
+            "epochs": 4,
+            "nproc": nproc,
+            "seed": 0,
+        },
+    )
 
 
 def test_two_process_cpu_run_matches_one_process(tmp_path):

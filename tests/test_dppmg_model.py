@@ -86,10 +86,12 @@ def test_full_sort_predict_agrees_with_predict(data):
         model.set_eval_quantized(quantized)
         full = model.full_sort_predict(Interaction({model.USER_ID: users})).view(len(users), -1)
         assert full.shape == (len(users), model.n_items)
-        pairs = Interaction({
-            model.USER_ID: users.repeat_interleave(model.n_items),
-            model.ITEM_ID: torch.arange(model.n_items).repeat(len(users)),
-        })
+        pairs = Interaction(
+            {
+                model.USER_ID: users.repeat_interleave(model.n_items),
+                model.ITEM_ID: torch.arange(model.n_items).repeat(len(users)),
+            }
+        )
         assert torch.allclose(model.predict(pairs).view(len(users), -1), full, atol=1e-5)
 
 
@@ -313,9 +315,18 @@ def test_nan_features(tmp_path):
         build(tiny_data(DPPMG, root, name="nan"))
 
 
-@pytest.mark.parametrize("key,value", [("levels", 0), ("codebook_size", "many"), ("ema_decay", 1.0),
-                                       ("modalities", []), ("feature_norm", "minmax"),
-                                       ("item_id_residual", "yes"), ("feature_dropout", 1.0)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("levels", 0),
+        ("codebook_size", "many"),
+        ("ema_decay", 1.0),
+        ("modalities", []),
+        ("feature_norm", "minmax"),
+        ("item_id_residual", "yes"),
+        ("feature_dropout", 1.0),
+    ],
+)
 def test_bad_config_values(data, key, value):
     with pytest.raises(ConfigError, match=key):
         build(data, **{key: value})

@@ -22,7 +22,9 @@ from recbole_dppmg.utils import available_models, get_model
 
 
 def test_overrides_are_typed():
-    values = parse_overrides(["--epochs=5", "--learning_rate=1e-3", "--topk=[10, 20]", "--use_gpu=False", "--learner=adam"])
+    values = parse_overrides(
+        ["--epochs=5", "--learning_rate=1e-3", "--topk=[10, 20]", "--use_gpu=False", "--learner=adam"]
+    )
     assert values == {"epochs": 5, "learning_rate": 1e-3, "topk": [10, 20], "use_gpu": False, "learner": "adam"}
 
 
@@ -79,7 +81,9 @@ def test_cli_bad_input_is_one_line(argv, message, capsys):
 def test_cli_error_in_a_real_process_has_no_traceback():
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "run_dppmg.py"), "-m", "NoSuchModel", "-d", "ml-100k"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -154,7 +158,9 @@ def test_recbole_pickled_checkpoint_is_refused(tmp_path):
 
 @pytest.mark.e2e
 def test_compare_writes_tables(run_settings, tmp_path):
-    results, table = compare(["Pop", "BPR"], "ml-100k", config_dict=dict(run_settings, epochs=1), out_dir=tmp_path / "cmp")
+    results, table = compare(
+        ["Pop", "BPR"], "ml-100k", config_dict=dict(run_settings, epochs=1), out_dir=tmp_path / "cmp"
+    )
     text = table.read_text()
     assert "| Pop |" in text and "| BPR |" in text and "ndcg@10" in text
     csv_lines = (tmp_path / "cmp" / "comparison.csv").read_text().splitlines()

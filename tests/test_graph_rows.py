@@ -17,7 +17,9 @@ from recbole_dppmg.model.graph import (
 
 def random_graph(n_users=30, n_items=20, nnz=120, seed=0):
     rng = np.random.default_rng(seed)
-    inter = sp.coo_matrix((np.ones(nnz), (rng.integers(1, n_users, nnz), rng.integers(1, n_items, nnz))), shape=(n_users, n_items))
+    inter = sp.coo_matrix(
+        (np.ones(nnz), (rng.integers(1, n_users, nnz), rng.integers(1, n_items, nnz))), shape=(n_users, n_items)
+    )
     return normalized_adjacency(inter, n_users, n_items)
 
 
@@ -53,12 +55,17 @@ def test_dppmg_batch_loss_and_gradients_match_full_propagation(tmp_path, monkeyp
         model.zero_grad()
         losses = model.calculate_loss(batch)
         sum(losses).backward()
-        return [l.detach() for l in losses], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return [l.detach() for l in losses], {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
 
     losses, grads = loss_and_grads()
     full = LightGCNPropagation.forward
-    monkeypatch.setattr(LightGCNPropagation, "forward",
-                        lambda self, x, adj, rows=None: full(self, x, adj) if rows is None else full(self, x, adj)[rows])
+    monkeypatch.setattr(
+        LightGCNPropagation,
+        "forward",
+        lambda self, x, adj, rows=None: full(self, x, adj) if rows is None else full(self, x, adj)[rows],
+    )
     ref_losses, ref_grads = loss_and_grads()
     for value, ref in zip(losses, ref_losses):
         assert torch.allclose(value, ref, atol=1e-6)

@@ -14,7 +14,9 @@ def test_frechet_distance_known_values():
     # a shift by c in every dimension adds d * c^2; identical points against a spread set give Tr(S)
     assert frechet_distance(a, a + 2.0) == pytest.approx(5 * 4.0, rel=1e-6)
     point = np.zeros((10, 5))
-    assert frechet_distance(point, a) == pytest.approx((a.mean(0) ** 2).sum() + np.trace(np.cov(a, rowvar=False)), rel=1e-6)
+    assert frechet_distance(point, a) == pytest.approx(
+        (a.mean(0) ** 2).sum() + np.trace(np.cov(a, rowvar=False)), rel=1e-6
+    )
 
 
 def test_retrieval_hit_and_ndcg():
@@ -57,8 +59,13 @@ def test_bench_image_runs_tiny():
 
     from recbole_dppmg.paths import REPO_ROOT
 
-    proc = subprocess.run([sys.executable, "bench/bench_image.py", "--tiny", "--posters", "2", "--steps", "2", "--repeats", "1"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "bench/bench_image.py", "--tiny", "--posters", "2", "--steps", "2", "--repeats", "1"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "s per poster" in proc.stdout
 

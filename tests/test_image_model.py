@@ -36,7 +36,9 @@ def inputs(tmp_path):
 
 
 def _train(tmp_path, export, posters, name="run", **overrides):
-    return train_image_generator("tiny", export, tiny_settings(tmp_path, **overrides), out_dir=tmp_path / name, posters=posters)
+    return train_image_generator(
+        "tiny", export, tiny_settings(tmp_path, **overrides), out_dir=tmp_path / name, posters=posters
+    )
 
 
 def test_train_save_load_gives_identical_seeded_samples(tmp_path, inputs):
@@ -63,8 +65,14 @@ def test_train_save_load_gives_identical_seeded_samples(tmp_path, inputs):
 def test_resume_continues_exactly(tmp_path, inputs):
     straight = _train(tmp_path, *inputs, name="straight", max_steps=4)
     _train(tmp_path, *inputs, name="split", max_steps=2)
-    resumed = train_image_generator("tiny", inputs[0], tiny_settings(tmp_path, max_steps=4), out_dir=tmp_path / "split",
-                                    resume=True, posters=inputs[1])
+    resumed = train_image_generator(
+        "tiny",
+        inputs[0],
+        tiny_settings(tmp_path, max_steps=4),
+        out_dir=tmp_path / "split",
+        resume=True,
+        posters=inputs[1],
+    )
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((resumed / "run.json").read_text())["trained_steps"] == 4
@@ -73,8 +81,16 @@ def test_resume_continues_exactly(tmp_path, inputs):
 def test_generate_writes_pngs_and_contact_sheet(tmp_path, inputs):
     export, posters = inputs
     folder = _train(tmp_path, *inputs)
-    out = run_generate_images("tiny", ["u0", "u3"], export, tiny_settings(tmp_path), checkpoint=folder,
-                              out_dir=tmp_path / "gen", codec=PixelCodec(), posters=posters)
+    out = run_generate_images(
+        "tiny",
+        ["u0", "u3"],
+        export,
+        tiny_settings(tmp_path),
+        checkpoint=folder,
+        out_dir=tmp_path / "gen",
+        codec=PixelCodec(),
+        posters=posters,
+    )
     from PIL import Image
 
     assert Image.open(out / "u0.png").size == (8, 16)
@@ -108,7 +124,9 @@ def test_wrong_image_size(tmp_path, inputs):
 def test_missing_autoencoder_weights(tmp_path, inputs):
     with pytest.raises(CheckpointError, match="autoencoder weights missing in .*taef2_encoder.pth, taef2_decoder.pth"):
         load_autoencoder(tmp_path)
-    settings = tiny_settings(tmp_path, space="latent", height=16, width=16, unet_channels=[8], autoencoder_path=str(tmp_path / "nowhere"))
+    settings = tiny_settings(
+        tmp_path, space="latent", height=16, width=16, unet_channels=[8], autoencoder_path=str(tmp_path / "nowhere")
+    )
     with pytest.raises(CheckpointError, match="autoencoder weights missing"):
         train_image_generator("tiny", inputs[0], settings, out_dir=tmp_path / "run", posters=inputs[1])
     torch.save({"not": torch.zeros(1)}, tmp_path / "taef2_encoder.pth")
@@ -132,7 +150,9 @@ def test_token_export_of_another_dataset(tmp_path, inputs):
 def test_latent_space_training_with_a_tiny_autoencoder(tmp_path, inputs):
     codec = TinyAutoencoder(latent_channels=4, width=8).eval()
     settings = tiny_settings(tmp_path, space="latent", height=16, width=16, unet_channels=[8])
-    folder = train_image_generator("tiny", inputs[0], settings, out_dir=tmp_path / "run", posters=inputs[1], codec=codec)
+    folder = train_image_generator(
+        "tiny", inputs[0], settings, out_dir=tmp_path / "run", posters=inputs[1], codec=codec
+    )
     model, _ = load_image_generator(folder)
     images = generate_posters(model, codec, torch.zeros(2, 4, dtype=torch.long), steps=2, progress=False)
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1

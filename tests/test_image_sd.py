@@ -19,7 +19,9 @@ def _tiny_tokenizer(folder):
     """A byte-level CLIP tokenizer with no merges: every character is a token."""
     from transformers import CLIPTokenizer
 
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = [chr(b) for b in printable] + [chr(256 + k) for k in range(256 - len(printable))]  # GPT-2 byte alphabet
     vocab = {c: k for k, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
     folder.mkdir(parents=True, exist_ok=True)
@@ -41,22 +43,61 @@ def tiny_pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
     torch.manual_seed(0)
     tokenizer = _tiny_tokenizer(root / "tok")
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                num_attention_heads=2, max_position_embeddings=16,
-                                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=8)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=8,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(root / "pipe")
     return root / "pipe"
 
 
 def _state(pipe):
-    return {f"{name}.{k}": v.detach().clone() for name in ("text_encoder", "unet", "vae") for k, v in getattr(pipe, name).state_dict().items()}
+    return {
+        f"{name}.{k}": v.detach().clone()
+        for name in ("text_encoder", "unet", "vae")
+        for k, v in getattr(pipe, name).state_dict().items()
+    }
 
 
 def test_only_new_token_embeddings_change(tmp_path, tiny_pipeline):
@@ -65,8 +106,17 @@ def test_only_new_token_embeddings_change(tmp_path, tiny_pipeline):
     pipe = load_sd_pipeline(tiny_pipeline, "cpu")
     old_vocab = len(pipe.tokenizer)
     before = _state(pipe)
-    config = {"height": 16, "width": 16, "batch_size": 2, "max_steps": 3, "learning_rate": 0.05, "progress": False, "device": "cpu",
-              "valid_users": 1, "test_users": 1}
+    config = {
+        "height": 16,
+        "width": 16,
+        "batch_size": 2,
+        "max_steps": 3,
+        "learning_rate": 0.05,
+        "progress": False,
+        "device": "cpu",
+        "valid_users": 1,
+        "test_users": 1,
+    }
     run = train_sd_tokens(tiny_pipeline, "tiny", export, config, tmp_path / "run", posters=posters, pipe=pipe)
     after = _state(pipe)
     key = next(k for k in after if k.startswith("text_encoder.") and k.endswith("token_embedding.weight"))
@@ -86,13 +136,32 @@ def test_embeddings_actually_train(tmp_path, tiny_pipeline):
     posters = write_tiny_posters(tmp_path / "posters")
     pipe = load_sd_pipeline(tiny_pipeline, "cpu")
     old_vocab = len(pipe.tokenizer)
-    config = {"height": 16, "width": 16, "batch_size": 2, "max_steps": 1, "learning_rate": 0.0, "progress": False, "device": "cpu",
-              "valid_users": 1, "test_users": 1}
+    config = {
+        "height": 16,
+        "width": 16,
+        "batch_size": 2,
+        "max_steps": 1,
+        "learning_rate": 0.0,
+        "progress": False,
+        "device": "cpu",
+        "valid_users": 1,
+        "test_users": 1,
+    }
     start = train_sd_tokens(tiny_pipeline, "tiny", export, config, tmp_path / "a", posters=posters, pipe=pipe)
-    trained = train_sd_tokens(tiny_pipeline, "tiny", export, {**config, "max_steps": 3, "learning_rate": 0.05}, tmp_path / "b", posters=posters)
+    trained = train_sd_tokens(
+        tiny_pipeline,
+        "tiny",
+        export,
+        {**config, "max_steps": 3, "learning_rate": 0.05},
+        tmp_path / "b",
+        posters=posters,
+    )
     from safetensors.torch import load_file
 
-    a, b = load_file(str(start / "sd_tokens.safetensors"))["embeddings"], load_file(str(trained / "sd_tokens.safetensors"))["embeddings"]
+    a, b = (
+        load_file(str(start / "sd_tokens.safetensors"))["embeddings"],
+        load_file(str(trained / "sd_tokens.safetensors"))["embeddings"],
+    )
     assert a.shape == b.shape == (16, 16) and not torch.allclose(a, b)
 
 

@@ -25,8 +25,10 @@ def _targets(node, modules: dict[str, Path]) -> list[str]:
     if isinstance(node, ast.Import):
         names = [alias.name for alias in node.names]
     elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-        names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
-                 for alias in node.names]
+        names = [
+            f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+            for alias in node.names
+        ]
     out = []
     for name in names:
         if not name.startswith(NAME):
@@ -58,7 +60,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:
@@ -96,7 +98,8 @@ def test_project_imports_at_module_top():
                 continue
             for inner in ast.walk(node):
                 if isinstance(inner, (ast.Import, ast.ImportFrom)) and any(
-                        target.startswith(NAME) for target in _targets(inner, {n: None for n in _modules()})):
+                    target.startswith(NAME) for target in _targets(inner, {n: None for n in _modules()})
+                ):
                     if "#" not in lines[inner.lineno - 1]:
                         offenders.append(f"{path.relative_to(PACKAGE.parent)}:{inner.lineno}")
     assert not offenders, "function-local project imports without a reason: " + ", ".join(sorted(set(offenders)))
@@ -120,7 +123,7 @@ def test_layers_point_one_way():
         if len(parts) < 2 or parts[1] not in order:
             continue
         rank = order.index(parts[1])
-        higher = sorted(e for e in edges if len(e.split(".")) > 1 and e.split(".")[1] in order[rank + 1:])
+        higher = sorted(e for e in edges if len(e.split(".")) > 1 and e.split(".")[1] in order[rank + 1 :])
         assert not higher, f"{name} imports the higher layer {higher}"
 
 
@@ -130,6 +133,9 @@ def test_no_private_name_imported_from_another_module():
     for name, path in _modules().items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(NAME):
-                offenders += [f"{name} imports {node.module}.{a.name}" for a in node.names
-                              if a.name.startswith("_") and not a.name.startswith("__")]
+                offenders += [
+                    f"{name} imports {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
     assert not offenders, "; ".join(offenders)

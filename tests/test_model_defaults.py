@@ -33,8 +33,13 @@ def config_reads(path: Path) -> set[str]:
     the dataset's ``<m>_feature_field`` are dataset properties, not model keys)."""
     keys = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "config"
-                and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
+        if (
+            isinstance(node, ast.Subscript)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "config"
+            and isinstance(node.slice, ast.Constant)
+            and isinstance(node.slice.value, str)
+        ):
             keys.add(node.slice.value)
     return keys
 
@@ -105,15 +110,38 @@ def test_a_missing_vbpr_key_is_an_error_naming_it_and_its_yaml(vbpr_data, key):
 
 
 BAD_DPPMG_VALUES = [
-    ("modalities", []), ("modalities", ["text", "text"]), ("modalities", [1]),
-    ("feature_fields", ["text_feat"]), ("mask_fields", {"image": 3}), ("feature_dims", {"text": 0}),
-    ("feature_norm", "minmax"), ("embedding_size", 0), ("embedding_size", 8.0), ("reg_weight", -1e-5),
-    ("mlp_hidden_size", [64, 0]), ("mlp_hidden_size", "64"), ("n_layers", -1), ("n_layers", True),
-    ("item_id_residual", "yes"), ("item_id_residual", 1), ("feature_dropout", 1.0), ("feature_dropout", -0.1),
-    ("levels", 0), ("codebook_size", 1), ("codebook_size", "many"), ("commitment_beta", -0.25),
-    ("vq_weight", -1), ("vq_weight", None), ("ema_decay", 1.0), ("dead_code_threshold", -0.1),
-    ("kmeans_warmup_epochs", -1), ("kmeans_warmup_epochs", 0.5), ("continuous_bpr_weight", "0"),
-    ("eval_quantized", "True"), ("token_index_type", "hnsw"), ("token_index_type", "ivf0"),
+    ("modalities", []),
+    ("modalities", ["text", "text"]),
+    ("modalities", [1]),
+    ("feature_fields", ["text_feat"]),
+    ("mask_fields", {"image": 3}),
+    ("feature_dims", {"text": 0}),
+    ("feature_norm", "minmax"),
+    ("embedding_size", 0),
+    ("embedding_size", 8.0),
+    ("reg_weight", -1e-5),
+    ("mlp_hidden_size", [64, 0]),
+    ("mlp_hidden_size", "64"),
+    ("n_layers", -1),
+    ("n_layers", True),
+    ("item_id_residual", "yes"),
+    ("item_id_residual", 1),
+    ("feature_dropout", 1.0),
+    ("feature_dropout", -0.1),
+    ("levels", 0),
+    ("codebook_size", 1),
+    ("codebook_size", "many"),
+    ("commitment_beta", -0.25),
+    ("vq_weight", -1),
+    ("vq_weight", None),
+    ("ema_decay", 1.0),
+    ("dead_code_threshold", -0.1),
+    ("kmeans_warmup_epochs", -1),
+    ("kmeans_warmup_epochs", 0.5),
+    ("continuous_bpr_weight", "0"),
+    ("eval_quantized", "True"),
+    ("token_index_type", "hnsw"),
+    ("token_index_type", "ivf0"),
 ]
 
 
@@ -123,14 +151,25 @@ def test_a_bad_dppmg_value_is_an_error_naming_the_key(data, key, value):
         build_model(DPPMG, data, **{key: value})
 
 
-@pytest.mark.parametrize("key,value", [("modalities", ["text", "id"]), ("content_embedding_size", 0),
-                                       ("feature_norm", "unit"), ("reg_weight", "1e-5")])
+@pytest.mark.parametrize(
+    "key,value",
+    [("modalities", ["text", "id"]), ("content_embedding_size", 0), ("feature_norm", "unit"), ("reg_weight", "1e-5")],
+)
 def test_a_bad_vbpr_value_is_an_error_naming_the_key(vbpr_data, key, value):
     with pytest.raises(ConfigError, match=rf"VBPR key {key} = .*: must be "):
         build_model(VBPR, vbpr_data, **{key: value})
 
 
 def test_edge_values_are_accepted(data):
-    model = build_model(DPPMG, data, modalities="text,id", n_layers=0, mlp_hidden_size=4, feature_dropout=0.0,
-                        codebook_size=2, vq_weight=0, token_index_type="ivf2")
+    model = build_model(
+        DPPMG,
+        data,
+        modalities="text,id",
+        n_layers=0,
+        mlp_hidden_size=4,
+        feature_dropout=0.0,
+        codebook_size=2,
+        vq_weight=0,
+        token_index_type="ivf2",
+    )
     assert model.modalities == ["text", "id"] and model.n_layers == 0

@@ -73,7 +73,10 @@ def test_generator_runs_count_only_with_the_same_export_and_settings(tmp_path):
     cfg = load_settings("text", {"max_steps": 5})
     run = _text_run(root, "TextGen-a", tokens, cfg)
     assert valid_text_run("tiny", tokens, cfg, root) == (run, True)
-    assert valid_text_run("tiny", tokens, {**cfg, "num_threads": 2, "progress": False}, root) == (run, True)  # runtime keys
+    assert valid_text_run("tiny", tokens, {**cfg, "num_threads": 2, "progress": False}, root) == (
+        run,
+        True,
+    )  # runtime keys
     assert valid_text_run("tiny", tokens, {**cfg, "max_steps": 6}, root) == (None, False)
     assert valid_text_run("tiny", tmp_path / "other-tokens", cfg, root) == (None, False)
     time.sleep(0.01)
@@ -83,8 +86,12 @@ def test_generator_runs_count_only_with_the_same_export_and_settings(tmp_path):
     settings = load_settings("image", {"max_steps": 10})
     image = root / "tiny" / "ImageGen-a"
     image.mkdir(parents=True)
-    meta = {"tokens_folder": str(tokens), "model": {k: settings[k] for k in MODEL_KEYS},
-            "train": {k: settings[k] for k in TRAIN_KEYS}, "trained_steps": 10}
+    meta = {
+        "tokens_folder": str(tokens),
+        "model": {k: settings[k] for k in MODEL_KEYS},
+        "train": {k: settings[k] for k in TRAIN_KEYS},
+        "trained_steps": 10,
+    }
     (image / "image_config.json").write_text(json.dumps(meta))
     assert valid_image_run("tiny", tokens, settings, root) == (image, True)
     assert valid_image_run("tiny", tokens, {**settings, "max_minutes": 1.0}, root) == (image, True)
@@ -95,7 +102,9 @@ def test_generator_runs_count_only_with_the_same_export_and_settings(tmp_path):
     rl = root / "tiny" / "TextRL-a"
     rl.mkdir()
     rl_cfg = {"steps": 8, "learning_rate": 0.002, "max_minutes": 2.0, "partner": "x"}
-    (rl / "rl_config.json").write_text(json.dumps({"source_run": str(run), "partner_run": str(image), "rl": rl_cfg, "steps_done": 8}))
+    (rl / "rl_config.json").write_text(
+        json.dumps({"source_run": str(run), "partner_run": str(image), "rl": rl_cfg, "steps_done": 8})
+    )
     assert valid_rl_run("tiny", "TextRL", run, {**rl_cfg, "max_minutes": 9.0}, root, partner=image) == (rl, True)
     assert valid_rl_run("tiny", "TextRL", run, rl_cfg, root, partner=tmp_path / "another-image-run") == (None, False)
     assert valid_rl_run("tiny", "TextRL", unfinished, rl_cfg, root) == (None, False)
@@ -109,7 +118,9 @@ def test_a_report_counts_only_for_the_same_runs_settings_and_weights(tmp_path):
     cfg, reward = load_settings("evaluate", {"users": 4}), load_settings("reward")
     report = root / "tiny" / "Report-a" / "report"
     report.mkdir(parents=True)
-    (report / "report.json").write_text(json.dumps({"runs": runs.__dict__, "evaluate": {**cfg, "progress": False}, "reward": reward}))
+    (report / "report.json").write_text(
+        json.dumps({"runs": runs.__dict__, "evaluate": {**cfg, "progress": False}, "reward": reward})
+    )
     assert valid_report("tiny", runs, cfg, reward, root) == report
     assert valid_report("tiny", runs, {**cfg, "users": 5}, reward, root) is None
     assert valid_report("tiny", runs, cfg, {**reward, "consistency_weight": 2.0}, root) is None
@@ -150,14 +161,24 @@ def test_rl_in_two_phases_starts_the_second_from_the_first(tiny_pipeline, monkey
         run.mkdir(parents=True)
         cfg = rl_phase_settings("text", overrides, quick)
         calls.append((Path(source).name, cfg["advantage_scale"], cfg["then"]))
-        (run / "rl_config.json").write_text(json.dumps({"source_run": str(source), "partner_run": overrides["partner"], "rl": cfg,
-                                                         "steps_done": cfg["steps"] - stopped_early}))
+        (run / "rl_config.json").write_text(
+            json.dumps(
+                {
+                    "source_run": str(source),
+                    "partner_run": overrides["partner"],
+                    "rl": cfg,
+                    "steps_done": cfg["steps"] - stopped_early,
+                }
+            )
+        )
         return run
 
     def two_phase_pipeline():
         pipeline = tiny_pipeline()
         pipeline.sections["rl"] = {"text": {"steps": 2, "then": {"advantage_scale": "component"}}}
-        pipeline.outputs.update(text=str(tmp_path / "TextGen-x"), image=str(tmp_path / "ImageGen-x"), export="e", judge=object())
+        pipeline.outputs.update(
+            text=str(tmp_path / "TextGen-x"), image=str(tmp_path / "ImageGen-x"), export="e", judge=object()
+        )
         return pipeline
 
     monkeypatch.setattr(rl_text, "train_text_rl", fake_train)
@@ -187,7 +208,10 @@ def test_rl_phase_settings_are_checked():
         rl_phase_settings("image", {"then": "component"})
     cfg = rl_phase_settings("text", {"steps": 3, "resume": "x", "then": {"advantage_scale": "component"}})
     assert next_phase({"steps": 3, "resume": "x", "then": {"advantage_scale": "component"}}, cfg) == {
-        "steps": 3, "advantage_scale": "component", "then": None}
+        "steps": 3,
+        "advantage_scale": "component",
+        "then": None,
+    }
     assert next_phase({}, rl_phase_settings("text", {"then": None})) is None
     assert next_phase({}, rl_phase_settings("text", quick=True)) is None  # the quick profile: one phase
 
@@ -205,8 +229,12 @@ def test_the_report_finds_the_last_rl_phase(tmp_path):
         (run / "rl_config.json").write_text(json.dumps({"source_run": str(source)}))
         time.sleep(0.01)
     (warmup / "users.json").write_text("{}")
-    assert _rl_run("tiny", root, "TextRL", None, warmup, _finished_text_runs) == str((root / "tiny" / "TextRL-2").resolve())
-    assert _rl_run("tiny", root, "TextRL", str(root / "tiny" / "TextRL-2"), warmup, _finished_text_runs).endswith("TextRL-2")
+    assert _rl_run("tiny", root, "TextRL", None, warmup, _finished_text_runs) == str(
+        (root / "tiny" / "TextRL-2").resolve()
+    )
+    assert _rl_run("tiny", root, "TextRL", str(root / "tiny" / "TextRL-2"), warmup, _finished_text_runs).endswith(
+        "TextRL-2"
+    )
     with pytest.raises(CheckpointError, match="was not made from"):
         _rl_run("tiny", root, "TextRL", str(root / "tiny" / "TextRL-3"), warmup, _finished_text_runs)
 
@@ -226,16 +254,22 @@ def _generators(root, tokens):
 
 def _fake_rl(root, prefix, weights, calls, steps_short=0):
     """A stand-in for train_text_rl / train_image_rl: writes the RL run's rl_config.json and weights."""
+
     def train(dataset, source, judge, overrides, quick):
         run = Path(overrides["resume"]) if overrides.get("resume") else root / "tiny" / f"{prefix}-{len(calls)}"
         (run / Path(weights).parent).mkdir(parents=True, exist_ok=True)
         cfg = rl_phase_settings(prefix[:-2].lower(), overrides, quick)
         calls.append((prefix, Path(source).name, cfg["steps"], overrides.get("resume")))
-        saved = {"source_run": str(source), "partner_run": overrides["partner"], "rl": cfg,
-                 "steps_done": cfg["steps"] - steps_short}
+        saved = {
+            "source_run": str(source),
+            "partner_run": overrides["partner"],
+            "rl": cfg,
+            "steps_done": cfg["steps"] - steps_short,
+        }
         (run / "rl_config.json").write_text(json.dumps(saved))
         (run / weights).write_text("weights")
         return run
+
     return train
 
 
@@ -270,8 +304,11 @@ def test_stage_rl_runs_text_and_image_rl_and_a_second_call_skips_them(tmp_path, 
     record = json.loads(sorted((root / "tiny").glob("Pipeline-*/pipeline.json"))[-1].read_text())
     assert [s["stage"] for s in record["stages"]] == ["rl_text", "rl_image"]
     assert {s["status"] for s in record["stages"]} == {"skipped"}
-    assert record["generators"] == {"tokens": str(tokens.resolve()), "text": str(text.resolve()),
-                                    "image": str(image.resolve())}
+    assert record["generators"] == {
+        "tokens": str(tokens.resolve()),
+        "text": str(text.resolve()),
+        "image": str(image.resolve()),
+    }
 
 
 def test_generate_takes_the_last_finished_rl_phase_over_the_warm_up(tmp_path, monkeypatch, caplog):

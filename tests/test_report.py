@@ -45,7 +45,10 @@ def poster_features(images):
 def add_item_texts_and_posters(item_file):
     """Title, year, genres, plot and poster columns for the tiny items (text tests read them)."""
     lines = item_file.read_text().splitlines()
-    out = [lines[0] + "\ttitle:token_seq\tyear:token\tgenres:token_seq\tdescription:token_seq\tdescription_mask:float\tposter:token"]
+    out = [
+        lines[0]
+        + "\ttitle:token_seq\tyear:token\tgenres:token_seq\tdescription:token_seq\tdescription_mask:float\tposter:token"
+    ]
     for line in lines[1:]:
         item = line.split("\t")[0]
         k = int(item[1:])
@@ -64,22 +67,45 @@ def tiny_run(tmp_path_factory):
     backbone = root / "tiny-lm"
     tiny_lm(tokenizer).save_pretrained(backbone)
     tokenizer.save_pretrained(backbone)
-    text_cfg = {"backbone": str(backbone), "checkpoint_dir": str(root / "saved"), **SPLIT, "max_steps": 2, "batch_size": 2,
-                "eval_steps": 2, "save_steps": 2, "valid_pairs": 2, "max_target_tokens": 8, "progress": False, "num_threads": 1,
-                "generate": {"max_new_tokens": 4, "batch_size": 4}}
+    text_cfg = {
+        "backbone": str(backbone),
+        "checkpoint_dir": str(root / "saved"),
+        **SPLIT,
+        "max_steps": 2,
+        "batch_size": 2,
+        "eval_steps": 2,
+        "save_steps": 2,
+        "valid_pairs": 2,
+        "max_target_tokens": 8,
+        "progress": False,
+        "num_threads": 1,
+        "generate": {"max_new_tokens": 4, "batch_size": 4},
+    }
     with pytest.MonkeyPatch.context() as patch:
         patch_everywhere(patch, text_pipeline.item_file, lambda dataset: item_file)
         text_run = text_pipeline.train_text_generator("tiny", export, text_cfg)
-    image_run = train_image_generator("tiny", export, tiny_settings(root, **SPLIT), out_dir=root / "saved" / "tiny" / "ImageGen-tiny", posters=posters)
+    image_run = train_image_generator(
+        "tiny", export, tiny_settings(root, **SPLIT), out_dir=root / "saved" / "tiny" / "ImageGen-tiny", posters=posters
+    )
     for kind, source, steps in (("TextRL", text_run, 3), ("ImageRL", image_run, 2)):
         rl = root / "saved" / "tiny" / f"{kind}-tiny"
         shutil.copytree(source, rl)
         write_run_meta(rl, kind, {"source_run": str(source.resolve())}, RL_SECTION)
-        history = [{"step": s + 1, "reward_total": 0.5 + 0.01 * s, "reward_consistency": 0.3, "kl": 0.001 * s} for s in range(steps)]
+        history = [
+            {"step": s + 1, "reward_total": 0.5 + 0.01 * s, "reward_consistency": 0.3, "kl": 0.001 * s}
+            for s in range(steps)
+        ]
         (rl / "rl_history.json").write_text(json.dumps(history))
-    options = dict(text_config_overrides={"backbone": str(backbone), "generate": {"max_new_tokens": 4, "batch_size": 4}},
-                   image_config_overrides={"sample_steps": 2, "sample_batch": 4}, text_featurize=text_features,
-                   image_featurize=poster_features, codec=PixelCodec(), posters=posters, dataset_dir=data / "tiny", root=root / "saved")
+    options = dict(
+        text_config_overrides={"backbone": str(backbone), "generate": {"max_new_tokens": 4, "batch_size": 4}},
+        image_config_overrides={"sample_steps": 2, "sample_batch": 4},
+        text_featurize=text_features,
+        image_featurize=poster_features,
+        codec=PixelCodec(),
+        posters=posters,
+        dataset_dir=data / "tiny",
+        root=root / "saved",
+    )
     return root, export, text_run, image_run, options
 
 
@@ -92,14 +118,31 @@ def test_report_on_a_tiny_run(tiny_run):
     assert len(result["users"]) == 4 and result["seeds"] == [0, 1]
     assert set(result["per_seed"]) == {"no_tokens", "shuffled", "soft_prompt", "dppmg", "dppmg_rl", "ceiling"}
     dppmg = result["per_seed"]["dppmg"]["0"]
-    for metric in ("text_hit@10", "image_ndcg@10", "text_judge", "image_judge", "consistency", "reward", "perplexity", "distinct2", "frechet_distance"):
+    for metric in (
+        "text_hit@10",
+        "image_ndcg@10",
+        "text_judge",
+        "image_judge",
+        "consistency",
+        "reward",
+        "perplexity",
+        "distinct2",
+        "frechet_distance",
+    ):
         assert metric in dppmg, metric
     assert 0 <= dppmg["text_judge"] <= 1 and 0 <= dppmg["consistency"] <= 1 and dppmg["perplexity"] > 1
     assert "image_judge" not in result["per_seed"]["soft_prompt"]["0"]  # no continuous baseline for posters
     assert result["summary"]["dppmg"]["text_judge"]["seeds"] == 2
     assert result["summary"]["ceiling"]["text_judge"]["std"] == 0  # real content: the same for every seed
     table = (report / "report.md").read_text()
-    for label in ("no tokens", "shuffled tokens", "continuous soft prompt", "DPPMG before RL", "DPPMG after RL", "ceiling"):
+    for label in (
+        "no tokens",
+        "shuffled tokens",
+        "continuous soft prompt",
+        "DPPMG before RL",
+        "DPPMG after RL",
+        "ceiling",
+    ):
         assert f"| {label}" in table
     soft_row = next(line for line in table.splitlines() if line.startswith("| continuous soft prompt"))
     assert "n/a" in soft_row
@@ -178,8 +221,20 @@ def test_rl_effect_verdicts():
     def s(mean, low, high):
         return {"mean": mean, "std": (high - low) / 2, "min": low, "max": high, "seeds": 3}
 
-    summary = {"dppmg": {"reward": s(0.50, 0.48, 0.52), "consistency": s(0.60, 0.55, 0.65), "perplexity": s(10.0, 9, 11), "frechet_distance": s(100, 99, 101)},
-               "dppmg_rl": {"reward": s(0.56, 0.53, 0.58), "consistency": s(0.66, 0.60, 0.70), "perplexity": s(10.5, 10, 11), "frechet_distance": s(115, 114, 116)}}
+    summary = {
+        "dppmg": {
+            "reward": s(0.50, 0.48, 0.52),
+            "consistency": s(0.60, 0.55, 0.65),
+            "perplexity": s(10.0, 9, 11),
+            "frechet_distance": s(100, 99, 101),
+        },
+        "dppmg_rl": {
+            "reward": s(0.56, 0.53, 0.58),
+            "consistency": s(0.66, 0.60, 0.70),
+            "perplexity": s(10.5, 10, 11),
+            "frechet_distance": s(115, 114, 116),
+        },
+    }
     effect = rl_effect(summary)
     assert effect["reward"]["raised_beyond_seed_spread"] and not effect["consistency"]["raised_beyond_seed_spread"]
     assert effect["perplexity"]["within_tolerance"] and not effect["frechet_distance"]["within_tolerance"]
@@ -198,7 +253,9 @@ def test_reward_curves_follow_rl_phases(tmp_path):
         run = tmp_path / name
         run.mkdir()
         (run / "rl_config.json").write_text(json.dumps({"source_run": str(source)}))
-        (run / "rl_history.json").write_text(json.dumps([{"step": s, "reward_total": 0.1 * s, "kl": 0.0} for s in range(1, steps + 1)]))
+        (run / "rl_history.json").write_text(
+            json.dumps([{"step": s, "reward_total": 0.1 * s, "kl": 0.0} for s in range(1, steps + 1)])
+        )
         source = run
     phases = rl_phases(tmp_path / "TextRL-2")
     assert [p.name for p in phases] == ["TextRL-1", "TextRL-2"]

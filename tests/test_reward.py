@@ -45,9 +45,15 @@ def test_text_and_poster_of_one_item_are_more_consistent_than_unrelated_ones(jud
     other = judge.consistency(_features(judge, "text", items), _features(judge, "image", unrelated))
     assert same.shape == (len(items),) and ((0 <= same) & (same <= 1)).all()
     assert same.mean() > other.mean() + 0.2 and (same > other).mean() > 0.9
-    bhattacharyya = PreferenceJudge(judge.tokens, judge.catalogues, load_settings("reward", {"consistency_measure": "bhattacharyya"}))
-    assert bhattacharyya.consistency(_features(judge, "text", items[:5]), _features(judge, "image", items[:5])).mean() > \
-        bhattacharyya.consistency(_features(judge, "text", items[:5]), _features(judge, "image", unrelated[:5])).mean()
+    bhattacharyya = PreferenceJudge(
+        judge.tokens, judge.catalogues, load_settings("reward", {"consistency_measure": "bhattacharyya"})
+    )
+    assert (
+        bhattacharyya.consistency(_features(judge, "text", items[:5]), _features(judge, "image", items[:5])).mean()
+        > bhattacharyya.consistency(
+            _features(judge, "text", items[:5]), _features(judge, "image", unrelated[:5])
+        ).mean()
+    )
 
 
 @pytest.mark.parametrize("user_vector", ["quantized", "continuous"])
@@ -82,7 +88,9 @@ def test_percentile_counts_the_catalogue_below(judged):
 
 def test_reward_total_is_the_weighted_mean(judged):
     tokens, data, _ = judged
-    judge = PreferenceJudge.for_dataset("tiny", tokens, {"consistency_weight": 2.0, "image_personalization_weight": 0.0}, dataset_dir=data / "tiny")
+    judge = PreferenceJudge.for_dataset(
+        "tiny", tokens, {"consistency_weight": 2.0, "image_personalization_weight": 0.0}, dataset_dir=data / "tiny"
+    )
     users = tokens.users[:3]
     text, image = _features(judge, "text", ["i1", "i2", "i3"]), _features(judge, "image", ["i1", "i2", "i3"])
     out = judge.reward(users, text_features=text, image_features=image)
@@ -110,10 +118,26 @@ def _tiny_clip(folder):
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=32)
     images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=32, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"]),
-        vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
-        projection_dim=8)
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            image_size=16,
+            patch_size=8,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
+        projection_dim=8,
+    )
     CLIPModel(config).save_pretrained(folder)
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     return folder
@@ -121,8 +145,9 @@ def _tiny_clip(folder):
 
 def test_optional_clip_term(judged, tmp_path):
     tokens, data, _ = judged
-    judge = PreferenceJudge.for_dataset("tiny", tokens, {"clip_path": str(_tiny_clip(tmp_path / "clip")), "clip_weight": 1.0},
-                                        dataset_dir=data / "tiny")
+    judge = PreferenceJudge.for_dataset(
+        "tiny", tokens, {"clip_path": str(_tiny_clip(tmp_path / "clip")), "clip_weight": 1.0}, dataset_dir=data / "tiny"
+    )
     users = tokens.users[:2]
     text, image = _features(judge, "text", ["i1", "i2"]), _features(judge, "image", ["i1", "i2"])
     posters = [Image.new("RGB", (8, 12), (200, 30, 30)), Image.new("RGB", (8, 12), (30, 30, 200))]
@@ -132,7 +157,9 @@ def test_optional_clip_term(judged, tmp_path):
     np.testing.assert_allclose(out["total"], (sum(parts) + out["clip"]) / 4)
     assert "clip" not in judge.reward(users, text, image)  # no raw content given: no CLIP term
     with pytest.raises(CheckpointError, match="not a Hugging Face CLIP folder"):
-        PreferenceJudge.for_dataset("tiny", tokens, {"clip_path": str(tmp_path)}, dataset_dir=data / "tiny").clip_scorer()
+        PreferenceJudge.for_dataset(
+            "tiny", tokens, {"clip_path": str(tmp_path)}, dataset_dir=data / "tiny"
+        ).clip_scorer()
 
 
 def test_bad_settings_and_inputs(judged):
@@ -142,7 +169,18 @@ def test_bad_settings_and_inputs(judged):
     with pytest.raises(ConfigError, match="reward.consistency_measure must be one of js, bhattacharyya"):
         load_settings("reward", {"consistency_measure": "kl"})
     with pytest.raises(ConfigError, match="weights must be >= 0 and not all 0"):
-        load_settings("reward", {k: 0 for k in ("text_personalization_weight", "image_personalization_weight", "consistency_weight", "clip_weight")})
+        load_settings(
+            "reward",
+            {
+                k: 0
+                for k in (
+                    "text_personalization_weight",
+                    "image_personalization_weight",
+                    "consistency_weight",
+                    "clip_weight",
+                )
+            },
+        )
     with pytest.raises(DataError, match="one feature row per user, got 1 rows for 2 users"):
         judge.personalization(tokens.users[:2], "text", np.zeros((1, 8)))
     with pytest.raises(DataError, match="width 5, the export's encoder expects 6"):
@@ -165,7 +203,9 @@ def test_an_export_with_an_id_channel(tmp_path):
     judge = PreferenceJudge.for_dataset("tiny", tokens, dataset_dir=data / "tiny")
     assert judge.modalities == ["text", "image"] and tokens.modalities == ["text", "image", "id"]
     users = tokens.users[:3]
-    out = judge.reward(users, _features(judge, "text", ["i1", "i2", "i3"]), _features(judge, "image", ["i1", "i2", "i3"]))
+    out = judge.reward(
+        users, _features(judge, "text", ["i1", "i2", "i3"]), _features(judge, "image", ["i1", "i2", "i3"])
+    )
     assert out["total"].shape == (3,)
     top = top_recommended_items(tokens, users, set(tokens.item_ids[1:]))
     seen = {i for i, _ in tokens.history(users[0], "train")} | {i for i, _ in tokens.history(users[0], "valid")}

@@ -72,8 +72,20 @@ def letters_reward(tokens):
 
 
 def text_cfg(**overrides):
-    return rl_phase_settings("text", {"users_per_step": 4, "group_size": 4, "max_new_tokens": 8, "learning_rate": 0.1, "kl_weight": 0.02,
-                              "save_steps": 1, "progress": False, "max_minutes": None, **overrides})
+    return rl_phase_settings(
+        "text",
+        {
+            "users_per_step": 4,
+            "group_size": 4,
+            "max_new_tokens": 8,
+            "learning_rate": 0.1,
+            "kl_weight": 0.02,
+            "save_steps": 1,
+            "progress": False,
+            "max_minutes": None,
+            **overrides,
+        },
+    )
 
 
 def make_image(tmp_path):
@@ -95,8 +107,19 @@ def colour_reward(tokens):
 
 
 def image_cfg(**overrides):
-    return rl_phase_settings("image", {"users_per_step": 2, "group_size": 8, "sample_steps": 4, "learning_rate": 0.1, "save_steps": 1,
-                               "progress": False, "max_minutes": None, **overrides})
+    return rl_phase_settings(
+        "image",
+        {
+            "users_per_step": 2,
+            "group_size": 8,
+            "sample_steps": 4,
+            "learning_rate": 0.1,
+            "save_steps": 1,
+            "progress": False,
+            "max_minutes": None,
+            **overrides,
+        },
+    )
 
 
 # ---------------------------------------------------------------------------- loss pieces
@@ -106,7 +129,9 @@ def test_group_advantages_on_a_hand_made_group():
     np.testing.assert_allclose(adv[:3], np.array([-1.0, 0.0, 1.0]) / (1.0 + 1e-4))  # group std (ddof 1) = 1
     assert np.all(adv[3:] == 0)  # equal rewards carry no signal
     np.testing.assert_allclose(group_advantages(rewards, 3, "none"), [-1, 0, 1, 0, 0, 0], atol=1e-12)
-    np.testing.assert_allclose(group_advantages(rewards, 3, "batch")[:3], np.array([-1, 0, 1]) / (np.std(rewards, ddof=1) + 1e-4))
+    np.testing.assert_allclose(
+        group_advantages(rewards, 3, "batch")[:3], np.array([-1, 0, 1]) / (np.std(rewards, ddof=1) + 1e-4)
+    )
     # a constant per group (the fixed partner modality's personalization) cancels exactly
     np.testing.assert_allclose(group_advantages(np.array(rewards) + [0.3, 0.3, 0.3, 0.9, 0.9, 0.9], 3), adv, atol=1e-9)
     with pytest.raises(DataError, match="groups of 4"):
@@ -119,8 +144,12 @@ def test_component_advantages_give_a_narrow_component_its_weight():
     judge = np.array([0.2, 0.8, 0.5, 0.6, 0.3, 0.9, 0.4, 0.7])
     consistency = np.array([0.37, 0.36, 0.41, 0.35, 0.40, 0.36, 0.38, 0.37])
     partner = np.repeat([0.55, 0.65], 4)
-    table = {"text_personalization": judge, "consistency": consistency, "image_personalization": partner,
-             "total": (judge + consistency + partner) / 3}
+    table = {
+        "text_personalization": judge,
+        "consistency": consistency,
+        "image_personalization": partner,
+        "total": (judge + consistency + partner) / 3,
+    }
     by_total = reward_advantages(table, 4, "group")
     np.testing.assert_allclose(by_total, group_advantages(table["total"], 4))
     mixed = reward_advantages(table, 4, "component")
@@ -156,7 +185,9 @@ def test_grpo_loss_on_hand_made_numbers():
     assert stats["clip_fraction"] == 0
     # a ratio beyond 1 + eps with a positive advantage is clipped: no gradient through it
     new = torch.tensor([[0.0]], requires_grad=True)
-    loss, stats = rl_text.grpo_loss(new, torch.tensor([[-1.0]]), torch.tensor([1.0]), torch.tensor([[1]]), clip_range=0.2)
+    loss, stats = rl_text.grpo_loss(
+        new, torch.tensor([[-1.0]]), torch.tensor([1.0]), torch.tensor([[1]]), clip_range=0.2
+    )
     assert loss.item() == pytest.approx(-1.2) and stats["clip_fraction"] == 1.0
     loss.backward()
     assert new.grad.item() == 0.0
@@ -182,14 +213,24 @@ def test_text_logprobs_are_those_of_the_sampling_policy():
         ours = rl_text.completion_logprobs(lm, conditioner, rollout, 0.7)
     torch.manual_seed(5)
     with conditioner.inference():
-        out = lm.model.generate(inputs_embeds=conditioner.inputs_embeds(rollout.prompt_ids, rollout.users), attention_mask=rollout.prompt_mask,
-                                do_sample=True, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=8, suppress_tokens=lm.token_ids,
-                                pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=lm.tokenizer.eos_token_id,
-                                return_dict_in_generate=True, output_scores=True)
+        out = lm.model.generate(
+            inputs_embeds=conditioner.inputs_embeds(rollout.prompt_ids, rollout.users),
+            attention_mask=rollout.prompt_mask,
+            do_sample=True,
+            temperature=0.7,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=8,
+            suppress_tokens=lm.token_ids,
+            pad_token_id=lm.tokenizer.pad_token_id,
+            eos_token_id=lm.tokenizer.eos_token_id,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
     scores = torch.stack(out.scores, dim=1).float()  # what generate sampled from: tempered, preference tokens at -inf
-    sampled = torch.log_softmax(scores, -1).gather(-1, out.sequences[:, -scores.shape[1]:].unsqueeze(-1)).squeeze(-1)
+    sampled = torch.log_softmax(scores, -1).gather(-1, out.sequences[:, -scores.shape[1] :].unsqueeze(-1)).squeeze(-1)
     keep = rollout.completion_mask.bool()
-    assert torch.equal(out.sequences[:, -scores.shape[1]:][keep], rollout.completion[keep])
+    assert torch.equal(out.sequences[:, -scores.shape[1] :][keep], rollout.completion[keep])
     assert torch.allclose(ours[keep], sampled[keep], atol=1e-5)
 
 
@@ -223,7 +264,9 @@ def test_one_text_rl_step_moves_only_token_parameters(tmp_path, lora_r):
     frozen = {n: p.detach().clone() for n, p in lm.model.named_parameters() if "trainable_tokens_delta" not in n}
     deltas = {n: p.detach().clone() for n, p in lm.model.named_parameters() if "trainable_tokens_delta" in n}
     projection = lm.projection.linear.weight.detach().clone()
-    state = rl_text.run_text_rl(lm, vocabulary, letters_reward(tokens), tokens.users, text_cfg(steps=1), tmp_path / "run")
+    state = rl_text.run_text_rl(
+        lm, vocabulary, letters_reward(tokens), tokens.users, text_cfg(steps=1), tmp_path / "run"
+    )
     assert state["step"] == 1 and state["finished"]
     for name, p in lm.model.named_parameters():
         if name in frozen:
@@ -238,14 +281,22 @@ def test_one_text_rl_step_moves_only_token_parameters(tmp_path, lora_r):
 def test_one_image_rl_step_moves_only_the_token_conditioning(tmp_path):
     tokens, vocab, model = make_image(tmp_path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    state = rl_image.run_image_rl(model, PixelCodec(), vocab, colour_reward(tokens), tokens.users, image_cfg(steps=1), tmp_path / "run")
+    state = rl_image.run_image_rl(
+        model, PixelCodec(), vocab, colour_reward(tokens), tokens.users, image_cfg(steps=1), tmp_path / "run"
+    )
     after = model.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
-    assert changed == {"slot", "projection.linear.weight", "projection.linear.bias"}  # UNet, null, latent stats untouched
+    assert changed == {
+        "slot",
+        "projection.linear.weight",
+        "projection.linear.bias",
+    }  # UNet, null, latent stats untouched
     assert state["history"][0]["reward_total"] == pytest.approx(state["history"][0]["reward_total"])
     model_null = image_cfg(steps=1, train_null=True)
     _, _, fresh = make_image(tmp_path)
-    rl_image.run_image_rl(fresh, PixelCodec(), vocab, colour_reward(tokens), tokens.users, model_null, tmp_path / "run_null")
+    rl_image.run_image_rl(
+        fresh, PixelCodec(), vocab, colour_reward(tokens), tokens.users, model_null, tmp_path / "run_null"
+    )
     assert not torch.equal(fresh.null, before["null"])
 
 
@@ -270,8 +321,12 @@ def test_image_rl_raises_a_user_specific_reward(tmp_path):
 
     def mean_reward():
         positions = torch.tensor([vocab.ids_for(u) for u in users for _ in range(64)])
-        traj = rl_image.sample_trajectories(model, rl_image.ddim_scheduler(model, 4), positions, 1.0, 2.0, torch.Generator().manual_seed(99))
-        return float(np.mean(reward([u for u in users for _ in range(64)], codec.decode(model.denormalise(traj.final)))))
+        traj = rl_image.sample_trajectories(
+            model, rl_image.ddim_scheduler(model, 4), positions, 1.0, 2.0, torch.Generator().manual_seed(99)
+        )
+        return float(
+            np.mean(reward([u for u in users for _ in range(64)], codec.decode(model.denormalise(traj.final))))
+        )
 
     before = mean_reward()
     rl_image.run_image_rl(model, codec, vocab, reward, users, image_cfg(steps=8, save_steps=100), tmp_path / "run")
@@ -286,7 +341,9 @@ def test_text_rl_resume_gives_the_same_state(tmp_path):
     _, _, lm = make_text()
     rl_text.run_text_rl(lm, vocabulary, letters_reward(tokens), tokens.users, text_cfg(steps=1), tmp_path / "split")
     _, _, lm = make_text()  # a fresh process: rebuilt model, state from the checkpoint
-    state = rl_text.run_text_rl(lm, vocabulary, letters_reward(tokens), tokens.users, text_cfg(steps=2), tmp_path / "split")
+    state = rl_text.run_text_rl(
+        lm, vocabulary, letters_reward(tokens), tokens.users, text_cfg(steps=2), tmp_path / "split"
+    )
     assert state["step"] == 2 and len(state["history"]) == 2
     resumed = lm.trainable_state()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -294,12 +351,18 @@ def test_text_rl_resume_gives_the_same_state(tmp_path):
 
 def test_image_rl_resume_gives_the_same_state(tmp_path):
     tokens, vocab, model = make_image(tmp_path)
-    rl_image.run_image_rl(model, PixelCodec(), vocab, colour_reward(tokens), tokens.users, image_cfg(steps=2), tmp_path / "straight")
+    rl_image.run_image_rl(
+        model, PixelCodec(), vocab, colour_reward(tokens), tokens.users, image_cfg(steps=2), tmp_path / "straight"
+    )
     straight = {k: v.clone() for k, v in model.state_dict().items()}
     _, _, model = make_image(tmp_path)
-    rl_image.run_image_rl(model, PixelCodec(), vocab, colour_reward(tokens), tokens.users, image_cfg(steps=1), tmp_path / "split")
+    rl_image.run_image_rl(
+        model, PixelCodec(), vocab, colour_reward(tokens), tokens.users, image_cfg(steps=1), tmp_path / "split"
+    )
     _, _, model = make_image(tmp_path)
-    rl_image.run_image_rl(model, PixelCodec(), vocab, colour_reward(tokens), tokens.users, image_cfg(steps=2), tmp_path / "split")
+    rl_image.run_image_rl(
+        model, PixelCodec(), vocab, colour_reward(tokens), tokens.users, image_cfg(steps=2), tmp_path / "split"
+    )
     assert all(torch.equal(straight[k], v) for k, v in model.state_dict().items())
 
 
@@ -320,8 +383,17 @@ def test_train_text_rl_writes_a_loadable_generator(warm_text_run, tmp_path):
     from recbole_dppmg.generation.text.loading import load_text_generator
 
     tokens, warm, config = warm_text_run
-    settings = {"steps": 2, "users_per_step": 2, "group_size": 2, "max_new_tokens": 4, "save_steps": 1, "progress": False}
-    run = rl_text.train_text_rl("tiny-text", warm, None, settings, reward_fn=letters_reward(tokens), out_dir=tmp_path / "rl")
+    settings = {
+        "steps": 2,
+        "users_per_step": 2,
+        "group_size": 2,
+        "max_new_tokens": 4,
+        "save_steps": 1,
+        "progress": False,
+    }
+    run = rl_text.train_text_rl(
+        "tiny-text", warm, None, settings, reward_fn=letters_reward(tokens), out_dir=tmp_path / "rl"
+    )
     split = json.loads((warm / "users.json").read_text())
     assert json.loads((run / "users.json").read_text()) == split
     rl_config_file = json.loads((run / "run.json").read_text())["rl_run"]
@@ -346,9 +418,20 @@ def test_train_text_rl_writes_a_loadable_generator(warm_text_run, tmp_path):
     assert torch.allclose(lm.token_embeddings(), after, atol=1e-6)
     assert (run / "soft_prompt" / "soft_prompt.safetensors").is_file()
     # resuming a finished run returns it; changed settings or an occupied folder are refused
-    assert rl_text.train_text_rl("tiny-text", None, None, {**settings, "resume": str(run)}, reward_fn=letters_reward(tokens)) == run
+    assert (
+        rl_text.train_text_rl(
+            "tiny-text", None, None, {**settings, "resume": str(run)}, reward_fn=letters_reward(tokens)
+        )
+        == run
+    )
     with pytest.raises(CheckpointError, match="rl.learning_rate"):
-        rl_text.train_text_rl("tiny-text", None, None, {**settings, "resume": str(run), "learning_rate": 1.0}, reward_fn=letters_reward(tokens))
+        rl_text.train_text_rl(
+            "tiny-text",
+            None,
+            None,
+            {**settings, "resume": str(run), "learning_rate": 1.0},
+            reward_fn=letters_reward(tokens),
+        )
     with pytest.raises(CheckpointError, match="already holds a text RL run"):
         rl_text.train_text_rl("tiny-text", warm, None, settings, reward_fn=letters_reward(tokens), out_dir=run)
     with pytest.raises(DataError, match="needs a judge"):
@@ -366,13 +449,21 @@ def test_train_image_rl_writes_a_loadable_generator(tmp_path):
     source = train_image_generator("tiny", export, tiny_settings(tmp_path), out_dir=tmp_path / "gen", posters=posters)
     tokens = PreferenceTokens.load(export)
     settings = {"steps": 2, "users_per_step": 2, "group_size": 2, "sample_steps": 3, "save_steps": 1, "progress": False}
-    run = rl_image.train_image_rl("tiny", source, None, settings, reward_fn=colour_reward(tokens), codec=PixelCodec(), out_dir=tmp_path / "rl")
+    run = rl_image.train_image_rl(
+        "tiny", source, None, settings, reward_fn=colour_reward(tokens), codec=PixelCodec(), out_dir=tmp_path / "rl"
+    )
     vocab = PreferenceVocabulary(tokens)
     tuned, meta = load_image_generator(run, vocab, dataset="tiny")
     original, _ = load_image_generator(source, vocab, dataset="tiny")
-    assert meta["rl"]["steps"] == 2 and meta["test_users"] == json.loads((source / "run.json").read_text())["test_users"]
+    assert (
+        meta["rl"]["steps"] == 2 and meta["test_users"] == json.loads((source / "run.json").read_text())["test_users"]
+    )
     a, b = original.state_dict(), tuned.state_dict()
-    assert {k for k in a if not torch.equal(a[k], b[k])} == {"slot", "projection.linear.weight", "projection.linear.bias"}
+    assert {k for k in a if not torch.equal(a[k], b[k])} == {
+        "slot",
+        "projection.linear.weight",
+        "projection.linear.bias",
+    }
     pool = json.loads((run / "run.json").read_text())["rl_run"]["pool"]
     assert pool and not set(pool) & set(meta["heldout_users"])
     assert len(json.loads((run / "rl_history.json").read_text())) == 2
@@ -398,7 +489,11 @@ class RecordingJudge:
     def reward(self, users, text_features=None, image_features=None):
         self.calls.append((list(users), text_features, image_features))
         personal = text_features[:, 0]
-        return {"text_personalization": personal, "consistency": (text_features * image_features).sum(1), "total": personal}
+        return {
+            "text_personalization": personal,
+            "consistency": (text_features * image_features).sum(1),
+            "total": personal,
+        }
 
 
 def test_judge_reward_holds_the_partner_modality_fixed():

@@ -18,10 +18,22 @@ def _part(seeds, shift):
     for seed in seeds:
         after = [v + shift for v in before[seed]]
         per_user[str(seed)] = {"text_before_judge": before[seed], "text_after_judge": after}
-        per_seed[str(seed)] = {"text_before_judge": sum(before[seed]) / 3, "text_after_judge": sum(after) / 3,
-                               "text_before_perplexity": 10.0, "text_after_perplexity": 11.0}
-    return {"dataset": "x", "users": 3, "fd_users": 3, "runs": RUNS, "seeds": seeds, "users_measured": ["1", "2", "3"],
-            "per_seed": per_seed, "per_user": per_user}
+        per_seed[str(seed)] = {
+            "text_before_judge": sum(before[seed]) / 3,
+            "text_after_judge": sum(after) / 3,
+            "text_before_perplexity": 10.0,
+            "text_after_perplexity": 11.0,
+        }
+    return {
+        "dataset": "x",
+        "users": 3,
+        "fd_users": 3,
+        "runs": RUNS,
+        "seeds": seeds,
+        "users_measured": ["1", "2", "3"],
+        "per_seed": per_seed,
+        "per_user": per_user,
+    }
 
 
 def _combine(tmp_path, parts):
@@ -30,8 +42,13 @@ def _combine(tmp_path, parts):
         paths.append(tmp_path / f"part{k}.json")
         paths[-1].write_text(json.dumps(part))
     out = tmp_path / "joined.json"
-    proc = subprocess.run([sys.executable, "bench/bench_rl.py", "combine", *map(str, paths), "--out", str(out)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "bench/bench_rl.py", "combine", *map(str, paths), "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc, out
 
 
@@ -42,7 +59,11 @@ def test_combine_joins_seeds_and_pairs_by_user(tmp_path):
     assert result["seeds"] == [0, 1, 2]
     assert result["summary"]["text_before_judge"]["per_seed"] == pytest.approx([0.4, 0.5, 0.3])
     delta = result["after_minus_before"]["text_after_judge - text_before_judge"]
-    assert delta["diff"] == pytest.approx(0.1) and delta["low"] == pytest.approx(0.1) and delta["high"] == pytest.approx(0.1)
+    assert (
+        delta["diff"] == pytest.approx(0.1)
+        and delta["low"] == pytest.approx(0.1)
+        and delta["high"] == pytest.approx(0.1)
+    )
     assert delta["by_seed"] == pytest.approx([0.1, 0.1, 0.1])
     assert delta["before_seed_std"] == pytest.approx(0.1)
     assert result["after_minus_before"]["text_after_perplexity / text_before_perplexity"]["ratio"] == pytest.approx(1.1)

@@ -36,8 +36,11 @@ def _frozen_clock(monkeypatch):
 def test_new_run_folder_is_unique_within_one_second(tmp_path, monkeypatch):
     _frozen_clock(monkeypatch)
     made = [new_run_folder(tmp_path, "tiny", "TextGen") for _ in range(3)]
-    assert [p.name for p in made] == ["TextGen-Jan-01-2030_00-00-00", "TextGen-Jan-01-2030_00-00-00-1",
-                                      "TextGen-Jan-01-2030_00-00-00-2"]
+    assert [p.name for p in made] == [
+        "TextGen-Jan-01-2030_00-00-00",
+        "TextGen-Jan-01-2030_00-00-00-1",
+        "TextGen-Jan-01-2030_00-00-00-2",
+    ]
     assert all(p.is_dir() and p.parent == tmp_path / "tiny" for p in made)
     # stage 1 keeps its names: ~2, ~3 after the first
     stage1 = [new_run_folder(tmp_path, "tiny", "DPPMG", separator="~", first=2).name for _ in range(2)]
@@ -75,7 +78,7 @@ def test_newest_finished_run_ignores_unfinished_ones(tmp_path):
     old = _run(tmp_path, "TextGen-a", [TEXT_GEN.done], mtime=1_000)
     new = _run(tmp_path, "TextGen-b", [TEXT_GEN.done], mtime=2_000)
     _run(tmp_path, "TextGen-c", ["warmup.json"], mtime=3_000)  # started later, never finished
-    _run(tmp_path, "TextRL-d", [TEXT_GEN.done], mtime=4_000)   # another kind
+    _run(tmp_path, "TextRL-d", [TEXT_GEN.done], mtime=4_000)  # another kind
     assert finished_runs(tmp_path, "tiny", TEXT_GEN) == [old, new]
     assert newest_finished_run(tmp_path, "tiny", TEXT_GEN) == new
     assert newest_finished_run(tmp_path, "other", TEXT_GEN) is None

@@ -45,6 +45,7 @@ def test_every_yaml_key_is_a_field_and_every_field_a_yaml_key():
 
 def test_fields_carry_no_python_defaults():
     """Defaults are written once, in the YAML."""
+
     def walk(schema):
         for f in fields(schema):
             assert f.default is MISSING and f.default_factory is MISSING, f"{schema.__name__}.{f.name}"
@@ -55,47 +56,56 @@ def test_fields_carry_no_python_defaults():
         walk(schema)
 
 
-@pytest.mark.parametrize("section, overrides, message", [
-    ("text", {"bogus": 1}, "unknown text generator setting text.bogus"),
-    ("text", {"generate": {"bogus": 1}}, "unknown text generator setting text.generate.bogus"),
-    ("image", {"bogus": 1}, "unknown image setting image.bogus"),
-    ("reward", {"bogus": 1}, "unknown reward setting reward.bogus"),
-    ("evaluate", {"bogus": 1}, "unknown evaluate setting evaluate.bogus"),
-    ("rl", {"text": {"bogus": 1}}, "unknown RL setting rl.text.bogus"),
-    ("rl", {"quick": {"image": {"bogus": 1}}}, "unknown RL setting rl.quick.image.bogus"),
-])
+@pytest.mark.parametrize(
+    "section, overrides, message",
+    [
+        ("text", {"bogus": 1}, "unknown text generator setting text.bogus"),
+        ("text", {"generate": {"bogus": 1}}, "unknown text generator setting text.generate.bogus"),
+        ("image", {"bogus": 1}, "unknown image setting image.bogus"),
+        ("reward", {"bogus": 1}, "unknown reward setting reward.bogus"),
+        ("evaluate", {"bogus": 1}, "unknown evaluate setting evaluate.bogus"),
+        ("rl", {"text": {"bogus": 1}}, "unknown RL setting rl.text.bogus"),
+        ("rl", {"quick": {"image": {"bogus": 1}}}, "unknown RL setting rl.quick.image.bogus"),
+    ],
+)
 def test_unknown_keys_are_refused_with_their_dotted_name(section, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_settings(section, overrides)
 
 
-@pytest.mark.parametrize("section, overrides, message", [
-    ("text", {"max_steps": "many"}, "text.max_steps must be an integer, got 'many'"),
-    ("text", {"progress": 1}, "text.progress must be true or false, got 1"),
-    ("text", {"generate": {"do_sample": "yes"}}, "text.generate.do_sample must be true or false"),
-    ("text", {"lora_targets": "q_proj"}, "text.lora_targets must be a list of strings"),
-    ("image", {"num_threads": 1.5}, "image.num_threads must be an integer or None, got 1.5"),
-    ("rl", {"image": {"learning_rate": "fast"}}, "rl.image.learning_rate must be a number, got 'fast'"),
-    ("rl", {"text": {"then": "component"}}, "rl.text.then must be a mapping or None"),
-    ("reward", {"clip_path": 3}, "reward.clip_path must be a string or None, got 3"),
-])
+@pytest.mark.parametrize(
+    "section, overrides, message",
+    [
+        ("text", {"max_steps": "many"}, "text.max_steps must be an integer, got 'many'"),
+        ("text", {"progress": 1}, "text.progress must be true or false, got 1"),
+        ("text", {"generate": {"do_sample": "yes"}}, "text.generate.do_sample must be true or false"),
+        ("text", {"lora_targets": "q_proj"}, "text.lora_targets must be a list of strings"),
+        ("image", {"num_threads": 1.5}, "image.num_threads must be an integer or None, got 1.5"),
+        ("rl", {"image": {"learning_rate": "fast"}}, "rl.image.learning_rate must be a number, got 'fast'"),
+        ("rl", {"text": {"then": "component"}}, "rl.text.then must be a mapping or None"),
+        ("reward", {"clip_path": 3}, "reward.clip_path must be a string or None, got 3"),
+    ],
+)
 def test_wrong_types_are_refused_with_their_dotted_name(section, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_settings(section, overrides)
 
 
-@pytest.mark.parametrize("section, overrides, message", [
-    ("text", {"generate": {"temperature": -1}}, r"text.generate.temperature must be > 0, got -1"),
-    ("text", {"generate": {"top_p": 1.5}}, r"text.generate.top_p must be <= 1, got 1.5"),
-    ("text", {"dtype": "int8"}, "text.dtype must be one of auto, float32, bfloat16, float16, got 'int8'"),
-    ("image", {"cond_dropout": 2.0}, "image.cond_dropout must be <= 1, got 2.0"),
-    ("image", {"sampler": "euler"}, "image.sampler must be one of dpm, ddim, got 'euler'"),
-    ("image", {"width": 60}, "image.width=60 must be a positive multiple of 32"),
-    ("rl", {"text": {"then": {"kl_weight": -0.1}}}, r"rl.text.then.kl_weight must be >= 0, got -0.1"),
-    ("rl", {"image": {"steps": 0}}, "rl.image.steps must be >= 1, got 0"),
-    ("reward", {"consistency_temperature": 0}, "reward.consistency_temperature must be > 0, got 0"),
-    ("evaluate", {"topk": 0}, "evaluate.topk must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "section, overrides, message",
+    [
+        ("text", {"generate": {"temperature": -1}}, r"text.generate.temperature must be > 0, got -1"),
+        ("text", {"generate": {"top_p": 1.5}}, r"text.generate.top_p must be <= 1, got 1.5"),
+        ("text", {"dtype": "int8"}, "text.dtype must be one of auto, float32, bfloat16, float16, got 'int8'"),
+        ("image", {"cond_dropout": 2.0}, "image.cond_dropout must be <= 1, got 2.0"),
+        ("image", {"sampler": "euler"}, "image.sampler must be one of dpm, ddim, got 'euler'"),
+        ("image", {"width": 60}, "image.width=60 must be a positive multiple of 32"),
+        ("rl", {"text": {"then": {"kl_weight": -0.1}}}, r"rl.text.then.kl_weight must be >= 0, got -0.1"),
+        ("rl", {"image": {"steps": 0}}, "rl.image.steps must be >= 1, got 0"),
+        ("reward", {"consistency_temperature": 0}, "reward.consistency_temperature must be > 0, got 0"),
+        ("evaluate", {"topk": 0}, "evaluate.topk must be >= 1, got 0"),
+    ],
+)
 def test_out_of_range_values_are_refused_with_their_dotted_name(section, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_settings(section, overrides)
@@ -105,8 +115,9 @@ def test_overrides_merge_nested_sections_key_by_key():
     defaults = load_settings("text")
     cfg = load_settings("text", {"max_steps": 3, "generate": {"temperature": 0.5}})
     assert cfg.max_steps == cfg["max_steps"] == 3 and cfg.generate.temperature == 0.5
-    assert {k: v for k, v in cfg.generate.items() if k != "temperature"} == \
-        {k: v for k, v in defaults.generate.items() if k != "temperature"}
+    assert {k: v for k, v in cfg.generate.items() if k != "temperature"} == {
+        k: v for k, v in defaults.generate.items() if k != "temperature"
+    }
     assert isinstance(cfg.generate, Section) and cfg.evaluate == defaults.evaluate
     # a mapping-valued setting (the next RL phase) is replaced whole, not merged
     assert rl_phase_settings("text", {"then": {"kl_weight": 0.5}}).then == {"kl_weight": 0.5}

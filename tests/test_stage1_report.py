@@ -28,14 +28,31 @@ def fake_result(model, seed, ndcg, seconds=1.0, label="", quantized=None, contin
             "test_quantized": {"ndcg@10": quantized},
             "test_continuous": {"ndcg@10": continuous},
             "quantizer": {"modalities": ["text", "image"], "levels": 2, "codebook_size": 8},
-            "code_stats": {"text/L0/codes_used": used[0], "image/L0/codes_used": used[1],
-                           "text/L0/perplexity": 7.0, "image/L0/perplexity": 5.0,
-                           "text/L1/quant_error": 0.1, "image/L1/quant_error": 0.3},
+            "code_stats": {
+                "text/L0/codes_used": used[0],
+                "image/L0/codes_used": used[1],
+                "text/L0/perplexity": 7.0,
+                "image/L0/perplexity": 5.0,
+                "text/L1/quant_error": 0.1,
+                "image/L1/quant_error": 0.3,
+            },
         }
     metrics = {m: ndcg for m in ("recall@10", "ndcg@10", "hit@10", "recall@20", "ndcg@20", "hit@20")}
-    return RunResult(model=model, dataset="toy", best_valid_score=ndcg, best_valid_result={"ndcg@10": ndcg - 0.05},
-                     test_result=metrics, epochs_trained=10, seconds_per_epoch=seconds, peak_memory_mb=5.0,
-                     run_dir=f"/nowhere/{model}-{seed}", checkpoint="", extra=extra, seed=seed, label=label)
+    return RunResult(
+        model=model,
+        dataset="toy",
+        best_valid_score=ndcg,
+        best_valid_result={"ndcg@10": ndcg - 0.05},
+        test_result=metrics,
+        epochs_trained=10,
+        seconds_per_epoch=seconds,
+        peak_memory_mb=5.0,
+        run_dir=f"/nowhere/{model}-{seed}",
+        checkpoint="",
+        extra=extra,
+        seed=seed,
+        label=label,
+    )
 
 
 def test_spread_is_median_min_max_of_finite_values():
@@ -49,9 +66,12 @@ def test_spread_is_median_min_max_of_finite_values():
 
 def test_comparison_table_over_seeds(tmp_path):
     results = [
-        fake_result("LightGCN", 1, 0.30, seconds=2.0), fake_result("DPPMG", 1, 0.31, 3.0, quantized=0.31, continuous=0.32),
-        fake_result("LightGCN", 2, 0.29, seconds=2.0), fake_result("DPPMG", 2, 0.33, 4.0, quantized=0.33, continuous=0.30),
-        fake_result("LightGCN", 3, 0.32, seconds=2.0), fake_result("DPPMG", 3, 0.30, 2.0, quantized=0.30, continuous=0.30, used=(8, 4)),
+        fake_result("LightGCN", 1, 0.30, seconds=2.0),
+        fake_result("DPPMG", 1, 0.31, 3.0, quantized=0.31, continuous=0.32),
+        fake_result("LightGCN", 2, 0.29, seconds=2.0),
+        fake_result("DPPMG", 2, 0.33, 4.0, quantized=0.33, continuous=0.30),
+        fake_result("LightGCN", 3, 0.32, seconds=2.0),
+        fake_result("DPPMG", 3, 0.30, 2.0, quantized=0.30, continuous=0.30, used=(8, 4)),
     ]
     md_path, csv_path = write_comparison(results, tmp_path)
     text = md_path.read_text()
@@ -74,7 +94,8 @@ def test_ablation_table(tmp_path):
     variants = {"defaults": {}, "levels 1": {"levels": 1}}
     results = [
         fake_result("DPPMG", s, 0.30 + 0.01 * s, label=label, quantized=0.30 + 0.01 * s, continuous=0.30)
-        for s in (0, 1) for label in variants
+        for s in (0, 1)
+        for label in variants
     ]
     md_path, csv_path = write_ablation(results, variants, tmp_path)
     text = md_path.read_text()
@@ -89,20 +110,46 @@ def test_ablation_table(tmp_path):
 def tiny_settings(tmp_path_factory):
     root = write_tiny_mm(tmp_path_factory.mktemp("data"))
     config = tiny_config(DPPMG, root)
-    keys = ("data_path", "load_col", "text_feature_field", "image_feature_field", "text_mask_field",
-            "image_mask_field", "eval_args", "metrics", "topk", "valid_metric", "train_batch_size",
-            "eval_batch_size", "learning_rate", "embedding_size", "levels", "codebook_size", "modalities")
+    keys = (
+        "data_path",
+        "load_col",
+        "text_feature_field",
+        "image_feature_field",
+        "text_mask_field",
+        "image_mask_field",
+        "eval_args",
+        "metrics",
+        "topk",
+        "valid_metric",
+        "train_batch_size",
+        "eval_batch_size",
+        "learning_rate",
+        "embedding_size",
+        "levels",
+        "codebook_size",
+        "modalities",
+    )
     values = {k: config[k] for k in keys}
-    values.update(data_path=str(root), use_gpu=False, state="WARNING", show_progress=False,
-                  torch_num_threads=1, epochs=2, metrics=["Recall", "NDCG", "Hit"], topk=[10, 20],
-                  valid_metric="NDCG@10", kmeans_warmup_epochs=0)
+    values.update(
+        data_path=str(root),
+        use_gpu=False,
+        state="WARNING",
+        show_progress=False,
+        torch_num_threads=1,
+        epochs=2,
+        metrics=["Recall", "NDCG", "Hit"],
+        topk=[10, 20],
+        valid_metric="NDCG@10",
+        kmeans_warmup_epochs=0,
+    )
     return values
 
 
 def test_compare_over_seeds_writes_tables_and_plots(tiny_settings, tmp_path):
     settings = dict(tiny_settings, checkpoint_dir=str(tmp_path / "saved"))
-    results, md_path = compare(["LightGCN", "DPPMG"], "tiny", config_dict=settings, seeds=[0, 1],
-                               out_dir=tmp_path / "cmp")
+    results, md_path = compare(
+        ["LightGCN", "DPPMG"], "tiny", config_dict=settings, seeds=[0, 1], out_dir=tmp_path / "cmp"
+    )
     assert [(r.model, r.seed) for r in results] == [("LightGCN", 0), ("DPPMG", 0), ("LightGCN", 1), ("DPPMG", 1)]
     assert results[0].run_dir != results[2].run_dir
     prefixes = results[1].extra["test_quantized_levels"]
@@ -127,9 +174,13 @@ def test_ablation_runs_each_variant_and_seed(tiny_settings, tmp_path):
 def test_ablation_variants_are_one_factor_at_a_time(tiny_settings):
     variants = ablation_variants("tiny", config_dict=tiny_settings)
     assert variants == {
-        "defaults": {}, "text only": {"modalities": ["text"]}, "image only": {"modalities": ["image"]},
-        "levels 1": {"levels": 1}, "levels 3": {"levels": 3},
-        "codebook 64": {"codebook_size": 64}, "codebook 256": {"codebook_size": 256},
+        "defaults": {},
+        "text only": {"modalities": ["text"]},
+        "image only": {"modalities": ["image"]},
+        "levels 1": {"levels": 1},
+        "levels 3": {"levels": 3},
+        "codebook 64": {"codebook_size": 64},
+        "codebook 256": {"codebook_size": 256},
     }
     with_id = ablation_variants("tiny", config_dict=dict(tiny_settings, modalities=["text", "image", "id"]))
     assert with_id["text only + id"] == {"modalities": ["text", "id"]}

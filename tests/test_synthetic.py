@@ -57,8 +57,12 @@ def test_reused_when_the_spec_matches(tmp_path):
 
 def test_recbole_reads_it_with_its_yaml(tmp_path):
     folder = write_synthetic(SPEC, tmp_path, "tiny")
-    config = build_config(get_model("DPPMG"), "tiny", [folder / "tiny.yaml"],
-                          {"data_path": str(tmp_path), "state": "ERROR", "use_gpu": False})
+    config = build_config(
+        get_model("DPPMG"),
+        "tiny",
+        [folder / "tiny.yaml"],
+        {"data_path": str(tmp_path), "state": "ERROR", "use_gpu": False},
+    )
     dataset = create_dataset(config)
     assert dataset.inter_num == SPEC.interactions
     assert dataset.item_num == SPEC.items + 1  # + RecBole's padding item

@@ -28,8 +28,19 @@ from recbole_dppmg.generation.text.injection import (
 )
 from recbole_dppmg.generation.text.warmup import build_pairs, train_conditioner
 
-CFG = dict(batch_size=4, max_steps=4, learning_rate=0.05, weight_decay=0.0, warmup_steps=1, grad_clip=1.0,
-           eval_steps=2, save_steps=2, max_target_tokens=16, seed=0, progress=False)
+CFG = dict(
+    batch_size=4,
+    max_steps=4,
+    learning_rate=0.05,
+    weight_decay=0.0,
+    warmup_steps=1,
+    grad_clip=1.0,
+    eval_steps=2,
+    save_steps=2,
+    max_target_tokens=16,
+    seed=0,
+    progress=False,
+)
 
 
 @pytest.fixture
@@ -52,10 +63,22 @@ def pairs_for(tokens, users):
 def test_only_new_tokens_move(tokens, tmp_path, tie, lora_r):
     lm, vocabulary = make_lm(tokens, lora_r=lora_r, tie=tie)
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters() if not p.requires_grad}
-    embed_before = lm.model.get_input_embeddings().base_layer.weight.detach().clone() if hasattr(lm.model.get_input_embeddings(), "base_layer") else None
+    embed_before = (
+        lm.model.get_input_embeddings().base_layer.weight.detach().clone()
+        if hasattr(lm.model.get_input_embeddings(), "base_layer")
+        else None
+    )
     new_before = lm.token_embeddings().detach().clone()
-    train_conditioner(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), pairs_for(tokens, tokens.users[:8]),
-                      pairs_for(tokens, tokens.users[8:10]), item_texts(), CFG, tmp_path / "run")
+    train_conditioner(
+        lm.model,
+        lm.tokenizer,
+        TokenConditioner(lm, vocabulary),
+        pairs_for(tokens, tokens.users[:8]),
+        pairs_for(tokens, tokens.users[8:10]),
+        item_texts(),
+        CFG,
+        tmp_path / "run",
+    )
     for name, p in lm.model.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, base[name]), name  # every base weight, base vocabulary included, bit-identical
@@ -73,24 +96,40 @@ def test_only_new_tokens_move(tokens, tmp_path, tie, lora_r):
 
 def test_adapter_round_trip_identical_generations(tokens, tmp_path):
     lm, vocabulary = make_lm(tokens)
-    train_conditioner(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), pairs_for(tokens, tokens.users[:8]),
-                      pairs_for(tokens, tokens.users[8:10]), item_texts(), CFG, tmp_path / "dppmg")
+    train_conditioner(
+        lm.model,
+        lm.tokenizer,
+        TokenConditioner(lm, vocabulary),
+        pairs_for(tokens, tokens.users[:8]),
+        pairs_for(tokens, tokens.users[8:10]),
+        item_texts(),
+        CFG,
+        tmp_path / "dppmg",
+    )
     assert (tmp_path / "dppmg" / "adapter" / "adapter_config.json").is_file()
     users = tokens.users[10:15]
     options = dict(batch_size=2, max_new_tokens=6, seed=3, suppress_ids=lm.token_ids, progress=False)
     before = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, **options)
-    greedy_before = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, do_sample=False, **options)
+    greedy_before = generate_texts(
+        lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, do_sample=False, **options
+    )
     embeds_before = lm.token_embeddings().detach().clone()
     assert not any(getattr(m, "merged", False) for m in lm.model.modules())  # generation merged, then restored exactly
     weight = lm.model.get_input_embeddings().base_layer.weight
-    assert torch.count_nonzero(weight[lm.first_id :]) > 0 and torch.equal(weight[: lm.first_id], tiny_lm(tiny_tokenizer()).get_input_embeddings().weight)
+    assert torch.count_nonzero(weight[lm.first_id :]) > 0 and torch.equal(
+        weight[: lm.first_id], tiny_lm(tiny_tokenizer()).get_input_embeddings().weight
+    )
 
     tokenizer = tiny_tokenizer()
-    loaded = load_preference_lm(tmp_path / "dppmg", tiny_lm(tokenizer), tokenizer, vocabulary)  # the same backbone, fresh
+    loaded = load_preference_lm(
+        tmp_path / "dppmg", tiny_lm(tokenizer), tokenizer, vocabulary
+    )  # the same backbone, fresh
     assert loaded.token_ids == lm.token_ids
     assert torch.equal(loaded.token_embeddings(), embeds_before)
     after = generate_texts(loaded.model, loaded.tokenizer, TokenConditioner(loaded, vocabulary), users, **options)
-    greedy_after = generate_texts(loaded.model, loaded.tokenizer, TokenConditioner(loaded, vocabulary), users, do_sample=False, **options)
+    greedy_after = generate_texts(
+        loaded.model, loaded.tokenizer, TokenConditioner(loaded, vocabulary), users, do_sample=False, **options
+    )
     assert before == after and greedy_before == greedy_after
 
 
@@ -108,15 +147,21 @@ def test_guidance_mixes_with_the_instruction_without_tokens(tokens):
         expected = []
         for user in users:
             ids = torch.tensor([prompt_ids(lm.tokenizer, conditioner.token_text(user))])
-            with_tokens = torch.log_softmax(lm.model(inputs_embeds=conditioner.inputs_embeds(ids, [user])).logits[0, -1].float(), -1)
+            with_tokens = torch.log_softmax(
+                lm.model(inputs_embeds=conditioner.inputs_embeds(ids, [user])).logits[0, -1].float(), -1
+            )
             mixed = without + g * (with_tokens - without)
             mixed[lm.token_ids] = float("-inf")
             expected.append(lm.tokenizer.decode([int(mixed.argmax())], skip_special_tokens=True).strip())
     assert guided == expected and any(guided)
     longer = {**options, "max_new_tokens": 8}
-    assert generate_texts(lm.model, lm.tokenizer, conditioner, users, guidance=g, **longer) != generate_texts(lm.model, lm.tokenizer, conditioner, users, **longer)
+    assert generate_texts(lm.model, lm.tokenizer, conditioner, users, guidance=g, **longer) != generate_texts(
+        lm.model, lm.tokenizer, conditioner, users, **longer
+    )
     no_tokens = NoTokenConditioner(lm.embed)
-    assert generate_texts(lm.model, lm.tokenizer, no_tokens, users, guidance=g, **longer) == generate_texts(lm.model, lm.tokenizer, no_tokens, users, **longer)
+    assert generate_texts(lm.model, lm.tokenizer, no_tokens, users, guidance=g, **longer) == generate_texts(
+        lm.model, lm.tokenizer, no_tokens, users, **longer
+    )
 
 
 def test_tokens_change_the_model_input(tokens):
@@ -138,8 +183,16 @@ def test_soft_prompt_baseline_trains_only_its_map_and_round_trips(tokens, tmp_pa
     soft = SoftPromptConditioner.build(model, tokenizer, tokens, seed=0)
     assert len(soft.slot_strings) == len(vocabulary.ids_for("u0"))  # same prompt budget as DPPMG
     weights_before = soft.encoder.maps[0].weight.detach().clone()
-    train_conditioner(model, tokenizer, soft, pairs_for(tokens, tokens.users[:8]), pairs_for(tokens, tokens.users[8:10]),
-                      item_texts(), CFG, tmp_path / "soft")
+    train_conditioner(
+        model,
+        tokenizer,
+        soft,
+        pairs_for(tokens, tokens.users[:8]),
+        pairs_for(tokens, tokens.users[8:10]),
+        item_texts(),
+        CFG,
+        tmp_path / "soft",
+    )
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
     assert not torch.equal(soft.encoder.maps[0].weight, weights_before)
     users = tokens.users[10:14]
@@ -156,7 +209,9 @@ def test_soft_prompt_baseline_trains_only_its_map_and_round_trips(tokens, tmp_pa
 def test_warmup_resume_is_exact(tokens, tmp_path, monkeypatch):
     train, valid = pairs_for(tokens, tokens.users[:8]), pairs_for(tokens, tokens.users[8:10])
     lm, vocabulary = make_lm(tokens)
-    straight = train_conditioner(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), train, valid, item_texts(), CFG, tmp_path / "a")
+    straight = train_conditioner(
+        lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), train, valid, item_texts(), CFG, tmp_path / "a"
+    )
     full = {k: v.clone() for k, v in lm.trainable_state().items()}
 
     lm2, _ = make_lm(tokens)
@@ -168,22 +223,36 @@ def test_warmup_resume_is_exact(tokens, tmp_path, monkeypatch):
 
     monkeypatch.setattr(text_warmup, "_save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train_conditioner(lm2.model, lm2.tokenizer, TokenConditioner(lm2, vocabulary), train, valid, item_texts(), CFG, tmp_path / "b")
+        train_conditioner(
+            lm2.model, lm2.tokenizer, TokenConditioner(lm2, vocabulary), train, valid, item_texts(), CFG, tmp_path / "b"
+        )
     monkeypatch.setattr(text_warmup, "_save_checkpoint", real_save)
     assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 2
     torch.manual_seed(999)  # the checkpoint restores the RNG
     lm3, _ = make_lm(tokens)
-    resumed = train_conditioner(lm3.model, lm3.tokenizer, TokenConditioner(lm3, vocabulary), train, valid, item_texts(), CFG, tmp_path / "b")
+    resumed = train_conditioner(
+        lm3.model, lm3.tokenizer, TokenConditioner(lm3, vocabulary), train, valid, item_texts(), CFG, tmp_path / "b"
+    )
     assert resumed["step"] == straight["step"] == 4
-    assert [h["valid_loss"] for h in resumed["history"]] == pytest.approx([h["valid_loss"] for h in straight["history"]], abs=1e-6)
+    assert [h["valid_loss"] for h in resumed["history"]] == pytest.approx(
+        [h["valid_loss"] for h in straight["history"]], abs=1e-6
+    )
     for key, value in lm3.trainable_state().items():
         assert torch.allclose(value, full[key], atol=1e-6), key
 
 
 def test_warmup_lowers_validation_loss(tokens, tmp_path):
     lm, vocabulary = make_lm(tokens)
-    state = train_conditioner(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), pairs_for(tokens, tokens.users[:12]),
-                              pairs_for(tokens, tokens.users[12:]), item_texts(), {**CFG, "max_steps": 10, "eval_steps": 10}, tmp_path / "r")
+    state = train_conditioner(
+        lm.model,
+        lm.tokenizer,
+        TokenConditioner(lm, vocabulary),
+        pairs_for(tokens, tokens.users[:12]),
+        pairs_for(tokens, tokens.users[12:]),
+        item_texts(),
+        {**CFG, "max_steps": 10, "eval_steps": 10},
+        tmp_path / "r",
+    )
     assert state["best_valid"] < state["history"][0]["valid_loss"]
 
 
@@ -192,8 +261,16 @@ def test_contrast_term_trains_only_tokens_and_records_the_gap(tokens, tmp_path):
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters() if not p.requires_grad}
     before = lm.token_embeddings().detach().clone()
     cfg = {**CFG, "contrast_weight": 1.0, "contrast_beta": 20.0}
-    state = train_conditioner(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), pairs_for(tokens, tokens.users[:8]),
-                              pairs_for(tokens, tokens.users[8:12]), item_texts(), cfg, tmp_path / "run")
+    state = train_conditioner(
+        lm.model,
+        lm.tokenizer,
+        TokenConditioner(lm, vocabulary),
+        pairs_for(tokens, tokens.users[:8]),
+        pairs_for(tokens, tokens.users[8:12]),
+        item_texts(),
+        cfg,
+        tmp_path / "run",
+    )
     for name, p in lm.model.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, base[name]), name
@@ -208,16 +285,27 @@ def test_contrast_loss_pays_only_when_the_own_prompt_does_not_explain_better(tok
     texts = item_texts()
     chunk = pairs_for(tokens, tokens.users[:4])[::3][:4]
     cfg = {**CFG, "contrast_beta": 20.0}
-    batch = text_warmup.collate([text_warmup.encode_pair(lm.tokenizer, conditioner, u, texts[i], 16) for u, i in chunk], lm.tokenizer.pad_token_id, "cpu")
+    batch = text_warmup.collate(
+        [text_warmup.encode_pair(lm.tokenizer, conditioner, u, texts[i], 16) for u, i in chunk],
+        lm.tokenizer.pad_token_id,
+        "cpu",
+    )
     with torch.no_grad():
         own_sum, count = text_warmup.sequence_nll(lm.model, conditioner, batch, [u for u, _ in chunk])
         other = text_warmup.contrast_loss(lm.model, lm.tokenizer, conditioner, chunk, texts, cfg, own_sum, count, "cpu")
-        much_better = text_warmup.contrast_loss(lm.model, lm.tokenizer, conditioner, chunk, texts, cfg, own_sum - 10 * count, count, "cpu")
-        much_worse = text_warmup.contrast_loss(lm.model, lm.tokenizer, conditioner, chunk, texts, cfg, own_sum + 10 * count, count, "cpu")
+        much_better = text_warmup.contrast_loss(
+            lm.model, lm.tokenizer, conditioner, chunk, texts, cfg, own_sum - 10 * count, count, "cpu"
+        )
+        much_worse = text_warmup.contrast_loss(
+            lm.model, lm.tokenizer, conditioner, chunk, texts, cfg, own_sum + 10 * count, count, "cpu"
+        )
     assert float(much_better) < 1e-6 < float(other) < float(much_worse)
     assert float(much_worse) == pytest.approx(200.0, rel=0.05)  # softplus(20 x 10 nats per token)
     same_user = [(chunk[0][0], i) for _, i in chunk]
-    assert text_warmup.contrast_loss(lm.model, lm.tokenizer, conditioner, same_user, texts, cfg, own_sum, count, "cpu") is None
+    assert (
+        text_warmup.contrast_loss(lm.model, lm.tokenizer, conditioner, same_user, texts, cfg, own_sum, count, "cpu")
+        is None
+    )
 
 
 # ---------------------------------------------------------------------------- clear errors
@@ -279,15 +367,24 @@ def test_target_template_shapes_targets_and_refuses_unknown_fields(tmp_path):
     from recbole_dppmg.generation.text.warmup import item_text_table
 
     item = tmp_path / "x.item"
-    item.write_text("item_id:token\ttitle:token_seq\tyear:token\tgenres:token_seq\tdescription:token_seq\tdescription_mask:float\n"
-                    "1\tToy Story\t1995\tAnimation Comedy\tToys come alive.\t1.0\n"
-                    "2\tNo Year\t\t\tA plot.\t1.0\n"
-                    "3\tNo Plot\t1990\tDrama\t\t0.0\n")
+    item.write_text(
+        "item_id:token\ttitle:token_seq\tyear:token\tgenres:token_seq\tdescription:token_seq\tdescription_mask:float\n"
+        "1\tToy Story\t1995\tAnimation Comedy\tToys come alive.\t1.0\n"
+        "2\tNo Year\t\t\tA plot.\t1.0\n"
+        "3\tNo Plot\t1990\tDrama\t\t0.0\n"
+    )
     assert item_text_table(item) == {"1": "Toy Story (1995): Toys come alive.", "2": "No Year: A plot."}
     shaped = item_text_table(item, "Genres: {genres}. {head}: {plot}")
-    assert shaped == {"1": "Genres: Animation, Comedy. Toy Story (1995): Toys come alive.", "2": "Genres: unknown. No Year: A plot."}
+    assert shaped == {
+        "1": "Genres: Animation, Comedy. Toy Story (1995): Toys come alive.",
+        "2": "Genres: unknown. No Year: A plot.",
+    }
     assert load_settings("text", {"target_template": "{title} | {year}"})["target_template"] == "{title} | {year}"
-    for bad, message in (("{rating}: {plot}", "not {rating}"), ("plain text", "may only use the fields"), ("{plot", "not a format string")):
+    for bad, message in (
+        ("{rating}: {plot}", "not {rating}"),
+        ("plain text", "may only use the fields"),
+        ("{plot", "not a format string"),
+    ):
         with pytest.raises(ConfigError, match=message):
             load_settings("text", {"target_template": bad})
 
@@ -320,7 +417,11 @@ def test_text_and_image_generators_hold_out_the_same_users(tokens):
     from recbole_dppmg.generation.image.data import training_pairs
 
     text, image = load_settings("text"), load_settings("image")
-    assert (text["seed"], text["valid_users"], text["test_users"]) == (image["seed"], image["valid_users"], image["test_users"])
+    assert (text["seed"], text["valid_users"], text["test_users"]) == (
+        image["seed"],
+        image["valid_users"],
+        image["test_users"],
+    )
     split = split_users(tokens.users, 2, 3, seed=7)
     items = [i for u in tokens.users for i, _ in tokens.history(u, "train")]
     pairs = training_pairs(tokens, items, min_rating=0, valid_users=2, test_users=3, seed=7)

@@ -26,7 +26,13 @@ class HashEncoder:
 def setup(tmp_path, monkeypatch):
     encoder = HashEncoder()
     tokens, config = tiny_text_stage(tmp_path, monkeypatch, text_features=encoder)
-    config = {**config, "max_steps": 2, "eval_steps": 2, "generate": {"max_new_tokens": 4, "batch_size": 3}, "evaluate": {"users": 4}}
+    config = {
+        **config,
+        "max_steps": 2,
+        "eval_steps": 2,
+        "generate": {"max_new_tokens": 4, "batch_size": 3},
+        "evaluate": {"users": 4},
+    }
     return tokens, config, encoder
 
 
@@ -40,19 +46,30 @@ def test_warmup_generate_evaluate(setup):
     rows = [json.loads(line) for line in (out / "texts.jsonl").read_text().splitlines()]
     assert [r["user"] for r in rows] == ["u1", "u2"] and (out / "texts.md").is_file()
     assert out == text_pipeline.run_generate_text("tiny-text", ["u1", "u2"], None, {**config, "output_dir": str(out)})
-    report = text_pipeline.evaluate_text_generation("tiny-text", None, {**config, "evaluate": {"users": 4, "seeds": [0, 1]}}, encoder=encoder)
+    report = text_pipeline.evaluate_text_generation(
+        "tiny-text", None, {**config, "evaluate": {"users": 4, "seeds": [0, 1]}}, encoder=encoder
+    )
     result = json.loads((report / "text_eval.json").read_text())
     rows = {r["condition"]: r for r in result["rows"]}
     assert list(rows) == ["dppmg", "no_tokens", "shuffled", "soft_prompt", "real_liked_item"]
     assert all(r["users"] == 4 and 0 <= r["hit@10"] <= 1 for r in rows.values()) and result["seeds"] == [0, 1]
     assert rows["dppmg"]["hit@10_per_seed"] != [] and len(rows["no_tokens"]["hit@10_per_seed"]) == 2
-    assert rows["dppmg"]["hit@10"] == np.mean(rows["dppmg"]["hit@10_per_seed"]) and len(rows["real_liked_item"]["seeds"]) == 1
+    assert (
+        rows["dppmg"]["hit@10"] == np.mean(rows["dppmg"]["hit@10_per_seed"])
+        and len(rows["real_liked_item"]["seeds"]) == 1
+    )
     gap = rows["shuffled"]["dppmg_minus"]["ndcg"]
     assert "dppmg_minus" not in rows["dppmg"] and gap["low"] <= gap["diff"] <= gap["high"]
-    assert gap["diff"] == pytest.approx(np.mean(rows["dppmg"]["per_user_ndcg"]) - np.mean(rows["shuffled"]["per_user_ndcg"]))
+    assert gap["diff"] == pytest.approx(
+        np.mean(rows["dppmg"]["per_user_ndcg"]) - np.mean(rows["shuffled"]["per_user_ndcg"])
+    )
     assert 0 < result["random_hit@10"] < 1 and "DPPMG - this" in (report / "text_eval.md").read_text()
     samples = [json.loads(line) for line in (report / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 8 and {s["seed"] for s in samples} == {0, 1} and set(samples[0]) >= {"user", "dppmg", "shuffled"}
+    assert (
+        len(samples) == 8
+        and {s["seed"] for s in samples} == {0, 1}
+        and set(samples[0]) >= {"user", "dppmg", "shuffled"}
+    )
     assert not set(split["test"]) & set(split["train"])
 
 
@@ -68,7 +85,10 @@ def test_generate_errors(setup):
     with pytest.raises(CheckpointError, match="cannot resume .*text.seed"):
         text_pipeline.train_text_generator("tiny-text", None, {**config, "resume": str(run), "seed": 1})
     # resuming a finished run is a no-op that returns the same folder
-    assert text_pipeline.train_text_generator("tiny-text", None, {**config, "resume": str(run), "soft_prompt": False}) == run
+    assert (
+        text_pipeline.train_text_generator("tiny-text", None, {**config, "resume": str(run), "soft_prompt": False})
+        == run
+    )
 
 
 def test_init_from_continues_a_finished_warmup(setup):
@@ -76,7 +96,9 @@ def test_init_from_continues_a_finished_warmup(setup):
     first = text_pipeline.train_text_generator("tiny-text", None, config)
     history = json.loads((first / "dppmg" / "history.json").read_text())
     best = min(h["valid_loss"] for h in history)
-    second = text_pipeline.train_text_generator("tiny-text", None, {**config, "init_from": str(first), "contrast_weight": 0.5})
+    second = text_pipeline.train_text_generator(
+        "tiny-text", None, {**config, "init_from": str(first), "contrast_weight": 0.5}
+    )
     continued = json.loads((second / "dppmg" / "history.json").read_text())
     assert continued[0]["valid_loss"] == pytest.approx(best, abs=1e-5)  # starts where the first run's best state was
     assert json.loads((second / "warmup.json").read_text())["soft_prompt"]["steps"] == 2

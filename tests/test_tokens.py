@@ -99,7 +99,9 @@ def test_token_scores_are_the_quantized_stage1_scores(trained):
     relative = tokens.token_scores(users, relative=True)
     np.testing.assert_allclose(relative.mean(0), 0, atol=1e-4)  # every item's average over users taken out
     offset = absolute - relative
-    np.testing.assert_allclose(offset, np.broadcast_to(offset[:1], offset.shape), rtol=1e-5, atol=1e-5)  # the same per-item offset for everyone
+    np.testing.assert_allclose(
+        offset, np.broadcast_to(offset[:1], offset.shape), rtol=1e-5, atol=1e-5
+    )  # the same per-item offset for everyone
 
 
 def test_history_is_the_stage1_split(trained):

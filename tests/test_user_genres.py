@@ -29,8 +29,17 @@ class GenreTokens(FakeTokens):
         return [(str(i), 5.0) for i in range(first, first + 3)] if first else []
 
 
-GENRES = {"1": ["Drama", "Horror"], "2": ["Drama", "Horror"], "3": ["Drama"], "4": ["Drama", "Comedy"], "5": ["Drama", "Comedy"],
-          "6": ["Drama", "Comedy"], "7": ["Western"], "8": ["Western"], "9": ["War"]}
+GENRES = {
+    "1": ["Drama", "Horror"],
+    "2": ["Drama", "Horror"],
+    "3": ["Drama"],
+    "4": ["Drama", "Comedy"],
+    "5": ["Drama", "Comedy"],
+    "6": ["Drama", "Comedy"],
+    "7": ["Western"],
+    "8": ["Western"],
+    "9": ["War"],
+}
 
 
 def test_history_profile_ranks_genres_by_lift_not_count():
@@ -47,8 +56,10 @@ def test_token_profile_comes_from_the_items_the_tokens_score_highest(monkeypatch
 
 
 def test_genre_settings_are_checked():
-    for bad, message in ((("likes", 3), "text.user_genres_from 'likes' is not one of tokens, history"),
-                         (("tokens", 0), "text.user_genres_count must be a positive integer, got 0")):
+    for bad, message in (
+        (("likes", 3), "text.user_genres_from 'likes' is not one of tokens, history"),
+        (("tokens", 0), "text.user_genres_count must be a positive integer, got 0"),
+    ):
         with pytest.raises(ConfigError, match=message):
             load_settings("text", {"user_genres_from": bad[0], "user_genres_count": bad[1]})
     with pytest.raises(ConfigError, match="has no genres column"):
@@ -57,8 +68,10 @@ def test_genre_settings_are_checked():
 
 def test_user_genres_targets_differ_per_user(tmp_path):
     item = tmp_path / "x.item"
-    item.write_text("item_id:token\ttitle:token_seq\tyear:token\tgenres:token_seq\tdescription:token_seq\tdescription_mask:float\n"
-                    "1\tToy Story\t1995\tAnimation Comedy\tToys come alive.\t1.0\n")
+    item.write_text(
+        "item_id:token\ttitle:token_seq\tyear:token\tgenres:token_seq\tdescription:token_seq\tdescription_mask:float\n"
+        "1\tToy Story\t1995\tAnimation Comedy\tToys come alive.\t1.0\n"
+    )
     template = "Genres: {user_genres}. {head}: {plot}"
     with pytest.raises(ConfigError, match="needs the users' genre profiles"):
         item_text_table(item, template)
@@ -74,17 +87,28 @@ def test_validation_with_other_users_prompts_scores_the_own_users_target(monkeyp
 
     asked = []
     texts = TargetTexts({"1": "x"}, lambda user, item: asked.append(user) or f"{user} {item}")
-    monkeypatch.setattr(text_warmup, "encode_pair", lambda tokenizer, conditioner, prompt_user, target, n: (prompt_user, target))
+    monkeypatch.setattr(
+        text_warmup, "encode_pair", lambda tokenizer, conditioner, prompt_user, target, n: (prompt_user, target)
+    )
     monkeypatch.setattr(text_warmup, "collate", lambda examples, pad, device: examples)
     seen = []
-    monkeypatch.setattr(text_warmup, "target_nll", lambda model, conditioner, batch, users: (seen.extend(batch) or 0.0, 1))
+    monkeypatch.setattr(
+        text_warmup, "target_nll", lambda model, conditioner, batch, users: (seen.extend(batch) or 0.0, 1)
+    )
 
     class Conditioner:
         def train(self, flag):
             pass
 
-    validation_loss(torch.nn.Linear(1, 1), SimpleNamespace(pad_token_id=0), Conditioner(), [("u0", "1"), ("u1", "1")], texts, {"batch_size": 2, "max_target_tokens": 8},
-                    other_users={"u0": "u1", "u1": "u0"})
+    validation_loss(
+        torch.nn.Linear(1, 1),
+        SimpleNamespace(pad_token_id=0),
+        Conditioner(),
+        [("u0", "1"), ("u1", "1")],
+        texts,
+        {"batch_size": 2, "max_target_tokens": 8},
+        other_users={"u0": "u1", "u1": "u0"},
+    )
     assert asked == ["u0", "u1"] and seen == [("u1", "u0 1"), ("u0", "u1 1")]
 
 
@@ -98,5 +122,9 @@ def test_runs_from_before_target_template_count_as_plain_targets(monkeypatch, tm
     monkeypatch.setattr(settings, "GENERATION_YAML", tmp_path / "generation.yaml")
     defaults = settings.load_settings("text")
     old_run = config.recorded_settings({"max_steps": 3})
-    assert old_run["target_template"] == "{head}: {plot}" and old_run["max_steps"] == 3 and old_run["seed"] == defaults["seed"]
+    assert (
+        old_run["target_template"] == "{head}: {plot}"
+        and old_run["max_steps"] == 3
+        and old_run["seed"] == defaults["seed"]
+    )
     assert config.recorded_settings({"target_template": "{plot}"})["target_template"] == "{plot}"

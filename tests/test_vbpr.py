@@ -47,10 +47,12 @@ def test_full_sort_predict_agrees_with_predict_and_round_trips(data):
     model.eval()
     users = torch.arange(1, model.n_users)
     full = model.full_sort_predict(Interaction({model.USER_ID: users})).view(len(users), -1)
-    pairs = Interaction({
-        model.USER_ID: users.repeat_interleave(model.n_items),
-        model.ITEM_ID: torch.arange(model.n_items).repeat(len(users)),
-    })
+    pairs = Interaction(
+        {
+            model.USER_ID: users.repeat_interleave(model.n_items),
+            model.ITEM_ID: torch.arange(model.n_items).repeat(len(users)),
+        }
+    )
     assert torch.allclose(model.predict(pairs).view(len(users), -1), full, atol=1e-5)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)

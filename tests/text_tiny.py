@@ -32,7 +32,9 @@ def patch_everywhere(monkeypatch, original, replacement) -> None:
 def item_texts(n_items: int = 24):
     from recbole_dppmg.generation.text.warmup import TargetTexts
 
-    return TargetTexts({str(i): f"Film {i} ({1990 + i % 10}): a story of {GENRES[i % len(GENRES)]}." for i in range(1, n_items + 1)})
+    return TargetTexts(
+        {str(i): f"Film {i} ({1990 + i % 10}): a story of {GENRES[i % len(GENRES)]}." for i in range(1, n_items + 1)}
+    )
 
 
 def tiny_item_text_table(path, template=None, user_genres=None):
@@ -49,14 +51,22 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = list(item_texts(40).values()) * 3 + ["Reader profile: write the title, year and plot of a film this reader would love."]
+    corpus = list(item_texts(40).values()) * 3 + [
+        "Reader profile: write the title, year and plot of a film this reader would love."
+    ]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -68,10 +78,18 @@ def tiny_lm(tokenizer, tie: bool = True, seed: int = 0, init_range: float = 0.02
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(initializer_range=init_range,
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=tie, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    config = LlamaConfig(
+        initializer_range=init_range,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
     model = LlamaForCausalLM(config).eval()
@@ -84,7 +102,9 @@ class FakeTokens:
 
     modalities = ["text", "image"]
 
-    def __init__(self, n_users: int = 16, levels: int = 2, codebook_size: int = 4, dim: int = 8, n_items: int = 24, seed: int = 0):
+    def __init__(
+        self, n_users: int = 16, levels: int = 2, codebook_size: int = 4, dim: int = 8, n_items: int = 24, seed: int = 0
+    ):
         rng = np.random.default_rng(seed)
         self.levels, self.codebook_size, self.dim = levels, codebook_size, dim
         self.manifest = {"dataset": "tiny-text", "dataset_fingerprint": "fake"}
@@ -150,6 +170,16 @@ def tiny_text_stage(tmp_path, monkeypatch, text_features=None):
     if text_features is not None:
         frame["text_feat"] = list(text_features.encode(list(item_texts().values())))
     patch_everywhere(monkeypatch, read_item_table, lambda path, with_features=False: frame)
-    config = {"backbone": str(backbone), "checkpoint_dir": str(tmp_path / "saved"), "valid_users": 2, "test_users": 4,
-              "batch_size": 2, "save_steps": 1, "valid_pairs": 2, "max_target_tokens": 8, "progress": False, "num_threads": 1}
+    config = {
+        "backbone": str(backbone),
+        "checkpoint_dir": str(tmp_path / "saved"),
+        "valid_users": 2,
+        "test_users": 4,
+        "batch_size": 2,
+        "save_steps": 1,
+        "valid_pairs": 2,
+        "max_target_tokens": 8,
+        "progress": False,
+        "num_threads": 1,
+    }
     return tokens, config

@@ -22,10 +22,18 @@ from recbole_dppmg.paths import PROPERTIES_DIR
 TEXT_DIM, IMAGE_DIM = 8, 6
 
 
-def write_tiny_mm(root: Path, name: str = "tiny", n_users: int = 40, n_items: int = 48,
-                  per_user: int = 10, clusters: int = 4, seed: int = 0,
-                  item_columns=("text_feat", "image_feat", "text_mask", "image_mask"),
-                  text_dim: int = TEXT_DIM, image_dim: int = IMAGE_DIM) -> Path:
+def write_tiny_mm(
+    root: Path,
+    name: str = "tiny",
+    n_users: int = 40,
+    n_items: int = 48,
+    per_user: int = 10,
+    clusters: int = 4,
+    seed: int = 0,
+    item_columns=("text_feat", "image_feat", "text_mask", "image_mask"),
+    text_dim: int = TEXT_DIM,
+    image_dim: int = IMAGE_DIM,
+) -> Path:
     """Write ``root/name/name.inter`` and ``name.item``; returns ``root``."""
     rng = np.random.default_rng(seed)
     folder = root / name
@@ -37,8 +45,9 @@ def write_tiny_mm(root: Path, name: str = "tiny", n_users: int = 40, n_items: in
             own = np.flatnonzero(item_cluster == u % clusters)
             other = np.flatnonzero(item_cluster != u % clusters)
             n_own = min(len(own), per_user - 2)
-            items = np.concatenate([rng.choice(own, n_own, replace=False),
-                                    rng.choice(other, per_user - n_own, replace=False)])
+            items = np.concatenate(
+                [rng.choice(own, n_own, replace=False), rng.choice(other, per_user - n_own, replace=False)]
+            )
             for t, i in enumerate(items):
                 f.write(f"u{u}\ti{i}\t5\t{t}\n")
     text_centres = rng.normal(size=(clusters, text_dim))
@@ -73,7 +82,10 @@ TINY_RUN = {
     "show_progress": False,
     "epochs": 3,
     "torch_num_threads": 1,
-    "load_col": {"inter": ["user_id", "item_id"], "item": ["item_id", "text_feat", "image_feat", "text_mask", "image_mask"]},
+    "load_col": {
+        "inter": ["user_id", "item_id"],
+        "item": ["item_id", "text_feat", "image_feat", "text_mask", "image_mask"],
+    },
     "text_feature_field": "text_feat",
     "image_feature_field": "image_feat",
     "text_mask_field": "text_mask",
@@ -89,6 +101,7 @@ TINY_RUN = {
     "modalities": ["text", "image"],  # pinned: the tests do not follow the property file's channels
 }
 
+
 def tiny_config(model_class, root: Path, name: str = "tiny", **overrides) -> Config:
     """RecBole Config for ``model_class`` on the tiny dataset: the model's property file plus
     small sizes and the project's evaluation protocol (8/1/1 random split, full ranking)."""
@@ -99,8 +112,10 @@ def tiny_config(model_class, root: Path, name: str = "tiny", **overrides) -> Con
         "reproducibility": True,
         "state": "ERROR",
         "show_progress": False,
-        "load_col": {"inter": ["user_id", "item_id"],
-                     "item": ["item_id", "text_feat", "image_feat", "text_mask", "image_mask"]},
+        "load_col": {
+            "inter": ["user_id", "item_id"],
+            "item": ["item_id", "text_feat", "image_feat", "text_mask", "image_mask"],
+        },
         "text_feature_field": "text_feat",
         "image_feature_field": "image_feat",
         "text_mask_field": "text_mask",

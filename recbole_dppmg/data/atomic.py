@@ -47,9 +47,7 @@ def split_header(header_line: str, path: Path) -> list[tuple[str, str]]:
     for raw in header_line.rstrip("\r\n").split(FIELD_SEPARATOR):
         name, sep, ftype = raw.strip().rpartition(":")
         if not sep or not name or ftype not in FIELD_TYPES:
-            raise DataError(
-                f"{path}: header column {raw!r} is not 'name:type' with type in {', '.join(FIELD_TYPES)}"
-            )
+            raise DataError(f"{path}: header column {raw!r} is not 'name:type' with type in {', '.join(FIELD_TYPES)}")
         columns.append((name, ftype))
     names = [name for name, _ in columns]
     duplicated = sorted({n for n in names if names.count(n) > 1})
@@ -95,8 +93,9 @@ def read_atomic(path: Path, *, parse_float_seq: bool = True) -> pd.DataFrame:
                 frame[name] = pd.to_numeric(frame[name].replace("", np.nan), errors="raise").astype(np.float64)
             except (ValueError, TypeError):
                 row = _first_non_number(frame[name])
-                raise DataError(f"{path}:{line_numbers[row]}: column {name}:float holds a non-number "
-                                f"{frame[name].iloc[row]!r}") from None
+                raise DataError(
+                    f"{path}:{line_numbers[row]}: column {name}:float holds a non-number {frame[name].iloc[row]!r}"
+                ) from None
         elif ftype == "float_seq" and parse_float_seq:
             frame[name] = [_parse_float_seq(value, path, name) for value in frame[name]]
     frame.attrs["field_types"] = dict(columns)

@@ -14,7 +14,9 @@ import pandas as pd
 NEIGHBOURS = 3
 
 
-def nearest_items(features: np.ndarray, present: np.ndarray, query_rows: list[int], k: int = NEIGHBOURS) -> dict[int, list[int]]:
+def nearest_items(
+    features: np.ndarray, present: np.ndarray, query_rows: list[int], k: int = NEIGHBOURS
+) -> dict[int, list[int]]:
     """Row -> the k most cosine-similar rows among items that have the modality.
 
     Features are mean-centred over the present items first: pooled CNN features share a

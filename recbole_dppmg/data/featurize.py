@@ -138,10 +138,14 @@ class MiniLMTextEncoder:
         # Batches of similar length waste little compute on padding tokens.
         order = np.argsort([len(t) for t in texts], kind="stable")
         with torch.no_grad():
-            for start in tqdm(range(0, len(texts), batch_size), desc="text features", unit="batch", disable=not progress):
+            for start in tqdm(
+                range(0, len(texts), batch_size), desc="text features", unit="batch", disable=not progress
+            ):
                 rows = order[start : start + batch_size]
                 batch = [texts[i] for i in rows]
-                tokens = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+                tokens = self.tokenizer(
+                    batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                )
                 hidden = self.model(**tokens).last_hidden_state
                 mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
@@ -197,7 +201,9 @@ class EfficientNetLite0ImageEncoder:
         ok = np.zeros(len(paths), dtype=bool)
         failures: dict[int, str] = {}
         with torch.no_grad():
-            for start in tqdm(range(0, len(paths), batch_size), desc="image features", unit="batch", disable=not progress):
+            for start in tqdm(
+                range(0, len(paths), batch_size), desc="image features", unit="batch", disable=not progress
+            ):
                 pixels, rows = [], []
                 for row in range(start, min(start + batch_size, len(paths))):
                     try:

@@ -23,7 +23,13 @@ from recbole_dppmg.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-MMREC_COLUMNS = {"userID": "user_id", "itemID": "item_id", "rating": "rating", "timestamp": "timestamp", "x_label": "x_label"}
+MMREC_COLUMNS = {
+    "userID": "user_id",
+    "itemID": "item_id",
+    "rating": "rating",
+    "timestamp": "timestamp",
+    "x_label": "x_label",
+}
 SPLIT_NAMES = {"0": "train", "1": "valid", "2": "test"}
 
 
@@ -40,7 +46,9 @@ def load_feature_matrix(path: Path, n_rows: int | None, expected_dim: int | None
     except (ValueError, OSError) as exc:
         raise DataError(f"{path}: not a numeric .npy array ({exc})") from None
     if matrix.ndim != 2 or not np.issubdtype(matrix.dtype, np.number):
-        raise DataError(f"{path}: expected a 2-D numeric array [n_items, dim], got shape {matrix.shape} dtype {matrix.dtype}")
+        raise DataError(
+            f"{path}: expected a 2-D numeric array [n_items, dim], got shape {matrix.shape} dtype {matrix.dtype}"
+        )
     if n_rows is not None and matrix.shape[0] != n_rows:
         raise DataError(f"{path}: has {matrix.shape[0]} rows but the dataset has {n_rows} items")
     if expected_dim is not None and matrix.shape[1] != expected_dim:
@@ -49,7 +57,9 @@ def load_feature_matrix(path: Path, n_rows: int | None, expected_dim: int | None
     bad_rows = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
     if bad_rows.size:
         shown = ", ".join(str(i) for i in bad_rows[:5])
-        raise DataError(f"{path}: NaN or inf in {bad_rows.size} row(s), item ids {shown}{' ...' if bad_rows.size > 5 else ''}")
+        raise DataError(
+            f"{path}: NaN or inf in {bad_rows.size} row(s), item ids {shown}{' ...' if bad_rows.size > 5 else ''}"
+        )
     return matrix, np.abs(matrix).sum(axis=1) > 0
 
 
@@ -108,7 +118,9 @@ class MMRecSource:
             raise DataError(f"{self.inter_path}: not a tab-separated MMRec interaction file ({exc})") from None
         missing = [c for c in ("userID", "itemID") if c not in frame.columns]
         if missing:
-            raise DataError(f"{self.inter_path}: MMRec header needs {', '.join(missing)} (found {', '.join(frame.columns)})")
+            raise DataError(
+                f"{self.inter_path}: MMRec header needs {', '.join(missing)} (found {', '.join(frame.columns)})"
+            )
         frame = frame[[c for c in MMREC_COLUMNS if c in frame.columns]].rename(columns=MMREC_COLUMNS)
         if not frame["item_id"].str.fullmatch(r"\d+").all():
             raise DataError(f"{self.inter_path}: MMRec itemID values must be row indices 0..n-1 of the feature files")

@@ -115,7 +115,9 @@ def resolve_source(dataset: str, *, shared_dir: Path | None = None, spec_file: P
     if dataset == ML100K_MM:
         return Ml100kMMSource(Path(shared_dir) if shared_dir else default_shared_dir())
     if dataset == "ml-100k":
-        raise DataError("ml-100k is RecBole's own bundled dataset and needs no prepare; the multimodal one is ml-100k-mm")
+        raise DataError(
+            "ml-100k is RecBole's own bundled dataset and needs no prepare; the multimodal one is ml-100k-mm"
+        )
     raise DataError(
         f"don't know how to prepare dataset {dataset!r}: pass a spec YAML or write {DATASET_DIR / (dataset + SPEC_SUFFIX)} "
         "(see dataset/README.md)"
@@ -291,7 +293,9 @@ class _Built:
         self.modality_keys: dict[str, str] = {}
 
 
-def _build(dataset: str, loaded: LoadedSource, encoders: dict | None, versions: dict, previous: _PreviousBuild) -> _Built:
+def _build(
+    dataset: str, loaded: LoadedSource, encoders: dict | None, versions: dict, previous: _PreviousBuild
+) -> _Built:
     items = loaded.items
     if items.empty:
         raise DataError(f"{loaded.item_origin}: no items")
@@ -309,7 +313,10 @@ def _build(dataset: str, loaded: LoadedSource, encoders: dict | None, versions: 
     if built.dropped:
         logger.warning(
             "%s: dropped %d interaction(s) whose item is not in the item table (item ids %s%s)",
-            dataset, built.dropped, ", ".join(dangling[:10]), " ..." if len(dangling) > 10 else "",
+            dataset,
+            built.dropped,
+            ", ".join(dangling[:10]),
+            " ..." if len(dangling) > 10 else "",
         )
     if built.inter.empty:
         raise DataError(f"{dataset}: no interaction refers to an item in {loaded.item_origin}")
@@ -353,7 +360,9 @@ def _encoder(encoders: dict, modality: str):
 def _checked(features: np.ndarray, rows: list[int], encoder, modality: str) -> np.ndarray:
     """An encoder's output must be ``[len(rows), dim]`` and finite; anything else is a bug upstream."""
     if features.shape != (len(rows), encoder.dim):
-        raise DataError(f"{modality} encoder {encoder.name} returned shape {features.shape}, expected {(len(rows), encoder.dim)}")
+        raise DataError(
+            f"{modality} encoder {encoder.name} returned shape {features.shape}, expected {(len(rows), encoder.dim)}"
+        )
     return features
 
 
@@ -365,7 +374,9 @@ def _featurize_text(loaded: LoadedSource, encoders: dict, built: _Built) -> tupl
         return np.zeros((n, 1), np.float32), np.zeros(n, bool)
     encoder = _encoder(encoders, "text")
     started = time.perf_counter()
-    vectors = _checked(encoder.encode([loaded.text_inputs[i] for i in rows], batch_size=BATCH_SIZE["text"]), rows, encoder, "text")
+    vectors = _checked(
+        encoder.encode([loaded.text_inputs[i] for i in rows], batch_size=BATCH_SIZE["text"]), rows, encoder, "text"
+    )
     built.throughput["text"] = _rate(len(rows), time.perf_counter() - started)
     features = np.zeros((n, encoder.dim), np.float32)
     present = np.zeros(n, bool)
@@ -389,8 +400,11 @@ def _featurize_images(loaded: LoadedSource, encoders: dict, built: _Built) -> tu
         else:
             built.images_missing.append(item_ids[i])
     if built.images_missing:
-        logger.warning("image: %d named image file(s) not found; those items are masked (e.g. item %s)",
-                       len(built.images_missing), built.images_missing[0])
+        logger.warning(
+            "image: %d named image file(s) not found; those items are masked (e.g. item %s)",
+            len(built.images_missing),
+            built.images_missing[0],
+        )
     if not rows:
         built.encoder_names["image"] = "none (no item has an image)"
         return np.zeros((n, 1), np.float32), np.zeros(n, bool)
@@ -406,8 +420,9 @@ def _featurize_images(loaded: LoadedSource, encoders: dict, built: _Built) -> tu
         built.image_failures[item_ids[rows[position]]] = "non-finite features"
     if built.image_failures:
         first = next(iter(built.image_failures.items()))
-        logger.warning("image: %d image(s) failed to decode and are masked (e.g. item %s: %s)",
-                       len(built.image_failures), *first)
+        logger.warning(
+            "image: %d image(s) failed to decode and are masked (e.g. item %s: %s)", len(built.image_failures), *first
+        )
     features = np.zeros((n, encoder.dim), np.float32)
     present = np.zeros(n, bool)
     features[rows], present[rows] = np.nan_to_num(vectors), ok
@@ -439,8 +454,12 @@ def _manifest(dataset, source, loaded, built, key, input_hashes, versions, threa
         "inputs": input_hashes,
         "encoders": versions,
         "modalities": {
-            m: {"field": f"{m}_feat", "mask_field": f"{m}_mask", "width": int(built.features[m].shape[1]),
-                "encoder": built.encoder_names[m]}
+            m: {
+                "field": f"{m}_feat",
+                "mask_field": f"{m}_mask",
+                "width": int(built.features[m].shape[1]),
+                "encoder": built.encoder_names[m],
+            }
             for m in MODALITIES
         },
         "counts": counts,
@@ -451,8 +470,12 @@ def _manifest(dataset, source, loaded, built, key, input_hashes, versions, threa
         "throughput": built.throughput,
         "threads": threads,
         "modality_keys": built.modality_keys,
-        "files": {"inter": f"{dataset}.inter", "item": f"{dataset}.item", "card": "README.md",
-                  **{k: f"{dataset}.{k}" for k in loaded.extra_files}},
+        "files": {
+            "inter": f"{dataset}.inter",
+            "item": f"{dataset}.item",
+            "card": "README.md",
+            **{k: f"{dataset}.{k}" for k in loaded.extra_files},
+        },
     }
 
 
@@ -465,24 +488,39 @@ def _item_rows(loaded: LoadedSource, built: _Built):
         yield (*descriptive, text[row], image[row], float(text_mask[row]), float(image_mask[row]))
 
 
-def _write_atomically(dataset_dir: Path, target: Path, dataset: str, loaded: LoadedSource, built: _Built, manifest: dict) -> None:
+def _write_atomically(
+    dataset_dir: Path, target: Path, dataset: str, loaded: LoadedSource, built: _Built, manifest: dict
+) -> None:
     """Write everything into a temp folder beside ``target``, then swap it into place."""
     temp = Path(tempfile.mkdtemp(prefix=f".{dataset}.tmp-{os.getpid()}-", dir=dataset_dir))
     try:
         temp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a published dataset follows the umask
         inter_columns = loaded.inter_columns
-        write_atomic(temp / f"{dataset}.inter", inter_columns,
-                     built.inter[[c for c, _ in inter_columns]].itertuples(index=False, name=None))
+        write_atomic(
+            temp / f"{dataset}.inter",
+            inter_columns,
+            built.inter[[c for c, _ in inter_columns]].itertuples(index=False, name=None),
+        )
         for suffix, frame in loaded.extra_files.items():
             in_catalogue = frame[frame["item_id"].isin(set(loaded.items["item_id"]))]
             columns = [(c, t) for c, t in inter_columns if c in frame.columns]
-            write_atomic(temp / f"{dataset}.{suffix}", columns, in_catalogue[[c for c, _ in columns]].itertuples(index=False, name=None))
-        item_columns = [*loaded.item_columns, ("text_feat", "float_seq"), ("image_feat", "float_seq"),
-                        ("text_mask", "float"), ("image_mask", "float")]
+            write_atomic(
+                temp / f"{dataset}.{suffix}",
+                columns,
+                in_catalogue[[c for c, _ in columns]].itertuples(index=False, name=None),
+            )
+        item_columns = [
+            *loaded.item_columns,
+            ("text_feat", "float_seq"),
+            ("image_feat", "float_seq"),
+            ("text_mask", "float"),
+            ("image_mask", "float"),
+        ]
         write_atomic(temp / f"{dataset}.item", item_columns, _item_rows(loaded, built))
         query_rows = featured_rows(loaded.items, built.inter, loaded.featured_items)
-        card = render_card(manifest, loaded.items, built.features, built.masks, query_rows, loaded.title_field,
-                           loaded.explanation)
+        card = render_card(
+            manifest, loaded.items, built.features, built.masks, query_rows, loaded.title_field, loaded.explanation
+        )
         (temp / "README.md").write_text(card, encoding="utf-8")
         # The manifest goes last: a folder with a manifest is a complete folder.
         (temp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -517,7 +555,11 @@ def _remove_stale_temp_dirs(dataset_dir: Path, dataset: str) -> None:
     """Leftovers of a killed run (``.<name>.tmp-<pid>-*``) whose process is gone."""
     for leftover in list(dataset_dir.glob(f".{dataset}.tmp-*")) + list(dataset_dir.glob(f".{dataset}.old-*")):
         try:
-            pid = int(leftover.name.split("-")[-2] if ".old-" in leftover.name else leftover.name.split(".tmp-")[1].split("-")[0])
+            pid = int(
+                leftover.name.split("-")[-2]
+                if ".old-" in leftover.name
+                else leftover.name.split(".tmp-")[1].split("-")[0]
+            )
         except (IndexError, ValueError):
             continue
         if pid != os.getpid() and not _alive(pid):

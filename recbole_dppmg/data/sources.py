@@ -153,8 +153,13 @@ class Ml100kMMSource:
         ]
         image_paths = [self.posters / p if p else None for p in items["poster"]]
         item_columns = [
-            ("item_id", "token"), ("title", "token_seq"), ("year", "token"), ("genres", "token_seq"),
-            ("description", "token_seq"), ("description_mask", "float"), ("poster", "token"),
+            ("item_id", "token"),
+            ("title", "token_seq"),
+            ("year", "token"),
+            ("genres", "token_seq"),
+            ("description", "token_seq"),
+            ("description_mask", "float"),
+            ("poster", "token"),
         ]
         return LoadedSource(
             inter=inter,
@@ -169,7 +174,7 @@ class Ml100kMMSource:
             explanation=(
                 "Text is present for every movie: the encoder reads `title (year). Genres: ... . plot`, "
                 "where the plot is left out for movies without a real one (none in details.json, or the "
-                "placeholder \"It looks like we don't have any Plot Summaries...\", which counts as missing). "
+                'placeholder "It looks like we don\'t have any Plot Summaries...", which counts as missing). '
                 "`description_mask` (1.0/0.0, not loaded by RecBole) says which movies had a plot; "
                 "`image_mask` says which have a poster that decoded."
             ).replace('"', "'"),
@@ -247,7 +252,9 @@ class DatasetSpec:
         known = set(cls.__dataclass_fields__) - {"path", "raw"}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise DataError(f"dataset spec {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise DataError(
+                f"dataset spec {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         values = dict(raw)
         values["source_dir"] = (path.parent / str(raw["source_dir"])).resolve()
         for key in ("text_fields", "text_required_fields", "missing_text_values", "featured_items"):
@@ -308,7 +315,7 @@ class AtomicFolderSource:
             required_ok = all(row[f] for f in spec.text_required_fields)
             text_inputs.append(". ".join(values) if values and required_ok else None)
         image_paths = []
-        for value in (items[spec.image_field] if spec.image_field else [""] * len(items)):
+        for value in items[spec.image_field] if spec.image_field else [""] * len(items):
             image_paths.append(self.image_dir / value if value else None)
         return LoadedSource(
             inter=inter,

@@ -106,7 +106,9 @@ def user_activity(spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
 
 def _sample_items(cumulative: np.ndarray, members: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """``size`` draws from ``members`` with the popularity whose cumulative sum is given."""
-    return members[np.searchsorted(cumulative, rng.random(size) * cumulative[-1], side="right").clip(max=len(members) - 1)]
+    return members[
+        np.searchsorted(cumulative, rng.random(size) * cumulative[-1], side="right").clip(max=len(members) - 1)
+    ]
 
 
 def interactions(spec: SyntheticSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -145,7 +147,10 @@ def item_features(spec: SyntheticSpec, item_cluster: np.ndarray, rng: np.random.
     """float32 text and image features (cluster centre + noise) and their 0/1 masks; a
     missing modality has a zero row."""
     out = {}
-    for name, width, missing in (("text", spec.text_dim, spec.text_missing), ("image", spec.image_dim, spec.image_missing)):
+    for name, width, missing in (
+        ("text", spec.text_dim, spec.text_missing),
+        ("image", spec.image_dim, spec.image_missing),
+    ):
         centres = rng.standard_normal((spec.clusters, width), dtype=np.float32)
         feats = centres[item_cluster]
         feats += spec.feature_noise * rng.standard_normal(feats.shape, dtype=np.float32)
@@ -206,11 +211,13 @@ def write_synthetic(spec: SyntheticSpec, root: str | Path, name: str | None = No
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}."))
     tmp.chmod(0o755)
     try:
-        inter = pd.DataFrame({
-            "user_id:token": users + 1,
-            "item_id:token": items + 1,
-            "timestamp:float": rng.integers(0, 10**9, users.size),
-        })
+        inter = pd.DataFrame(
+            {
+                "user_id:token": users + 1,
+                "item_id:token": items + 1,
+                "timestamp:float": rng.integers(0, 10**9, users.size),
+            }
+        )
         inter.to_csv(tmp / f"{name}.inter", sep=FIELD_SEPARATOR, index=False, lineterminator="\n")
         columns = {"item_id:token": [str(i) for i in range(1, spec.n_items + 1)]}
         for field in ("text_feat", "image_feat"):
@@ -221,8 +228,11 @@ def write_synthetic(spec: SyntheticSpec, root: str | Path, name: str | None = No
             handle.write(FIELD_SEPARATOR.join(columns) + "\n")
             for row in zip(*columns.values()):
                 handle.write(FIELD_SEPARATOR.join(row) + "\n")
-        (tmp / f"{name}.yaml").write_text(PROPERTIES.format(
-            name=name, min_user=spec.min_user_interactions, text_dim=spec.text_dim, image_dim=spec.image_dim))
+        (tmp / f"{name}.yaml").write_text(
+            PROPERTIES.format(
+                name=name, min_user=spec.min_user_interactions, text_dim=spec.text_dim, image_dim=spec.image_dim
+            )
+        )
         per_user = np.bincount(users, minlength=spec.n_users)
         per_item = np.bincount(items, minlength=spec.n_items)
         stats = {
@@ -230,7 +240,11 @@ def write_synthetic(spec: SyntheticSpec, root: str | Path, name: str | None = No
             "users": spec.n_users,
             "items": spec.n_items,
             "items_interacted": int((per_item > 0).sum()),
-            "user_interactions": {"min": int(per_user.min()), "median": float(np.median(per_user)), "max": int(per_user.max())},
+            "user_interactions": {
+                "min": int(per_user.min()),
+                "median": float(np.median(per_user)),
+                "max": int(per_user.max()),
+            },
             "item_interactions": {"median": float(np.median(per_item)), "max": int(per_item.max())},
             "text_coverage": float(features["text_mask"].mean()),
             "image_coverage": float(features["image_mask"].mean()),

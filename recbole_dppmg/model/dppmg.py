@@ -112,8 +112,7 @@ class DPPMG(GeneralRecommender):
             self.quantizers[m] = ResidualVectorQuantizer(**quantizer_args)
 
         inter = dataset.inter_matrix(form="coo")
-        self.register_buffer("norm_adj", normalized_adjacency(inter, self.n_users, self.n_items),
-                             persistent=False)
+        self.register_buffer("norm_adj", normalized_adjacency(inter, self.n_users, self.n_items), persistent=False)
         self.propagation = LightGCNPropagation(self.n_layers)
         self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))
         self.bpr_loss = BPRLoss()
@@ -150,17 +149,15 @@ class DPPMG(GeneralRecommender):
                 out[m] = torch.where(present, encoded, table)
         return out
 
-    def forward(self, items: dict[str, torch.Tensor] | None = None,
-                rows: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def forward(
+        self, items: dict[str, torch.Tensor] | None = None, rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Propagated (continuous) user and item embeddings per modality (``items``: layer-0
         item embeddings if already computed); ``rows``: (user ids, item ids) to return instead
         of all users and items (the last layer is then computed for those rows only)."""
         if items is None:
             items = self.item_ego_embeddings()
-        ego = torch.cat(
-            [torch.cat([self.user_embeddings[m].weight, items[m]], 0) for m in self.modalities], 1
-        )
+        ego = torch.cat([torch.cat([self.user_embeddings[m].weight, items[m]], 0) for m in self.modalities], 1)
         n_users = self.n_users
         if rows is not None:
             n_users = len(rows[0])
@@ -168,7 +165,7 @@ class DPPMG(GeneralRecommender):
         out = self.propagation(ego, self.norm_adj, rows)  # all modalities share one spmm
         users, items = {}, {}
         for k, m in enumerate(self.modalities):
-            block = out[:, k * self.dim:(k + 1) * self.dim]
+            block = out[:, k * self.dim : (k + 1) * self.dim]
             users[m], items[m] = block[:n_users], block[n_users:]
         return users, items
 
@@ -256,7 +253,7 @@ class DPPMG(GeneralRecommender):
         unique_users, inverse = torch.unique(user, return_inverse=True)
         batch_items, item_index = torch.unique(torch.cat([pos, neg]), return_inverse=True)
         users, items = self.forward(ego_items, rows=(unique_users, batch_items))
-        pos_at, neg_at = item_index[: len(pos)], item_index[len(pos):]
+        pos_at, neg_at = item_index[: len(pos)], item_index[len(pos) :]
         pos_c = neg_c = pos_q = neg_q = 0.0
         vq_loss = users[self.modalities[0]].new_zeros(())
         for m in self.modalities:
@@ -317,8 +314,11 @@ class DPPMG(GeneralRecommender):
         self._ensure_initialized()
         summary: dict = {
             "code_stats": self._compute_stats(),
-            "quantizer": {"modalities": list(self.modalities), "levels": self.levels,
-                          "codebook_size": self.codebook_size},
+            "quantizer": {
+                "modalities": list(self.modalities),
+                "levels": self.levels,
+                "codebook_size": self.codebook_size,
+            },
         }
         if test_data is not None and trainer is not None:
             chosen = self.eval_quantized

@@ -72,7 +72,9 @@ def csr_rows(adj: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     starts, counts = crow[rows], crow[rows + 1] - crow[rows]
     new_crow = torch.zeros(len(rows) + 1, dtype=crow.dtype, device=crow.device)
     new_crow[1:] = counts.cumsum(0)
-    index = torch.arange(int(new_crow[-1]), device=crow.device) + torch.repeat_interleave(starts - new_crow[:-1], counts)
+    index = torch.arange(int(new_crow[-1]), device=crow.device) + torch.repeat_interleave(
+        starts - new_crow[:-1], counts
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse (CSR tensor support|invariant checks)")
         return torch.sparse_csr_tensor(new_crow, col[index], value[index], size=(len(rows), adj.shape[1]))
@@ -116,8 +118,15 @@ class LightGCNPropagation(nn.Module):
         return out / (self.n_layers + 1)
 
 
-def benchmark(n_users: int = 943, n_items: int = 1682, nnz: int = 80000, dim: int = 128,
-              n_layers: int = 2, repeats: int = 20, seed: int = 0) -> dict:
+def benchmark(
+    n_users: int = 943,
+    n_items: int = 1682,
+    nnz: int = 80000,
+    dim: int = 128,
+    n_layers: int = 2,
+    repeats: int = 20,
+    seed: int = 0,
+) -> dict:
     """Seconds per forward+backward of CSR ``spmm`` propagation vs. ``LGConv`` on an edge list."""
     import time
 

@@ -64,10 +64,7 @@ def _feature_fields(dataset) -> list[str]:
     item_feat = dataset.item_feat
     if item_feat is None:
         return []
-    return [
-        f for f in item_feat.columns
-        if dataset.field2type.get(f) == FeatureType.FLOAT_SEQ
-    ]
+    return [f for f in item_feat.columns if dataset.field2type.get(f) == FeatureType.FLOAT_SEQ]
 
 
 def feature_scaling(rows: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,10 +152,7 @@ def load_modal_features(dataset, config) -> dict[str, ModalFeature]:
             )
         bad = (~torch.isfinite(feats)).any(1)
         if bad.any():
-            raise DataError(
-                f"feature field {field!r} (modality {m!r}) has NaN/inf values in"
-                f" {int(bad.sum())} items"
-            )
+            raise DataError(f"feature field {field!r} (modality {m!r}) has NaN/inf values in {int(bad.sum())} items")
         present = feats.abs().sum(1) > 0
         mask_field = masks.get(m)
         if mask_field is not None:

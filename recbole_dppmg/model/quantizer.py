@@ -44,19 +44,23 @@ def faiss_kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0, redo: 
         extra = data[torch.randint(0, data.shape[0], (k - data.shape[0],), generator=gen)]
         scale = 1e-3 * (data.std() if data.shape[0] > 1 else 1.0)
         data = torch.cat([data, extra + scale * torch.randn(extra.shape, generator=gen)])
-    kmeans = faiss.Kmeans(data.shape[1], k, niter=iters, nredo=redo, seed=seed, verbose=False,
-                          min_points_per_centroid=1, max_points_per_centroid=256)
+    kmeans = faiss.Kmeans(
+        data.shape[1],
+        k,
+        niter=iters,
+        nredo=redo,
+        seed=seed,
+        verbose=False,
+        min_points_per_centroid=1,
+        max_points_per_centroid=256,
+    )
     kmeans.train(np.ascontiguousarray(data.numpy(), dtype=np.float32))
     return torch.from_numpy(kmeans.centroids.copy()).to(x.device)
 
 
 def nearest_code(residual: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest codebook row (squared L2) for every row of ``residual``."""
-    dist = (
-        residual.pow(2).sum(1, keepdim=True)
-        - 2 * residual @ codebook.t()
-        + codebook.pow(2).sum(1).unsqueeze(0)
-    )
+    dist = residual.pow(2).sum(1, keepdim=True) - 2 * residual @ codebook.t() + codebook.pow(2).sum(1).unsqueeze(0)
     return dist.argmin(1)
 
 
@@ -65,8 +69,18 @@ class ResidualVectorQuantizer(nn.Module):
     ``commitment_beta``, ``ema_decay`` and ``dead_code_threshold`` have no defaults here: DPPMG
     passes its keys (properties/model/DPPMG.yaml, the one place their values live)."""
 
-    def __init__(self, levels: int, codebook_size: int, dim: int, *, commitment_beta: float,
-                 ema_decay: float, dead_code_threshold: float, kmeans_iters: int = 25, eps: float = 1e-5):
+    def __init__(
+        self,
+        levels: int,
+        codebook_size: int,
+        dim: int,
+        *,
+        commitment_beta: float,
+        ema_decay: float,
+        dead_code_threshold: float,
+        kmeans_iters: int = 25,
+        eps: float = 1e-5,
+    ):
         super().__init__()
         if levels < 1 or codebook_size < 1 or dim < 1:
             raise ValueError(f"levels, codebook_size, dim must be >= 1, got {levels}, {codebook_size}, {dim}")

@@ -74,9 +74,12 @@ class VBPR(GeneralRecommender):
         pos_score = (u * self.item_vectors(pos)).sum(1)
         neg_score = (u * self.item_vectors(neg)).sum(1)
         reg = self.emb_loss(
-            self.user_embedding(user), self.user_content_embedding(user),
-            self.item_embedding(pos), self.item_embedding(neg),
-            self.item_bias(pos), self.item_bias(neg),
+            self.user_embedding(user),
+            self.user_content_embedding(user),
+            self.item_embedding(pos),
+            self.item_embedding(neg),
+            self.item_bias(pos),
+            self.item_bias(neg),
         )
         return self.bpr_loss(pos_score, neg_score) + self.reg_weight * reg
 

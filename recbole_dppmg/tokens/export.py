@@ -46,7 +46,6 @@ from recbole_dppmg.trainer import load_checkpoint_file
 logger = logging.getLogger(__name__)
 
 
-
 def dataset_fingerprint(data_dir: Path) -> str:
     """Identifies one build of a dataset: the prepare manifest's cache key, else a hash of
     the atomic files."""
@@ -131,8 +130,13 @@ def _item_encoders(model, dataset, config) -> tuple[dict, dict]:
         for k, layer in enumerate(linear):
             tensors[f"{m}.linear{k}.weight"] = layer.weight.detach().cpu().numpy()
             tensors[f"{m}.linear{k}.bias"] = layer.bias.detach().cpu().numpy()
-        described[m] = {"field": raw[m].field, "width": raw[m].width, "feature_norm": how,
-                        "layers": len(linear), "activation": "leaky_relu(0.01) between linear layers"}
+        described[m] = {
+            "field": raw[m].field,
+            "width": raw[m].width,
+            "feature_norm": how,
+            "layers": len(linear),
+            "activation": "leaky_relu(0.01) between linear layers",
+        }
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, described
 
 
@@ -141,7 +145,11 @@ def _run_metrics(checkpoint: Path) -> dict:
     if not result_file.is_file():
         return {}
     result = json.loads(result_file.read_text())
-    return {"test": result.get("test_result", {}), "valid": result.get("best_valid_result", {}), **result.get("extra", {})}
+    return {
+        "test": result.get("test_result", {}),
+        "valid": result.get("best_valid_result", {}),
+        **result.get("extra", {}),
+    }
 
 
 def export_tokens(
@@ -156,7 +164,9 @@ def export_tokens(
     checkpoint = Path(checkpoint)
     state = load_checkpoint_file(checkpoint)
     if state["model"] != "DPPMG":
-        raise CheckpointError(f"checkpoint {checkpoint} is a {state['model']} model; tokens come from a DPPMG checkpoint")
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is a {state['model']} model; tokens come from a DPPMG checkpoint"
+        )
     del state
     start = time.time()
     config, model, dataset, train_data, valid_data, test_data = load_data_and_model(checkpoint, config_dict)
@@ -185,7 +195,10 @@ def export_tokens(
         np.save(tmp / "user_codes.npy", codes)
         save_file({m: np.ascontiguousarray(user_vectors[m]) for m in modalities}, str(tmp / "user_vectors.safetensors"))
         save_file(
-            {**{m: np.ascontiguousarray(items[m]) for m in modalities}, **{f"{m}.ego": np.ascontiguousarray(items_ego[m]) for m in modalities}},
+            {
+                **{m: np.ascontiguousarray(items[m]) for m in modalities},
+                **{f"{m}.ego": np.ascontiguousarray(items_ego[m]) for m in modalities},
+            },
             str(tmp / "item_vectors.safetensors"),
         )
         foldin = {}
@@ -197,7 +210,9 @@ def export_tokens(
         save_file(encoder_tensors, str(tmp / "item_encoders.safetensors"))
 
         valid_items = valid_data._dataset.inter_matrix(form="csr")
-        foldin_quality = evaluate_fold_in(modalities, codebooks, items, user_vectors, codes, user_items.tocsr(), valid_items)
+        foldin_quality = evaluate_fold_in(
+            modalities, codebooks, items, user_vectors, codes, user_items.tocsr(), valid_items
+        )
         (tmp / "foldin_quality.json").write_text(json.dumps(foldin_quality, indent=2))
         (tmp / "ids.json").write_text(json.dumps({"users": user_ids, "items": item_ids}))
         _write_interactions(tmp / "interactions.npz", train_data, valid_data, test_data, config)
@@ -208,10 +223,20 @@ def export_tokens(
                 name = f"index_{m}_L{level}.faiss"
                 faiss.write_index(build_index(codebooks[m][level], index_type), str(tmp / name))
                 index_files.append(name)
-        files = ["codebooks.safetensors", "user_codes.npy", "user_vectors.safetensors", "item_vectors.safetensors",
-                 "foldin.safetensors", "foldin_quality.json", "item_encoders.safetensors", "ids.json", "interactions.npz", "user_tokens.tsv", *index_files]
+        files = [
+            "codebooks.safetensors",
+            "user_codes.npy",
+            "user_vectors.safetensors",
+            "item_vectors.safetensors",
+            "foldin.safetensors",
+            "foldin_quality.json",
+            "item_encoders.safetensors",
+            "ids.json",
+            "interactions.npz",
+            "user_tokens.tsv",
+            *index_files,
+        ]
         if interpret:
-
             files += write_code_report(tmp, config, codes, codebooks, items, user_items, modalities, item_ids)
         data_dir = Path(config["data_path"])
         manifest = {
@@ -230,7 +255,11 @@ def export_tokens(
             "token_prefixes": {m: modality_prefix(m) for m in modalities},
             "index_type": index_type,
             "item_encoders": encoder_info,
-            "foldin": {"input": "mean of the propagated item vectors of the user's items", "ridge": FOLDIN_RIDGE, "quality": foldin_quality},
+            "foldin": {
+                "input": "mean of the propagated item vectors of the user's items",
+                "ridge": FOLDIN_RIDGE,
+                "quality": foldin_quality,
+            },
             "metrics": _run_metrics(checkpoint),
             "files": files,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -26,7 +26,9 @@ def build_index(codebook: np.ndarray, index_type: str = "flat") -> faiss.Index:
         except ValueError:
             raise ConfigError(f"token_index_type '{index_type}': expected flat or ivf<nlist>, e.g. ivf16") from None
         if not 1 <= nlist <= len(vectors):
-            raise ConfigError(f"token_index_type '{index_type}': nlist must be between 1 and the codebook size {len(vectors)}")
+            raise ConfigError(
+                f"token_index_type '{index_type}': nlist must be between 1 and the codebook size {len(vectors)}"
+            )
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
         index.cp.min_points_per_centroid = 1
         index.train(vectors)
@@ -43,7 +45,9 @@ def build_index(codebook: np.ndarray, index_type: str = "flat") -> faiss.Index:
 SEARCH_THREADS = 1
 
 
-def residual_search(vectors: np.ndarray, indexes: list[faiss.Index], codebooks: np.ndarray, threads: int | None = SEARCH_THREADS) -> np.ndarray:
+def residual_search(
+    vectors: np.ndarray, indexes: list[faiss.Index], codebooks: np.ndarray, threads: int | None = SEARCH_THREADS
+) -> np.ndarray:
     """Codes ``[N, levels]`` of ``vectors [N, dim]``: greedy residual nearest codes."""
     residual = np.ascontiguousarray(vectors, dtype=np.float32).copy()
     codes = np.empty((residual.shape[0], len(indexes)), dtype=np.int64)

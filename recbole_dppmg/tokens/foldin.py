@@ -9,7 +9,9 @@ import numpy as np
 FOLDIN_RIDGE = 1e-2  # relative to the mean eigenvalue of X^T X
 
 
-def fit_foldin(item_vectors: np.ndarray, user_items, user_vectors: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fit_foldin(
+    item_vectors: np.ndarray, user_items, user_vectors: np.ndarray, users: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Ridge map from the mean of a user's item vectors to the user's vector."""
     x = mean_item_vectors(item_vectors, user_items, users)
     y = user_vectors[users]

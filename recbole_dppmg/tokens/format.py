@@ -66,11 +66,15 @@ def read_manifest(folder: str | Path, dataset: str | None = None, fingerprint: s
         raise CheckpointError(f"{path} is not valid JSON") from None
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{folder} has token export format version {version}, this code reads version {FORMAT_VERSION}; re-run --stage export")
+        raise CheckpointError(
+            f"{folder} has token export format version {version}, this code reads version {FORMAT_VERSION}; re-run --stage export"
+        )
     if dataset is not None and manifest.get("dataset") != dataset:
         raise CheckpointError(f"token export {folder} was made for dataset {manifest.get('dataset')}, not {dataset}")
     if fingerprint is not None and manifest.get("dataset_fingerprint") != fingerprint:
-        raise CheckpointError(f"token export {folder} was made from a different build of dataset {manifest.get('dataset')} (fingerprint mismatch); re-run --stage export")
+        raise CheckpointError(
+            f"token export {folder} was made from a different build of dataset {manifest.get('dataset')} (fingerprint mismatch); re-run --stage export"
+        )
     missing = [name for name in manifest.get("files", []) if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"token export {folder} is incomplete: missing {', '.join(missing)}")

@@ -26,7 +26,6 @@ def _item_labels(config, item_ids: list[str]) -> tuple[list[str], list[list[str]
     path = Path(config["data_path"]) / f"{config['dataset']}.item"
     labels, genres = list(item_ids), [[] for _ in item_ids]
     try:
-
         table = read_item_table(path)
     except Exception as error:  # a dataset without a readable .item keeps the ids
         logger.warning(f"codes.md uses item ids: {path} unreadable ({error})")
@@ -85,8 +84,12 @@ def write_code_report(folder: Path, config, codes, codebooks, items, user_items,
             # What a code prefers more than the other codes do (raw scores favour popular items).
             scores = scores - scores.mean(1, keepdims=True)
             scores[~shown] = -np.inf
-            lines += [f"## {m}, level {level} ({int((counts > 0).sum())}/{size} codes used)", "",
-                      "| token | users | top items | genres (lift) |", "|---|---|---|---|"]
+            lines += [
+                f"## {m}, level {level} ({int((counts > 0).sum())}/{size} codes used)",
+                "",
+                "| token | users | top items | genres (lift) |",
+                "|---|---|---|---|",
+            ]
             for code in np.argsort(-counts):
                 if counts[code] == 0:
                     continue

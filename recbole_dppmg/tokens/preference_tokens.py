@@ -87,13 +87,18 @@ class PreferenceTokens:
             raise DataError(f"modality '{modality}' has no feature encoder in this export (an id channel?)")
         x = np.atleast_2d(np.asarray(features, dtype=np.float32))
         if x.shape[1] != info["width"]:
-            raise DataError(f"{modality} features have width {x.shape[1]}, the export's encoder expects {info['width']}")
+            raise DataError(
+                f"{modality} features have width {x.shape[1]}, the export's encoder expects {info['width']}"
+            )
         if info["feature_norm"] == "l2":
             x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         else:
             x = (x - self.item_encoders[f"{modality}.feature_mean"]) / self.item_encoders[f"{modality}.feature_std"]
         for k in range(info["layers"]):
-            x = x @ self.item_encoders[f"{modality}.linear{k}.weight"].T + self.item_encoders[f"{modality}.linear{k}.bias"]
+            x = (
+                x @ self.item_encoders[f"{modality}.linear{k}.weight"].T
+                + self.item_encoders[f"{modality}.linear{k}.bias"]
+            )
             if k < info["layers"] - 1:
                 x = np.where(x > 0, x, 0.01 * x)
         return x
@@ -102,7 +107,9 @@ class PreferenceTokens:
     def user_row(self, user_id) -> int:
         row = self.user_index.get(str(user_id))
         if row is None:
-            raise DataError(f"user '{user_id}' is not in the token export of {self.manifest['dataset']} ({len(self.user_index)} users); use fold_in(item_ids) for a new user")
+            raise DataError(
+                f"user '{user_id}' is not in the token export of {self.manifest['dataset']} ({len(self.user_index)} users); use fold_in(item_ids) for a new user"
+            )
         return row
 
     def codes_for(self, user_id) -> np.ndarray:

@@ -54,8 +54,10 @@ def check_target_template(template) -> str:
         raise ConfigError(f"text.target_template {template!r} is not a format string ({exc})") from None
     unknown = sorted(fields_used - set(TARGET_FIELDS))
     if unknown or not fields_used:
-        raise ConfigError(f"text.target_template {template!r} may only use the fields {{{'}, {'.join(TARGET_FIELDS)}}}"
-                          + (f", not {{{'}, {'.join(unknown)}}}" if unknown else ""))
+        raise ConfigError(
+            f"text.target_template {template!r} may only use the fields {{{'}, {'.join(TARGET_FIELDS)}}}"
+            + (f", not {{{'}, {'.join(unknown)}}}" if unknown else "")
+        )
     return str(template)
 
 
@@ -128,8 +130,11 @@ def _check_rule(key: str, value, meta) -> None:
         return
     if meta.get("choices") is not None and value not in meta["choices"]:
         raise ConfigError(f"{key} must be one of {', '.join(meta['choices'])}, got {value!r}")
-    for name, sign, bad in (("gt", ">", lambda v, b: not v > b), ("ge", ">=", lambda v, b: v < b),
-                            ("le", "<=", lambda v, b: v > b)):
+    for name, sign, bad in (
+        ("gt", ">", lambda v, b: not v > b),
+        ("ge", ">=", lambda v, b: v < b),
+        ("le", "<=", lambda v, b: v > b),
+    ):
         bound = meta.get(name)
         if bound is not None and isinstance(value, (int, float)) and bad(value, bound):
             raise ConfigError(f"{key} must be {sign} {bound}, got {value!r}")
@@ -177,8 +182,11 @@ class Section(dict):
     @classmethod
     def section_fields(cls) -> dict[str, type[Section]]:
         """``{name: class}`` of the fields that are nested sections."""
-        return {name: hint for name, hint in cls.hints().items()
-                if isinstance(hint, type) and issubclass(hint, Section) and name in cls.field_names()}
+        return {
+            name: hint
+            for name, hint in cls.hints().items()
+            if isinstance(hint, type) and issubclass(hint, Section) and name in cls.field_names()
+        }
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -189,8 +197,10 @@ class Section(dict):
         known = cls.field_names()
         unknown = [key for key in data if key not in known]
         if unknown:
-            raise ConfigError(f"unknown {cls.LABEL} setting {', '.join(f'{where}.{k}' for k in unknown)} "
-                              f"(known: {', '.join(sorted(known))})")
+            raise ConfigError(
+                f"unknown {cls.LABEL} setting {', '.join(f'{where}.{k}' for k in unknown)} "
+                f"(known: {', '.join(sorted(known))})"
+            )
 
     @classmethod
     def build(cls, data: Mapping, where: str):
@@ -200,8 +210,9 @@ class Section(dict):
         cls.check_keys(data, where)
         missing = [name for name in cls.field_names() if name not in data]
         if missing:
-            raise ConfigError(f"{where} lacks the setting(s) {', '.join(missing)} "
-                              f"(is {GENERATION_YAML.name} complete?)")
+            raise ConfigError(
+                f"{where} lacks the setting(s) {', '.join(missing)} (is {GENERATION_YAML.name} complete?)"
+            )
         hints, values = cls.hints(), {}
         for f in fields(cls):
             key, value, hint = f"{where}.{f.name}", data[f.name], hints[f.name]
@@ -265,8 +276,9 @@ class TextEvaluateSettings(Section):
     def validate(self, where: str) -> None:
         unknown = [name for name in self.conditions if name not in TEXT_CONDITIONS]
         if unknown:
-            raise ConfigError(f"{where}.conditions: unknown text evaluation condition {unknown[0]!r} "
-                              f"({', '.join(TEXT_CONDITIONS)})")
+            raise ConfigError(
+                f"{where}.conditions: unknown text evaluation condition {unknown[0]!r} ({', '.join(TEXT_CONDITIONS)})"
+            )
 
 
 @dataclass(frozen=True, eq=False)
@@ -430,8 +442,9 @@ class _RLPhase(Section):
 
     def validate(self, where: str) -> None:
         if self.group_size < 2:
-            raise ConfigError(f"{where}.group_size must be >= 2 (advantages are relative to the group), "
-                              f"got {self.group_size}")
+            raise ConfigError(
+                f"{where}.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}"
+            )
         then = self.then
         if then is None:
             return
@@ -439,8 +452,9 @@ class _RLPhase(Section):
             raise ConfigError(f"{where}.then must be a mapping of {where} settings or None, got {then!r}")
         nested = sorted(set(then) & {"then", "resume"})
         if nested:
-            raise ConfigError(f"{where}.then cannot set {', '.join(nested)} "
-                              "(one further phase; it starts fresh from the first)")
+            raise ConfigError(
+                f"{where}.then cannot set {', '.join(nested)} (one further phase; it starts fresh from the first)"
+            )
         self.check_keys(then, f"{where}.then")
         type(self).build({**self, **then, "then": None}, f"{where}.then")
 
@@ -558,8 +572,13 @@ class EvaluateSettings(Section):
                 raise ConfigError(f"{where}.{key} must be an integer >= 2 or None, got {self[key]!r}")
 
 
-SECTIONS: dict[str, type[Section]] = {"text": TextSettings, "image": ImageSettings, "reward": RewardSettings,
-                                      "rl": RLSettings, "evaluate": EvaluateSettings}
+SECTIONS: dict[str, type[Section]] = {
+    "text": TextSettings,
+    "image": ImageSettings,
+    "reward": RewardSettings,
+    "rl": RLSettings,
+    "evaluate": EvaluateSettings,
+}
 
 
 # ---------------------------------------------------------------------------- the loader
@@ -574,8 +593,9 @@ def read_generation_yaml(path: str | Path | None = None) -> dict:
     return data
 
 
-def load_settings(section: str, overrides: Mapping | None = None, *, quick: bool = False,
-                  path: str | Path | None = None) -> Section:
+def load_settings(
+    section: str, overrides: Mapping | None = None, *, quick: bool = False, path: str | Path | None = None
+) -> Section:
     """The ``section`` of ``generation.yaml`` (or ``path``) with ``overrides`` merged in, typed and
     validated. ``quick`` (``rl`` only) first applies the ``rl.quick`` overrides to each modality."""
     if section not in SECTIONS:
@@ -597,8 +617,9 @@ def load_settings(section: str, overrides: Mapping | None = None, *, quick: bool
     return schema.build(merge(base, overrides, schema), section)
 
 
-def rl_phase_settings(modality: str, overrides: Mapping | None = None, quick: bool = False,
-                      path: str | Path | None = None) -> Section:
+def rl_phase_settings(
+    modality: str, overrides: Mapping | None = None, quick: bool = False, path: str | Path | None = None
+) -> Section:
     """``rl.<modality>`` from :func:`load_settings` (``overrides`` are that modality's keys)."""
     if modality not in RL_MODALITIES:
         raise ConfigError(f"RL modality must be text or image, got {modality!r}")

@@ -15,7 +15,9 @@ import numpy as np
 from recbole_dppmg.errors import ConfigError
 
 
-def split_users(users: Sequence[str], n_valid: int, n_test: int, seed: int, n_train: int | None = None) -> dict[str, list[str]]:
+def split_users(
+    users: Sequence[str], n_valid: int, n_test: int, seed: int, n_train: int | None = None
+) -> dict[str, list[str]]:
     """Seeded, disjoint ``{"train", "valid", "test"}`` users; held-out users are never trained on.
 
     The split depends only on the user list (in the token export's order), the counts and the
@@ -25,7 +27,9 @@ def split_users(users: Sequence[str], n_valid: int, n_test: int, seed: int, n_tr
     if min(n_valid, n_test) < 0:
         raise ConfigError(f"valid_users and test_users must be >= 0, got {n_valid} and {n_test}")
     if n_valid + n_test >= len(users):
-        raise ConfigError(f"cannot hold out {n_valid} valid + {n_test} test users of {len(users)}; lower valid_users / test_users")
+        raise ConfigError(
+            f"cannot hold out {n_valid} valid + {n_test} test users of {len(users)}; lower valid_users / test_users"
+        )
     order = np.random.default_rng(seed).permutation(len(users))
     shuffled = [users[k] for k in order]
     test, valid, train = shuffled[:n_test], shuffled[n_test : n_test + n_valid], shuffled[n_test + n_valid :]

@@ -44,11 +44,18 @@ class _Clamp(nn.Module):
 class _Block(nn.Module):
     def __init__(self, channels: int, pool: bool = False):
         super().__init__()
-        self.conv = nn.Sequential(_conv(channels, channels), nn.ReLU(), _conv(channels, channels), nn.ReLU(), _conv(channels, channels))
+        self.conv = nn.Sequential(
+            _conv(channels, channels), nn.ReLU(), _conv(channels, channels), nn.ReLU(), _conv(channels, channels)
+        )
         self.pool = None
         if pool:  # the group-norm mixing branch of the blocks beside the latent
             wide = channels * 4
-            self.pool = nn.Sequential(nn.Conv2d(channels, wide, 1, bias=False), nn.GroupNorm(4, wide), nn.ReLU(), nn.Conv2d(wide, channels, 1, bias=False))
+            self.pool = nn.Sequential(
+                nn.Conv2d(channels, wide, 1, bias=False),
+                nn.GroupNorm(4, wide),
+                nn.ReLU(),
+                nn.Conv2d(wide, channels, 1, bias=False),
+            )
         self.fuse = nn.ReLU()
 
     def forward(self, x):
@@ -60,10 +67,20 @@ class _Block(nn.Module):
 def build_encoder(latent_channels: int = 32, width: int = 64) -> nn.Sequential:
     c = width
     return nn.Sequential(
-        _conv(3, c), _Block(c),
-        _conv(c, c, stride=2, bias=False), _Block(c), _Block(c), _Block(c),
-        _conv(c, c, stride=2, bias=False), _Block(c), _Block(c), _Block(c),
-        _conv(c, c, stride=2, bias=False), _Block(c, True), _Block(c, True), _Block(c, True),
+        _conv(3, c),
+        _Block(c),
+        _conv(c, c, stride=2, bias=False),
+        _Block(c),
+        _Block(c),
+        _Block(c),
+        _conv(c, c, stride=2, bias=False),
+        _Block(c),
+        _Block(c),
+        _Block(c),
+        _conv(c, c, stride=2, bias=False),
+        _Block(c, True),
+        _Block(c, True),
+        _Block(c, True),
         _conv(c, latent_channels),
     )
 
@@ -71,11 +88,26 @@ def build_encoder(latent_channels: int = 32, width: int = 64) -> nn.Sequential:
 def build_decoder(latent_channels: int = 32, width: int = 64) -> nn.Sequential:
     c = width
     return nn.Sequential(
-        _Clamp(), _conv(latent_channels, c), nn.ReLU(),
-        _Block(c, True), _Block(c, True), _Block(c, True), nn.Upsample(scale_factor=2), _conv(c, c, bias=False),
-        _Block(c), _Block(c), _Block(c), nn.Upsample(scale_factor=2), _conv(c, c, bias=False),
-        _Block(c), _Block(c), _Block(c), nn.Upsample(scale_factor=2), _conv(c, c, bias=False),
-        _Block(c), _conv(c, 3),
+        _Clamp(),
+        _conv(latent_channels, c),
+        nn.ReLU(),
+        _Block(c, True),
+        _Block(c, True),
+        _Block(c, True),
+        nn.Upsample(scale_factor=2),
+        _conv(c, c, bias=False),
+        _Block(c),
+        _Block(c),
+        _Block(c),
+        nn.Upsample(scale_factor=2),
+        _conv(c, c, bias=False),
+        _Block(c),
+        _Block(c),
+        _Block(c),
+        nn.Upsample(scale_factor=2),
+        _conv(c, c, bias=False),
+        _Block(c),
+        _conv(c, 3),
     )
 
 
@@ -118,7 +150,9 @@ def load_autoencoder(folder: str | Path | None = None) -> TinyAutoencoder:
     paths = [folder / ENCODER_FILE, folder / DECODER_FILE]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise CheckpointError(f"autoencoder weights missing in {folder}: {', '.join(missing)} (set image.autoencoder_path, or image.space: pixel)")
+        raise CheckpointError(
+            f"autoencoder weights missing in {folder}: {', '.join(missing)} (set image.autoencoder_path, or image.space: pixel)"
+        )
     model = TinyAutoencoder()
     for part, path in zip((model.encoder, model.decoder), paths):
         try:

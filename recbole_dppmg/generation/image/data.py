@@ -31,7 +31,9 @@ def default_poster_dir(dataset: str) -> Path:
     return shared_dir() / "data" / dataset / "posters"
 
 
-def poster_files(dataset: str, poster_dir: str | Path | None = None, dataset_dir: str | Path | None = None) -> dict[str, Path]:
+def poster_files(
+    dataset: str, poster_dir: str | Path | None = None, dataset_dir: str | Path | None = None
+) -> dict[str, Path]:
     """``{item_id: poster path}`` for every item of the prepared dataset whose poster exists."""
 
     poster_dir = Path(poster_dir) if poster_dir else default_poster_dir(dataset)
@@ -77,8 +79,15 @@ def _fingerprint(paths: list[Path], extra: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def cached_latents(posters: dict[str, Path], codec, height: int, width: int, codec_id: str,
-                   batch_size: int = 16, cache_dir: Path | None = None) -> tuple[list[str], torch.Tensor]:
+def cached_latents(
+    posters: dict[str, Path],
+    codec,
+    height: int,
+    width: int,
+    codec_id: str,
+    batch_size: int = 16,
+    cache_dir: Path | None = None,
+) -> tuple[list[str], torch.Tensor]:
     """Item ids and their poster latents ``[N, C, h, w]``, computed once and cached."""
     from safetensors.torch import load_file, save_file
 
@@ -115,12 +124,19 @@ class Pairs:
     test_users: list[str]
 
 
-def training_pairs(tokens, item_ids_with_poster, min_rating: float, valid_users: int, test_users: int, seed: int) -> Pairs:
+def training_pairs(
+    tokens, item_ids_with_poster, min_rating: float, valid_users: int, test_users: int, seed: int
+) -> Pairs:
     """(user, liked item with a poster) from the training split of the shared user split's
     training users (``generation.user_split``: the same held-out users as the text generator)."""
     have = set(item_ids_with_poster)
     split = split_users(list(tokens.users), valid_users, test_users, seed)
-    pairs = [(u, item) for u in split["train"] for item, _ in tokens.history(u, "train", min_rating=min_rating) if item in have]
+    pairs = [
+        (u, item)
+        for u in split["train"]
+        for item, _ in tokens.history(u, "train", min_rating=min_rating)
+        if item in have
+    ]
     if not pairs:
         raise DataError(f"no training pairs: no training-split rating >= {min_rating} on an item with a poster")
     return Pairs(pairs, split["train"], split["valid"] + split["test"], split["test"])

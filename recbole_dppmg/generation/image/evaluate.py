@@ -58,8 +58,16 @@ from recbole_dppmg.tokens import PreferenceTokens
 logger = logging.getLogger(__name__)
 
 
-def evaluate_image_generator(dataset: str, tokens_folder: str | Path, checkpoint: str | Path, config: dict | None = None,
-                             n_fd: int = 500, topk: int = 10, max_users: int | None = None, out_dir: str | Path | None = None) -> dict:
+def evaluate_image_generator(
+    dataset: str,
+    tokens_folder: str | Path,
+    checkpoint: str | Path,
+    config: dict | None = None,
+    n_fd: int = 500,
+    topk: int = 10,
+    max_users: int | None = None,
+    out_dir: str | Path | None = None,
+) -> dict:
     """All figures as a dict; also written to ``<out_dir>/image_eval.json`` and ``.md``."""
 
     config = dict(config or {})
@@ -68,13 +76,31 @@ def evaluate_image_generator(dataset: str, tokens_folder: str | Path, checkpoint
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
     vocab = PreferenceVocabulary(tokens)
     model, meta = load_image_generator(checkpoint, vocab, dataset=dataset, device=image["device"])
-    settings = load_settings("image", {**meta["train"], **meta["model"], **{k: v for k, v in config.items() if k in ("num_threads", "autoencoder_path", "poster_dir")}})
+    settings = load_settings(
+        "image",
+        {
+            **meta["train"],
+            **meta["model"],
+            **{k: v for k, v in config.items() if k in ("num_threads", "autoencoder_path", "poster_dir")},
+        },
+    )
     height, width = settings["height"], settings["width"]
     out_dir = Path(out_dir or Path(checkpoint) / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
-    sample = dict(seed=gen["sample_seed"], steps=gen["sample_steps"], guidance=gen["guidance_scale"], sampler=gen["sampler"], batch_size=gen["sample_batch"])
-    result = {"checkpoint": str(checkpoint), "trained_steps": meta.get("trained_steps"), "train_seconds": meta.get("train_seconds"),
-              "size": [height, width], "sampling": sample}
+    sample = dict(
+        seed=gen["sample_seed"],
+        steps=gen["sample_steps"],
+        guidance=gen["guidance_scale"],
+        sampler=gen["sampler"],
+        batch_size=gen["sample_batch"],
+    )
+    result = {
+        "checkpoint": str(checkpoint),
+        "trained_steps": meta.get("trained_steps"),
+        "train_seconds": meta.get("train_seconds"),
+        "size": [height, width],
+        "sampling": sample,
+    }
 
     with torch_threads(settings["num_threads"]):
         encoder = load_default_encoder("image")
@@ -82,7 +108,9 @@ def evaluate_image_generator(dataset: str, tokens_folder: str | Path, checkpoint
         posters = poster_files(dataset, settings["poster_dir"])
         item_ids, latents = cached_latents(posters, codec, height, width, codec_id)
         logger.info("features of %d real posters at %dx%d", len(item_ids), height, width)
-        feature_ids, real = real_poster_features(posters, height, width, lambda images: image_features(encoder, images), image_encoder_version())
+        feature_ids, real = real_poster_features(
+            posters, height, width, lambda images: image_features(encoder, images), image_encoder_version()
+        )
         if feature_ids != item_ids:
             raise DataError("real poster features and latents list the posters in different orders")
         rng = np.random.default_rng(gen["sample_seed"])
@@ -102,10 +130,14 @@ def evaluate_image_generator(dataset: str, tokens_folder: str | Path, checkpoint
         raw = generate_posters(untrained.eval(), codec, user_positions(vocab, fd_users), **sample)
         fd["untrained"] = frechet_distance(image_features(encoder, [tensor_to_pil(x) for x in raw]), real)
         mean_poster = torch.stack([load_poster(posters[i], height, width) for i in item_ids]).mean(0)
-        fd["mean_poster"] = frechet_distance(np.repeat(image_features(encoder, [tensor_to_pil(mean_poster)]), n_fd, 0), real)
+        fd["mean_poster"] = frechet_distance(
+            np.repeat(image_features(encoder, [tensor_to_pil(mean_poster)]), n_fd, 0), real
+        )
         rows = rng.choice(len(item_ids), min(n_fd, len(item_ids)), replace=False)
         recon = torch.cat([codec.decode(latents[rows[s : s + 32]]) for s in range(0, len(rows), 32)])
-        fd["autoencoder_reconstruction"] = frechet_distance(image_features(encoder, [tensor_to_pil(x) for x in recon]), real)
+        fd["autoencoder_reconstruction"] = frechet_distance(
+            image_features(encoder, [tensor_to_pil(x) for x in recon]), real
+        )
         result["frechet_distance"] = fd
         grid = [trained_images[k] for k in range(min(32, n_fd))]
         _save_grid(grid, out_dir / "samples_trained.png")
@@ -116,19 +148,35 @@ def evaluate_image_generator(dataset: str, tokens_folder: str | Path, checkpoint
         users = [u for u in meta["test_users"] if any(i in row_of for i, _ in tokens.history(u, "test"))]
         users = users[:max_users] if max_users else users
         targets = [{row_of[i] for i, _ in tokens.history(u, "test") if i in row_of} for u in users]
-        exclude = [{row_of[i] for s in ("train", "valid") for i, _ in tokens.history(u, s) if i in row_of} for u in users]
+        exclude = [
+            {row_of[i] for s in ("train", "valid") for i, _ in tokens.history(u, s) if i in row_of} for u in users
+        ]
         retrieval = {}
         for mode in ("tokens", "none", "shuffled"):
-            images = generate_posters(model, codec, user_positions(vocab, users, mode, seed=gen["sample_seed"]), **sample)
+            images = generate_posters(
+                model, codec, user_positions(vocab, users, mode, seed=gen["sample_seed"]), **sample
+            )
             feats = image_features(encoder, [tensor_to_pil(x) for x in images])
-            retrieval[{"tokens": "dppmg_tokens", "none": "no_tokens", "shuffled": "shuffled_tokens"}[mode]] = retrieval_metrics(feats, real, targets, exclude, topk)
+            retrieval[{"tokens": "dppmg_tokens", "none": "no_tokens", "shuffled": "shuffled_tokens"}[mode]] = (
+                retrieval_metrics(feats, real, targets, exclude, topk)
+            )
         best = [next((row_of[i] for i, _ in tokens.history(u, "train") if i in row_of), None) for u in users]
         keep = [k for k, b in enumerate(best) if b is not None]
-        retrieval["real_top_train_poster"] = retrieval_metrics(real[[best[k] for k in keep]], real, [targets[k] for k in keep], [exclude[k] for k in keep], topk)
+        retrieval["real_top_train_poster"] = retrieval_metrics(
+            real[[best[k] for k in keep]], real, [targets[k] for k in keep], [exclude[k] for k in keep], topk
+        )
         candidates = [len(item_ids) - len(e) for e in exclude]
         retrieval["random_expected"] = {
-            f"hit@{topk}": float(np.mean([1 - np.prod([(c - len(t) - j) / (c - j) for j in range(topk)]) for t, c in zip(targets, candidates)])),
-            "users": len(users)}
+            f"hit@{topk}": float(
+                np.mean(
+                    [
+                        1 - np.prod([(c - len(t) - j) / (c - j) for j in range(topk)])
+                        for t, c in zip(targets, candidates)
+                    ]
+                )
+            ),
+            "users": len(users),
+        }
         result["retrieval"] = retrieval
     (out_dir / "image_eval.json").write_text(json.dumps(result, indent=2))
     (out_dir / "image_eval.md").write_text(_markdown(result, topk))
@@ -146,9 +194,16 @@ def _save_grid(images, path: Path, columns: int = 8) -> None:
 
 
 def _markdown(result: dict, topk: int) -> str:
-    lines = ["# Image generator evaluation", "", f"checkpoint `{result['checkpoint']}`, {result['trained_steps']} steps, "
-             f"{result['train_seconds']} s of training, posters {result['size'][0]}x{result['size'][1]}, "
-             f"{result['seconds_per_poster']:.3f} s per poster", "", "| poster set | Fréchet distance to real posters |", "|---|---|"]
+    lines = [
+        "# Image generator evaluation",
+        "",
+        f"checkpoint `{result['checkpoint']}`, {result['trained_steps']} steps, "
+        f"{result['train_seconds']} s of training, posters {result['size'][0]}x{result['size'][1]}, "
+        f"{result['seconds_per_poster']:.3f} s per poster",
+        "",
+        "| poster set | Fréchet distance to real posters |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.2f} |" for k, v in result["frechet_distance"].items()]
     lines += ["", f"| condition (held-out users) | Hit@{topk} | NDCG@{topk} | users |", "|---|---|---|---|"]
     for k, v in result["retrieval"].items():

@@ -33,24 +33,46 @@ from recbole_dppmg.tokens import PreferenceTokens
 logger = logging.getLogger(__name__)
 
 # The keys of the ``image:`` section that sampling reads (a generate call records them in this order).
-GENERATE_KEYS = ("sample_steps", "guidance_scale", "sampler", "sample_seed", "contact_top", "sample_batch", "checkpoint",
-                 "output_dir")
+GENERATE_KEYS = (
+    "sample_steps",
+    "guidance_scale",
+    "sampler",
+    "sample_seed",
+    "contact_top",
+    "sample_batch",
+    "checkpoint",
+    "output_dir",
+)
 
 
 def initial_noise(model: PosterDiffusion, count: int, seed: int, first: int = 0) -> torch.Tensor:
     shape = (model.latent_channels, *model.latent_size)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + first + k)) for k in range(count)])
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(seed + first + k)) for k in range(count)]
+    )
 
 
-def generate_posters(model: PosterDiffusion, codec, positions: torch.Tensor, seed: int = 0, steps: int = 20,
-                     guidance: float = 2.0, sampler: str = "dpm", batch_size: int = 16,
-                     height: int | None = None, width: int | None = None, progress: bool = True) -> torch.Tensor:
+def generate_posters(
+    model: PosterDiffusion,
+    codec,
+    positions: torch.Tensor,
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 2.0,
+    sampler: str = "dpm",
+    batch_size: int = 16,
+    height: int | None = None,
+    width: int | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
     """Posters ``[N, 3, H, W]`` in [-1, 1] for token positions ``[N, n_slots]`` (a row of -1
     = no preference tokens)."""
     c = model.config
     if (height, width) != (None, None) and (height, width) != (c["height"], c["width"]):
         check_image_size(c, height, width)
-        raise ConfigError(f"this image generator draws {c['height']}x{c['width']} posters (height x width), not {height}x{width}; train one at that size")
+        raise ConfigError(
+            f"this image generator draws {c['height']}x{c['width']} posters (height x width), not {height}x{width}; train one at that size"
+        )
     out = []
     for start in tqdm(range(0, len(positions), batch_size), desc="posters", unit="batch", disable=not progress):
         rows = positions[start : start + batch_size]
@@ -92,7 +114,10 @@ def contact_sheet(rows: list[tuple[str, list, object]], path: Path, cell: tuple[
         for k, image in enumerate(real):
             sheet.paste(image.resize(cell), (4 + k * (width + 4), y + label_h))
         x = 4 + n_real * (width + 4) + gap
-        sheet.paste(generated.resize(cell, resample=Image.NEAREST if generated.width < width else Image.BICUBIC), (x, y + label_h))
+        sheet.paste(
+            generated.resize(cell, resample=Image.NEAREST if generated.width < width else Image.BICUBIC),
+            (x, y + label_h),
+        )
         draw.text((x, y + 12), "generated", fill="darkred")
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
@@ -103,13 +128,22 @@ def newest_image_run(dataset: str) -> Path:
     """The newest finished image generator run ``saved/<dataset>/ImageGen-*``."""
     run = newest_finished_run(SAVED_DIR, dataset, IMAGE_GEN)
     if run is None:
-        raise CheckpointError(f"no trained image generator under {SAVED_DIR / dataset}; train one first (or set image.checkpoint)")
+        raise CheckpointError(
+            f"no trained image generator under {SAVED_DIR / dataset}; train one first (or set image.checkpoint)"
+        )
     return run
 
 
-def run_generate_images(dataset: str, users: list, tokens_folder: str | Path, config: dict | None = None,
-                        checkpoint: str | Path | None = None, out_dir: str | Path | None = None, codec=None,
-                        posters: dict[str, Path] | None = None) -> Path:
+def run_generate_images(
+    dataset: str,
+    users: list,
+    tokens_folder: str | Path,
+    config: dict | None = None,
+    checkpoint: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    codec=None,
+    posters: dict[str, Path] | None = None,
+) -> Path:
     """Write ``<user>.png`` for each user, ``contact_sheet.png`` and ``generated.json``; returns
     the folder (default ``<checkpoint>/generated-<time>/``). ``codec`` / ``posters`` replace
     the autoencoder and the dataset's posters (tests)."""
@@ -121,7 +155,14 @@ def run_generate_images(dataset: str, users: list, tokens_folder: str | Path, co
     vocab = PreferenceVocabulary(tokens)
     folder = Path(checkpoint or settings["checkpoint"] or newest_image_run(dataset))
     model, meta = load_image_generator(folder, vocab, dataset=dataset, device=image["device"])
-    train_settings = load_settings("image", {**meta["train"], **meta["model"], **{k: v for k, v in config.items() if k in ("autoencoder_path", "poster_dir", "num_threads")}})
+    train_settings = load_settings(
+        "image",
+        {
+            **meta["train"],
+            **meta["model"],
+            **{k: v for k, v in config.items() if k in ("autoencoder_path", "poster_dir", "num_threads")},
+        },
+    )
     users = [str(u) for u in users]
     if not users:
         raise DataError("no users given to generate posters for")
@@ -130,10 +171,18 @@ def run_generate_images(dataset: str, users: list, tokens_folder: str | Path, co
     with torch_threads(train_settings["num_threads"]):
         if codec is None:
             codec, _ = build_codec(train_settings)
-        images = generate_posters(model, codec, user_positions(vocab, users), seed=settings["sample_seed"],
-                                   steps=settings["sample_steps"], guidance=settings["guidance_scale"],
-                                   sampler=settings["sampler"], batch_size=settings["sample_batch"],
-                                   height=config.get("height"), width=config.get("width"))
+        images = generate_posters(
+            model,
+            codec,
+            user_positions(vocab, users),
+            seed=settings["sample_seed"],
+            steps=settings["sample_steps"],
+            guidance=settings["guidance_scale"],
+            sampler=settings["sampler"],
+            batch_size=settings["sample_batch"],
+            height=config.get("height"),
+            width=config.get("width"),
+        )
     out = out_dir or settings["output_dir"]
     if out:
         out = Path(out)
@@ -154,8 +203,15 @@ def run_generate_images(dataset: str, users: list, tokens_folder: str | Path, co
         liked = [item for item, _ in tokens.history(user, "train") if item in real_posters][: settings["contact_top"]]
         real = [tensor_to_pil(load_poster(real_posters[i], 192, 128)) for i in liked]
         rows.append((f"user {user}: " + " ".join(vocab.strings_for(user)), real, image))
-        record[user] = {"file": f"{user}.png", "tokens": vocab.strings_for(user), "seed": settings["sample_seed"] + k, "top_train_items": liked}
+        record[user] = {
+            "file": f"{user}.png",
+            "tokens": vocab.strings_for(user),
+            "seed": settings["sample_seed"] + k,
+            "top_train_items": liked,
+        }
     contact_sheet(rows, out / "contact_sheet.png")
-    (out / "generated.json").write_text(json.dumps({"checkpoint": str(folder), "settings": settings, "users": record}, indent=2))
+    (out / "generated.json").write_text(
+        json.dumps({"checkpoint": str(folder), "settings": settings, "users": record}, indent=2)
+    )
     logger.info("wrote %d posters and a contact sheet to %s", len(users), out)
     return out

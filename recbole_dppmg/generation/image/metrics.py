@@ -67,8 +67,13 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
 
 
-def retrieval_metrics(query: np.ndarray, item_features: np.ndarray, targets: list[set[int]],
-                      exclude: list[set[int]] | None = None, k: int = 10) -> dict[str, float]:
+def retrieval_metrics(
+    query: np.ndarray,
+    item_features: np.ndarray,
+    targets: list[set[int]],
+    exclude: list[set[int]] | None = None,
+    k: int = 10,
+) -> dict[str, float]:
     """Mean Hit@k and NDCG@k of ``targets[u]`` (item rows) when the catalogue is ranked by
     cosine similarity to ``query[u]``; ``exclude[u]`` rows (the user's training items) are
     removed from the ranking. Users without targets are skipped."""
@@ -88,12 +93,16 @@ def retrieval_metrics(query: np.ndarray, item_features: np.ndarray, targets: lis
         ideal = (1.0 / np.log2(np.arange(2, min(k, len(target)) + 2))).sum()
         hits.append(float(gains.any()))
         ndcgs.append(float((gains / np.log2(np.arange(2, k + 2))).sum() / ideal))
-    return {f"hit@{k}": float(np.mean(hits)) if hits else float("nan"),
-            f"ndcg@{k}": float(np.mean(ndcgs)) if ndcgs else float("nan"), "users": len(hits)}
+    return {
+        f"hit@{k}": float(np.mean(hits)) if hits else float("nan"),
+        f"ndcg@{k}": float(np.mean(ndcgs)) if ndcgs else float("nan"),
+        "users": len(hits),
+    }
 
 
-def real_poster_features(posters: dict, height: int, width: int, featurize, cache_key: str | None = None,
-                         cache_dir=None) -> tuple[list[str], np.ndarray]:
+def real_poster_features(
+    posters: dict, height: int, width: int, featurize, cache_key: str | None = None, cache_dir=None
+) -> tuple[list[str], np.ndarray]:
     """Item ids (sorted as ``image_data.cached_latents`` sorts them) and ``featurize`` features of
     the real posters resized to the generator's ``height`` x ``width``: the reference set of the
     Fréchet distance and the catalogue of poster retrieval, so that generated and real posters
@@ -106,13 +115,19 @@ def real_poster_features(posters: dict, height: int, width: int, featurize, cach
         for item in ids:
             stat = Path(posters[item]).stat()
             digest.update(f"{item}:{Path(posters[item]).name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
-        path = Path(cache_dir or CACHE_DIR / "poster_features") / f"features-{height}x{width}-{digest.hexdigest()[:16]}.npz"
+        path = (
+            Path(cache_dir or CACHE_DIR / "poster_features")
+            / f"features-{height}x{width}-{digest.hexdigest()[:16]}.npz"
+        )
         if path.is_file():
             with np.load(path) as stored:
                 if [str(i) for i in stored["ids"]] == ids:
                     return ids, stored["features"]
     chunks = [
-        np.asarray(featurize([tensor_to_pil(load_poster(posters[i], height, width)) for i in ids[start : start + 64]]), dtype=np.float32)
+        np.asarray(
+            featurize([tensor_to_pil(load_poster(posters[i], height, width)) for i in ids[start : start + 64]]),
+            dtype=np.float32,
+        )
         for start in tqdm(range(0, len(ids), 64), desc=f"real poster features {height}x{width}", unit="batch")
     ]
     features = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
@@ -121,5 +136,7 @@ def real_poster_features(posters: dict, height: int, width: int, featurize, cach
         tmp = path.with_name(path.stem + ".tmp.npz")
         np.savez(tmp, ids=np.array(ids), features=features)
         os.replace(tmp, path)
-        path.with_suffix(".json").write_text(json.dumps({"featurizer": cache_key, "size": [height, width], "items": len(ids)}))
+        path.with_suffix(".json").write_text(
+            json.dumps({"featurizer": cache_key, "size": [height, width], "items": len(ids)})
+        )
     return ids, features

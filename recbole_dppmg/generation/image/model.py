@@ -28,8 +28,19 @@ logger = logging.getLogger(__name__)
 
 # The keys of the ``image:`` section of properties/generation.yaml that shape the network (in the
 # order checkpoints record them).
-MODEL_KEYS = ("space", "height", "width", "unet_channels", "layers_per_block", "attention_head_dim",
-              "cross_attention_dim", "norm_num_groups", "train_timesteps", "beta_schedule", "prediction_type")
+MODEL_KEYS = (
+    "space",
+    "height",
+    "width",
+    "unet_channels",
+    "layers_per_block",
+    "attention_head_dim",
+    "cross_attention_dim",
+    "norm_num_groups",
+    "train_timesteps",
+    "beta_schedule",
+    "prediction_type",
+)
 
 
 def model_config(config: dict | None = None) -> dict:
@@ -101,7 +112,11 @@ class PosterDiffusion(nn.Module):
         from diffusers import DDPMScheduler
 
         c = self.config
-        return DDPMScheduler(num_train_timesteps=c["train_timesteps"], beta_schedule=c["beta_schedule"], prediction_type=c["prediction_type"])
+        return DDPMScheduler(
+            num_train_timesteps=c["train_timesteps"],
+            beta_schedule=c["beta_schedule"],
+            prediction_type=c["prediction_type"],
+        )
 
     def sample_scheduler(self, sampler: str = "dpm"):
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
@@ -115,8 +130,15 @@ class PosterDiffusion(nn.Module):
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample(self, positions: torch.Tensor, noise: torch.Tensor, steps: int = 20, guidance: float = 1.0,
-               sampler: str = "dpm", drop: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        positions: torch.Tensor,
+        noise: torch.Tensor,
+        steps: int = 20,
+        guidance: float = 1.0,
+        sampler: str = "dpm",
+        drop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Normalised latents ``[B, C, h, w]`` from initial ``noise`` (which fixes the seed)."""
         scheduler = self.sample_scheduler(sampler)
         scheduler.set_timesteps(steps)

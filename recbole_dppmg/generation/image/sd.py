@@ -50,7 +50,9 @@ def load_sd_pipeline(path: str | Path, device: str = "auto"):
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise CheckpointError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        path, safety_checker=None, requires_safety_checker=False, local_files_only=True
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(_device(device))
 
@@ -76,12 +78,18 @@ def user_prompt(vocab: PreferenceVocabulary, user: str, template: str) -> str:
     return template.format(tokens=" ".join(vocab.strings_for(user)))
 
 
-def train_sd_tokens(pipeline_path: str | Path, dataset: str, tokens_folder: str | Path, config: dict | None, out_dir: str | Path,
-                    posters: dict[str, Path] | None = None, pipe=None) -> Path:
+def train_sd_tokens(
+    pipeline_path: str | Path,
+    dataset: str,
+    tokens_folder: str | Path,
+    config: dict | None,
+    out_dir: str | Path,
+    posters: dict[str, Path] | None = None,
+    pipe=None,
+) -> Path:
     """Textual-inversion training of the preference-token embeddings (optionally + UNet LoRA);
     ``config`` overrides the ``image.sd`` settings."""
     from diffusers import DDPMScheduler
-
 
     s = load_settings("image", {"sd": config or {}}).sd.to_dict()
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
@@ -93,7 +101,9 @@ def train_sd_tokens(pipeline_path: str | Path, dataset: str, tokens_folder: str 
     split = training_pairs(tokens, list(posters), s["min_rating"], s["valid_users"], s["test_users"], s["seed"])
     factor = pipe.vae_scale_factor
     if s["height"] % (factor * 8) or s["width"] % (factor * 8):
-        raise ConfigError(f"image height/width must be multiples of {factor * 8} for this pipeline, got {s['height']}x{s['width']}")
+        raise ConfigError(
+            f"image height/width must be multiples of {factor * 8} for this pipeline, got {s['height']}x{s['width']}"
+        )
 
     for part in (pipe.vae, pipe.unet, pipe.text_encoder):
         part.requires_grad_(False)
@@ -107,7 +117,9 @@ def train_sd_tokens(pipeline_path: str | Path, dataset: str, tokens_folder: str 
     if s["lora_rank"]:
         from peft import LoraConfig
 
-        pipe.unet.add_adapter(LoraConfig(r=s["lora_rank"], lora_alpha=s["lora_rank"], target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        pipe.unet.add_adapter(
+            LoraConfig(r=s["lora_rank"], lora_alpha=s["lora_rank"], target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        )
         params += [p for p in pipe.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s["learning_rate"], weight_decay=0.0)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -116,13 +128,20 @@ def train_sd_tokens(pipeline_path: str | Path, dataset: str, tokens_folder: str 
     started, step = time.perf_counter(), 0
     for step in tqdm(range(1, s["max_steps"] + 1), desc="SD preference tokens", disable=not s["progress"]):
         batch = [split.pairs[k] for k in torch.randint(len(split.pairs), (s["batch_size"],), generator=rng).tolist()]
-        images = torch.stack([load_poster(posters[item], s["height"], s["width"]) for _, item in batch]).to(device, pipe.vae.dtype)
+        images = torch.stack([load_poster(posters[item], s["height"], s["width"]) for _, item in batch]).to(
+            device, pipe.vae.dtype
+        )
         with torch.no_grad():
             latents = pipe.vae.encode(images).latent_dist.sample(generator=None) * pipe.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=rng).to(latents)
         t = torch.randint(scheduler.config.num_train_timesteps, (len(batch),), generator=rng).to(device)
-        ids = pipe.tokenizer([user_prompt(vocab, u, s["prompt_template"]) for u, _ in batch], padding="max_length",
-                             max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+        ids = pipe.tokenizer(
+            [user_prompt(vocab, u, s["prompt_template"]) for u, _ in batch],
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
         states = pipe.text_encoder(ids)[0]
         out = pipe.unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=states).sample
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
@@ -140,17 +159,39 @@ def train_sd_tokens(pipeline_path: str | Path, dataset: str, tokens_folder: str 
     if s["lora_rank"]:
         from peft import get_peft_model_state_dict
 
-        weights.update({f"lora.{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(pipe.unet).items()})
+        weights.update(
+            {f"lora.{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(pipe.unet).items()}
+        )
     save_file(weights, str(out / SD_WEIGHTS))
-    meta = {"pipeline": str(pipeline_path), "dataset": dataset, "tokens_folder": str(tokens_folder), "config": s,
-            "vocabulary": {"modalities": vocab.modalities, "levels": vocab.levels, "codebook_size": vocab.codebook_size, "dim": vocab.dim},
-            "trained_steps": step, "train_seconds": round(time.perf_counter() - started, 1), "heldout_users": split.heldout_users, "test_users": split.test_users}
+    meta = {
+        "pipeline": str(pipeline_path),
+        "dataset": dataset,
+        "tokens_folder": str(tokens_folder),
+        "config": s,
+        "vocabulary": {
+            "modalities": vocab.modalities,
+            "levels": vocab.levels,
+            "codebook_size": vocab.codebook_size,
+            "dim": vocab.dim,
+        },
+        "trained_steps": step,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "heldout_users": split.heldout_users,
+        "test_users": split.test_users,
+    }
     (out / SD_CONFIG).write_text(json.dumps(meta, indent=2))
     return out
 
 
-def generate_sd_posters(run_folder: str | Path, users: list, tokens_folder: str | Path, seed: int = 0, steps: int = 30,
-                        guidance: float = 7.5, pipe=None) -> list:
+def generate_sd_posters(
+    run_folder: str | Path,
+    users: list,
+    tokens_folder: str | Path,
+    seed: int = 0,
+    steps: int = 30,
+    guidance: float = 7.5,
+    pipe=None,
+) -> list:
     """PIL posters for ``users`` from a trained token run; user k uses seed ``seed + k``."""
 
     run_folder = Path(run_folder)
@@ -175,6 +216,12 @@ def generate_sd_posters(run_folder: str | Path, users: list, tokens_folder: str 
     images = []
     for k, user in enumerate(str(u) for u in users):
         generator = torch.Generator().manual_seed(seed + k)
-        images += pipe(user_prompt(vocab, user, c["prompt_template"]), height=c["height"], width=c["width"],
-                       num_inference_steps=steps, guidance_scale=guidance, generator=generator).images
+        images += pipe(
+            user_prompt(vocab, user, c["prompt_template"]),
+            height=c["height"],
+            width=c["width"],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generator,
+        ).images
     return images

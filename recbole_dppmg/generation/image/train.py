@@ -56,9 +56,27 @@ WEIGHTS_FILE, STATE_FILE, HISTORY_FILE = IMAGE_GEN.done, "train_state.pt", "hist
 FORMAT = "dppmg-image-diffusion/1"
 
 # The keys of the ``image:`` section a run records under ``train`` (in this order).
-TRAIN_KEYS = ("autoencoder_path", "poster_dir", "cache_dir", "min_rating", "valid_users", "test_users", "seed",
-              "batch_size", "learning_rate", "warmup_steps", "cond_dropout", "ema_decay", "max_steps", "max_minutes",
-              "save_every", "log_every", "num_threads", "device", "progress")
+TRAIN_KEYS = (
+    "autoencoder_path",
+    "poster_dir",
+    "cache_dir",
+    "min_rating",
+    "valid_users",
+    "test_users",
+    "seed",
+    "batch_size",
+    "learning_rate",
+    "warmup_steps",
+    "cond_dropout",
+    "ema_decay",
+    "max_steps",
+    "max_minutes",
+    "save_every",
+    "log_every",
+    "num_threads",
+    "device",
+    "progress",
+)
 
 
 def build_codec(settings: dict):
@@ -71,8 +89,9 @@ def build_codec(settings: dict):
 
 
 # ---------------------------------------------------------------------- checkpoints
-def save_checkpoint(folder: Path, model: PosterDiffusion, meta: dict, train_state: dict | None = None,
-                    kind: str = IMAGE_GEN.name) -> None:
+def save_checkpoint(
+    folder: Path, model: PosterDiffusion, meta: dict, train_state: dict | None = None, kind: str = IMAGE_GEN.name
+) -> None:
     """Weights + config (+ training state), each written to a temp file and renamed; ``kind``
     is the run kind ``run.json`` records (an RL run saves its tuned generator here too)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,11 +119,17 @@ def build_model(meta: dict) -> PosterDiffusion:
     """An untrained model of the checkpoint's shape (codebook buffer filled on load)."""
     vocab = meta["vocabulary"]
     n_vectors = len(vocab["modalities"]) * vocab["levels"] * vocab["codebook_size"]
-    return PosterDiffusion(meta["model"], torch.zeros(n_vectors, vocab["dim"]), meta["n_slots"], meta["latent_channels"])
+    return PosterDiffusion(
+        meta["model"], torch.zeros(n_vectors, vocab["dim"]), meta["n_slots"], meta["latent_channels"]
+    )
 
 
-def load_image_generator(folder: str | Path, vocab: PreferenceVocabulary | None = None, dataset: str | None = None,
-                         device: str | None = "cpu") -> tuple[PosterDiffusion, dict]:
+def load_image_generator(
+    folder: str | Path,
+    vocab: PreferenceVocabulary | None = None,
+    dataset: str | None = None,
+    device: str | None = "cpu",
+) -> tuple[PosterDiffusion, dict]:
     """The sampling (EMA) model of a run folder (on ``device``: cpu, cuda or auto) and its
     config; refuses a token export or dataset the model was not built for."""
     folder = Path(folder)
@@ -126,9 +151,15 @@ def load_image_generator(folder: str | Path, vocab: PreferenceVocabulary | None 
 
 
 # ---------------------------------------------------------------------- training
-def train_image_generator(dataset: str, tokens_folder: str | Path, config: dict | None = None,
-                          out_dir: str | Path | None = None, resume: bool = False,
-                          posters: dict[str, Path] | None = None, codec=None) -> Path:
+def train_image_generator(
+    dataset: str,
+    tokens_folder: str | Path,
+    config: dict | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    posters: dict[str, Path] | None = None,
+    codec=None,
+) -> Path:
     """Train (or, with ``resume``, continue training in ``out_dir``) the poster generator for
     ``max_minutes`` or until ``max_steps``; returns the run folder.
 
@@ -149,10 +180,13 @@ def train_image_generator(dataset: str, tokens_folder: str | Path, config: dict 
         else:
             codec_id = type(codec).__name__
         posters = posters if posters is not None else poster_files(dataset, settings["poster_dir"])
-        item_ids, latents = cached_latents(posters, codec, settings["height"], settings["width"], codec_id,
-                                           cache_dir=settings["cache_dir"])
+        item_ids, latents = cached_latents(
+            posters, codec, settings["height"], settings["width"], codec_id, cache_dir=settings["cache_dir"]
+        )
         latent_row = {item: k for k, item in enumerate(item_ids)}
-        split = training_pairs(tokens, item_ids, settings["min_rating"], settings["valid_users"], settings["test_users"], settings["seed"])
+        split = training_pairs(
+            tokens, item_ids, settings["min_rating"], settings["valid_users"], settings["test_users"], settings["seed"]
+        )
         users = sorted({u for u, _ in split.pairs}, key=lambda s: (len(s), s))
         user_row = {u: k for k, u in enumerate(users)}
         positions = torch.tensor([vocab.ids_for(u) for u in users], dtype=torch.long)
@@ -171,17 +205,32 @@ def train_image_generator(dataset: str, tokens_folder: str | Path, config: dict 
         rng = torch.Generator().manual_seed(settings["seed"])
         step, seconds, history = 0, 0.0, []
         meta = {
-            "format": FORMAT, "dataset": dataset, "tokens_folder": str(tokens_folder),
-            "model": model.config, "latent_channels": latents.shape[1], "n_slots": positions.shape[1],
-            "vocabulary": {"modalities": vocab.modalities, "levels": vocab.levels, "codebook_size": vocab.codebook_size, "dim": vocab.dim},
-            "codec": codec_id, "train": {k: settings[k] for k in TRAIN_KEYS},
-            "pairs": len(split.pairs), "train_users": len(split.train_users), "heldout_users": split.heldout_users, "test_users": split.test_users,
+            "format": FORMAT,
+            "dataset": dataset,
+            "tokens_folder": str(tokens_folder),
+            "model": model.config,
+            "latent_channels": latents.shape[1],
+            "n_slots": positions.shape[1],
+            "vocabulary": {
+                "modalities": vocab.modalities,
+                "levels": vocab.levels,
+                "codebook_size": vocab.codebook_size,
+                "dim": vocab.dim,
+            },
+            "codec": codec_id,
+            "train": {k: settings[k] for k in TRAIN_KEYS},
+            "pairs": len(split.pairs),
+            "train_users": len(split.train_users),
+            "heldout_users": split.heldout_users,
+            "test_users": split.test_users,
         }
         if resume:
             state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
             old = read_image_config(folder)
             if old["model"] != model.config or old["vocabulary"] != meta["vocabulary"]:
-                raise CheckpointError(f"{folder} was trained with another model or token vocabulary shape; start a new folder")
+                raise CheckpointError(
+                    f"{folder} was trained with another model or token vocabulary shape; start a new folder"
+                )
             model.load_state_dict(state["model"])
             ema.model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
             optimizer.load_state_dict(state["optimizer"])
@@ -196,13 +245,29 @@ def train_image_generator(dataset: str, tokens_folder: str | Path, config: dict 
 
         def checkpoint():
             meta.update(trained_steps=step, train_seconds=round(seconds, 1))
-            save_checkpoint(folder, ema.model, meta, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                      "rng": rng.get_state(), "step": step, "seconds": seconds})
+            save_checkpoint(
+                folder,
+                ema.model,
+                meta,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": rng.get_state(),
+                    "step": step,
+                    "seconds": seconds,
+                },
+            )
             (folder / HISTORY_FILE).write_text(json.dumps(history))
 
         budget = settings["max_minutes"] * 60
         started = time.perf_counter()
-        bar = tqdm(total=settings["max_steps"], initial=step, desc="image generator", unit="step", disable=not settings["progress"])
+        bar = tqdm(
+            total=settings["max_steps"],
+            initial=step,
+            desc="image generator",
+            unit="step",
+            disable=not settings["progress"],
+        )
         model.train()
         running = None
         while step < settings["max_steps"] and time.perf_counter() - started < budget:

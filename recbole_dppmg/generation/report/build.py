@@ -143,11 +143,17 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
     if cfg.get("text_run"):
         text = Path(cfg["text_run"])
     else:
-        runs = [r for r in _finished_text_runs(dataset, root, TEXT_GEN.name)
-                if tokens is None or _text_run_tokens(r) == tokens]
+        runs = [
+            r
+            for r in _finished_text_runs(dataset, root, TEXT_GEN.name)
+            if tokens is None or _text_run_tokens(r) == tokens
+        ]
         if not runs:
-            raise CheckpointError(f"no trained text generator for dataset {dataset} under {root / dataset}"
-                                  + (f" on token export {tokens}" if tokens else "") + "; run --stage text first (or set evaluate.text_run)")
+            raise CheckpointError(
+                f"no trained text generator for dataset {dataset} under {root / dataset}"
+                + (f" on token export {tokens}" if tokens else "")
+                + "; run --stage text first (or set evaluate.text_run)"
+            )
         text = runs[-1]
     text_tokens = _text_run_tokens(text)
     if tokens is not None and text_tokens != tokens:
@@ -156,25 +162,36 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
     if cfg.get("image_run"):
         image = Path(cfg["image_run"])
     else:
-        runs = [r for r in _finished_image_runs(dataset, root, IMAGE_GEN.name)
-                if str(Path(read_image_config(r)["tokens_folder"]).resolve()) == tokens]
+        runs = [
+            r
+            for r in _finished_image_runs(dataset, root, IMAGE_GEN.name)
+            if str(Path(read_image_config(r)["tokens_folder"]).resolve()) == tokens
+        ]
         if not runs:
-            raise CheckpointError(f"no image generator for dataset {dataset} under {root / dataset} was trained on token export {tokens} "
-                                  f"(the text generator {text.name}'s); run --stage image with --tokens {tokens} (or set evaluate.image_run)")
+            raise CheckpointError(
+                f"no image generator for dataset {dataset} under {root / dataset} was trained on token export {tokens} "
+                f"(the text generator {text.name}'s); run --stage image with --tokens {tokens} (or set evaluate.image_run)"
+            )
         image = runs[-1]
     meta = read_image_config(image)
     if meta["dataset"] != dataset:
         raise CheckpointError(f"image generator {image} was trained on {meta['dataset']}, not {dataset}")
     image_tokens = str(Path(meta["tokens_folder"]).resolve())
     if image_tokens != tokens:
-        raise CheckpointError(f"the generators were trained on different token exports: text {text} on {tokens}, image {image} on {image_tokens}")
+        raise CheckpointError(
+            f"the generators were trained on different token exports: text {text} on {tokens}, image {image} on {image_tokens}"
+        )
     test_users = json.loads((text / "users.json").read_text())["test"]
     if [str(u) for u in meta["test_users"]] != [str(u) for u in test_users]:
-        raise CheckpointError(f"the generators hold out different test users (text {text}: {len(test_users)}, image {image}: "
-                              f"{len(meta['test_users'])}); train both with the same seed, valid_users and test_users")
+        raise CheckpointError(
+            f"the generators hold out different test users (text {text}: {len(test_users)}, image {image}: "
+            f"{len(meta['test_users'])}); train both with the same seed, valid_users and test_users"
+        )
     text_rl = _rl_run(dataset, root, TEXT_RL.name, cfg.get("text_rl_run"), text, _finished_text_runs)
     image_rl = _rl_run(dataset, root, IMAGE_RL.name, cfg.get("image_rl_run"), image, _finished_image_runs)
-    return EvaluatedRuns(tokens, str(text.resolve()), str(image.resolve()), text_rl, image_rl, [str(u) for u in test_users])
+    return EvaluatedRuns(
+        tokens, str(text.resolve()), str(image.resolve()), text_rl, image_rl, [str(u) for u in test_users]
+    )
 
 
 def _rl_origin(run: Path) -> str | None:
@@ -204,7 +221,9 @@ class Catalogues:
     text_features: np.ndarray
     poster_ids: list[str]
     poster_features: np.ndarray  # real posters at the generator's size
-    item_texts: dict[str, str]  # TargetTexts in the shape the text generator was trained to write (the ceiling: .target(user, item))
+    item_texts: dict[
+        str, str
+    ]  # TargetTexts in the shape the text generator was trained to write (the ceiling: .target(user, item))
     posters: dict[str, Path]
     item_titles: dict[str, str]  # "Title (year)" for the gallery
 
@@ -235,17 +254,32 @@ def _spread(values: list[float | None]) -> dict:
     kept = [float(v) for v in values if v is not None and np.isfinite(v)]
     if not kept:
         return {"mean": None, "std": None, "min": None, "max": None, "seeds": 0}
-    return {"mean": float(np.mean(kept)), "std": float(np.std(kept, ddof=1)) if len(kept) > 1 else 0.0,
-            "min": float(np.min(kept)), "max": float(np.max(kept)), "seeds": len(kept)}
+    return {
+        "mean": float(np.mean(kept)),
+        "std": float(np.std(kept, ddof=1)) if len(kept) > 1 else 0.0,
+        "min": float(np.min(kept)),
+        "max": float(np.max(kept)),
+        "seeds": len(kept),
+    }
 
 
 # ---------------------------------------------------------------------------- the report
-def build_report(dataset: str, config: dict | None = None, out_dir: str | Path | None = None, *,
-                 runs: EvaluatedRuns | None = None, text_config_overrides: dict | None = None,
-                 image_config_overrides: dict | None = None, reward_overrides: dict | None = None,
-                 text_featurize: Callable | None = None, image_featurize: Callable | None = None,
-                 codec=None, posters: dict[str, Path] | None = None, dataset_dir: str | Path | None = None,
-                 root: Path | None = None) -> Path:
+def build_report(
+    dataset: str,
+    config: dict | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    runs: EvaluatedRuns | None = None,
+    text_config_overrides: dict | None = None,
+    image_config_overrides: dict | None = None,
+    reward_overrides: dict | None = None,
+    text_featurize: Callable | None = None,
+    image_featurize: Callable | None = None,
+    codec=None,
+    posters: dict[str, Path] | None = None,
+    dataset_dir: str | Path | None = None,
+    root: Path | None = None,
+) -> Path:
     """Generate, measure and write ``<out_dir>/report/``; returns that folder.
 
     ``out_dir`` defaults to ``evaluate.output_dir`` or ``saved/<dataset>/Report-<time>/``.
@@ -265,12 +299,20 @@ def build_report(dataset: str, config: dict | None = None, out_dir: str | Path |
     with torch_threads(cfg["num_threads"]):
         judge = PreferenceJudge.for_dataset(dataset, tokens, reward_cfg, dataset_dir=dataset_dir)
         text_featurize, image_featurize = _featurizers(text_featurize, image_featurize)
-        generation = _Generation(dataset, runs, tokens, cfg, text_config_overrides, image_config_overrides, codec, posters, dataset_dir)
+        generation = _Generation(
+            dataset, runs, tokens, cfg, text_config_overrides, image_config_overrides, codec, posters, dataset_dir
+        )
         catalogues = generation.catalogues(judge, image_featurize)
         ceiling_items = top_recommended_items(tokens, fd_users, set(catalogues.item_texts) & set(catalogues.poster_ids))
 
         tick = time.perf_counter()
-        texts = generation.texts(users, [catalogues.item_texts.target(u, i) if i in catalogues.item_texts else "" for u, i in zip(users, ceiling_items)])
+        texts = generation.texts(
+            users,
+            [
+                catalogues.item_texts.target(u, i) if i in catalogues.item_texts else ""
+                for u, i in zip(users, ceiling_items)
+            ],
+        )
         timings["generate_texts"] = time.perf_counter() - tick
         tick = time.perf_counter()
         images = generation.posters(fd_users, ceiling_items, catalogues.posters)
@@ -282,18 +324,43 @@ def build_report(dataset: str, config: dict | None = None, out_dir: str | Path |
         timings["featurize"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        per_seed = _measure(tokens, judge, cfg, users, fd_users, catalogues, texts, text_features, images, image_features, generation, ceiling_items)
+        per_seed = _measure(
+            tokens,
+            judge,
+            cfg,
+            users,
+            fd_users,
+            catalogues,
+            texts,
+            text_features,
+            images,
+            image_features,
+            generation,
+            ceiling_items,
+        )
         timings["metrics"] = time.perf_counter() - tick
-    summary = {c: {metric: _spread([row.get(metric) for row in rows.values()]) for metric in sorted({k for row in rows.values() for k in row})}
-               for c, rows in per_seed.items()}
+    summary = {
+        c: {
+            metric: _spread([row.get(metric) for row in rows.values()])
+            for metric in sorted({k for row in rows.values() for k in row})
+        }
+        for c, rows in per_seed.items()
+    }
     result = {
         "rl_effect": rl_effect(summary),
-        "dataset": dataset, "runs": asdict(runs), "evaluate": cfg, "reward": reward_cfg,
-        "text_generation": generation.text_cfg["generate"], "image_sampling": generation.sampling,
-        "users": users, "fd_users": len(fd_users), "seeds": cfg["seeds"],
+        "dataset": dataset,
+        "runs": asdict(runs),
+        "evaluate": cfg,
+        "reward": reward_cfg,
+        "text_generation": generation.text_cfg["generate"],
+        "image_sampling": generation.sampling,
+        "users": users,
+        "fd_users": len(fd_users),
+        "seeds": cfg["seeds"],
         "conditions": {c: generation.status(c) for c in CONDITIONS},
         "ceiling_items": dict(zip(fd_users, ceiling_items)),
-        "per_seed": per_seed, "summary": summary,
+        "per_seed": per_seed,
+        "summary": summary,
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
     out_dir = Path(out_dir or cfg.get("output_dir") or new_run_folder(root or SAVED_DIR, dataset, RUN_PREFIX))
@@ -323,7 +390,9 @@ def rl_effect(summary: dict) -> dict:
             entry["raised_beyond_seed_spread"] = a["min"] > b["max"]
         else:
             entry["relative_change"] = a["mean"] / b["mean"] - 1 if b["mean"] else None
-            entry["within_tolerance"] = entry["relative_change"] is not None and abs(entry["relative_change"]) <= QUALITY_TOLERANCE
+            entry["within_tolerance"] = (
+                entry["relative_change"] is not None and abs(entry["relative_change"]) <= QUALITY_TOLERANCE
+            )
         out[metric] = entry
     return out
 
@@ -331,11 +400,9 @@ def rl_effect(summary: dict) -> dict:
 def _featurizers(text_featurize, image_featurize):
     """The item encoders of the dataset (MiniLM, EfficientNet-Lite0) unless given."""
     if text_featurize is None:
-
         encoder = load_default_encoder("text")
         text_featurize = lambda texts: encoder.encode([t or " " for t in texts], progress=False)  # noqa: E731
     if image_featurize is None:
-
         image_encoder = load_default_encoder("image")
         image_featurize = lambda images: image_features(image_encoder, images)  # noqa: E731
         image_featurize.cache_key = image_encoder_version()
@@ -345,16 +412,32 @@ def _featurizers(text_featurize, image_featurize):
 class _Generation:
     """Loads the generators of ``runs`` and writes every condition's content per seed."""
 
-    def __init__(self, dataset, runs: EvaluatedRuns, tokens, cfg, text_overrides, image_overrides, codec, posters, dataset_dir):
+    def __init__(
+        self, dataset, runs: EvaluatedRuns, tokens, cfg, text_overrides, image_overrides, codec, posters, dataset_dir
+    ):
 
         self.dataset, self.runs, self.tokens, self.cfg = dataset, runs, tokens, cfg
         self.vocabulary = PreferenceVocabulary(tokens)
-        self.text_cfg = load_settings("text", {"num_threads": cfg["num_threads"], "progress": cfg["progress"], **(text_overrides or {})})
+        self.text_cfg = load_settings(
+            "text", {"num_threads": cfg["num_threads"], "progress": cfg["progress"], **(text_overrides or {})}
+        )
         image_cfg = load_settings("image", image_overrides)
         gen = {k: image_cfg[k] for k in GENERATE_KEYS}
-        self.sampling = {"steps": gen["sample_steps"], "guidance": gen["guidance_scale"], "sampler": gen["sampler"], "batch_size": gen["sample_batch"]}
+        self.sampling = {
+            "steps": gen["sample_steps"],
+            "guidance": gen["guidance_scale"],
+            "sampler": gen["sampler"],
+            "batch_size": gen["sample_batch"],
+        }
         meta = read_image_config(runs.image)
-        self.image_settings = load_settings("image", {**meta["train"], **meta["model"], **{k: v for k, v in image_cfg.items() if k in ("autoencoder_path", "poster_dir")}})
+        self.image_settings = load_settings(
+            "image",
+            {
+                **meta["train"],
+                **meta["model"],
+                **{k: v for k, v in image_cfg.items() if k in ("autoencoder_path", "poster_dir")},
+            },
+        )
         self._codec, self._posters, self.dataset_dir = codec, posters, dataset_dir
         self._base = None  # the frozen base LM for perplexity, loaded on first use
         self._perplexities: dict[tuple, float] = {}
@@ -367,22 +450,34 @@ class _Generation:
     @property
     def codec(self):
         if self._codec is None:
-
             self._codec, _ = build_codec(self.image_settings)
         return self._codec
 
     def catalogues(self, judge, image_featurize) -> Catalogues:
 
         folder = self.dataset_dir or DATASET_DIR / self.dataset
-        posters = self._posters if self._posters is not None else poster_files(self.dataset, self.image_settings["poster_dir"], folder)
+        posters = (
+            self._posters
+            if self._posters is not None
+            else poster_files(self.dataset, self.image_settings["poster_dir"], folder)
+        )
         known = set(self.tokens.item_ids[1:])
         posters = {i: p for i, p in posters.items() if i in known}
         height, width = self.image_settings["height"], self.image_settings["width"]
-        poster_ids, poster_features = real_poster_features(posters, height, width, image_featurize, getattr(image_featurize, "cache_key", None))
+        poster_ids, poster_features = real_poster_features(
+            posters, height, width, image_featurize, getattr(image_featurize, "cache_key", None)
+        )
         text = judge.catalogues["text"]
         item_file = folder / f"{self.dataset}.item"
-        return Catalogues(text.item_ids, text.features, poster_ids, poster_features,
-                          run_target_texts(self.dataset, Path(self.runs.text), self.tokens, item_file), posters, item_text_table(item_file, "{head}"))
+        return Catalogues(
+            text.item_ids,
+            text.features,
+            poster_ids,
+            poster_features,
+            run_target_texts(self.dataset, Path(self.runs.text), self.tokens, item_file),
+            posters,
+            item_text_table(item_file, "{head}"),
+        )
 
     # ------------------------------------------------------------------ text
     def texts(self, users: list[str], ceiling: list[str]) -> dict[str, dict[int, list[str]]]:
@@ -391,7 +486,10 @@ class _Generation:
         out: dict[str, dict[int, list[str]]] = {}
         before = TextConditions(self.dataset, Path(self.runs.text), self.tokens, self.vocabulary, self.text_cfg)
         for condition, name in TEXT_GENERATED.items():
-            out[condition] = {seed: before.generate(name, users, seed, shuffled_user_map(self.runs.test_users, seed)) for seed in self.cfg["seeds"]}
+            out[condition] = {
+                seed: before.generate(name, users, seed, shuffled_user_map(self.runs.test_users, seed))
+                for seed in self.cfg["seeds"]
+            }
         before.release()
         if self.runs.text_rl:
             after = TextConditions(self.dataset, Path(self.runs.text_rl), self.tokens, self.vocabulary, self.text_cfg)
@@ -401,11 +499,12 @@ class _Generation:
         return out
 
     # ------------------------------------------------------------------ posters
-    def posters(self, users: list[str], ceiling_items: list[str | None], real: dict[str, Path]) -> dict[str, dict[int, list]]:
+    def posters(
+        self, users: list[str], ceiling_items: list[str | None], real: dict[str, Path]
+    ) -> dict[str, dict[int, list]]:
         """PIL posters per condition and seed for ``users`` (the FD users; the evaluated users
         first); the ceiling's are the ``real`` poster files of their top items."""
         import torch
-
 
         out: dict[str, dict[int, list]] = {}
         models = [("before", self.runs.image)] + ([("after", self.runs.image_rl)] if self.runs.image_rl else [])
@@ -420,7 +519,9 @@ class _Generation:
                         positions = torch.tensor([self.vocabulary.ids_for(mapping[u]) for u in users], dtype=torch.long)
                     else:
                         positions = user_positions(self.vocabulary, users, mode)
-                    images = generate_posters(model, self.codec, positions, seed=seed, progress=self.cfg["progress"], **self.sampling)
+                    images = generate_posters(
+                        model, self.codec, positions, seed=seed, progress=self.cfg["progress"], **self.sampling
+                    )
                     out[condition][seed] = [tensor_to_pil(x) for x in images]
             del model
         height, width = self.image_settings["height"], self.image_settings["width"]
@@ -445,8 +546,20 @@ class _Generation:
         return self._perplexities[key]
 
 
-def _measure(tokens, judge, cfg, users, fd_users, catalogues: Catalogues, texts, text_features, images, image_features,
-             generation, ceiling_items) -> dict:
+def _measure(
+    tokens,
+    judge,
+    cfg,
+    users,
+    fd_users,
+    catalogues: Catalogues,
+    texts,
+    text_features,
+    images,
+    image_features,
+    generation,
+    ceiling_items,
+) -> dict:
     """``{condition: {seed: {metric: value}}}``; the ceiling counts only users who have a top
     recommended item with a text and a poster."""
 
@@ -466,24 +579,63 @@ def _measure(tokens, judge, cfg, users, fd_users, catalogues: Catalogues, texts,
             row: dict = {"users": len(rows)}
             if condition in texts:
                 generated, features = texts[condition][seed], text_features[condition][seed][rows]
-                metrics = retrieval_metrics(features, catalogues.text_features, [text_targets[j] for j in rows], [text_exclude[j] for j in rows], k)
-                row.update({f"text_hit@{k}": metrics[f"hit@{k}"], f"text_ndcg@{k}": metrics[f"ndcg@{k}"],
-                            "text_judge": float(judge.personalization(picked, "text", features).mean()),
-                            "perplexity": generation.perplexity([generated[j] for j in rows], cfg["ppl_batch_size"]),
-                            "distinct2": distinct_n([generated[j] for j in rows], 2),
-                            "mean_words": float(np.mean([len(generated[j].split()) for j in rows]))})
+                metrics = retrieval_metrics(
+                    features,
+                    catalogues.text_features,
+                    [text_targets[j] for j in rows],
+                    [text_exclude[j] for j in rows],
+                    k,
+                )
+                row.update(
+                    {
+                        f"text_hit@{k}": metrics[f"hit@{k}"],
+                        f"text_ndcg@{k}": metrics[f"ndcg@{k}"],
+                        "text_judge": float(judge.personalization(picked, "text", features).mean()),
+                        "perplexity": generation.perplexity([generated[j] for j in rows], cfg["ppl_batch_size"]),
+                        "distinct2": distinct_n([generated[j] for j in rows], 2),
+                        "mean_words": float(np.mean([len(generated[j].split()) for j in rows])),
+                    }
+                )
             if condition in images:
                 features = image_features[condition][seed]
-                metrics = retrieval_metrics(features[rows], catalogues.poster_features, [poster_targets[j] for j in rows], [poster_exclude[j] for j in rows], k)
-                row.update({f"image_hit@{k}": metrics[f"hit@{k}"], f"image_ndcg@{k}": metrics[f"ndcg@{k}"],
-                            "image_judge": float(judge.personalization(picked, "image", features[rows]).mean()),
-                            "frechet_distance": frechet_distance(features[fd_rows], catalogues.poster_features),
-                            "fd_posters": len(fd_rows)})
+                metrics = retrieval_metrics(
+                    features[rows],
+                    catalogues.poster_features,
+                    [poster_targets[j] for j in rows],
+                    [poster_exclude[j] for j in rows],
+                    k,
+                )
+                row.update(
+                    {
+                        f"image_hit@{k}": metrics[f"hit@{k}"],
+                        f"image_ndcg@{k}": metrics[f"ndcg@{k}"],
+                        "image_judge": float(judge.personalization(picked, "image", features[rows]).mean()),
+                        "frechet_distance": frechet_distance(features[fd_rows], catalogues.poster_features),
+                        "fd_posters": len(fd_rows),
+                    }
+                )
             if condition in texts and condition in images:
-                clip_inputs = {"texts": [texts[condition][seed][j] for j in rows], "images": [images[condition][seed][j] for j in rows]} if scorer else {}
-                reward = judge.reward(picked, text_features=text_features[condition][seed][rows],
-                                      image_features=image_features[condition][seed][rows], **clip_inputs)
-                row.update({name: float(values.mean()) for name, values in reward.items() if name in ("consistency", "total", "clip")})
+                clip_inputs = (
+                    {
+                        "texts": [texts[condition][seed][j] for j in rows],
+                        "images": [images[condition][seed][j] for j in rows],
+                    }
+                    if scorer
+                    else {}
+                )
+                reward = judge.reward(
+                    picked,
+                    text_features=text_features[condition][seed][rows],
+                    image_features=image_features[condition][seed][rows],
+                    **clip_inputs,
+                )
+                row.update(
+                    {
+                        name: float(values.mean())
+                        for name, values in reward.items()
+                        if name in ("consistency", "total", "clip")
+                    }
+                )
                 row["reward"] = row.pop("total")
             out[condition][seed] = row
     return out

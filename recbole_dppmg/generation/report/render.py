@@ -46,11 +46,20 @@ LABELS = {
 
 def _columns(k: int) -> list[tuple[str, str, int]]:
     """(metric, header, decimals) of the main table."""
-    return [(f"text_hit@{k}", f"text Hit@{k}", 3), (f"text_ndcg@{k}", f"text NDCG@{k}", 3),
-            (f"image_hit@{k}", f"poster Hit@{k}", 3), (f"image_ndcg@{k}", f"poster NDCG@{k}", 3),
-            ("text_judge", "text judge pct", 3), ("image_judge", "poster judge pct", 3),
-            ("consistency", "consistency", 3), ("reward", "reward", 3), ("clip", "CLIP", 3),
-            ("perplexity", "perplexity", 2), ("distinct2", "distinct-2", 3), ("frechet_distance", "Fréchet dist.", 1)]
+    return [
+        (f"text_hit@{k}", f"text Hit@{k}", 3),
+        (f"text_ndcg@{k}", f"text NDCG@{k}", 3),
+        (f"image_hit@{k}", f"poster Hit@{k}", 3),
+        (f"image_ndcg@{k}", f"poster NDCG@{k}", 3),
+        ("text_judge", "text judge pct", 3),
+        ("image_judge", "poster judge pct", 3),
+        ("consistency", "consistency", 3),
+        ("reward", "reward", 3),
+        ("clip", "CLIP", 3),
+        ("perplexity", "perplexity", 2),
+        ("distinct2", "distinct-2", 3),
+        ("frechet_distance", "Fréchet dist.", 1),
+    ]
 
 
 def write_report(out_dir: Path, result: dict, tokens, catalogues, texts: dict, images: dict, runs) -> Path:
@@ -92,8 +101,13 @@ def _cell(summary: dict | None, decimals: int) -> str:
 
 def _status_cell(metric: str, status: dict) -> str | None:
     """'n/a' / 'not run' where a modality of the condition does not exist."""
-    modality = "text" if metric.startswith("text_") or metric in ("perplexity", "distinct2") else \
-        "image" if metric.startswith("image_") or metric == "frechet_distance" else "both"
+    modality = (
+        "text"
+        if metric.startswith("text_") or metric in ("perplexity", "distinct2")
+        else "image"
+        if metric.startswith("image_") or metric == "frechet_distance"
+        else "both"
+    )
     states = [status["text"], status["image"]] if modality == "both" else [status[modality]]
     for state in ("not run", "n/a"):
         if state in states:
@@ -107,19 +121,25 @@ def markdown(result: dict, has_curves: bool) -> str:
     runs = result["runs"]
     seeds = result["seeds"]
     lines = [
-        f"# Generation report: {result['dataset']}", "",
+        f"# Generation report: {result['dataset']}",
+        "",
         f"{len(result['users'])} held-out test users (never trained on by either generator), generation seeds {seeds}; "
-        f"cells are mean ± std over the seeds (min–max in report.csv). Fréchet distance over the posters of {result['fd_users']} test users.", "",
+        f"cells are mean ± std over the seeds (min–max in report.csv). Fréchet distance over the posters of {result['fd_users']} test users.",
+        "",
         "| condition | " + " | ".join(h for _, h, _ in columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
     for condition, label in LABELS.items():
         status = result["conditions"][condition]
         summary = result["summary"].get(condition, {})
-        cells = [_status_cell(metric, status) or _cell(summary.get(metric), decimals) for metric, _, decimals in columns]
+        cells = [
+            _status_cell(metric, status) or _cell(summary.get(metric), decimals) for metric, _, decimals in columns
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
-        "", "## What the rows and columns are", "",
+        "",
+        "## What the rows and columns are",
+        "",
         "- *no tokens*: the instruction alone / the null conditioning sequence. *shuffled tokens*: another held-out user's tokens "
         "(one derangement per seed, the same for text and poster). *continuous soft prompt*: PMG-style prompt vectors from the "
         "continuous u_m, text only (the image generator has none: n/a). *DPPMG before / after RL*: the user's tokens, generators "
@@ -135,7 +155,9 @@ def markdown(result: dict, has_curves: bool) -> str:
         f"{result['reward']['consistency_temperature']}). *reward*: the weighted mean the RL optimises.",
         "- *perplexity*: of the texts under the frozen base LM (instruction without tokens as context). *distinct-2*: unique "
         "word bigrams / bigrams. *Fréchet dist.*: between EfficientNet features of generated and all real posters.",
-        "", "## Runs", "",
+        "",
+        "## Runs",
+        "",
         f"- token export: `{runs['tokens']}`",
         f"- text generator: `{runs['text']}`; after RL: `{runs['text_rl'] or 'not run'}`",
         f"- image generator: `{runs['image']}`; after RL: `{runs['image_rl'] or 'not run'}`",
@@ -143,15 +165,25 @@ def markdown(result: dict, has_curves: bool) -> str:
         f"- wall time (s): {json.dumps(result['timings'])}",
     ]
     if result.get("rl_effect"):
-        lines += ["", "## DPPMG after RL vs before", "",
-                  "| metric | before | after | difference | verdict |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## DPPMG after RL vs before",
+            "",
+            "| metric | before | after | difference | verdict |",
+            "|---|---|---|---|---|",
+        ]
         for metric, e in result["rl_effect"].items():
             if "raised_beyond_seed_spread" in e:
-                verdict = "raised beyond the seed spread" if e["raised_beyond_seed_spread"] else "not beyond the seed spread"
+                verdict = (
+                    "raised beyond the seed spread" if e["raised_beyond_seed_spread"] else "not beyond the seed spread"
+                )
             else:
                 verdict = f"{e['relative_change']:+.1%}: " + ("within" if e["within_tolerance"] else "outside") + " 10%"
             lines.append(f"| {metric} | {e['before']:.4f} | {e['after']:.4f} | {e['difference']:+.4f} | {verdict} |")
-        lines += ["", "Beyond the seed spread = every seed after RL scores above every seed before RL (min after > max before)."]
+        lines += [
+            "",
+            "Beyond the seed spread = every seed after RL scores above every seed before RL (min after > max before).",
+        ]
     if has_curves:
         lines += ["", "## RL reward curves", "", "![reward curves](reward_curves.png)"]
     lines += ["", "Gallery: [gallery.html](gallery.html)."]
@@ -179,8 +211,13 @@ def _write_samples(path: Path, result: dict, tokens, texts: dict) -> None:
     with open(path, "w") as f:
         for j, user in enumerate(result["users"]):
             codes = tokens.codes_for(user)
-            record = {"user": user, "tokens": [token_string(m, l, int(c)) for k, m in enumerate(tokens.modalities) for l, c in enumerate(codes[k])],
-                      "ceiling_item": result["ceiling_items"].get(user)}
+            record = {
+                "user": user,
+                "tokens": [
+                    token_string(m, l, int(c)) for k, m in enumerate(tokens.modalities) for l, c in enumerate(codes[k])
+                ],
+                "ceiling_item": result["ceiling_items"].get(user),
+            }
             record.update({f"{c}/seed{s}": per_seed[s][j] for c, per_seed in texts.items() for s in per_seed})
             f.write(json.dumps(record) + "\n")
 
@@ -213,7 +250,9 @@ def reward_curves(chains: list[list[Path]], path: Path) -> Path | None:
     for ax, (name, records, boundaries) in zip(axes[0], histories):
         steps = [r["step"] for r in records]
         for key in sorted({k for r in records for k in r if k.startswith("reward_") and k != "reward_std"}):
-            ax.plot(steps, [r.get(key) for r in records], label=key[len("reward_"):], lw=2 if key == "reward_total" else 1)
+            ax.plot(
+                steps, [r.get(key) for r in records], label=key[len("reward_") :], lw=2 if key == "reward_total" else 1
+            )
         for step in boundaries:
             ax.axvline(step + 0.5, color="black", ls=":", lw=1)
         kl = [r.get("kl") for r in records]
@@ -221,7 +260,10 @@ def reward_curves(chains: list[list[Path]], path: Path) -> Path | None:
             twin = ax.twinx()
             twin.plot(steps, kl, color="grey", ls="--", label="KL")
             twin.set_ylabel("KL to the phase's starting policy")
-        ax.set(xlabel="RL step" + (" (dotted: next phase)" if boundaries else ""), ylabel="mean reward of the step's samples")
+        ax.set(
+            xlabel="RL step" + (" (dotted: next phase)" if boundaries else ""),
+            ylabel="mean reward of the step's samples",
+        )
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -248,11 +290,18 @@ def write_gallery(folder: Path, result: dict, tokens, catalogues, texts: dict, i
             name = f"{user}_history{k}.png"
             tensor_to_pil(load_poster(catalogues.posters[item], 144, 96)).save(pictures / name)
             title = catalogues.item_titles.get(item, item)
-            cells.append(f'<figure><img src="gallery/{html.escape(name)}" width="96"><figcaption>{html.escape(title)}</figcaption></figure>')
+            cells.append(
+                f'<figure><img src="gallery/{html.escape(name)}" width="96"><figcaption>{html.escape(title)}</figcaption></figure>'
+            )
         codes = tokens.codes_for(user)
-        token_text = " ".join(token_string(m, l, int(c)) for k, m in enumerate(tokens.modalities) for l, c in enumerate(codes[k]))
-        block = [f'<h2>user {html.escape(user)}</h2><p class="tokens">{html.escape(token_text)}</p>',
-                 '<div class="history"><b>liked in training</b>' + "".join(cells) + "</div>", '<table><tr>']
+        token_text = " ".join(
+            token_string(m, l, int(c)) for k, m in enumerate(tokens.modalities) for l, c in enumerate(codes[k])
+        )
+        block = [
+            f'<h2>user {html.escape(user)}</h2><p class="tokens">{html.escape(token_text)}</p>',
+            '<div class="history"><b>liked in training</b>' + "".join(cells) + "</div>",
+            "<table><tr>",
+        ]
         for condition in conditions:
             poster = images[condition][seed][j] if condition in images else None
             if poster is not None:
@@ -262,16 +311,16 @@ def write_gallery(folder: Path, result: dict, tokens, catalogues, texts: dict, i
             else:
                 picture = f'<p class="missing">{html.escape(result["conditions"][condition]["image"] if condition != "ceiling" else "no item")}</p>'
             text = texts[condition][seed][j] if condition in texts else result["conditions"][condition]["text"]
-            block.append(f'<td><h3>{html.escape(LABELS[condition])}</h3>{picture}<p>{html.escape(text)}</p></td>')
+            block.append(f"<td><h3>{html.escape(LABELS[condition])}</h3>{picture}<p>{html.escape(text)}</p></td>")
         block.append("</tr></table>")
         rows.append("\n".join(block))
     page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>Generation gallery: {html.escape(result['dataset'])}</title>
+<html><head><meta charset="utf-8"><title>Generation gallery: {html.escape(result["dataset"])}</title>
 <style>body{{font-family:sans-serif;max-width:1500px;margin:auto}} td{{vertical-align:top;width:{100 // max(1, len(conditions))}%;font-size:13px}}
 figure{{display:inline-block;margin:4px;width:100px;font-size:11px}} .tokens{{font-family:monospace;color:#555}} .missing{{color:#999}}
 h2{{border-top:1px solid #ccc;padding-top:8px}}</style></head><body>
-<h1>Generated text and poster per held-out user ({html.escape(result['dataset'])}, seed {seed})</h1>
-{''.join(rows)}
+<h1>Generated text and poster per held-out user ({html.escape(result["dataset"])}, seed {seed})</h1>
+{"".join(rows)}
 </body></html>
 """
     path = folder / "gallery.html"

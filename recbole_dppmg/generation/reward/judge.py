@@ -78,7 +78,9 @@ class PreferenceJudge:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_export(cls, tokens, item_features: dict[str, np.ndarray], item_ids: list[str], config: dict | None = None) -> "PreferenceJudge":
+    def from_export(
+        cls, tokens, item_features: dict[str, np.ndarray], item_ids: list[str], config: dict | None = None
+    ) -> "PreferenceJudge":
         """``item_features[m]``: raw features ``[len(item_ids), width]`` of the catalogue, rows in
         ``item_ids`` order; an all-zero (or non-finite) row = the item lacks that modality.
         Items unknown to the export are ignored."""
@@ -92,22 +94,32 @@ class PreferenceJudge:
             features = np.asarray(item_features[m], dtype=np.float32)
             if features.ndim != 2 or len(features) != len(item_ids):
                 raise DataError(f"{m} catalogue features must be [{len(item_ids)}, width], got {list(features.shape)}")
-            keep = [k for k, i in enumerate(item_ids) if i in known and np.isfinite(features[k]).all() and np.abs(features[k]).sum() > 0]
+            keep = [
+                k
+                for k, i in enumerate(item_ids)
+                if i in known and np.isfinite(features[k]).all() and np.abs(features[k]).sum() > 0
+            ]
             if not keep:
                 raise DataError(f"no catalogue item of the token export has a {m} feature")
             kept = features[keep]
             catalogues[m] = _Catalogue([item_ids[k] for k in keep], kept, tokens.embed_item_features(kept, m))
         if not catalogues:
-            raise DataError(f"none of the token export's modalities ({', '.join(tokens.modalities)}) has catalogue features")
+            raise DataError(
+                f"none of the token export's modalities ({', '.join(tokens.modalities)}) has catalogue features"
+            )
         return cls(tokens, catalogues, config)
 
     @classmethod
-    def for_dataset(cls, dataset: str, tokens, config: dict | None = None, dataset_dir: str | Path | None = None) -> "PreferenceJudge":
+    def for_dataset(
+        cls, dataset: str, tokens, config: dict | None = None, dataset_dir: str | Path | None = None
+    ) -> "PreferenceJudge":
         """The judge over the prepared dataset's catalogue (its ``.item`` features, the field
         names recorded in the export; an item whose ``<m>_mask`` is 0 lacks modality ``m``)."""
 
         if tokens.manifest.get("dataset") != dataset:
-            raise CheckpointError(f"token export {tokens.folder} was made for dataset {tokens.manifest.get('dataset')}, not {dataset}")
+            raise CheckpointError(
+                f"token export {tokens.folder} was made for dataset {tokens.manifest.get('dataset')}, not {dataset}"
+            )
         path = Path(dataset_dir or DATASET_DIR / dataset) / f"{dataset}.item"
         if not path.is_file():
             raise DataError(f"{path} is missing; run --stage prepare for dataset {dataset} first")
@@ -118,8 +130,12 @@ class PreferenceJudge:
             field = info["field"]
             if field not in table.columns:
                 raise DataError(f"{path} has no {field} column (the token export's {m} feature)")
-            rows = [np.asarray(v, dtype=np.float32) if isinstance(v, np.ndarray) and len(v) == info["width"]
-                    else np.zeros(info["width"], np.float32) for v in table[field]]
+            rows = [
+                np.asarray(v, dtype=np.float32)
+                if isinstance(v, np.ndarray) and len(v) == info["width"]
+                else np.zeros(info["width"], np.float32)
+                for v in table[field]
+            ]
             matrix = np.stack(rows)
             mask = field[: -len("_feat")] + "_mask" if field.endswith("_feat") else None
             if mask and mask in table.columns:
@@ -178,7 +194,9 @@ class PreferenceJudge:
         text_features = np.atleast_2d(np.asarray(text_features, dtype=np.float32))
         image_features = np.atleast_2d(np.asarray(image_features, dtype=np.float32))
         if len(text_features) != len(image_features):
-            raise DataError(f"consistency needs one image per text, got {len(text_features)} texts and {len(image_features)} images")
+            raise DataError(
+                f"consistency needs one image per text, got {len(text_features)} texts and {len(image_features)} images"
+            )
         p, q = self.item_distribution("text", text_features), self.item_distribution("image", image_features)
         if self.config["consistency_measure"] == "bhattacharyya":
             return np.clip(np.sqrt(p * q).sum(1), 0.0, 1.0)
@@ -193,8 +211,14 @@ class PreferenceJudge:
         return self._clip
 
     # ------------------------------------------------------------------ all together
-    def reward(self, users: Sequence[str], text_features: np.ndarray | None = None, image_features: np.ndarray | None = None,
-               texts: Sequence[str] | None = None, images: Sequence | None = None) -> dict[str, np.ndarray]:
+    def reward(
+        self,
+        users: Sequence[str],
+        text_features: np.ndarray | None = None,
+        image_features: np.ndarray | None = None,
+        texts: Sequence[str] | None = None,
+        images: Sequence | None = None,
+    ) -> dict[str, np.ndarray]:
         """Per-row components and their weighted mean ``total`` (weights from ``reward:``).
 
         Keys: ``text_personalization`` / ``image_personalization`` (when those features are
@@ -224,7 +248,9 @@ class PreferenceJudge:
     def _check_rows(users: Sequence[str], features, modality: str) -> np.ndarray:
         features = np.atleast_2d(np.asarray(features, dtype=np.float32))
         if len(features) != len(users):
-            raise DataError(f"{modality} personalization needs one feature row per user, got {len(features)} rows for {len(users)} users")
+            raise DataError(
+                f"{modality} personalization needs one feature row per user, got {len(features)} rows for {len(users)} users"
+            )
         return features
 
 
@@ -249,8 +275,13 @@ class ClipScorer:
 
         if len(texts) != len(images):
             raise DataError(f"CLIP scores pairs: got {len(texts)} texts and {len(images)} images")
-        inputs = self.processor(text=[t or " " for t in texts], images=[i.convert("RGB") for i in images],
-                                return_tensors="pt", padding=True, truncation=True)
+        inputs = self.processor(
+            text=[t or " " for t in texts],
+            images=[i.convert("RGB") for i in images],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+        )
         with torch.no_grad():
             out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
         cos = torch.nn.functional.cosine_similarity(out.text_embeds, out.image_embeds, dim=-1)

@@ -97,8 +97,13 @@ def group_advantages(rewards: Sequence[float], group_size: int, scale: str = "gr
     return (centred / (std + eps)).reshape(-1)
 
 
-def reward_advantages(rewards: dict[str, np.ndarray], group_size: int, scale: str = "group",
-                      weights: dict[str, float] | None = None, eps: float = 1e-4) -> np.ndarray:
+def reward_advantages(
+    rewards: dict[str, np.ndarray],
+    group_size: int,
+    scale: str = "group",
+    weights: dict[str, float] | None = None,
+    eps: float = 1e-4,
+) -> np.ndarray:
     """The advantages of one batch from its reward table (``reward_table``).
 
     ``group`` / ``batch`` / ``none``: :func:`group_advantages` of the ``total``. ``component``
@@ -129,15 +134,22 @@ def reward_table(output) -> dict[str, np.ndarray]:
     return {"total": np.asarray(output, dtype=np.float64)}
 
 
-def step_record(step: int, rewards: dict[str, np.ndarray], advantages: np.ndarray, group_size: int | None = None, **extra) -> dict:
+def step_record(
+    step: int, rewards: dict[str, np.ndarray], advantages: np.ndarray, group_size: int | None = None, **extra
+) -> dict:
     """One ``rl_history.json`` entry: the mean of every reward component, with ``group_size``
     also each component's mean spread inside a group (what the advantages see), and the
     advantage std."""
     record = {"step": step}
     record.update({f"reward_{k}": round(float(np.mean(v)), 6) for k, v in rewards.items()})
     if group_size:
-        record.update({f"group_std_{k}": round(float(np.mean(np.reshape(v, (-1, group_size)).std(axis=1, ddof=1))), 6)
-                       for k, v in rewards.items() if k != "total" and np.size(v) % group_size == 0})
+        record.update(
+            {
+                f"group_std_{k}": round(float(np.mean(np.reshape(v, (-1, group_size)).std(axis=1, ddof=1))), 6)
+                for k, v in rewards.items()
+                if k != "total" and np.size(v) % group_size == 0
+            }
+        )
     record["reward_std"] = round(float(np.std(rewards["total"])), 6)
     record["advantage_std"] = round(float(np.std(advantages)), 6)
     record.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in extra.items()})
@@ -181,12 +193,14 @@ class FrozenReference:
     @classmethod
     def split(cls, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """(trainable values, reference values) of a saved checkpoint."""
-        ref = {k[len(cls.PREFIX):]: v for k, v in tensors.items() if k.startswith(cls.PREFIX)}
+        ref = {k[len(cls.PREFIX) :]: v for k, v in tensors.items() if k.startswith(cls.PREFIX)}
         return {k: v for k, v in tensors.items() if not k.startswith(cls.PREFIX)}, ref
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, state: dict) -> None:
+def save_checkpoint(
+    folder: Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, state: dict
+) -> None:
     """Tensors (safetensors), optimizer + torch RNG (a plain state dict), then ``state.json``
     last: a readable state means a complete checkpoint."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -210,7 +224,9 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict, dict] 
     return tensors, extra, json.loads((folder / "state.json").read_text())
 
 
-def start_or_resume(folder: Path, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> tuple[dict, FrozenReference]:
+def start_or_resume(
+    folder: Path, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer
+) -> tuple[dict, FrozenReference]:
     """A fresh RL state and the reference (the current values), or both as ``folder/checkpoint``
     left them, with the trainable tensors, optimizer and torch RNG restored."""
     saved = load_checkpoint(folder / CHECKPOINT)
@@ -219,7 +235,9 @@ def start_or_resume(folder: Path, named: dict[str, torch.nn.Parameter], optimize
     tensors, extra, state = saved
     values, ref_values = FrozenReference.split(tensors)
     if set(values) != set(named):
-        raise CheckpointError(f"{folder / CHECKPOINT} was written for other trainable tensors (another generator or vocabulary)")
+        raise CheckpointError(
+            f"{folder / CHECKPOINT} was written for other trainable tensors (another generator or vocabulary)"
+        )
     with torch.no_grad():
         for n, p in named.items():
             p.copy_(values[n])
@@ -229,7 +247,9 @@ def start_or_resume(folder: Path, named: dict[str, torch.nn.Parameter], optimize
     return state, FrozenReference(named, ref_values)
 
 
-def save_progress(folder: Path, named: dict[str, torch.nn.Parameter], reference: FrozenReference, optimizer, state: dict) -> None:
+def save_progress(
+    folder: Path, named: dict[str, torch.nn.Parameter], reference: FrozenReference, optimizer, state: dict
+) -> None:
     """The resumable checkpoint and ``rl_history.json``."""
     save_checkpoint(folder / CHECKPOINT, {**named, **reference.state_dict()}, optimizer, state)
     write_json(folder / HISTORY_FILE, state["history"])
@@ -245,15 +265,19 @@ def check_resume(run: Path, previous: dict, cfg: dict, keys: Sequence[str]) -> N
     """Refuse to resume a run whose result would depend on settings that changed."""
     for key in keys:
         if previous["rl"].get(key) != cfg.get(key):
-            raise CheckpointError(f"cannot resume {run}: rl.{key} was {previous['rl'].get(key)!r}, now {cfg.get(key)!r}")
+            raise CheckpointError(
+                f"cannot resume {run}: rl.{key} was {previous['rl'].get(key)!r}, now {cfg.get(key)!r}"
+            )
 
 
 def _a(kind: str) -> str:
-    """"a text" / "an image"."""
+    """ "a text" / "an image"."""
     return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
-def resume_or_start(kind: str, cfg: dict, source_run: Path | None, keys: Sequence[str], source_what: str) -> tuple[Path | None, Path]:
+def resume_or_start(
+    kind: str, cfg: dict, source_run: Path | None, keys: Sequence[str], source_what: str
+) -> tuple[Path | None, Path]:
     """``(RL run to continue or None, generator run it starts from)``: ``rl.<kind>.resume``
     names a run whose recorded source wins; otherwise ``source_run`` is required."""
     if cfg.get("resume"):
@@ -274,7 +298,9 @@ def claim_run_folder(kind: str, out_dir: Path | None, default: Callable[[], Path
         return default()
     run = Path(out_dir)
     if meta_path(run, RL_KINDS, RL_SECTION) is not None:
-        raise CheckpointError(f"{run} already holds {_a(kind)} RL run; resume it (rl.{kind}.resume) or choose another folder")
+        raise CheckpointError(
+            f"{run} already holds {_a(kind)} RL run; resume it (rl.{kind}.resume) or choose another folder"
+        )
     run.mkdir(parents=True, exist_ok=True)
     return run
 
@@ -299,11 +325,19 @@ class JudgeReward:
     """``reward(users, outputs)`` for RL of ``modality``: the judge on ``featurize(outputs)``
     with the partner modality's fixed features of the same users (the consistency term)."""
 
-    def __init__(self, judge, modality: str, featurize: Callable[[Sequence], np.ndarray], partner: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        judge,
+        modality: str,
+        featurize: Callable[[Sequence], np.ndarray],
+        partner: dict[str, np.ndarray] | None = None,
+    ):
         self.judge, self.modality, self.featurize, self.partner = judge, modality, featurize, partner
         self.other = "image" if modality == "text" else "text"
         # the reward's component weights, for rl.*.advantage_scale: component
-        self.weights = {k[: -len("_weight")]: float(v) for k, v in getattr(judge, "config", {}).items() if k.endswith("_weight")}
+        self.weights = {
+            k[: -len("_weight")]: float(v) for k, v in getattr(judge, "config", {}).items() if k.endswith("_weight")
+        }
 
     def __call__(self, users: Sequence[str], outputs: Sequence) -> dict[str, np.ndarray]:
         features = {f"{self.modality}_features": np.asarray(self.featurize(outputs), dtype=np.float32)}
@@ -315,12 +349,19 @@ class JudgeReward:
         return reward_table(self.judge.reward(list(users), **features))
 
 
-def cached_features(kind: str, descriptor: dict, users: Sequence[str], compute: Callable[[list[str]], np.ndarray],
-                    cache_dir: Path | None = None) -> dict[str, np.ndarray]:
+def cached_features(
+    kind: str,
+    descriptor: dict,
+    users: Sequence[str],
+    compute: Callable[[list[str]], np.ndarray],
+    cache_dir: Path | None = None,
+) -> dict[str, np.ndarray]:
     """``{user: feature row}`` from ``compute(users)``, cached by (descriptor, user list): the
     same generator, settings and users give the same content, so it is computed once."""
     users = [str(u) for u in users]
-    key = hashlib.sha256(json.dumps({"kind": kind, **descriptor, "users": users}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps({"kind": kind, **descriptor, "users": users}, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
     path = Path(cache_dir or CACHE_DIR / "rl_partner") / f"{kind}-{key}.npz"
     if path.is_file():
         with np.load(path) as stored:
@@ -333,7 +374,9 @@ def cached_features(kind: str, descriptor: dict, users: Sequence[str], compute: 
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, users=np.array(users), features=features)
     os.replace(tmp, path)
-    (path.with_suffix(".json")).write_text(json.dumps({"kind": kind, **descriptor, "users": len(users)}, indent=2, default=str))
+    (path.with_suffix(".json")).write_text(
+        json.dumps({"kind": kind, **descriptor, "users": len(users)}, indent=2, default=str)
+    )
     return dict(zip(users, features))
 
 
@@ -342,8 +385,14 @@ def _file_stamp(path: Path) -> str:
     return f"{stat.st_size}:{int(stat.st_mtime)}"
 
 
-def pre_rl_poster_features(dataset: str, image_run: Path, users: Sequence[str], num_threads: int | None = 1,
-                           progress: bool = True, seed: int | None = None) -> dict[str, np.ndarray]:
+def pre_rl_poster_features(
+    dataset: str,
+    image_run: Path,
+    users: Sequence[str],
+    num_threads: int | None = 1,
+    progress: bool = True,
+    seed: int | None = None,
+) -> dict[str, np.ndarray]:
     """EfficientNet features of one poster per user from the image generator ``image_run``
     (its default sampler, steps, guidance and seed from the ``image:`` section), cached."""
 
@@ -353,39 +402,77 @@ def pre_rl_poster_features(dataset: str, image_run: Path, users: Sequence[str], 
     gen = {k: config[k] for k in GENERATE_KEYS}
     if seed is not None:
         gen["sample_seed"] = seed
-    descriptor = {"run": str(image_run.resolve()), "weights": _file_stamp(image_run / WEIGHTS_FILE),
-                  **{k: gen[k] for k in ("sample_steps", "guidance_scale", "sampler", "sample_seed")}}
+    descriptor = {
+        "run": str(image_run.resolve()),
+        "weights": _file_stamp(image_run / WEIGHTS_FILE),
+        **{k: gen[k] for k in ("sample_steps", "guidance_scale", "sampler", "sample_seed")},
+    }
 
     def compute(batch_users: list[str]) -> np.ndarray:
         tokens = PreferenceTokens.load(meta["tokens_folder"], dataset=dataset)
         vocab = PreferenceVocabulary(tokens)
         model, _ = load_image_generator(image_run, vocab, dataset=dataset)
-        settings = load_settings("image", {**meta["train"], **meta["model"], **{k: v for k, v in config.items() if k in ("autoencoder_path", "poster_dir")}})
+        settings = load_settings(
+            "image",
+            {
+                **meta["train"],
+                **meta["model"],
+                **{k: v for k, v in config.items() if k in ("autoencoder_path", "poster_dir")},
+            },
+        )
         with torch_threads(num_threads):
             codec, _ = build_codec(settings)
-            images = generate_posters(model, codec, user_positions(vocab, batch_users), seed=gen["sample_seed"], steps=gen["sample_steps"],
-                                      guidance=gen["guidance_scale"], sampler=gen["sampler"], batch_size=gen["sample_batch"], progress=progress)
+            images = generate_posters(
+                model,
+                codec,
+                user_positions(vocab, batch_users),
+                seed=gen["sample_seed"],
+                steps=gen["sample_steps"],
+                guidance=gen["guidance_scale"],
+                sampler=gen["sampler"],
+                batch_size=gen["sample_batch"],
+                progress=progress,
+            )
             return image_features(load_default_encoder("image"), [tensor_to_pil(x) for x in images])
 
     logger.info("pre-RL posters of %d users from %s (cached)", len(users), image_run)
     return cached_features("poster", descriptor, users, compute)
 
 
-def pre_rl_text_features(dataset: str, text_run: Path, users: Sequence[str], num_threads: int | None = 1,
-                         progress: bool = True, seed: int | None = None) -> dict[str, np.ndarray]:
+def pre_rl_text_features(
+    dataset: str,
+    text_run: Path,
+    users: Sequence[str],
+    num_threads: int | None = 1,
+    progress: bool = True,
+    seed: int | None = None,
+) -> dict[str, np.ndarray]:
     """MiniLM features of one text per user from the text generator ``text_run`` (the
     ``text.generate`` settings and ``text.seed``), cached."""
 
     text_run = Path(text_run)
-    cfg = load_settings("text", {"num_threads": num_threads, "progress": progress, **({"seed": seed} if seed is not None else {})})
-    descriptor = {"run": str(text_run.resolve()), "adapter": _file_stamp(text_run / "dppmg" / META), "seed": cfg["seed"], **cfg["generate"]}
+    cfg = load_settings(
+        "text", {"num_threads": num_threads, "progress": progress, **({"seed": seed} if seed is not None else {})}
+    )
+    descriptor = {
+        "run": str(text_run.resolve()),
+        "adapter": _file_stamp(text_run / "dppmg" / META),
+        "seed": cfg["seed"],
+        **cfg["generate"],
+    }
 
     def compute(batch_users: list[str]) -> np.ndarray:
         with torch_threads(num_threads):
             tokens = load_tokens(dataset, None, cfg, run_settings(text_run).get("tokens"))
             vocabulary = PreferenceVocabulary(tokens)
             lm = load_text_generator(text_run, vocabulary, cfg)
-            texts = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), batch_users, **generation_options(cfg, lm.token_ids))
+            texts = generate_texts(
+                lm.model,
+                lm.tokenizer,
+                TokenConditioner(lm, vocabulary),
+                batch_users,
+                **generation_options(cfg, lm.token_ids),
+            )
             return load_default_encoder("text").encode([t or " " for t in texts], progress=False)
 
     logger.info("pre-RL texts of %d users from %s (cached)", len(users), text_run)

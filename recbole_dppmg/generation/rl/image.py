@@ -79,9 +79,25 @@ from recbole_dppmg.tokens import PreferenceTokens
 logger = logging.getLogger(__name__)
 
 RUN_PREFIX = IMAGE_RL.name
-RESUME_KEYS = ("users_per_step", "group_size", "user_pool", "learning_rate", "clip_range", "advantage_clip", "kl_weight",
-               "inner_epochs", "sample_steps", "eta", "guidance_scale", "timestep_fraction", "train_null", "advantage_scale",
-               "grad_clip", "seed", "partner")
+RESUME_KEYS = (
+    "users_per_step",
+    "group_size",
+    "user_pool",
+    "learning_rate",
+    "clip_range",
+    "advantage_clip",
+    "kl_weight",
+    "inner_epochs",
+    "sample_steps",
+    "eta",
+    "guidance_scale",
+    "timestep_fraction",
+    "train_null",
+    "advantage_scale",
+    "grad_clip",
+    "seed",
+    "partner",
+)
 
 
 # ---------------------------------------------------------------------------- the stochastic sampler
@@ -94,7 +110,9 @@ def ddim_scheduler(model, steps: int):
     return scheduler
 
 
-def ddim_transition(scheduler, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float) -> tuple[torch.Tensor, float]:
+def ddim_transition(
+    scheduler, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float
+) -> tuple[torch.Tensor, float]:
     """Mean and standard deviation of ``x_{t-1} | x_t`` for DDIM with ``eta`` (formulas (12)
     and (16) of Song et al.; the same as ``DDIMScheduler.step``), differentiable in
     ``model_output``. ``std`` is 0 at the last step when the schedule ends at alpha = 1."""
@@ -123,7 +141,9 @@ def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.T
     return logp.mean(dim=tuple(range(1, x.ndim)))
 
 
-def guided_output(model, x: torch.Tensor, timestep, cond: torch.Tensor, null: torch.Tensor, guidance: float) -> torch.Tensor:
+def guided_output(
+    model, x: torch.Tensor, timestep, cond: torch.Tensor, null: torch.Tensor, guidance: float
+) -> torch.Tensor:
     """The UNet's prediction with classifier-free guidance towards ``cond`` (off at 1.0)."""
     t = torch.as_tensor(timestep, device=x.device)
     if guidance == 1.0:
@@ -146,7 +166,9 @@ class Trajectories:
 
 
 @torch.no_grad()
-def sample_trajectories(model, scheduler, positions: torch.Tensor, eta: float, guidance: float, generator: torch.Generator) -> Trajectories:
+def sample_trajectories(
+    model, scheduler, positions: torch.Tensor, eta: float, guidance: float, generator: torch.Generator
+) -> Trajectories:
     """Posters' latents for token ``positions`` with every transition's log-prob (noise from ``generator``)."""
     cond = model.condition(positions)
     null = model.null.expand_as(cond)
@@ -171,7 +193,9 @@ def sample_trajectories(model, scheduler, positions: torch.Tensor, eta: float, g
     return Trajectories(torch.stack(starts, 1), torch.stack(ends, 1), torch.stack(logps, 1), steps, stds, x)
 
 
-def ppo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, float]:
+def ppo_loss(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, float]:
     """DDPO's clipped objective for one transition, averaged over the batch; and the clipped share."""
     ratio = torch.exp(logps - old_logps)
     loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
@@ -247,20 +271,29 @@ def run_image_rl(model, codec, vocab, reward_fn: Callable, pool: Sequence[str], 
                 loss, share = ppo_loss(gaussian_logprob(following, mean, std), traj.logps[:, k], adv, cfg["clip_range"])
                 if ref_cond is not None:
                     with torch.no_grad():
-                        ref_mean, _ = ddim_transition(scheduler, guided_output(model, x, t, ref_cond, ref_null, guidance), t, x, eta)
+                        ref_mean, _ = ddim_transition(
+                            scheduler, guided_output(model, x, t, ref_cond, ref_null, guidance), t, x, eta
+                        )
                     kl = (((mean - ref_mean) ** 2) / (2 * std**2)).mean(dim=tuple(range(1, mean.ndim))).mean()
                     kls.append(float(kl.detach()))
                     loss = loss + cfg["kl_weight"] * kl
                 (loss / len(chosen)).backward()
                 losses.append(float(loss.detach()))
                 clipped.append(share)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])) if cfg.get("grad_clip") else None
+            grad_norm = (
+                float(torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])) if cfg.get("grad_clip") else None
+            )
             optimizer.step()
         seconds = time.perf_counter() - tick
         state["seconds"] += seconds
         state["step"] = step + 1
-        extra = {"loss": float(np.mean(losses)), "clip_fraction": float(np.mean(clipped)), "kl": float(np.mean(kls)) if kls else None,
-                 "grad_norm": grad_norm, "seconds": round(seconds, 2)}
+        extra = {
+            "loss": float(np.mean(losses)),
+            "clip_fraction": float(np.mean(clipped)),
+            "kl": float(np.mean(kls)) if kls else None,
+            "grad_norm": grad_norm,
+            "seconds": round(seconds, 2),
+        }
         state["history"].append(step_record(step + 1, rewards, advantages, group, **extra))
         bar.update(1)
         bar.set_postfix(reward=f"{np.mean(rewards['total']):.3f}")
@@ -275,8 +308,16 @@ def run_image_rl(model, codec, vocab, reward_fn: Callable, pool: Sequence[str], 
 
 
 # ---------------------------------------------------------------------------- entry point
-def train_image_rl(dataset: str, image_run: Path | None, judge, config: dict | None = None, quick: bool = False,
-                   reward_fn: Callable | None = None, codec=None, out_dir: Path | None = None) -> Path:
+def train_image_rl(
+    dataset: str,
+    image_run: Path | None,
+    judge,
+    config: dict | None = None,
+    quick: bool = False,
+    reward_fn: Callable | None = None,
+    codec=None,
+    out_dir: Path | None = None,
+) -> Path:
     """RL of the image generator ``image_run`` on its training users; returns the ``ImageRL-*`` folder.
 
     ``judge`` is a ``reward.PreferenceJudge``; partner texts come from ``rl.image.partner``
@@ -286,9 +327,10 @@ def train_image_rl(dataset: str, image_run: Path | None, judge, config: dict | N
     """
 
     cfg = rl_phase_settings("image", config, quick)
-    run, image_run = resume_or_start("image", cfg, image_run, RESUME_KEYS, "a trained image generator (an ImageGen-* folder)")
+    run, image_run = resume_or_start(
+        "image", cfg, image_run, RESUME_KEYS, "a trained image generator (an ImageGen-* folder)"
+    )
     with torch_threads(cfg["num_threads"]):
-
         meta = read_image_config(image_run)
         tokens = PreferenceTokens.load(meta["tokens_folder"], dataset=dataset)
         vocab = PreferenceVocabulary(tokens)
@@ -296,7 +338,9 @@ def train_image_rl(dataset: str, image_run: Path | None, judge, config: dict | N
         train = meta["train"]
         split = split_users(list(tokens.users), train["valid_users"], train["test_users"], train["seed"])
         if split["test"] != meta["test_users"]:
-            raise CheckpointError(f"{image_run}: the user split recomputed from its settings differs from its recorded test users")
+            raise CheckpointError(
+                f"{image_run}: the user split recomputed from its settings differs from its recorded test users"
+            )
         pool = user_pool(split["train"], cfg["user_pool"], cfg["seed"])
         partner_run, judged = None, reward_fn is None
         if judged:
@@ -306,24 +350,57 @@ def train_image_rl(dataset: str, image_run: Path | None, judge, config: dict | N
             partner_run = Path(cfg["partner"]) if cfg.get("partner") else newest_generator_run(dataset, SAVED_DIR)
             partner = pre_rl_text_features(dataset, partner_run, pool, cfg["num_threads"], cfg["progress"])
             encoder = load_default_encoder("image")
-            reward_fn = JudgeReward(judge, "image", lambda posters: image_features(encoder, [tensor_to_pil(x) for x in posters]), partner)
+            reward_fn = JudgeReward(
+                judge, "image", lambda posters: image_features(encoder, [tensor_to_pil(x) for x in posters]), partner
+            )
         if codec is None:
             image_cfg = load_settings("image")
-            settings = load_settings("image", {**train, **meta["model"], **{k: image_cfg[k] for k in ("autoencoder_path", "poster_dir")}})
+            settings = load_settings(
+                "image", {**train, **meta["model"], **{k: image_cfg[k] for k in ("autoencoder_path", "poster_dir")}}
+            )
             codec, _ = build_codec(settings)
         if run is None:
             run = claim_run_folder("image", out_dir, lambda: new_run_folder(SAVED_DIR, dataset, RUN_PREFIX))
-            record = {"dataset": dataset, "source_run": str(image_run.resolve()), "tokens": meta["tokens_folder"],
-                      "partner_run": str(partner_run) if partner_run else None, "pool": pool, "rl": cfg,
-                      "reward": judge.config if judged else "reward_fn"}
+            record = {
+                "dataset": dataset,
+                "source_run": str(image_run.resolve()),
+                "tokens": meta["tokens_folder"],
+                "partner_run": str(partner_run) if partner_run else None,
+                "pool": pool,
+                "rl": cfg,
+                "reward": judge.config if judged else "reward_fn",
+            }
             write_run_meta(run, RUN_PREFIX, record, RL_SECTION)
-        logger.info("image RL in %s: %d steps x %d users x %d posters, pool of %d training users", run, cfg["steps"], cfg["users_per_step"], cfg["group_size"], len(pool))
+        logger.info(
+            "image RL in %s: %d steps x %d users x %d posters, pool of %d training users",
+            run,
+            cfg["steps"],
+            cfg["users_per_step"],
+            cfg["group_size"],
+            len(pool),
+        )
         state = run_image_rl(model, codec, vocab, reward_fn, pool, cfg, run)
-        meta = {**meta, "source_checkpoint": str(image_run.resolve()),
-                "rl": {"steps": state["step"], "seconds": round(state["seconds"], 1), "stopped": state["stopped"], "settings": cfg}}
+        meta = {
+            **meta,
+            "source_checkpoint": str(image_run.resolve()),
+            "rl": {
+                "steps": state["step"],
+                "seconds": round(state["seconds"], 1),
+                "stopped": state["stopped"],
+                "settings": cfg,
+            },
+        }
         save_generator(run, model.eval(), meta, kind=RUN_PREFIX)
     summary = read_run_meta(run, RL_KINDS, RL_SECTION)
-    summary.update(rl=cfg, steps_done=state["step"], train_seconds=round(state["seconds"], 1), stopped=state["stopped"], num_threads=cfg["num_threads"])
+    summary.update(
+        rl=cfg,
+        steps_done=state["step"],
+        train_seconds=round(state["seconds"], 1),
+        stopped=state["stopped"],
+        num_threads=cfg["num_threads"],
+    )
     write_run_meta(run, RUN_PREFIX, summary, RL_SECTION)
-    logger.info("image RL: %d steps in %.0f s (%s), saved in %s", state["step"], state["seconds"], state["stopped"], run)
+    logger.info(
+        "image RL: %d steps in %.0f s (%s), saved in %s", state["step"], state["seconds"], state["stopped"], run
+    )
     return run

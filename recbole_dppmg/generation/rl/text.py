@@ -90,8 +90,21 @@ logger = logging.getLogger(__name__)
 
 RUN_PREFIX = TEXT_RL.name
 # settings a resumed run must share with the run it continues
-RESUME_KEYS = ("users_per_step", "group_size", "user_pool", "learning_rate", "kl_weight", "clip_range",
-               "inner_epochs", "temperature", "max_new_tokens", "advantage_scale", "grad_clip", "seed", "partner")
+RESUME_KEYS = (
+    "users_per_step",
+    "group_size",
+    "user_pool",
+    "learning_rate",
+    "kl_weight",
+    "clip_range",
+    "inner_epochs",
+    "temperature",
+    "max_new_tokens",
+    "advantage_scale",
+    "grad_clip",
+    "seed",
+    "partner",
+)
 
 
 # ---------------------------------------------------------------------------- rollouts
@@ -115,7 +128,9 @@ def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_rollout(lm, conditioner, users: Sequence[str], group_size: int, max_new_tokens: int, temperature: float, seed: int) -> Rollout:
+def sample_rollout(
+    lm, conditioner, users: Sequence[str], group_size: int, max_new_tokens: int, temperature: float, seed: int
+) -> Rollout:
     """``group_size`` texts per user from the tempered softmax over the base vocabulary."""
 
     tokenizer = lm.tokenizer
@@ -126,9 +141,18 @@ def sample_rollout(lm, conditioner, users: Sequence[str], group_size: int, max_n
     torch.manual_seed(seed)
     with conditioner.inference():
         embeds = conditioner.inputs_embeds(ids, users)
-        out = lm.model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=True, temperature=temperature, top_p=1.0,
-                                top_k=0, max_new_tokens=max_new_tokens, suppress_tokens=list(lm.token_ids),
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out = lm.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=temperature,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            suppress_tokens=list(lm.token_ids),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     completion = out[:, -max_new_tokens:] if out.shape[1] > max_new_tokens else out
     keep = completion_mask(completion, tokenizer.eos_token_id)
     completion = torch.where(keep.bool(), completion, torch.full_like(completion, tokenizer.pad_token_id))
@@ -145,13 +169,22 @@ def completion_logprobs(lm, conditioner, rollout: Rollout, temperature: float) -
     positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
     width = rollout.completion.shape[1]
     embeds = conditioner.inputs_embeds(ids, rollout.users)
-    logits = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1).logits
+    logits = lm.model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1
+    ).logits
     logits = logits[:, :-1, : conditioner.output_vocab].float() / temperature
     return torch.log_softmax(logits, dim=-1).gather(-1, rollout.completion.unsqueeze(-1)).squeeze(-1)
 
 
-def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              clip_range: float, ref_logps: torch.Tensor | None = None, kl_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+    ref_logps: torch.Tensor | None = None,
+    kl_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
     """Clipped policy-gradient loss + ``kl_weight`` x k3 KL to the reference, averaged over the
     batch's generated tokens (``mask``); advantages are per sequence ``[B]``."""
     mask = mask.to(logps.dtype)
@@ -195,7 +228,6 @@ def run_text_rl(lm, vocabulary, reward_fn: Callable, pool: Sequence[str], cfg: d
     ``folder/checkpoint`` when one exists); returns the state with its ``history``."""
     from tqdm.auto import tqdm
 
-
     folder = Path(folder)
     conditioner = TokenConditioner(lm, vocabulary)
     named = token_parameters(lm)
@@ -216,7 +248,9 @@ def run_text_rl(lm, vocabulary, reward_fn: Callable, pool: Sequence[str], cfg: d
         tick = time.perf_counter()
         step = state["step"]
         users = step_users(pool, cfg["users_per_step"], cfg["seed"], step)
-        rollout = sample_rollout(lm, conditioner, users, group, cfg["max_new_tokens"], cfg["temperature"], _step_seed(cfg["seed"], step))
+        rollout = sample_rollout(
+            lm, conditioner, users, group, cfg["max_new_tokens"], cfg["temperature"], _step_seed(cfg["seed"], step)
+        )
         rewards = reward_table(reward_fn(rollout.users, rollout.texts))
         advantages = reward_advantages(rewards, group, cfg["advantage_scale"], getattr(reward_fn, "weights", None))
         adv = torch.tensor(advantages, dtype=torch.float32, device=lm.device)
@@ -230,7 +264,9 @@ def run_text_rl(lm, vocabulary, reward_fn: Callable, pool: Sequence[str], cfg: d
             logps = completion_logprobs(lm, conditioner, rollout, cfg["temperature"])
             if old_logps is None:
                 old_logps = logps.detach()  # the sampling policy: parameters have not moved yet
-            loss, stats = grpo_loss(logps, old_logps, adv, rollout.completion_mask, cfg["clip_range"], ref_logps, cfg["kl_weight"])
+            loss, stats = grpo_loss(
+                logps, old_logps, adv, rollout.completion_mask, cfg["clip_range"], ref_logps, cfg["kl_weight"]
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.get("grad_clip"):
@@ -240,8 +276,17 @@ def run_text_rl(lm, vocabulary, reward_fn: Callable, pool: Sequence[str], cfg: d
         seconds = time.perf_counter() - tick
         state["seconds"] += seconds
         state["step"] = step + 1
-        state["history"].append(step_record(step + 1, rewards, advantages, group, **stats, completion_tokens=float(rollout.completion_mask.sum(1).float().mean()),
-                                            seconds=round(seconds, 2)))
+        state["history"].append(
+            step_record(
+                step + 1,
+                rewards,
+                advantages,
+                group,
+                **stats,
+                completion_tokens=float(rollout.completion_mask.sum(1).float().mean()),
+                seconds=round(seconds, 2),
+            )
+        )
         bar.update(1)
         bar.set_postfix(reward=f"{np.mean(rewards['total']):.3f}", kl=f"{stats.get('kl', 0.0):.4f}")
         if state["step"] % int(cfg["save_steps"]) == 0:
@@ -255,8 +300,15 @@ def run_text_rl(lm, vocabulary, reward_fn: Callable, pool: Sequence[str], cfg: d
 
 
 # ---------------------------------------------------------------------------- entry point
-def train_text_rl(dataset: str, text_run: Path | None, judge, config: dict | None = None, quick: bool = False,
-                  reward_fn: Callable | None = None, out_dir: Path | None = None) -> Path:
+def train_text_rl(
+    dataset: str,
+    text_run: Path | None,
+    judge,
+    config: dict | None = None,
+    quick: bool = False,
+    reward_fn: Callable | None = None,
+    out_dir: Path | None = None,
+) -> Path:
     """RL of the warm-up run ``text_run`` on its training users; returns the ``TextRL-*`` folder.
 
     ``judge`` is a ``reward.PreferenceJudge``; the partner posters come from ``rl.text.partner``
@@ -284,27 +336,53 @@ def train_text_rl(dataset: str, text_run: Path | None, judge, config: dict | Non
             partner_run = Path(cfg["partner"]) if cfg.get("partner") else newest_image_run(dataset)
             partner_tokens = read_image_config(partner_run)["tokens_folder"]
             if Path(partner_tokens).resolve() != Path(source["tokens"]).resolve():
-                logger.warning("the partner image generator %s was trained on tokens %s, the text generator on %s", partner_run, partner_tokens, source["tokens"])
+                logger.warning(
+                    "the partner image generator %s was trained on tokens %s, the text generator on %s",
+                    partner_run,
+                    partner_tokens,
+                    source["tokens"],
+                )
             partner = pre_rl_poster_features(dataset, partner_run, pool, cfg["num_threads"], cfg["progress"])
             encoder = load_default_encoder("text")
-            reward_fn = JudgeReward(judge, "text", lambda texts: encoder.encode([t or " " for t in texts], progress=False), partner)
+            reward_fn = JudgeReward(
+                judge, "text", lambda texts: encoder.encode([t or " " for t in texts], progress=False), partner
+            )
         if run is None:
             root = saved_root(source.get("text", {}))
             run = claim_run_folder("text", out_dir, lambda: new_run_folder(root, dataset, RUN_PREFIX))
             write_run_meta(run, RUN_PREFIX, {**source, "rl": cfg, "source_run": str(text_run.resolve())})
             shutil.copy(text_run / "users.json", run / "users.json")
-            record = {"dataset": dataset, "source_run": str(text_run.resolve()), "tokens": source["tokens"],
-                      "partner_run": str(partner_run) if partner_run else None, "pool": pool, "rl": cfg,
-                      "reward": judge.config if judged else "reward_fn"}
+            record = {
+                "dataset": dataset,
+                "source_run": str(text_run.resolve()),
+                "tokens": source["tokens"],
+                "partner_run": str(partner_run) if partner_run else None,
+                "pool": pool,
+                "rl": cfg,
+                "reward": judge.config if judged else "reward_fn",
+            }
             write_run_meta(run, RUN_PREFIX, record, RL_SECTION)
-        logger.info("text RL in %s: %d steps x %d users x %d samples, pool of %d training users", run, cfg["steps"], cfg["users_per_step"], cfg["group_size"], len(pool))
+        logger.info(
+            "text RL in %s: %d steps x %d users x %d samples, pool of %d training users",
+            run,
+            cfg["steps"],
+            cfg["users_per_step"],
+            cfg["group_size"],
+            len(pool),
+        )
         lm = load_text_generator(text_run, vocabulary, text_cfg)
         state = run_text_rl(lm, vocabulary, reward_fn, pool, cfg, run)
         lm.save(run / "dppmg")
     if (text_run / "soft_prompt").is_dir() and not (run / "soft_prompt").exists():
         shutil.copytree(text_run / "soft_prompt", run / "soft_prompt", ignore=shutil.ignore_patterns("checkpoint"))
     summary = read_run_meta(run, RL_KINDS, RL_SECTION)
-    summary.update(rl=cfg, steps_done=state["step"], train_seconds=round(state["seconds"], 1), stopped=state["stopped"], num_threads=cfg["num_threads"])
+    summary.update(
+        rl=cfg,
+        steps_done=state["step"],
+        train_seconds=round(state["seconds"], 1),
+        stopped=state["stopped"],
+        num_threads=cfg["num_threads"],
+    )
     write_run_meta(run, RUN_PREFIX, summary, RL_SECTION)
     logger.info("text RL: %d steps in %.0f s (%s), saved in %s", state["step"], state["seconds"], state["stopped"], run)
     return run

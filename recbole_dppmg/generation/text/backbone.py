@@ -74,7 +74,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing = [k for k in missing if not (tied and k.startswith("lm_head."))]  # tied to the embeddings
     if unexpected or missing:
-        raise ConfigError(f"converting {gguf_path.name}: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ConfigError(
+            f"converting {gguf_path.name}: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.tie_weights()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
@@ -138,7 +140,9 @@ def load_tokenizer(name: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:
-        raise ConfigError(f"cannot load the tokenizer of text backbone {source!r} offline: {str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"cannot load the tokenizer of text backbone {source!r} offline: {str(err).splitlines()[0]}"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -129,7 +129,16 @@ def shuffled_user_map(users: Sequence[str], seed: int) -> dict[str, str]:
 class SoftPromptEncoder(nn.Module):
     """Continuous soft prompt: per modality, standardised u_m -> ``levels`` vectors of the LM width."""
 
-    def __init__(self, modalities: list[str], levels: int, dim: int, hidden: int, mean: torch.Tensor, std: torch.Tensor, target_scale: float | None = None):
+    def __init__(
+        self,
+        modalities: list[str],
+        levels: int,
+        dim: int,
+        hidden: int,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        target_scale: float | None = None,
+    ):
         super().__init__()
         self.modalities, self.levels, self.dim, self.hidden = list(modalities), levels, dim, hidden
         self.register_buffer("mean", mean.float().clone())  # [n_modalities, dim]
@@ -187,7 +196,9 @@ class SoftPromptConditioner:
         self.user_vectors = torch.from_numpy(stacked.astype(np.float32)).to(device)
 
     @classmethod
-    def build(cls, model, tokenizer, tokens, seed: int = 0, content: dict[str, torch.Tensor] | None = None) -> "SoftPromptConditioner":
+    def build(
+        cls, model, tokenizer, tokens, seed: int = 0, content: dict[str, torch.Tensor] | None = None
+    ) -> "SoftPromptConditioner":
         stacked = np.stack([tokens.user_vectors[m][1:] for m in tokens.modalities], axis=1)
         mean = torch.from_numpy(stacked.mean(0)).float()
         std = torch.from_numpy(stacked.std(0)).float().clamp_min(1e-6)
@@ -195,11 +206,15 @@ class SoftPromptConditioner:
         scale = float(embed[: embed.shape[0]].float().norm(dim=1).mean())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            encoder = SoftPromptEncoder(tokens.modalities, tokens.levels, tokens.dim, embed.shape[1], mean, std, target_scale=scale)
+            encoder = SoftPromptEncoder(
+                tokens.modalities, tokens.levels, tokens.dim, embed.shape[1], mean, std, target_scale=scale
+            )
         if content:
             users = list(content)
             rows = [tokens.user_row(u) for u in users]
-            vectors = torch.from_numpy(np.stack([tokens.user_vectors[m][rows] for m in tokens.modalities], axis=1).astype(np.float32))
+            vectors = torch.from_numpy(
+                np.stack([tokens.user_vectors[m][rows] for m in tokens.modalities], axis=1).astype(np.float32)
+            )
             encoder.fit_to_content(vectors, torch.stack([content[u].float().cpu() for u in users]), scale)
         return cls(model, tokenizer, tokens, encoder)
 
@@ -230,7 +245,11 @@ class SoftPromptConditioner:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
-        meta = {"modalities": ",".join(self.encoder.modalities), "levels": str(self.encoder.levels), "dim": str(self.encoder.dim)}
+        meta = {
+            "modalities": ",".join(self.encoder.modalities),
+            "levels": str(self.encoder.levels),
+            "dim": str(self.encoder.dim),
+        }
         save_file(state, str(folder / self.WEIGHTS), metadata=meta)
         return folder
 
@@ -238,14 +257,18 @@ class SoftPromptConditioner:
     def load(cls, folder: Path, model, tokenizer, tokens) -> "SoftPromptConditioner":
         path = Path(folder) / cls.WEIGHTS
         if not path.is_file():
-            raise CheckpointError(f"{folder} holds no soft-prompt baseline ({cls.WEIGHTS}); run the text warm-up with text.soft_prompt: true")
+            raise CheckpointError(
+                f"{folder} holds no soft-prompt baseline ({cls.WEIGHTS}); run the text warm-up with text.soft_prompt: true"
+            )
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
         modalities, levels, dim = meta["modalities"].split(","), int(meta["levels"]), int(meta["dim"])
         if (modalities, levels, dim) != (list(tokens.modalities), tokens.levels, tokens.dim):
-            raise CheckpointError(f"soft prompt in {folder} was built for {modalities} x {levels} levels, dim {dim}; the token export differs")
+            raise CheckpointError(
+                f"soft prompt in {folder} was built for {modalities} x {levels} levels, dim {dim}; the token export differs"
+            )
         state = load_file(str(path))
         hidden = state["maps.0.weight"].shape[0] // levels
         encoder = SoftPromptEncoder(modalities, levels, dim, hidden, state["mean"], state["std"])
@@ -259,8 +282,8 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for k, s in enumerate(sequences):
-        ids[k, width - len(s):] = torch.tensor(s)
-        mask[k, width - len(s):] = 1
+        ids[k, width - len(s) :] = torch.tensor(s)
+        mask[k, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -299,21 +322,33 @@ def generate_texts(
     if batch_size < 1 or max_new_tokens < 1:
         raise DataError("text generation needs batch_size >= 1 and max_new_tokens >= 1")
     prompts = [prompt_ids(tokenizer, conditioner.token_text(u)) for u in users]
-    options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
-                   eos_token_id=tokenizer.eos_token_id)
+    options = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     if do_sample:
         options.update(temperature=temperature, top_p=top_p, top_k=0)
     if suppress_ids:
         options["suppress_tokens"] = list(suppress_ids)
     model.eval()
-    bar = tqdm(range(0, len(users), batch_size), desc=f"generate ({conditioner.name})", unit="batch", disable=not progress)
-    unconditional = prompt_ids(tokenizer, None) if guidance != 1.0 and conditioner.token_text(users[0]) is not None else None
+    bar = tqdm(
+        range(0, len(users), batch_size), desc=f"generate ({conditioner.name})", unit="batch", disable=not progress
+    )
+    unconditional = (
+        prompt_ids(tokenizer, None) if guidance != 1.0 and conditioner.token_text(users[0]) is not None else None
+    )
     with getattr(conditioner, "inference", contextlib.nullcontext)():
-        texts = _generate_batches(model, tokenizer, conditioner, users, prompts, bar, batch_size, seed, options, unconditional, guidance)
+        texts = _generate_batches(
+            model, tokenizer, conditioner, users, prompts, bar, batch_size, seed, options, unconditional, guidance
+        )
     return texts
 
 
-def _generate_batches(model, tokenizer, conditioner, users, prompts, bar, batch_size, seed, options, unconditional=None, guidance=1.0) -> list[str]:
+def _generate_batches(
+    model, tokenizer, conditioner, users, prompts, bar, batch_size, seed, options, unconditional=None, guidance=1.0
+) -> list[str]:
     device = next(model.parameters()).device
     texts: list[str] = []
     for index, start in enumerate(bar):
@@ -326,7 +361,11 @@ def _generate_batches(model, tokenizer, conditioner, users, prompts, bar, batch_
         extra = {}
         if unconditional is not None:  # one instruction for every row: no padding, default positions
             uncond = torch.tensor([unconditional] * len(batch_users), device=device)
-            extra = dict(guidance_scale=guidance, negative_prompt_ids=uncond, negative_prompt_attention_mask=torch.ones_like(uncond))
+            extra = dict(
+                guidance_scale=guidance,
+                negative_prompt_ids=uncond,
+                negative_prompt_attention_mask=torch.ones_like(uncond),
+            )
         out = model.generate(inputs_embeds=embeds, attention_mask=mask, **options, **extra)
         texts += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
     return texts

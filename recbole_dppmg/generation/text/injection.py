@@ -83,7 +83,9 @@ def ridge_map(x: torch.Tensor, y: torch.Tensor, lam: float = 0.1) -> tuple[torch
     return weight.float(), (my - weight.double() @ mx).float()
 
 
-def fit_projection_to_content(projection: CodebookProjection, user_positions: list[list[int]], targets: torch.Tensor, target_scale: float | None) -> None:
+def fit_projection_to_content(
+    projection: CodebookProjection, user_positions: list[list[int]], targets: torch.Tensor, target_scale: float | None
+) -> None:
     """Initialise the projection so that a user's token embeddings point where that user's content
     vector (the mean base-LM embedding of the texts of items they liked) departs from the average
     user's: the LM can read the tokens as content hints before any gradient step.
@@ -117,7 +119,9 @@ def add_preference_tokens(model, tokenizer, strings: list[str]) -> list[int]:
     tokenizer.add_tokens(strings, special_tokens=True)
     ids = tokenizer.convert_tokens_to_ids(strings)
     if ids != list(range(ids[0], ids[0] + len(ids))):
-        raise DataError("preference tokens did not receive contiguous new ids (does the tokenizer already hold some of them?)")
+        raise DataError(
+            "preference tokens did not receive contiguous new ids (does the tokenizer already hold some of them?)"
+        )
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -161,7 +165,11 @@ class PreferenceTokenLM:
         if not bool(new.any()):
             return output
         correction = (self.projection() - self.projection.anchor).to(output.dtype)
-        return output + torch.where(new.unsqueeze(-1), correction[local.clamp(0, self.meta.n_tokens - 1)], torch.zeros((), dtype=output.dtype, device=output.device))
+        return output + torch.where(
+            new.unsqueeze(-1),
+            correction[local.clamp(0, self.meta.n_tokens - 1)],
+            torch.zeros((), dtype=output.dtype, device=output.device),
+        )
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings including the preference tokens' current values."""
@@ -198,11 +206,15 @@ class PreferenceTokenLM:
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         expected = {f"model.{n}" for n in params} | {f"projection.{k}" for k in self.projection.state_dict()}
         if set(state) != expected:
-            raise CheckpointError("text generator checkpoint does not match this model (different LoRA or vocabulary settings)")
+            raise CheckpointError(
+                "text generator checkpoint does not match this model (different LoRA or vocabulary settings)"
+            )
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state[f"model.{name}"])
-        self.projection.load_state_dict({k[len("projection."):]: v for k, v in state.items() if k.startswith("projection.")})
+        self.projection.load_state_dict(
+            {k[len("projection.") :]: v for k, v in state.items() if k.startswith("projection.")}
+        )
 
     @torch.no_grad()
     def fold_projection(self) -> None:
@@ -221,14 +233,19 @@ class PreferenceTokenLM:
         folder.mkdir(parents=True, exist_ok=True)
         self.fold_projection()
         self.model.save_pretrained(folder / ADAPTER, save_embedding_layers=False)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()}, str(folder / PROJECTION))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()},
+            str(folder / PROJECTION),
+        )
         (folder / META).write_text(json.dumps(self.meta.to_json(), indent=2))
         return folder
 
     def check_compatible(self, vocabulary: PreferenceVocabulary) -> None:
         vocabulary.check_compatible(self.meta.levels, self.meta.codebook_size, self.meta.modalities)
         if vocabulary.dim != self.meta.dim:
-            raise CheckpointError(f"token export has codebook dim {vocabulary.dim}, the text generator was built for {self.meta.dim}")
+            raise CheckpointError(
+                f"token export has codebook dim {vocabulary.dim}, the text generator was built for {self.meta.dim}"
+            )
 
 
 def inject_preference_tokens(
@@ -256,26 +273,46 @@ def inject_preference_tokens(
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        projection = CodebookProjection(vocabulary.vectors, base_rows.shape[1], target_scale=float(base_rows.float().norm(dim=1).mean()))
+        projection = CodebookProjection(
+            vocabulary.vectors, base_rows.shape[1], target_scale=float(base_rows.float().norm(dim=1).mean())
+        )
     if content:
         users = list(content)
-        fit_projection_to_content(projection, [vocabulary.ids_for(u) for u in users], torch.stack([content[u].float().cpu() for u in users]),
-                                  float(base_rows.float().norm(dim=1).mean()))
+        fit_projection_to_content(
+            projection,
+            [vocabulary.ids_for(u) for u in users],
+            torch.stack([content[u].float().cpu() for u in users]),
+            float(base_rows.float().norm(dim=1).mean()),
+        )
     with torch.no_grad():
         initial = projection().to(base_rows.dtype)
-        model.get_input_embeddings().weight[ids[0] : ids[-1] + 1] = initial.to(model.get_input_embeddings().weight.device)
+        model.get_input_embeddings().weight[ids[0] : ids[-1] + 1] = initial.to(
+            model.get_input_embeddings().weight.device
+        )
     if lora_r > 0:
         config = LoraConfig(
-            r=lora_r, lora_alpha=lora_alpha, target_modules=lora_targets or ["q_proj", "v_proj"],
-            trainable_token_indices={embed_name: ids}, lora_dropout=0.0,
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            target_modules=lora_targets or ["q_proj", "v_proj"],
+            trainable_token_indices={embed_name: ids},
+            lora_dropout=0.0,
         )
     else:
         config = TrainableTokensConfig(target_modules=[embed_name], token_indices=ids)
     peft_model = get_peft_model(model, config)
     meta = InjectionMeta(
-        backbone=backbone, modalities=list(vocabulary.modalities), levels=vocabulary.levels,
-        codebook_size=vocabulary.codebook_size, dim=vocabulary.dim, first_token_id=ids[0], n_tokens=len(ids),
-        embed_module=embed_name, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets, seed=seed,
+        backbone=backbone,
+        modalities=list(vocabulary.modalities),
+        levels=vocabulary.levels,
+        codebook_size=vocabulary.codebook_size,
+        dim=vocabulary.dim,
+        first_token_id=ids[0],
+        n_tokens=len(ids),
+        embed_module=embed_name,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        seed=seed,
     )
     return PreferenceTokenLM(peft_model, tokenizer, projection, projection().detach(), meta)
 
@@ -284,14 +321,18 @@ def read_meta(folder: str | Path) -> InjectionMeta:
     folder = Path(folder)
     path = folder / META
     if not path.is_file() or not (folder / ADAPTER).is_dir() or not (folder / PROJECTION).is_file():
-        raise CheckpointError(f"{folder} is not a saved text generator (needs {META}, {PROJECTION}, {ADAPTER}/); run the text warm-up first")
+        raise CheckpointError(
+            f"{folder} is not a saved text generator (needs {META}, {PROJECTION}, {ADAPTER}/); run the text warm-up first"
+        )
     data = json.loads(path.read_text())
     if data.pop("format_version", None) != FORMAT_VERSION:
         raise CheckpointError(f"{path} has an unknown format version; re-run the text warm-up")
     return InjectionMeta(**data)
 
 
-def load_preference_lm(folder: str | Path, model, tokenizer, vocabulary: PreferenceVocabulary | None = None) -> PreferenceTokenLM:
+def load_preference_lm(
+    folder: str | Path, model, tokenizer, vocabulary: PreferenceVocabulary | None = None
+) -> PreferenceTokenLM:
     """Rebuild a saved generator on a freshly loaded backbone ``model`` / ``tokenizer``."""
     from peft import PeftModel
 
@@ -301,14 +342,17 @@ def load_preference_lm(folder: str | Path, model, tokenizer, vocabulary: Prefere
     if vocabulary is not None:
         vocabulary.check_compatible(meta.levels, meta.codebook_size, meta.modalities)
         if vocabulary.dim != meta.dim:
-            raise CheckpointError(f"token export has codebook dim {vocabulary.dim}, the text generator was built for {meta.dim}")
+            raise CheckpointError(
+                f"token export has codebook dim {vocabulary.dim}, the text generator was built for {meta.dim}"
+            )
         strings = vocabulary.strings
     else:
-
         strings = [s for m in meta.modalities for s in all_token_strings(m, meta.levels, meta.codebook_size)]
     ids = add_preference_tokens(model, tokenizer, strings)
     if ids[0] != meta.first_token_id:
-        raise CheckpointError(f"{folder} was trained on a backbone whose vocabulary ends at {meta.first_token_id}, this one at {ids[0]}")
+        raise CheckpointError(
+            f"{folder} was trained on a backbone whose vocabulary ends at {meta.first_token_id}, this one at {ids[0]}"
+        )
     peft_model = PeftModel.from_pretrained(model, folder / ADAPTER, is_trainable=False)
     state = load_file(str(folder / PROJECTION))
     projection = CodebookProjection(state["codebook_vectors"], state["linear.weight"].shape[0])

@@ -59,9 +59,17 @@ def load_tokens(dataset: str, tokens_folder, cfg: dict, recorded: str | None = N
 
 def generation_options(cfg: dict, lm_token_ids) -> dict:
     g = cfg["generate"]
-    return dict(batch_size=g["batch_size"], max_new_tokens=g["max_new_tokens"], do_sample=g["do_sample"],
-                temperature=g["temperature"], top_p=g["top_p"], seed=cfg["seed"], suppress_ids=lm_token_ids,
-                progress=cfg["progress"], guidance=g["guidance"])
+    return dict(
+        batch_size=g["batch_size"],
+        max_new_tokens=g["max_new_tokens"],
+        do_sample=g["do_sample"],
+        temperature=g["temperature"],
+        top_p=g["top_p"],
+        seed=cfg["seed"],
+        suppress_ids=lm_token_ids,
+        progress=cfg["progress"],
+        guidance=g["guidance"],
+    )
 
 
 def run_settings(run: Path) -> dict:
@@ -79,8 +87,13 @@ def target_texts(dataset: str, settings: dict, tokens, item_path: Path | None = 
     path = item_path or item_file(dataset)
     user_genres = None
     if user_field(settings["target_template"]):
-        user_genres = UserGenres(tokens, genres_by_item(read_item_table(path)), settings["user_genres_from"],
-                                 settings["user_genres_count"], settings["min_rating"])
+        user_genres = UserGenres(
+            tokens,
+            genres_by_item(read_item_table(path)),
+            settings["user_genres_from"],
+            settings["user_genres_count"],
+            settings["min_rating"],
+        )
     return item_text_table(path, settings["target_template"], user_genres)
 
 

@@ -24,7 +24,13 @@ import torch
 from recbole_dppmg.errors import DataError
 
 
-def retrieval_metrics(queries: np.ndarray, items: np.ndarray, targets: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]], k: int = 10) -> dict:
+def retrieval_metrics(
+    queries: np.ndarray,
+    items: np.ndarray,
+    targets: Sequence[Sequence[int]],
+    exclude: Sequence[Sequence[int]],
+    k: int = 10,
+) -> dict:
     """Hit@k and NDCG@k per query (row of ``queries``) over the ``items`` matrix rows.
 
     ``targets[u]`` / ``exclude[u]`` are item row indices; users without targets are skipped.
@@ -50,8 +56,13 @@ def retrieval_metrics(queries: np.ndarray, items: np.ndarray, targets: Sequence[
         ndcgs.append(sum(gains) / ideal)
     if not hits:
         raise DataError("no evaluated user has a test item outside their training items")
-    return {f"hit@{k}": float(np.mean(hits)), f"ndcg@{k}": float(np.mean(ndcgs)), "users": len(hits),
-            "per_user_hit": hits, "per_user_ndcg": ndcgs}
+    return {
+        f"hit@{k}": float(np.mean(hits)),
+        f"ndcg@{k}": float(np.mean(ndcgs)),
+        "users": len(hits),
+        "per_user_hit": hits,
+        "per_user_ndcg": ndcgs,
+    }
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
@@ -69,7 +80,9 @@ def perplexity(model, tokenizer, texts: Sequence[str], context_ids: Sequence[int
     if not texts:
         raise DataError("perplexity needs at least one text")
     device = next(model.parameters()).device
-    context = list(context_ids) or ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [tokenizer.eos_token_id])
+    context = list(context_ids) or (
+        [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [tokenizer.eos_token_id]
+    )
     total, count = 0.0, 0
     model.eval()
     for start in range(0, len(texts), batch_size):
@@ -89,14 +102,20 @@ def perplexity(model, tokenizer, texts: Sequence[str], context_ids: Sequence[int
         ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target = labels[:, 1:]
-        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"))
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+        )
         count += int((target != -100).sum())
     if count == 0:
         raise DataError("perplexity: every text is empty")
     return math.exp(total / count)
 
 
-def random_hit_rate(targets: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]], n_items: int, k: int = 10) -> float:
+def random_hit_rate(
+    targets: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]], n_items: int, k: int = 10
+) -> float:
     """Expected Hit@k of a uniformly random ranking, over the users :func:`retrieval_metrics` scores:
     1 - C(N - T, k) / C(N, k) with N candidates (catalogue minus excluded) and T test items."""
     rates = []

@@ -94,9 +94,30 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
         run = Path(cfg["resume"])
         previous = run_settings(run)
         tokens = load_tokens(dataset, tokens_folder, cfg, previous["tokens"])
-        _check_same_settings(previous, cfg, ("backbone", "seed", "lora_r", "init_from", "contrast_weight", "content_init", "max_steps", "min_rating",
-                                             "pairs_per_user", "pair_choice", "valid_users", "test_users", "batch_size", "max_target_tokens",
-                                             "target_template", "user_genres_from", "user_genres_count"), f"cannot resume {run}")
+        _check_same_settings(
+            previous,
+            cfg,
+            (
+                "backbone",
+                "seed",
+                "lora_r",
+                "init_from",
+                "contrast_weight",
+                "content_init",
+                "max_steps",
+                "min_rating",
+                "pairs_per_user",
+                "pair_choice",
+                "valid_users",
+                "test_users",
+                "batch_size",
+                "max_target_tokens",
+                "target_template",
+                "user_genres_from",
+                "user_genres_count",
+            ),
+            f"cannot resume {run}",
+        )
         init_run = _init_run(cfg, tokens)
     else:
         tokens = load_tokens(dataset, tokens_folder, cfg)
@@ -105,15 +126,32 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
     vocabulary = PreferenceVocabulary(tokens)
     texts = target_texts(dataset, cfg, tokens)
     split = split_users(tokens.users, cfg["valid_users"], cfg["test_users"], cfg["seed"], cfg["train_users"])
-    train_pairs = build_pairs(tokens, split["train"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"], cfg["pair_choice"])
-    valid_pairs = build_pairs(tokens, split["valid"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"] + 1, cfg["pair_choice"])
-    valid_pairs = [valid_pairs[k] for k in sorted(np.random.default_rng(cfg["seed"]).permutation(len(valid_pairs))[: cfg["valid_pairs"]])]
+    train_pairs = build_pairs(
+        tokens, split["train"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"], cfg["pair_choice"]
+    )
+    valid_pairs = build_pairs(
+        tokens, split["valid"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"] + 1, cfg["pair_choice"]
+    )
+    valid_pairs = [
+        valid_pairs[k]
+        for k in sorted(np.random.default_rng(cfg["seed"]).permutation(len(valid_pairs))[: cfg["valid_pairs"]])
+    ]
     write_run_meta(run, TEXT_GEN.name, {"dataset": dataset, "tokens": str(Path(tokens.folder).resolve()), "text": cfg})
     (run / "users.json").write_text(json.dumps(split))
-    logger.info("text warm-up in %s: %d training pairs from %d users, %d validation pairs", run, len(train_pairs), len(split["train"]), len(valid_pairs))
+    logger.info(
+        "text warm-up in %s: %d training pairs from %d users, %d validation pairs",
+        run,
+        len(train_pairs),
+        len(split["train"]),
+        len(valid_pairs),
+    )
 
-    summary = {"train_pairs": len(train_pairs), "valid_pairs": len(valid_pairs), "users": {k: len(v) for k, v in split.items()},
-               "num_threads": torch.get_num_threads()}
+    summary = {
+        "train_pairs": len(train_pairs),
+        "valid_pairs": len(valid_pairs),
+        "users": {k: len(v) for k, v in split.items()},
+        "num_threads": torch.get_num_threads(),
+    }
     start = time.perf_counter()
     content = None
     if init_run is not None:  # continue a finished warm-up: its tokens, projection (and LoRA)
@@ -123,10 +161,23 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
     else:
         model, tokenizer = load_backbone(cfg["backbone"], cfg["dtype"], cfg["device"])
         if cfg["content_init"]:
-            content = content_vectors(tokenizer, model.get_input_embeddings().weight, train_pairs, texts, cfg["max_target_tokens"])
-        lm = inject_preference_tokens(model, tokenizer, vocabulary, backbone=cfg["backbone"], lora_r=cfg["lora_r"],
-                                      lora_alpha=cfg["lora_alpha"], lora_targets=cfg["lora_targets"], seed=cfg["seed"], content=content)
-    state = train_conditioner(lm.model, tokenizer, TokenConditioner(lm, vocabulary), train_pairs, valid_pairs, texts, cfg, run / "dppmg")
+            content = content_vectors(
+                tokenizer, model.get_input_embeddings().weight, train_pairs, texts, cfg["max_target_tokens"]
+            )
+        lm = inject_preference_tokens(
+            model,
+            tokenizer,
+            vocabulary,
+            backbone=cfg["backbone"],
+            lora_r=cfg["lora_r"],
+            lora_alpha=cfg["lora_alpha"],
+            lora_targets=cfg["lora_targets"],
+            seed=cfg["seed"],
+            content=content,
+        )
+    state = train_conditioner(
+        lm.model, tokenizer, TokenConditioner(lm, vocabulary), train_pairs, valid_pairs, texts, cfg, run / "dppmg"
+    )
     summary["dppmg"] = _phase_summary(state, time.perf_counter() - start, lm.trainable_parameters())
     del lm
     if cfg["soft_prompt"]:
@@ -160,22 +211,33 @@ def _init_run(cfg: dict, tokens) -> Path | None:
     run = Path(cfg["init_from"])
     previous = run_settings(run)
     if Path(previous["tokens"]).resolve() != Path(tokens.folder).resolve():
-        raise CheckpointError(f"text.init_from {run} was trained on tokens {previous['tokens']}, this warm-up uses {tokens.folder}")
-    _check_same_settings(previous, cfg, ("backbone", "lora_r", "seed", "valid_users", "test_users"), f"text.init_from {run}")
+        raise CheckpointError(
+            f"text.init_from {run} was trained on tokens {previous['tokens']}, this warm-up uses {tokens.folder}"
+        )
+    _check_same_settings(
+        previous, cfg, ("backbone", "lora_r", "seed", "valid_users", "test_users"), f"text.init_from {run}"
+    )
     if cfg["soft_prompt"] and not (run / "soft_prompt").is_dir():
         raise CheckpointError(f"text.init_from {run} has no soft_prompt/ to continue (set text.soft_prompt False)")
     return run
 
 
 def _phase_summary(state: dict, wall: float, params) -> dict:
-    return {"wall_seconds_this_call": round(wall, 1), "train_seconds": round(state["train_seconds"], 1), "steps": state["step"],
-            "best_valid_loss": state["best_valid"], "best_step": state["best_step"],
-            "initial_valid_loss": state["history"][0]["valid_loss"] if state["history"] else None,
-            "trainable_parameters": int(sum(p.numel() for p in params))}
+    return {
+        "wall_seconds_this_call": round(wall, 1),
+        "train_seconds": round(state["train_seconds"], 1),
+        "steps": state["step"],
+        "best_valid_loss": state["best_valid"],
+        "best_step": state["best_step"],
+        "initial_valid_loss": state["history"][0]["valid_loss"] if state["history"] else None,
+        "trainable_parameters": int(sum(p.numel() for p in params)),
+    }
 
 
 # ---------------------------------------------------------------------------- generate
-def run_generate_text(dataset: str, users: Sequence[str], tokens_folder: Path | None = None, config: dict | None = None) -> Path:
+def run_generate_text(
+    dataset: str, users: Sequence[str], tokens_folder: Path | None = None, config: dict | None = None
+) -> Path:
     """Generate one text per user with the newest (or ``text.generator``) warm-up run.
 
     Writes ``texts.jsonl`` ({user, tokens, text}) and ``texts.md`` into ``text.output_dir`` or
@@ -194,7 +256,9 @@ def run_generate_text(dataset: str, users: Sequence[str], tokens_folder: Path | 
     vocabulary = PreferenceVocabulary(tokens)
     lm = load_text_generator(run, vocabulary, cfg)
     start = time.perf_counter()
-    texts = generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, **generation_options(cfg, lm.token_ids))
+    texts = generate_texts(
+        lm.model, lm.tokenizer, TokenConditioner(lm, vocabulary), users, **generation_options(cfg, lm.token_ids)
+    )
     seconds = time.perf_counter() - start
     if cfg.get("output_dir"):
         out = Path(cfg["output_dir"])
@@ -204,8 +268,16 @@ def run_generate_text(dataset: str, users: Sequence[str], tokens_folder: Path | 
     with open(out / "texts.jsonl", "w") as f:
         for user, text in zip(users, texts):
             f.write(json.dumps({"user": user, "tokens": vocabulary.strings_for(user), "text": text}) + "\n")
-    lines = [f"# Generated text ({dataset}, generator {run.name}, seed {cfg['seed']})", "", "| user | tokens | text |", "|---|---|---|"]
-    lines += [f"| {u} | {' '.join(vocabulary.strings_for(u))} | {t.replace('|', '/').replace(chr(10), ' ')} |" for u, t in zip(users, texts)]
+    lines = [
+        f"# Generated text ({dataset}, generator {run.name}, seed {cfg['seed']})",
+        "",
+        "| user | tokens | text |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {u} | {' '.join(vocabulary.strings_for(u))} | {t.replace('|', '/').replace(chr(10), ' ')} |"
+        for u, t in zip(users, texts)
+    ]
     (out / "texts.md").write_text("\n".join(lines) + "\n")
     logger.info("wrote %d texts to %s in %.1f s", len(texts), out, seconds)
     return out
@@ -220,7 +292,9 @@ class TextConditions:
     best-rated training item. Each generator is loaded on first use and kept for later seeds.
     Shared by :func:`evaluate_text_generation` and the report (``generation/report.py``)."""
 
-    def __init__(self, dataset: str, run: Path, tokens, vocabulary, cfg: dict, item_texts: dict[str, str] | None = None):
+    def __init__(
+        self, dataset: str, run: Path, tokens, vocabulary, cfg: dict, item_texts: dict[str, str] | None = None
+    ):
         self.dataset, self.run, self.tokens, self.vocabulary, self.cfg = dataset, Path(run), tokens, vocabulary, cfg
         self._item_texts = item_texts
         self._lm = self._soft = None
@@ -252,7 +326,9 @@ class TextConditions:
             return [self._liked_text(u) for u in users]
         if name == "soft_prompt":
             model, tokenizer, soft = self._soft
-            return generate_texts(model, tokenizer, soft, users, **{**generation_options(self.cfg, self.lm.token_ids), "seed": seed})
+            return generate_texts(
+                model, tokenizer, soft, users, **{**generation_options(self.cfg, self.lm.token_ids), "seed": seed}
+            )
         lm = self.lm
         options = {**generation_options(self.cfg, lm.token_ids), "seed": seed}
         if name == "dppmg":
@@ -260,7 +336,9 @@ class TextConditions:
         if name == "no_tokens":
             return generate_texts(lm.model, lm.tokenizer, NoTokenConditioner(lm.embed), users, **options)
         mapping = user_map or shuffled_user_map(users, seed)
-        return generate_texts(lm.model, lm.tokenizer, TokenConditioner(lm, self.vocabulary, mapping, name="shuffled"), users, **options)
+        return generate_texts(
+            lm.model, lm.tokenizer, TokenConditioner(lm, self.vocabulary, mapping, name="shuffled"), users, **options
+        )
 
     def _liked_text(self, user: str) -> str:
         liked = [i for i, _ in self.tokens.history(user, "train") if i in self._item_texts]
@@ -271,7 +349,9 @@ class TextConditions:
         self._lm = self._soft = None
 
 
-def evaluate_text_generation(dataset: str, tokens_folder: Path | None = None, config: dict | None = None, encoder=None) -> Path:
+def evaluate_text_generation(
+    dataset: str, tokens_folder: Path | None = None, config: dict | None = None, encoder=None
+) -> Path:
     """Compare the conditions on held-out test users over ``text.evaluate.seeds`` generation
     seeds; writes ``text_eval.{json,md}`` + ``samples.jsonl``. Each condition's retrieval is
     also given as its paired difference from DPPMG tokens with a bootstrap interval over users,
@@ -312,9 +392,20 @@ def evaluate_text_generation(dataset: str, tokens_folder: Path | None = None, co
         for seed in seeds:
             for idx, user in enumerate(users):
                 record = {n: by_seed.get(seed, by_seed[seeds[0]])[idx] for n, by_seed in texts.items()}
-                f.write(json.dumps({"seed": seed, "user": user, "tokens": vocabulary.strings_for(user), **record}) + "\n")
-    report = {"dataset": dataset, "generator": str(run), "tokens": str(tokens.folder), "users": len(users), "seeds": seeds,
-              "num_threads": torch.get_num_threads(), "generate": cfg["generate"], f"random_hit@{ev['topk']}": chance, "rows": rows}
+                f.write(
+                    json.dumps({"seed": seed, "user": user, "tokens": vocabulary.strings_for(user), **record}) + "\n"
+                )
+    report = {
+        "dataset": dataset,
+        "generator": str(run),
+        "tokens": str(tokens.folder),
+        "users": len(users),
+        "seeds": seeds,
+        "num_threads": torch.get_num_threads(),
+        "generate": cfg["generate"],
+        f"random_hit@{ev['topk']}": chance,
+        "rows": rows,
+    }
     (out / "text_eval.json").write_text(json.dumps(report, indent=2))
     lines = _text_eval_markdown(report, run, tokens.folder, ev["topk"])
     (out / "text_eval.md").write_text("\n".join(lines) + "\n")
@@ -328,32 +419,52 @@ def _score_conditions(texts, seconds, features, targets, exclude, backbone, cfg,
     distinct-2 averaged over seeds."""
 
     if encoder is None:
-
         encoder = load_default_encoder("text")
     ev, k = cfg["evaluate"], cfg["evaluate"]["topk"]
     base, base_tokenizer = load_backbone(backbone, cfg["dtype"], cfg["device"])
     context = prompt_ids(base_tokenizer, None)
     rows, per_user = [], {}
     for name, by_seed in texts.items():
-        runs = [retrieval_metrics(encoder.encode([t or " " for t in batch], progress=False), features, targets, exclude, k=k) for batch in by_seed.values()]
+        runs = [
+            retrieval_metrics(
+                encoder.encode([t or " " for t in batch], progress=False), features, targets, exclude, k=k
+            )
+            for batch in by_seed.values()
+        ]
         per_user[name] = {m: np.mean([r[f"per_user_{m}"] for r in runs], axis=0) for m in ("hit", "ndcg")}
         nonempty = [t for batch in by_seed.values() for t in batch if t]
         row = {"condition": name, "users": runs[0]["users"], "seeds": list(by_seed)}
         for m in ("hit", "ndcg"):
             values = [r[f"{m}@{k}"] for r in runs]
-            row.update({f"{m}@{k}": float(np.mean(values)), f"{m}@{k}_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                        f"{m}@{k}_per_seed": values})
-        row.update({"perplexity": perplexity(base, base_tokenizer, nonempty, context, ev["ppl_batch_size"]) if nonempty else None,
-                    "distinct2": float(np.mean([distinct_n(batch, 2) for batch in by_seed.values()])),
-                    "mean_words": float(np.mean([len(t.split()) for batch in by_seed.values() for t in batch])),
-                    "seconds": round(float(np.mean(seconds[name])), 1),
-                    "per_user_hit": per_user[name]["hit"].tolist(), "per_user_ndcg": per_user[name]["ndcg"].tolist()})
+            row.update(
+                {
+                    f"{m}@{k}": float(np.mean(values)),
+                    f"{m}@{k}_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                    f"{m}@{k}_per_seed": values,
+                }
+            )
+        row.update(
+            {
+                "perplexity": perplexity(base, base_tokenizer, nonempty, context, ev["ppl_batch_size"])
+                if nonempty
+                else None,
+                "distinct2": float(np.mean([distinct_n(batch, 2) for batch in by_seed.values()])),
+                "mean_words": float(np.mean([len(t.split()) for batch in by_seed.values() for t in batch])),
+                "seconds": round(float(np.mean(seconds[name])), 1),
+                "per_user_hit": per_user[name]["hit"].tolist(),
+                "per_user_ndcg": per_user[name]["ndcg"].tolist(),
+            }
+        )
         rows.append(row)
     if "dppmg" in per_user:
         for row in rows:
             if row["condition"] != "dppmg":
-                row["dppmg_minus"] = {m: paired_bootstrap(per_user["dppmg"][m], per_user[row["condition"]][m], ev["bootstrap"], cfg["seed"])
-                                      for m in ("hit", "ndcg")}
+                row["dppmg_minus"] = {
+                    m: paired_bootstrap(
+                        per_user["dppmg"][m], per_user[row["condition"]][m], ev["bootstrap"], cfg["seed"]
+                    )
+                    for m in ("hit", "ndcg")
+                }
     return rows
 
 
@@ -363,14 +474,20 @@ def _text_eval_markdown(report: dict, run: Path, tokens_folder, k: int) -> list[
         return f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else "-"
 
     seeds = report["seeds"]
-    lines = [f"# Text generation on {report['users']} held-out users of {report['dataset']}", "",
-             f"generator `{run.name}`, tokens `{tokens_folder}`, generation seeds {seeds}, {report['num_threads']} CPU threads. "
-             f"Retrieval: mean ± std over the seeds; DPPMG minus the condition: per-user values averaged over the seeds, "
-             f"95% bootstrap interval over users. A random ranking hits {report[f'random_hit@{k}']:.4f} (Hit@{k}).", "",
-             f"| condition | Hit@{k} | NDCG@{k} | DPPMG - this, Hit@{k} | DPPMG - this, NDCG@{k} | perplexity (base LM) | distinct-2 | mean words | seconds per {report['users']} texts |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Text generation on {report['users']} held-out users of {report['dataset']}",
+        "",
+        f"generator `{run.name}`, tokens `{tokens_folder}`, generation seeds {seeds}, {report['num_threads']} CPU threads. "
+        f"Retrieval: mean ± std over the seeds; DPPMG minus the condition: per-user values averaged over the seeds, "
+        f"95% bootstrap interval over users. A random ranking hits {report[f'random_hit@{k}']:.4f} (Hit@{k}).",
+        "",
+        f"| condition | Hit@{k} | NDCG@{k} | DPPMG - this, Hit@{k} | DPPMG - this, NDCG@{k} | perplexity (base LM) | distinct-2 | mean words | seconds per {report['users']} texts |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["rows"]:
         ppl = f"{r['perplexity']:.2f}" if r["perplexity"] is not None else "-"
-        lines.append(f"| {r['condition']} | {r[f'hit@{k}']:.4f} ± {r[f'hit@{k}_std']:.4f} | {r[f'ndcg@{k}']:.4f} ± {r[f'ndcg@{k}_std']:.4f} | "
-                     f"{interval(r, 'hit')} | {interval(r, 'ndcg')} | {ppl} | {r['distinct2']:.3f} | {r['mean_words']:.1f} | {r['seconds']} |")
+        lines.append(
+            f"| {r['condition']} | {r[f'hit@{k}']:.4f} ± {r[f'hit@{k}_std']:.4f} | {r[f'ndcg@{k}']:.4f} ± {r[f'ndcg@{k}_std']:.4f} | "
+            f"{interval(r, 'hit')} | {interval(r, 'ndcg')} | {ppl} | {r['distinct2']:.3f} | {r['mean_words']:.1f} | {r['seconds']} |"
+        )
     return lines

@@ -34,9 +34,22 @@ UNKNOWN = "unknown"
 class UserGenres:
     """``user -> "Horror, Thriller, Action"`` (cached per user)."""
 
-    def __init__(self, tokens, item_genres: dict[str, list[str]], source: str = "tokens", count: int = 3, min_rating: float | None = 4):
+    def __init__(
+        self,
+        tokens,
+        item_genres: dict[str, list[str]],
+        source: str = "tokens",
+        count: int = 3,
+        min_rating: float | None = 4,
+    ):
         check_genre_settings(source, count)
-        self.tokens, self.item_genres, self.source, self.count, self.min_rating = tokens, item_genres, source, count, min_rating
+        self.tokens, self.item_genres, self.source, self.count, self.min_rating = (
+            tokens,
+            item_genres,
+            source,
+            count,
+            min_rating,
+        )
         prior = Counter()
         for user in tokens.users:
             prior.update(self._genres_of(self._liked(user)))
@@ -74,6 +87,8 @@ class UserGenres:
 def genres_by_item(frame) -> dict[str, list[str]]:
     """``item_id -> [genre, ...]`` from a prepared ``.item`` table (RecBole token_seq column)."""
     if "genres" not in frame.columns:
-        raise ConfigError("text.target_template uses {user_genres}, but the dataset's .item file has no genres column "
-                          "(set text.target_template to a shape without it, e.g. '{head}: {plot}')")
+        raise ConfigError(
+            "text.target_template uses {user_genres}, but the dataset's .item file has no genres column "
+            "(set text.target_template to a shape without it, e.g. '{head}: {plot}')"
+        )
     return {str(item): str(g).split() if isinstance(g, str) else [] for item, g in frame["genres"].items()}

@@ -43,15 +43,23 @@ CHECKPOINT = "checkpoint"
 
 
 # ---------------------------------------------------------------------------- data
-def item_target_text(title: str, year, plot: str, genres: str = "", template: str = PLAIN_TARGET_TEMPLATE, user_genres: str = "") -> str:
+def item_target_text(
+    title: str, year, plot: str, genres: str = "", template: str = PLAIN_TARGET_TEMPLATE, user_genres: str = ""
+) -> str:
     """An item's text in the shape of ``template``; ``{head}`` is "Title (year)" (or the title
     alone without a year), ``{genres}`` the genres comma-separated (RecBole token_seq in),
     ``{user_genres}`` the reader's genre profile (``generation/user_genres.py``)."""
     title = str(title).strip()
     year = "" if year is None or (isinstance(year, float) and math.isnan(year)) else str(year).strip()
     genres = ", ".join(str(genres).split()) if isinstance(genres, str) and genres.strip() else "unknown"
-    return template.format(head=f"{title} ({year})" if year else title, title=title, year=year, genres=genres, plot=str(plot).strip(),
-                           user_genres=user_genres)
+    return template.format(
+        head=f"{title} ({year})" if year else title,
+        title=title,
+        year=year,
+        genres=genres,
+        plot=str(plot).strip(),
+        user_genres=user_genres,
+    )
 
 
 class TargetTexts(dict):
@@ -85,11 +93,20 @@ def item_text_table(item_path: Path, template: str = PLAIN_TARGET_TEMPLATE, user
     texts = {item: item_target_text(*f, template=template, user_genres="{user_genres}") for item, f in fields.items()}
     if not user_field(template):
         return TargetTexts(texts)
-    return TargetTexts(texts, lambda user, item: item_target_text(*fields[item], template=template, user_genres=user_genres(user)))
+    return TargetTexts(
+        texts, lambda user, item: item_target_text(*fields[item], template=template, user_genres=user_genres(user))
+    )
 
 
-def build_pairs(tokens, users: Sequence[str], texts: dict[str, str], min_rating: float | None, per_user: int, seed: int,
-                choice: str = "random") -> list[tuple[str, str]]:
+def build_pairs(
+    tokens,
+    users: Sequence[str],
+    texts: dict[str, str],
+    min_rating: float | None,
+    per_user: int,
+    seed: int,
+    choice: str = "random",
+) -> list[tuple[str, str]]:
     """``[(user, item), ...]``: up to ``per_user`` liked training-split items with a text per user,
     drawn at random or (``token_score``) the ones the user's own decoded tokens score highest in
     stage 1 relative to the average user (targets the tokens can predict, not just popular ones)."""
@@ -110,7 +127,9 @@ def build_pairs(tokens, users: Sequence[str], texts: dict[str, str], min_rating:
 
 
 @torch.no_grad()
-def content_vectors(tokenizer, embedding: torch.Tensor, pairs: Sequence[tuple[str, str]], texts: TargetTexts, max_tokens: int) -> dict[str, torch.Tensor]:
+def content_vectors(
+    tokenizer, embedding: torch.Tensor, pairs: Sequence[tuple[str, str]], texts: TargetTexts, max_tokens: int
+) -> dict[str, torch.Tensor]:
     """user -> mean base-LM input embedding of the target texts of their training pairs."""
     sums: dict[str, list] = {}
     for user, item in pairs:
@@ -186,8 +205,14 @@ def contrast_loss(model, tokenizer, conditioner, chunk, texts, cfg, own_sum, own
     differ = torch.tensor([a != b for a, b in zip(users, others)], device=device)
     if not bool(differ.any()):
         return None
-    batch = collate([encode_pair(tokenizer, conditioner, o, texts.target(u, i), cfg["max_target_tokens"]) for o, (u, i) in zip(others, chunk)],
-                    tokenizer.pad_token_id, device)
+    batch = collate(
+        [
+            encode_pair(tokenizer, conditioner, o, texts.target(u, i), cfg["max_target_tokens"])
+            for o, (u, i) in zip(others, chunk)
+        ],
+        tokenizer.pad_token_id,
+        device,
+    )
     other_sum, _ = sequence_nll(model, conditioner, batch, others)
     margin = (other_sum - own_sum) / own_count.clamp(min=1)
     return torch.nn.functional.softplus(-cfg["contrast_beta"] * margin)[differ].mean()
@@ -199,7 +224,9 @@ class BatchOrder:
 
     def __init__(self, n: int, batch_size: int, seed: int):
         if n == 0:
-            raise DataError("the text warm-up has no training pairs (no liked items with a plot among the training users)")
+            raise DataError(
+                "the text warm-up has no training pairs (no liked items with a plot among the training users)"
+            )
         self.n, self.batch_size, self.seed, self._perms = n, batch_size, seed, {}
 
     def __call__(self, step: int) -> list[int]:
@@ -223,7 +250,9 @@ def _schedule(warmup: int, total: int):
 
 
 @torch.no_grad()
-def validation_loss(model, tokenizer, conditioner, pairs, texts, cfg, other_users: dict[str, str] | None = None) -> float:
+def validation_loss(
+    model, tokenizer, conditioner, pairs, texts, cfg, other_users: dict[str, str] | None = None
+) -> float:
     """Mean target NLL per token; with ``other_users``, each pair is prompted with that user's
     tokens instead (how much of the fit is about *this* user)."""
     conditioner.train(False)
@@ -232,8 +261,14 @@ def validation_loss(model, tokenizer, conditioner, pairs, texts, cfg, other_user
     for start in range(0, len(pairs), cfg["batch_size"]):
         chunk = pairs[start : start + cfg["batch_size"]]
         users = [other_users.get(u, u) if other_users else u for u, _ in chunk]
-        batch = collate([encode_pair(tokenizer, conditioner, p, texts.target(u, i), cfg["max_target_tokens"]) for p, (u, i) in zip(users, chunk)],
-                        tokenizer.pad_token_id, device)
+        batch = collate(
+            [
+                encode_pair(tokenizer, conditioner, p, texts.target(u, i), cfg["max_target_tokens"])
+                for p, (u, i) in zip(users, chunk)
+            ],
+            tokenizer.pad_token_id,
+            device,
+        )
         loss, n = target_nll(model, conditioner, batch, users)
         total, count = total + float(loss), count + n
     return total / max(1, count)
@@ -241,18 +276,26 @@ def validation_loss(model, tokenizer, conditioner, pairs, texts, cfg, other_user
 
 def _save_checkpoint(folder: Path, conditioner, optimizer, scheduler, state: dict, best: dict | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in conditioner.trainable_state().items()}, str(folder / "trainable.safetensors.tmp"))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in conditioner.trainable_state().items()},
+        str(folder / "trainable.safetensors.tmp"),
+    )
     os.replace(folder / "trainable.safetensors.tmp", folder / "trainable.safetensors")
     if best is not None:
         save_file(best, str(folder / "best.safetensors.tmp"))
         os.replace(folder / "best.safetensors.tmp", folder / "best.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}, folder / "optimizer.pt.tmp")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
+        folder / "optimizer.pt.tmp",
+    )
     os.replace(folder / "optimizer.pt.tmp", folder / "optimizer.pt")
     (folder / "state.json.tmp").write_text(json.dumps(state, indent=2))
     os.replace(folder / "state.json.tmp", folder / "state.json")  # last: a readable state means a complete checkpoint
 
 
-def train_conditioner(model, tokenizer, conditioner, train_pairs, valid_pairs, texts: TargetTexts, cfg: dict, folder: Path) -> dict:
+def train_conditioner(
+    model, tokenizer, conditioner, train_pairs, valid_pairs, texts: TargetTexts, cfg: dict, folder: Path
+) -> dict:
     """Warm up one conditioner; saves the best state into ``folder``; returns its history."""
     from tqdm.auto import tqdm
 
@@ -269,7 +312,9 @@ def train_conditioner(model, tokenizer, conditioner, train_pairs, valid_pairs, t
     best = None
     if (ckpt / "state.json").is_file():
         state = json.loads((ckpt / "state.json").read_text())
-        conditioner.load_trainable_state({k: v.to(device) for k, v in load_file(str(ckpt / "trainable.safetensors")).items()})
+        conditioner.load_trainable_state(
+            {k: v.to(device) for k, v in load_file(str(ckpt / "trainable.safetensors")).items()}
+        )
         extra = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=device)
         optimizer.load_state_dict(extra["optimizer"])
         scheduler.load_state_dict(extra["scheduler"])
@@ -292,19 +337,28 @@ def train_conditioner(model, tokenizer, conditioner, train_pairs, valid_pairs, t
             state["best_valid"], state["best_step"] = loss, step
             best = {k: v.detach().cpu().clone().contiguous() for k, v in conditioner.trainable_state().items()}
 
-
     valid_users = sorted({u for u, _ in valid_pairs})
     other_users = shuffled_user_map(valid_users, cfg["seed"]) if len(valid_users) > 1 else None
     running: dict = {}
     if state["step"] == 0 and not state["history"]:
         evaluate(0)
-    bar = tqdm(range(state["step"], cfg["max_steps"]), desc=f"warm-up ({conditioner.name})", unit="step",
-               initial=state["step"], total=cfg["max_steps"], disable=not cfg["progress"])
+    bar = tqdm(
+        range(state["step"], cfg["max_steps"]),
+        desc=f"warm-up ({conditioner.name})",
+        unit="step",
+        initial=state["step"],
+        total=cfg["max_steps"],
+        disable=not cfg["progress"],
+    )
     started = time.perf_counter()
     for step in bar:
         conditioner.train(True)
         chunk = [train_pairs[k] for k in order(step)]
-        batch = collate([encode_pair(tokenizer, conditioner, u, texts.target(u, i), cfg["max_target_tokens"]) for u, i in chunk], tokenizer.pad_token_id, device)
+        batch = collate(
+            [encode_pair(tokenizer, conditioner, u, texts.target(u, i), cfg["max_target_tokens"]) for u, i in chunk],
+            tokenizer.pad_token_id,
+            device,
+        )
         own_sum, own_count = sequence_nll(model, conditioner, batch, [u for u, _ in chunk])
         loss = own_sum.sum() / own_count.sum().clamp(min=1)
         if cfg.get("contrast_weight"):
