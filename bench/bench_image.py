@@ -81,8 +81,10 @@ def main() -> None:
         times.append((time.perf_counter() - start) / args.posters)
     c = model.config
     print(
-        f"{c['height']}x{c['width']} posters ({c['space']} space, UNet {c['unet_channels']}), {args.steps} steps, guidance {args.guidance}, "
-        f"batch {args.batch}, {device}, {args.threads} thread(s): {statistics.median(times):.3f} s per poster (median of {args.repeats})"
+        f"{c['height']}x{c['width']} posters ({c['space']} space, UNet {c['unet_channels']}), {args.steps} steps, "
+        f"guidance {args.guidance}, "
+        f"batch {args.batch}, {device}, {args.threads} thread(s): {statistics.median(times):.3f} s per poster (median "
+        f"of {args.repeats})"
     )
 
 

@@ -99,9 +99,11 @@ def main() -> None:
             )
             random = np.stack(list(small.values()))[rng.integers(0, len(small), len(users))]
             print(
-                f"\nposters at {args.poster_size}: judge percentile of test items {judge.personalization(list(users), 'image', np.stack(features)).mean():.4f}, "
+                f"\nposters at {args.poster_size}: judge percentile of test items "
+                f"{judge.personalization(list(users), 'image', np.stack(features)).mean():.4f}, "
                 f"random posters {judge.personalization(list(users), 'image', random).mean():.4f}, "
-                f"test items at full size {judge.personalization(list(users), 'image', np.stack(full)).mean():.4f} ({len(users)} pairs)"
+                f"test items at full size {judge.personalization(list(users), 'image', np.stack(full)).mean():.4f} "
+                f"({len(users)} pairs)"
             )
         else:
             print(f"\nno cached poster features at {args.poster_size} (run --stage evaluate once)")

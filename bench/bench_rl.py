@@ -297,7 +297,8 @@ def combine(args) -> None:
             print(f"{key:50s} {value['ratio']:.3f}")
         else:
             print(
-                f"{key:50s} {value['diff']:+.4f} [{value['low']:+.4f}, {value['high']:+.4f}]  by seed {[round(v, 4) for v in value['by_seed']]}  "
+                f"{key:50s} {value['diff']:+.4f} [{value['low']:+.4f}, {value['high']:+.4f}]  by seed "
+                f"{[round(v, 4) for v in value['by_seed']]}  "
                 f"(seed std before {value['before_seed_std']:.4f})"
             )
 

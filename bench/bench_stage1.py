@@ -197,7 +197,9 @@ def measure_model(
     else:
         full_eval_s = eval_median
     params = sum(p.numel() for p in model.parameters())
-    del trainer, model
+    # rebound, not deleted: the nested train() and the timing lambdas close over ``trainer``
+    trainer = None
+    del model
     release_memory()
     channels = config["modalities"]
     return {
@@ -345,15 +347,17 @@ def bench_dataset(dataset: str, args) -> dict:
 def comparison_table(rows: list[dict]) -> str:
     """Markdown: one line per dataset and model, DPPMG/LightGCN ratios from the same run."""
     lines = [
-        "| dataset | interactions | model | channels | s/epoch | measured | eval s (full sort) | peak MB | x LightGCN s/epoch | x LightGCN MB |",
+        "| dataset | interactions | model | channels | s/epoch | measured | eval s (full sort) | peak MB | x LightGCN "
+        "s/epoch | x LightGCN MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ref = next((r for r in rows if r["dataset"] == row["dataset"] and r["model"] == "LightGCN"), None)
         ratio = lambda key: f"{row[key] / ref[key]:.2f}" if ref and ref[key] > 0 else "-"  # noqa: E731
         lines.append(
-            f"| {row['dataset']} | {row['interactions']:,} | {row['model']} | {row['channels']} | {row['epoch_s']:.3f} |"
-            f" {row['epoch_measured']} | {row['eval_s']:.3f} | {row['peak_mb']:.0f} | {ratio('epoch_s')} | {ratio('peak_mb')} |"
+            f"| {row['dataset']} | {row['interactions']:,} | {row['model']} | {row['channels']} | {row['epoch_s']:.3f} "
+            f"| {row['epoch_measured']} | {row['eval_s']:.3f} | {row['peak_mb']:.0f} | {ratio('epoch_s')} | "
+            f"{ratio('peak_mb')} |"
         )
     return "\n".join(lines)
 
@@ -402,7 +406,8 @@ def write_scale_report(rows: list[dict], skipped: list[str], out: Path, args) ->
         "",
         f"`python bench/bench_stage1.py {' '.join(sys.argv[1:])}`"
         f" ({rows[0]['device'] if rows else args.device}, {args.threads} thread(s),"
-        f" embedding {args.dim} per channel, {args.layers} layers, batch {rows[0]['train_batch_size'] if rows else '?'}).",
+        f" embedding {args.dim} per channel, {args.layers} layers, batch "
+        f"{rows[0]['train_batch_size'] if rows else '?'}).",
         "Synthetic data: `recbole_dppmg.data.synthetic` defaults (users = N/20, items = N/100,"
         " text 384-d + image 1280-d features, power-law activity and popularity).",
         "Where the `measured` column says *scaled*, a fixed number of training batches was timed and"
@@ -417,13 +422,15 @@ def write_scale_report(rows: list[dict], skipped: list[str], out: Path, args) ->
             else ""
         ),
         "",
-        "| interactions | users | items | model | channels | s/epoch | measured | full-sort eval s | eval measured | peak MB | max RSS MB |",
+        "| interactions | users | items | model | channels | s/epoch | measured | full-sort eval s | eval measured | "
+        "peak MB | max RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['interactions']:,} | {r['users']:,} | {r['items']:,} | {r['model']} | {r['channels']} | {r['epoch_s']:.2f} |"
-            f" {r['epoch_measured']} | {r['eval_s']:.2f} | {r['eval_measured']} | {r['peak_mb']:.0f} | {r['max_rss_mb']:.0f} |"
+            f"| {r['interactions']:,} | {r['users']:,} | {r['items']:,} | {r['model']} | {r['channels']} | "
+            f"{r['epoch_s']:.2f} | {r['epoch_measured']} | {r['eval_s']:.2f} | {r['eval_measured']} | "
+            f"{r['peak_mb']:.0f} | {r['max_rss_mb']:.0f} |"
         )
     lines += [
         "",

@@ -62,7 +62,8 @@ def main() -> None:
     model.generation_config.min_new_tokens = args.new_tokens  # no early stop: an exact token count
     users = tokens.users[: args.users]
     print(
-        f"backbone {args.backbone}, device {lm.device}, {torch.get_num_threads()} threads, {len(users)} texts x {args.new_tokens} new tokens"
+        f"backbone {args.backbone}, device {lm.device}, {torch.get_num_threads()} threads, {len(users)} texts x "
+        f"{args.new_tokens} new tokens"
     )
     print("| batch size | seconds | new tokens/s | texts/s |\n|---|---|---|---|")
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
@@ -89,7 +90,8 @@ def main() -> None:
         )
         seconds = time.perf_counter() - start
         print(
-            f"| {batch_size} | {seconds:.2f} | {len(users) * args.new_tokens / seconds:.1f} | {len(users) / seconds:.2f} |"
+            f"| {batch_size} | {seconds:.2f} | {len(users) * args.new_tokens / seconds:.1f} | "
+            f"{len(users) / seconds:.2f} |"
         )
 
 

@@ -48,7 +48,8 @@ def bench_lookup(n: int, dim: int, codes: int, levels: int, repeats: int, thread
     for count in threads:
         faiss_s = median_seconds(lambda: residual_search(vectors, indexes, codebooks, threads=count), repeats)
         print(
-            f"  faiss flat ({count} OpenMP threads)  {faiss_s:8.3f} s {n / faiss_s:12,.0f} vectors/s   faiss speed-up x{numpy_s / faiss_s:.2f}"
+            f"  faiss flat ({count} OpenMP threads)  {faiss_s:8.3f} s {n / faiss_s:12,.0f} vectors/s   faiss speed-up "
+            f"x{numpy_s / faiss_s:.2f}"
         )
 
 

@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="run_dppmg.py",
         description="DPPMG: discrete preference tokens for personalized multimodal generation (RecBole plugin).",
-        epilog="Any other --key=value is passed to RecBole as a config override, e.g. --epochs=50 --learning_rate=1e-3.",
+        epilog=(
+            "Any other --key=value is passed to RecBole as a config override, e.g. --epochs=50 --learning_rate=1e-3."
+        ),
         allow_abbrev=False,  # else --seed=1 (a RecBole key) would be read as --seeds=1
     )
     parser.add_argument("--dataset", "-d", default="ml-100k-mm", help="dataset name (default: ml-100k-mm)")
@@ -116,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seeds",
         default=None,
-        help="train: seeds of a comparison or ablation, e.g. [2020,2021,2022] (default for several models or --ablation: %s; a single model without --seeds: the config's seed)"
-        % list(COMPARISON_SEEDS),
+        help=(
+            "train: seeds of a comparison or ablation, e.g. [2020,2021,2022] (default for several models or "
+            "--ablation: %s; a single model without --seeds: the config's seed)" % list(COMPARISON_SEEDS)
+        ),
     )
     parser.add_argument(
         "--jobs",
@@ -133,12 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out",
         default=None,
-        help="train: folder for the comparison / ablation tables and plots (default saved/<dataset>/compare-<time> or ablation-<time>)",
+        help=(
+            "train: folder for the comparison / ablation tables and plots (default saved/<dataset>/compare-<time> or "
+            "ablation-<time>)"
+        ),
     )
     parser.add_argument(
         "--from_runs",
         default=None,
-        help="train: no training; the comparison tables and plots of these finished run folders (space-separated), written to --out",
+        help=(
+            "train: no training; the comparison tables and plots of these finished run folders (space-separated), "
+            "written to --out"
+        ),
     )
     return parser
 

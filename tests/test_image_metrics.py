@@ -25,7 +25,8 @@ def test_retrieval_hit_and_ndcg():
     targets = [{0}, {1}, {0}]
     exclude = [set(), set(), {0}]
     out = retrieval_metrics(query, items, targets, exclude, k=2)
-    # user 0: target first (hit, ndcg 1); user 1: target second among ties? item 3 first, then 0/1/2 tie -> check hit via ranking
+    # user 0: target first (hit, ndcg 1); user 1: target second among ties? item 3 first, then 0/1/2 tie
+    # -> check hit via ranking
     assert out["users"] == 3
     single = retrieval_metrics(query[:1], items, targets[:1], k=1)
     assert single["hit@1"] == 1.0 and single["ndcg@1"] == 1.0

@@ -135,7 +135,6 @@ def test_embeddings_actually_train(tmp_path, tiny_pipeline):
     export = write_tiny_export(tmp_path / "tokens")
     posters = write_tiny_posters(tmp_path / "posters")
     pipe = load_sd_pipeline(tiny_pipeline, "cpu")
-    old_vocab = len(pipe.tokenizer)
     config = {
         "height": 16,
         "width": 16,

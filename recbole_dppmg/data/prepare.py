@@ -119,7 +119,8 @@ def resolve_source(dataset: str, *, shared_dir: Path | None = None, spec_file: P
             "ml-100k is RecBole's own bundled dataset and needs no prepare; the multimodal one is ml-100k-mm"
         )
     raise DataError(
-        f"don't know how to prepare dataset {dataset!r}: pass a spec YAML or write {DATASET_DIR / (dataset + SPEC_SUFFIX)} "
+        f"don't know how to prepare dataset {dataset!r}: pass a spec YAML or write "
+        f"{DATASET_DIR / (dataset + SPEC_SUFFIX)} "
         "(see dataset/README.md)"
     )
 

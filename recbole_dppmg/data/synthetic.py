@@ -168,7 +168,8 @@ def _float_seq_lines(matrix: np.ndarray) -> list[str]:
     return [row_format % tuple(row) for row in matrix.tolist()]
 
 
-PROPERTIES = """\
+PROPERTIES = (
+    """\
 # RecBole dataset properties for the synthetic dataset {name} (recbole_dppmg.data.synthetic).
 # Pass with --config_files dataset/{name}/{name}.yaml; the protocol comes from properties/overall.yaml.
 field_separator: "\\t"           # (str) Separator of the columns of the atomic files.
@@ -185,11 +186,14 @@ normalize_field: ~              # (list) No min-max scaling of the features or m
 normalize_all: ~                # (bool) Off, as above.
 user_inter_num_interval: "[0,inf)"    # (str) Keep every user (each has >= {min_user} interactions).
 item_inter_num_interval: "[0,inf)"    # (str) Keep every item, interacted or not.
-text_feature_field: text_feat   # (str) float_seq text feature ({text_dim}-d, cluster centre + noise; zeros where text_mask is 0).
-image_feature_field: image_feat # (str) float_seq image feature ({image_dim}-d; zeros where image_mask is 0).
+"""
+    "text_feature_field: text_feat   # (str) float_seq text feature ({text_dim}-d, cluster centre + noise; zeros where"
+    " text_mask is 0).\n"
+    """image_feature_field: image_feat # (str) float_seq image feature ({image_dim}-d; zeros where image_mask is 0).
 text_mask_field: text_mask      # (str) 1.0 where the item has a text feature.
 image_mask_field: image_mask    # (str) 1.0 where the item has an image feature.
 """
+)
 
 
 def write_synthetic(spec: SyntheticSpec, root: str | Path, name: str | None = None) -> Path:

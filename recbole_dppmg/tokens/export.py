@@ -77,7 +77,8 @@ def newest_token_export(dataset: str, root: Path | None = None) -> Path:
     run = newest_finished_run(root, dataset, TOKEN_EXPORT)
     if run is None:
         raise CheckpointError(
-            f"no token export for dataset {dataset} under {root / dataset}; run --stage export first or pass a tokens folder"
+            f"no token export for dataset {dataset} under {root / dataset}; run --stage export first or pass a tokens "
+            "folder"
         )
     return run / "tokens"
 

@@ -76,5 +76,8 @@ def evaluate_fold_in(modalities, codebooks, items, user_vectors, user_codes, tra
             "trained_tokens": ranking_metrics(decoded(trained_codes), train, valid, users),
             "popularity": ranking_metrics(np.tile(popularity, (len(users), 1)), train, valid, users),
         },
-        "protocol": "2-fold cross-fitted ridge map; fold-in from the user's training items; validation split; training items excluded",
+        "protocol": (
+            "2-fold cross-fitted ridge map; fold-in from the user's training items; validation split; training "
+            "items excluded"
+        ),
     }

@@ -67,13 +67,15 @@ def read_manifest(folder: str | Path, dataset: str | None = None, fingerprint: s
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(
-            f"{folder} has token export format version {version}, this code reads version {FORMAT_VERSION}; re-run --stage export"
+            f"{folder} has token export format version {version}, this code reads version {FORMAT_VERSION}; re-run "
+            "--stage export"
         )
     if dataset is not None and manifest.get("dataset") != dataset:
         raise CheckpointError(f"token export {folder} was made for dataset {manifest.get('dataset')}, not {dataset}")
     if fingerprint is not None and manifest.get("dataset_fingerprint") != fingerprint:
         raise CheckpointError(
-            f"token export {folder} was made from a different build of dataset {manifest.get('dataset')} (fingerprint mismatch); re-run --stage export"
+            f"token export {folder} was made from a different build of dataset {manifest.get('dataset')} (fingerprint "
+            "mismatch); re-run --stage export"
         )
     missing = [name for name in manifest.get("files", []) if not (folder / name).is_file()]
     if missing:

@@ -71,7 +71,8 @@ def write_code_report(folder: Path, config, codes, codebooks, items, user_items,
         f"# Preference tokens of {config['dataset']}",
         "",
         "For every code: users holding it, the items scoring highest against its codebook vector "
-        "more than the other codes of its level do (level 0: the preference; deeper levels: the direction the code adds), and the genres most "
+        "more than the other codes of its level do (level 0: the preference; deeper levels: the direction the code "
+        "adds), and the genres most "
         "over-represented in its holders' training items (lift over all users). Items with fewer than "
         f"{MIN_ITEM_RATINGS} training ratings are not shown.",
         "",

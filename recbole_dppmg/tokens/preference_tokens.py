@@ -108,7 +108,8 @@ class PreferenceTokens:
         row = self.user_index.get(str(user_id))
         if row is None:
             raise DataError(
-                f"user '{user_id}' is not in the token export of {self.manifest['dataset']} ({len(self.user_index)} users); use fold_in(item_ids) for a new user"
+                f"user '{user_id}' is not in the token export of {self.manifest['dataset']} ({len(self.user_index)} "
+                "users); use fold_in(item_ids) for a new user"
             )
         return row
 

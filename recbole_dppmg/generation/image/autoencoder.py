@@ -151,7 +151,8 @@ def load_autoencoder(folder: str | Path | None = None) -> TinyAutoencoder:
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise CheckpointError(
-            f"autoencoder weights missing in {folder}: {', '.join(missing)} (set image.autoencoder_path, or image.space: pixel)"
+            f"autoencoder weights missing in {folder}: {', '.join(missing)} (set image.autoencoder_path, or "
+            "image.space: pixel)"
         )
     model = TinyAutoencoder()
     for part, path in zip((model.encoder, model.decoder), paths):

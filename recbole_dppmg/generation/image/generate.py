@@ -71,7 +71,8 @@ def generate_posters(
     if (height, width) != (None, None) and (height, width) != (c["height"], c["width"]):
         check_image_size(c, height, width)
         raise ConfigError(
-            f"this image generator draws {c['height']}x{c['width']} posters (height x width), not {height}x{width}; train one at that size"
+            f"this image generator draws {c['height']}x{c['width']} posters (height x width), not {height}x{width}; "
+            "train one at that size"
         )
     out = []
     for start in tqdm(range(0, len(positions), batch_size), desc="posters", unit="batch", disable=not progress):

@@ -170,7 +170,8 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
         if not runs:
             raise CheckpointError(
                 f"no image generator for dataset {dataset} under {root / dataset} was trained on token export {tokens} "
-                f"(the text generator {text.name}'s); run --stage image with --tokens {tokens} (or set evaluate.image_run)"
+                f"(the text generator {text.name}'s); run --stage image with --tokens {tokens} (or set "
+                "evaluate.image_run)"
             )
         image = runs[-1]
     meta = read_image_config(image)
@@ -179,7 +180,8 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
     image_tokens = str(Path(meta["tokens_folder"]).resolve())
     if image_tokens != tokens:
         raise CheckpointError(
-            f"the generators were trained on different token exports: text {text} on {tokens}, image {image} on {image_tokens}"
+            f"the generators were trained on different token exports: text {text} on {tokens}, image {image} on "
+            f"{image_tokens}"
         )
     test_users = json.loads((text / "users.json").read_text())["test"]
     if [str(u) for u in meta["test_users"]] != [str(u) for u in test_users]:

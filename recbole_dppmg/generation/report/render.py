@@ -124,7 +124,8 @@ def markdown(result: dict, has_curves: bool) -> str:
         f"# Generation report: {result['dataset']}",
         "",
         f"{len(result['users'])} held-out test users (never trained on by either generator), generation seeds {seeds}; "
-        f"cells are mean ± std over the seeds (min–max in report.csv). Fréchet distance over the posters of {result['fd_users']} test users.",
+        "cells are mean ± std over the seeds (min–max in report.csv). Fréchet distance over the posters of "
+        f"{result['fd_users']} test users.",
         "",
         "| condition | " + " | ".join(h for _, h, _ in columns) + " |",
         "|---|" + "---|" * len(columns),
@@ -140,28 +141,33 @@ def markdown(result: dict, has_curves: bool) -> str:
         "",
         "## What the rows and columns are",
         "",
-        "- *no tokens*: the instruction alone / the null conditioning sequence. *shuffled tokens*: another held-out user's tokens "
-        "(one derangement per seed, the same for text and poster). *continuous soft prompt*: PMG-style prompt vectors from the "
-        "continuous u_m, text only (the image generator has none: n/a). *DPPMG before / after RL*: the user's tokens, generators "
-        "after the supervised warm-up / after RL (not run: no RL run made from these generators).",
-        "- *ceiling*: the real text and poster (resized to the generator's size) of the user's top recommended item: the highest "
-        "stage-1 score from the token export among items outside the user's training and validation splits.",
-        f"- *Hit@{k} / NDCG@{k}*: the catalogue ranked by cosine similarity to the generated content's features (text: MiniLM vs "
-        "the items' text features; poster: EfficientNet-Lite0 vs the real posters at the generator's size), the user's training "
-        "and validation items excluded, hits = the user's test items.",
-        "- *judge pct*: percentile of the generated content's stage-1 score for the user among the catalogue items' scores "
-        f"(reward.PreferenceJudge, user vector: {result['reward']['user_vector']}); 0.5 = a random item. *consistency*: agreement "
-        f"of the item distributions text and poster induce ({result['reward']['consistency_measure']}, temperature "
-        f"{result['reward']['consistency_temperature']}). *reward*: the weighted mean the RL optimises.",
-        "- *perplexity*: of the texts under the frozen base LM (instruction without tokens as context). *distinct-2*: unique "
-        "word bigrams / bigrams. *Fréchet dist.*: between EfficientNet features of generated and all real posters.",
+        "- *no tokens*: the instruction alone / the null conditioning sequence. *shuffled tokens*: another held-out "
+        "user's tokens (one derangement per seed, the same for text and poster). *continuous soft prompt*: PMG-style "
+        "prompt vectors from the continuous u_m, text only (the image generator has none: n/a). *DPPMG before / after "
+        "RL*: the user's tokens, generators after the supervised warm-up / after RL (not run: no RL run made from "
+        "these generators).",
+        "- *ceiling*: the real text and poster (resized to the generator's size) of the user's top recommended item: "
+        "the highest stage-1 score from the token export among items outside the user's training and validation "
+        "splits.",
+        f"- *Hit@{k} / NDCG@{k}*: the catalogue ranked by cosine similarity to the generated content's features (text: "
+        "MiniLM vs the items' text features; poster: EfficientNet-Lite0 vs the real posters at the generator's size), "
+        "the user's training and validation items excluded, hits = the user's test items.",
+        "- *judge pct*: percentile of the generated content's stage-1 score for the user among the catalogue items' "
+        f"scores (reward.PreferenceJudge, user vector: {result['reward']['user_vector']}); 0.5 = a random item. "
+        "*consistency*: agreement of the item distributions text and poster induce "
+        f"({result['reward']['consistency_measure']}, temperature {result['reward']['consistency_temperature']}). "
+        "*reward*: the weighted mean the RL optimises.",
+        "- *perplexity*: of the texts under the frozen base LM (instruction without tokens as context). *distinct-2*: "
+        "unique word bigrams / bigrams. *Fréchet dist.*: between EfficientNet features of generated and all real "
+        "posters.",
         "",
         "## Runs",
         "",
         f"- token export: `{runs['tokens']}`",
         f"- text generator: `{runs['text']}`; after RL: `{runs['text_rl'] or 'not run'}`",
         f"- image generator: `{runs['image']}`; after RL: `{runs['image_rl'] or 'not run'}`",
-        f"- text sampling: {json.dumps(result['text_generation'])}; poster sampling: {json.dumps(result['image_sampling'])}",
+        f"- text sampling: {json.dumps(result['text_generation'])}; poster sampling: "
+        f"{json.dumps(result['image_sampling'])}",
         f"- wall time (s): {json.dumps(result['timings'])}",
     ]
     if result.get("rl_effect"):
@@ -291,7 +297,8 @@ def write_gallery(folder: Path, result: dict, tokens, catalogues, texts: dict, i
             tensor_to_pil(load_poster(catalogues.posters[item], 144, 96)).save(pictures / name)
             title = catalogues.item_titles.get(item, item)
             cells.append(
-                f'<figure><img src="gallery/{html.escape(name)}" width="96"><figcaption>{html.escape(title)}</figcaption></figure>'
+                f'<figure><img src="gallery/{html.escape(name)}" '
+                f'width="96"><figcaption>{html.escape(title)}</figcaption></figure>'
             )
         codes = tokens.codes_for(user)
         token_text = " ".join(
@@ -309,20 +316,29 @@ def write_gallery(folder: Path, result: dict, tokens, catalogues, texts: dict, i
                 poster.save(pictures / name)
                 picture = f'<img src="gallery/{html.escape(name)}" width="128">'
             else:
-                picture = f'<p class="missing">{html.escape(result["conditions"][condition]["image"] if condition != "ceiling" else "no item")}</p>'
+                picture = (
+                    '<p class="missing">'
+                    f"{html.escape(result['conditions'][condition]['image'] if condition != 'ceiling' else 'no item')}"
+                    "</p>"
+                )
             text = texts[condition][seed][j] if condition in texts else result["conditions"][condition]["text"]
             block.append(f"<td><h3>{html.escape(LABELS[condition])}</h3>{picture}<p>{html.escape(text)}</p></td>")
         block.append("</tr></table>")
         rows.append("\n".join(block))
-    page = f"""<!DOCTYPE html>
+    page = (
+        f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Generation gallery: {html.escape(result["dataset"])}</title>
-<style>body{{font-family:sans-serif;max-width:1500px;margin:auto}} td{{vertical-align:top;width:{100 // max(1, len(conditions))}%;font-size:13px}}
-figure{{display:inline-block;margin:4px;width:100px;font-size:11px}} .tokens{{font-family:monospace;color:#555}} .missing{{color:#999}}
-h2{{border-top:1px solid #ccc;padding-top:8px}}</style></head><body>
+"""
+        "<style>body{font-family:sans-serif;max-width:1500px;margin:auto} "
+        f"td{{vertical-align:top;width:{100 // max(1, len(conditions))}%;font-size:13px}}\n"
+        "figure{display:inline-block;margin:4px;width:100px;font-size:11px} .tokens{font-family:monospace;color:#555} "
+        ".missing{color:#999}\n"
+        f"""h2{{border-top:1px solid #ccc;padding-top:8px}}</style></head><body>
 <h1>Generated text and poster per held-out user ({html.escape(result["dataset"])}, seed {seed})</h1>
 {"".join(rows)}
 </body></html>
 """
+    )
     path = folder / "gallery.html"
     path.write_text(page)
     return path

@@ -249,7 +249,8 @@ class PreferenceJudge:
         features = np.atleast_2d(np.asarray(features, dtype=np.float32))
         if len(features) != len(users):
             raise DataError(
-                f"{modality} personalization needs one feature row per user, got {len(features)} rows for {len(users)} users"
+                f"{modality} personalization needs one feature row per user, got {len(features)} rows for {len(users)} "
+                "users"
             )
         return features
 

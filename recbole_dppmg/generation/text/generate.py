@@ -258,7 +258,8 @@ class SoftPromptConditioner:
         path = Path(folder) / cls.WEIGHTS
         if not path.is_file():
             raise CheckpointError(
-                f"{folder} holds no soft-prompt baseline ({cls.WEIGHTS}); run the text warm-up with text.soft_prompt: true"
+                f"{folder} holds no soft-prompt baseline ({cls.WEIGHTS}); run the text warm-up with text.soft_prompt: "
+                "true"
             )
         from safetensors import safe_open
 
@@ -267,7 +268,8 @@ class SoftPromptConditioner:
         modalities, levels, dim = meta["modalities"].split(","), int(meta["levels"]), int(meta["dim"])
         if (modalities, levels, dim) != (list(tokens.modalities), tokens.levels, tokens.dim):
             raise CheckpointError(
-                f"soft prompt in {folder} was built for {modalities} x {levels} levels, dim {dim}; the token export differs"
+                f"soft prompt in {folder} was built for {modalities} x {levels} levels, dim {dim}; the token export "
+                "differs"
             )
         state = load_file(str(path))
         hidden = state["maps.0.weight"].shape[0] // levels

@@ -322,7 +322,8 @@ def read_meta(folder: str | Path) -> InjectionMeta:
     path = folder / META
     if not path.is_file() or not (folder / ADAPTER).is_dir() or not (folder / PROJECTION).is_file():
         raise CheckpointError(
-            f"{folder} is not a saved text generator (needs {META}, {PROJECTION}, {ADAPTER}/); run the text warm-up first"
+            f"{folder} is not a saved text generator (needs {META}, {PROJECTION}, {ADAPTER}/); run the text warm-up "
+            "first"
         )
     data = json.loads(path.read_text())
     if data.pop("format_version", None) != FORMAT_VERSION:

@@ -477,17 +477,21 @@ def _text_eval_markdown(report: dict, run: Path, tokens_folder, k: int) -> list[
     lines = [
         f"# Text generation on {report['users']} held-out users of {report['dataset']}",
         "",
-        f"generator `{run.name}`, tokens `{tokens_folder}`, generation seeds {seeds}, {report['num_threads']} CPU threads. "
+        f"generator `{run.name}`, tokens `{tokens_folder}`, generation seeds {seeds}, {report['num_threads']} CPU "
+        "threads. "
         f"Retrieval: mean ± std over the seeds; DPPMG minus the condition: per-user values averaged over the seeds, "
         f"95% bootstrap interval over users. A random ranking hits {report[f'random_hit@{k}']:.4f} (Hit@{k}).",
         "",
-        f"| condition | Hit@{k} | NDCG@{k} | DPPMG - this, Hit@{k} | DPPMG - this, NDCG@{k} | perplexity (base LM) | distinct-2 | mean words | seconds per {report['users']} texts |",
+        f"| condition | Hit@{k} | NDCG@{k} | DPPMG - this, Hit@{k} | DPPMG - this, NDCG@{k} | perplexity (base LM) | "
+        f"distinct-2 | mean words | seconds per {report['users']} texts |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         ppl = f"{r['perplexity']:.2f}" if r["perplexity"] is not None else "-"
         lines.append(
-            f"| {r['condition']} | {r[f'hit@{k}']:.4f} ± {r[f'hit@{k}_std']:.4f} | {r[f'ndcg@{k}']:.4f} ± {r[f'ndcg@{k}_std']:.4f} | "
-            f"{interval(r, 'hit')} | {interval(r, 'ndcg')} | {ppl} | {r['distinct2']:.3f} | {r['mean_words']:.1f} | {r['seconds']} |"
+            f"| {r['condition']} | {r[f'hit@{k}']:.4f} ± {r[f'hit@{k}_std']:.4f} | {r[f'ndcg@{k}']:.4f} ± "
+            f"{r[f'ndcg@{k}_std']:.4f} | "
+            f"{interval(r, 'hit')} | {interval(r, 'ndcg')} | {ppl} | {r['distinct2']:.3f} | {r['mean_words']:.1f} | "
+            f"{r['seconds']} |"
         )
     return lines
