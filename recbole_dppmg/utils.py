@@ -16,6 +16,7 @@ from recbole_dppmg.trainer import plain_checkpoint_trainer
 # never stops the others from loading.
 PLUGIN_MODELS = {
     "DPPMG": "recbole_dppmg.model.dppmg:DPPMG",
+    "FREEDOM": "recbole_dppmg.model.freedom:FREEDOM",
     "VBPR": "recbole_dppmg.model.vbpr:VBPR",
 }
 

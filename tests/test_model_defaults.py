@@ -8,7 +8,7 @@ import pytest
 from tiny_mm import build_model, tiny_data, write_tiny_mm
 
 from recbole_dppmg.errors import ConfigError
-from recbole_dppmg.model import DPPMG, VBPR
+from recbole_dppmg.model import DPPMG, FREEDOM, VBPR
 from recbole_dppmg.model.config_check import (
     RULES,
     check_config,
@@ -18,14 +18,15 @@ from recbole_dppmg.model.config_check import (
 from recbole_dppmg.paths import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "recbole_dppmg"
-SHARED = PACKAGE / "model" / "modal_features.py"  # read by both models
+SHARED = PACKAGE / "model" / "modal_features.py"  # read by every multimodal model
 # Where each model's keys are read: the model itself and the modal features it loads; DPPMG's
 # token_index_type is read by the token export stage.
 READERS = {
     "DPPMG": [PACKAGE / "model" / "dppmg.py", SHARED],
     "VBPR": [PACKAGE / "model" / "vbpr.py", SHARED],
+    "FREEDOM": [PACKAGE / "model" / "freedom.py", SHARED],
 }
-ALSO_READ_BY = {"DPPMG": [PACKAGE / "tokens" / "export.py"], "VBPR": []}
+ALSO_READ_BY = {"DPPMG": [PACKAGE / "tokens" / "export.py"], "VBPR": [], "FREEDOM": []}
 
 
 def config_reads(path: Path) -> set[str]:
@@ -44,7 +45,7 @@ def config_reads(path: Path) -> set[str]:
     return keys
 
 
-@pytest.mark.parametrize("model", ["DPPMG", "VBPR"])
+@pytest.mark.parametrize("model", ["DPPMG", "VBPR", "FREEDOM"])
 def test_every_key_read_is_in_the_yaml_and_every_yaml_key_is_read_and_checked(model):
     yaml_keys = set(model_defaults(model))
     read = set().union(*(config_reads(path) for path in READERS[model]))
@@ -55,7 +56,7 @@ def test_every_key_read_is_in_the_yaml_and_every_yaml_key_is_read_and_checked(mo
     assert set(RULES[model]) == yaml_keys, "check_config must check exactly the YAML's keys"
 
 
-@pytest.mark.parametrize("model", ["DPPMG", "VBPR"])
+@pytest.mark.parametrize("model", ["DPPMG", "VBPR", "FREEDOM"])
 def test_the_yaml_defaults_pass_the_check(model):
     check_config(model_defaults(model), model)
 
@@ -82,6 +83,11 @@ def vbpr_data(tmp_path_factory):
     return tiny_data(VBPR, write_tiny_mm(tmp_path_factory.mktemp("tiny_defaults_vbpr")))
 
 
+@pytest.fixture(scope="module")
+def freedom_data(tmp_path_factory):
+    return tiny_data(FREEDOM, write_tiny_mm(tmp_path_factory.mktemp("tiny_defaults_freedom")))
+
+
 def _without(data, key):
     """``data`` whose config lacks ``key``, as a config built without the YAML would."""
     config = data[0]
@@ -105,6 +111,16 @@ def test_a_missing_vbpr_key_is_an_error_naming_it_and_its_yaml(vbpr_data, key):
     try:
         with pytest.raises(ConfigError, match=rf"VBPR key {key} is not set: properties/model/VBPR.yaml"):
             build_model(VBPR, vbpr_data)
+    finally:
+        config[key] = saved
+
+
+@pytest.mark.parametrize("key", sorted(RULES["FREEDOM"]))
+def test_a_missing_freedom_key_is_an_error_naming_it_and_its_yaml(freedom_data, key):
+    config, saved = _without(freedom_data, key)
+    try:
+        with pytest.raises(ConfigError, match=rf"FREEDOM key {key} is not set: properties/model/FREEDOM.yaml"):
+            build_model(FREEDOM, freedom_data)
     finally:
         config[key] = saved
 
@@ -158,6 +174,36 @@ def test_a_bad_dppmg_value_is_an_error_naming_the_key(data, key, value):
 def test_a_bad_vbpr_value_is_an_error_naming_the_key(vbpr_data, key, value):
     with pytest.raises(ConfigError, match=rf"VBPR key {key} = .*: must be "):
         build_model(VBPR, vbpr_data, **{key: value})
+
+
+BAD_FREEDOM_VALUES = [
+    ("modalities", ["text", "id"]),
+    ("feature_norm", "unit"),
+    ("tune_features", "yes"),
+    ("knn_k", 0),
+    ("knn_k", 2.5),
+    ("mm_image_weight", 1.5),
+    ("mm_image_weight", -0.1),
+    ("n_mm_layers", -1),
+    ("n_ui_layers", True),
+    ("dropout", 1.0),
+    ("dropout", -0.2),
+    ("modal_weight", -1e-4),
+    ("reg_weight", None),
+]
+
+
+@pytest.mark.parametrize("key,value", BAD_FREEDOM_VALUES)
+def test_a_bad_freedom_value_is_an_error_naming_the_key(freedom_data, key, value):
+    with pytest.raises(ConfigError, match=rf"FREEDOM key {key} = .*: must be "):
+        build_model(FREEDOM, freedom_data, **{key: value})
+
+
+def test_freedom_edge_values_are_accepted(freedom_data):
+    model = build_model(
+        FREEDOM, freedom_data, knn_k=1000, mm_image_weight=1.0, n_mm_layers=0, n_ui_layers=0, dropout=0.0
+    )
+    assert model.item_graph.values().numel() > 0 and model.propagation.n_layers == 0
 
 
 def test_edge_values_are_accepted(data):

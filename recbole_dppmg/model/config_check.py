@@ -64,6 +64,11 @@ def _number(low: float = 0.0, high: float | None = None) -> Rule:
     return rule
 
 
+def _weight_in_unit_interval(value) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+    return None if ok else "a number in [0, 1]"
+
+
 def _boolean(value) -> str | None:
     return None if isinstance(value, bool) else "True or False"
 
@@ -90,7 +95,7 @@ def _mapping(values: Rule | None = None, what: str = "values") -> Rule:
 def _modalities(allow_id: bool) -> Rule:
     what = "a non-empty list of distinct names"
     if not allow_id:
-        what += f" without {ID_MODALITY!r} (VBPR always has ID factors)"
+        what += f" without {ID_MODALITY!r} (the model always has ID embeddings)"
 
     def rule(value):
         names = modality_names(value)
@@ -144,6 +149,17 @@ RULES: dict[str, dict[str, Rule]] = {
         "modalities": _modalities(allow_id=False),
         **_FEATURE_RULES,
         "content_embedding_size": _integer(1),
+    },
+    "FREEDOM": {
+        "modalities": _modalities(allow_id=False),
+        **_FEATURE_RULES,
+        "tune_features": _boolean,
+        "knn_k": _integer(1),
+        "mm_image_weight": _weight_in_unit_interval,
+        "n_mm_layers": _integer(0),
+        "n_ui_layers": _integer(0),
+        "dropout": _number(0.0, 1.0),
+        "modal_weight": _number(),
     },
 }
 
