@@ -71,6 +71,8 @@ def test_the_knn_graph_is_frozen_and_has_k_neighbours_per_item(data):
         assert present[edge_index[1]].all() and torch.allclose(weight, torch.full_like(weight, 1 / k))
         rows = torch.nonzero(present).flatten()
         assert (edge_index[1][edge_index[0] == rows[0]] == rows[0]).any()  # itself included
+        blocked = knn_edges(model.features[m].detach(), present, k, block_rows=5)
+        assert torch.equal(blocked[0], edge_index) and torch.equal(blocked[1], weight)
     # Rows are stochastic (fusion weights sum to 1); an item without a poster keeps its text row.
     image = model.present_image
     assert torch.allclose(graph[1:].sum(1), torch.ones(model.n_items - 1), atol=1e-6)

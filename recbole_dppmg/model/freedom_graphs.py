@@ -19,18 +19,23 @@ def _csr(edge_index: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor
         return to_torch_csr_tensor(edge_index, weight, size=(n, n))
 
 
-def knn_edges(features: torch.Tensor, present: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_edges(
+    features: torch.Tensor, present: torch.Tensor, k: int, block_rows: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each present item's ``k`` most cosine-similar present items (itself included, cosine 1,
     as in MMRec), weighted ``D^-1/2 S D^-1/2`` with ``D`` the row degrees of the kNN matrix ``S``
     (so every weight is ``1/k``). Items without this modality have no edge and are nobody's
     neighbour. Returns ``edge_index [2, E]`` (row: item, column: neighbour) and ``weight [E]``.
+    Similarities are computed ``block_rows`` items at a time, so memory stays
+    ``block_rows x n_items`` (MMRec holds the whole ``n_items x n_items`` matrix).
     """
     rows = torch.nonzero(present).flatten()
     k = min(k, len(rows))
     if k == 0:
         return torch.zeros(2, 0, dtype=torch.long, device=features.device), features.new_zeros(0)
     unit = torch.nn.functional.normalize(features[rows], dim=1)
-    neighbours = rows[torch.topk(unit @ unit.t(), k, dim=1).indices]  # [n_present, k] item ids
+    blocks = [torch.topk(block @ unit.t(), k, dim=1).indices for block in unit.split(block_rows)]
+    neighbours = rows[torch.cat(blocks)]  # [n_present, k] item ids
     edge_index = torch.stack([rows.repeat_interleave(k), neighbours.flatten()])
     inv_sqrt = degree(edge_index[0], num_nodes=len(present)).clamp_min(1).pow(-0.5)
     return edge_index, inv_sqrt[edge_index[0]] * inv_sqrt[edge_index[1]]
