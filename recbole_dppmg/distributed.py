@@ -126,8 +126,9 @@ def _rank_main(
 
 
 def make_shared_dirs(config) -> None:
-    """Create the folders every rank would create: RecBole's ``ensure_dir`` checks, then
-    creates, so two ranks racing on a fresh ``checkpoint_dir`` or log folder crash one of them."""
+    """Create the folders every rank (or every run of a parallel comparison or grid) would create:
+    RecBole's ``ensure_dir`` checks, then creates, so two processes racing on a fresh
+    ``checkpoint_dir`` or log folder crash one of them."""
     Path(config["checkpoint_dir"]).mkdir(parents=True, exist_ok=True)
     Path("log", str(config["model"])).mkdir(parents=True, exist_ok=True)  # init_logger's ./log/<model>
 

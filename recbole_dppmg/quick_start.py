@@ -142,6 +142,7 @@ def run(
         )
     apply_threads(config)
     init_seed(config["seed"], config["reproducibility"])
+    distributed.make_shared_dirs(config)  # before RecBole's check-then-create: parallel runs race on log/<model>
     init_logger(config)
     log = logging.getLogger()
     log.info(config)

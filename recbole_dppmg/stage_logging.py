@@ -9,6 +9,7 @@ get RecBole's own ``init_logger``: the same format on the console and a file
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 
 class _StageLogConfig(dict):
@@ -26,4 +27,6 @@ def init_stage_logger(stage: str, dataset: str) -> None:
         return
     from recbole.utils import init_logger
 
+    # RecBole checks, then creates log/<stage>: two stages started together would crash one of them
+    Path("log", stage).mkdir(parents=True, exist_ok=True)
     init_logger(_StageLogConfig(stage, dataset))

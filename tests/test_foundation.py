@@ -190,3 +190,30 @@ def test_generation_stages_log_like_recbole(tmp_path, monkeypatch):
     files = list((tmp_path / "log" / "TextGen").glob("TextGen-ml-100k-mm-*.log"))
     assert len(files) == 1 and "INFO  dppmg step 50: valid loss 3.5" in files[0].read_text()
     assert not (tmp_path / "log" / "Report").exists()
+
+
+class _LoggerReached(Exception):
+    pass
+
+
+def test_log_folders_exist_before_recbole_checks_them(tmp_path, monkeypatch, run_settings):
+    """RecBole's ensure_dir checks, then creates: two runs started together (a grid, a comparison
+    with --jobs) crashed one of them on log/<model>; the plugin creates the folders first."""
+    from recbole_dppmg import quick_start, stage_logging
+
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+
+    def fake_init_logger(config):
+        seen["log"] = Path("log", str(config["model"])).is_dir()
+        raise _LoggerReached
+
+    monkeypatch.setattr(quick_start, "init_logger", fake_init_logger)
+    with pytest.raises(_LoggerReached):
+        run("BPR", "ml-100k", config_dict=dict(run_settings, checkpoint_dir=str(tmp_path / "saved")))
+    assert seen["log"]
+    monkeypatch.setattr("logging.root.handlers", [])
+    monkeypatch.setattr("recbole.utils.init_logger", fake_init_logger)
+    with pytest.raises(_LoggerReached):
+        stage_logging.init_stage_logger("TextGen", "tiny")
+    assert seen["log"] and (tmp_path / "log" / "TextGen").is_dir()
