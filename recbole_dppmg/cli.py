@@ -33,10 +33,7 @@ from recbole_dppmg.paths import SAVED_DIR
 from recbole_dppmg.pipeline import Pipeline, load_profile
 from recbole_dppmg.quick_start import ablation, compare, compare_runs, run
 from recbole_dppmg.runs import (
-    RL_KINDS,
-    RL_SECTION,
     final_generator,
-    meta_path,
     rl_phases,
     rl_source,
 )
@@ -292,7 +289,7 @@ def _final_generators(args) -> tuple[dict, dict]:
         if run is None:  # left unset: generating this modality fails with its own message
             continue
         settings[key] = str(run)
-        phases = rl_phases(run) if meta_path(run, RL_KINDS, RL_SECTION) is not None else []
+        phases = rl_phases(run) if rl_source(run) else []
         if phases:
             logger.info(
                 "%s generator: %s (RL %s from the warm-up %s)",

@@ -397,8 +397,7 @@ class Pipeline:
 
     def _rl(self, modality: str):
         module = rl_text if modality == "text" else rl_image
-        RUN_PREFIX = module.RUN_PREFIX
-        train = module.train_text_rl if modality == "text" else module.train_image_rl
+        prefix, train = module.RUN_PREFIX, getattr(module, f"train_{modality}_rl")  # looked up now: tests patch it
         rl = self.sections["rl"]
         quick = bool(rl.get("quick", False))
         partner = self.outputs["image" if modality == "text" else "text"]
@@ -406,7 +405,7 @@ class Pipeline:
         source, status, notes = self.outputs[modality], "skipped", []
         while overrides is not None:  # rl.<modality>.then: each phase starts from the previous one's run
             cfg = rl_phase_settings(modality, overrides, quick)
-            run, finished = valid_rl_run(self.dataset, RUN_PREFIX, source, cfg, self.root, partner)
+            run, finished = valid_rl_run(self.dataset, prefix, source, cfg, self.root, partner)
             if run is not None and finished:
                 notes.append(f"a finished {modality} RL run from {Path(source).name} with these settings")
             else:
@@ -422,7 +421,7 @@ class Pipeline:
                     ),
                     "ran",
                 )
-                finished = valid_rl_run(self.dataset, RUN_PREFIX, source, cfg, self.root, partner)[1]
+                finished = valid_rl_run(self.dataset, prefix, source, cfg, self.root, partner)[1]
             source = Path(run)
             if not finished:  # stopped by max_minutes: the next phase waits for it
                 notes.append(f"{source.name} stopped before its last step; run again to continue")

@@ -255,6 +255,15 @@ def save_progress(
     write_json(folder / HISTORY_FILE, state["history"])
 
 
+def finish_progress(folder: Path, named, reference, optimizer, state: dict, steps: int) -> dict:
+    """The last save of an RL run: finished when all ``steps`` are done (else it stopped on time)."""
+    state["finished"] = state["step"] >= steps
+    if state["finished"]:
+        state["stopped"] = "steps"
+    save_progress(folder, named, reference, optimizer, state)
+    return state
+
+
 def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))

@@ -54,6 +54,7 @@ from recbole_dppmg.generation.image.train import save_checkpoint as save_generat
 from recbole_dppmg.generation.rl.common import (
     JudgeReward,
     claim_run_folder,
+    finish_progress,
     pre_rl_text_features,
     resume_or_start,
     reward_advantages,
@@ -300,11 +301,7 @@ def run_image_rl(model, codec, vocab, reward_fn: Callable, pool: Sequence[str], 
         if state["step"] % int(cfg["save_steps"]) == 0:
             save_progress(folder, named, reference, optimizer, state)
     bar.close()
-    state["finished"] = state["step"] >= cfg["steps"]
-    if state["finished"]:
-        state["stopped"] = "steps"
-    save_progress(folder, named, reference, optimizer, state)
-    return state
+    return finish_progress(folder, named, reference, optimizer, state, cfg["steps"])
 
 
 # ---------------------------------------------------------------------------- entry point

@@ -56,6 +56,7 @@ from recbole_dppmg.generation.image.train import read_image_config
 from recbole_dppmg.generation.rl.common import (
     JudgeReward,
     claim_run_folder,
+    finish_progress,
     pre_rl_poster_features,
     resume_or_start,
     reward_advantages,
@@ -292,11 +293,7 @@ def run_text_rl(lm, vocabulary, reward_fn: Callable, pool: Sequence[str], cfg: d
         if state["step"] % int(cfg["save_steps"]) == 0:
             save_progress(folder, named, reference, optimizer, state)
     bar.close()
-    state["finished"] = state["step"] >= cfg["steps"]
-    if state["finished"]:
-        state["stopped"] = "steps"
-    save_progress(folder, named, reference, optimizer, state)
-    return state
+    return finish_progress(folder, named, reference, optimizer, state, cfg["steps"])
 
 
 # ---------------------------------------------------------------------------- entry point
