@@ -10,8 +10,15 @@ embeddings start from, and are tied to, the content. ``feature_dropout`` drops f
 ``u_m`` is quantized by a residual VQ into ``levels`` codes (the user's preference tokens), and
 ``score(u, i) = sum_m <q(u_m), i_m>`` (``<u_m, i_m>`` when ``eval_quantized`` is False).
 
-Loss = BPR on quantized user vectors + ``vq_weight`` * commitment + ``continuous_bpr_weight`` *
-BPR on continuous vectors + ``reg_weight`` * L2 on ego embeddings. During the first
+Loss = ranking loss on quantized user vectors + ``vq_weight`` * commitment +
+``continuous_bpr_weight`` * the same ranking loss on continuous vectors + ``reg_weight`` * L2 on
+ego embeddings. The ranking loss (``loss_type``) is BPR with RecBole's sampled negative, or a
+softmax cross-entropy of each positive against every item (``softmax``, scores divided by
+``softmax_temperature``): all items are negatives, which BPR's single one cannot match, and the
+denominator is computed once per distinct user of the batch, so an epoch costs about
+``n_users x n_items`` dot products per batch regardless of how many positives a user has.
+With ``score: cosine`` every per-modality user and item vector is L2-normalised before the dot
+product (training and evaluation alike), the usual companion of a temperature softmax. During the first
 ``kmeans_warmup_epochs`` epochs only the continuous BPR (+ L2) trains; the codebooks are seeded
 by k-means at the first step and track the users by EMA, so quantized evaluation is meaningful
 from epoch 0. After warm-up the codebooks are re-initialised by FAISS k-means on all users'
@@ -85,6 +92,9 @@ class DPPMG(GeneralRecommender):
         self._eval_levels: int | None = None  # set_eval_quantized(True, l): first l codes only
         self.item_id_residual = config["item_id_residual"]
         self.feature_dropout = float(config["feature_dropout"])
+        self.loss_type = config["loss_type"]
+        self.temperature = float(config["softmax_temperature"])
+        self.cosine = config["score"] == "cosine"
         quantizer_args = dict(
             levels=self.levels,
             codebook_size=self.codebook_size,
@@ -238,6 +248,21 @@ class DPPMG(GeneralRecommender):
     def _clear_cache(self) -> None:
         self._cache = None
 
+    # ------------------------------------------------------------------ scoring
+    def _scoring_vectors(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-modality vectors concatenated ``[rows, M*dim]``, each L2-normalised under cosine."""
+        if self.cosine:
+            vectors = {m: nn.functional.normalize(v, dim=-1) for m, v in vectors.items()}
+        return torch.cat([vectors[m] for m in self.modalities], -1)
+
+    def score_pairs(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``score(u_r, i_r)`` for aligned rows: the sum over modalities of dot products."""
+        return (self._scoring_vectors(users) * self._scoring_vectors(items)).sum(-1)
+
+    def score_matrix(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[n_user_rows, n_item_rows]`` scores of every user row against every item row."""
+        return self._scoring_vectors(users) @ self._scoring_vectors(items).t()
+
     # ------------------------------------------------------------------ RecBole contract
     def calculate_loss(self, interaction):
         self._clear_cache()
@@ -251,28 +276,38 @@ class DPPMG(GeneralRecommender):
         # Only the batch's users and items are propagated to the end (cheaper last layer).
         # Each user is quantized once per step, so EMA counts are per-user usages.
         unique_users, inverse = torch.unique(user, return_inverse=True)
-        batch_items, item_index = torch.unique(torch.cat([pos, neg]), return_inverse=True)
+        if self.loss_type == "softmax":
+            batch_items = torch.arange(self.n_items, device=pos.device)
+            pos_at, neg_at = pos, neg
+        else:
+            batch_items, item_index = torch.unique(torch.cat([pos, neg]), return_inverse=True)
+            pos_at, neg_at = item_index[: len(pos)], item_index[len(pos) :]
         users, items = self.forward(ego_items, rows=(unique_users, batch_items))
-        pos_at, neg_at = item_index[: len(pos)], item_index[len(pos) :]
-        pos_c = neg_c = pos_q = neg_q = 0.0
+        users_c, users_q = {}, {}
         vq_loss = users[self.modalities[0]].new_zeros(())
         for m in self.modalities:
             out = self.quantizers[m](users[m])
-            u_c, u_q = users[m][inverse], out.quantized[inverse]
-            i_pos, i_neg = items[m][pos_at], items[m][neg_at]
-            pos_c = pos_c + (u_c * i_pos).sum(1)
-            neg_c = neg_c + (u_c * i_neg).sum(1)
-            pos_q = pos_q + (u_q * i_pos).sum(1)
-            neg_q = neg_q + (u_q * i_neg).sum(1)
+            users_c[m], users_q[m] = users[m], out.quantized
             vq_loss = vq_loss + out.commitment_loss
 
+        def ranking_loss(user_vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+            if self.loss_type == "softmax":  # [distinct users, n_items] scores, one row per user
+                scores = self.score_matrix(user_vectors, items) / self.temperature
+                scores[:, 0] = float("-inf")  # RecBole's padding item is never a candidate
+                log_probs = torch.log_softmax(scores, dim=1)
+                return -log_probs[inverse, pos_at].mean()
+            u = {m: v[inverse] for m, v in user_vectors.items()}
+            pos_score = self.score_pairs(u, {m: v[pos_at] for m, v in items.items()})
+            neg_score = self.score_pairs(u, {m: v[neg_at] for m, v in items.items()})
+            return self.bpr_loss(pos_score, neg_score)
+
         if self.in_warmup:
-            rec_loss = self.bpr_loss(pos_c, neg_c)
+            rec_loss = ranking_loss(users_c)
             vq_loss = vq_loss.detach() * 0.0
         else:
-            rec_loss = self.bpr_loss(pos_q, neg_q)
+            rec_loss = ranking_loss(users_q)
             if self.continuous_bpr_weight > 0:
-                rec_loss = rec_loss + self.continuous_bpr_weight * self.bpr_loss(pos_c, neg_c)
+                rec_loss = rec_loss + self.continuous_bpr_weight * ranking_loss(users_c)
             vq_loss = self.vq_weight * vq_loss
 
         reg_loss = self.emb_loss(
@@ -288,10 +323,7 @@ class DPPMG(GeneralRecommender):
         if self._cache is None:
             users = self.user_modal_vectors(quantized=self.eval_quantized, levels=self._eval_levels)
             _, items = self.forward()
-            self._cache = (
-                torch.cat([users[m] for m in self.modalities], 1),
-                torch.cat([items[m] for m in self.modalities], 1),
-            )
+            self._cache = (self._scoring_vectors(users), self._scoring_vectors(items))
         return self._cache
 
     def predict(self, interaction):
