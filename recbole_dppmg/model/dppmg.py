@@ -21,8 +21,8 @@ With ``score: cosine`` every per-modality user and item vector is L2-normalised 
 product (training and evaluation alike), the usual companion of a temperature softmax. During the first
 ``kmeans_warmup_epochs`` epochs only the continuous BPR (+ L2) trains; the codebooks are seeded
 by k-means at the first step and track the users by EMA, so quantized evaluation is meaningful
-from epoch 0. After warm-up the codebooks are re-initialised by FAISS k-means on all users'
-current vectors and the quantized loss switches on.
+from epoch 0. After warm-up the codebooks are re-initialised by FAISS k-means on the current
+vectors of all users in the training graph and the quantized loss switches on.
 
 Per-epoch hook (RecBole's Trainer calls nothing per epoch):
     ``stats = model.on_epoch_end()`` (``recbole_dppmg.trainer`` calls it, and logs
@@ -30,7 +30,7 @@ Per-epoch hook (RecBole's Trainer calls nothing per epoch):
     post-warm-up k-means, and returns (and keeps, see ``epoch_stats()``) a flat dict of floats:
     ``epoch``, ``restarts/<m>``, and per modality and level ``<m>/L<l>/codes_used``,
     ``<m>/L<l>/perplexity``, ``<m>/L<l>/quant_error`` (fraction of the users' variance left
-    after levels ``0..l``) measured over all users.
+    after levels ``0..l``) measured over all users in the training graph.
     It is idempotent: a second call without training steps in between returns the same stats.
     Fallback for trainers that do not call it: the first ``train()`` / ``eval()`` call after
     training steps closes the epoch (RecBole's Trainer makes one before every epoch and
@@ -39,6 +39,7 @@ Per-epoch hook (RecBole's Trainer calls nothing per epoch):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from recbole.model.abstract_recommender import GeneralRecommender
 from recbole.model.init import xavier_normal_initialization
@@ -123,6 +124,13 @@ class DPPMG(GeneralRecommender):
 
         inter = dataset.inter_matrix(form="coo")
         self.register_buffer("norm_adj", normalized_adjacency(inter, self.n_users, self.n_items), persistent=False)
+        # Users with at least one training interaction: they seed the codebooks and are
+        # counted in the code stats. Every user of a standard split (row 0 is RecBole's
+        # padding user); users held out of the graph (fold-in benchmarks) have untrained
+        # vectors, which must not take codes.
+        self.register_buffer(
+            "graph_users", torch.as_tensor(np.unique(inter.row[inter.row > 0]), dtype=torch.long), persistent=False
+        )
         self.propagation = LightGCNPropagation(self.n_layers)
         self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))
         self.bpr_loss = BPRLoss()
@@ -184,7 +192,7 @@ class DPPMG(GeneralRecommender):
     def _kmeans_init(self) -> None:
         users, _ = self.forward()
         for m in self.modalities:
-            self.quantizers[m].kmeans_init(users[m][1:])  # row 0 is RecBole's padding user
+            self.quantizers[m].kmeans_init(users[m][self.graph_users])
 
     def _ensure_initialized(self) -> None:
         if not all(q.is_initialized for q in self.quantizers.values()):
@@ -222,7 +230,7 @@ class DPPMG(GeneralRecommender):
         users, _ = self.forward()
         stats: dict[str, float] = {"epoch": float(int(self.epochs_done))}
         for m in self.modalities:
-            per_level = self.quantizers[m].code_stats(users[m][1:])  # without the padding user
+            per_level = self.quantizers[m].code_stats(users[m][self.graph_users])
             for level in range(self.levels):
                 for key, values in per_level.items():
                     stats[f"{m}/L{level}/{key}"] = float(values[level])
