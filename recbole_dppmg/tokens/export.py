@@ -153,6 +153,19 @@ def _run_metrics(checkpoint: Path) -> dict:
     }
 
 
+def token_vectors(model: DPPMG) -> dict[str, dict[str, np.ndarray]]:
+    """The vectors the tokens and the fold-in map are made of, per modality: ``users`` (every
+    user's continuous propagated vector, what the codes quantize and fold-in predicts),
+    ``codebooks`` ``[levels, size, dim]`` and ``items`` (the propagated item vectors that users
+    are scored against and folded in from)."""
+    with torch.no_grad():
+        return {
+            "users": {m: v.cpu().numpy() for m, v in model.user_modal_vectors(quantized=False).items()},
+            "codebooks": {m: v.cpu().numpy() for m, v in model.codebooks().items()},
+            "items": {m: v.cpu().numpy() for m, v in model.item_modal_vectors(propagated=True).items()},
+        }
+
+
 def export_tokens(
     checkpoint: str | Path,
     out_dir: str | Path | None = None,
@@ -177,11 +190,10 @@ def export_tokens(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     modalities = list(model.modalities)
+    vectors = token_vectors(model)
+    user_vectors, codebooks, items = vectors["users"], vectors["codebooks"], vectors["items"]
     with torch.no_grad():
-        user_vectors = {m: v.cpu().numpy() for m, v in model.user_modal_vectors(quantized=False).items()}
         codes = model.user_codes().cpu().numpy().astype(np.int32)
-        codebooks = {m: v.cpu().numpy() for m, v in model.codebooks().items()}
-        items = {m: v.cpu().numpy() for m, v in model.item_modal_vectors(propagated=True).items()}
         items_ego = {m: v.cpu().numpy() for m, v in model.item_modal_vectors(propagated=False).items()}
 
     train_dataset = train_data._dataset
