@@ -250,6 +250,48 @@ def test_feature_dropout_only_in_the_training_loss(data):
     assert torch.equal(plain.full_sort_predict(users), model.full_sort_predict(users))
 
 
+def test_softmax_loss_is_cross_entropy_over_every_item(data):
+    model = build(data, loss_type="softmax", softmax_temperature=0.5, kmeans_warmup_epochs=0, reg_weight=0.0)
+    model.eval()
+    batch = next(iter(data[1]))
+    rec_loss = model.calculate_loss(batch)[0]
+    users = model.user_modal_vectors(quantized=True)
+    items = model.item_modal_vectors()
+    user, pos = batch[model.USER_ID], batch[model.ITEM_ID]
+    scores = model.score_matrix({m: v[user] for m, v in users.items()}, items) / 0.5
+    scores[:, 0] = float("-inf")  # the padding item is never a candidate
+    expected = torch.nn.functional.cross_entropy(scores, pos)
+    assert torch.allclose(rec_loss, expected, atol=1e-5)
+    assert train_epochs(model, data[1], 5, lr=0.03)[-1] < expected.item()
+
+
+def test_cosine_score_ignores_vector_norms(data):
+    model = build(data, score="cosine", kmeans_warmup_epochs=0)
+    users = {m: torch.randn(3, model.dim) for m in model.modalities}
+    items = {m: torch.randn(4, model.dim) for m in model.modalities}
+    scaled = {m: 5.0 * v for m, v in users.items()}
+    assert torch.allclose(model.score_matrix(users, items), model.score_matrix(scaled, items), atol=1e-5)
+    assert model.score_matrix(users, items).abs().max() <= len(model.modalities) + 1e-5
+
+
+def test_graph_dropout_prunes_the_training_graph_only(data):
+    model = build(data, graph_dropout=0.5, kmeans_warmup_epochs=0)
+    model.train()
+    pruned = model.training_adjacency()
+    assert model.training_adjacency() is pruned  # one graph per epoch
+    full_edges = model.norm_adj.values().numel()
+    assert pruned.values().numel() == pytest.approx(full_edges / 2, abs=2)
+    model.calculate_loss(next(iter(data[1])))  # seeds the codebooks, so the copy below has them
+    model.train()  # the trainer's call at the start of the next epoch draws a new graph
+    assert model.training_adjacency() is not pruned
+    model.eval()
+    plain = build(data, kmeans_warmup_epochs=0)
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
+    users = Interaction({model.USER_ID: all_users(model)})
+    assert torch.equal(plain.full_sort_predict(users), model.full_sort_predict(users))
+
+
 def test_graph_propagation_matches_dense_lightgcn():
     import scipy.sparse as sp
 
@@ -325,6 +367,10 @@ def test_nan_features(tmp_path):
         ("feature_norm", "minmax"),
         ("item_id_residual", "yes"),
         ("feature_dropout", 1.0),
+        ("graph_dropout", -0.1),
+        ("loss_type", "hinge"),
+        ("softmax_temperature", 0),
+        ("score", "euclidean"),
     ],
 )
 def test_bad_config_values(data, key, value):

@@ -134,6 +134,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "n_layers": _integer(0),
         "item_id_residual": _boolean,
         "feature_dropout": _number(0.0, 1.0),
+        "graph_dropout": _number(0.0, 1.0),
         "levels": _integer(1),
         "codebook_size": _integer(2),
         "commitment_beta": _number(),

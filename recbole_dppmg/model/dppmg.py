@@ -48,6 +48,7 @@ from recbole.utils import InputType
 from torch import nn
 
 from recbole_dppmg.model.config_check import check_config
+from recbole_dppmg.model.freedom_graphs import bipartite_adjacency, edge_keep_weights, sample_kept_edges, unique_edges
 from recbole_dppmg.model.graph import LightGCNPropagation, normalized_adjacency
 from recbole_dppmg.model.modal_features import (
     ID_MODALITY,
@@ -96,6 +97,7 @@ class DPPMG(GeneralRecommender):
         self.loss_type = config["loss_type"]
         self.temperature = float(config["softmax_temperature"])
         self.cosine = config["score"] == "cosine"
+        self.graph_dropout = float(config["graph_dropout"])
         quantizer_args = dict(
             levels=self.levels,
             codebook_size=self.codebook_size,
@@ -131,6 +133,15 @@ class DPPMG(GeneralRecommender):
         self.register_buffer(
             "graph_users", torch.as_tensor(np.unique(inter.row[inter.row > 0]), dtype=torch.long), persistent=False
         )
+        if self.graph_dropout > 0:  # FREEDOM's degree-sensitive pruning, a fresh graph per epoch
+            edge_users, edge_items = unique_edges(
+                torch.as_tensor(inter.row, dtype=torch.long), torch.as_tensor(inter.col, dtype=torch.long), self.n_items
+            )
+            self.register_buffer("edge_users", edge_users, persistent=False)
+            self.register_buffer("edge_items", edge_items, persistent=False)
+            keep = edge_keep_weights(edge_users, edge_items, self.n_users, self.n_items)
+            self.register_buffer("edge_keep_weights", keep, persistent=False)
+        self._train_adj: torch.Tensor | None = None  # this epoch's pruned graph, drawn lazily
         self.propagation = LightGCNPropagation(self.n_layers)
         self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))
         self.bpr_loss = BPRLoss()
@@ -167,12 +178,28 @@ class DPPMG(GeneralRecommender):
                 out[m] = torch.where(present, encoded, table)
         return out
 
+    def training_adjacency(self) -> torch.Tensor:
+        """The graph the training loss propagates over: the train graph, or with ``graph_dropout``
+        this epoch's degree-sensitively pruned copy of it (re-normalised; drawn once per epoch)."""
+        if self.graph_dropout <= 0:
+            return self.norm_adj
+        if self._train_adj is None:
+            kept = sample_kept_edges(self.edge_keep_weights, self.graph_dropout)
+            self._train_adj = bipartite_adjacency(
+                self.edge_users[kept], self.edge_items[kept], self.n_users, self.n_items
+            )
+        return self._train_adj
+
     def forward(
-        self, items: dict[str, torch.Tensor] | None = None, rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        items: dict[str, torch.Tensor] | None = None,
+        rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+        adj: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Propagated (continuous) user and item embeddings per modality (``items``: layer-0
         item embeddings if already computed); ``rows``: (user ids, item ids) to return instead
-        of all users and items (the last layer is then computed for those rows only)."""
+        of all users and items (the last layer is then computed for those rows only); ``adj``:
+        the graph (default: the full train graph)."""
         if items is None:
             items = self.item_ego_embeddings()
         ego = torch.cat([torch.cat([self.user_embeddings[m].weight, items[m]], 0) for m in self.modalities], 1)
@@ -180,7 +207,7 @@ class DPPMG(GeneralRecommender):
         if rows is not None:
             n_users = len(rows[0])
             rows = torch.cat([rows[0], self.n_users + rows[1]])
-        out = self.propagation(ego, self.norm_adj, rows)  # all modalities share one spmm
+        out = self.propagation(ego, self.norm_adj if adj is None else adj, rows)  # all modalities share one spmm
         users, items = {}, {}
         for k, m in enumerate(self.modalities):
             block = out[:, k * self.dim : (k + 1) * self.dim]
@@ -247,6 +274,7 @@ class DPPMG(GeneralRecommender):
             self.logger.info(f"DPPMG epoch {stats['epoch']:.0f} stats: " + self.describe_epoch_stats(stats))
         if mode:
             self._clear_cache()
+            self._train_adj = None  # the next training step draws this epoch's pruned graph
         return super().train(mode)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -290,7 +318,8 @@ class DPPMG(GeneralRecommender):
         else:
             batch_items, item_index = torch.unique(torch.cat([pos, neg]), return_inverse=True)
             pos_at, neg_at = item_index[: len(pos)], item_index[len(pos) :]
-        users, items = self.forward(ego_items, rows=(unique_users, batch_items))
+        adj = self.training_adjacency() if self.training else self.norm_adj
+        users, items = self.forward(ego_items, rows=(unique_users, batch_items), adj=adj)
         users_c, users_q = {}, {}
         vq_loss = users[self.modalities[0]].new_zeros(())
         for m in self.modalities:
