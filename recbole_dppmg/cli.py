@@ -31,7 +31,7 @@ from recbole_dppmg.generation.text.pipeline import (
 )
 from recbole_dppmg.paths import SAVED_DIR
 from recbole_dppmg.pipeline import Pipeline, load_profile
-from recbole_dppmg.quick_start import ablation, compare, compare_runs, run
+from recbole_dppmg.quick_start import ABLATION_FACTORS, ablation, compare, compare_runs, run
 from recbole_dppmg.runs import (
     final_generator,
     rl_phases,
@@ -128,8 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ablation",
-        action="store_true",
-        help="train: DPPMG ablation (modalities, levels, codebook size; one factor at a time) instead of a comparison",
+        nargs="?",
+        const=",".join(ABLATION_FACTORS),
+        default=None,
+        help=(
+            "train: DPPMG ablation, one factor at a time, instead of a comparison; optionally which factors, "
+            "comma-separated, of %s (default: all)" % ",".join(ABLATION_FACTORS)
+        ),
     )
     parser.add_argument(
         "--out",
@@ -221,7 +226,10 @@ def _stage_train(args, models, config_files, overrides) -> None:
     if args.ablation:
         if models != ["DPPMG"]:
             raise DPPMGError("--ablation trains DPPMG variants; leave --model at DPPMG")
-        _, table = ablation(args.dataset, config_files, overrides, out_dir=args.out, seeds=seeds, jobs=args.jobs)
+        factors = [f.strip() for f in args.ablation.split(",") if f.strip()]
+        _, table = ablation(
+            args.dataset, config_files, overrides, out_dir=args.out, seeds=seeds, jobs=args.jobs, factors=factors
+        )
         print(table.read_text())
         print(f"ablation table: {table} (and ablation.csv beside it)")
         return

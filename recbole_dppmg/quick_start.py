@@ -321,25 +321,36 @@ def _default_out_dir(dataset: str, config_files, config_dict: dict | None, kind:
     return new_run_folder(config["checkpoint_dir"], dataset, kind)
 
 
+ABLATION_FACTORS = ("modalities", "levels", "codebook")
+
+
 def ablation_variants(
-    dataset: str, config_files: Iterable[str | Path] = (), config_dict: dict | None = None
+    dataset: str,
+    config_files: Iterable[str | Path] = (),
+    config_dict: dict | None = None,
+    factors: Iterable[str] = ABLATION_FACTORS,
 ) -> dict[str, dict]:
     """DPPMG variants, one factor at a time from the configured defaults: each feature modality
-    alone (and without the id channel when it is on), 1-3 levels, codebooks of 64 and 256."""
+    alone (and without the id channel when it is on), 1-3 levels, codebooks of 32, 64 and 256;
+    ``factors``: which of these groups (the defaults are always in)."""
+    factors = set(factors)
+    unknown = factors - set(ABLATION_FACTORS)
+    if unknown:
+        raise ConfigError(f"unknown ablation factor(s) {sorted(unknown)}; choose from {list(ABLATION_FACTORS)}")
     config = build_config(get_model("DPPMG"), dataset, config_files, config_dict)
     modalities = list(config["modalities"])
     features = [m for m in modalities if m != "id"]
     with_id = ["id"] if "id" in modalities else []
     variants: dict[str, dict] = {"defaults": {}}
-    if len(features) > 1:
+    if "modalities" in factors and len(features) > 1:
         for modality in features:
             variants[f"{modality} only" + (" + id" if with_id else "")] = {"modalities": [modality, *with_id]}
-    if with_id and features:
+    if "modalities" in factors and with_id and features:
         variants["without id"] = {"modalities": features}
-    for levels in (1, 2, 3):
+    for levels in (1, 2, 3) if "levels" in factors else ():
         if levels != config["levels"]:
             variants[f"levels {levels}"] = {"levels": levels}
-    for size in (64, 256):
+    for size in (32, 64, 256) if "codebook" in factors else ():
         if size != config["codebook_size"]:
             variants[f"codebook {size}"] = {"codebook_size": size}
     return variants
@@ -353,11 +364,12 @@ def ablation(
     seeds: Iterable[int] | None = None,
     jobs: int = 1,
     variants: dict[str, dict] | None = None,
+    factors: Iterable[str] = ABLATION_FACTORS,
 ) -> tuple[list[RunResult], Path]:
-    """Train DPPMG for every variant (default: ``ablation_variants``) and seed; write
-    ``ablation.md`` / ``ablation.csv``."""
+    """Train DPPMG for every variant (default: ``ablation_variants`` of ``factors``) and seed;
+    write ``ablation.md`` / ``ablation.csv``."""
     if variants is None:
-        variants = ablation_variants(dataset, config_files, config_dict)
+        variants = ablation_variants(dataset, config_files, config_dict, factors)
     tasks = [
         RunTask("DPPMG", _with_seed(config_dict, seed, overrides), label)
         for seed in _seed_list(seeds)

@@ -68,6 +68,14 @@ def level0_usage(result: RunResult) -> float:
     return min(used) / size if size and used else NAN
 
 
+def users_per_level0_code(result: RunResult) -> float:
+    """Users of the training graph per level-0 code in use, in the modality that uses fewest
+    codes: how many users stage 2's one embedding per code has to stand for (NaN if unknown)."""
+    users = (result.extra or {}).get("quantizer", {}).get("graph_users")
+    used = level_stats(result, 0, "codes_used")
+    return users / min(used) if users and used and min(used) > 0 else NAN
+
+
 def final_quant_error(result: RunResult) -> float:
     """Mean over modalities of the users' variance left after the last level."""
     levels = (result.extra or {}).get("quantizer", {}).get("levels")
@@ -199,7 +207,15 @@ def write_comparison(results: list[RunResult], out_dir: str | Path, note: str = 
         for r in dppmg:
             q, c = quantized_ndcg(r)
             rows.append(
-                [str(r.seed), _num(q), _num(c), _num(q / c, 3), _num(level0_usage(r), 3), _num(final_quant_error(r), 4)]
+                [
+                    str(r.seed),
+                    _num(q),
+                    _num(c),
+                    _num(q / c, 3),
+                    _num(level0_usage(r), 3),
+                    _num(users_per_level0_code(r), 1),
+                    _num(final_quant_error(r), 4),
+                ]
             )
         qs, cs = zip(*(quantized_ndcg(r) for r in dppmg))
         rows.append(
@@ -209,6 +225,7 @@ def write_comparison(results: list[RunResult], out_dir: str | Path, note: str = 
                 fmt_spread(cs),
                 fmt_spread([q / c for q, c in zip(qs, cs)], 3),
                 fmt_spread([level0_usage(r) for r in dppmg], 3),
+                fmt_spread([users_per_level0_code(r) for r in dppmg], 1),
                 fmt_spread([final_quant_error(r) for r in dppmg], 4),
             ]
         )
@@ -217,11 +234,21 @@ def write_comparison(results: list[RunResult], out_dir: str | Path, note: str = 
             "",
             "Test NDCG@10 of the best checkpoint scored with the users' quantized vectors "
             "(their tokens) and with the continuous ones; level-0 usage is the smallest fraction "
-            "of level-0 codes used by some user, over the modalities; the last column is the "
-            "fraction of the users' variance left after the last level.",
+            "of level-0 codes used by some user, over the modalities, and users per level-0 code "
+            "the training-graph users over the codes in use in that modality; the last column is "
+            "the fraction of the users' variance left after the last level.",
             "",
             *_markdown_table(
-                ["seed", "quantized", "continuous", "quantized / continuous", "level-0 usage", "variance left"], rows
+                [
+                    "seed",
+                    "quantized",
+                    "continuous",
+                    "quantized / continuous",
+                    "level-0 usage",
+                    "users per level-0 code",
+                    "variance left",
+                ],
+                rows,
             ),
             "",
         ]
@@ -270,6 +297,7 @@ def write_ablation(results: list[RunResult], variants: dict[str, dict], out_dir:
         "test ndcg@10 continuous",
         "quantized / continuous",
         "level-0 usage",
+        "users per level-0 code",
         "level-0 perplexity",
         "variance left",
         "s/epoch",
@@ -286,12 +314,13 @@ def write_ablation(results: list[RunResult], variants: dict[str, dict], out_dir:
             [c for _, c in qc],
             [q / c for q, c in qc],
             [level0_usage(r) for r in runs],
+            [users_per_level0_code(r) for r in runs],
             [min(level_stats(r, 0, "perplexity") or [NAN]) for r in runs],
             [final_quant_error(r) for r in runs],
             [r.seconds_per_epoch for r in runs],
         ]
         overrides = ", ".join(f"{k}={v}" for k, v in variants.get(label, {}).items()) or "(defaults)"
-        digits = [4, 4, 4, 3, 3, 1, 4, 2]
+        digits = [4, 4, 4, 3, 3, 1, 1, 4, 2]
         md_rows.append([label, overrides, str(len(runs)), *(fmt_spread(v, d) for v, d in zip(columns, digits))])
         row = [label, overrides, len(runs)]
         for values, d in zip(columns, digits):
@@ -308,7 +337,9 @@ def write_ablation(results: list[RunResult], variants: dict[str, dict], out_dir:
         "One factor at a time from the defaults in properties/model/DPPMG.yaml; same protocol as "
         "the comparison. Seeds " + ", ".join(map(str, seeds)) + "; each cell is the median over "
         "seeds [min, max]. Test NDCG@10 uses the quantized user vectors; level-0 usage is the "
-        "smallest fraction of level-0 codes in use over the modalities; variance left is after "
+        "smallest fraction of level-0 codes in use over the modalities, users per level-0 code "
+        "the training-graph users over the codes in use in that modality (stage 2 learns one "
+        "embedding per code); variance left is after "
         "the last level, averaged over the modalities.",
         "",
         *_markdown_table(header, md_rows),

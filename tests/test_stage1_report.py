@@ -27,7 +27,7 @@ def fake_result(model, seed, ndcg, seconds=1.0, label="", quantized=None, contin
         extra = {
             "test_quantized": {"ndcg@10": quantized},
             "test_continuous": {"ndcg@10": continuous},
-            "quantizer": {"modalities": ["text", "image"], "levels": 2, "codebook_size": 8},
+            "quantizer": {"modalities": ["text", "image"], "levels": 2, "codebook_size": 8, "graph_users": 30},
             "code_stats": {
                 "text/L0/codes_used": used[0],
                 "image/L0/codes_used": used[1],
@@ -104,6 +104,7 @@ def test_ablation_table(tmp_path):
     rows = list(csv.DictReader(csv_path.open()))
     assert [r["variant"] for r in rows] == ["defaults", "levels 1"]
     assert rows[0]["level-0 usage"] == "0.750" and rows[0]["variance left"] == "0.2000"
+    assert rows[0]["users per level-0 code"] == "5.0"  # 30 users over the 6 codes image uses
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +180,14 @@ def test_ablation_variants_are_one_factor_at_a_time(tiny_settings):
         "image only": {"modalities": ["image"]},
         "levels 1": {"levels": 1},
         "levels 3": {"levels": 3},
+        "codebook 32": {"codebook_size": 32},
         "codebook 64": {"codebook_size": 64},
         "codebook 256": {"codebook_size": 256},
     }
+    only_codebooks = ablation_variants("tiny", config_dict=tiny_settings, factors=["codebook"])
+    assert list(only_codebooks) == ["defaults", "codebook 32", "codebook 64", "codebook 256"]
+    with pytest.raises(ConfigError, match="unknown ablation factor.*'layers'"):
+        ablation_variants("tiny", config_dict=tiny_settings, factors=["layers"])
     with_id = ablation_variants("tiny", config_dict=dict(tiny_settings, modalities=["text", "image", "id"]))
     assert with_id["text only + id"] == {"modalities": ["text", "id"]}
     assert with_id["without id"] == {"modalities": ["text", "image"]}

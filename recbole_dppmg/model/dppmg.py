@@ -387,6 +387,7 @@ class DPPMG(GeneralRecommender):
                 "modalities": list(self.modalities),
                 "levels": self.levels,
                 "codebook_size": self.codebook_size,
+                "graph_users": int(len(self.graph_users)),
             },
         }
         if test_data is not None and trainer is not None:
