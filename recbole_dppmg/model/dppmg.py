@@ -169,7 +169,10 @@ class DPPMG(GeneralRecommender):
                 continue
             feats = getattr(self, f"feat_{m}")
             if dropout and self.feature_dropout > 0:
-                feats = nn.functional.dropout(feats, self.feature_dropout, training=True)
+                # Inverted dropout from a uniform draw: the same masks in distribution as
+                # F.dropout, whose bernoulli_ took a quarter of a CPU training step (measured).
+                keep = torch.rand_like(feats) >= self.feature_dropout
+                feats = feats * keep / (1.0 - self.feature_dropout)
             encoded = self.encoders[m](feats)
             present = getattr(self, f"present_{m}").unsqueeze(1)
             if self.item_id_residual:
