@@ -13,6 +13,7 @@ from recbole_dppmg.model.config_check import (
     RULES,
     check_config,
     model_defaults,
+    model_overrides,
     model_yaml,
 )
 from recbole_dppmg.paths import REPO_ROOT
@@ -54,6 +55,16 @@ def test_every_key_read_is_in_the_yaml_and_every_yaml_key_is_read_and_checked(mo
     consumers = set().union(read, *(config_reads(path) & yaml_keys for path in ALSO_READ_BY[model]))
     assert yaml_keys - consumers == set(), f"defined in {model_yaml(model).name} but read by nothing"
     assert set(RULES[model]) == yaml_keys, "check_config must check exactly the YAML's keys"
+
+
+def test_a_model_yaml_may_override_shared_settings_and_the_run_uses_them(tmp_path):
+    """DPPMG.yaml sets its own train_batch_size over properties/overall.yaml's."""
+    from recbole_dppmg.config import build_config
+
+    overrides = model_overrides("DPPMG")
+    assert "train_batch_size" in overrides and "train_batch_size" not in model_defaults("DPPMG")
+    config = build_config(DPPMG, "ml-100k-mm", (), {"data_path": str(tmp_path)})
+    assert config["train_batch_size"] == overrides["train_batch_size"]
 
 
 @pytest.mark.parametrize("model", ["DPPMG", "VBPR", "FREEDOM"])

@@ -41,9 +41,28 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+def _load_yaml(path: Path) -> dict:
+    return yaml.load(path.read_text(), Loader=_YamlLoader) or {}
+
+
+def protocol_keys() -> set[str]:
+    """The shared settings of ``properties/overall.yaml`` (RecBole's own keys: batch size,
+    learning rate, ...), which a model's property file may override for that model."""
+    return set(_load_yaml(PROPERTIES_DIR / "overall.yaml"))
+
+
 def model_defaults(model: str) -> dict:
-    """The keys and values of ``model``'s property file (its defaults, the only ones)."""
-    return yaml.load(model_yaml(model).read_text(), Loader=_YamlLoader) or {}
+    """The model's own keys and values in its property file (its defaults, the only ones);
+    overrides of the shared settings are left out (``model_overrides``)."""
+    shared = protocol_keys()
+    return {k: v for k, v in _load_yaml(model_yaml(model)).items() if k not in shared}
+
+
+def model_overrides(model: str) -> dict:
+    """The shared settings (``properties/overall.yaml``) that ``model``'s property file
+    overrides for that model, e.g. DPPMG's training batch size."""
+    shared = protocol_keys()
+    return {k: v for k, v in _load_yaml(model_yaml(model)).items() if k in shared}
 
 
 def _is_int(value) -> bool:
