@@ -210,6 +210,8 @@ def test_seed_flags():
     assert len(COMPARISON_SEEDS) == 3
     with pytest.raises(DPPMGError, match="--jobs"):
         parse_args(["--jobs=0"])
+    assert parse_args(["--ablation"])[0].ablation == "modalities,levels,codebook"
+    assert parse_args(["--ablation=codebook"])[0].ablation == "codebook"
 
 
 def test_bad_seed_list_is_a_config_error(tiny_settings, tmp_path):
