@@ -17,6 +17,9 @@ softmax cross-entropy of each positive against every item (``softmax``, scores d
 ``softmax_temperature``): all items are negatives, which BPR's single one cannot match, and the
 denominator is computed once per distinct user of the batch, so an epoch costs about
 ``n_users x n_items`` dot products per batch regardless of how many positives a user has.
+With ``graph_dropout`` > 0 the training loss propagates over a copy of the train graph with that
+fraction of the edges pruned (FREEDOM's degree-sensitive draw, ``1/sqrt(d_u d_i)``), drawn afresh
+each epoch; evaluation uses the full graph.
 With ``score: cosine`` every per-modality user and item vector is L2-normalised before the dot
 product (training and evaluation alike), the usual companion of a temperature softmax. During the first
 ``kmeans_warmup_epochs`` epochs only the continuous BPR (+ L2) trains; the codebooks are seeded
