@@ -391,7 +391,7 @@ def write_scale_report(rows: list[dict], skipped: list[str], out: Path, args) ->
         "threads",
     ]
     with open(out / "scale.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     (out / "scale.json").write_text(json.dumps({"rows": rows, "skipped": skipped, "args": vars(args)}, indent=2))

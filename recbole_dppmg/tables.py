@@ -93,7 +93,7 @@ def speed_ratio(results: list[RunResult], model: str = "DPPMG", reference: str =
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator="\n")  # LF: shell tools read the last column clean
         writer.writerow(header)
         writer.writerows(rows)
 

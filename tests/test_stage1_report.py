@@ -86,6 +86,7 @@ def test_comparison_table_over_seeds(tmp_path):
     rows = list(csv.DictReader(csv_path.open()))
     assert [r["model"] for r in rows] == ["LightGCN", "DPPMG"]
     assert rows[0]["ndcg@10"] == "0.3000" and rows[0]["ndcg@10 min"] == "0.2900" and rows[0]["seeds"] == "3"
+    assert b"\r" not in (tmp_path / "runs.csv").read_bytes()  # LF lines: a shell's last column has no \r
     runs = list(csv.DictReader((tmp_path / "runs.csv").open()))
     assert len(runs) == 6 and runs[1]["test ndcg@10 quantized"] == "0.3100"
 

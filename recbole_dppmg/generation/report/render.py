@@ -198,14 +198,14 @@ def markdown(result: dict, has_curves: bool) -> str:
 
 def _write_csv(folder: Path, result: dict) -> None:
     with open(folder / "report.csv", "w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["condition", "metric", "mean", "std", "min", "max", "seeds"])
         for condition, metrics in result["summary"].items():
             for metric, s in metrics.items():
                 writer.writerow([condition, metric, s["mean"], s["std"], s["min"], s["max"], s["seeds"]])
     metrics = sorted({m for rows in result["per_seed"].values() for row in rows.values() for m in row})
     with open(folder / "per_seed.csv", "w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["condition", "seed", *metrics])
         for condition, rows in result["per_seed"].items():
             for seed, row in rows.items():
