@@ -51,18 +51,21 @@ def protocol_keys() -> set[str]:
     return set(_load_yaml(PROPERTIES_DIR / "overall.yaml"))
 
 
+def _model_yaml_parts(model: str, shared: bool) -> dict:
+    keys = protocol_keys()
+    return {k: v for k, v in _load_yaml(model_yaml(model)).items() if (k in keys) == shared}
+
+
 def model_defaults(model: str) -> dict:
     """The model's own keys and values in its property file (its defaults, the only ones);
     overrides of the shared settings are left out (``model_overrides``)."""
-    shared = protocol_keys()
-    return {k: v for k, v in _load_yaml(model_yaml(model)).items() if k not in shared}
+    return _model_yaml_parts(model, shared=False)
 
 
 def model_overrides(model: str) -> dict:
     """The shared settings (``properties/overall.yaml``) that ``model``'s property file
     overrides for that model, e.g. DPPMG's training batch size."""
-    shared = protocol_keys()
-    return {k: v for k, v in _load_yaml(model_yaml(model)).items() if k in shared}
+    return _model_yaml_parts(model, shared=True)
 
 
 def _is_int(value) -> bool:

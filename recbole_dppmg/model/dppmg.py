@@ -51,7 +51,7 @@ from recbole.utils import InputType
 from torch import nn
 
 from recbole_dppmg.model.config_check import check_config
-from recbole_dppmg.model.freedom_graphs import bipartite_adjacency, edge_keep_weights, sample_kept_edges, unique_edges
+from recbole_dppmg.model.freedom_graphs import prunable_edges, pruned_adjacency
 from recbole_dppmg.model.graph import LightGCNPropagation, normalized_adjacency
 from recbole_dppmg.model.modal_features import (
     ID_MODALITY,
@@ -137,12 +137,9 @@ class DPPMG(GeneralRecommender):
             "graph_users", torch.as_tensor(np.unique(inter.row[inter.row > 0]), dtype=torch.long), persistent=False
         )
         if self.graph_dropout > 0:  # FREEDOM's degree-sensitive pruning, a fresh graph per epoch
-            edge_users, edge_items = unique_edges(
-                torch.as_tensor(inter.row, dtype=torch.long), torch.as_tensor(inter.col, dtype=torch.long), self.n_items
-            )
+            edge_users, edge_items, keep = prunable_edges(inter, self.n_users, self.n_items)
             self.register_buffer("edge_users", edge_users, persistent=False)
             self.register_buffer("edge_items", edge_items, persistent=False)
-            keep = edge_keep_weights(edge_users, edge_items, self.n_users, self.n_items)
             self.register_buffer("edge_keep_weights", keep, persistent=False)
         self._train_adj: torch.Tensor | None = None  # this epoch's pruned graph, drawn lazily
         self.propagation = LightGCNPropagation(self.n_layers)
@@ -190,9 +187,8 @@ class DPPMG(GeneralRecommender):
         if self.graph_dropout <= 0:
             return self.norm_adj
         if self._train_adj is None:
-            kept = sample_kept_edges(self.edge_keep_weights, self.graph_dropout)
-            self._train_adj = bipartite_adjacency(
-                self.edge_users[kept], self.edge_items[kept], self.n_users, self.n_items
+            self._train_adj = pruned_adjacency(
+                self.edge_users, self.edge_items, self.edge_keep_weights, self.graph_dropout, self.n_users, self.n_items
             )
         return self._train_adj
 

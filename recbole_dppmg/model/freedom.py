@@ -27,11 +27,10 @@ from torch_geometric.utils import spmm
 from recbole_dppmg.model.config_check import check_config
 from recbole_dppmg.model.freedom_graphs import (
     bipartite_adjacency,
-    edge_keep_weights,
     fused_item_graph,
     knn_edges,
-    sample_kept_edges,
-    unique_edges,
+    prunable_edges,
+    pruned_adjacency,
 )
 from recbole_dppmg.model.graph import LightGCNPropagation
 from recbole_dppmg.model.modal_features import load_modal_features, parse_modalities
@@ -90,10 +89,9 @@ class FREEDOM(GeneralRecommender):
 
         # The user-item graph: its edges, their keep weights, and the full normalised adjacency.
         inter = dataset.inter_matrix(form="coo")
-        users, items = unique_edges(torch.as_tensor(inter.row), torch.as_tensor(inter.col), self.n_items)
+        users, items, keep = prunable_edges(inter, self.n_users, self.n_items)
         self.register_buffer("edge_users", users, persistent=False)
         self.register_buffer("edge_items", items, persistent=False)
-        keep = edge_keep_weights(users, items, self.n_users, self.n_items)
         self.register_buffer("edge_keep_weights", keep, persistent=False)
         full = bipartite_adjacency(users, items, self.n_users, self.n_items)
         self.register_buffer("full_adj", full, persistent=False)
@@ -107,8 +105,9 @@ class FREEDOM(GeneralRecommender):
         """A denoised user-item adjacency: ``1 - dropout`` of the edges, degree-sensitively drawn."""
         if self.dropout <= 0.0:
             return self.full_adj
-        kept = sample_kept_edges(self.edge_keep_weights, self.dropout)
-        return bipartite_adjacency(self.edge_users[kept], self.edge_items[kept], self.n_users, self.n_items)
+        return pruned_adjacency(
+            self.edge_users, self.edge_items, self.edge_keep_weights, self.dropout, self.n_users, self.n_items
+        )
 
     def forward(self, adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """User and item vectors: LightGCN over ``adj`` plus the item-item convolution."""

@@ -93,3 +93,20 @@ def bipartite_adjacency(users: torch.Tensor, items: torch.Tensor, n_users: int, 
     edge_index = torch.stack([torch.cat([users, item_nodes]), torch.cat([item_nodes, users])])
     inv_sqrt = degree(edge_index[0], num_nodes=n).clamp_min(1).pow(-0.5)
     return _csr(edge_index, inv_sqrt[edge_index[0]] * inv_sqrt[edge_index[1]], n)
+
+
+def prunable_edges(inter, n_users: int, n_items: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct ``(user, item)`` edges of a scipy COO interaction matrix and their keep
+    weights: what ``pruned_adjacency`` draws from (FREEDOM's denoising, DPPMG's graph dropout)."""
+    users, items = unique_edges(
+        torch.as_tensor(inter.row, dtype=torch.long), torch.as_tensor(inter.col, dtype=torch.long), n_items
+    )
+    return users, items, edge_keep_weights(users, items, n_users, n_items)
+
+
+def pruned_adjacency(
+    users: torch.Tensor, items: torch.Tensor, keep_weights: torch.Tensor, dropout: float, n_users: int, n_items: int
+) -> torch.Tensor:
+    """The normalised adjacency of ``1 - dropout`` of the edges, degree-sensitively drawn."""
+    kept = sample_kept_edges(keep_weights, dropout)
+    return bipartite_adjacency(users[kept], items[kept], n_users, n_items)
