@@ -47,7 +47,7 @@ import faiss
 import numpy as np
 import torch
 
-from recbole_dppmg.paths import DATASET_DIR, REPO_ROOT
+from recbole_dppmg.paths import REPO_ROOT, dataset_root
 
 MODELS = ("DPPMG", "LightGCN")
 
@@ -64,7 +64,7 @@ def dataset_location(name: str, data_root: Path) -> tuple[Path, list[str]]:
     """``(data_path, config_files)`` for a dataset; synthetic ones are written on first use."""
     size = synthetic_size(name)
     if size is None:
-        return DATASET_DIR, []
+        return dataset_root(), []
     from recbole_dppmg.data.synthetic import SyntheticSpec, write_synthetic
 
     folder = write_synthetic(SyntheticSpec(interactions=size), data_root, name)
@@ -562,7 +562,7 @@ def main(argv=None) -> None:
         default=None,
         help="user x item cells per full-sort batch (default: overall.yaml)",
     )
-    parser.add_argument("--data-root", default=str(DATASET_DIR), help="where synthetic datasets are written")
+    parser.add_argument("--data-root", default=str(dataset_root()), help="where synthetic datasets are written")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
     parser.add_argument(
         "--profile",

@@ -12,7 +12,7 @@ import dataclasses
 import json
 
 from recbole_dppmg.data.synthetic import SyntheticSpec, default_name, write_synthetic
-from recbole_dppmg.paths import DATASET_DIR
+from recbole_dppmg.paths import dataset_root
 
 
 def main(argv=None) -> None:
@@ -27,7 +27,7 @@ def main(argv=None) -> None:
             help=f"default: {spec_field.default} (see SyntheticSpec)",
         )
     parser.add_argument("--name", default=None, help="folder / dataset name (default: synth-<interactions>)")
-    parser.add_argument("--root", default=str(DATASET_DIR), help="where the dataset folder goes")
+    parser.add_argument("--root", default=str(dataset_root()), help="where the dataset folder goes")
     args = vars(parser.parse_args(argv))
     name, root = args.pop("name"), args.pop("root")
     spec = SyntheticSpec(**args)

@@ -1,8 +1,9 @@
 """Build a RecBole ``Config`` from the plugin's property files, never from ``sys.argv``.
 
 Layering, lowest to highest priority: ``properties/overall.yaml`` ->
-``properties/model/<Model>.yaml`` -> ``properties/dataset/<dataset>.yaml`` -> the user's
-config files -> ``--key=value`` overrides (``config_dict``).
+``properties/model/<Model>.yaml`` -> ``<data_path>/<dataset>/<dataset>.yaml`` (written by
+``prepare`` with the data) -> ``properties/dataset/<dataset>.yaml`` (optional hand-written
+overrides) -> the user's config files -> ``--key=value`` overrides (``config_dict``).
 """
 
 from __future__ import annotations
@@ -18,16 +19,23 @@ from recbole.config import Config
 
 from recbole_dppmg.distributed import DIST_KEYS
 from recbole_dppmg.errors import ConfigError
-from recbole_dppmg.paths import DATASET_DIR, PROPERTIES_DIR, REPO_ROOT
+from recbole_dppmg.paths import PROPERTIES_DIR, REPO_ROOT, dataset_root
 
 # RecBole resolves the name ml-100k to its bundled copy; everything else lives in dataset/.
 RECBOLE_BUNDLED_DATASETS = ("ml-100k",)
 
 
-def property_files(model_name: str, dataset: str, config_files: Iterable[str | Path] = ()) -> list[str]:
+def property_files(
+    model_name: str, dataset: str, config_files: Iterable[str | Path] = (), data_path: str | Path | None = None
+) -> list[str]:
     """The YAML files for one run, in the order RecBole should read them."""
     files = [PROPERTIES_DIR / "overall.yaml"]
-    for candidate in (PROPERTIES_DIR / "model" / f"{model_name}.yaml", PROPERTIES_DIR / "dataset" / f"{dataset}.yaml"):
+    prepared = Path(data_path or dataset_root()) / dataset / f"{dataset}.yaml"
+    for candidate in (
+        PROPERTIES_DIR / "model" / f"{model_name}.yaml",
+        prepared,
+        PROPERTIES_DIR / "dataset" / f"{dataset}.yaml",
+    ):
         if candidate.is_file():
             files.append(candidate)
     for user_file in config_files:
@@ -86,9 +94,9 @@ def build_config(
     model_class, dataset: str, config_files: Iterable[str | Path] = (), config_dict: dict | None = None
 ) -> Config:
     """A RecBole Config for ``model_class`` on ``dataset`` with the plugin's defaults."""
-    values = {"data_path": str(DATASET_DIR)}
+    values = {"data_path": str(dataset_root())}
     values.update(config_dict or {})
-    files = property_files(model_class.__name__, dataset, config_files)
+    files = property_files(model_class.__name__, dataset, config_files, values["data_path"])
     with _argv_isolated():
         config = Config(model=model_class, dataset=dataset, config_file_list=files, config_dict=values)
     checkpoint_dir = Path(config["checkpoint_dir"])

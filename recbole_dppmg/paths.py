@@ -7,9 +7,14 @@ from recbole_dppmg.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROPERTIES_DIR = REPO_ROOT / "properties"
-DATASET_DIR = REPO_ROOT / "dataset"
 SAVED_DIR = REPO_ROOT / "saved"
 CACHE_DIR = REPO_ROOT / ".cache"
+
+
+def dataset_root() -> Path:
+    """Where prepared datasets live: ``$DPPMG_DATASET_DIR`` or ``dataset/`` in the repo. Stage 1
+    (RecBole's ``data_path``) and every stage 2 step read the same folder."""
+    return Path(os.environ.get("DPPMG_DATASET_DIR", REPO_ROOT / "dataset")).resolve()
 
 
 def shared_dir() -> Path:

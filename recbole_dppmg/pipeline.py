@@ -52,7 +52,7 @@ from recbole_dppmg.generation.rl import text as rl_text
 from recbole_dppmg.generation.rl.common import next_phase
 from recbole_dppmg.generation.text.config import saved_root
 from recbole_dppmg.generation.text.pipeline import train_text_generator
-from recbole_dppmg.paths import DATASET_DIR, PROPERTIES_DIR, SAVED_DIR
+from recbole_dppmg.paths import PROPERTIES_DIR, SAVED_DIR, dataset_root
 from recbole_dppmg.quick_start import run
 from recbole_dppmg.runs import (
     DPPMG_RESULT,
@@ -336,7 +336,7 @@ class Pipeline:
 
     def _data_dir(self) -> Path:
 
-        return DATASET_DIR / self.dataset
+        return dataset_root() / self.dataset
 
     def _train(self):
 

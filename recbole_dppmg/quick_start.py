@@ -34,7 +34,7 @@ from recbole_dppmg.config import (
 )
 from recbole_dppmg.data.prepare import ensure_prepared
 from recbole_dppmg.errors import ConfigError, DataError
-from recbole_dppmg.paths import DATASET_DIR, check_dataset_name
+from recbole_dppmg.paths import check_dataset_name, dataset_root
 from recbole_dppmg.plots import write_stage1_plots
 from recbole_dppmg.results import RunResult
 from recbole_dppmg.runs import new_run_folder
@@ -90,7 +90,7 @@ def check_dataset(dataset: str, data_path: str | Path | None = None, num_threads
     check_dataset_name(dataset)
     if dataset in RECBOLE_BUNDLED_DATASETS:
         return
-    root = Path(data_path) if data_path else DATASET_DIR
+    root = Path(data_path) if data_path else dataset_root()
     ensure_prepared(dataset, dataset_dir=root, num_threads=num_threads)
     if not (root / dataset / f"{dataset}.inter").is_file():
         known = (

@@ -9,6 +9,7 @@ it has been prepared (it is never built by the tests: that takes minutes).
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from recbole_dppmg.data import sources
 from recbole_dppmg.data.atomic import read_atomic, read_item_table, write_atomic
 from recbole_dppmg.data.prepare import is_prepared, prepare_dataset
 from recbole_dppmg.data.sources import PLACEHOLDER_PREFIX
-from recbole_dppmg.paths import DATASET_DIR, PROPERTIES_DIR, shared_dir
+from recbole_dppmg.paths import dataset_root, shared_dir
 
 SOURCE = shared_dir() / "data" / "ml-100k-mm"
 needs_shared = pytest.mark.skipif(not (SOURCE / "details.json").is_file(), reason=f"shared data not found at {SOURCE}")
@@ -33,7 +34,7 @@ def recbole_dataset(data_path, name):
     config = Config(
         model="BPR",
         dataset=name,
-        config_file_list=[str(PROPERTIES_DIR / "dataset" / "ml-100k-mm.yaml")],
+        config_file_list=[str(Path(data_path) / name / f"{name}.yaml")],
         config_dict={"data_path": str(data_path), "show_progress": False, "state": "ERROR"},
     )
     dataset = create_dataset(config)
@@ -104,13 +105,13 @@ def test_real_encoders_on_a_slice(tmp_path, monkeypatch):
 @pytest.mark.e2e
 @pytest.mark.skipif(not is_prepared("ml-100k-mm"), reason="dataset/ml-100k-mm not prepared (run the prepare stage)")
 def test_full_build_loads_in_recbole():
-    dataset = recbole_dataset(DATASET_DIR, "ml-100k-mm")
+    dataset = recbole_dataset(dataset_root(), "ml-100k-mm")
     assert (dataset.user_num - 1, dataset.item_num - 1, dataset.inter_num) == (943, 1682, 100000)
     feats = dataset.get_item_feature()
     assert tuple(feats["text_feat"].shape) == (1683, 384) and tuple(feats["image_feat"].shape) == (1683, 1280)
     assert feats["image_mask"][1:].sum().item() == 1644 and feats["text_mask"][1:].sum().item() == 1682
     missing = feats["image_mask"][1:] == 0
     assert feats["image_feat"][1:][missing].abs().sum().item() == 0.0
-    table = read_item_table(DATASET_DIR / "ml-100k-mm" / "ml-100k-mm.item")
+    table = read_item_table(dataset_root() / "ml-100k-mm" / "ml-100k-mm.item")
     assert int(table["description_mask"].sum()) == 1540
     assert not table["description"].str.startswith("It looks like").any()

@@ -209,13 +209,11 @@ def test_recbole_loads_the_prepared_features(tmp_path):
     recbole_config = pytest.importorskip("recbole.config")
     from recbole.data import create_dataset
 
-    from recbole_dppmg.paths import PROPERTIES_DIR
-
     build(tmp_path, write_user_dataset(tmp_path))
     config = recbole_config.Config(
         model="BPR",
         dataset="tiny",
-        config_file_list=[str(PROPERTIES_DIR / "dataset" / "ml-100k-mm.yaml")],
+        config_file_list=[str(tmp_path / "dataset" / "tiny" / "tiny.yaml")],  # written by prepare
         config_dict={"data_path": str(tmp_path / "dataset"), "show_progress": False, "state": "ERROR"},
     )
     dataset = create_dataset(config)

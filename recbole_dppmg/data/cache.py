@@ -13,7 +13,7 @@ from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
 # Bump when the written files change in a way the inputs do not show.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3  # 3: manifest content map + the RecBole property file
 _CHUNK = 1 << 20
 
 

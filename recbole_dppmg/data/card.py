@@ -130,10 +130,11 @@ def render_card(
         "",
         "## Loading with RecBole",
         "",
-        "Use `properties/dataset/ml-100k-mm.yaml` as the model for a dataset property file: it loads "
-        "`item_id` plus the feature and mask fields from the `.item` file, keeps text fields out of "
-        "`load_col`, and switches normalisation off. Text fields are read with "
-        "`recbole_dppmg.data.atomic.read_item_table`.",
+        f"`{manifest['dataset']}.yaml` in this folder is the RecBole dataset property file, written with the data "
+        "(the run's config reads it; overrides go in `properties/dataset/<name>.yaml`): it loads the ids, the "
+        "rating and timestamp when there are any, and the feature and mask fields from the `.item` file, keeps "
+        "text fields out of `load_col`, and switches normalisation off. Titles, texts, tags and images are read "
+        "through `recbole_dppmg.data.item_content.ItemContent` (roles in `manifest.json` under `content`).",
         "",
     ]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recbole_dppmg.data.item_content import ContentMap
 from recbole_dppmg.data.sources import DatasetSpec, LoadedSource
 from recbole_dppmg.errors import DataError
 
@@ -108,6 +109,12 @@ class MMRecSource:
             featured_items=self.spec.featured_items,
             extra_files=extra,
             item_origin=str(self.text_path),
+            content=ContentMap(  # features only: no title, text, tags or images for stage 2
+                rating={"source_field": "rating", "like_rating": self.spec.like_rating} if "rating" in inter else None,
+                timestamp_field="timestamp" if "timestamp" in inter.columns else None,
+                source_format="mmrec",
+                spec=str(self.spec.path.resolve()),
+            ),
         )
 
     def _read_inter(self) -> pd.DataFrame:

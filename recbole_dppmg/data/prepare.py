@@ -37,7 +37,9 @@ from recbole_dppmg.data.cache import (
     read_manifest,
 )
 from recbole_dppmg.data.card import featured_rows, render_card
+from recbole_dppmg.data.item_content import like_rating_default
 from recbole_dppmg.data.mmrec import MMRecSource
+from recbole_dppmg.data.properties import property_file
 from recbole_dppmg.data.sources import (
     ML100K_MM,
     AtomicFolderSource,
@@ -47,7 +49,7 @@ from recbole_dppmg.data.sources import (
     Source,
 )
 from recbole_dppmg.errors import DataError
-from recbole_dppmg.paths import DATASET_DIR, check_dataset_name
+from recbole_dppmg.paths import check_dataset_name, dataset_root
 from recbole_dppmg.paths import shared_dir as default_shared_dir
 
 logger = logging.getLogger(__name__)
@@ -60,13 +62,13 @@ BATCH_SIZE = {"text": 64, "image": 32}
 
 def find_spec_file(dataset: str, dataset_dir: Path | None = None) -> Path | None:
     """The conventional spec location ``<dataset_dir>/<name>.prepare.yaml``, if it exists."""
-    path = Path(dataset_dir or DATASET_DIR) / f"{dataset}{SPEC_SUFFIX}"
+    path = Path(dataset_dir or dataset_root()) / f"{dataset}{SPEC_SUFFIX}"
     return path if path.is_file() else None
 
 
 def is_prepared(dataset: str, dataset_dir: Path | None = None) -> bool:
     """Cheap check: the folder has a readable manifest whose listed files exist (no hashing)."""
-    return read_manifest(Path(dataset_dir or DATASET_DIR) / dataset) is not None
+    return read_manifest(Path(dataset_dir or dataset_root()) / dataset) is not None
 
 
 def ensure_prepared(
@@ -83,7 +85,7 @@ def ensure_prepared(
     None is returned. A prepared dataset whose raw inputs are no longer available is used
     as it is, with a log line, so runs work on machines without the shared folder.
     """
-    dataset_dir = Path(dataset_dir or DATASET_DIR)
+    dataset_dir = Path(dataset_dir or dataset_root())
     spec_file = spec_file or find_spec_file(dataset, dataset_dir)
     if dataset not in KNOWN_DATASETS and spec_file is None:
         return None
@@ -120,7 +122,7 @@ def resolve_source(dataset: str, *, shared_dir: Path | None = None, spec_file: P
         )
     raise DataError(
         f"don't know how to prepare dataset {dataset!r}: pass a spec YAML or write "
-        f"{DATASET_DIR / (dataset + SPEC_SUFFIX)} "
+        f"{dataset_root() / (dataset + SPEC_SUFFIX)} "
         "(see dataset/README.md)"
     )
 
@@ -142,7 +144,7 @@ def prepare_dataset(
     invalidates the cache like any changed input.
     """
     check_dataset_name(dataset)
-    dataset_dir = Path(dataset_dir or DATASET_DIR)
+    dataset_dir = Path(dataset_dir or dataset_root())
     target = dataset_dir / dataset
     spec_file = spec_file or find_spec_file(dataset, dataset_dir)
     source = resolve_source(dataset, shared_dir=shared_dir, spec_file=spec_file)
@@ -471,13 +473,31 @@ def _manifest(dataset, source, loaded, built, key, input_hashes, versions, threa
         "throughput": built.throughput,
         "threads": threads,
         "modality_keys": built.modality_keys,
+        "content": _content_map(loaded, built),
         "files": {
             "inter": f"{dataset}.inter",
             "item": f"{dataset}.item",
             "card": "README.md",
+            "properties": f"{dataset}.yaml",
             **{k: f"{dataset}.{k}" for k in loaded.extra_files},
         },
     }
+
+
+def _content_map(loaded: LoadedSource, built: _Built) -> dict:
+    """The item-content map (``item_content.py``) with the rating scale measured on the data."""
+    content = loaded.content.to_json()
+    if content["rating"] is not None:
+        ratings = pd.to_numeric(built.inter["rating"], errors="coerce")
+        low, high = float(ratings.min()), float(ratings.max())
+        like = content["rating"].get("like_rating")
+        content["rating"] = {
+            **content["rating"],
+            "min": low,
+            "max": high,
+            "like_rating": float(like) if like is not None else like_rating_default(low, high),
+        }
+    return content
 
 
 def _item_rows(loaded: LoadedSource, built: _Built):
@@ -518,6 +538,9 @@ def _write_atomically(
             ("image_mask", "float"),
         ]
         write_atomic(temp / f"{dataset}.item", item_columns, _item_rows(loaded, built))
+        (temp / f"{dataset}.yaml").write_text(
+            property_file(dataset, loaded.inter_columns, manifest, bool(loaded.extra_files)), encoding="utf-8"
+        )
         query_rows = featured_rows(loaded.items, built.inter, loaded.featured_items)
         card = render_card(
             manifest, loaded.items, built.features, built.masks, query_rows, loaded.title_field, loaded.explanation

@@ -20,6 +20,7 @@ import pandas as pd
 import yaml
 
 from recbole_dppmg.data.atomic import read_atomic, sanitize_text
+from recbole_dppmg.data.item_content import ContentMap
 from recbole_dppmg.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class LoadedSource:
     extra_files: dict[str, pd.DataFrame] = field(default_factory=dict)
     item_origin: str = ""
     explanation: str = ""
+    content: ContentMap = field(default_factory=ContentMap)  # roles -> .item columns (item_content.py)
 
 
 class Source(Protocol):
@@ -127,6 +129,7 @@ class Ml100kMMSource:
             "placeholder_prefix": PLACEHOLDER_PREFIX,
             "text_template": "title (year). Genres: a, b. plot",
             "text_present_when": "title",
+            "image_dir": str(self.posters.resolve()),  # recorded in the manifest: a moved folder is a new build
         }
 
     def load(self) -> LoadedSource:
@@ -170,6 +173,21 @@ class Ml100kMMSource:
             image_paths=image_paths,
             title_field="title",
             featured_items=ML100K_FEATURED,
+            content=ContentMap(
+                fields={
+                    "title": "title",
+                    "year": "year",
+                    "description": "description",
+                    "tags": "genres",
+                    "image": "poster",
+                },
+                image_dir=str(self.posters.resolve()),
+                rating={"source_field": "rating", "like_rating": None},
+                timestamp_field="timestamp",
+                text_fields=["title", "year", "genres", "description"],
+                text_separator=". ",
+                source_format=ML100K_MM,
+            ),
             item_origin=str(self.ml100k / "ml-100k.item"),
             explanation=(
                 "Text is present for every movie: the encoder reads `title (year). Genres: ... . plot`, "
@@ -227,12 +245,20 @@ class DatasetSpec:
     item_file: str | None = None
     user_id_field: str = "user_id"
     item_id_field: str = "item_id"
+    rating_field: str | None = None
+    timestamp_field: str | None = None
+    like_rating: float | None = None
     text_fields: list[str] = field(default_factory=list)
+    text_separator: str = ". "
     text_required_fields: list[str] = field(default_factory=list)
     missing_text_values: list[str] = field(default_factory=list)
     image_field: str | None = None
     image_dir: str | None = None
     title_field: str | None = None
+    year_field: str | None = None
+    description_field: str | None = None
+    tags_field: str | None = None
+    tags_separator: str | None = None
     featured_items: list[str] = field(default_factory=list)
     text_feat_file: str = "text_feat.npy"
     image_feat_file: str = "image_feat.npy"
@@ -262,7 +288,56 @@ class DatasetSpec:
             values[key] = [str(v) for v in ([value] if isinstance(value, str) else value)]
         if values.get("format", "atomic") not in ("atomic", "mmrec"):
             raise DataError(f"dataset spec {path}: format must be 'atomic' or 'mmrec', not {values['format']!r}")
+        for key in (
+            "rating_field",
+            "timestamp_field",
+            "title_field",
+            "year_field",
+            "description_field",
+            "tags_field",
+            "image_field",
+            "image_dir",
+            "tags_separator",
+            "user_id_field",
+            "item_id_field",
+        ):
+            if key in values and values[key] is not None and not isinstance(values[key], str):
+                raise DataError(f"dataset spec {path}: {key} must be a column name (a string), not {values[key]!r}")
+        if values.get("like_rating") is not None:
+            try:
+                values["like_rating"] = float(values["like_rating"])
+            except (TypeError, ValueError):
+                raise DataError(
+                    f"dataset spec {path}: like_rating must be a number, not {raw['like_rating']!r}"
+                ) from None
+        if bool(values.get("image_field")) != bool(values.get("image_dir")):
+            given, other = ("image_field", "image_dir") if values.get("image_field") else ("image_dir", "image_field")
+            raise DataError(f"dataset spec {path}: {given} is set but {other} is not; images need both")
         return cls(path=path, raw=raw, **values)
+
+    def roles(self) -> dict[str, str | None]:
+        """Which .item column plays which role; unset ones default from ``text_fields``:
+        the title is the first text field, the description the last one that is neither the
+        title nor the tags."""
+        title = self.title_field or (self.text_fields[0] if self.text_fields else None)
+        description = self.description_field
+        if description is None:
+            rest = [f for f in self.text_fields if f not in (title, self.tags_field, self.year_field)]
+            description = rest[-1] if rest else None
+        return {
+            "title": title,
+            "year": self.year_field,
+            "description": description,
+            "tags": self.tags_field,
+            "image": self.image_field,
+        }
+
+    def encoder_fields(self) -> list[str]:
+        """The fields joined into the text encoder's input: ``text_fields``, else title + description."""
+        if self.text_fields:
+            return list(self.text_fields)
+        roles = self.roles()
+        return [f for f in (roles["title"], roles["description"]) if f]
 
 
 class AtomicFolderSource:
@@ -292,31 +367,55 @@ class AtomicFolderSource:
 
     def load(self) -> LoadedSource:
         spec = self.spec
-        inter = _as_strings(read_atomic(self.inter_path))
-        inter = self._rename_ids(inter, self.inter_path, {spec.user_id_field: "user_id", spec.item_id_field: "item_id"})
+        inter = read_atomic(self.inter_path)
+        rating_field = self._optional_column(inter, spec.rating_field, "rating", "rating_field")
+        timestamp_field = self._optional_column(inter, spec.timestamp_field, "timestamp", "timestamp_field")
+        inter = self._rename_ids(
+            _as_strings(inter), self.inter_path, {spec.user_id_field: "user_id", spec.item_id_field: "item_id"}
+        )
+        inter = self._rename_roles(inter, {rating_field: "rating", timestamp_field: "timestamp"})
         table = read_atomic(self.item_path, parse_float_seq=False)
         table = self._rename_ids(table, self.item_path, {spec.item_id_field: "item_id"})
         types = table.attrs["field_types"]
         clashes = [c for c in RESERVED_ITEM_COLUMNS if c in types]
         if clashes:
             raise DataError(f"{self.item_path}: column(s) {', '.join(clashes)} are reserved for the generated features")
-        for name in [*spec.text_fields, *spec.text_required_fields, *([spec.image_field] if spec.image_field else [])]:
-            if name not in types:
-                raise DataError(f"{self.item_path}: spec {spec.path} names field {name!r}, which the file lacks")
+        roles = spec.roles()
+        encoder_fields = spec.encoder_fields()
+        named = {"text_fields": encoder_fields, "text_required_fields": spec.text_required_fields}
+        named.update({f"{role}_field": [column] for role, column in roles.items() if column})
+        for key, columns in named.items():
+            for name in columns:
+                if name not in types:
+                    raise DataError(
+                        f"{self.item_path}: spec {spec.path} names field {name!r} ({key}), which the file lacks"
+                        f" (columns: {', '.join(types)})"
+                    )
         kept = [(n, t) for n, t in types.items() if t != "float_seq"]
         table = _as_strings(table)
         items = pd.DataFrame({n: table[n].map(sanitize_text) for n, _ in kept})
         missing_values = {sanitize_text(v) for v in spec.missing_text_values}
-        for name in spec.text_fields:
+        for name in {*encoder_fields, *(c for r, c in roles.items() if c and r != "image")}:
             items[name] = ["" if v in missing_values else v for v in items[name]]
         text_inputs = []
         for _, row in items.iterrows():
-            values = [row[f] for f in spec.text_fields if row[f]]
+            values = [self._readable(f, row[f]) for f in encoder_fields if row[f]]
             required_ok = all(row[f] for f in spec.text_required_fields)
-            text_inputs.append(". ".join(values) if values and required_ok else None)
+            text_inputs.append(spec.text_separator.join(values) if values and required_ok else None)
         image_paths = []
         for value in items[spec.image_field] if spec.image_field else [""] * len(items):
             image_paths.append(self.image_dir / value if value else None)
+        content = ContentMap(
+            fields=roles,
+            tags_separator=spec.tags_separator,
+            image_dir=str(self.image_dir.resolve()) if self.image_dir is not None and spec.image_field else None,
+            rating={"source_field": rating_field, "like_rating": spec.like_rating} if rating_field else None,
+            timestamp_field=timestamp_field,
+            text_fields=encoder_fields,
+            text_separator=spec.text_separator,
+            source_format="atomic",
+            spec=str(spec.path.resolve()),
+        )
         return LoadedSource(
             inter=inter,
             inter_columns=_typed_columns(inter),
@@ -324,10 +423,54 @@ class AtomicFolderSource:
             item_columns=kept,
             text_inputs=text_inputs,
             image_paths=image_paths,
-            title_field=spec.title_field or (spec.text_fields[0] if spec.text_fields else None),
+            title_field=roles["title"],
             featured_items=spec.featured_items,
             item_origin=str(self.item_path),
+            content=content,
         )
+
+    def _rename_roles(self, inter: pd.DataFrame, renames: dict) -> pd.DataFrame:
+        """The rating and timestamp columns get RecBole's usual names; other columns stay."""
+        types = dict(inter.attrs["field_types"])
+        renames = {old: new for old, new in renames.items() if old and old != new}
+        for old, new in renames.items():
+            if new in types:
+                raise DataError(f"{self.inter_path}: cannot rename {old!r} to {new!r}, which already exists")
+        inter = inter.rename(columns=renames)
+        inter.attrs["field_types"] = {renames.get(n, n): t for n, t in types.items()}
+        return inter
+
+    def _readable(self, field_name: str, value: str) -> str:
+        """A tags value reads as "a, b" in the encoder's input, whatever its separator."""
+        if field_name != self.spec.tags_field:
+            return value
+        parts = value.split(self.spec.tags_separator) if self.spec.tags_separator else value.split()
+        return ", ".join(p.strip() for p in parts if p.strip())
+
+    def _optional_column(self, inter: pd.DataFrame, named: str | None, usual: str, key: str) -> str | None:
+        """The rating / timestamp column: the one the spec names (it must exist and be a float),
+        else ``usual`` when the file has it as a float, else None (the role is absent)."""
+        types = inter.attrs["field_types"]
+        if named is None:
+            if types.get(usual) == "float":
+                return usual
+            if usual in types:
+                logger.warning("%s: column %s is not a float; no %s (set %s)", self.inter_path, usual, usual, key)
+            return None
+        if named not in types:
+            raise DataError(
+                f"{self.inter_path}: spec {self.spec.path} sets {key}: {named}, but the header has no such column"
+                f" (columns: {', '.join(types)})"
+            )
+        if types[named] != "float":
+            raise DataError(f"{self.inter_path}: {key} column {named!r} must be of type float, not {types[named]}")
+        empty = inter[named].isna()
+        if empty.any():
+            raise DataError(
+                f"{self.inter_path}: {key} column {named!r} is empty in {int(empty.sum())} row(s) "
+                f"(e.g. data row {int(np.flatnonzero(empty.to_numpy())[0]) + 1})"
+            )
+        return named
 
     @staticmethod
     def _rename_ids(frame: pd.DataFrame, path: Path, renames: dict[str, str]) -> pd.DataFrame:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from recbole_dppmg.data.atomic import read_item_table
 from recbole_dppmg.errors import DataError
 from recbole_dppmg.generation.common.user_split import split_users
-from recbole_dppmg.paths import CACHE_DIR, DATASET_DIR, shared_dir
+from recbole_dppmg.paths import CACHE_DIR, dataset_root, shared_dir
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def poster_files(
     """``{item_id: poster path}`` for every item of the prepared dataset whose poster exists."""
 
     poster_dir = Path(poster_dir) if poster_dir else default_poster_dir(dataset)
-    item_file = Path(dataset_dir or DATASET_DIR / dataset) / f"{dataset}.item"
+    item_file = Path(dataset_dir or dataset_root() / dataset) / f"{dataset}.item"
     if not item_file.is_file():
         raise DataError(f"{item_file} not found; run --stage prepare for {dataset} first")
     if not poster_dir.is_dir():

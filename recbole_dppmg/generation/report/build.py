@@ -73,7 +73,7 @@ from recbole_dppmg.generation.text.metrics import (
 )
 from recbole_dppmg.generation.text.pipeline import TextConditions
 from recbole_dppmg.generation.text.warmup import item_text_table
-from recbole_dppmg.paths import DATASET_DIR, SAVED_DIR
+from recbole_dppmg.paths import SAVED_DIR, dataset_root
 from recbole_dppmg.runs import (
     IMAGE_GEN,
     IMAGE_KINDS,
@@ -457,7 +457,7 @@ class _Generation:
 
     def catalogues(self, judge, image_featurize) -> Catalogues:
 
-        folder = self.dataset_dir or DATASET_DIR / self.dataset
+        folder = self.dataset_dir or dataset_root() / self.dataset
         posters = (
             self._posters
             if self._posters is not None

@@ -34,7 +34,7 @@ from scipy.special import rel_entr, softmax
 from recbole_dppmg.data.atomic import read_item_table
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
 from recbole_dppmg.generation.common.settings import load_settings
-from recbole_dppmg.paths import DATASET_DIR
+from recbole_dppmg.paths import dataset_root
 
 
 @dataclass
@@ -120,7 +120,7 @@ class PreferenceJudge:
             raise CheckpointError(
                 f"token export {tokens.folder} was made for dataset {tokens.manifest.get('dataset')}, not {dataset}"
             )
-        path = Path(dataset_dir or DATASET_DIR / dataset) / f"{dataset}.item"
+        path = Path(dataset_dir or dataset_root() / dataset) / f"{dataset}.item"
         if not path.is_file():
             raise DataError(f"{path} is missing; run --stage prepare for dataset {dataset} first")
         table = read_item_table(path, with_features=True)

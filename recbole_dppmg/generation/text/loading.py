@@ -31,7 +31,7 @@ from recbole_dppmg.generation.text.user_genres import UserGenres, genres_by_item
 from recbole_dppmg.generation.text.warmup import (
     item_text_table,
 )
-from recbole_dppmg.paths import DATASET_DIR
+from recbole_dppmg.paths import dataset_root
 from recbole_dppmg.runs import (
     RUN_META,
     TEXT_KINDS,
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 
 def item_file(dataset: str) -> Path:
-    path = DATASET_DIR / dataset / f"{dataset}.item"
+    path = dataset_root() / dataset / f"{dataset}.item"
     if not path.is_file():
         raise DataError(f"{path} is missing; run --stage prepare for dataset {dataset} first")
     return path
