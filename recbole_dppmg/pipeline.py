@@ -36,6 +36,7 @@ import yaml
 
 from recbole_dppmg.config import MACHINE_KEYS, build_config, jsonable_config
 from recbole_dppmg.data.cache import read_manifest
+from recbole_dppmg.data.item_content import ItemContent, MissingContentError
 from recbole_dppmg.data.prepare import KNOWN_DATASETS, find_spec_file, prepare_dataset
 from recbole_dppmg.errors import ConfigError, DPPMGError
 from recbole_dppmg.generation.common.settings import (
@@ -358,8 +359,20 @@ class Pipeline:
         return "ran", self.outputs["export"], None
 
     # ------------------------------------------------------------------ generators
+    def _missing(self, role: str, purpose: str) -> str | None:
+        """Why a generation stage cannot run on this dataset (a role its items lack), or None."""
+        try:
+            ItemContent.load(self.dataset).require(role, purpose)
+        except MissingContentError as error:
+            return str(error)
+        return None
+
     def _text(self):
 
+        missing = self._missing("description", "the text generator (its training targets)")
+        if missing:
+            self.outputs["text"] = None
+            return "skipped", None, missing
         cfg = load_settings("text", self.sections["text"])
         run, finished = valid_text_run(self.dataset, self.outputs["export"], cfg, saved_root(cfg))
         if run is not None and finished:
@@ -371,6 +384,10 @@ class Pipeline:
 
     def _image(self):
 
+        missing = self._missing("image", "the image generator (its training targets)")
+        if missing:
+            self.outputs["image"] = None
+            return "skipped", None, missing
         settings = load_settings("image", self.sections["image"])
         run, finished = valid_image_run(self.dataset, self.outputs["export"], settings, self.root)
         if run is not None and finished:
@@ -396,6 +413,10 @@ class Pipeline:
         return self.outputs["judge"]
 
     def _rl(self, modality: str):
+        absent = [m for m in ("text", "image") if self.outputs.get(m) is None]
+        if absent:  # the reward needs both generators: content and its cross-modal consistency
+            self.outputs[f"{modality}_rl"] = None
+            return "skipped", None, f"{modality} RL needs both generators; no {' or '.join(absent)} generator (above)"
         module = rl_text if modality == "text" else rl_image
         prefix, train = module.RUN_PREFIX, getattr(module, f"train_{modality}_rl")  # looked up now: tests patch it
         rl = self.sections["rl"]
@@ -439,11 +460,13 @@ class Pipeline:
     # ------------------------------------------------------------------ evaluate
     def _evaluate(self):
 
+        if self.outputs.get("text") is None:
+            return "skipped", None, "the report needs the text generator (skipped above)"
         cfg = load_settings("evaluate", self.sections["evaluate"])
         given = {
             "tokens": str(self.outputs["export"]),
             "text_run": str(self.outputs["text"]),
-            "image_run": str(self.outputs["image"]),
+            **({"image_run": str(self.outputs["image"])} if self.outputs.get("image") else {}),
         }
         runs = resolve_runs(self.dataset, {**cfg, **given}, self.root)
         # exactly this pipeline's RL runs (or none), not the newest made from the same generators

@@ -109,3 +109,28 @@ def write_user_dataset(root: Path, name: str = "tiny", *, item_rows=None, inter_
 def leftovers(dataset_dir: Path) -> list[str]:
     """Hidden temp folders a failed prepare might have left behind."""
     return sorted(p.name for p in Path(dataset_dir).glob(".*") if p.is_dir() and p.name != ".locks")
+
+
+MOVIE_ROLES = {"title": "title", "year": "year", "description": "description", "tags": "genres", "image": "poster"}
+
+
+def movie_content(item_path: Path, dataset: str = "tiny", image_dir: Path | None = None, **roles):
+    """``ItemContent`` of a hand-written ``.item`` file with ml-100k-mm's column names (tests that
+    build the table themselves instead of running ``prepare``); ``roles`` override the columns."""
+    from recbole_dppmg.data.atomic import read_item_table
+    from recbole_dppmg.data.item_content import ContentMap, ItemContent
+
+    table = read_item_table(Path(item_path))
+    fields = {role: column for role, column in {**MOVIE_ROLES, **roles}.items() if column in table.columns}
+    content = ContentMap(
+        fields={**{r: None for r in MOVIE_ROLES}, **fields}, image_dir=str(image_dir) if image_dir else None
+    )
+    return ItemContent(dataset, table, content, Path(item_path).parent)
+
+
+def write_content_manifest(folder: Path, dataset: str, image_dir: Path | None = None, **roles) -> None:
+    """A ``manifest.json`` with only the content map, for a hand-written prepared folder."""
+    import json
+
+    content = movie_content(folder / f"{dataset}.item", dataset, image_dir, **roles).map
+    (folder / "manifest.json").write_text(json.dumps({"dataset": dataset, "content": content.to_json()}))

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from data_fixtures import movie_content, write_content_manifest
 from image_fixtures import tiny_settings, write_tiny_posters
 from judge_fixtures import tiny_export
 from text_tiny import GENRES, patch_everywhere, tiny_lm, tiny_tokenizer
@@ -63,6 +64,7 @@ def tiny_run(tmp_path_factory):
     item_file = data / "tiny" / "tiny.item"
     add_item_texts_and_posters(item_file)
     posters = write_tiny_posters(root / "posters", n_items=48)
+    write_content_manifest(data / "tiny", "tiny", root / "posters")
     tokenizer = tiny_tokenizer()
     backbone = root / "tiny-lm"
     tiny_lm(tokenizer).save_pretrained(backbone)
@@ -83,6 +85,7 @@ def tiny_run(tmp_path_factory):
     }
     with pytest.MonkeyPatch.context() as patch:
         patch_everywhere(patch, text_pipeline.item_file, lambda dataset: item_file)
+        patch_everywhere(patch, text_pipeline.item_content, lambda dataset: movie_content(item_file))
         text_run = text_pipeline.train_text_generator("tiny", export, text_cfg)
     image_run = train_image_generator(
         "tiny", export, tiny_settings(root, **SPLIT), out_dir=root / "saved" / "tiny" / "ImageGen-tiny", posters=posters

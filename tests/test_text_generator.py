@@ -364,6 +364,8 @@ def test_text_config_refuses_unknown_keys():
 
 
 def test_target_template_shapes_targets_and_refuses_unknown_fields(tmp_path):
+    from data_fixtures import movie_content
+
     from recbole_dppmg.generation.text.warmup import item_text_table
 
     item = tmp_path / "x.item"
@@ -373,8 +375,9 @@ def test_target_template_shapes_targets_and_refuses_unknown_fields(tmp_path):
         "2\tNo Year\t\t\tA plot.\t1.0\n"
         "3\tNo Plot\t1990\tDrama\t\t0.0\n"
     )
-    assert item_text_table(item) == {"1": "Toy Story (1995): Toys come alive.", "2": "No Year: A plot."}
-    shaped = item_text_table(item, "Genres: {genres}. {head}: {plot}")
+    content = movie_content(item)
+    assert item_text_table(content) == {"1": "Toy Story (1995): Toys come alive.", "2": "No Year: A plot."}
+    shaped = item_text_table(content, "Genres: {genres}. {head}: {plot}")
     assert shaped == {
         "1": "Genres: Animation, Comedy. Toy Story (1995): Toys come alive.",
         "2": "Genres: unknown. No Year: A plot.",

@@ -7,8 +7,10 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from data_fixtures import movie_content
 from text_tiny import FakeTokens
 
+from recbole_dppmg.data.item_content import ContentMap, ItemContent, MissingContentError
 from recbole_dppmg.errors import ConfigError
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.text.user_genres import UserGenres, genres_by_item
@@ -62,8 +64,8 @@ def test_genre_settings_are_checked():
     ):
         with pytest.raises(ConfigError, match=message):
             load_settings("text", {"user_genres_from": bad[0], "user_genres_count": bad[1]})
-    with pytest.raises(ConfigError, match="has no genres column"):
-        genres_by_item(pd.DataFrame({"title": ["A"]}, index=["1"]))
+    with pytest.raises(MissingContentError, match="has no item tags: set tags_field in its prepare spec"):
+        genres_by_item(ItemContent("x", pd.DataFrame({"title": ["A"]}, index=["1"]), ContentMap()))
 
 
 def test_user_genres_targets_differ_per_user(tmp_path):
@@ -74,8 +76,8 @@ def test_user_genres_targets_differ_per_user(tmp_path):
     )
     template = "Genres: {user_genres}. {head}: {plot}"
     with pytest.raises(ConfigError, match="needs the users' genre profiles"):
-        item_text_table(item, template)
-    texts = item_text_table(item, template, {"u0": "Horror", "u1": "Comedy, War"}.get)
+        item_text_table(movie_content(item), template)
+    texts = item_text_table(movie_content(item), template, {"u0": "Horror", "u1": "Comedy, War"}.get)
     assert texts.target("u0", "1") == "Genres: Horror. Toy Story (1995): Toys come alive."
     assert texts.target("u1", "1") == "Genres: Comedy, War. Toy Story (1995): Toys come alive."
     assert texts == {"1": "Genres: {user_genres}. Toy Story (1995): Toys come alive."}  # what the item alone says

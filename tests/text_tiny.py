@@ -153,6 +153,7 @@ def tiny_text_stage(tmp_path, monkeypatch, text_features=None):
     import pandas as pd
 
     from recbole_dppmg.data.atomic import read_item_table
+    from recbole_dppmg.data.item_content import ContentMap, ItemContent
     from recbole_dppmg.generation.text import pipeline as text_pipeline
     from recbole_dppmg.generation.text import warmup as text_warmup
 
@@ -167,6 +168,9 @@ def tiny_text_stage(tmp_path, monkeypatch, text_features=None):
     patch_everywhere(monkeypatch, text_pipeline.item_file, lambda dataset: tmp_path / "x.item")
     frame = pd.DataFrame({"item_id": list(item_texts())}).set_index("item_id", drop=False)
     frame["genres"] = [GENRES[int(i) % len(GENRES)] for i in frame.index]
+    frame["description"] = list(item_texts().values())
+    content = ItemContent("tiny", frame, ContentMap(fields={"description": "description", "tags": "genres"}))
+    patch_everywhere(monkeypatch, text_pipeline.item_content, lambda dataset: content)
     if text_features is not None:
         frame["text_feat"] = list(text_features.encode(list(item_texts().values())))
     patch_everywhere(monkeypatch, read_item_table, lambda path, with_features=False: frame)

@@ -193,6 +193,11 @@ class ItemContent:
             raise DataError(f"{self.dataset}: no item has a readable image under {folder}")
         return out
 
+    def with_image_dir(self, folder: str | Path) -> "ItemContent":
+        """The same items with their images looked up in another folder (``image.poster_dir``)."""
+        moved = ContentMap.from_json({**self.map.to_json(), "image_dir": str(Path(folder).resolve())})
+        return ItemContent(self.dataset, self.table, moved, self.folder)
+
     @property
     def like_rating(self) -> float | None:
         """Ratings from this value count as liked; None: implicit feedback (every interaction)."""

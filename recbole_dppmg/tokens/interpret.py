@@ -2,7 +2,8 @@
 
 For every code: how many users hold it, the catalogue items that score highest against its
 codebook vector (for level 0 the preference itself; for deeper levels the direction the code
-adds), and the genres over-represented among its holders' training items (lift over all users).
+adds), and the tags (genres, categories) over-represented among its holders' training items (lift over
+all users).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from recbole_dppmg.data.atomic import read_item_table
+from recbole_dppmg.data.item_content import ItemContent
+from recbole_dppmg.errors import DataError
 from recbole_dppmg.tokens.format import token_string
 
 logger = logging.getLogger(__name__)
@@ -22,24 +24,19 @@ MIN_ITEM_RATINGS = 20  # items shown for a code need this many training ratings 
 
 
 def _item_labels(config, item_ids: list[str]) -> tuple[list[str], list[list[str]]]:
-    """Display names and genre lists of items in internal order (ids alone if unavailable)."""
-    path = Path(config["data_path"]) / f"{config['dataset']}.item"
-    labels, genres = list(item_ids), [[] for _ in item_ids]
+    """Display names (``Title (year) [id]``) and tag lists of items in internal order, read
+    through the dataset's ``ItemContent``; ids alone for a dataset without a content map."""
+    labels, tags = list(item_ids), [[] for _ in item_ids]
     try:
-        table = read_item_table(path)
-    except Exception as error:  # a dataset without a readable .item keeps the ids
-        logger.warning(f"codes.md uses item ids: {path} unreadable ({error})")
-        return labels, genres
+        content = ItemContent.load(config["dataset"], Path(config["data_path"]) / config["dataset"])
+    except DataError as error:  # a plain RecBole dataset keeps the ids
+        logger.warning(f"codes.md uses item ids: {error}")
+        return labels, tags
+    known = set(content.item_ids)
     for row, item in enumerate(item_ids):
-        if item not in table.index:
-            continue
-        record = table.loc[item]
-        title = str(record.get("title", item))
-        year = record.get("year")
-        labels[row] = f"{title} ({year}) [{item}]" if year not in (None, "", "nan") else f"{title} [{item}]"
-        genre_text = record.get("genres")
-        genres[row] = str(genre_text).split() if isinstance(genre_text, str) else []
-    return labels, genres
+        if item in known:
+            labels[row], tags[row] = content.label(item), content.tags(item)
+    return labels, tags
 
 
 def _genre_lift(user_items, genres: list[list[str]], holders: np.ndarray, profile, overall, names) -> str:

@@ -19,39 +19,34 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from recbole_dppmg.data.atomic import read_item_table
+from recbole_dppmg.data.item_content import ItemContent
 from recbole_dppmg.errors import DataError
 from recbole_dppmg.generation.common.user_split import split_users
-from recbole_dppmg.paths import CACHE_DIR, dataset_root, shared_dir
+from recbole_dppmg.paths import CACHE_DIR
 
 logger = logging.getLogger(__name__)
-
-
-def default_poster_dir(dataset: str) -> Path:
-    return shared_dir() / "data" / dataset / "posters"
 
 
 def poster_files(
     dataset: str, poster_dir: str | Path | None = None, dataset_dir: str | Path | None = None
 ) -> dict[str, Path]:
-    """``{item_id: poster path}`` for every item of the prepared dataset whose poster exists."""
+    """``{item_id: image path}`` for every item of the prepared dataset whose image ``prepare``
+    encoded (``ItemContent``); ``poster_dir`` looks the same file names up in another folder."""
+    content = ItemContent.load(dataset, dataset_dir).require("image", "the poster stages")
+    return (content.with_image_dir(poster_dir) if poster_dir else content).images()
 
-    poster_dir = Path(poster_dir) if poster_dir else default_poster_dir(dataset)
-    item_file = Path(dataset_dir or dataset_root() / dataset) / f"{dataset}.item"
-    if not item_file.is_file():
-        raise DataError(f"{item_file} not found; run --stage prepare for {dataset} first")
-    if not poster_dir.is_dir():
-        raise DataError(f"poster folder {poster_dir} not found (set image.poster_dir)")
-    table = read_item_table(item_file)
-    if "poster" not in table.columns:
-        raise DataError(f"{item_file} has no poster column; the image generator needs posters")
-    out = {}
-    for item_id, name in table["poster"].items():
-        if isinstance(name, str) and name and (poster_dir / name).is_file():
-            out[str(item_id)] = poster_dir / name
-    if not out:
-        raise DataError(f"no poster of {item_file} exists under {poster_dir}")
-    return out
+
+def training_images(
+    dataset: str, poster_dir, min_rating: float | None, posters: dict[str, Path] | None = None
+) -> tuple[dict[str, Path], float | None]:
+    """The images a poster generator trains on and the rating from which a user's pair counts
+    as liked (``min_rating``, or the dataset's own like rating when it is None). ``posters``
+    given (tests): those, and ``min_rating`` as it is."""
+    if posters is not None:
+        return posters, min_rating
+    content = ItemContent.load(dataset).require("image", "the image generator (its training targets)")
+    images = (content.with_image_dir(poster_dir) if poster_dir else content).images()
+    return images, content.like_threshold(min_rating)
 
 
 def load_poster(path: Path, height: int, width: int) -> torch.Tensor:
@@ -138,5 +133,8 @@ def training_pairs(
         if item in have
     ]
     if not pairs:
-        raise DataError(f"no training pairs: no training-split rating >= {min_rating} on an item with a poster")
+        raise DataError(
+            f"no training pairs for the image generator: no training-split rating >= {min_rating} on an item with "
+            "an image (image.min_rating, or the spec's like_rating)"
+        )
     return Pairs(pairs, split["train"], split["valid"] + split["test"], split["test"])

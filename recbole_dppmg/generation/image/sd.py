@@ -29,7 +29,7 @@ from recbole_dppmg.generation.common.vocabulary import (
 )
 from recbole_dppmg.generation.image.data import (
     load_poster,
-    poster_files,
+    training_images,
     training_pairs,
 )
 from recbole_dppmg.tokens import PreferenceTokens
@@ -97,8 +97,8 @@ def train_sd_tokens(
     pipe = pipe or load_sd_pipeline(pipeline_path, s["device"])
     device = pipe.device
     first, count = add_preference_tokens(pipe, vocab)
-    posters = posters if posters is not None else poster_files(dataset, s["poster_dir"])
-    split = training_pairs(tokens, list(posters), s["min_rating"], s["valid_users"], s["test_users"], s["seed"])
+    posters, liked = training_images(dataset, s["poster_dir"], s["min_rating"], posters)
+    split = training_pairs(tokens, list(posters), liked, s["valid_users"], s["test_users"], s["seed"])
     factor = pipe.vae_scale_factor
     if s["height"] % (factor * 8) or s["width"] % (factor * 8):
         raise ConfigError(

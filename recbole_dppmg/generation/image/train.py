@@ -33,7 +33,7 @@ from recbole_dppmg.generation.image.autoencoder import (
 )
 from recbole_dppmg.generation.image.data import (
     cached_latents,
-    poster_files,
+    training_images,
     training_pairs,
 )
 from recbole_dppmg.generation.image.model import EMA, PosterDiffusion
@@ -168,6 +168,8 @@ def train_image_generator(
     settings = load_settings("image", config)
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
     vocab = PreferenceVocabulary(tokens)
+    # the dataset's images first: a dataset without them leaves no run folder behind
+    posters, liked = training_images(dataset, settings["poster_dir"], settings["min_rating"], posters)
     folder = Path(out_dir) if out_dir else new_run_folder(SAVED_DIR, dataset, IMAGE_GEN.name)
     if resume and not (folder / STATE_FILE).is_file():
         raise CheckpointError(f"nothing to resume in {folder} (no {STATE_FILE})")
@@ -179,13 +181,12 @@ def train_image_generator(
             codec, codec_id = build_codec(settings)
         else:
             codec_id = type(codec).__name__
-        posters = posters if posters is not None else poster_files(dataset, settings["poster_dir"])
         item_ids, latents = cached_latents(
             posters, codec, settings["height"], settings["width"], codec_id, cache_dir=settings["cache_dir"]
         )
         latent_row = {item: k for k, item in enumerate(item_ids)}
         split = training_pairs(
-            tokens, item_ids, settings["min_rating"], settings["valid_users"], settings["test_users"], settings["seed"]
+            tokens, item_ids, liked, settings["valid_users"], settings["test_users"], settings["seed"]
         )
         users = sorted({u for u, _ in split.pairs}, key=lambda s: (len(s), s))
         user_row = {u: k for k, u in enumerate(users)}

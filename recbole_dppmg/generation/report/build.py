@@ -41,7 +41,8 @@ from recbole_dppmg.data.featurize import (
     load_default_encoder,
     torch_threads,
 )
-from recbole_dppmg.errors import CheckpointError
+from recbole_dppmg.data.item_content import ItemContent
+from recbole_dppmg.errors import CheckpointError, DataError
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.data import load_poster, poster_files, tensor_to_pil
@@ -72,7 +73,6 @@ from recbole_dppmg.generation.text.metrics import (
     retrieval_metrics,
 )
 from recbole_dppmg.generation.text.pipeline import TextConditions
-from recbole_dppmg.generation.text.warmup import item_text_table
 from recbole_dppmg.paths import SAVED_DIR, dataset_root
 from recbole_dppmg.runs import (
     IMAGE_GEN,
@@ -108,7 +108,7 @@ class EvaluatedRuns:
 
     tokens: str
     text: str
-    image: str
+    image: str | None  # None: the dataset has no images (a text-only report)
     text_rl: str | None = None
     image_rl: str | None = None
     test_users: list[str] = field(default_factory=list)
@@ -159,6 +159,11 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
     if tokens is not None and text_tokens != tokens:
         raise CheckpointError(f"text generator {text} was trained on token export {text_tokens}, not {tokens}")
     tokens = text_tokens
+    test_users = json.loads((text / "users.json").read_text())["test"]
+    text_rl = _rl_run(dataset, root, TEXT_RL.name, cfg.get("text_rl_run"), text, _finished_text_runs)
+    if not cfg.get("image_run") and not _has_images(dataset):
+        logger.info("%s has no item images: a text-only report", dataset)
+        return EvaluatedRuns(tokens, str(text.resolve()), None, text_rl, None, [str(u) for u in test_users])
     if cfg.get("image_run"):
         image = Path(cfg["image_run"])
     else:
@@ -183,17 +188,23 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
             f"the generators were trained on different token exports: text {text} on {tokens}, image {image} on "
             f"{image_tokens}"
         )
-    test_users = json.loads((text / "users.json").read_text())["test"]
     if [str(u) for u in meta["test_users"]] != [str(u) for u in test_users]:
         raise CheckpointError(
             f"the generators hold out different test users (text {text}: {len(test_users)}, image {image}: "
             f"{len(meta['test_users'])}); train both with the same seed, valid_users and test_users"
         )
-    text_rl = _rl_run(dataset, root, TEXT_RL.name, cfg.get("text_rl_run"), text, _finished_text_runs)
     image_rl = _rl_run(dataset, root, IMAGE_RL.name, cfg.get("image_rl_run"), image, _finished_image_runs)
     return EvaluatedRuns(
         tokens, str(text.resolve()), str(image.resolve()), text_rl, image_rl, [str(u) for u in test_users]
     )
+
+
+def _has_images(dataset: str) -> bool:
+    """Whether the prepared dataset has an image role (one without a content map: assume so)."""
+    try:
+        return ItemContent.load(dataset).has("image")
+    except DataError:
+        return True
 
 
 def _rl_origin(run: Path) -> str | None:
@@ -227,7 +238,7 @@ class Catalogues:
         str, str
     ]  # TargetTexts in the shape the text generator was trained to write (the ceiling: .target(user, item))
     posters: dict[str, Path]
-    item_titles: dict[str, str]  # "Title (year)" for the gallery
+    item_titles: dict[str, str]  # "Title (year) · tags" for the gallery
 
 
 def top_recommended_items(tokens, users: Sequence[str], allowed: set[str]) -> list[str | None]:
@@ -305,7 +316,11 @@ def build_report(
             dataset, runs, tokens, cfg, text_config_overrides, image_config_overrides, codec, posters, dataset_dir
         )
         catalogues = generation.catalogues(judge, image_featurize)
-        ceiling_items = top_recommended_items(tokens, fd_users, set(catalogues.item_texts) & set(catalogues.poster_ids))
+        ceiling_items = top_recommended_items(
+            tokens,
+            fd_users,
+            set(catalogues.item_texts) & set(catalogues.poster_ids) if runs.image else set(catalogues.item_texts),
+        )
 
         tick = time.perf_counter()
         texts = generation.texts(
@@ -431,7 +446,7 @@ class _Generation:
             "sampler": gen["sampler"],
             "batch_size": gen["sample_batch"],
         }
-        meta = read_image_config(runs.image)
+        meta = read_image_config(runs.image) if runs.image else {"train": {}, "model": {}}
         self.image_settings = load_settings(
             "image",
             {
@@ -447,6 +462,8 @@ class _Generation:
     def status(self, condition: str) -> dict:
         text = {"dppmg_rl": "run" if self.runs.text_rl else "not run"}.get(condition, "run")
         image = {"soft_prompt": "n/a", "dppmg_rl": "run" if self.runs.image_rl else "not run"}.get(condition, "run")
+        if not self.runs.image:
+            image = "n/a"
         return {"text": text, "image": image}
 
     @property
@@ -458,27 +475,31 @@ class _Generation:
     def catalogues(self, judge, image_featurize) -> Catalogues:
 
         folder = self.dataset_dir or dataset_root() / self.dataset
+        content = ItemContent.load(self.dataset, folder)
         posters = (
             self._posters
             if self._posters is not None
             else poster_files(self.dataset, self.image_settings["poster_dir"], folder)
+            if self.runs.image
+            else {}
         )
         known = set(self.tokens.item_ids[1:])
         posters = {i: p for i, p in posters.items() if i in known}
         height, width = self.image_settings["height"], self.image_settings["width"]
-        poster_ids, poster_features = real_poster_features(
-            posters, height, width, image_featurize, getattr(image_featurize, "cache_key", None)
+        poster_ids, poster_features = (
+            real_poster_features(posters, height, width, image_featurize, getattr(image_featurize, "cache_key", None))
+            if posters
+            else ([], np.zeros((0, 1), np.float32))
         )
         text = judge.catalogues["text"]
-        item_file = folder / f"{self.dataset}.item"
         return Catalogues(
             text.item_ids,
             text.features,
             poster_ids,
             poster_features,
-            run_target_texts(self.dataset, Path(self.runs.text), self.tokens, item_file),
+            run_target_texts(self.dataset, Path(self.runs.text), self.tokens, content),
             posters,
-            item_text_table(item_file, "{head}"),
+            {i: _caption(content, i) for i in content.item_ids},
         )
 
     # ------------------------------------------------------------------ text
@@ -509,6 +530,8 @@ class _Generation:
         import torch
 
         out: dict[str, dict[int, list]] = {}
+        if not self.runs.image:  # a text-only dataset
+            return out
         models = [("before", self.runs.image)] + ([("after", self.runs.image_rl)] if self.runs.image_rl else [])
         for which, run in models:
             model, _ = load_image_generator(run, self.vocabulary, dataset=self.dataset)
@@ -655,6 +678,12 @@ def _per_list(content: dict[str, dict[int, list]], featurize: Callable) -> dict[
                 done[id(items)] = featurize(items)
             out[condition][seed] = done[id(items)]
     return out
+
+
+def _caption(content: ItemContent, item: str) -> str:
+    """``Title (year) · tag, tag`` under a history poster in the gallery."""
+    tags = content.tags(item)[:3]
+    return content.head(item) + (" · " + ", ".join(tags) if tags else "")
 
 
 def _featurize_posters(featurize, images: list) -> np.ndarray:

@@ -290,16 +290,23 @@ def write_gallery(folder: Path, result: dict, tokens, catalogues, texts: dict, i
     conditions = [c for c in LABELS if c in texts or c in images]
     rows = []
     for j, user in enumerate(result["users"][: cfg["gallery_users"]]):
-        history = [i for i, _ in tokens.history(user, "train") if i in catalogues.posters][: cfg["gallery_history"]]
+        liked = [i for i, _ in tokens.history(user, "train")]
+        # with images: the liked items that have one; a text-only dataset: the liked items by title
+        history = ([i for i in liked if i in catalogues.posters] if catalogues.posters else liked)[
+            : cfg["gallery_history"]
+        ]
         cells = []
         for k, item in enumerate(history):
-            name = f"{user}_history{k}.png"
-            tensor_to_pil(load_poster(catalogues.posters[item], 144, 96)).save(pictures / name)
-            title = catalogues.item_titles.get(item, item)
-            cells.append(
-                f'<figure><img src="gallery/{html.escape(name)}" '
-                f'width="96"><figcaption>{html.escape(title)}</figcaption></figure>'
-            )
+            title = html.escape(catalogues.item_titles.get(item, item))
+            if item in catalogues.posters:
+                name = f"{user}_history{k}.png"
+                tensor_to_pil(load_poster(catalogues.posters[item], 144, 96)).save(pictures / name)
+                cells.append(
+                    f'<figure><img src="gallery/{html.escape(name)}" width="96">'
+                    f"<figcaption>{title}</figcaption></figure>"
+                )
+            else:
+                cells.append(f"<figure><figcaption>{title}</figcaption></figure>")
         codes = tokens.codes_for(user)
         token_text = " ".join(
             token_string(m, l, int(c)) for k, m in enumerate(tokens.modalities) for l, c in enumerate(codes[k])
@@ -316,11 +323,11 @@ def write_gallery(folder: Path, result: dict, tokens, catalogues, texts: dict, i
                 poster.save(pictures / name)
                 picture = f'<img src="gallery/{html.escape(name)}" width="128">'
             else:
+                state = result["conditions"][condition]["image"] if condition != "ceiling" else "no item"
                 picture = (
-                    '<p class="missing">'
-                    f"{html.escape(result['conditions'][condition]['image'] if condition != 'ceiling' else 'no item')}"
-                    "</p>"
+                    f'<p class="missing">{html.escape("no image" if state == "n/a" and not images else state)}</p>'
                 )
+
             text = texts[condition][seed][j] if condition in texts else result["conditions"][condition]["text"]
             block.append(f"<td><h3>{html.escape(LABELS[condition])}</h3>{picture}<p>{html.escape(text)}</p></td>")
         block.append("</tr></table>")

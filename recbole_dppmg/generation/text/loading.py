@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from recbole_dppmg.data.atomic import read_item_table
+from recbole_dppmg.data.item_content import ItemContent
 from recbole_dppmg.errors import CheckpointError, DataError
 from recbole_dppmg.generation.text.backbone import load_backbone
 from recbole_dppmg.generation.text.config import (
@@ -43,10 +43,16 @@ logger = logging.getLogger(__name__)
 
 
 def item_file(dataset: str) -> Path:
+    """The prepared ``.item`` file (its feature columns; item content goes through :func:`item_content`)."""
     path = dataset_root() / dataset / f"{dataset}.item"
     if not path.is_file():
         raise DataError(f"{path} is missing; run --stage prepare for dataset {dataset} first")
     return path
+
+
+def item_content(dataset: str) -> ItemContent:
+    """The dataset's items by role, checked for what the text generator needs (a description)."""
+    return ItemContent.load(dataset).require("description", "the text generator (its training targets)")
 
 
 def load_tokens(dataset: str, tokens_folder, cfg: dict, recorded: str | None = None):
@@ -79,27 +85,27 @@ def run_settings(run: Path) -> dict:
     return meta
 
 
-def target_texts(dataset: str, settings: dict, tokens, item_path: Path | None = None):
+def target_texts(dataset: str, settings: dict, tokens, content: ItemContent | None = None):
     """The warm-up targets (``TargetTexts``) in the shape a text config (or a run's recorded
     one) gives them."""
 
     settings = recorded_settings(settings)
-    path = item_path or item_file(dataset)
+    content = content or item_content(dataset)
     user_genres = None
     if user_field(settings["target_template"]):
         user_genres = UserGenres(
             tokens,
-            genres_by_item(read_item_table(path)),
+            genres_by_item(content),
             settings["user_genres_from"],
             settings["user_genres_count"],
-            settings["min_rating"],
+            content.like_threshold(settings["min_rating"]),
         )
-    return item_text_table(path, settings["target_template"], user_genres)
+    return item_text_table(content, settings["target_template"], user_genres)
 
 
-def run_target_texts(dataset: str, run: Path, tokens, item_path: Path | None = None):
+def run_target_texts(dataset: str, run: Path, tokens, content: ItemContent | None = None):
     """The targets in the shape warm-up ``run`` was trained on (its reference texts use it)."""
-    return target_texts(dataset, run_settings(Path(run))["text"], tokens, item_path)
+    return target_texts(dataset, run_settings(Path(run))["text"], tokens, content)
 
 
 def load_text_generator(run: Path, vocabulary, cfg: dict):

@@ -49,6 +49,7 @@ from recbole_dppmg.generation.text.injection import (
 )
 from recbole_dppmg.generation.text.loading import (
     generation_options,
+    item_content,
     item_file,
     load_soft_prompt,
     load_text_generator,
@@ -122,16 +123,26 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
     else:
         tokens = load_tokens(dataset, tokens_folder, cfg)
         init_run = _init_run(cfg, tokens)  # checked before the run folder exists
-        run = new_run_folder(saved_root(cfg), dataset, TEXT_GEN.name)
+        run = None  # made once the data is known to be usable: a failure leaves no folder behind
     vocabulary = PreferenceVocabulary(tokens)
-    texts = target_texts(dataset, cfg, tokens)
+    catalogue = item_content(dataset)
+    texts = target_texts(dataset, cfg, tokens, catalogue)
+    liked = catalogue.like_threshold(cfg["min_rating"])
     split = split_users(tokens.users, cfg["valid_users"], cfg["test_users"], cfg["seed"], cfg["train_users"])
     train_pairs = build_pairs(
-        tokens, split["train"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"], cfg["pair_choice"]
+        tokens, split["train"], texts, liked, cfg["pairs_per_user"], cfg["seed"], cfg["pair_choice"]
     )
     valid_pairs = build_pairs(
-        tokens, split["valid"], texts, cfg["min_rating"], cfg["pairs_per_user"], cfg["seed"] + 1, cfg["pair_choice"]
+        tokens, split["valid"], texts, liked, cfg["pairs_per_user"], cfg["seed"] + 1, cfg["pair_choice"]
     )
+    if not train_pairs or not valid_pairs:
+        raise DataError(
+            f"{dataset}: no {'training' if not train_pairs else 'validation'} pairs for the text generator: no "
+            f"training-split rating >= {liked} on an item with a description among those users "
+            "(text.min_rating, or the spec's like_rating)"
+        )
+    if run is None:
+        run = new_run_folder(saved_root(cfg), dataset, TEXT_GEN.name)
     valid_pairs = [
         valid_pairs[k]
         for k in sorted(np.random.default_rng(cfg["seed"]).permutation(len(valid_pairs))[: cfg["valid_pairs"]])
@@ -366,7 +377,7 @@ def evaluate_text_generation(
     vocabulary = PreferenceVocabulary(tokens)
     users = json.loads((run / "users.json").read_text())["test"][: ev["users"] or None]
 
-    items = read_item_table(item_file(dataset), with_features=True)
+    items = read_item_table(item_file(dataset), with_features=True)  # the text features of the catalogue
     catalogue = [i for i in tokens.item_ids[1:] if i in items.index]
     row_of = {item: k for k, item in enumerate(catalogue)}
     features = np.stack([np.asarray(items.loc[i, "text_feat"], dtype=np.float32) for i in catalogue])

@@ -24,7 +24,7 @@ from typing import Iterable
 
 import numpy as np
 
-from recbole_dppmg.errors import ConfigError
+from recbole_dppmg.data.item_content import MissingContentError
 from recbole_dppmg.generation.common.settings import GENRE_SOURCES, check_genre_settings  # noqa: F401  (re-exported)
 
 TOP_ITEMS = 20  # items of the token source
@@ -84,11 +84,11 @@ class UserGenres:
         return self._cache[user]
 
 
-def genres_by_item(frame) -> dict[str, list[str]]:
-    """``item_id -> [genre, ...]`` from a prepared ``.item`` table (RecBole token_seq column)."""
-    if "genres" not in frame.columns:
-        raise ConfigError(
-            "text.target_template uses {user_genres}, but the dataset's .item file has no genres column "
-            "(set text.target_template to a shape without it, e.g. '{head}: {plot}')"
+def genres_by_item(content) -> dict[str, list[str]]:
+    """``item_id -> [tag, ...]`` of a dataset's items (``ItemContent``'s tags role: genres, categories)."""
+    if not content.has("tags"):
+        raise MissingContentError(
+            f"text.target_template uses {{user_genres}}, but {content.dataset} has no item tags: set tags_field in "
+            "its prepare spec, or text.target_template to a shape without it, e.g. '{head}: {plot}'"
         )
-    return {str(item): str(g).split() if isinstance(g, str) else [] for item, g in frame["genres"].items()}
+    return content.tags_by_item()

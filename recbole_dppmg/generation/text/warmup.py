@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from recbole_dppmg.data.atomic import read_item_table
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
 from recbole_dppmg.generation.text.config import (
     PAIR_CHOICES,
@@ -44,19 +43,20 @@ CHECKPOINT = "checkpoint"
 
 # ---------------------------------------------------------------------------- data
 def item_target_text(
-    title: str, year, plot: str, genres: str = "", template: str = PLAIN_TARGET_TEMPLATE, user_genres: str = ""
+    title: str, year, plot: str, genres="", template: str = PLAIN_TARGET_TEMPLATE, user_genres: str = ""
 ) -> str:
     """An item's text in the shape of ``template``; ``{head}`` is "Title (year)" (or the title
-    alone without a year), ``{genres}`` the genres comma-separated (RecBole token_seq in),
-    ``{user_genres}`` the reader's genre profile (``generation/user_genres.py``)."""
+    alone without a year), ``{genres}`` the item's tags comma-separated (a list, or a RecBole
+    token_seq string), ``{plot}`` its description, ``{user_genres}`` the reader's tag profile
+    (``generation/user_genres.py``)."""
     title = str(title).strip()
     year = "" if year is None or (isinstance(year, float) and math.isnan(year)) else str(year).strip()
-    genres = ", ".join(str(genres).split()) if isinstance(genres, str) and genres.strip() else "unknown"
+    tags = genres if isinstance(genres, (list, tuple)) else (str(genres).split() if isinstance(genres, str) else [])
     return template.format(
         head=f"{title} ({year})" if year else title,
         title=title,
         year=year,
-        genres=genres,
+        genres=", ".join(tags) or "unknown",
         plot=str(plot).strip(),
         user_genres=user_genres,
     )
@@ -75,21 +75,23 @@ class TargetTexts(dict):
         return self._per_user(user, item) if self._per_user is not None else self[item]
 
 
-def item_text_table(item_path: Path, template: str = PLAIN_TARGET_TEMPLATE, user_genres=None) -> TargetTexts:
-    """Target texts (default "Title (year): plot") of every item of a prepared ``.item`` file
-    with a plot; ``user_genres`` (``user -> str``) fills a ``{user_genres}`` field."""
+def item_text_table(content, template: str = PLAIN_TARGET_TEMPLATE, user_genres=None) -> TargetTexts:
+    """Target texts (default "Title (year): plot") of every item of a dataset (``ItemContent``)
+    with a description; ``user_genres`` (``user -> str``) fills a ``{user_genres}`` field."""
 
     template = check_target_template(template)
     if user_field(template) and user_genres is None:
         raise ConfigError(f"text.target_template {template!r} needs the users' genre profiles")
-    frame = read_item_table(Path(item_path))
-    fields = {}
-    for item_id, row in frame.iterrows():
-        plot = row.get("description")
-        if isinstance(plot, str) and plot.strip() and float(row.get("description_mask", 1) or 0) > 0:
-            fields[str(item_id)] = (row["title"], row.get("year"), plot, row.get("genres"))
+    content.require("description", "the text generator (its training targets)")
+    fields = {
+        item: (content.title(item), content.year(item), content.description(item), content.tags(item))
+        for item in content.described_items()
+    }
     if not fields:
-        raise DataError(f"{item_path} has no item with a plot description to train the text generator on")
+        raise DataError(
+            f"{content.dataset}: no item has a description ({content.map.fields['description']} is empty everywhere) "
+            "to train the text generator on"
+        )
     texts = {item: item_target_text(*f, template=template, user_genres="{user_genres}") for item, f in fields.items()}
     if not user_field(template):
         return TargetTexts(texts)
