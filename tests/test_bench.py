@@ -126,3 +126,107 @@ def test_bench_stage1_profile_runs_tiny(tmp_path):
         str(tmp_path),
     )
     assert "DPPMG on synth-3000:" in out and "| own time % |" in out
+
+
+def test_make_rekeyed_ml100k_tiny(tmp_path, shared_data):
+    import yaml
+    from PIL import Image
+
+    from recbole_dppmg.data.atomic import read_atomic
+
+    out = tmp_path / "rk"
+    _run("bench/make_rekeyed_ml100k.py", "--max-items", "30", "--out", str(out))
+    inter = read_atomic(out / "ml-100k-rekeyed.inter")
+    items = read_atomic(out / "ml-100k-rekeyed.item")
+    assert list(inter.attrs["field_types"].items()) == [
+        ("uid", "token"),
+        ("mid", "token"),
+        ("stars", "float"),
+        ("ts", "float"),
+    ]
+    assert list(items.attrs["field_types"]) == ["mid", "name", "released", "tags", "plot", "cover"]
+    assert len(inter) > 0 and inter["uid"].str.startswith("u_").all() and inter["mid"].str.startswith("m_").all()
+    assert (inter["stars"] >= 3).all()
+    assert list(items["mid"]) == [f"m_{i}" for i in range(1, 31)] and set(inter["mid"]) <= set(items["mid"])
+    assert items.set_index("mid").loc["m_2", "tags"] == "Action|Adventure|Thriller"
+
+    formats, missing, corrupt = set(), 0, 0
+    for name in filter(None, items["cover"]):
+        path = out / "covers" / name
+        if not path.is_file():
+            missing += 1
+            continue
+        try:
+            with Image.open(path) as image:
+                image.load()
+                formats.add(image.format)
+        except OSError:
+            corrupt += 1
+    assert formats == {"PNG", "JPEG"} and (missing, corrupt) == (5, 1)
+
+    spec = yaml.safe_load((out / "ml-100k-rekeyed.prepare.yaml").read_text())
+    assert spec["source_dir"] == "." and spec["inter_file"] == "ml-100k-rekeyed.inter"
+    assert spec["user_id_field"] == "uid" and spec["item_id_field"] == "mid" and spec["tags_separator"] == "|"
+    assert spec["text_fields"] == ["name", "tags", "plot"] and spec["image_dir"] == "covers"
+    assert {"rating_field", "timestamp_field", "title_field", "year_field", "description_field", "tags_field"} <= set(
+        spec
+    )
+    assert "m_" in (out / "README.md").read_text()
+
+    again = subprocess.run(
+        [sys.executable, "bench/make_rekeyed_ml100k.py", "--max-items", "30", "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode != 0 and "--force" in again.stderr
+
+
+def _fake_pipeline(root, dataset, users, seconds):
+    """A finished pipeline folder with a dataset manifest and a report, as --stage all leaves them."""
+    import json
+
+    data_dir, folder = root / "dataset" / dataset, root / "saved" / dataset / "Pipeline-Jan-01-2027_00-00-00"
+    report = folder / "report"
+    for path in (data_dir, report):
+        path.mkdir(parents=True)
+    counts = {"users": users, "items": 30, "interactions": 500, "items_with_text": 30, "items_with_image": 24}
+    (data_dir / "manifest.json").write_text(json.dumps({"counts": {**counts, "images_failed": 1}}))
+    (report / "report.json").write_text(
+        json.dumps({"conditions": {"dppmg": {"text": "run"}}, "summary": {"dppmg": {"reward": {"mean": 0.5}}}})
+    )
+    (report / "report.md").write_text(
+        f"# Generation report: {dataset}\n\nintro\n\n| condition | reward |\n|---|---|\n"
+        f"| DPPMG before RL | 0.{users} |\n\n## What the rows and columns are\n"
+    )
+    stages = [
+        {"stage": "prepare", "status": "ran", "seconds": seconds, "output": str(data_dir), "note": None},
+        {"stage": "train", "status": "ran", "seconds": 2.0, "output": "x", "note": 'test {"ndcg@10": 0.25}'},
+        {"stage": "evaluate", "status": "ran", "seconds": 3.0, "output": str(report), "note": None},
+    ]
+    record = {"dataset": dataset, "profile": "quick", "stages": stages, "total_seconds": seconds + 5}
+    (folder / "pipeline.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_bench_any_dataset_table_from_pipelines(tmp_path):
+    import json
+
+    first = _fake_pipeline(tmp_path, "ml-100k-mm", 943, 1.5)
+    second = _fake_pipeline(tmp_path, "ml-100k-rekeyed", 660, 40.0)
+    out = tmp_path / "out" / "any"
+    _run("bench/bench_any_dataset.py", "--from-pipelines", str(first), str(second), "--out", str(out))
+    md = (tmp_path / "out" / "any.md").read_text()
+    assert "| | ml-100k-mm | ml-100k-rekeyed |" in md
+    assert (
+        "| users | 943 | 660 |" in md and "| images_failed | 1 | 1 |" in md and "| images_missing_file | – | – |" in md
+    )
+    assert "| prepare | 1.5 (ran) | 40.0 (ran) |" in md and "| rl_text | – | – |" in md
+    assert "| ndcg@10 | 0.25 | 0.25 |" in md
+    assert "| DPPMG before RL | 0.943 |" in md and "| DPPMG before RL | 0.660 |" in md
+    assert "Reproduce: `python bench/bench_any_dataset.py --datasets ml-100k-mm ml-100k-rekeyed --profile quick`" in md
+    result = json.loads((tmp_path / "out" / "any.json").read_text())
+    assert [d["dataset"] for d in result["datasets"]] == ["ml-100k-mm", "ml-100k-rekeyed"]
+    assert result["datasets"][1]["summary"]["dppmg"]["reward"]["mean"] == 0.5
+    assert result["datasets"][1]["counts"]["users"] == 660
