@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         default=None,
         help="all / rl / evaluate: settings profile "
-        "properties/profiles/<name>.yaml over the defaults (quick = the README quick start; "
-        "default: full = the defaults)",
+        "properties/profiles/<name>.yaml, or a YAML file of the same shape, over the defaults (quick = the README "
+        "quick start; default: full = the defaults)",
     )
     parser.add_argument(
         "--until",

@@ -19,7 +19,7 @@ from recbole.config import Config
 
 from recbole_dppmg.distributed import DIST_KEYS
 from recbole_dppmg.errors import ConfigError
-from recbole_dppmg.paths import PROPERTIES_DIR, REPO_ROOT, dataset_root
+from recbole_dppmg.paths import PROPERTIES_DIR, dataset_root, saved_path
 
 # RecBole resolves the name ml-100k to its bundled copy; everything else lives in dataset/.
 RECBOLE_BUNDLED_DATASETS = ("ml-100k",)
@@ -99,9 +99,7 @@ def build_config(
     files = property_files(model_class.__name__, dataset, config_files, values["data_path"])
     with _argv_isolated():
         config = Config(model=model_class, dataset=dataset, config_file_list=files, config_dict=values)
-    checkpoint_dir = Path(config["checkpoint_dir"])
-    if not checkpoint_dir.is_absolute():
-        config["checkpoint_dir"] = str(REPO_ROOT / checkpoint_dir)
+    config["checkpoint_dir"] = str(saved_path(config["checkpoint_dir"]))
     if config["use_gpu"] is False:
         config["device"] = torch.device("cpu")
     return config

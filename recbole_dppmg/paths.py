@@ -7,7 +7,8 @@ from recbole_dppmg.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROPERTIES_DIR = REPO_ROOT / "properties"
-SAVED_DIR = REPO_ROOT / "saved"
+# Run folders: ``$DPPMG_SAVED_DIR`` (read at import) or ``saved/`` in the repo.
+SAVED_DIR = Path(os.environ.get("DPPMG_SAVED_DIR", REPO_ROOT / "saved")).resolve()
 CACHE_DIR = REPO_ROOT / ".cache"
 
 
@@ -15,6 +16,15 @@ def dataset_root() -> Path:
     """Where prepared datasets live: ``$DPPMG_DATASET_DIR`` or ``dataset/`` in the repo. Stage 1
     (RecBole's ``data_path``) and every stage 2 step read the same folder."""
     return Path(os.environ.get("DPPMG_DATASET_DIR", REPO_ROOT / "dataset")).resolve()
+
+
+def saved_path(value: str | Path | None) -> Path:
+    """A ``checkpoint_dir`` setting as a folder: the default ``saved`` is :data:`SAVED_DIR`,
+    another relative path is relative to the repo, an absolute one is itself."""
+    if value in (None, "", "saved"):
+        return SAVED_DIR
+    path = Path(value)
+    return path if path.is_absolute() else REPO_ROOT / path
 
 
 def shared_dir() -> Path:

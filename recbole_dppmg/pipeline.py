@@ -111,10 +111,11 @@ EVALUATE_RUNTIME_KEYS = {"num_threads", "progress", "output_dir"}
 
 
 def load_profile(name: str | None) -> dict:
-    """``{section: overrides}`` of ``properties/profiles/<name>.yaml``; ``full`` or None = none."""
+    """``{section: overrides}`` of ``properties/profiles/<name>.yaml`` or of a YAML file given by
+    path (a profile of one's own); ``full`` or None = none."""
     if name in (None, "full"):
         return {s: {} for s in PROFILE_SECTIONS}
-    path = PROFILES_DIR / f"{name}.yaml"
+    path = Path(name) if str(name).endswith((".yaml", ".yml")) else PROFILES_DIR / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown profile {name!r}: no {path} (known: full, {', '.join(known)})")
@@ -323,9 +324,14 @@ class Pipeline:
     def _prepare(self):
 
         spec = Path(self.spec) if self.spec else find_spec_file(self.dataset)
-        if self.dataset not in KNOWN_DATASETS and spec is None:
-            return "skipped", None, "a plain RecBole dataset: nothing to prepare"
         before = read_manifest(self._data_dir()) or {}
+        recorded = (before.get("content") or {}).get("spec")
+        if spec is None and recorded and Path(recorded).is_file():
+            spec = Path(recorded)  # the spec this dataset was prepared from: checked for changes
+        if self.dataset not in KNOWN_DATASETS and spec is None:
+            if before:
+                return "skipped", self._data_dir(), "prepared earlier; its spec is gone, so it is used as it is"
+            return "skipped", None, "a plain RecBole dataset: nothing to prepare"
         folder = prepare_dataset(self.dataset, spec_file=spec, force=self.force_prepare)
         after = read_manifest(folder) or {}
         hit = bool(before) and before.get("cache_key") == after.get("cache_key") and not self.force_prepare

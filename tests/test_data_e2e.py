@@ -16,6 +16,7 @@ import pytest
 
 from recbole_dppmg.data import sources
 from recbole_dppmg.data.atomic import read_atomic, read_item_table, write_atomic
+from recbole_dppmg.data.cache import PIPELINE_VERSION
 from recbole_dppmg.data.prepare import is_prepared, prepare_dataset
 from recbole_dppmg.data.sources import PLACEHOLDER_PREFIX
 from recbole_dppmg.paths import dataset_root, shared_dir
@@ -103,7 +104,12 @@ def test_real_encoders_on_a_slice(tmp_path, monkeypatch):
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(not is_prepared("ml-100k-mm"), reason="dataset/ml-100k-mm not prepared (run the prepare stage)")
+@pytest.mark.skipif(
+    not is_prepared("ml-100k-mm")
+    or json.loads((dataset_root() / "ml-100k-mm" / "manifest.json").read_text()).get("format_version")
+    != PIPELINE_VERSION,
+    reason="dataset/ml-100k-mm not prepared by this version (run the prepare stage)",
+)
 def test_full_build_loads_in_recbole():
     dataset = recbole_dataset(dataset_root(), "ml-100k-mm")
     assert (dataset.user_num - 1, dataset.item_num - 1, dataset.inter_num) == (943, 1682, 100000)

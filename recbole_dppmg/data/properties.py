@@ -21,7 +21,7 @@ def _value(value) -> str:
 
 def _line(key: str, value, comment: str, indent: int = 0) -> str:
     text = " " * indent + f"{key}: {_value(value)}"
-    return f"{text:<36}# {comment}"
+    return f"{text:<35} # {comment}"
 
 
 def property_file(dataset: str, inter_columns: list[tuple[str, str]], manifest: dict, has_split_files: bool) -> str:
@@ -106,6 +106,16 @@ def property_file(dataset: str, inter_columns: list[tuple[str, str]], manifest: 
         ),
         _line("text_mask_field", "text_mask", "(str) float field: 1.0 if the item has a text feature, else 0.0."),
         _line("image_mask_field", "image_mask", "(str) float field: 1.0 if the item's image decoded, else 0.0."),
+    ]
+    missing = [m for m in widths if not manifest["counts"].get(f"items_with_{m}")]
+    lines += [
+        "",
+        _line(
+            "missing_modalities",
+            missing,
+            "(list) Modalities no item has; models leave these channels out"
+            + (f" ({', '.join(missing)}: set image_field / text_fields in the spec to add them)." if missing else "."),
+        ),
     ]
     if has_split_files:
         lines += [

@@ -12,6 +12,7 @@ of a shape error deep inside a forward pass.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ from recbole_dppmg.errors import ConfigError, DataError
 
 ID_MODALITY = "id"  # the optional ID-only channel: learned embeddings, no feature field
 FEATURE_NORMS = ("zscore", "standard", "l2", "none")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,11 +50,26 @@ def modality_names(value) -> list[str] | None:
 
 
 def parse_modalities(config) -> list[str]:
-    """The ``modalities`` key as a list of unique names (a list or ``"text,image"``)."""
+    """The ``modalities`` key as a list of unique names (a list or ``"text,image"``), less the
+    ones the dataset has no item for (``missing_modalities``, written by ``prepare`` into the
+    dataset's property file: a text-only catalogue trains the text and id channels)."""
     names = modality_names(config["modalities"])
     if names is None or len(set(names)) != len(names):
         raise ConfigError(f"modalities must be a non-empty list of distinct names, got {config['modalities']!r}")
-    return names
+    missing = set(config["missing_modalities"] or []) if "missing_modalities" in config else set()
+    kept = [n for n in names if n not in missing]
+    if kept != names:
+        if not kept:
+            raise ConfigError(
+                f"modalities {names} are all missing from dataset {config['dataset']} (missing_modalities)"
+            )
+        logger.warning(
+            "dataset %s has no item with %s: the model uses the channels %s",
+            config["dataset"],
+            " or ".join(sorted(set(names) - set(kept))),
+            ", ".join(kept),
+        )
+    return kept
 
 
 def dataset_key(config, key: str):

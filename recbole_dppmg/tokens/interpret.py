@@ -28,7 +28,7 @@ def _item_labels(config, item_ids: list[str]) -> tuple[list[str], list[list[str]
     through the dataset's ``ItemContent``; ids alone for a dataset without a content map."""
     labels, tags = list(item_ids), [[] for _ in item_ids]
     try:
-        content = ItemContent.load(config["dataset"], Path(config["data_path"]) / config["dataset"])
+        content = ItemContent.load(config["dataset"], Path(config["data_path"]))  # RecBole joins the name
     except DataError as error:  # a plain RecBole dataset keeps the ids
         logger.warning(f"codes.md uses item ids: {error}")
         return labels, tags

@@ -166,10 +166,10 @@ def train_image_generator(
     ``posters`` / ``codec`` replace the dataset's posters and the autoencoder (tests)."""
 
     settings = load_settings("image", config)
+    # the dataset's images first: a dataset without them says so at once and leaves no run folder
+    posters, liked = training_images(dataset, settings["poster_dir"], settings["min_rating"], posters)
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
     vocab = PreferenceVocabulary(tokens)
-    # the dataset's images first: a dataset without them leaves no run folder behind
-    posters, liked = training_images(dataset, settings["poster_dir"], settings["min_rating"], posters)
     folder = Path(out_dir) if out_dir else new_run_folder(SAVED_DIR, dataset, IMAGE_GEN.name)
     if resume and not (folder / STATE_FILE).is_file():
         raise CheckpointError(f"nothing to resume in {folder} (no {STATE_FILE})")

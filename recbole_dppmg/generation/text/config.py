@@ -18,7 +18,7 @@ from recbole_dppmg.generation.common.settings import (  # noqa: F401  (re-export
     check_target_template,
     load_settings,
 )
-from recbole_dppmg.paths import REPO_ROOT, SAVED_DIR
+from recbole_dppmg.paths import SAVED_DIR, saved_path
 from recbole_dppmg.runs import TEXT_GEN, newest_finished_run
 from recbole_dppmg.tokens.export import newest_token_export  # noqa: F401  (re-exported for the text stage)
 
@@ -41,8 +41,7 @@ def recorded_settings(recorded: dict) -> TextSettings:
 
 
 def saved_root(config: dict) -> Path:
-    root = Path(config.get("checkpoint_dir") or SAVED_DIR)
-    return root if root.is_absolute() else REPO_ROOT / root
+    return saved_path(config.get("checkpoint_dir"))
 
 
 def newest_generator_run(dataset: str, root: Path | None = None) -> Path:

@@ -91,6 +91,7 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
 
     cfg = load_settings("text", config)
     _threads(cfg)
+    catalogue = item_content(dataset)  # first: a dataset without item texts says so before anything loads
     if cfg.get("resume"):
         run = Path(cfg["resume"])
         previous = run_settings(run)
@@ -125,7 +126,6 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
         init_run = _init_run(cfg, tokens)  # checked before the run folder exists
         run = None  # made once the data is known to be usable: a failure leaves no folder behind
     vocabulary = PreferenceVocabulary(tokens)
-    catalogue = item_content(dataset)
     texts = target_texts(dataset, cfg, tokens, catalogue)
     liked = catalogue.like_threshold(cfg["min_rating"])
     split = split_users(tokens.users, cfg["valid_users"], cfg["test_users"], cfg["seed"], cfg["train_users"])
