@@ -59,6 +59,7 @@ SPEC_KEYS = [
     ("item_id_field", "mid", "item id column (string ids m_<ml-100k id>)"),
     ("rating_field", "stars", "rating column (only ratings >= 3 are in the file)"),
     ("timestamp_field", "ts", "unix time of the rating"),
+    ("like_rating", 4, "liked from 4 stars, as on ml-100k-mm (the data's own 3-5 range would give 4.5)"),
     ("title_field", "name", "movie title, shown in the dataset card"),
     ("year_field", "released", "release year"),
     ("description_field", "plot", "plot text; empty where ml-100k-mm has none or only a placeholder"),
@@ -153,6 +154,8 @@ def spec_text(name: str) -> str:
             text = "[" + ", ".join(value) + "]"
         elif value == TAGS_SEPARATOR:
             text = f'"{value}"'
+        elif not isinstance(value, str):
+            text = str(value)
         else:
             text = value.format(name=name)
         lines.append(f"{key}: {text}".ljust(36) + f" # {comment}")

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from data_fixtures import (
     IMAGE_DIM,
     TEXT_DIM,
@@ -260,3 +261,62 @@ def test_a_second_prepare_waits_for_the_first(tmp_path):
         fcntl.flock(held, fcntl.LOCK_UN)
     worker.join(timeout=30)
     assert not worker.is_alive() and is_prepared("tiny", tmp_path / "dataset")
+
+
+def test_the_manifest_maps_roles_and_the_property_file_loads_rating_and_timestamp(tmp_path):
+    spec = write_user_dataset(tmp_path, extra_spec={"description_field": "plot", "like_rating": 2})
+    folder = build(tmp_path, spec)
+    content = manifest_of(folder)["content"]
+    assert content["fields"] == {"title": "title", "year": None, "description": "plot", "tags": None, "image": "image"}
+    assert content["rating"] == {"source_field": "rating", "like_rating": 2.0, "min": 1.0, "max": 3.0}
+    assert content["image_dir"] == str((tmp_path / "raw" / "images").resolve()) and content["spec"] == str(spec)
+    properties = yaml.safe_load((folder / "tiny.yaml").read_text())
+    assert (properties["RATING_FIELD"], properties["TIME_FIELD"]) == ("rating", "timestamp")
+    assert properties["load_col"]["inter"] == ["user_id", "item_id", "rating", "timestamp"]
+    assert properties["missing_modalities"] == []
+
+
+def test_a_renamed_rating_is_found_and_an_implicit_dataset_has_none(tmp_path):
+    inter = [f"u{u}\ti{1 + (u + k) % 5}\t{2 * k}\t{k}" for u in range(1, 5) for k in range(3)]
+    write_user_dataset(tmp_path, inter_rows=inter)
+    raw = tmp_path / "raw" / "tiny.inter"
+    raw.write_text(raw.read_text().replace("rating:float\ttimestamp:float", "stars:float\twhen:float"))
+    spec = tmp_path / "tiny.prepare.yaml"
+    values = yaml.safe_load(spec.read_text())
+    spec.write_text(yaml.safe_dump({**values, "rating_field": "stars"}))
+    folder = build(tmp_path, spec)
+    assert manifest_of(folder)["content"]["rating"]["like_rating"] == 3.0  # 3/4 up 0-4
+    assert read_atomic(folder / "tiny.inter").columns.tolist() == ["user_id", "item_id", "rating", "when"]
+    properties = yaml.safe_load((folder / "tiny.yaml").read_text())
+    assert properties["TIME_FIELD"] is None and properties["load_col"]["inter"] == ["user_id", "item_id", "rating"]
+
+    spec.write_text(yaml.safe_dump(values))  # no rating_field and no column called rating: implicit feedback
+    folder = build(tmp_path, spec, force=True)
+    assert manifest_of(folder)["content"]["rating"] is None
+    assert yaml.safe_load((folder / "tiny.yaml").read_text())["RATING_FIELD"] is None
+
+
+@pytest.mark.parametrize(
+    "extra, inter_header, message",
+    [
+        ({"rating_field": "stars"}, None, "sets rating_field: stars, but the header has no such column"),
+        ({"rating_field": "user"}, None, "rating_field column 'user' must be of type float, not token"),
+        ({"timestamp_field": "when"}, None, "sets timestamp_field: when, but the header has no such column"),
+        ({"like_rating": "lots"}, None, "like_rating must be a number, not 'lots'"),
+        ({"description_field": "blurb"}, None, "names field 'blurb' \\(description_field\\), which the file lacks"),
+        ({"tags_field": ["a", "b"]}, None, "tags_field must be a column name"),
+        ({"image_dir": None}, None, "image_field is set but image_dir is not"),
+    ],
+)
+def test_bad_role_keys_name_the_key_and_leave_nothing(tmp_path, extra, inter_header, message):
+    spec = write_user_dataset(tmp_path, extra_spec=extra)
+    with pytest.raises(DataError, match=message):
+        build(tmp_path, spec)
+    assert not (tmp_path / "dataset" / "tiny").exists() and leftovers(tmp_path / "dataset") == []
+
+
+def test_an_empty_rating_names_the_row(tmp_path):
+    inter = [f"u{u}\ti{1 + (u + k) % 5}\t{'' if (u, k) == (2, 1) else 4}\t{k}" for u in range(1, 5) for k in range(3)]
+    spec = write_user_dataset(tmp_path, inter_rows=inter, extra_spec={"rating_field": "rating"})
+    with pytest.raises(DataError, match="rating_field column 'rating' is empty in 1 row"):
+        build(tmp_path, spec)

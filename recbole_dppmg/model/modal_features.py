@@ -56,16 +56,15 @@ def parse_modalities(config) -> list[str]:
     names = modality_names(config["modalities"])
     if names is None or len(set(names)) != len(names):
         raise ConfigError(f"modalities must be a non-empty list of distinct names, got {config['modalities']!r}")
-    missing = set(config["missing_modalities"] or []) if "missing_modalities" in config else set()
+    missing = set(dataset_key(config, "missing_modalities") or [])  # a dataset property, not a model key
     kept = [n for n in names if n not in missing]
+    dataset = dataset_key(config, "dataset")
     if kept != names:
         if not kept:
-            raise ConfigError(
-                f"modalities {names} are all missing from dataset {config['dataset']} (missing_modalities)"
-            )
+            raise ConfigError(f"modalities {names} are all missing from dataset {dataset} (missing_modalities)")
         logger.warning(
             "dataset %s has no item with %s: the model uses the channels %s",
-            config["dataset"],
+            dataset,
             " or ".join(sorted(set(names) - set(kept))),
             ", ".join(kept),
         )
