@@ -31,6 +31,7 @@ from PIL import Image
 
 from recbole_dppmg.data.atomic import read_atomic, sanitize_text, write_atomic
 from recbole_dppmg.data.sources import PLACEHOLDER_PREFIX, recbole_ml100k_dir
+from recbole_dppmg.folders import swap_into_place
 from recbole_dppmg.paths import CACHE_DIR, shared_dir
 
 logger = logging.getLogger("make_rekeyed_ml100k")
@@ -281,14 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = build(args, tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private
-        if out.exists():
-            old = out.parent / f".{out.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        swap_into_place(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from image_fixtures import TINY_MODEL
 from PIL import Image
-from text_tiny import tiny_lm, tiny_tokenizer
+from text_tiny import tiny_lm, tiny_text_settings, tiny_tokenizer
 
 from recbole_dppmg.data.item_content import ItemContent, MissingContentError
 from recbole_dppmg.data.prepare import prepare_dataset
@@ -103,17 +103,7 @@ def tiny_profile(root: Path) -> Path:
             "checkpoint_dir": str(root / "saved"),
         },
         "text": {
-            "backbone": str(backbone),
-            "checkpoint_dir": str(root / "saved"),
-            **split,
-            "max_steps": 2,
-            "batch_size": 2,
-            "eval_steps": 2,
-            "save_steps": 2,
-            "valid_pairs": 2,
-            "max_target_tokens": 8,
-            "progress": False,
-            "num_threads": 1,
+            **tiny_text_settings(backbone, root, split),
             "generate": {"max_new_tokens": 4, "batch_size": 4, "guidance": 1.0},
         },
         "image": {

@@ -10,7 +10,7 @@ import pytest
 from data_fixtures import movie_content, write_content_manifest
 from image_fixtures import tiny_settings, write_tiny_posters
 from judge_fixtures import tiny_export
-from text_tiny import GENRES, patch_everywhere, tiny_lm, tiny_tokenizer
+from text_tiny import GENRES, patch_everywhere, tiny_lm, tiny_text_settings, tiny_tokenizer
 
 from recbole_dppmg.errors import CheckpointError, ConfigError
 from recbole_dppmg.generation.common.settings import load_settings
@@ -69,20 +69,7 @@ def tiny_run(tmp_path_factory):
     backbone = root / "tiny-lm"
     tiny_lm(tokenizer).save_pretrained(backbone)
     tokenizer.save_pretrained(backbone)
-    text_cfg = {
-        "backbone": str(backbone),
-        "checkpoint_dir": str(root / "saved"),
-        **SPLIT,
-        "max_steps": 2,
-        "batch_size": 2,
-        "eval_steps": 2,
-        "save_steps": 2,
-        "valid_pairs": 2,
-        "max_target_tokens": 8,
-        "progress": False,
-        "num_threads": 1,
-        "generate": {"max_new_tokens": 4, "batch_size": 4},
-    }
+    text_cfg = tiny_text_settings(backbone, root, SPLIT)
     with pytest.MonkeyPatch.context() as patch:
         patch_everywhere(patch, text_pipeline.item_file, lambda dataset: item_file)
         patch_everywhere(patch, text_pipeline.item_content, lambda dataset: movie_content(item_file))

@@ -187,3 +187,21 @@ def tiny_text_stage(tmp_path, monkeypatch, text_features=None):
         "num_threads": 1,
     }
     return tokens, config
+
+
+def tiny_text_settings(backbone, root, split: dict) -> dict:
+    """``text`` settings of a two-step warm-up of the tiny LM saved at ``backbone``."""
+    return {
+        "backbone": str(backbone),
+        "checkpoint_dir": str(root / "saved"),
+        **split,
+        "max_steps": 2,
+        "batch_size": 2,
+        "eval_steps": 2,
+        "save_steps": 2,
+        "valid_pairs": 2,
+        "max_target_tokens": 8,
+        "progress": False,
+        "num_threads": 1,
+        "generate": {"max_new_tokens": 4, "batch_size": 4},
+    }

@@ -21,6 +21,7 @@ import torch
 from safetensors.numpy import save_file
 
 from recbole_dppmg.errors import CheckpointError
+from recbole_dppmg.folders import swap_into_place
 from recbole_dppmg.model.dppmg import DPPMG
 from recbole_dppmg.model.modal_features import (
     ID_MODALITY,
@@ -278,13 +279,7 @@ def export_tokens(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{int(time.time())}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        swap_into_place(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

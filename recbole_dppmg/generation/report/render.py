@@ -29,6 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
+from recbole_dppmg.folders import swap_into_place
 from recbole_dppmg.generation.image.data import load_poster, tensor_to_pil
 from recbole_dppmg.runs import rl_phases  # noqa: E402
 from recbole_dppmg.tokens.format import token_string
@@ -76,14 +77,7 @@ def write_report(out_dir: Path, result: dict, tokens, catalogues, texts: dict, i
         (tmp / "report.md").write_text(markdown(result, curves is not None))
         _write_samples(tmp / "samples.jsonl", result, tokens, texts)
         write_gallery(tmp, result, tokens, catalogues, texts, images)
-        if target.exists():
-            old = out_dir / f".{REPORT}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        swap_into_place(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
