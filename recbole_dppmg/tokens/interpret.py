@@ -69,7 +69,7 @@ def write_code_report(folder: Path, config, codes, codebooks, items, user_items,
         "",
         "For every code: users holding it, the items scoring highest against its codebook vector "
         "more than the other codes of its level do (level 0: the preference; deeper levels: the direction the code "
-        "adds), and the genres most "
+        "adds), and the tags (genres, categories) most "
         "over-represented in its holders' training items (lift over all users). Items with fewer than "
         f"{MIN_ITEM_RATINGS} training ratings are not shown.",
         "",
@@ -85,7 +85,7 @@ def write_code_report(folder: Path, config, codes, codebooks, items, user_items,
             lines += [
                 f"## {m}, level {level} ({int((counts > 0).sum())}/{size} codes used)",
                 "",
-                "| token | users | top items | genres (lift) |",
+                "| token | users | top items | tags (lift) |",
                 "|---|---|---|---|",
             ]
             for code in np.argsort(-counts):
