@@ -552,6 +552,7 @@ class EvaluateSettings(Section):
     image_run: str | None = rule()
     text_rl_run: str | None = rule()
     image_rl_run: str | None = rule()
+    split: str = rule(choices=("valid", "test"))
     users: int | None = rule()
     fd_users: int | None = rule()
     seeds: list[int] = rule()
