@@ -108,6 +108,8 @@ def test_report_on_a_tiny_run(tiny_run):
     assert len(result["users"]) == 4 and result["seeds"] == [0, 1]
     assert set(result["per_seed"]) == {
         "no_tokens",
+        "population",
+        "history",
         "shuffled",
         "soft_prompt",
         "dppmg",
@@ -154,6 +156,9 @@ def test_report_on_a_tiny_run(tiny_run):
     ):
         assert f"| {label}" in table
     assert "## Personalization: own minus shuffled" in table and "real-vs-real floor" in table
+    assert "| population prompt" in table and "| history prompt" in table
+    history = json.loads((text_run / "warmup.json").read_text())["history_prompt"]
+    assert history["steps"] == 2 and history["trainable_parameters"] > 0
     soft_row = next(line for line in table.splitlines() if line.startswith("| continuous soft prompt"))
     assert "n/a" in soft_row
     assert "condition,metric,mean,std,min,max,seeds" in (report / "report.csv").read_text()

@@ -41,6 +41,7 @@ def test_warmup_generate_evaluate(setup):
     run = text_pipeline.train_text_generator("tiny-text", None, config)
     summary = json.loads((run / "warmup.json").read_text())
     assert summary["dppmg"]["steps"] == 2 and summary["soft_prompt"]["steps"] == 2 and summary["users"]["test"] == 4
+    assert summary["population_prompt"]["steps"] == 2 and summary["history_prompt"]["trainable_parameters"] > 0
     split = json.loads((run / "users.json").read_text())
     out = text_pipeline.run_generate_text("tiny-text", ["u1", "u2"], None, config)
     rows = [json.loads(line) for line in (out / "texts.jsonl").read_text().splitlines()]
@@ -51,7 +52,7 @@ def test_warmup_generate_evaluate(setup):
     )
     result = json.loads((report / "text_eval.json").read_text())
     rows = {r["condition"]: r for r in result["rows"]}
-    assert list(rows) == ["dppmg", "no_tokens", "shuffled", "soft_prompt", "real_liked_item"]
+    assert list(rows) == ["dppmg", "no_tokens", "shuffled", "soft_prompt", "population", "history", "real_liked_item"]
     assert all(r["users"] == 4 and 0 <= r["hit@10"] <= 1 for r in rows.values()) and result["seeds"] == [0, 1]
     assert rows["dppmg"]["hit@10_per_seed"] != [] and len(rows["no_tokens"]["hit@10_per_seed"]) == 2
     assert (

@@ -106,8 +106,15 @@ logger = logging.getLogger(__name__)
 
 # real content, one item per user (None: no such item): the reference and the non-personal controls
 REAL_CONDITIONS = ("ceiling", "constant_popular", "unseen_popular")
-CONDITIONS = ("no_tokens", "shuffled", "soft_prompt", "dppmg", "dppmg_rl", *REAL_CONDITIONS)
-TEXT_GENERATED = {"no_tokens": "no_tokens", "shuffled": "shuffled", "soft_prompt": "soft_prompt", "dppmg": "dppmg"}
+CONDITIONS = ("no_tokens", "population", "history", "shuffled", "soft_prompt", "dppmg", "dppmg_rl", *REAL_CONDITIONS)
+TEXT_GENERATED = {
+    "no_tokens": "no_tokens",
+    "population": "population",
+    "history": "history",
+    "shuffled": "shuffled",
+    "soft_prompt": "soft_prompt",
+    "dppmg": "dppmg",
+}
 IMAGE_MODES = {"no_tokens": "none", "shuffled": "shuffled", "dppmg": "tokens"}
 RUN_PREFIX = REPORT.name
 
@@ -535,7 +542,14 @@ class _Generation:
 
     def status(self, condition: str) -> dict:
         text = {"dppmg_rl": "run" if self.runs.text_rl else "not run"}.get(condition, "run")
-        image = {"soft_prompt": "n/a", "dppmg_rl": "run" if self.runs.image_rl else "not run"}.get(condition, "run")
+        if condition in ("population", "history") and not (Path(self.runs.text) / f"{condition}_prompt").is_dir():
+            text = "not run"
+        image = {
+            "soft_prompt": "n/a",
+            "population": "n/a",  # the image generator's population baseline is its null conditioning: no tokens
+            "history": "n/a",
+            "dppmg_rl": "run" if self.runs.image_rl else "not run",
+        }.get(condition, "run")
         if not self.runs.image:
             image = "n/a"
         return {"text": text, "image": image}
@@ -549,7 +563,7 @@ class _Generation:
     def catalogues(self, judge, image_featurize) -> Catalogues:
 
         folder = self.dataset_dir or dataset_root() / self.dataset
-        content = ItemContent.load(self.dataset, folder)
+        content = self.content = ItemContent.load(self.dataset, folder)
         posters = (
             self._posters
             if self._posters is not None
@@ -582,8 +596,12 @@ class _Generation:
         """Texts per condition and seed for ``users``; ``real`` = the real-content conditions' texts."""
 
         out: dict[str, dict[int, list[str]]] = {}
-        before = TextConditions(self.dataset, Path(self.runs.text), self.tokens, self.vocabulary, self.text_cfg)
+        before = TextConditions(
+            self.dataset, Path(self.runs.text), self.tokens, self.vocabulary, self.text_cfg, content=self.content
+        )
         for condition, name in TEXT_GENERATED.items():
+            if name in ("population", "history") and not (Path(self.runs.text) / f"{name}_prompt").is_dir():
+                continue  # a warm-up from before these baselines existed: their rows read "not run"
             out[condition] = {
                 seed: before.generate(name, users, seed, shuffled_user_map(self.pool, seed))
                 for seed in self.cfg["seeds"]

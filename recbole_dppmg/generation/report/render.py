@@ -36,7 +36,9 @@ from recbole_dppmg.tokens.format import token_string
 
 REPORT = "report"
 LABELS = {
-    "no_tokens": "no tokens",
+    "no_tokens": "no tokens (base LM)",
+    "population": "population prompt",
+    "history": "history prompt",
     "shuffled": "shuffled tokens",
     "soft_prompt": "continuous soft prompt",
     "dppmg": "DPPMG before RL",

@@ -30,6 +30,7 @@ from recbole_dppmg.generation.common.settings import TEXT_CONDITIONS, load_setti
 from recbole_dppmg.generation.common.user_split import split_users
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.text.backbone import load_backbone
+from recbole_dppmg.generation.text.baselines import HistoryText, PopulationPromptConditioner
 from recbole_dppmg.generation.text.config import (
     newest_generator_run,
     recorded_settings,
@@ -51,6 +52,7 @@ from recbole_dppmg.generation.text.loading import (
     generation_options,
     item_content,
     item_file,
+    load_prompt_baseline,
     load_soft_prompt,
     load_text_generator,
     load_tokens,
@@ -201,6 +203,18 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
             soft = SoftPromptConditioner.build(model, tokenizer, tokens, seed=cfg["seed"], content=content)
         state = train_conditioner(model, tokenizer, soft, train_pairs, valid_pairs, texts, cfg, run / "soft_prompt")
         summary["soft_prompt"] = _phase_summary(state, time.perf_counter() - start, soft.parameters())
+    for name in ("population", "history"):  # the matched baselines: same pairs, steps, format; no tokens
+        if not cfg[f"{name}_prompt"]:
+            continue
+        start = time.perf_counter()
+        model, tokenizer = load_backbone(cfg["backbone"], cfg["dtype"], cfg["device"])
+        add_preference_tokens(model, tokenizer, vocabulary.strings)
+        history = HistoryText(tokens, catalogue, cfg["history_items"]) if name == "history" else None
+        prompt = PopulationPromptConditioner.build(model, tokenizer, tokens, cfg["seed"], content, history)
+        state = train_conditioner(
+            model, tokenizer, prompt, train_pairs, valid_pairs, texts, cfg, run / f"{name}_prompt"
+        )
+        summary[f"{name}_prompt"] = _phase_summary(state, time.perf_counter() - start, prompt.parameters())
     (run / "warmup.json").write_text(json.dumps(summary, indent=2))
     logger.info("text warm-up done: %s", json.dumps({k: v for k, v in summary.items() if isinstance(v, dict)}))
     return run
@@ -304,11 +318,19 @@ class TextConditions:
     Shared by :func:`evaluate_text_generation` and the report (``generation/report.py``)."""
 
     def __init__(
-        self, dataset: str, run: Path, tokens, vocabulary, cfg: dict, item_texts: dict[str, str] | None = None
+        self,
+        dataset: str,
+        run: Path,
+        tokens,
+        vocabulary,
+        cfg: dict,
+        item_texts: dict[str, str] | None = None,
+        content=None,
     ):
         self.dataset, self.run, self.tokens, self.vocabulary, self.cfg = dataset, Path(run), tokens, vocabulary, cfg
-        self._item_texts = item_texts
+        self._item_texts, self._content = item_texts, content
         self._lm = self._soft = None
+        self._prompts: dict[str, tuple] = {}
 
     @property
     def lm(self):
@@ -320,6 +342,10 @@ class TextConditions:
         """Load what condition ``name`` needs (so that generation can be timed alone)."""
         if name == "soft_prompt" and self._soft is None:
             self._soft = load_soft_prompt(self.run, self.tokens, self.vocabulary, self.cfg)
+        elif name in ("population", "history") and name not in self._prompts:
+            self._prompts[name] = load_prompt_baseline(
+                self.run, name, self.tokens, self.vocabulary, self.cfg, self._content
+            )
         elif name == "real_liked_item" and self._item_texts is None:
             self._item_texts = run_target_texts(self.dataset, self.run, self.tokens)
         elif name in ("dppmg", "no_tokens", "shuffled", "soft_prompt"):
@@ -335,6 +361,11 @@ class TextConditions:
         self.prepare(name)
         if name == "real_liked_item":
             return [self._liked_text(u) for u in users]
+        if name in ("population", "history"):
+            model, tokenizer, prompt = self._prompts[name]
+            return generate_texts(
+                model, tokenizer, prompt, users, **{**generation_options(self.cfg, self.lm.token_ids), "seed": seed}
+            )
         if name == "soft_prompt":
             model, tokenizer, soft = self._soft
             return generate_texts(
@@ -358,6 +389,7 @@ class TextConditions:
     def release(self) -> None:
         """Drop the loaded generators (the next condition may load other ones)."""
         self._lm = self._soft = None
+        self._prompts = {}
 
 
 def evaluate_text_generation(
