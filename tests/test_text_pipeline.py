@@ -65,6 +65,17 @@ def test_warmup_generate_evaluate(setup):
         np.mean(rows["dppmg"]["per_user_ndcg"]) - np.mean(rows["shuffled"]["per_user_ndcg"])
     )
     assert 0 < result["random_hit@10"] < 1 and "DPPMG - this" in (report / "text_eval.md").read_text()
+    assert result["split"] == "test" and "own - shuffled NDCG@10" in (report / "text_eval.md").read_text()
+    for row in rows.values():
+        g = row["gap_ndcg@10"]
+        assert g is None or g["ci95"][0] <= g["mean"] <= g["ci95"][1]
+    assert rows["real_liked_item"]["gap_ndcg@10"] is not None  # the user's own liked item: personal content
+    split = json.loads((run / "users.json").read_text())
+    valid = text_pipeline.evaluate_text_generation(
+        "tiny-text", None, {**config, "evaluate": {"users": 3, "seeds": [0], "split": "valid"}}, encoder=encoder
+    )
+    samples = [json.loads(line) for line in (valid / "samples.jsonl").read_text().splitlines()]
+    assert {s["user"] for s in samples} <= set(split["valid"]) and not {s["user"] for s in samples} & set(split["test"])
     samples = [json.loads(line) for line in (report / "samples.jsonl").read_text().splitlines()]
     assert (
         len(samples) == 8

@@ -265,6 +265,7 @@ class TextEvaluateSettings(Section):
     """``text.evaluate``: the text-only evaluation on held-out users."""
 
     LABEL: ClassVar[str] = "text generator"
+    split: str = rule(choices=("valid", "test"))
     users: int | None = rule(ge=1)
     seeds: list[int] | None = rule()
     bootstrap: int = rule(ge=1)
