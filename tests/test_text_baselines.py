@@ -52,3 +52,19 @@ def test_population_prompt_is_the_same_for_everyone_and_history_is_not(tmp_path)
     folder = population.save(tmp_path / "population_prompt")
     loaded = PopulationPromptConditioner.load(folder, model, tokenizer)
     assert torch.equal(loaded.vectors, population.vectors) and loaded.slot_strings == population.slot_strings
+
+
+def test_a_text_generator_routed_to_text_tokens_prompts_with_those_only(tmp_path):
+    from recbole_dppmg.generation.text.generate import TokenConditioner
+    from recbole_dppmg.generation.text.injection import inject_preference_tokens, load_preference_lm
+
+    tokens = FakeTokens(n_users=4)
+    vocabulary = PreferenceVocabulary(tokens)
+    tokenizer = tiny_tokenizer()
+    lm = inject_preference_tokens(tiny_lm(tokenizer), tokenizer, vocabulary, channels=["text"])
+    text = TokenConditioner(lm, vocabulary).token_text("u1")
+    assert text == "".join(vocabulary.strings_for("u1", ["text"])) and "<img_" not in text
+    lm.save(tmp_path / "dppmg")
+    tokenizer = tiny_tokenizer()
+    reloaded = load_preference_lm(tmp_path / "dppmg", tiny_lm(tokenizer), tokenizer, vocabulary)
+    assert reloaded.meta.channels == ["text"] and TokenConditioner(reloaded, vocabulary).token_text("u1") == text

@@ -194,6 +194,7 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
             lora_targets=cfg["lora_targets"],
             seed=cfg["seed"],
             content=content,
+            channels=cfg["token_channels"],
         )
     state = train_conditioner(
         lm.model, tokenizer, TokenConditioner(lm, vocabulary), train_pairs, valid_pairs, texts, cfg, run / "dppmg"
