@@ -119,13 +119,15 @@ def test_report_on_a_tiny_run(tiny_run):
         "unseen_popular",
     }
     assert result["split"] == "test"
-    gaps = result["gaps"]
+    gaps = result["intervals"]
     for name in ("gap_text_judge", "gap_text_heldout_judge", "gap_image_judge", "gap_consistency"):
         assert name in gaps["dppmg"], name
         low, high = gaps["dppmg"][name]["ci95"]
         assert low <= gaps["dppmg"][name]["mean"] <= high
     # the same real content for every user scores exactly 0 on every own-minus-shuffled gap
-    assert all(abs(g["mean"]) < 1e-9 for g in gaps["constant_popular"].values()), gaps["constant_popular"]
+    constant = {n: g["mean"] for n, g in gaps["constant_popular"].items() if n.startswith("gap_")}
+    assert constant and all(abs(v) < 1e-9 for v in constant.values()), constant
+    assert len(gaps["dppmg"]["text_judge"]["per_user"]) == 4  # levels too, per user, for pooling training seeds
     assert result["fd_real_floor"]["n"] == len(result["users"]) and result["fd_real_floor"]["mean"] >= 0
     dppmg = result["per_seed"]["dppmg"]["0"]
     for metric in (

@@ -420,7 +420,7 @@ def build_report(
             real_items,
             heldout,
         )
-        gaps = _gaps(per_seed)
+        intervals = _intervals(per_seed)
         fd_floor = real_frechet_floor(catalogues.poster_features, len(fd_users), cfg["seeds"]) if runs.image else None
         timings["metrics"] = time.perf_counter() - tick
     summary = {
@@ -445,7 +445,7 @@ def build_report(
         "split": cfg["split"],
         "ceiling_items": dict(zip(fd_users, real_items["ceiling"])),
         "control_items": {c: dict(zip(fd_users, real_items[c])) for c in ("constant_popular", "unseen_popular")},
-        "gaps": gaps,
+        "intervals": intervals,
         "fd_real_floor": fd_floor,
         "per_seed": per_seed,
         "summary": summary,
@@ -712,12 +712,15 @@ def _measure(
                     [text_exclude[j] for j in rows],
                     k,
                 )
+                levels = {
+                    f"text_ndcg@{k}": metrics["per_user_ndcg"],
+                    "text_judge": judge.personalization(picked, "text", features).tolist(),
+                    "text_heldout_judge": heldout.personalization(picked, "text", features).tolist(),
+                }
+                per_user.update(levels)
                 row.update(
                     {
                         f"text_hit@{k}": metrics[f"hit@{k}"],
-                        f"text_ndcg@{k}": metrics[f"ndcg@{k}"],
-                        "text_judge": float(judge.personalization(picked, "text", features).mean()),
-                        "text_heldout_judge": float(np.nanmean(heldout.personalization(picked, "text", features))),
                         "perplexity": generation.perplexity([generated[j] for j in rows], cfg["ppl_batch_size"]),
                         "distinct2": distinct_n([generated[j] for j in rows], 2),
                         "mean_words": float(np.mean([len(generated[j].split()) for j in rows])),
@@ -747,14 +750,16 @@ def _measure(
                     [poster_exclude[j] for j in rows],
                     k,
                 )
+                per_user.update(
+                    {
+                        f"image_ndcg@{k}": metrics["per_user_ndcg"],
+                        "image_judge": judge.personalization(picked, "image", features[rows]).tolist(),
+                        "image_heldout_judge": heldout.personalization(picked, "image", features[rows]).tolist(),
+                    }
+                )
                 row.update(
                     {
                         f"image_hit@{k}": metrics[f"hit@{k}"],
-                        f"image_ndcg@{k}": metrics[f"ndcg@{k}"],
-                        "image_judge": float(judge.personalization(picked, "image", features[rows]).mean()),
-                        "image_heldout_judge": float(
-                            np.nanmean(heldout.personalization(picked, "image", features[rows]))
-                        ),
                         "frechet_distance": frechet_distance(features[fd_rows], catalogues.poster_features),
                         "fd_posters": len(fd_rows),
                     }
@@ -801,7 +806,7 @@ def _measure(
                     )
                     per_user["gap_consistency"] = gap["per_user"]
             for name, values in per_user.items():
-                row[name] = float(np.mean(values))
+                row[name] = float(np.nanmean(values))
             row["_per_user"] = per_user
             out[condition][seed] = row
     return out
@@ -835,20 +840,26 @@ def _modality_gaps(
     return out
 
 
-def _gaps(per_seed: dict) -> dict:
-    """``{condition: {gap: {"mean", "ci95", "seeds"}}}``: per-user gaps averaged over the
-    generation seeds, then a 95% bootstrap interval over users; ``seeds`` the per-seed means."""
+def _intervals(per_seed: dict) -> dict:
+    """``{condition: {measure: {"mean", "ci95", "seeds", "users", "per_user"}}}`` for every
+    per-user measure (the own-minus-shuffled gaps and the levels): per-user values averaged over
+    the generation seeds, then a 95% bootstrap interval over users; ``seeds`` the per-seed means.
+    ``per_user`` lets runs of other training seeds be pooled on the same users."""
     out: dict = {}
     for condition, by_seed in per_seed.items():
         names = sorted({n for row in by_seed.values() for n in row.get("_per_user", {})})
         for name in names:
             lists = [row["_per_user"][name] for row in by_seed.values() if name in row.get("_per_user", {})]
             per_user = np.mean(np.asarray(lists, dtype=np.float64), axis=0)
+            per_user = per_user[np.isfinite(per_user)]
+            if not len(per_user):
+                continue
             out.setdefault(condition, {})[name] = {
                 "mean": float(per_user.mean()),
                 "ci95": bootstrap_interval(per_user),
-                "seeds": [float(np.mean(v)) for v in lists],
+                "seeds": [float(np.nanmean(v)) for v in lists],
                 "users": len(per_user),
+                "per_user": per_user.round(6).tolist(),
             }
         for row in by_seed.values():
             row.pop("_per_user", None)

@@ -228,7 +228,7 @@ def markdown(result: dict, has_curves: bool) -> str:
 
 
 def _gap_table(result: dict, k: int) -> list[str]:
-    gaps = result.get("gaps") or {}
+    gaps = result.get("intervals") or {}
     names = [(n.format(k=k), label.format(k=k)) for n, label in GAP_LABELS.items()]
     names = [(n, label) for n, label in names if any(n in g for g in gaps.values())]
     if not names:
