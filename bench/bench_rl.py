@@ -51,6 +51,22 @@ def _judge(dataset: str, tokens_folder: str):
     return tokens, PreferenceJudge.for_dataset(dataset, tokens)
 
 
+def _protocol_measures(row, per_user, prefix, users, modality, features, judge, heldout, seed) -> None:
+    """The held-out judge's level and the own-minus-shuffled gaps of both judges
+    (``generation/common/protocol.py``), into ``row`` (means) and ``per_user`` (per user)."""
+    from recbole_dppmg.generation.common.protocol import own_minus_shuffled
+
+    row[f"{prefix}_heldout_judge"] = float(np.nanmean(heldout.personalization(users, modality, features)))
+    for name, model in (("judge", judge), ("heldout_judge", heldout)):
+        gap = own_minus_shuffled(
+            lambda rows, judged_as, m=model: m.personalization([users[j] for j in judged_as], modality, features[rows]),
+            len(users),
+            seed,
+        )
+        per_user[f"{prefix}_gap_{name}"] = gap["per_user"]
+        row[f"{prefix}_gap_{name}"] = gap["mean"]
+
+
 def train(args) -> None:
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     run = Path(args.run)
@@ -143,6 +159,7 @@ def measure(args) -> None:
         real_poster_features,
     )
     from recbole_dppmg.generation.image.train import build_codec, read_image_config
+    from recbole_dppmg.generation.reward.heldout_judge import HeldoutJudge
     from recbole_dppmg.generation.text.backbone import load_backbone
     from recbole_dppmg.generation.text.generate import prompt_ids
     from recbole_dppmg.generation.text.injection import read_meta
@@ -174,12 +191,20 @@ def measure(args) -> None:
         "image", {**meta["train"], **meta["model"], **{k: image_cfg[k] for k in ("autoencoder_path", "poster_dir")}}
     )
     codec, _ = build_codec(settings)
-    _, real = real_poster_features(
+    poster_ids, real = real_poster_features(
         poster_files(args.dataset, settings["poster_dir"]),
         settings["height"],
         settings["width"],
         lambda images: image_features(image_encoder, images),
         cache_key=image_encoder_version(),
+    )
+    # the held-out judge (never a reward): RL's gains are read on it and on own-minus-shuffled gaps
+    heldout = HeldoutJudge.for_export(
+        tokens,
+        {
+            "text": (judge.catalogues["text"].item_ids, judge.catalogues["text"].features),
+            "image": (poster_ids, real),
+        },
     )
     base, base_tokenizer, context = None, None, None
     if args.only != "image":
@@ -210,12 +235,14 @@ def measure(args) -> None:
                 base, base_tokenizer, [t for t in texts[t_name] if t], context, 16
             )
             row[f"text_{t_name}_distinct2"] = distinct_n(texts[t_name], 2)
+            _protocol_measures(row, per_user[seed], f"text_{t_name}", users, "text", tf[t_name], judge, heldout, seed)
         for p_name in posters:
             judged = judge.personalization(drawn, "image", pf[p_name])  # every poster drawn
             per_user[seed][f"image_{p_name}_judge"] = _per_user(judged)
             row[f"image_{p_name}_judge"] = float(judged.mean())
             if args.only != "text":
                 row[f"image_{p_name}_fd"] = frechet_distance(pf[p_name], real)
+            _protocol_measures(row, per_user[seed], f"image_{p_name}", drawn, "image", pf[p_name], judge, heldout, seed)
         for t_name in texts:
             for p_name in posters:
                 out = judge.reward(users, text_features=tf[t_name], image_features=pf[p_name][: len(users)])

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from recbole_dppmg.paths import REPO_ROOT
 
 
@@ -230,3 +232,53 @@ def test_bench_any_dataset_table_from_pipelines(tmp_path):
     assert [d["dataset"] for d in result["datasets"]] == ["ml-100k-mm", "ml-100k-rekeyed"]
     assert result["datasets"][1]["summary"]["dppmg"]["reward"]["mean"] == 0.5
     assert result["datasets"][1]["counts"]["users"] == 660
+
+
+def _fake_report(folder, seed_offset, split="test"):
+    import json
+
+    users = ["u1", "u2", "u3", "u4"]
+
+    def interval(values):
+        return {"mean": sum(values) / len(values), "per_user": values, "ci95": [0, 1], "seeds": [0], "users": 4}
+
+    result = {
+        "split": split,
+        "users": users,
+        "fd_real_floor": {"n": 4, "mean": 10.0 + seed_offset},
+        "intervals": {
+            "dppmg": {
+                "gap_text_judge": interval([0.1 + seed_offset, 0.2, 0.3, 0.2]),
+                "text_judge": interval([0.6, 0.7, 0.8, 0.7]),
+                "image_judge": interval([0.5, 0.5, 0.6, 0.6]),
+            },
+            "constant_popular": {"gap_text_judge": interval([0.0, 0.0, 0.0, 0.0])},
+        },
+        "summary": {"dppmg": {"perplexity": {"mean": 9.0 + seed_offset}, "frechet_distance": {"mean": 50.0}}},
+    }
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps(result))
+    return folder
+
+
+def test_bench_generation_pools_training_seeds_into_the_protocol_table(tmp_path):
+    import json
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bench_generation
+
+    a, b = _fake_report(tmp_path / "a", 0.0), _fake_report(tmp_path / "b", 0.2)
+    variant = _fake_report(tmp_path / "v", 0.1)
+    out = tmp_path / "generation.json"
+    bench_generation.main(
+        ["--seed", str(a), "--seed", str(b), "--variant", f"dppmg_text_tokens_only={variant}", "--out", str(out)]
+    )
+    table = json.loads(out.read_text())
+    gap = table["text"]["dppmg"]["gap_judge"]
+    assert gap["train_seed_range"] == [0.2, 0.25] and gap["ci95"][0] <= gap["mean"] <= gap["ci95"][1]
+    assert table["text"]["constant_popular"]["gap_judge"]["mean"] == 0.0
+    assert table["text"]["dppmg"]["perplexity"] == {"mean": 9.1, "ci95": None, "train_seed_range": [9.0, 9.2]}
+    assert table["image"]["dppmg"]["fd_real_floor"]["mean"] == 10.1 and "dppmg_text_tokens_only" in table["text"]
+    valid = _fake_report(tmp_path / "valid", 0.0, split="valid")
+    with pytest.raises(SystemExit, match="needs reports of the test users"):
+        bench_generation.main(["--seed", str(valid), "--out", str(out)])

@@ -186,3 +186,21 @@ def test_ddim_sampler_does_not_clip_standardised_latents(tmp_path, inputs):
     assert model.sample_scheduler("ddim").config.clip_sample is False  # x0 of std-1 latents is not cut at +-1
     with pytest.raises(ConfigError, match="image.sampler must be 'dpm' or 'ddim'"):
         model.sample_scheduler("euler")
+
+
+def test_routed_image_generator_attends_to_its_channel_only(tmp_path, inputs):
+    """image.token_channels: [image] conditions on the image tokens alone: two users who differ
+    only in their text codes get the same conditioning; the routing is recorded and reloaded."""
+    export, posters = inputs
+    folder = _train(tmp_path, *inputs, token_channels=["image"])
+    vocab = PreferenceVocabulary(PreferenceTokens.load(export))
+    model, _ = load_image_generator(folder, vocab, dataset="tiny")
+    assert model.config["token_channels"] == ["image"]
+    positions = user_positions(vocab, ["u0", "u1"])
+    cond = model.condition(positions)
+    assert cond.shape[1] == vocab.levels  # the image slots only
+    mixed = positions.clone()
+    mixed[:, vocab.levels :] = positions[0, vocab.levels :]  # the same image codes, their own text codes
+    assert torch.equal(model.condition(mixed)[0], model.condition(mixed)[1])
+    with pytest.raises(ConfigError, match="names none of the export's"):
+        _train(tmp_path, *inputs, name="bad", token_channels=["id"])

@@ -106,7 +106,29 @@ def test_report_on_a_tiny_run(tiny_run):
     result = json.loads((report / "report.json").read_text())
     assert result["runs"]["text"] == str(text_run.resolve()) and result["runs"]["image_rl"].endswith("ImageRL-tiny")
     assert len(result["users"]) == 4 and result["seeds"] == [0, 1]
-    assert set(result["per_seed"]) == {"no_tokens", "shuffled", "soft_prompt", "dppmg", "dppmg_rl", "ceiling"}
+    assert set(result["per_seed"]) == {
+        "no_tokens",
+        "population",
+        "history",
+        "shuffled",
+        "soft_prompt",
+        "dppmg",
+        "dppmg_rl",
+        "ceiling",
+        "constant_popular",
+        "unseen_popular",
+    }
+    assert result["split"] == "test"
+    gaps = result["intervals"]
+    for name in ("gap_text_judge", "gap_text_heldout_judge", "gap_image_judge", "gap_consistency"):
+        assert name in gaps["dppmg"], name
+        low, high = gaps["dppmg"][name]["ci95"]
+        assert low <= gaps["dppmg"][name]["mean"] <= high
+    # the same real content for every user scores exactly 0 on every own-minus-shuffled gap
+    constant = {n: g["mean"] for n, g in gaps["constant_popular"].items() if n.startswith("gap_")}
+    assert constant and all(abs(v) < 1e-9 for v in constant.values()), constant
+    assert len(gaps["dppmg"]["text_judge"]["per_user"]) == 4  # levels too, per user, for pooling training seeds
+    assert result["fd_real_floor"]["n"] == len(result["users"]) and result["fd_real_floor"]["mean"] >= 0
     dppmg = result["per_seed"]["dppmg"]["0"]
     for metric in (
         "text_hit@10",
@@ -132,8 +154,13 @@ def test_report_on_a_tiny_run(tiny_run):
         "DPPMG before RL",
         "DPPMG after RL",
         "ceiling",
+        "control: most popular item, for everyone",
     ):
         assert f"| {label}" in table
+    assert "## Personalization: own minus shuffled" in table and "real-vs-real floor" in table
+    assert "| population prompt" in table and "| history prompt" in table
+    history = json.loads((text_run / "warmup.json").read_text())["history_prompt"]
+    assert history["steps"] == 2 and history["trainable_parameters"] > 0
     soft_row = next(line for line in table.splitlines() if line.startswith("| continuous soft prompt"))
     assert "n/a" in soft_row
     assert "condition,metric,mean,std,min,max,seeds" in (report / "report.csv").read_text()
@@ -153,11 +180,21 @@ def test_report_on_a_tiny_run(tiny_run):
 def test_rows_without_rl_say_not_run(tiny_run):
     root, export, text_run, image_run, options = tiny_run
     runs = resolve_runs("tiny", load_settings("evaluate", QUICK), root / "saved")
-    runs = EvaluatedRuns(runs.tokens, runs.text, runs.image, None, None, runs.test_users)
+    runs = EvaluatedRuns(runs.tokens, runs.text, runs.image, None, None, runs.test_users, runs.valid_users)
     report = build_report("tiny", {**QUICK, "seeds": [3]}, root / "Report-2", runs=runs, **options)
     row = next(line for line in (report / "report.md").read_text().splitlines() if line.startswith("| DPPMG after RL"))
     assert row.count("not run") >= 8
     assert not (report / "reward_curves.png").exists()
+
+
+def test_a_validation_report_scores_validation_users_only(tiny_run):
+    root, export, text_run, image_run, options = tiny_run
+    split = json.loads((text_run / "users.json").read_text())
+    report = build_report("tiny", {**QUICK, "split": "valid", "seeds": [0]}, root / "Report-valid", **options)
+    result = json.loads((report / "report.json").read_text())
+    assert result["split"] == "valid" and result["users"] == split["valid"][: QUICK["users"]]
+    assert not set(result["users"]) & set(split["test"]) and not set(result["ceiling_items"]) & set(split["test"])
+    assert "held-out **validation** users" in (report / "report.md").read_text()
 
 
 def test_generators_that_do_not_fit_together(tiny_run, tmp_path):

@@ -41,6 +41,7 @@ def test_warmup_generate_evaluate(setup):
     run = text_pipeline.train_text_generator("tiny-text", None, config)
     summary = json.loads((run / "warmup.json").read_text())
     assert summary["dppmg"]["steps"] == 2 and summary["soft_prompt"]["steps"] == 2 and summary["users"]["test"] == 4
+    assert summary["population_prompt"]["steps"] == 2 and summary["history_prompt"]["trainable_parameters"] > 0
     split = json.loads((run / "users.json").read_text())
     out = text_pipeline.run_generate_text("tiny-text", ["u1", "u2"], None, config)
     rows = [json.loads(line) for line in (out / "texts.jsonl").read_text().splitlines()]
@@ -51,7 +52,7 @@ def test_warmup_generate_evaluate(setup):
     )
     result = json.loads((report / "text_eval.json").read_text())
     rows = {r["condition"]: r for r in result["rows"]}
-    assert list(rows) == ["dppmg", "no_tokens", "shuffled", "soft_prompt", "real_liked_item"]
+    assert list(rows) == ["dppmg", "no_tokens", "shuffled", "soft_prompt", "population", "history", "real_liked_item"]
     assert all(r["users"] == 4 and 0 <= r["hit@10"] <= 1 for r in rows.values()) and result["seeds"] == [0, 1]
     assert rows["dppmg"]["hit@10_per_seed"] != [] and len(rows["no_tokens"]["hit@10_per_seed"]) == 2
     assert (
@@ -64,6 +65,17 @@ def test_warmup_generate_evaluate(setup):
         np.mean(rows["dppmg"]["per_user_ndcg"]) - np.mean(rows["shuffled"]["per_user_ndcg"])
     )
     assert 0 < result["random_hit@10"] < 1 and "DPPMG - this" in (report / "text_eval.md").read_text()
+    assert result["split"] == "test" and "own - shuffled NDCG@10" in (report / "text_eval.md").read_text()
+    for row in rows.values():
+        g = row["gap_ndcg@10"]
+        assert g is None or g["ci95"][0] <= g["mean"] <= g["ci95"][1]
+    assert rows["real_liked_item"]["gap_ndcg@10"] is not None  # the user's own liked item: personal content
+    split = json.loads((run / "users.json").read_text())
+    valid = text_pipeline.evaluate_text_generation(
+        "tiny-text", None, {**config, "evaluate": {"users": 3, "seeds": [0], "split": "valid"}}, encoder=encoder
+    )
+    samples = [json.loads(line) for line in (valid / "samples.jsonl").read_text().splitlines()]
+    assert {s["user"] for s in samples} <= set(split["valid"]) and not {s["user"] for s in samples} & set(split["test"])
     samples = [json.loads(line) for line in (report / "samples.jsonl").read_text().splitlines()]
     assert (
         len(samples) == 8

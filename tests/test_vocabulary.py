@@ -42,3 +42,13 @@ def test_projection_scale_and_gradients():
     assert out.norm(dim=1).mean().item() == pytest.approx(2.0, rel=1e-4)
     out.sum().backward()
     assert projection.linear.weight.grad is not None and projection.codebook_vectors.grad is None
+
+
+def test_routing_keeps_only_the_chosen_channels():
+    from recbole_dppmg.errors import ConfigError
+
+    vocab = PreferenceVocabulary(FakeTokens())
+    assert vocab.strings_for("u", ["image"]) == ["<img_0_1>", "<img_1_1>"] and vocab.ids_for("u", ["text"]) == [2, 3]
+    assert vocab.slot_modalities() == ["text", "text", "image", "image"]
+    with pytest.raises(ConfigError, match="token_channels \\['id'\\]: give a non-empty subset"):
+        vocab.ids_for("u", ["id"])

@@ -153,6 +153,17 @@ class PreferenceTokens:
             pairs = [p for p in pairs if p[1] >= min_rating]
         return pairs
 
+    def split_matrix(self, split: str = "train"):
+        """The split as a scipy CSR matrix ``[users + 1, items + 1]`` (internal rows / columns,
+        row and column 0 padding) of ratings (1.0 when the dataset has none)."""
+        import scipy.sparse as sp
+
+        if split not in self.SPLITS:
+            raise DataError(f"unknown split '{split}'; expected one of {', '.join(self.SPLITS)}")
+        shape = (len(self.user_ids), len(self.item_ids))
+        arrays = (self._splits[f"{split}_values"], self._splits[f"{split}_indices"], self._splits[f"{split}_indptr"])
+        return sp.csr_matrix(arrays, shape=shape)
+
     @property
     def users(self) -> list[str]:
         """Original ids of all users in the export (internal order, padding excluded)."""

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recbole_dppmg.errors import CheckpointError
+from recbole_dppmg.errors import CheckpointError, ConfigError
 from recbole_dppmg.tokens import PreferenceTokens
 from recbole_dppmg.tokens.format import all_token_strings
 
@@ -47,17 +47,39 @@ class PreferenceVocabulary:
     def offset(self, modality: str, level: int, code: int) -> int:
         return (self.modalities.index(modality) * self.levels + level) * self.codebook_size + int(code)
 
-    def ids_for_codes(self, codes) -> list[int]:
-        """Positions of a ``[n_modalities, levels]`` code array, modality-major."""
+    def routed(self, channels: list[str] | None) -> list[str]:
+        """The modalities a generator reads (``token_channels``; None = all), checked."""
+        if channels is None:
+            return list(self.modalities)
+        unknown = [c for c in channels if c not in self.modalities]
+        if unknown or not channels:
+            raise ConfigError(
+                f"token_channels {channels!r}: give a non-empty subset of the export's modalities {self.modalities}"
+            )
+        return [m for m in self.modalities if m in channels]
+
+    def ids_for_codes(self, codes, channels: list[str] | None = None) -> list[int]:
+        """Positions of a ``[n_modalities, levels]`` code array, modality-major; ``channels``
+        keeps only those modalities' tokens (the routing ablation)."""
         codes = np.asarray(codes)
-        return [self.offset(m, l, codes[k, l]) for k, m in enumerate(self.modalities) for l in range(self.levels)]
+        keep = set(self.routed(channels))
+        return [
+            self.offset(m, l, codes[k, l])
+            for k, m in enumerate(self.modalities)
+            if m in keep
+            for l in range(self.levels)
+        ]
 
-    def ids_for(self, user_id) -> list[int]:
+    def ids_for(self, user_id, channels: list[str] | None = None) -> list[int]:
         """The user's exported tokens as positions (modality-major, then level)."""
-        return self.ids_for_codes(self.tokens.codes_for(user_id))
+        return self.ids_for_codes(self.tokens.codes_for(user_id), channels)
 
-    def strings_for(self, user_id) -> list[str]:
-        return [self.strings[k] for k in self.ids_for(user_id)]
+    def strings_for(self, user_id, channels: list[str] | None = None) -> list[str]:
+        return [self.strings[k] for k in self.ids_for(user_id, channels)]
+
+    def slot_modalities(self) -> list[str]:
+        """The modality of each of a user's token slots, in ``ids_for`` order (all channels)."""
+        return [m for m in self.modalities for _ in range(self.levels)]
 
 
 class CodebookProjection(nn.Module):

@@ -40,6 +40,7 @@ MODEL_KEYS = (
     "train_timesteps",
     "beta_schedule",
     "prediction_type",
+    "token_channels",
 )
 
 
@@ -52,7 +53,16 @@ def model_config(config: dict | None = None) -> dict:
 class PosterDiffusion(nn.Module):
     """Conditional UNet + token conditioning; ``n_slots`` = tokens per user."""
 
-    def __init__(self, config: dict, codebook_vectors: torch.Tensor, n_slots: int, latent_channels: int):
+    def __init__(
+        self,
+        config: dict,
+        codebook_vectors: torch.Tensor,
+        n_slots: int,
+        latent_channels: int,
+        slot_modalities: list[str] | None = None,
+    ):
+        """``slot_modalities``: the modality of each token slot; with ``token_channels`` set, the
+        UNet attends only to the slots of those modalities (the routing ablation)."""
         super().__init__()
         from diffusers import UNet2DConditionModel
 
@@ -78,6 +88,15 @@ class PosterDiffusion(nn.Module):
         self.projection = CodebookProjection(codebook_vectors, dim, target_scale=1.0)
         self.slot = nn.Parameter(torch.randn(n_slots, dim) * 0.02)
         self.null = nn.Parameter(torch.randn(n_slots, dim) * 0.02)
+        channels = c.get("token_channels")
+        if channels is not None and (slot_modalities is None or len(slot_modalities) != n_slots):
+            raise ConfigError("image.token_channels needs the modality of every token slot")
+        if channels is not None and not set(channels) & set(slot_modalities):
+            raise ConfigError(
+                f"image.token_channels {channels!r} names none of the export's {sorted(set(slot_modalities))}"
+            )
+        # not a buffer: checkpoints keep their shape; the routing is part of the recorded model config
+        self.routed = None if channels is None else torch.tensor([m in channels for m in slot_modalities])
         self.register_buffer("latent_mean", torch.zeros(latent_channels))
         self.register_buffer("latent_std", torch.ones(latent_channels))
 
@@ -91,7 +110,8 @@ class PosterDiffusion(nn.Module):
         empty = (positions < 0).all(dim=1)
         drop = empty if drop is None else drop | empty
         tokens = self.projection(positions.clamp_min(0)) + self.slot
-        return torch.where(drop[:, None, None], self.null.expand_as(tokens), tokens)
+        sequence = torch.where(drop[:, None, None], self.null.expand_as(tokens), tokens)
+        return sequence if self.routed is None else sequence[:, self.routed.to(sequence.device)]
 
     def set_latent_stats(self, latents: torch.Tensor) -> None:
         dims = [0, 2, 3]

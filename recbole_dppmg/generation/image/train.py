@@ -119,8 +119,9 @@ def build_model(meta: dict) -> PosterDiffusion:
     """An untrained model of the checkpoint's shape (codebook buffer filled on load)."""
     vocab = meta["vocabulary"]
     n_vectors = len(vocab["modalities"]) * vocab["levels"] * vocab["codebook_size"]
+    slots = [m for m in vocab["modalities"] for _ in range(vocab["levels"])]
     return PosterDiffusion(
-        meta["model"], torch.zeros(n_vectors, vocab["dim"]), meta["n_slots"], meta["latent_channels"]
+        meta["model"], torch.zeros(n_vectors, vocab["dim"]), meta["n_slots"], meta["latent_channels"], slots
     )
 
 
@@ -195,7 +196,7 @@ def train_image_generator(
         pair_item = torch.tensor([latent_row[i] for _, i in split.pairs])
 
         torch.manual_seed(settings["seed"])
-        model = PosterDiffusion(settings, vocab.vectors, positions.shape[1], latents.shape[1])
+        model = PosterDiffusion(settings, vocab.vectors, positions.shape[1], latents.shape[1], vocab.slot_modalities())
         model.set_latent_stats(latents)
         # Random draws stay on the CPU generator (same batches and noise on every device).
         device = resolve_device(settings["device"], key="image.device")

@@ -43,6 +43,13 @@ from recbole_dppmg.data.featurize import (
 )
 from recbole_dppmg.data.item_content import ItemContent
 from recbole_dppmg.errors import CheckpointError, DataError
+from recbole_dppmg.generation.common.protocol import (
+    bootstrap_interval,
+    evaluation_users,
+    own_minus_shuffled,
+    retrieval_scorer,
+    users_with_targets,
+)
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.data import load_poster, poster_files, tensor_to_pil
@@ -62,6 +69,7 @@ from recbole_dppmg.generation.image.train import (
     read_image_config,
 )
 from recbole_dppmg.generation.report.render import write_report
+from recbole_dppmg.generation.reward.heldout_judge import HeldoutJudge
 from recbole_dppmg.generation.reward.judge import PreferenceJudge
 from recbole_dppmg.generation.text.backbone import load_backbone
 from recbole_dppmg.generation.text.generate import prompt_ids, shuffled_user_map
@@ -73,6 +81,7 @@ from recbole_dppmg.generation.text.metrics import (
     retrieval_metrics,
 )
 from recbole_dppmg.generation.text.pipeline import TextConditions
+from recbole_dppmg.generation.text.warmup import item_text_table
 from recbole_dppmg.paths import SAVED_DIR, dataset_root
 from recbole_dppmg.runs import (
     IMAGE_GEN,
@@ -95,8 +104,17 @@ from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
-CONDITIONS = ("no_tokens", "shuffled", "soft_prompt", "dppmg", "dppmg_rl", "ceiling")
-TEXT_GENERATED = {"no_tokens": "no_tokens", "shuffled": "shuffled", "soft_prompt": "soft_prompt", "dppmg": "dppmg"}
+# real content, one item per user (None: no such item): the reference and the non-personal controls
+REAL_CONDITIONS = ("ceiling", "constant_popular", "unseen_popular")
+CONDITIONS = ("no_tokens", "population", "history", "shuffled", "soft_prompt", "dppmg", "dppmg_rl", *REAL_CONDITIONS)
+TEXT_GENERATED = {
+    "no_tokens": "no_tokens",
+    "population": "population",
+    "history": "history",
+    "shuffled": "shuffled",
+    "soft_prompt": "soft_prompt",
+    "dppmg": "dppmg",
+}
 IMAGE_MODES = {"no_tokens": "none", "shuffled": "shuffled", "dppmg": "tokens"}
 RUN_PREFIX = REPORT.name
 
@@ -112,6 +130,11 @@ class EvaluatedRuns:
     text_rl: str | None = None
     image_rl: str | None = None
     test_users: list[str] = field(default_factory=list)
+    valid_users: list[str] = field(default_factory=list)
+
+    def evaluated(self, split: str) -> list[str]:
+        """The users a report of ``split`` scores (``generation/common/protocol.py``)."""
+        return evaluation_users({"valid": self.valid_users, "test": self.test_users}, split)
 
 
 def _text_run_tokens(run: Path) -> str:
@@ -159,11 +182,14 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
     if tokens is not None and text_tokens != tokens:
         raise CheckpointError(f"text generator {text} was trained on token export {text_tokens}, not {tokens}")
     tokens = text_tokens
-    test_users = json.loads((text / "users.json").read_text())["test"]
+    user_split = json.loads((text / "users.json").read_text())
+    test_users, valid_users = user_split["test"], [str(u) for u in user_split["valid"]]
     text_rl = _rl_run(dataset, root, TEXT_RL.name, cfg.get("text_rl_run"), text, _finished_text_runs)
     if not cfg.get("image_run") and not _has_images(dataset):
         logger.info("%s has no item images: a text-only report", dataset)
-        return EvaluatedRuns(tokens, str(text.resolve()), None, text_rl, None, [str(u) for u in test_users])
+        return EvaluatedRuns(
+            tokens, str(text.resolve()), None, text_rl, None, [str(u) for u in test_users], valid_users
+        )
     if cfg.get("image_run"):
         image = Path(cfg["image_run"])
     else:
@@ -195,7 +221,13 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
         )
     image_rl = _rl_run(dataset, root, IMAGE_RL.name, cfg.get("image_rl_run"), image, _finished_image_runs)
     return EvaluatedRuns(
-        tokens, str(text.resolve()), str(image.resolve()), text_rl, image_rl, [str(u) for u in test_users]
+        tokens,
+        str(text.resolve()),
+        str(image.resolve()),
+        text_rl,
+        image_rl,
+        [str(u) for u in test_users],
+        valid_users,
     )
 
 
@@ -239,6 +271,7 @@ class Catalogues:
     ]  # TargetTexts in the shape the text generator was trained to write (the ceiling: .target(user, item))
     posters: dict[str, Path]
     item_titles: dict[str, str]  # "Title (year) · tags" for the gallery
+    plain_texts: dict[str, str] = field(default_factory=dict)  # "Title (year): description", no user part
 
 
 def top_recommended_items(tokens, users: Sequence[str], allowed: set[str]) -> list[str | None]:
@@ -253,6 +286,22 @@ def top_recommended_items(tokens, users: Sequence[str], allowed: set[str]) -> li
         seen = [tokens.item_index[i] for s in ("train", "valid") for i, _ in tokens.history(user, s)]
         row[seen] = -np.inf
         out.append(tokens.item_ids[int(row.argmax())] if np.isfinite(row.max()) else None)
+    return out
+
+
+def popular_items(tokens, allowed: set[str]) -> list[str]:
+    """Catalogue items by training-split popularity, most popular first, among ``allowed``."""
+    counts = np.asarray((tokens.split_matrix("train") > 0).sum(0)).ravel()
+    order = np.argsort(-counts, kind="stable")
+    return [tokens.item_ids[k] for k in order if k > 0 and tokens.item_ids[k] in allowed]
+
+
+def unseen_popular_items(tokens, users: Sequence[str], ranked: list[str]) -> list[str | None]:
+    """Per user, the most popular item (``ranked``) outside the user's training and validation splits."""
+    out = []
+    for user in users:
+        seen = {i for s in ("train", "valid") for i, _ in tokens.history(user, s)}
+        out.append(next((i for i in ranked if i not in seen), None))
     return out
 
 
@@ -305,34 +354,49 @@ def build_report(
     runs = runs or resolve_runs(dataset, cfg, root)
     started = time.perf_counter()
     tokens = PreferenceTokens.load(runs.tokens, dataset=dataset)
-    users = runs.test_users[: cfg["users"] or None]
-    fd_users = runs.test_users[: max(len(users), cfg["fd_users"] or len(runs.test_users))]
+    pool = runs.evaluated(cfg["split"])  # validation users to select on, test users to report
+    users = pool[: cfg["users"] or None]
+    fd_users = pool[: max(len(users), cfg["fd_users"] or len(pool))]
     dataset_dir = Path(dataset_dir) if dataset_dir else None
     timings: dict[str, float] = {}
     with torch_threads(cfg["num_threads"]):
         judge = PreferenceJudge.for_dataset(dataset, tokens, reward_cfg, dataset_dir=dataset_dir)
         text_featurize, image_featurize = _featurizers(text_featurize, image_featurize)
         generation = _Generation(
-            dataset, runs, tokens, cfg, text_config_overrides, image_config_overrides, codec, posters, dataset_dir
+            dataset, runs, tokens, cfg, text_config_overrides, image_config_overrides, codec, posters, dataset_dir, pool
         )
         catalogues = generation.catalogues(judge, image_featurize)
-        ceiling_items = top_recommended_items(
+        allowed = set(catalogues.item_texts) & set(catalogues.poster_ids) if runs.image else set(catalogues.item_texts)
+        ranked = popular_items(tokens, allowed)
+        real_items = {
+            "ceiling": top_recommended_items(tokens, fd_users, allowed),
+            "constant_popular": [ranked[0] if ranked else None] * len(fd_users),
+            "unseen_popular": unseen_popular_items(tokens, fd_users, ranked),
+        }
+        heldout = HeldoutJudge.for_export(
             tokens,
-            fd_users,
-            set(catalogues.item_texts) & set(catalogues.poster_ids) if runs.image else set(catalogues.item_texts),
+            {
+                "text": (catalogues.text_ids, catalogues.text_features),
+                **({"image": (catalogues.poster_ids, catalogues.poster_features)} if runs.image else {}),
+            },
         )
 
         tick = time.perf_counter()
-        texts = generation.texts(
-            users,
-            [
-                catalogues.item_texts.target(u, i) if i in catalogues.item_texts else ""
-                for u, i in zip(users, ceiling_items)
-            ],
-        )
+        # the reference in the shape the generator writes for its user; the controls in a shape with no user part,
+        # so that they are the same content for whoever reads them
+        real_texts = {
+            c: [
+                (catalogues.item_texts.target(u, i) if c == "ceiling" else catalogues.plain_texts[i])
+                if i in catalogues.item_texts
+                else ""
+                for u, i in zip(users, items)
+            ]
+            for c, items in real_items.items()
+        }
+        texts = generation.texts(users, real_texts)
         timings["generate_texts"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        images = generation.posters(fd_users, ceiling_items, catalogues.posters)
+        images = generation.posters(fd_users, real_items, catalogues.posters)
         timings["generate_posters"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -353,8 +417,11 @@ def build_report(
             images,
             image_features,
             generation,
-            ceiling_items,
+            real_items,
+            heldout,
         )
+        intervals = _intervals(per_seed)
+        fd_floor = real_frechet_floor(catalogues.poster_features, len(fd_users), cfg["seeds"]) if runs.image else None
         timings["metrics"] = time.perf_counter() - tick
     summary = {
         c: {
@@ -375,7 +442,11 @@ def build_report(
         "fd_users": len(fd_users),
         "seeds": cfg["seeds"],
         "conditions": {c: generation.status(c) for c in CONDITIONS},
-        "ceiling_items": dict(zip(fd_users, ceiling_items)),
+        "split": cfg["split"],
+        "ceiling_items": dict(zip(fd_users, real_items["ceiling"])),
+        "control_items": {c: dict(zip(fd_users, real_items[c])) for c in ("constant_popular", "unseen_popular")},
+        "intervals": intervals,
+        "fd_real_floor": fd_floor,
         "per_seed": per_seed,
         "summary": summary,
         "timings": {k: round(v, 1) for k, v in timings.items()},
@@ -430,10 +501,20 @@ class _Generation:
     """Loads the generators of ``runs`` and writes every condition's content per seed."""
 
     def __init__(
-        self, dataset, runs: EvaluatedRuns, tokens, cfg, text_overrides, image_overrides, codec, posters, dataset_dir
+        self,
+        dataset,
+        runs: EvaluatedRuns,
+        tokens,
+        cfg,
+        text_overrides,
+        image_overrides,
+        codec,
+        posters,
+        dataset_dir,
+        pool: list[str],
     ):
 
-        self.dataset, self.runs, self.tokens, self.cfg = dataset, runs, tokens, cfg
+        self.dataset, self.runs, self.tokens, self.cfg, self.pool = dataset, runs, tokens, cfg, pool
         self.vocabulary = PreferenceVocabulary(tokens)
         self.text_cfg = load_settings(
             "text", {"num_threads": cfg["num_threads"], "progress": cfg["progress"], **(text_overrides or {})}
@@ -461,7 +542,14 @@ class _Generation:
 
     def status(self, condition: str) -> dict:
         text = {"dppmg_rl": "run" if self.runs.text_rl else "not run"}.get(condition, "run")
-        image = {"soft_prompt": "n/a", "dppmg_rl": "run" if self.runs.image_rl else "not run"}.get(condition, "run")
+        if condition in ("population", "history") and not (Path(self.runs.text) / f"{condition}_prompt").is_dir():
+            text = "not run"
+        image = {
+            "soft_prompt": "n/a",
+            "population": "n/a",  # the image generator's population baseline is its null conditioning: no tokens
+            "history": "n/a",
+            "dppmg_rl": "run" if self.runs.image_rl else "not run",
+        }.get(condition, "run")
         if not self.runs.image:
             image = "n/a"
         return {"text": text, "image": image}
@@ -475,7 +563,7 @@ class _Generation:
     def catalogues(self, judge, image_featurize) -> Catalogues:
 
         folder = self.dataset_dir or dataset_root() / self.dataset
-        content = ItemContent.load(self.dataset, folder)
+        content = self.content = ItemContent.load(self.dataset, folder)
         posters = (
             self._posters
             if self._posters is not None
@@ -500,17 +588,22 @@ class _Generation:
             run_target_texts(self.dataset, Path(self.runs.text), self.tokens, content),
             posters,
             {i: _caption(content, i) for i in content.item_ids},
+            item_text_table(content),
         )
 
     # ------------------------------------------------------------------ text
-    def texts(self, users: list[str], ceiling: list[str]) -> dict[str, dict[int, list[str]]]:
-        """Texts per condition and seed for ``users``; ``ceiling`` = the real texts of their top items."""
+    def texts(self, users: list[str], real: dict[str, list[str]]) -> dict[str, dict[int, list[str]]]:
+        """Texts per condition and seed for ``users``; ``real`` = the real-content conditions' texts."""
 
         out: dict[str, dict[int, list[str]]] = {}
-        before = TextConditions(self.dataset, Path(self.runs.text), self.tokens, self.vocabulary, self.text_cfg)
+        before = TextConditions(
+            self.dataset, Path(self.runs.text), self.tokens, self.vocabulary, self.text_cfg, content=self.content
+        )
         for condition, name in TEXT_GENERATED.items():
+            if name in ("population", "history") and not (Path(self.runs.text) / f"{name}_prompt").is_dir():
+                continue  # a warm-up from before these baselines existed: their rows read "not run"
             out[condition] = {
-                seed: before.generate(name, users, seed, shuffled_user_map(self.runs.test_users, seed))
+                seed: before.generate(name, users, seed, shuffled_user_map(self.pool, seed))
                 for seed in self.cfg["seeds"]
             }
         before.release()
@@ -518,15 +611,16 @@ class _Generation:
             after = TextConditions(self.dataset, Path(self.runs.text_rl), self.tokens, self.vocabulary, self.text_cfg)
             out["dppmg_rl"] = {seed: after.generate("dppmg", users, seed) for seed in self.cfg["seeds"]}
             after.release()
-        out["ceiling"] = {seed: ceiling for seed in self.cfg["seeds"]}  # one list: measured once
+        for condition, listed in real.items():
+            out[condition] = {seed: listed for seed in self.cfg["seeds"]}  # one list: measured once
         return out
 
     # ------------------------------------------------------------------ posters
     def posters(
-        self, users: list[str], ceiling_items: list[str | None], real: dict[str, Path]
+        self, users: list[str], real_items: dict[str, list[str | None]], real: dict[str, Path]
     ) -> dict[str, dict[int, list]]:
         """PIL posters per condition and seed for ``users`` (the FD users; the evaluated users
-        first); the ceiling's are the ``real`` poster files of their top items."""
+        first); the real-content conditions' are the ``real`` poster files of their items."""
         import torch
 
         out: dict[str, dict[int, list]] = {}
@@ -540,7 +634,7 @@ class _Generation:
                 out[condition] = {}
                 for seed in self.cfg["seeds"]:
                     if mode == "shuffled":
-                        mapping = shuffled_user_map(self.runs.test_users, seed)
+                        mapping = shuffled_user_map(self.pool, seed)
                         positions = torch.tensor([self.vocabulary.ids_for(mapping[u]) for u in users], dtype=torch.long)
                     else:
                         positions = user_positions(self.vocabulary, users, mode)
@@ -550,8 +644,9 @@ class _Generation:
                     out[condition][seed] = [tensor_to_pil(x) for x in images]
             del model
         height, width = self.image_settings["height"], self.image_settings["width"]
-        ceiling = [tensor_to_pil(load_poster(real[i], height, width)) if i else None for i in ceiling_items]
-        out["ceiling"] = {seed: ceiling for seed in self.cfg["seeds"]}  # one list: measured once
+        for condition, items in real_items.items():
+            listed = [tensor_to_pil(load_poster(real[i], height, width)) if i else None for i in items]
+            out[condition] = {seed: listed for seed in self.cfg["seeds"]}  # one list: measured once
         return out
 
     # ------------------------------------------------------------------ quality
@@ -583,10 +678,14 @@ def _measure(
     images,
     image_features,
     generation,
-    ceiling_items,
+    real_items: dict[str, list[str | None]],
+    heldout: HeldoutJudge,
 ) -> dict:
-    """``{condition: {seed: {metric: value}}}``; the ceiling counts only users who have a top
-    recommended item with a text and a poster."""
+    """``{condition: {seed: {metric: value}}}``, each real-content condition over the users who
+    have its item. Besides the absolute levels, the own-minus-shuffled gaps of the protocol
+    (``generation/common/protocol.py``): a row's content judged for its own user minus for the
+    user's partner in a seeded derangement of the same rows (per-user values under
+    ``_per_user`` for the pooled intervals of :func:`_gaps`)."""
 
     k = cfg["topk"]
     text_targets, text_exclude = _targets(tokens, users, catalogues.text_ids, cfg["min_test_rating"])
@@ -596,12 +695,14 @@ def _measure(
     for condition in CONDITIONS:
         if condition not in texts and condition not in images:
             continue
-        rows = [j for j in range(len(users)) if condition != "ceiling" or ceiling_items[j] is not None]
-        fd_rows = [j for j in range(len(fd_users)) if condition != "ceiling" or ceiling_items[j] is not None]
+        present = real_items.get(condition)
+        rows = [j for j in range(len(users)) if present is None or present[j] is not None]
+        fd_rows = [j for j in range(len(fd_users)) if present is None or present[j] is not None]
         picked = [users[j] for j in rows]
         out[condition] = {}
         for seed in cfg["seeds"]:
             row: dict = {"users": len(rows)}
+            per_user: dict[str, list[float]] = {}
             if condition in texts:
                 generated, features = texts[condition][seed], text_features[condition][seed][rows]
                 metrics = retrieval_metrics(
@@ -611,15 +712,34 @@ def _measure(
                     [text_exclude[j] for j in rows],
                     k,
                 )
+                levels = {
+                    f"text_ndcg@{k}": metrics["per_user_ndcg"],
+                    "text_judge": judge.personalization(picked, "text", features).tolist(),
+                    "text_heldout_judge": heldout.personalization(picked, "text", features).tolist(),
+                }
+                per_user.update(levels)
                 row.update(
                     {
                         f"text_hit@{k}": metrics[f"hit@{k}"],
-                        f"text_ndcg@{k}": metrics[f"ndcg@{k}"],
-                        "text_judge": float(judge.personalization(picked, "text", features).mean()),
                         "perplexity": generation.perplexity([generated[j] for j in rows], cfg["ppl_batch_size"]),
                         "distinct2": distinct_n([generated[j] for j in rows], 2),
                         "mean_words": float(np.mean([len(generated[j].split()) for j in rows])),
                     }
+                )
+                per_user.update(
+                    _modality_gaps(
+                        "text",
+                        features,
+                        picked,
+                        rows,
+                        text_targets,
+                        text_exclude,
+                        catalogues.text_features,
+                        judge,
+                        heldout,
+                        k,
+                        seed,
+                    )
                 )
             if condition in images:
                 features = image_features[condition][seed]
@@ -630,14 +750,34 @@ def _measure(
                     [poster_exclude[j] for j in rows],
                     k,
                 )
+                per_user.update(
+                    {
+                        f"image_ndcg@{k}": metrics["per_user_ndcg"],
+                        "image_judge": judge.personalization(picked, "image", features[rows]).tolist(),
+                        "image_heldout_judge": heldout.personalization(picked, "image", features[rows]).tolist(),
+                    }
+                )
                 row.update(
                     {
                         f"image_hit@{k}": metrics[f"hit@{k}"],
-                        f"image_ndcg@{k}": metrics[f"ndcg@{k}"],
-                        "image_judge": float(judge.personalization(picked, "image", features[rows]).mean()),
                         "frechet_distance": frechet_distance(features[fd_rows], catalogues.poster_features),
                         "fd_posters": len(fd_rows),
                     }
+                )
+                per_user.update(
+                    _modality_gaps(
+                        "image",
+                        features[rows],
+                        picked,
+                        rows,
+                        poster_targets,
+                        poster_exclude,
+                        catalogues.poster_features,
+                        judge,
+                        heldout,
+                        k,
+                        seed,
+                    )
                 )
             if condition in texts and condition in images:
                 clip_inputs = (
@@ -648,12 +788,8 @@ def _measure(
                     if scorer
                     else {}
                 )
-                reward = judge.reward(
-                    picked,
-                    text_features=text_features[condition][seed][rows],
-                    image_features=image_features[condition][seed][rows],
-                    **clip_inputs,
-                )
+                text_rows, image_rows = text_features[condition][seed][rows], image_features[condition][seed][rows]
+                reward = judge.reward(picked, text_features=text_rows, image_features=image_rows, **clip_inputs)
                 row.update(
                     {
                         name: float(values.mean())
@@ -662,8 +798,82 @@ def _measure(
                     }
                 )
                 row["reward"] = row.pop("total")
+                if len(rows) >= 2:  # a text with its own user's poster minus with the partner's poster
+                    gap = own_minus_shuffled(
+                        lambda r, judged_as: judge.consistency(text_rows[r], image_rows[np.asarray(judged_as)]),
+                        len(rows),
+                        seed,
+                    )
+                    per_user["gap_consistency"] = gap["per_user"]
+            for name, values in per_user.items():
+                row[name] = float(np.nanmean(values))
+            row["_per_user"] = per_user
             out[condition][seed] = row
     return out
+
+
+def _modality_gaps(
+    modality, features, picked, rows, targets, exclude, catalogue, judge, heldout, k, seed
+) -> dict[str, list[float]]:
+    """Per-user own-minus-shuffled gaps of one modality's content: retrieval NDCG@k (over the
+    rows whose user has a test item), the DPPMG judge and the held-out judge."""
+    out: dict[str, list[float]] = {}
+    if len(rows) < 2:
+        return out
+    with_targets = users_with_targets([targets[j] for j in rows], [exclude[j] for j in rows])
+    if len(with_targets) >= 2:
+        score = retrieval_scorer(
+            features[with_targets],
+            catalogue,
+            [targets[rows[j]] for j in with_targets],
+            [exclude[rows[j]] for j in with_targets],
+            k,
+        )
+        out[f"gap_{modality}_retrieval_ndcg@{k}"] = own_minus_shuffled(score, len(with_targets), seed)["per_user"]
+    for name, model in (("judge", judge), ("heldout_judge", heldout)):
+        gap = own_minus_shuffled(
+            lambda r, judged_as, m=model: m.personalization([picked[j] for j in judged_as], modality, features[r]),
+            len(rows),
+            seed,
+        )
+        out[f"gap_{modality}_{name}"] = gap["per_user"]
+    return out
+
+
+def _intervals(per_seed: dict) -> dict:
+    """``{condition: {measure: {"mean", "ci95", "seeds", "users", "per_user"}}}`` for every
+    per-user measure (the own-minus-shuffled gaps and the levels): per-user values averaged over
+    the generation seeds, then a 95% bootstrap interval over users; ``seeds`` the per-seed means.
+    ``per_user`` lets runs of other training seeds be pooled on the same users."""
+    out: dict = {}
+    for condition, by_seed in per_seed.items():
+        names = sorted({n for row in by_seed.values() for n in row.get("_per_user", {})})
+        for name in names:
+            lists = [row["_per_user"][name] for row in by_seed.values() if name in row.get("_per_user", {})]
+            per_user = np.mean(np.asarray(lists, dtype=np.float64), axis=0)
+            per_user = per_user[np.isfinite(per_user)]
+            if not len(per_user):
+                continue
+            out.setdefault(condition, {})[name] = {
+                "mean": float(per_user.mean()),
+                "ci95": bootstrap_interval(per_user),
+                "seeds": [float(np.nanmean(v)) for v in lists],
+                "users": len(per_user),
+                "per_user": per_user.round(6).tolist(),
+            }
+        for row in by_seed.values():
+            row.pop("_per_user", None)
+    return out
+
+
+def real_frechet_floor(real: np.ndarray, n: int, seeds: Sequence[int]) -> dict:
+    """The Fréchet distance of ``n`` random real posters to all real posters: the sampling floor
+    a generated set of the same size is read against (mean and range over ``seeds``)."""
+    real = np.asarray(real, dtype=np.float64)
+    if n < 2 or n > len(real):
+        return {"n": n, "mean": None}
+    values = [frechet_distance(real[np.random.default_rng(s).choice(len(real), n, replace=False)], real) for s in seeds]
+    return {"n": n, "mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
 
 
 def _per_list(content: dict[str, dict[int, list]], featurize: Callable) -> dict[str, dict[int, np.ndarray]]:

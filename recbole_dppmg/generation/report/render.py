@@ -36,12 +36,27 @@ from recbole_dppmg.tokens.format import token_string
 
 REPORT = "report"
 LABELS = {
-    "no_tokens": "no tokens",
+    "no_tokens": "no tokens (base LM)",
+    "population": "population prompt",
+    "history": "history prompt",
     "shuffled": "shuffled tokens",
     "soft_prompt": "continuous soft prompt",
     "dppmg": "DPPMG before RL",
     "dppmg_rl": "DPPMG after RL",
     "ceiling": "ceiling: real top recommended item",
+    "constant_popular": "control: most popular item, for everyone",
+    "unseen_popular": "control: most popular item the user has not seen",
+}
+REAL = ("ceiling", "constant_popular", "unseen_popular")  # real content: no image state, "no item" when absent
+# own-minus-shuffled gaps (generation/common/protocol.py), the primary personalization measures
+GAP_LABELS = {
+    "gap_text_retrieval_ndcg@{k}": "text NDCG@{k}",
+    "gap_text_judge": "text judge",
+    "gap_text_heldout_judge": "text held-out judge",
+    "gap_image_retrieval_ndcg@{k}": "poster NDCG@{k}",
+    "gap_image_judge": "poster judge",
+    "gap_image_heldout_judge": "poster held-out judge",
+    "gap_consistency": "consistency",
 }
 
 
@@ -54,6 +69,8 @@ def _columns(k: int) -> list[tuple[str, str, int]]:
         (f"image_ndcg@{k}", f"poster NDCG@{k}", 3),
         ("text_judge", "text judge pct", 3),
         ("image_judge", "poster judge pct", 3),
+        ("text_heldout_judge", "text held-out judge", 3),
+        ("image_heldout_judge", "poster held-out judge", 3),
         ("consistency", "consistency", 3),
         ("reward", "reward", 3),
         ("clip", "CLIP", 3),
@@ -114,12 +131,29 @@ def markdown(result: dict, has_curves: bool) -> str:
     columns = [c for c in _columns(k) if any(c[0] in s for s in result["summary"].values())]
     runs = result["runs"]
     seeds = result["seeds"]
+    split = result.get("split", "test")
+    who = (
+        "held-out **validation** users (settings are chosen on these)"
+        if split == "valid"
+        else "held-out **test** users (scored once per reported configuration)"
+    )
     lines = [
         f"# Generation report: {result['dataset']}",
         "",
-        f"{len(result['users'])} held-out test users (never trained on by either generator), generation seeds {seeds}; "
-        "cells are mean ± std over the seeds (min–max in report.csv). Fréchet distance over the posters of "
-        f"{result['fd_users']} test users.",
+        f"{len(result['users'])} {who}, never trained on by either generator; generation seeds {seeds}.",
+        "",
+        "## Personalization: own minus shuffled",
+        "",
+        "Each user's content judged for that user minus judged for another evaluated user (a seeded derangement), "
+        "per user, averaged over the seeds; [95% bootstrap interval over users]. Content that does not depend on the "
+        "user scores 0 by construction, so the controls' rows are the yardstick.",
+        "",
+        *_gap_table(result, k),
+        "",
+        "## Absolute levels (context, not the claim: a popular item's content wins them)",
+        "",
+        "Cells are mean ± std over the seeds (min–max in report.csv). Fréchet distance over the posters of "
+        f"{result['fd_users']} users" + _floor_text(result.get("fd_real_floor")) + ".",
         "",
         "| condition | " + " | ".join(h for _, h, _ in columns) + " |",
         "|---|" + "---|" * len(columns),
@@ -142,7 +176,10 @@ def markdown(result: dict, has_curves: bool) -> str:
         "these generators).",
         "- *ceiling*: the real text and poster (resized to the generator's size) of the user's top recommended item: "
         "the highest stage-1 score from the token export among items outside the user's training and validation "
-        "splits.",
+        "splits. *controls*: the real content of the most popular training item, the same for everyone, and of the "
+        "most popular item outside each user's training and validation splits.",
+        "- *held-out judge*: a second preference model never used as a reward (EASE on the same training split with a "
+        "cosine-kNN content head, reward/heldout_judge.py), as a percentile like the judge.",
         f"- *Hit@{k} / NDCG@{k}*: the catalogue ranked by cosine similarity to the generated content's features (text: "
         "MiniLM vs the items' text features; poster: EfficientNet-Lite0 vs the real posters at the generator's size), "
         "the user's training and validation items excluded, hits = the user's test items.",
@@ -188,6 +225,33 @@ def markdown(result: dict, has_curves: bool) -> str:
         lines += ["", "## RL reward curves", "", "![reward curves](reward_curves.png)"]
     lines += ["", "Gallery: [gallery.html](gallery.html)."]
     return "\n".join(lines) + "\n"
+
+
+def _gap_table(result: dict, k: int) -> list[str]:
+    gaps = result.get("intervals") or {}
+    names = [(n.format(k=k), label.format(k=k)) for n, label in GAP_LABELS.items()]
+    names = [(n, label) for n, label in names if any(n in g for g in gaps.values())]
+    if not names:
+        return ["(no condition has content for two or more users)"]
+    lines = ["| condition | " + " | ".join(label for _, label in names) + " |", "|---|" + "---|" * len(names)]
+    for condition, label in LABELS.items():
+        if condition not in gaps:
+            continue
+        cells = []
+        for name, _ in names:
+            g = gaps[condition].get(name)
+            as_metric = name.removeprefix("gap_") if name != "gap_consistency" else "consistency"
+            state = _status_cell(as_metric, result["conditions"][condition])
+            cells.append(state or (f"{g['mean']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]" if g else "–"))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _floor_text(floor: dict | None) -> str:
+    if not floor or floor.get("mean") is None:
+        return ""
+    spread = f"range {floor['min']:.1f}–{floor['max']:.1f}"
+    return f" (real-vs-real floor at the same N = {floor['n']}: {floor['mean']:.1f}, {spread})"
 
 
 def _write_csv(folder: Path, result: dict) -> None:
@@ -317,7 +381,7 @@ def write_gallery(folder: Path, result: dict, tokens, catalogues, texts: dict, i
                 poster.save(pictures / name)
                 picture = f'<img src="gallery/{html.escape(name)}" width="128">'
             else:
-                state = result["conditions"][condition]["image"] if condition != "ceiling" else "no item"
+                state = result["conditions"][condition]["image"] if condition not in REAL else "no item"
                 picture = (
                     f'<p class="missing">{html.escape("no image" if state == "n/a" and not images else state)}</p>'
                 )

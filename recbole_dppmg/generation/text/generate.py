@@ -80,7 +80,7 @@ class TokenConditioner:
 
     def token_text(self, user: str) -> str:
         source = self.user_map.get(user, user) if self.user_map else user
-        return "".join(self.vocabulary.strings_for(source))
+        return "".join(self.vocabulary.strings_for(source, self.lm.meta.channels))
 
     def inputs_embeds(self, input_ids: torch.Tensor, users: Sequence[str]) -> torch.Tensor:
         return self.lm.embed(input_ids)

@@ -59,6 +59,7 @@ class InjectionMeta:
     lora_alpha: int = 16
     lora_targets: list[str] | None = None
     seed: int = 0
+    channels: list[str] | None = None  # the modalities whose tokens the prompt carries (None: all)
 
     def to_json(self) -> dict:
         return {"format_version": FORMAT_VERSION, **self.__dict__}
@@ -258,6 +259,7 @@ def inject_preference_tokens(
     lora_targets: list[str] | None = None,
     seed: int = 0,
     content: dict[str, torch.Tensor] | None = None,
+    channels: list[str] | None = None,
 ) -> PreferenceTokenLM:
     """Wrap a frozen causal LM so that only the preference tokens (and optional LoRA) train.
 
@@ -280,7 +282,7 @@ def inject_preference_tokens(
         users = list(content)
         fit_projection_to_content(
             projection,
-            [vocabulary.ids_for(u) for u in users],
+            [vocabulary.ids_for(u, channels) for u in users],
             torch.stack([content[u].float().cpu() for u in users]),
             float(base_rows.float().norm(dim=1).mean()),
         )
@@ -313,6 +315,7 @@ def inject_preference_tokens(
         lora_alpha=lora_alpha,
         lora_targets=lora_targets,
         seed=seed,
+        channels=vocabulary.routed(channels) if channels is not None else None,
     )
     return PreferenceTokenLM(peft_model, tokenizer, projection, projection().detach(), meta)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from recbole_dppmg.data.item_content import ItemContent
 from recbole_dppmg.errors import CheckpointError, DataError
 from recbole_dppmg.generation.text.backbone import load_backbone
+from recbole_dppmg.generation.text.baselines import HistoryText, PopulationPromptConditioner
 from recbole_dppmg.generation.text.config import (
     newest_token_export,
     recorded_settings,
@@ -114,6 +115,20 @@ def load_text_generator(run: Path, vocabulary, cfg: dict):
     meta = read_meta(run / "dppmg")
     model, tokenizer = load_backbone(meta.backbone or cfg["backbone"], cfg["dtype"], cfg["device"])
     return load_preference_lm(run / "dppmg", model, tokenizer, vocabulary)
+
+
+def load_prompt_baseline(run: Path, name: str, tokens, vocabulary, cfg: dict, content: ItemContent | None = None):
+    """``(model, tokenizer, conditioner)`` of the trained ``population`` or ``history`` prompt of a
+    run; the history prompt writes the items of ``content`` (default: the dataset's)."""
+    meta = read_meta(run / "dppmg")
+    model, tokenizer = load_backbone(meta.backbone or cfg["backbone"], cfg["dtype"], cfg["device"])
+    add_preference_tokens(model, tokenizer, vocabulary.strings)
+    history = None
+    if name == "history":
+        settings = recorded_settings(run_settings(run)["text"])
+        content = content or item_content(tokens.manifest["dataset"])
+        history = HistoryText(tokens, content, settings["history_items"])
+    return model, tokenizer, PopulationPromptConditioner.load(run / f"{name}_prompt", model, tokenizer, history)
 
 
 def load_soft_prompt(run: Path, tokens, vocabulary, cfg: dict):

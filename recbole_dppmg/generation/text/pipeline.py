@@ -26,10 +26,18 @@ import torch
 from recbole_dppmg.data.atomic import read_item_table
 from recbole_dppmg.data.featurize import load_default_encoder
 from recbole_dppmg.errors import CheckpointError, DataError
+from recbole_dppmg.generation.common.protocol import (
+    bootstrap_interval,
+    evaluation_users,
+    own_minus_shuffled,
+    retrieval_scorer,
+    users_with_targets,
+)
 from recbole_dppmg.generation.common.settings import TEXT_CONDITIONS, load_settings
 from recbole_dppmg.generation.common.user_split import split_users
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.text.backbone import load_backbone
+from recbole_dppmg.generation.text.baselines import HistoryText, PopulationPromptConditioner
 from recbole_dppmg.generation.text.config import (
     newest_generator_run,
     recorded_settings,
@@ -51,6 +59,7 @@ from recbole_dppmg.generation.text.loading import (
     generation_options,
     item_content,
     item_file,
+    load_prompt_baseline,
     load_soft_prompt,
     load_text_generator,
     load_tokens,
@@ -185,6 +194,7 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
             lora_targets=cfg["lora_targets"],
             seed=cfg["seed"],
             content=content,
+            channels=cfg["token_channels"],
         )
     state = train_conditioner(
         lm.model, tokenizer, TokenConditioner(lm, vocabulary), train_pairs, valid_pairs, texts, cfg, run / "dppmg"
@@ -201,6 +211,18 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
             soft = SoftPromptConditioner.build(model, tokenizer, tokens, seed=cfg["seed"], content=content)
         state = train_conditioner(model, tokenizer, soft, train_pairs, valid_pairs, texts, cfg, run / "soft_prompt")
         summary["soft_prompt"] = _phase_summary(state, time.perf_counter() - start, soft.parameters())
+    for name in ("population", "history"):  # the matched baselines: same pairs, steps, format; no tokens
+        if not cfg[f"{name}_prompt"]:
+            continue
+        start = time.perf_counter()
+        model, tokenizer = load_backbone(cfg["backbone"], cfg["dtype"], cfg["device"])
+        add_preference_tokens(model, tokenizer, vocabulary.strings)
+        history = HistoryText(tokens, catalogue, cfg["history_items"]) if name == "history" else None
+        prompt = PopulationPromptConditioner.build(model, tokenizer, tokens, cfg["seed"], content, history)
+        state = train_conditioner(
+            model, tokenizer, prompt, train_pairs, valid_pairs, texts, cfg, run / f"{name}_prompt"
+        )
+        summary[f"{name}_prompt"] = _phase_summary(state, time.perf_counter() - start, prompt.parameters())
     (run / "warmup.json").write_text(json.dumps(summary, indent=2))
     logger.info("text warm-up done: %s", json.dumps({k: v for k, v in summary.items() if isinstance(v, dict)}))
     return run
@@ -304,11 +326,19 @@ class TextConditions:
     Shared by :func:`evaluate_text_generation` and the report (``generation/report.py``)."""
 
     def __init__(
-        self, dataset: str, run: Path, tokens, vocabulary, cfg: dict, item_texts: dict[str, str] | None = None
+        self,
+        dataset: str,
+        run: Path,
+        tokens,
+        vocabulary,
+        cfg: dict,
+        item_texts: dict[str, str] | None = None,
+        content=None,
     ):
         self.dataset, self.run, self.tokens, self.vocabulary, self.cfg = dataset, Path(run), tokens, vocabulary, cfg
-        self._item_texts = item_texts
+        self._item_texts, self._content = item_texts, content
         self._lm = self._soft = None
+        self._prompts: dict[str, tuple] = {}
 
     @property
     def lm(self):
@@ -320,6 +350,10 @@ class TextConditions:
         """Load what condition ``name`` needs (so that generation can be timed alone)."""
         if name == "soft_prompt" and self._soft is None:
             self._soft = load_soft_prompt(self.run, self.tokens, self.vocabulary, self.cfg)
+        elif name in ("population", "history") and name not in self._prompts:
+            self._prompts[name] = load_prompt_baseline(
+                self.run, name, self.tokens, self.vocabulary, self.cfg, self._content
+            )
         elif name == "real_liked_item" and self._item_texts is None:
             self._item_texts = run_target_texts(self.dataset, self.run, self.tokens)
         elif name in ("dppmg", "no_tokens", "shuffled", "soft_prompt"):
@@ -335,6 +369,11 @@ class TextConditions:
         self.prepare(name)
         if name == "real_liked_item":
             return [self._liked_text(u) for u in users]
+        if name in ("population", "history"):
+            model, tokenizer, prompt = self._prompts[name]
+            return generate_texts(
+                model, tokenizer, prompt, users, **{**generation_options(self.cfg, self.lm.token_ids), "seed": seed}
+            )
         if name == "soft_prompt":
             model, tokenizer, soft = self._soft
             return generate_texts(
@@ -358,6 +397,7 @@ class TextConditions:
     def release(self) -> None:
         """Drop the loaded generators (the next condition may load other ones)."""
         self._lm = self._soft = None
+        self._prompts = {}
 
 
 def evaluate_text_generation(
@@ -375,7 +415,8 @@ def evaluate_text_generation(
     run = Path(cfg["generator"]) if cfg.get("generator") else newest_generator_run(dataset, saved_root(cfg))
     tokens = load_tokens(dataset, tokens_folder, cfg, run_settings(run).get("tokens"))
     vocabulary = PreferenceVocabulary(tokens)
-    users = json.loads((run / "users.json").read_text())["test"][: ev["users"] or None]
+    pool = evaluation_users(json.loads((run / "users.json").read_text()), ev["split"])  # valid: selection only
+    users = pool[: ev["users"] or None]
 
     items = read_item_table(item_file(dataset), with_features=True)  # the text features of the catalogue
     catalogue = [i for i in tokens.item_ids[1:] if i in items.index]
@@ -411,6 +452,7 @@ def evaluate_text_generation(
         "generator": str(run),
         "tokens": str(tokens.folder),
         "users": len(users),
+        "split": ev["split"],
         "seeds": seeds,
         "num_threads": torch.get_num_threads(),
         "generate": cfg["generate"],
@@ -443,6 +485,7 @@ def _score_conditions(texts, seconds, features, targets, exclude, backbone, cfg,
             for batch in by_seed.values()
         ]
         per_user[name] = {m: np.mean([r[f"per_user_{m}"] for r in runs], axis=0) for m in ("hit", "ndcg")}
+        gap = _retrieval_gap(by_seed, encoder, features, targets, exclude, k, ev["bootstrap"])
         nonempty = [t for batch in by_seed.values() for t in batch if t]
         row = {"condition": name, "users": runs[0]["users"], "seeds": list(by_seed)}
         for m in ("hit", "ndcg"):
@@ -462,6 +505,7 @@ def _score_conditions(texts, seconds, features, targets, exclude, backbone, cfg,
                 "distinct2": float(np.mean([distinct_n(batch, 2) for batch in by_seed.values()])),
                 "mean_words": float(np.mean([len(t.split()) for batch in by_seed.values() for t in batch])),
                 "seconds": round(float(np.mean(seconds[name])), 1),
+                f"gap_ndcg@{k}": gap,
                 "per_user_hit": per_user[name]["hit"].tolist(),
                 "per_user_ndcg": per_user[name]["ndcg"].tolist(),
             }
@@ -479,28 +523,52 @@ def _score_conditions(texts, seconds, features, targets, exclude, backbone, cfg,
     return rows
 
 
+def _retrieval_gap(by_seed: dict, encoder, features, targets, exclude, k: int, resamples: int) -> dict | None:
+    """Own minus shuffled NDCG@k (``generation/common/protocol.py``): per user averaged over the
+    seeds, 95% bootstrap interval over users; None with fewer than two users with test items."""
+    users = users_with_targets(targets, exclude)
+    if len(users) < 2:
+        return None
+    per_seed = []
+    for seed, batch in by_seed.items():
+        queries = encoder.encode([batch[u] or " " for u in users], progress=False)
+        score = retrieval_scorer(queries, features, [targets[u] for u in users], [exclude[u] for u in users], k)
+        per_seed.append(own_minus_shuffled(score, len(users), int(seed), resamples)["per_user"])
+    per_user = np.mean(np.asarray(per_seed), axis=0)
+    return {"mean": float(per_user.mean()), "ci95": bootstrap_interval(per_user, resamples), "users": len(users)}
+
+
 def _text_eval_markdown(report: dict, run: Path, tokens_folder, k: int) -> list[str]:
     def interval(row, m):
         d = row.get("dppmg_minus", {}).get(m)
         return f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else "-"
 
+    def gap(row):
+        g = row.get(f"gap_ndcg@{k}")
+        return f"{g['mean']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" if g else "-"
+
     seeds = report["seeds"]
+    split = report.get("split", "test")
     lines = [
-        f"# Text generation on {report['users']} held-out users of {report['dataset']}",
+        f"# Text generation on {report['users']} held-out {split} users of {report['dataset']}",
         "",
         f"generator `{run.name}`, tokens `{tokens_folder}`, generation seeds {seeds}, {report['num_threads']} CPU "
         "threads. "
-        f"Retrieval: mean ± std over the seeds; DPPMG minus the condition: per-user values averaged over the seeds, "
-        f"95% bootstrap interval over users. A random ranking hits {report[f'random_hit@{k}']:.4f} (Hit@{k}).",
+        + ("Validation users: for choosing settings. " if split == "valid" else "Test users: scored once. ")
+        + f"*Own - shuffled NDCG@{k}*: each user's text ranked against that user's test items minus against another "
+        "evaluated user's (0 for a text that does not depend on the user), per user averaged over the seeds, 95% "
+        "bootstrap interval over users: the personalization measure. Retrieval: mean ± std over the seeds; DPPMG "
+        f"minus the condition as above. A random ranking hits {report[f'random_hit@{k}']:.4f} (Hit@{k}).",
         "",
-        f"| condition | Hit@{k} | NDCG@{k} | DPPMG - this, Hit@{k} | DPPMG - this, NDCG@{k} | perplexity (base LM) | "
-        f"distinct-2 | mean words | seconds per {report['users']} texts |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| condition | own - shuffled NDCG@{k} | Hit@{k} | NDCG@{k} | DPPMG - this, Hit@{k} | "
+        f"DPPMG - this, NDCG@{k} | perplexity (base LM) | distinct-2 | mean words | "
+        f"seconds per {report['users']} texts |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         ppl = f"{r['perplexity']:.2f}" if r["perplexity"] is not None else "-"
         lines.append(
-            f"| {r['condition']} | {r[f'hit@{k}']:.4f} ± {r[f'hit@{k}_std']:.4f} | {r[f'ndcg@{k}']:.4f} ± "
+            f"| {r['condition']} | {gap(r)} | {r[f'hit@{k}']:.4f} ± {r[f'hit@{k}_std']:.4f} | {r[f'ndcg@{k}']:.4f} ± "
             f"{r[f'ndcg@{k}_std']:.4f} | "
             f"{interval(r, 'hit')} | {interval(r, 'ndcg')} | {ppl} | {r['distinct2']:.3f} | {r['mean_words']:.1f} | "
             f"{r['seconds']} |"

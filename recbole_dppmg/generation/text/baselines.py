@@ -1,0 +1,133 @@
+"""Text baselines trained like DPPMG but given no preference tokens (docs/evaluation.md#protocol).
+
+- *population prompt*: the prompt slots of the soft prompt, filled with one set of learned
+  vectors shared by every user, trained on the same pairs, steps and target format. It is what
+  the trained format alone buys, the matched baseline DPPMG has to beat (the untrained base LM,
+  "no tokens", never saw the target format, so beating it mixes format with personalization).
+- *history prompt*: the population prompt plus the user's best-rated training items written
+  into the instruction (title, year, first tags; the LaMP / PMG-style baseline), trained the
+  same way. What a user's own history says when the LM reads it directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from recbole_dppmg.errors import CheckpointError
+from recbole_dppmg.tokens.format import token_string
+
+HISTORY_TAGS = 2
+
+
+class HistoryText:
+    """``user -> "Star Wars (1977; Action, Sci-Fi); ..."``: the user's best-rated training items."""
+
+    def __init__(self, tokens, content, items: int):
+        self.tokens, self.content, self.items = tokens, content, items
+
+    def __call__(self, user: str) -> str:
+        liked = [i for i, _ in self.tokens.history(user, "train")][: self.items]
+        parts = []
+        for item in liked:
+            year, tags = self.content.year(item), self.content.tags(item)[:HISTORY_TAGS]
+            detail = "; ".join(p for p in (year, ", ".join(tags)) if p)
+            parts.append(f"{self.content.title(item)} ({detail})" if detail else self.content.title(item))
+        return "; ".join(parts)
+
+
+class PopulationPromptConditioner:
+    """Shared learned vectors in the prompt slots; with ``history``, the user's liked items follow."""
+
+    WEIGHTS = "population_prompt.safetensors"
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        slot_strings: list[str],
+        vectors: torch.Tensor,
+        history: Callable[[str], str] | None = None,
+    ):
+        self.model, self.slot_strings, self.history = model, slot_strings, history
+        self.name = "history" if history is not None else "population"
+        ids = tokenizer.convert_tokens_to_ids(slot_strings)
+        if any(i is None or i == tokenizer.unk_token_id for i in ids):
+            raise CheckpointError("the population prompt's tokenizer lacks the preference-token slots")
+        device = next(model.parameters()).device
+        self.slot_ids = torch.tensor(ids, device=device)
+        self.output_vocab = min(ids)  # the slots and everything after are never predicted
+        self.vectors = nn.Parameter(vectors.float().to(device))
+
+    @classmethod
+    def build(
+        cls,
+        model,
+        tokenizer,
+        tokens,
+        seed: int = 0,
+        content: dict[str, torch.Tensor] | None = None,
+        history: Callable[[str], str] | None = None,
+    ) -> "PopulationPromptConditioner":
+        """Slots of every modality and level; vectors start at the mean content vector of the
+        training users' targets (the same start as the tokens' content initialisation, averaged
+        over users) or, without content, at random vectors of the embeddings' norm."""
+        slots = [token_string(m, level, 0) for m in tokens.modalities for level in range(tokens.levels)]
+        embed = model.get_input_embeddings().weight
+        if content:
+            start = torch.stack([v.float().cpu() for v in content.values()]).mean(0).expand(len(slots), -1).clone()
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            start = torch.randn(len(slots), embed.shape[1], generator=generator)
+            start = start / start.norm(dim=1, keepdim=True) * float(embed.float().norm(dim=1).mean())
+        return cls(model, tokenizer, slots, start, history)
+
+    def token_text(self, user: str) -> str:
+        slots = "".join(self.slot_strings)
+        return f"{slots}\nLiked: {self.history(user)}" if self.history is not None else slots
+
+    def inputs_embeds(self, input_ids: torch.Tensor, users: Sequence[str]) -> torch.Tensor:
+        embeds = self.model.get_input_embeddings()(input_ids)
+        match = (input_ids.unsqueeze(-1) == self.slot_ids).to(embeds.dtype)  # [B, T, S]
+        keep = 1 - match.sum(-1, keepdim=True)
+        return embeds * keep + torch.einsum("bts,sh->bth", match, self.vectors.to(embeds.dtype))
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.vectors]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {"vectors": self.vectors.detach()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.vectors.copy_(state["vectors"].to(self.vectors.device))
+
+    def train(self, mode: bool = True) -> None:
+        pass  # no dropout or normalisation layers
+
+    def save(self, folder: Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"slots": ",".join(self.slot_strings), "history": str(self.history is not None)}
+        save_file({"vectors": self.vectors.detach().cpu().contiguous()}, str(folder / self.WEIGHTS), metadata=meta)
+        return folder
+
+    @classmethod
+    def load(
+        cls, folder: Path, model, tokenizer, history: Callable[[str], str] | None = None
+    ) -> "PopulationPromptConditioner":
+        path = Path(folder) / cls.WEIGHTS
+        if not path.is_file():
+            raise CheckpointError(
+                f"{folder} holds no trained prompt baseline ({cls.WEIGHTS}); run the text warm-up with "
+                "text.population_prompt / text.history_prompt: true"
+            )
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            slots = f.metadata()["slots"].split(",")
+        return cls(model, tokenizer, slots, load_file(str(path))["vectors"], history)
