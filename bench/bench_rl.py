@@ -54,15 +54,11 @@ def _judge(dataset: str, tokens_folder: str):
 def _protocol_measures(row, per_user, prefix, users, modality, features, judge, heldout, seed) -> None:
     """The held-out judge's level and the own-minus-shuffled gaps of both judges
     (``generation/common/protocol.py``), into ``row`` (means) and ``per_user`` (per user)."""
-    from recbole_dppmg.generation.common.protocol import own_minus_shuffled
+    from recbole_dppmg.generation.common.protocol import judge_gap
 
     row[f"{prefix}_heldout_judge"] = float(np.nanmean(heldout.personalization(users, modality, features)))
     for name, model in (("judge", judge), ("heldout_judge", heldout)):
-        gap = own_minus_shuffled(
-            lambda rows, judged_as, m=model: m.personalization([users[j] for j in judged_as], modality, features[rows]),
-            len(users),
-            seed,
-        )
+        gap = judge_gap(model, users, modality, features, seed)
         per_user[f"{prefix}_gap_{name}"] = gap["per_user"]
         row[f"{prefix}_gap_{name}"] = gap["mean"]
 

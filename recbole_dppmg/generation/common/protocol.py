@@ -82,6 +82,17 @@ def own_minus_shuffled(
     }
 
 
+def judge_gap(judge, users: Sequence[str], modality: str, features: np.ndarray, seed: int) -> dict:
+    """Own minus shuffled of a judge's percentile (``judge.personalization(users, modality,
+    features)``): row ``j``'s content judged for ``users[j]`` minus for its partner."""
+    features = np.asarray(features)
+    return own_minus_shuffled(
+        lambda rows, judged_as: judge.personalization([users[j] for j in judged_as], modality, features[rows]),
+        len(users),
+        seed,
+    )
+
+
 def retrieval_scorer(
     queries: np.ndarray, items: np.ndarray, targets: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]], k: int
 ) -> Callable[[np.ndarray, Sequence[int]], np.ndarray]:

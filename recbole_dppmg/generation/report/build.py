@@ -46,6 +46,7 @@ from recbole_dppmg.errors import CheckpointError, DataError
 from recbole_dppmg.generation.common.protocol import (
     bootstrap_interval,
     evaluation_users,
+    judge_gap,
     own_minus_shuffled,
     retrieval_scorer,
     users_with_targets,
@@ -831,12 +832,7 @@ def _modality_gaps(
         )
         out[f"gap_{modality}_retrieval_ndcg@{k}"] = own_minus_shuffled(score, len(with_targets), seed)["per_user"]
     for name, model in (("judge", judge), ("heldout_judge", heldout)):
-        gap = own_minus_shuffled(
-            lambda r, judged_as, m=model: m.personalization([picked[j] for j in judged_as], modality, features[r]),
-            len(rows),
-            seed,
-        )
-        out[f"gap_{modality}_{name}"] = gap["per_user"]
+        out[f"gap_{modality}_{name}"] = judge_gap(model, picked, modality, features, seed)["per_user"]
     return out
 
 
