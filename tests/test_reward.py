@@ -210,3 +210,24 @@ def test_an_export_with_an_id_channel(tmp_path):
     top = top_recommended_items(tokens, users, set(tokens.item_ids[1:]))
     seen = {i for i, _ in tokens.history(users[0], "train")} | {i for i, _ in tokens.history(users[0], "valid")}
     assert top[0] is not None and top[0] not in seen
+
+
+def test_the_relative_reward_gives_nothing_for_content_everybody_likes_alike(judged):
+    """reward.relative (RL): a constant text given to the whole batch earns exactly 0 on average,
+    the same poster paired with it earns exactly 0 consistency per row, and a user's own liked
+    item earns more than a constant popular one."""
+    tokens, data, _ = judged
+    judge = PreferenceJudge.for_dataset("tiny", tokens, {"relative": True}, dataset_dir=data / "tiny")
+    users = [u for u in tokens.users[:6] for _ in range(2)]  # two samples per user, as in an RL group
+    constant = np.repeat(_features(judge, "text", ["i1"]), len(users), 0)
+    poster = np.repeat(_features(judge, "image", ["i2"]), len(users), 0)
+    out = judge.reward(users, text_features=constant, image_features=poster, partner="image")
+    assert out["text_personalization"].mean() == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_allclose(out["consistency"], 0.0, atol=1e-12)
+    absolute = judge.reward(users, text_features=constant, image_features=poster)  # no partner: the report's reward
+    assert absolute["text_personalization"].mean() > 0.05
+    own = _features(judge, "text", [next(i for i, _ in tokens.history(u, "train")) for u in users])
+    mine = judge.relative_personalization(users, "text", own)
+    assert mine.mean() > 0.05
+    with pytest.raises(DataError, match="at least two users"):
+        judge.relative_personalization([users[0]], "text", own[:1])

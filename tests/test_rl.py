@@ -486,7 +486,7 @@ class RecordingJudge:
     def __init__(self):
         self.calls = []
 
-    def reward(self, users, text_features=None, image_features=None):
+    def reward(self, users, text_features=None, image_features=None, partner=None):
         self.calls.append((list(users), text_features, image_features))
         personal = text_features[:, 0]
         return {

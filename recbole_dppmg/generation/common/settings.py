@@ -431,6 +431,7 @@ class RewardSettings(Section):
     text_personalization_weight: float = rule()
     image_personalization_weight: float = rule()
     consistency_weight: float = rule()
+    relative: bool = rule()
     clip_path: str | None = rule()
     clip_weight: float = rule()
 

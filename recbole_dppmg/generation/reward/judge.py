@@ -218,20 +218,33 @@ class PreferenceJudge:
         image_features: np.ndarray | None = None,
         texts: Sequence[str] | None = None,
         images: Sequence | None = None,
+        partner: str | None = None,
     ) -> dict[str, np.ndarray]:
         """Per-row components and their weighted mean ``total`` (weights from ``reward:``).
 
         Keys: ``text_personalization`` / ``image_personalization`` (when those features are
         given), ``consistency`` (both given), ``clip`` (``clip_path`` set and raw ``texts`` and
-        PIL ``images`` given), ``total``."""
+        PIL ``images`` given), ``total``. ``partner`` (RL) names the modality whose content is
+        fixed per user (the other generator's pre-RL output); with ``reward.relative`` the
+        generated modality's personalization and the consistency are then relative to the other
+        users of the batch (:meth:`relative_personalization`, :meth:`relative_consistency`)."""
         users = [str(u) for u in users]
+        relative = bool(self.config.get("relative")) and partner is not None
+        features = {"text": text_features, "image": image_features}
         out: dict[str, np.ndarray] = {}
-        if text_features is not None:
-            out["text_personalization"] = self.personalization(users, "text", text_features)
-        if image_features is not None:
-            out["image_personalization"] = self.personalization(users, "image", image_features)
+        for m, rows in features.items():
+            if rows is None:
+                continue
+            generated = relative and m != partner
+            out[f"{m}_personalization"] = (
+                self.relative_personalization(users, m, rows) if generated else self.personalization(users, m, rows)
+            )
         if text_features is not None and image_features is not None:
-            out["consistency"] = self.consistency(text_features, image_features)
+            out["consistency"] = (
+                self.relative_consistency(users, text_features, image_features, partner)
+                if relative
+                else self.consistency(text_features, image_features)
+            )
         scorer = self.clip_scorer()
         if scorer is not None and texts is not None and images is not None:
             out["clip"] = scorer.score(texts, images)
@@ -243,6 +256,44 @@ class PreferenceJudge:
             raise ConfigError(f"all weights of the computed reward components ({', '.join(out)}) are 0")
         out["total"] = sum(weights[name] * values for name, values in out.items()) / total_weight
         return out
+
+    # ------------------------------------------------------------------ relative (RL)
+    @staticmethod
+    def _batch_users(users: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        distinct = list(dict.fromkeys(users))
+        if len(distinct) < 2:
+            raise DataError("a relative reward needs at least two users in the batch")
+        column = {u: k for k, u in enumerate(distinct)}
+        return distinct, np.array([column[u] for u in users])
+
+    def relative_personalization(self, users: Sequence[str], modality: str, features) -> np.ndarray:
+        """Row ``i``'s percentile for its own user minus its mean percentile for the batch's other
+        users: content every user likes alike earns 0, and the batch mean of a constant content's
+        reward is exactly 0 (popularity is not rewarded)."""
+        distinct, own = self._batch_users(users)
+        features = self._check_rows(users, features, modality)
+        n, k = len(users), len(distinct)
+        judged = self.personalization(distinct * n, modality, np.repeat(features, k, axis=0)).reshape(n, k)
+        mine = judged[np.arange(n), own]
+        return mine - (judged.sum(1) - mine) / (k - 1)
+
+    def relative_consistency(self, users: Sequence[str], text_features, image_features, partner: str) -> np.ndarray:
+        """Row ``i``'s consistency with its own user's ``partner`` content minus its mean with the
+        other users' partner content (one row per user: the partner content is fixed per user)."""
+        distinct, own = self._batch_users(users)
+        text = self._check_rows(users, text_features, "text")
+        image = self._check_rows(users, image_features, "image")
+        fixed = image if partner == "image" else text
+        first = {u: i for i, u in reversed(list(enumerate(users)))}
+        per_user = fixed[[first[u] for u in distinct]]  # [k, width]
+        n, k = len(users), len(distinct)
+        generated = text if partner == "image" else image
+        repeated = np.repeat(generated, k, axis=0)
+        others = np.tile(per_user, (n, 1))
+        pairs = (repeated, others) if partner == "image" else (others, repeated)
+        table = self.consistency(*pairs).reshape(n, k)
+        mine = table[np.arange(n), own]
+        return mine - (table.sum(1) - mine) / (k - 1)
 
     @staticmethod
     def _check_rows(users: Sequence[str], features, modality: str) -> np.ndarray:

@@ -355,7 +355,8 @@ class JudgeReward:
             if missing:
                 raise DataError(f"no pre-RL {self.other} content for users {missing[:5]}")
             features[f"{self.other}_features"] = np.stack([self.partner[u] for u in users])
-        return reward_table(self.judge.reward(list(users), **features))
+        partner = self.other if self.partner is not None else None
+        return reward_table(self.judge.reward(list(users), **features, partner=partner))
 
 
 def cached_features(
