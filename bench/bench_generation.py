@@ -64,6 +64,7 @@ MEASURES = {
         "heldout_judge": ("text_heldout_judge", None),
         "consistency": (None, "consistency"),
         "perplexity": (None, "perplexity"),
+        "degenerate_share": (None, "degenerate_share"),
     },
     "image": {
         "gap_retrieval_ndcg10": ("gap_image_retrieval_ndcg@10", None),

@@ -64,6 +64,16 @@ def test_distinct_2():
     assert distinct_n(["a", ""], 2) == 0.0
 
 
+def test_degenerate_texts_repeat_a_4gram_three_times():
+    from recbole_dppmg.generation.text.metrics import degenerate_share, is_degenerate
+
+    assert is_degenerate("Aria: Aria: Aria Aria: Aria: Aria Aria: Aria: Aria: Aria: Aria")
+    assert is_degenerate("A tale of war. a tale of war and a TALE OF WAR again")
+    assert not is_degenerate("A tale of war. A tale of war, twice only.")
+    assert degenerate_share(["x y z w x y z w x y z w", "fine text", "", "another fine one"]) == 0.25
+    assert degenerate_share([]) == 0.0
+
+
 def test_perplexity_matches_a_direct_computation():
     tokenizer = tiny_tokenizer()
     model = tiny_lm(tokenizer)

@@ -77,6 +77,7 @@ from recbole_dppmg.generation.text.generate import prompt_ids, shuffled_user_map
 from recbole_dppmg.generation.text.injection import read_meta
 from recbole_dppmg.generation.text.loading import run_target_texts
 from recbole_dppmg.generation.text.metrics import (
+    degenerate_share,
     distinct_n,
     perplexity,
     retrieval_metrics,
@@ -724,6 +725,7 @@ def _measure(
                         f"text_hit@{k}": metrics[f"hit@{k}"],
                         "perplexity": generation.perplexity([generated[j] for j in rows], cfg["ppl_batch_size"]),
                         "distinct2": distinct_n([generated[j] for j in rows], 2),
+                        "degenerate_share": degenerate_share([generated[j] for j in rows]),
                         "mean_words": float(np.mean([len(generated[j].split()) for j in rows])),
                     }
                 )

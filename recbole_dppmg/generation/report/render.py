@@ -76,6 +76,7 @@ def _columns(k: int) -> list[tuple[str, str, int]]:
         ("clip", "CLIP", 3),
         ("perplexity", "perplexity", 2),
         ("distinct2", "distinct-2", 3),
+        ("degenerate_share", "degenerate", 3),
         ("frechet_distance", "Fréchet dist.", 1),
     ]
 
@@ -114,7 +115,7 @@ def _status_cell(metric: str, status: dict) -> str | None:
     """'n/a' / 'not run' where a modality of the condition does not exist."""
     modality = (
         "text"
-        if metric.startswith("text_") or metric in ("perplexity", "distinct2")
+        if metric.startswith("text_") or metric in ("perplexity", "distinct2", "degenerate_share")
         else "image"
         if metric.startswith("image_") or metric == "frechet_distance"
         else "both"

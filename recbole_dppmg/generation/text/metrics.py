@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import re
 from math import comb
 from typing import Sequence
 
@@ -63,6 +64,24 @@ def retrieval_metrics(
         "per_user_hit": hits,
         "per_user_ndcg": ndcgs,
     }
+
+
+def is_degenerate(text: str, n: int = 4, repeats: int = 3) -> bool:
+    """A word ``n``-gram occurs ``repeats`` or more times ("Aria: Aria: Aria: ..."), words lower-cased
+    and stripped of punctuation."""
+    words = [w for w in (re.sub(r"[^\w]", "", w) for w in text.lower().split()) if w]
+    counts: dict[tuple, int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i : i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+        if counts[gram] >= repeats:
+            return True
+    return False
+
+
+def degenerate_share(texts: Sequence[str]) -> float:
+    """Share of texts that repeat a 4-gram 3 or more times (0 for no texts)."""
+    return float(np.mean([is_degenerate(t) for t in texts])) if texts else 0.0
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:

@@ -68,6 +68,7 @@ from recbole_dppmg.generation.text.loading import (
     target_texts,
 )
 from recbole_dppmg.generation.text.metrics import (
+    degenerate_share,
     distinct_n,
     paired_bootstrap,
     perplexity,
@@ -503,6 +504,7 @@ def _score_conditions(texts, seconds, features, targets, exclude, backbone, cfg,
                 if nonempty
                 else None,
                 "distinct2": float(np.mean([distinct_n(batch, 2) for batch in by_seed.values()])),
+                "degenerate_share": degenerate_share([t for batch in by_seed.values() for t in batch]),
                 "mean_words": float(np.mean([len(t.split()) for batch in by_seed.values() for t in batch])),
                 "seconds": round(float(np.mean(seconds[name])), 1),
                 f"gap_ndcg@{k}": gap,
