@@ -38,6 +38,7 @@ CONDITIONS = {
         "shuffled": "shuffled",
         "population": "population",
         "history": "history",
+        "token_items": "dppmg_token_items",
         "constant_popular": "constant_popular",
         "unseen_popular": "unseen_popular",
         "ceiling": "reference",

@@ -2,13 +2,19 @@
 the history prompt writes the user's best-rated training items (title, year, tags) into it; both
 save and load their one learned tensor."""
 
+import numpy as np
 import pandas as pd
 import torch
 from text_tiny import FakeTokens, tiny_lm, tiny_tokenizer
 
 from recbole_dppmg.data.item_content import ContentMap, ItemContent
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
-from recbole_dppmg.generation.text.baselines import HistoryText, PopulationPromptConditioner
+from recbole_dppmg.generation.text.baselines import (
+    HistoryText,
+    PopulationPromptConditioner,
+    TokenItemsText,
+    prompt_condition,
+)
 from recbole_dppmg.generation.text.generate import prompt_ids
 from recbole_dppmg.generation.text.injection import add_preference_tokens
 
@@ -48,6 +54,13 @@ def test_population_prompt_is_the_same_for_everyone_and_history_is_not(tmp_path)
     with_history = PopulationPromptConditioner.build(model, tokenizer, tokens, seed=0, history=history)
     assert with_history.name == "history" and with_history.token_text("u0") != with_history.token_text("u1")
     assert with_history.token_text("u0").endswith(f"Liked: {text}")
+
+    pointed = TokenItemsText(tokens, content(), items=3)("u0")
+    scores = tokens.token_scores(["u0"], relative=True)[0]
+    best = tokens.item_ids[int(np.argmax(np.where(np.arange(len(scores)) > 0, scores, -np.inf)))]
+    assert pointed.startswith(f"Film {best} (") and pointed.count(";") >= 2
+    items = prompt_condition("token_items", model, tokenizer, tokens, content(), 3)
+    assert items.name == "token_items" and items.token_text("u0").endswith(f"Tokens point to: {pointed}")
 
     folder = population.save(tmp_path / "population_prompt")
     loaded = PopulationPromptConditioner.load(folder, model, tokenizer)

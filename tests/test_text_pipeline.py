@@ -52,7 +52,16 @@ def test_warmup_generate_evaluate(setup):
     )
     result = json.loads((report / "text_eval.json").read_text())
     rows = {r["condition"]: r for r in result["rows"]}
-    assert list(rows) == ["dppmg", "no_tokens", "shuffled", "soft_prompt", "population", "history", "real_liked_item"]
+    assert list(rows) == [
+        "dppmg",
+        "no_tokens",
+        "shuffled",
+        "soft_prompt",
+        "population",
+        "history",
+        "token_items",
+        "real_liked_item",
+    ]
     assert all(r["users"] == 4 and 0 <= r["hit@10"] <= 1 for r in rows.values()) and result["seeds"] == [0, 1]
     assert rows["dppmg"]["hit@10_per_seed"] != [] and len(rows["no_tokens"]["hit@10_per_seed"]) == 2
     assert (

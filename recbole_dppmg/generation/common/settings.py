@@ -35,7 +35,16 @@ TARGET_FIELDS = ("head", "title", "year", "genres", "plot", "user_genres")
 PAIR_CHOICES = ("random", "token_score")
 GENRE_SOURCES = ("tokens", "history")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-TEXT_CONDITIONS = ("dppmg", "no_tokens", "shuffled", "soft_prompt", "population", "history", "real_liked_item")
+TEXT_CONDITIONS = (
+    "dppmg",
+    "no_tokens",
+    "shuffled",
+    "soft_prompt",
+    "population",
+    "history",
+    "token_items",
+    "real_liked_item",
+)
 SPACES = ("latent", "pixel")
 SAMPLERS = ("dpm", "ddim")
 USER_VECTORS = ("quantized", "continuous")
@@ -304,6 +313,7 @@ class TextSettings(Section):
     soft_prompt: bool = rule()
     population_prompt: bool = rule()
     history_prompt: bool = rule()
+    token_items_prompt: bool = rule()
     history_items: int = rule(ge=1)
     min_rating: float | None = rule()
     pairs_per_user: int = rule(ge=1)

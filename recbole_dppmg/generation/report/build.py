@@ -73,6 +73,7 @@ from recbole_dppmg.generation.report.render import write_report
 from recbole_dppmg.generation.reward.heldout_judge import HeldoutJudge
 from recbole_dppmg.generation.reward.judge import PreferenceJudge
 from recbole_dppmg.generation.text.backbone import load_backbone
+from recbole_dppmg.generation.text.baselines import PROMPTS
 from recbole_dppmg.generation.text.generate import prompt_ids, shuffled_user_map
 from recbole_dppmg.generation.text.injection import read_meta
 from recbole_dppmg.generation.text.loading import run_target_texts
@@ -108,11 +109,22 @@ logger = logging.getLogger(__name__)
 
 # real content, one item per user (None: no such item): the reference and the non-personal controls
 REAL_CONDITIONS = ("ceiling", "constant_popular", "unseen_popular")
-CONDITIONS = ("no_tokens", "population", "history", "shuffled", "soft_prompt", "dppmg", "dppmg_rl", *REAL_CONDITIONS)
+CONDITIONS = (
+    "no_tokens",
+    "population",
+    "history",
+    "shuffled",
+    "soft_prompt",
+    "token_items",
+    "dppmg",
+    "dppmg_rl",
+    *REAL_CONDITIONS,
+)
 TEXT_GENERATED = {
     "no_tokens": "no_tokens",
     "population": "population",
     "history": "history",
+    "token_items": "token_items",
     "shuffled": "shuffled",
     "soft_prompt": "soft_prompt",
     "dppmg": "dppmg",
@@ -544,12 +556,13 @@ class _Generation:
 
     def status(self, condition: str) -> dict:
         text = {"dppmg_rl": "run" if self.runs.text_rl else "not run"}.get(condition, "run")
-        if condition in ("population", "history") and not (Path(self.runs.text) / f"{condition}_prompt").is_dir():
+        if condition in PROMPTS and not (Path(self.runs.text) / f"{condition}_prompt").is_dir():
             text = "not run"
         image = {
             "soft_prompt": "n/a",
             "population": "n/a",  # the image generator's population baseline is its null conditioning: no tokens
             "history": "n/a",
+            "token_items": "n/a",
             "dppmg_rl": "run" if self.runs.image_rl else "not run",
         }.get(condition, "run")
         if not self.runs.image:
@@ -602,7 +615,7 @@ class _Generation:
             self.dataset, Path(self.runs.text), self.tokens, self.vocabulary, self.text_cfg, content=self.content
         )
         for condition, name in TEXT_GENERATED.items():
-            if name in ("population", "history") and not (Path(self.runs.text) / f"{name}_prompt").is_dir():
+            if name in PROMPTS and not (Path(self.runs.text) / f"{name}_prompt").is_dir():
                 continue  # a warm-up from before these baselines existed: their rows read "not run"
             out[condition] = {
                 seed: before.generate(name, users, seed, shuffled_user_map(self.pool, seed))

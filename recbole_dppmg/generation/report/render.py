@@ -39,6 +39,7 @@ LABELS = {
     "no_tokens": "no tokens (base LM)",
     "population": "population prompt",
     "history": "history prompt",
+    "token_items": "DPPMG tokens as retrieval keys (item titles)",
     "shuffled": "shuffled tokens",
     "soft_prompt": "continuous soft prompt",
     "dppmg": "DPPMG before RL",

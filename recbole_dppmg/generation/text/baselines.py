@@ -7,6 +7,9 @@
 - *history prompt*: the population prompt plus the user's best-rated training items written
   into the instruction (title, year, first tags; the LaMP / PMG-style baseline), trained the
   same way. What a user's own history says when the LM reads it directly.
+- *token items* (a DPPMG variant, not a baseline): the population prompt plus the titles of the
+  catalogue items the user's decoded tokens score highest relative to the average user, i.e. the
+  tokens used as retrieval keys; the tokens still decide what the LM reads.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -31,13 +35,48 @@ class HistoryText:
         self.tokens, self.content, self.items = tokens, content, items
 
     def __call__(self, user: str) -> str:
-        liked = [i for i, _ in self.tokens.history(user, "train")][: self.items]
-        parts = []
-        for item in liked:
-            year, tags = self.content.year(item), self.content.tags(item)[:HISTORY_TAGS]
-            detail = "; ".join(p for p in (year, ", ".join(tags)) if p)
-            parts.append(f"{self.content.title(item)} ({detail})" if detail else self.content.title(item))
-        return "; ".join(parts)
+        return _item_line(self.content, [i for i, _ in self.tokens.history(user, "train")][: self.items])
+
+
+def _item_line(content, items) -> str:
+    parts = []
+    for item in items:
+        year, tags = content.year(item), content.tags(item)[:HISTORY_TAGS]
+        detail = "; ".join(p for p in (year, ", ".join(tags)) if p)
+        parts.append(f"{content.title(item)} ({detail})" if detail else content.title(item))
+    return "; ".join(parts)
+
+
+class TokenItemsText:
+    """``user -> "Alien (1979; Sci-Fi); ..."``: the items the user's decoded tokens point to."""
+
+    def __init__(self, tokens, content, items: int):
+        self.tokens, self.content, self.items = tokens, content, items
+        known = set(content.item_ids)
+        self._allowed = np.array([i in known for i in tokens.item_ids])
+
+    def __call__(self, user: str) -> str:
+        scores = np.where(self._allowed, self.tokens.token_scores([user], relative=True)[0], -np.inf)
+        top = [self.tokens.item_ids[k] for k in np.argsort(-scores, kind="stable")[: self.items]]
+        return _item_line(self.content, top)
+
+
+# the trained prompt conditions: name -> (what the prompt writes per user, or None; its label)
+PROMPTS = {
+    "population": (None, ""),
+    "history": (HistoryText, "Liked"),
+    "token_items": (TokenItemsText, "Tokens point to"),
+}
+
+
+def prompt_condition(name: str, model, tokenizer, tokens, content, items: int, folder=None, seed=0, vectors=None):
+    """The ``population`` / ``history`` / ``token_items`` prompt conditioner: loaded from ``folder``
+    when given, else built (``vectors``: the content-initialisation vectors per user)."""
+    source, label = PROMPTS[name]
+    text = source(tokens, content, items) if source is not None else None
+    if folder is not None:
+        return PopulationPromptConditioner.load(folder, model, tokenizer, text, name, label or "Liked")
+    return PopulationPromptConditioner.build(model, tokenizer, tokens, seed, vectors, text, name, label or "Liked")
 
 
 class PopulationPromptConditioner:
@@ -52,9 +91,11 @@ class PopulationPromptConditioner:
         slot_strings: list[str],
         vectors: torch.Tensor,
         history: Callable[[str], str] | None = None,
+        name: str | None = None,
+        label: str = "Liked",
     ):
-        self.model, self.slot_strings, self.history = model, slot_strings, history
-        self.name = "history" if history is not None else "population"
+        self.model, self.slot_strings, self.history, self.label = model, slot_strings, history, label
+        self.name = name or ("history" if history is not None else "population")
         ids = tokenizer.convert_tokens_to_ids(slot_strings)
         if any(i is None or i == tokenizer.unk_token_id for i in ids):
             raise CheckpointError("the population prompt's tokenizer lacks the preference-token slots")
@@ -72,6 +113,8 @@ class PopulationPromptConditioner:
         seed: int = 0,
         content: dict[str, torch.Tensor] | None = None,
         history: Callable[[str], str] | None = None,
+        name: str | None = None,
+        label: str = "Liked",
     ) -> "PopulationPromptConditioner":
         """Slots of every modality and level; vectors start at the mean content vector of the
         training users' targets (the same start as the tokens' content initialisation, averaged
@@ -84,11 +127,11 @@ class PopulationPromptConditioner:
             generator = torch.Generator().manual_seed(seed)
             start = torch.randn(len(slots), embed.shape[1], generator=generator)
             start = start / start.norm(dim=1, keepdim=True) * float(embed.float().norm(dim=1).mean())
-        return cls(model, tokenizer, slots, start, history)
+        return cls(model, tokenizer, slots, start, history, name, label)
 
     def token_text(self, user: str) -> str:
         slots = "".join(self.slot_strings)
-        return f"{slots}\nLiked: {self.history(user)}" if self.history is not None else slots
+        return f"{slots}\n{self.label}: {self.history(user)}" if self.history is not None else slots
 
     def inputs_embeds(self, input_ids: torch.Tensor, users: Sequence[str]) -> torch.Tensor:
         embeds = self.model.get_input_embeddings()(input_ids)
@@ -118,7 +161,13 @@ class PopulationPromptConditioner:
 
     @classmethod
     def load(
-        cls, folder: Path, model, tokenizer, history: Callable[[str], str] | None = None
+        cls,
+        folder: Path,
+        model,
+        tokenizer,
+        history: Callable[[str], str] | None = None,
+        name: str | None = None,
+        label: str = "Liked",
     ) -> "PopulationPromptConditioner":
         path = Path(folder) / cls.WEIGHTS
         if not path.is_file():
@@ -130,4 +179,4 @@ class PopulationPromptConditioner:
 
         with safe_open(str(path), "pt") as f:
             slots = f.metadata()["slots"].split(",")
-        return cls(model, tokenizer, slots, load_file(str(path))["vectors"], history)
+        return cls(model, tokenizer, slots, load_file(str(path))["vectors"], history, name, label)

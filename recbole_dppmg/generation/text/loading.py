@@ -13,7 +13,7 @@ from pathlib import Path
 from recbole_dppmg.data.item_content import ItemContent
 from recbole_dppmg.errors import CheckpointError, DataError
 from recbole_dppmg.generation.text.backbone import load_backbone
-from recbole_dppmg.generation.text.baselines import HistoryText, PopulationPromptConditioner
+from recbole_dppmg.generation.text.baselines import prompt_condition
 from recbole_dppmg.generation.text.config import (
     newest_token_export,
     recorded_settings,
@@ -118,17 +118,17 @@ def load_text_generator(run: Path, vocabulary, cfg: dict):
 
 
 def load_prompt_baseline(run: Path, name: str, tokens, vocabulary, cfg: dict, content: ItemContent | None = None):
-    """``(model, tokenizer, conditioner)`` of the trained ``population`` or ``history`` prompt of a
-    run; the history prompt writes the items of ``content`` (default: the dataset's)."""
+    """``(model, tokenizer, conditioner)`` of a run's trained ``population`` / ``history`` /
+    ``token_items`` prompt; the written items come from ``content`` (default: the dataset's)."""
     meta = read_meta(run / "dppmg")
     model, tokenizer = load_backbone(meta.backbone or cfg["backbone"], cfg["dtype"], cfg["device"])
     add_preference_tokens(model, tokenizer, vocabulary.strings)
-    history = None
-    if name == "history":
-        settings = recorded_settings(run_settings(run)["text"])
-        content = content or item_content(tokens.manifest["dataset"])
-        history = HistoryText(tokens, content, settings["history_items"])
-    return model, tokenizer, PopulationPromptConditioner.load(run / f"{name}_prompt", model, tokenizer, history)
+    settings = recorded_settings(run_settings(run)["text"])
+    content = content if content is not None or name == "population" else item_content(tokens.manifest["dataset"])
+    prompt = prompt_condition(
+        name, model, tokenizer, tokens, content, settings["history_items"], folder=run / f"{name}_prompt"
+    )
+    return model, tokenizer, prompt
 
 
 def load_soft_prompt(run: Path, tokens, vocabulary, cfg: dict):

@@ -37,7 +37,7 @@ from recbole_dppmg.generation.common.settings import TEXT_CONDITIONS, load_setti
 from recbole_dppmg.generation.common.user_split import split_users
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.text.backbone import load_backbone
-from recbole_dppmg.generation.text.baselines import HistoryText, PopulationPromptConditioner
+from recbole_dppmg.generation.text.baselines import PROMPTS, prompt_condition
 from recbole_dppmg.generation.text.config import (
     newest_generator_run,
     recorded_settings,
@@ -212,14 +212,15 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
             soft = SoftPromptConditioner.build(model, tokenizer, tokens, seed=cfg["seed"], content=content)
         state = train_conditioner(model, tokenizer, soft, train_pairs, valid_pairs, texts, cfg, run / "soft_prompt")
         summary["soft_prompt"] = _phase_summary(state, time.perf_counter() - start, soft.parameters())
-    for name in ("population", "history"):  # the matched baselines: same pairs, steps, format; no tokens
+    for name in PROMPTS:  # the trained prompt conditions: same pairs, steps and format as DPPMG
         if not cfg[f"{name}_prompt"]:
             continue
         start = time.perf_counter()
         model, tokenizer = load_backbone(cfg["backbone"], cfg["dtype"], cfg["device"])
         add_preference_tokens(model, tokenizer, vocabulary.strings)
-        history = HistoryText(tokens, catalogue, cfg["history_items"]) if name == "history" else None
-        prompt = PopulationPromptConditioner.build(model, tokenizer, tokens, cfg["seed"], content, history)
+        prompt = prompt_condition(
+            name, model, tokenizer, tokens, catalogue, cfg["history_items"], seed=cfg["seed"], vectors=content
+        )
         state = train_conditioner(
             model, tokenizer, prompt, train_pairs, valid_pairs, texts, cfg, run / f"{name}_prompt"
         )
@@ -351,7 +352,7 @@ class TextConditions:
         """Load what condition ``name`` needs (so that generation can be timed alone)."""
         if name == "soft_prompt" and self._soft is None:
             self._soft = load_soft_prompt(self.run, self.tokens, self.vocabulary, self.cfg)
-        elif name in ("population", "history") and name not in self._prompts:
+        elif name in PROMPTS and name not in self._prompts:
             self._prompts[name] = load_prompt_baseline(
                 self.run, name, self.tokens, self.vocabulary, self.cfg, self._content
             )
@@ -370,7 +371,7 @@ class TextConditions:
         self.prepare(name)
         if name == "real_liked_item":
             return [self._liked_text(u) for u in users]
-        if name in ("population", "history"):
+        if name in PROMPTS:
             model, tokenizer, prompt = self._prompts[name]
             return generate_texts(
                 model, tokenizer, prompt, users, **{**generation_options(self.cfg, self.lm.token_ids), "seed": seed}
