@@ -204,3 +204,34 @@ def test_routed_image_generator_attends_to_its_channel_only(tmp_path, inputs):
     assert torch.equal(model.condition(mixed)[0], model.condition(mixed)[1])
     with pytest.raises(ConfigError, match="names none of the export's"):
         _train(tmp_path, *inputs, name="bad", token_channels=["id"])
+
+
+def test_the_image_evaluation_follows_the_protocol(tmp_path, inputs, monkeypatch):
+    """Own-minus-shuffled retrieval per condition and the real-vs-real Fréchet floor at the same N,
+    on the test users (or the validation users, for choosing settings)."""
+    from types import SimpleNamespace
+
+    from data_fixtures import write_content_manifest
+
+    from recbole_dppmg.generation.image import evaluate as image_evaluate
+    from recbole_dppmg.generation.image.evaluate import evaluate_image_generator
+
+    # an 8x8 "encoder" whose features are the mean colour: the protocol, not EfficientNet, is under test
+    fake = SimpleNamespace(image_size=8, dim=3, model=SimpleNamespace(extract_features=lambda x: x))
+    monkeypatch.setattr(image_evaluate, "load_default_encoder", lambda modality: fake)
+
+    export, posters = inputs
+    folder = _train(tmp_path, *inputs, valid_users=2, test_users=2)
+    data = tmp_path / "dataset" / "tiny"
+    data.mkdir(parents=True)
+    rows = "\n".join(f"{i}\t{i}.png\t1.0" for i in sorted(posters))
+    (data / "tiny.item").write_text(f"item_id:token\tposter:token\timage_mask:float\n{rows}\n")
+    write_content_manifest(data, "tiny", tmp_path / "posters")
+    monkeypatch.setenv("DPPMG_DATASET_DIR", str(tmp_path / "dataset"))
+    settings = {"space": "pixel", "sample_steps": 2, "sample_batch": 4, "cache_dir": str(tmp_path / "cache")}
+    result = evaluate_image_generator("tiny", export, folder, settings, n_fd=4, topk=3, out_dir=tmp_path / "eval")
+    floor = result["frechet_distance"]["real_floor"]
+    assert floor["n"] == 4 and floor["mean"] >= 0
+    gap = result["retrieval"]["dppmg_tokens"]["gap_ndcg@3"]
+    assert gap["ci95"][0] <= gap["mean"] <= gap["ci95"][1] and gap["users"] == 2
+    assert "own - shuffled NDCG@3" in (tmp_path / "eval" / "image_eval.md").read_text()

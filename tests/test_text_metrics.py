@@ -9,11 +9,11 @@ import torch
 from text_tiny import tiny_lm, tiny_tokenizer
 
 from recbole_dppmg.errors import DataError
+from recbole_dppmg.generation.common.protocol import random_hit_rate
 from recbole_dppmg.generation.text.metrics import (
     distinct_n,
     paired_bootstrap,
     perplexity,
-    random_hit_rate,
     retrieval_metrics,
 )
 

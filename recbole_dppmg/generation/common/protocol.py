@@ -19,6 +19,7 @@ same per-user function over the same users: the mean gap of user-independent con
 
 from __future__ import annotations
 
+from math import comb
 from typing import Callable, Sequence
 
 import numpy as np
@@ -124,3 +125,20 @@ def retrieval_scorer(
 def users_with_targets(targets: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]]) -> list[int]:
     """Positions of users who have a test item outside their training items (retrieval needs one)."""
     return [u for u, (t, e) in enumerate(zip(targets, exclude)) if set(t) - set(e)]
+
+
+def random_hit_rate(
+    targets: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]], n_items: int, k: int = 10
+) -> float:
+    """Expected Hit@k of a uniformly random ranking, over the users :func:`retrieval_metrics` scores:
+    1 - C(N - T, k) / C(N, k) with N candidates (catalogue minus excluded) and T test items."""
+    rates = []
+    for target, excluded in zip(targets, exclude):
+        excluded = set(int(e) for e in excluded)
+        t = len(set(int(x) for x in target) - excluded)
+        if t:
+            n = n_items - len(excluded)
+            rates.append(1.0 - comb(n - t, k) / comb(n, k) if n >= k else 1.0)
+    if not rates:
+        raise DataError("no evaluated user has a test item outside their training items")
+    return float(np.mean(rates))

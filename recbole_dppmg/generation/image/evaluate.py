@@ -29,6 +29,12 @@ from recbole_dppmg.data.featurize import (
 )
 from recbole_dppmg.devices import module_device
 from recbole_dppmg.errors import DataError
+from recbole_dppmg.generation.common.protocol import (
+    evaluation_users,
+    own_minus_shuffled,
+    random_hit_rate,
+    retrieval_scorer,
+)
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.data import (
@@ -45,6 +51,7 @@ from recbole_dppmg.generation.image.generate import (
 from recbole_dppmg.generation.image.metrics import (
     frechet_distance,
     image_features,
+    real_frechet_floor,
     real_poster_features,
     retrieval_metrics,
 )
@@ -67,6 +74,7 @@ def evaluate_image_generator(
     topk: int = 10,
     max_users: int | None = None,
     out_dir: str | Path | None = None,
+    split: str = "test",
 ) -> dict:
     """All figures as a dict; also written to ``<out_dir>/image_eval.json`` and ``.md``."""
 
@@ -138,6 +146,7 @@ def evaluate_image_generator(
         fd["autoencoder_reconstruction"] = frechet_distance(
             image_features(encoder, [tensor_to_pil(x) for x in recon]), real
         )
+        fd["real_floor"] = real_frechet_floor(real, n_fd, [0, 1, 2])  # real-vs-real at the same N
         result["frechet_distance"] = fd
         grid = [trained_images[k] for k in range(min(32, n_fd))]
         _save_grid(grid, out_dir / "samples_trained.png")
@@ -145,7 +154,10 @@ def evaluate_image_generator(
 
         # ---------------------------------------------------------------- personalization
         row_of = {item: k for k, item in enumerate(item_ids)}
-        users = [u for u in meta["test_users"] if any(i in row_of for i, _ in tokens.history(u, "test"))]
+        test = [str(u) for u in meta["test_users"]]
+        valid = [str(u) for u in meta.get("heldout_users", []) if str(u) not in set(test)]
+        pool = evaluation_users({"valid": valid, "test": test}, split)  # valid: for choosing settings
+        users = [u for u in pool if any(i in row_of for i, _ in tokens.history(u, "test"))]
         users = users[:max_users] if max_users else users
         targets = [{row_of[i] for i, _ in tokens.history(u, "test") if i in row_of} for u in users]
         exclude = [
@@ -157,24 +169,18 @@ def evaluate_image_generator(
                 model, codec, user_positions(vocab, users, mode, seed=gen["sample_seed"]), **sample
             )
             feats = image_features(encoder, [tensor_to_pil(x) for x in images])
-            retrieval[{"tokens": "dppmg_tokens", "none": "no_tokens", "shuffled": "shuffled_tokens"}[mode]] = (
-                retrieval_metrics(feats, real, targets, exclude, topk)
-            )
+            name = {"tokens": "dppmg_tokens", "none": "no_tokens", "shuffled": "shuffled_tokens"}[mode]
+            retrieval[name] = retrieval_metrics(feats, real, targets, exclude, topk)
+            scorer = retrieval_scorer(feats, real, [list(t) for t in targets], [list(e) for e in exclude], topk)
+            gap = own_minus_shuffled(scorer, len(users), gen["sample_seed"])
+            retrieval[name][f"gap_ndcg@{topk}"] = {k: gap[k] for k in ("mean", "ci95", "users")}
         best = [next((row_of[i] for i, _ in tokens.history(u, "train") if i in row_of), None) for u in users]
         keep = [k for k, b in enumerate(best) if b is not None]
         retrieval["real_top_train_poster"] = retrieval_metrics(
             real[[best[k] for k in keep]], real, [targets[k] for k in keep], [exclude[k] for k in keep], topk
         )
-        candidates = [len(item_ids) - len(e) for e in exclude]
         retrieval["random_expected"] = {
-            f"hit@{topk}": float(
-                np.mean(
-                    [
-                        1 - np.prod([(c - len(t) - j) / (c - j) for j in range(topk)])
-                        for t, c in zip(targets, candidates)
-                    ]
-                )
-            ),
+            f"hit@{topk}": random_hit_rate([list(t) for t in targets], [list(e) for e in exclude], len(item_ids), topk),
             "users": len(users),
         }
         result["retrieval"] = retrieval
@@ -204,8 +210,17 @@ def _markdown(result: dict, topk: int) -> str:
         "| poster set | Fréchet distance to real posters |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {v:.2f} |" for k, v in result["frechet_distance"].items()]
-    lines += ["", f"| condition (held-out users) | Hit@{topk} | NDCG@{topk} | users |", "|---|---|---|---|"]
+    for k, v in result["frechet_distance"].items():
+        value = v["mean"] if isinstance(v, dict) else v  # real_floor: random real posters vs all, same N
+        lines.append(f"| {'real posters (sampling floor at this N)' if k == 'real_floor' else k} | {value:.2f} |")
+    lines += [
+        "",
+        f"| condition (held-out users) | own - shuffled NDCG@{topk} [95% CI] | Hit@{topk} | NDCG@{topk} | users |",
+        "|---|---|---|---|---|",
+    ]
     for k, v in result["retrieval"].items():
-        lines.append(f"| {k} | {v[f'hit@{topk}']:.4f} | {v.get(f'ndcg@{topk}', float('nan')):.4f} | {v['users']} |")
+        g = v.get(f"gap_ndcg@{topk}")
+        gap = f"{g['mean']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" if g else "–"
+        ndcg = v.get(f"ndcg@{topk}", float("nan"))
+        lines.append(f"| {k} | {gap} | {v[f'hit@{topk}']:.4f} | {ndcg:.4f} | {v['users']} |")
     return "\n".join(lines) + "\n"

@@ -140,3 +140,13 @@ def real_poster_features(
             json.dumps({"featurizer": cache_key, "size": [height, width], "items": len(ids)})
         )
     return ids, features
+
+
+def real_frechet_floor(real: np.ndarray, n: int, seeds: Sequence[int]) -> dict:
+    """The Fréchet distance of ``n`` random real posters to all real posters: the sampling floor
+    a generated set of the same size is read against (mean and range over ``seeds``)."""
+    real = np.asarray(real, dtype=np.float64)
+    if n < 2 or n > len(real):
+        return {"n": n, "mean": None}
+    values = [frechet_distance(real[np.random.default_rng(s).choice(len(real), n, replace=False)], real) for s in seeds]
+    return {"n": n, "mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}

@@ -62,6 +62,7 @@ from recbole_dppmg.generation.image.generate import (
 from recbole_dppmg.generation.image.metrics import (
     frechet_distance,
     image_features,
+    real_frechet_floor,
     real_poster_features,
 )
 from recbole_dppmg.generation.image.train import (
@@ -875,16 +876,6 @@ def _intervals(per_seed: dict) -> dict:
         for row in by_seed.values():
             row.pop("_per_user", None)
     return out
-
-
-def real_frechet_floor(real: np.ndarray, n: int, seeds: Sequence[int]) -> dict:
-    """The Fréchet distance of ``n`` random real posters to all real posters: the sampling floor
-    a generated set of the same size is read against (mean and range over ``seeds``)."""
-    real = np.asarray(real, dtype=np.float64)
-    if n < 2 or n > len(real):
-        return {"n": n, "mean": None}
-    values = [frechet_distance(real[np.random.default_rng(s).choice(len(real), n, replace=False)], real) for s in seeds]
-    return {"n": n, "mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
 
 
 def _per_list(content: dict[str, dict[int, list]], featurize: Callable) -> dict[str, dict[int, np.ndarray]]:

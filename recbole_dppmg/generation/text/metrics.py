@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import re
-from math import comb
 from typing import Sequence
 
 import numpy as np
@@ -130,23 +129,6 @@ def perplexity(model, tokenizer, texts: Sequence[str], context_ids: Sequence[int
     if count == 0:
         raise DataError("perplexity: every text is empty")
     return math.exp(total / count)
-
-
-def random_hit_rate(
-    targets: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]], n_items: int, k: int = 10
-) -> float:
-    """Expected Hit@k of a uniformly random ranking, over the users :func:`retrieval_metrics` scores:
-    1 - C(N - T, k) / C(N, k) with N candidates (catalogue minus excluded) and T test items."""
-    rates = []
-    for target, excluded in zip(targets, exclude):
-        excluded = set(int(e) for e in excluded)
-        t = len(set(int(x) for x in target) - excluded)
-        if t:
-            n = n_items - len(excluded)
-            rates.append(1.0 - comb(n - t, k) / comb(n, k) if n >= k else 1.0)
-    if not rates:
-        raise DataError("no evaluated user has a test item outside their training items")
-    return float(np.mean(rates))
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = 2000, seed: int = 0) -> dict:

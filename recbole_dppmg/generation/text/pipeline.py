@@ -30,6 +30,7 @@ from recbole_dppmg.generation.common.protocol import (
     bootstrap_interval,
     evaluation_users,
     own_minus_shuffled,
+    random_hit_rate,
     retrieval_scorer,
     users_with_targets,
 )
@@ -72,7 +73,6 @@ from recbole_dppmg.generation.text.metrics import (
     distinct_n,
     paired_bootstrap,
     perplexity,
-    random_hit_rate,
     retrieval_metrics,
 )
 from recbole_dppmg.generation.text.warmup import (
@@ -425,7 +425,8 @@ def evaluate_text_generation(
     row_of = {item: k for k, item in enumerate(catalogue)}
     features = np.stack([np.asarray(items.loc[i, "text_feat"], dtype=np.float32) for i in catalogue])
     targets = [[row_of[i] for i, r in tokens.history(u, "test", ev["min_test_rating"]) if i in row_of] for u in users]
-    exclude = [[row_of[i] for i, _ in tokens.history(u, "train") if i in row_of] for u in users]
+    # the user's training and validation items are excluded, as in the report (one protocol)
+    exclude = [[row_of[i] for s in ("train", "valid") for i, _ in tokens.history(u, s) if i in row_of] for u in users]
 
     generator = TextConditions(dataset, run, tokens, vocabulary, cfg)
     texts: dict[str, dict[int, list[str]]] = {}
