@@ -10,6 +10,14 @@ shape is timed (the cost does not depend on the weights).
         --tokens saved/ml-100k-mm/DPPMG-<time>/tokens
     python bench/bench_image.py --tiny          # seconds, tiny model in pixel space (smoke test)
     python bench/bench_image.py --tiny --device cuda
+
+``--evaluate`` runs the image generator's evaluation instead (``generation/image/evaluate.py``:
+Fréchet distance against the untrained network, the mean poster, the autoencoder and the
+real-vs-real floor at the same N; own-minus-shuffled retrieval per condition on the test users,
+or ``--split valid`` to choose settings):
+
+    python bench/bench_image.py --evaluate -d ml-100k-mm --checkpoint saved/ml-100k-mm/ImageGen-<time> \
+        --tokens saved/ml-100k-mm/DPPMG-<time>/tokens [--split valid] [--fd 500]
 """
 
 from __future__ import annotations
@@ -39,8 +47,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="tiny pixel-space network (smoke test)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (network and autoencoder)")
+    parser.add_argument("--evaluate", action="store_true", help="the evaluation of --checkpoint instead of timing")
+    parser.add_argument("--dataset", "-d", default="ml-100k-mm", help="--evaluate: dataset")
+    parser.add_argument("--tokens", help="--evaluate: the token export the generator was trained on")
+    parser.add_argument("--split", default="test", choices=["valid", "test"], help="--evaluate: users scored")
+    parser.add_argument("--fd", type=int, default=500, help="--evaluate: posters in the Fréchet distance")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.evaluate:
+        from recbole_dppmg.generation.image.evaluate import evaluate_image_generator
+
+        if not (args.checkpoint and args.tokens):
+            raise SystemExit("--evaluate needs --checkpoint and --tokens")
+        evaluate_image_generator(
+            args.dataset, args.tokens, args.checkpoint, {"num_threads": args.threads}, n_fd=args.fd, split=args.split
+        )
+        return
 
     if args.tiny:
         settings = load_settings(
