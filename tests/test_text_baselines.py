@@ -45,6 +45,10 @@ def test_population_prompt_is_the_same_for_everyone_and_history_is_not(tmp_path)
     embeds = population.inputs_embeds(ids, ["u0", "u3"])
     assert torch.equal(embeds[0], embeds[1])
     assert sum(p.numel() for p in population.parameters()) == tokens.levels * len(tokens.modalities) * embeds.shape[-1]
+    # distinct slots at the embeddings' norm (one repeated mean vector starts the LM at a much worse NLL)
+    assert not torch.allclose(population.vectors[0], population.vectors[1])
+    norm = model.get_input_embeddings().weight.norm(dim=1).mean()
+    assert torch.allclose(population.vectors.norm(dim=1), norm.expand(len(population.slot_strings)), rtol=1e-4)
 
     history = HistoryText(tokens, content(), items=2)
     liked = [i for i, _ in tokens.history("u0", "train")][:2]

@@ -69,14 +69,14 @@ PROMPTS = {
 }
 
 
-def prompt_condition(name: str, model, tokenizer, tokens, content, items: int, folder=None, seed=0, vectors=None):
+def prompt_condition(name: str, model, tokenizer, tokens, content, items: int, folder=None, seed=0):
     """The ``population`` / ``history`` / ``token_items`` prompt conditioner: loaded from ``folder``
-    when given, else built (``vectors``: the content-initialisation vectors per user)."""
+    when given, else built."""
     source, label = PROMPTS[name]
     text = source(tokens, content, items) if source is not None else None
     if folder is not None:
         return PopulationPromptConditioner.load(folder, model, tokenizer, text, name, label or "Liked")
-    return PopulationPromptConditioner.build(model, tokenizer, tokens, seed, vectors, text, name, label or "Liked")
+    return PopulationPromptConditioner.build(model, tokenizer, tokens, seed, text, name, label or "Liked")
 
 
 class PopulationPromptConditioner:
@@ -111,22 +111,19 @@ class PopulationPromptConditioner:
         tokenizer,
         tokens,
         seed: int = 0,
-        content: dict[str, torch.Tensor] | None = None,
         history: Callable[[str], str] | None = None,
         name: str | None = None,
         label: str = "Liked",
     ) -> "PopulationPromptConditioner":
-        """Slots of every modality and level; vectors start at the mean content vector of the
-        training users' targets (the same start as the tokens' content initialisation, averaged
-        over users) or, without content, at random vectors of the embeddings' norm."""
+        """Slots of every modality and level, started at seeded random vectors of the embeddings'
+        norm. Not at the users' mean content vector: that one vector repeated in every slot starts
+        SmolLM2 at a target NLL of 11.8 nats/token against 4.2 for random vectors (4 users'
+        targets, measured), and 12 quick-profile steps left it at 9.8."""
         slots = [token_string(m, level, 0) for m in tokens.modalities for level in range(tokens.levels)]
         embed = model.get_input_embeddings().weight
-        if content:
-            start = torch.stack([v.float().cpu() for v in content.values()]).mean(0).expand(len(slots), -1).clone()
-        else:
-            generator = torch.Generator().manual_seed(seed)
-            start = torch.randn(len(slots), embed.shape[1], generator=generator)
-            start = start / start.norm(dim=1, keepdim=True) * float(embed.float().norm(dim=1).mean())
+        generator = torch.Generator().manual_seed(seed)
+        start = torch.randn(len(slots), embed.shape[1], generator=generator)
+        start = start / start.norm(dim=1, keepdim=True) * float(embed.float().norm(dim=1).mean())
         return cls(model, tokenizer, slots, start, history, name, label)
 
     def token_text(self, user: str) -> str:

@@ -218,9 +218,7 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
         start = time.perf_counter()
         model, tokenizer = load_backbone(cfg["backbone"], cfg["dtype"], cfg["device"])
         add_preference_tokens(model, tokenizer, vocabulary.strings)
-        prompt = prompt_condition(
-            name, model, tokenizer, tokens, catalogue, cfg["history_items"], seed=cfg["seed"], vectors=content
-        )
+        prompt = prompt_condition(name, model, tokenizer, tokens, catalogue, cfg["history_items"], seed=cfg["seed"])
         state = train_conditioner(
             model, tokenizer, prompt, train_pairs, valid_pairs, texts, cfg, run / f"{name}_prompt"
         )
