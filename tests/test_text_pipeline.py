@@ -8,6 +8,7 @@ import pytest
 from text_tiny import tiny_text_stage
 
 from recbole_dppmg.errors import CheckpointError, DataError
+from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.text import pipeline as text_pipeline
 
 
@@ -52,16 +53,7 @@ def test_warmup_generate_evaluate(setup):
     )
     result = json.loads((report / "text_eval.json").read_text())
     rows = {r["condition"]: r for r in result["rows"]}
-    assert list(rows) == [
-        "dppmg",
-        "no_tokens",
-        "shuffled",
-        "soft_prompt",
-        "population",
-        "history",
-        "token_items",
-        "real_liked_item",
-    ]
+    assert list(rows) == list(load_settings("text")["evaluate"]["conditions"])
     assert all(r["users"] == 4 and 0 <= r["hit@10"] <= 1 for r in rows.values()) and result["seeds"] == [0, 1]
     assert rows["dppmg"]["hit@10_per_seed"] != [] and len(rows["no_tokens"]["hit@10_per_seed"]) == 2
     assert (
