@@ -19,10 +19,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from recbole_dppmg.errors import CheckpointError
+from recbole_dppmg.generation.text.generate import load_weights
 from recbole_dppmg.tokens.format import token_string
 
 HISTORY_TAGS = 2
@@ -166,14 +167,9 @@ class PopulationPromptConditioner:
         name: str | None = None,
         label: str = "Liked",
     ) -> "PopulationPromptConditioner":
-        path = Path(folder) / cls.WEIGHTS
-        if not path.is_file():
-            raise CheckpointError(
-                f"{folder} holds no trained prompt baseline ({cls.WEIGHTS}); run the text warm-up with "
-                "text.population_prompt / text.history_prompt: true"
-            )
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            slots = f.metadata()["slots"].split(",")
-        return cls(model, tokenizer, slots, load_file(str(path))["vectors"], history, name, label)
+        state, meta = load_weights(
+            Path(folder) / cls.WEIGHTS,
+            f"{folder} holds no trained prompt ({cls.WEIGHTS}); run the text warm-up with "
+            f"text.{name or 'population'}_prompt: true",
+        )
+        return cls(model, tokenizer, meta["slots"].split(","), state["vectors"], history, name, label)

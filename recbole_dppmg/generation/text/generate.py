@@ -255,27 +255,31 @@ class SoftPromptConditioner:
 
     @classmethod
     def load(cls, folder: Path, model, tokenizer, tokens) -> "SoftPromptConditioner":
-        path = Path(folder) / cls.WEIGHTS
-        if not path.is_file():
-            raise CheckpointError(
-                f"{folder} holds no soft-prompt baseline ({cls.WEIGHTS}); run the text warm-up with text.soft_prompt: "
-                "true"
-            )
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
+        state, meta = load_weights(
+            Path(folder) / cls.WEIGHTS,
+            f"{folder} holds no soft-prompt baseline ({cls.WEIGHTS}); run the text warm-up with text.soft_prompt: true",
+        )
         modalities, levels, dim = meta["modalities"].split(","), int(meta["levels"]), int(meta["dim"])
         if (modalities, levels, dim) != (list(tokens.modalities), tokens.levels, tokens.dim):
             raise CheckpointError(
                 f"soft prompt in {folder} was built for {modalities} x {levels} levels, dim {dim}; the token export "
                 "differs"
             )
-        state = load_file(str(path))
         hidden = state["maps.0.weight"].shape[0] // levels
         encoder = SoftPromptEncoder(modalities, levels, dim, hidden, state["mean"], state["std"])
         encoder.load_state_dict(state)
         return cls(model, tokenizer, tokens, encoder)
+
+
+def load_weights(path: Path, missing: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A conditioner's safetensors file: its tensors and its metadata; ``missing`` when absent."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise CheckpointError(missing)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return load_file(str(path)), meta
 
 
 # ---------------------------------------------------------------------------- generation
