@@ -80,7 +80,8 @@ def tiny_run(tmp_path_factory):
     for kind, source, steps in (("TextRL", text_run, 3), ("ImageRL", image_run, 2)):
         rl = root / "saved" / "tiny" / f"{kind}-tiny"
         shutil.copytree(source, rl)
-        write_run_meta(rl, kind, {"source_run": str(source.resolve())}, RL_SECTION)
+        sampling = {"temperature": 0.7, "max_new_tokens": 32}  # as rl.text records it
+        write_run_meta(rl, kind, {"source_run": str(source.resolve()), "rl": sampling}, RL_SECTION)
         history = [
             {"step": s + 1, "reward_total": 0.5 + 0.01 * s, "reward_consistency": 0.3, "kl": 0.001 * s}
             for s in range(steps)
@@ -159,6 +160,7 @@ def test_report_on_a_tiny_run(tiny_run):
     ):
         assert f"| {label}" in table
     assert "## Personalization: own minus shuffled" in table and "real-vs-real floor" in table
+    assert result["rl_text_sampling"] is not None and "text RL sampled with" in table
     assert "| population prompt" in table and "| history prompt" in table and "| DPPMG tokens as retrieval" in table
     history = json.loads((text_run / "warmup.json").read_text())["history_prompt"]
     assert history["steps"] == 2 and history["trainable_parameters"] > 0

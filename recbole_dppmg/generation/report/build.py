@@ -92,6 +92,8 @@ from recbole_dppmg.runs import (
     IMAGE_KINDS,
     IMAGE_RL,
     REPORT,
+    RL_KINDS,
+    RL_SECTION,
     RUN_META,
     TEXT_GEN,
     TEXT_KINDS,
@@ -452,6 +454,7 @@ def build_report(
         "evaluate": cfg,
         "reward": reward_cfg,
         "text_generation": generation.text_cfg["generate"],
+        "rl_text_sampling": _rl_sampling(runs.text_rl),
         "image_sampling": generation.sampling,
         "users": users,
         "fd_users": len(fd_users),
@@ -890,6 +893,21 @@ def _per_list(content: dict[str, dict[int, list]], featurize: Callable) -> dict[
                 done[id(items)] = featurize(items)
             out[condition][seed] = done[id(items)]
     return out
+
+
+def _rl_sampling(run: str | None) -> dict | None:
+    """How text RL sampled (temperature, new tokens; no top-p, no guidance: exact log-probs), to set
+    beside the evaluation's sampling when they differ."""
+    meta = read_run_meta(run, RL_KINDS, RL_SECTION) if run else None
+    rl = (meta or {}).get("rl") or {}
+    if not rl:
+        return None
+    return {
+        "temperature": rl.get("temperature"),
+        "max_new_tokens": rl.get("max_new_tokens"),
+        "top_p": None,
+        "guidance": 1.0,
+    }
 
 
 def _caption(content: ItemContent, item: str) -> str:

@@ -199,6 +199,14 @@ def markdown(result: dict, has_curves: bool) -> str:
         f"- token export: `{runs['tokens']}`",
         f"- text generator: `{runs['text']}`; after RL: `{runs['text_rl'] or 'not run'}`",
         f"- image generator: `{runs['image']}`; after RL: `{runs['image_rl'] or 'not run'}`",
+        *(
+            [
+                f"- text RL sampled with {json.dumps(result['rl_text_sampling'])}; the evaluation samples as below, "
+                "so RL's effect is measured under other decoding than it was trained with"
+            ]
+            if result.get("rl_text_sampling")
+            else []
+        ),
         f"- text sampling: {json.dumps(result['text_generation'])}; poster sampling: "
         f"{json.dumps(result['image_sampling'])}",
         f"- wall time (s): {json.dumps(result['timings'])}",
