@@ -1,5 +1,6 @@
 """Benchmarks are not tests; this only checks that each bench script runs on a tiny size."""
 
+import json
 import subprocess
 import sys
 
@@ -40,7 +41,8 @@ def test_bench_stage1_runs_tiny(tmp_path):
         "--data-root",
         str(tmp_path),
     )
-    assert "| synth-3000 | 3,000 | DPPMG | text+image+id |" in out and "| synth-3000 | 3,000 | LightGCN | id |" in out
+    assert "| synth-3000 | 3,000 | DPPMG | full | text+image+id |" in out
+    assert "| synth-3000 | 3,000 | LightGCN | full | id |" in out
     assert "1 of 10 batches, scaled" in out and "3 of 4 batches, scaled" in out
 
 
@@ -66,8 +68,54 @@ def test_bench_stage1_scale_table_tiny(tmp_path):
         "--out",
         str(tmp_path / "out"),
     )
-    assert "Growth exponent" in out and "| 4,000 | 200 | 50 | DPPMG |" in out
+    assert "Growth exponent" in out and "| 4,000 | 200 | 50 | DPPMG | full |" in out
     assert {"scale.md", "scale.csv", "scale.json", "scale.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_bench_stage1_scale_table_both_modes_tiny(tmp_path):
+    """--modes full,sampled: a child per size and mode, rows with a mode, the sampled rows beside the
+    full ones (reused from their part files on a second call), one exponent per model and mode."""
+    args = [
+        "bench/bench_stage1.py",
+        "--scale",
+        "2000,4000",
+        "--modes",
+        "full,sampled",
+        "--models",
+        "DPPMG",
+        "--fanouts",
+        "3,2",
+        "--set",
+        "loss_type=bpr",
+        "--repeats",
+        "1",
+        "--max-batches",
+        "1",
+        "--max-eval-batches",
+        "3",
+        "--train-batch-size",
+        "256",
+        "--eval-batch-size",
+        "2000",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    out = _run(*args)
+    assert "| 4,000 | 200 | 50 | DPPMG | full | - | bpr |" in out
+    assert "| 4,000 | 200 | 50 | DPPMG | sampled | 3/2 | bpr |" in out
+    assert "| DPPMG | sampled | 2e+03, 4e+03 |" in out
+    rows = json.loads((tmp_path / "out" / "scale.json").read_text())["rows"]
+    assert sorted((r["interactions"], r["mode"]) for r in rows) == [
+        (2000, "full"),
+        (2000, "sampled"),
+        (4000, "full"),
+        (4000, "sampled"),
+    ]
+    assert (tmp_path / "out" / "synth-4000-sampled.json").is_file()
+    again = _run(*args, "--reuse")
+    assert "reusing" in again and "| 4,000 | 200 | 50 | DPPMG | sampled | 3/2 | bpr |" in again
 
 
 def test_synthetic_cli_runs_tiny(tmp_path):
