@@ -278,3 +278,62 @@ def test_bench_any_dataset_table_from_pipelines(tmp_path):
     assert [d["dataset"] for d in result["datasets"]] == ["ml-100k-mm", "ml-100k-rekeyed"]
     assert result["datasets"][1]["summary"]["dppmg"]["reward"]["mean"] == 0.5
     assert result["datasets"][1]["counts"]["users"] == 660
+
+
+def _tiny_synthetic(tmp_path):
+    from recbole_dppmg.data.synthetic import SyntheticSpec, write_synthetic
+
+    return write_synthetic(
+        SyntheticSpec(interactions=2000, users=100, items=60, text_dim=4, image_dim=3, clusters=3), tmp_path, "tiny"
+    )
+
+
+def test_bench_ddp_modes_and_seeds_tiny(tmp_path):
+    folder = _tiny_synthetic(tmp_path)
+    args = [
+        "bench/bench_ddp.py",
+        "-d",
+        "tiny",
+        "--modes",
+        "sampled",
+        "--seeds",
+        "0,1",
+        "--epochs",
+        "1",
+        "--data-path",
+        str(tmp_path),
+        "--config_files",
+        str(folder / "tiny.yaml"),
+        "--json",
+        str(tmp_path / "ddp.json"),
+        "--embedding_size=8",
+        "--codebook_size=4",
+        "--fanouts=[3,3]",
+    ]
+    out = _run(*args)
+    assert "| sampled | 1 | 0 |" in out and "| sampled | 1 | 1 |" in out and "| sampled | 2 | 0 |" in out
+    assert "1 process's seed range" in out
+    assert len(json.loads((tmp_path / "ddp.json").read_text())) == 3
+    again = _run(*args)  # every run is read back from the JSON
+    assert "s/epoch, 1 epochs" not in again and "| sampled | 2 | 0 |" in again
+
+
+def test_bench_sampled_tune_and_compare_tiny(tmp_path):
+    folder = _tiny_synthetic(tmp_path)
+    common = [
+        "bench/bench_sampled.py",
+        "-d",
+        "tiny",
+        "--config_files",
+        str(folder / "tiny.yaml"),
+        "--out",
+        str(tmp_path / "cmp"),
+        f"--data_path={tmp_path}",
+        "--epochs=1",
+        "--embedding_size=8",
+        "--codebook_size=4",
+    ]
+    out = _run(*common, "--tune", "--candidates", "2,2 3,3", "--tune-seed", "0")
+    assert "| 3/3 |" in out and "Chosen: " in out
+    out = _run(*common, "--seeds", "0")
+    assert "| full | - | 1 |" in out and "| sampled |" in out and "sampled / full s/epoch" in out
