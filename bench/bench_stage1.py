@@ -545,6 +545,9 @@ def write_scale_report(rows: list[dict], skipped: list[str], out: Path, args, fa
     if skipped:
         lines += ["", "Not run: " + "; ".join(skipped)]
     for item in failed:
+        if "shared_with" in item:
+            lines += ["", f"Not run: {item['size']:,} interactions, mode {item['mode']}: the data stage stopped above."]
+            continue
         lines += [
             "",
             f"Stopped: {item['size']:,} interactions, mode {item['mode']}, under a {item['cap_gb']} GiB address-space"
@@ -636,7 +639,12 @@ def run_scale(args) -> None:
                 print(f"skip {name}: {skipped[-1]}", flush=True)
                 continue
         size_peak = 0.0
+        data_failed = None  # a child that ran out before any model was built: the data stage, shared by every mode
         for mode in modes:
+            if data_failed is not None:
+                failed.append({**data_failed, "mode": mode, "shared_with": data_failed["mode"]})
+                print(f"{name} ({mode}): not run, the data stage stopped in mode {data_failed['mode']}", flush=True)
+                continue
             part = out / (f"{name}.json" if mode == "full" else f"{name}-{mode}.json")
             scaled = size > args.full_below
             command = [
@@ -694,6 +702,8 @@ def run_scale(args) -> None:
                         }
                     )
                     print(f"{name} ({mode}): stopped, exit {code}, peak RSS {peak_mb:.0f} MB, at {last_stage}")
+                    if ": built" not in last_stage:
+                        data_failed = failed[-1]
                     continue
             result = json.loads(part.read_text())
             for row in result["rows"]:

@@ -337,3 +337,25 @@ def test_bench_sampled_tune_and_compare_tiny(tmp_path):
     assert "| 3/3 |" in out and "Chosen: " in out
     out = _run(*common, "--seeds", "0")
     assert "| full | - | 1 |" in out and "| sampled |" in out and "sampled / full s/epoch" in out
+
+
+def test_bench_stage1_scale_reports_a_child_stopped_by_the_memory_cap(tmp_path):
+    """Under --memory-cap-gb a child that runs out is reported (exit, peak memory, last stage), and
+    the other modes of that size are not run when it stopped before any model was built."""
+    out = _run(
+        "bench/bench_stage1.py",
+        "--scale",
+        "2000",
+        "--modes",
+        "full,sampled",
+        "--memory-cap-gb",
+        "0.3",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert "Stopped: 2,000 interactions, mode full, under a 0.3 GiB address-space cap" in out
+    assert "Not run: 2,000 interactions, mode sampled: the data stage stopped above." in out
+    failed = json.loads((tmp_path / "out" / "scale.json").read_text())["failed"]
+    assert failed[0]["peak_rss_mb"] > 0 and failed[0]["returncode"] != 0
