@@ -373,6 +373,9 @@ class DPPMG(GeneralRecommender):
         user = interaction[self.USER_ID]
         pos = interaction[self.ITEM_ID]
         neg = interaction[self.NEG_ITEM_ID]
+        # full mode: the layer-0 items (dropout draw) before this epoch's pruned graph is drawn, the
+        # order of the random draws every full-mode run so far was made with
+        ego_items = None if self.sampled else self.item_ego_embeddings(dropout=self.training)
         # Only the batch's users and items are propagated to the end (cheaper last layer).
         # Each user is quantized once per step, so EMA counts are per-user usages.
         unique_users, inverse = torch.unique(user, return_inverse=True)
@@ -389,7 +392,6 @@ class DPPMG(GeneralRecommender):
             reg_pos = {m: v[pos_at] for m, v in reg_items.items()}
             reg_neg = {m: v[neg_at] for m, v in reg_items.items()}
         else:
-            ego_items = self.item_ego_embeddings(dropout=self.training)
             users, items = self.forward(ego_items, rows=(unique_users, batch_items), adj=adj)
             reg_pos = {m: v[pos] for m, v in ego_items.items()}
             reg_neg = {m: v[neg] for m, v in ego_items.items()}
