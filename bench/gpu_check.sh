@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CUDA variants of the scale benchmarks (issue 9), about 5 minutes on one H200.
+# CUDA variants of the scale benchmarks (issues 9 and 27), about 7 minutes on one H200.
 #
 # Expects torch with CUDA and torch_geometric to be installed; never changes them (pip runs
 # with a constraint on the installed torch). Also needs, and installs when missing (offline
@@ -13,8 +13,9 @@
 #   bash bench/gpu_check.sh                # writes to $OUT (the device tool's folder) or bench/results/gpu
 #
 # Steps: (1) DPPMG vs LightGCN and the scaling table on synthetic 1e5 (full epochs) and 1e6
-# (100 batches, scaled), (2) RecBole's DDP path on CUDA with NCCL (one rank: a single GPU cannot
-# hold two NCCL ranks), (3) the batch-rows propagation on CUDA against the full one, (4) smoke
+# (100 batches, scaled), DPPMG in both propagation modes (full and sampled, the scale table's
+# settings), (2) RecBole's DDP path on CUDA with NCCL (one rank: a single GPU cannot hold two
+# NCCL ranks), in both modes (sampled: the sparse table gradients through NCCL), (3) the batch-rows propagation on CUDA against the full one, (4) smoke
 # runs of bench_text / bench_image on CUDA with tiny models (bench_tokens is FAISS on CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,12 +46,13 @@ trap 'rm -rf "$DATA" "$KEEP"' EXIT
 THREADS=4
 
 echo "== (1) DPPMG vs LightGCN on CUDA and the scaling table: 1e5 (full epochs), 1e6 (100 batches, scaled)"
-timeout 300 "$PY" bench/bench_stage1.py --scale 1e5,1e6 --full-below 2e5 --device cuda --threads $THREADS \
-  --repeats 3 --max-batches 100 --max-eval-batches 20 --data-root "$DATA" --out "$OUT_DIR/scale" \
+timeout 420 "$PY" bench/bench_stage1.py --scale 1e5,1e6 --modes full,sampled --full-below 2e5 --device cuda \
+  --threads $THREADS --repeats 3 --max-batches 100 --max-eval-batches 20 --train-batch-size 2048 \
+  --set loss_type=bpr --set graph_dropout=0 --data-root "$DATA" --out "$OUT_DIR/scale" \
   || echo "scale: stopped (time limit); finished sizes are in $OUT_DIR/scale/synth-*.json"
 
-echo "== (2) DDP on CUDA through RecBole's path (NCCL, 1 rank)"
-timeout 120 "$PY" - "$DATA" <<'EOF'
+echo "== (2) DDP on CUDA through RecBole's path (NCCL, 1 rank), full and sampled"
+timeout 180 "$PY" - "$DATA" <<'EOF'
 import sys
 import torch.distributed as dist
 from recbole_dppmg.data.synthetic import SyntheticSpec, write_synthetic
@@ -58,10 +60,14 @@ from recbole_dppmg.distributed import free_port
 from recbole_dppmg.quick_start import run
 root = sys.argv[1]
 folder = write_synthetic(SyntheticSpec(interactions=20000), root, "synth-ddp")
-settings = {"data_path": root, "checkpoint_dir": root + "/saved", "epochs": 2, "state": "WARNING",
-            "local_rank": 0, "nproc": 1, "world_size": 1, "ip": "127.0.0.1", "port": free_port()}
-result = run("DPPMG", "synth-ddp", [str(folder / "synth-ddp.yaml")], settings)
-print("backend", dist.get_backend() if dist.is_initialized() else "destroyed", "| test", result.test_result)
+for mode in ("full", "sampled"):
+    settings = {"data_path": root, "checkpoint_dir": root + "/saved", "epochs": 2, "state": "WARNING",
+                "local_rank": 0, "nproc": 1, "world_size": 1, "ip": "127.0.0.1", "port": free_port(),
+                "propagation": mode}
+    result = run("DPPMG", "synth-ddp", [str(folder / "synth-ddp.yaml")], settings)
+    print(mode, "| backend", dist.get_backend() if dist.is_initialized() else "destroyed", "| test", result.test_result)
+    if dist.is_initialized():
+        dist.destroy_process_group()  # the next mode joins a fresh group
 EOF
 
 echo "== (3) batch-rows propagation on CUDA: same values and gradients as the full one"

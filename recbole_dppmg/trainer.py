@@ -10,6 +10,13 @@ Two files per run: ``best.pth`` (the best validation epoch, what ``evaluate`` lo
 ``last.pth`` (written after every epoch, with the random generator states, so that
 ``resume_checkpoint`` continues exactly where an interrupted run stopped).
 
+Models whose embedding tables have sparse gradients (``nn.Embedding(sparse=True)``: DPPMG with
+``propagation: sampled``) train those tables with lazy Adam (``torch.optim.SparseAdam``) and the
+other parameters with the configured Adam, so that a step's optimiser cost depends on the rows
+the batch touched, not on the size of the tables; under data-parallel training the zero-weighted
+"sync loss" RecBole adds for every parameter reads one row of such a table instead of summing it
+(a sum would make the gradient dense again).
+
 Models may define ``on_epoch_end() -> dict`` (DPPMG does: k-means after warm-up, codebook
 usage); it is called after every training epoch and its dict is logged and kept in the history.
 """
@@ -171,11 +178,77 @@ def _restore_rng_state(state: dict, train_data) -> None:
         generator.set_state(state["train_generator"])
 
 
+def sparse_embeddings(model: torch.nn.Module) -> list[torch.nn.Embedding]:
+    """The model's embedding tables with sparse gradients."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse]
+
+
+class SparseDenseOptimizer:
+    """Two optimisers stepped as one (the interface RecBole's trainer uses: ``zero_grad``,
+    ``step``, ``state_dict``, ``load_state_dict``, ``param_groups``): one for the parameters with
+    dense gradients, ``torch.optim.SparseAdam`` for the tables with sparse ones."""
+
+    def __init__(self, dense: torch.optim.Optimizer, sparse: torch.optim.Optimizer):
+        self.dense, self.sparse = dense, sparse
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.dense.param_groups + self.sparse.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.dense.zero_grad(set_to_none=set_to_none)
+        self.sparse.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        loss = self.dense.step(closure)
+        self.sparse.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"dense": self.dense.state_dict(), "sparse": self.sparse.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"dense", "sparse"}:
+            raise CheckpointError("optimizer state is not a dense + sparse pair (saved with another propagation mode?)")
+        self.dense.load_state_dict(state["dense"])
+        self.sparse.load_state_dict(state["sparse"])
+
+
+class SparseEmbeddingMixin:
+    """Mixed in front of a RecBole trainer: lazy Adam for sparse-gradient tables (module doc)."""
+
+    def _build_optimizer(self, **kwargs):
+        learner = str(kwargs.get("learner", self.learner)).lower()
+        tables = sparse_embeddings(self.model) if "params" not in kwargs and learner == "adam" else []
+        if not tables:
+            return super()._build_optimizer(**kwargs)
+        sparse_ids = {id(m.weight) for m in tables}
+        dense = [p for p in self.model.parameters() if id(p) not in sparse_ids]
+        learning_rate = kwargs.get("learning_rate", self.learning_rate)
+        return SparseDenseOptimizer(
+            super()._build_optimizer(params=dense, **kwargs),
+            torch.optim.SparseAdam([m.weight for m in tables], lr=learning_rate),
+        )
+
+    def sync_grad_loss(self):
+        tables = sparse_embeddings(self.model)
+        if not tables:
+            return super().sync_grad_loss()
+        sparse_ids = {id(m.weight) for m in tables}
+        loss = 0
+        for param in self.model.parameters():
+            if id(param) not in sparse_ids:
+                loss += torch.sum(param) * 0
+        for table in tables:  # one row: the gradient stays sparse
+            loss += table(torch.zeros(1, dtype=torch.long, device=table.weight.device)).sum() * 0
+        return loss
+
+
 def _plain_floats(result) -> dict | None:
     return None if result is None else {str(k): float(v) for k, v in result.items()}
 
 
-class PlainCheckpointMixin:
+class PlainCheckpointMixin(SparseEmbeddingMixin):
     """Mixed in front of any RecBole trainer class (see ``plain_checkpoint_trainer``)."""
 
     def _plugin_init(self):

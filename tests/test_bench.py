@@ -1,5 +1,6 @@
 """Benchmarks are not tests; this only checks that each bench script runs on a tiny size."""
 
+import json
 import subprocess
 import sys
 
@@ -42,7 +43,8 @@ def test_bench_stage1_runs_tiny(tmp_path):
         "--data-root",
         str(tmp_path),
     )
-    assert "| synth-3000 | 3,000 | DPPMG | text+image+id |" in out and "| synth-3000 | 3,000 | LightGCN | id |" in out
+    assert "| synth-3000 | 3,000 | DPPMG | full | text+image+id |" in out
+    assert "| synth-3000 | 3,000 | LightGCN | full | id |" in out
     assert "1 of 10 batches, scaled" in out and "3 of 4 batches, scaled" in out
 
 
@@ -68,8 +70,54 @@ def test_bench_stage1_scale_table_tiny(tmp_path):
         "--out",
         str(tmp_path / "out"),
     )
-    assert "Growth exponent" in out and "| 4,000 | 200 | 50 | DPPMG |" in out
+    assert "Growth exponent" in out and "| 4,000 | 200 | 50 | DPPMG | full |" in out
     assert {"scale.md", "scale.csv", "scale.json", "scale.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_bench_stage1_scale_table_both_modes_tiny(tmp_path):
+    """--modes full,sampled: a child per size and mode, rows with a mode, the sampled rows beside the
+    full ones (reused from their part files on a second call), one exponent per model and mode."""
+    args = [
+        "bench/bench_stage1.py",
+        "--scale",
+        "2000,4000",
+        "--modes",
+        "full,sampled",
+        "--models",
+        "DPPMG",
+        "--fanouts",
+        "3,2",
+        "--set",
+        "loss_type=bpr",
+        "--repeats",
+        "1",
+        "--max-batches",
+        "1",
+        "--max-eval-batches",
+        "3",
+        "--train-batch-size",
+        "256",
+        "--eval-batch-size",
+        "2000",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    out = _run(*args)
+    assert "| 4,000 | 200 | 50 | DPPMG | full | - | bpr |" in out
+    assert "| 4,000 | 200 | 50 | DPPMG | sampled | 3/2 | bpr |" in out
+    assert "| DPPMG | sampled | 2e+03, 4e+03 |" in out
+    rows = json.loads((tmp_path / "out" / "scale.json").read_text())["rows"]
+    assert sorted((r["interactions"], r["mode"]) for r in rows) == [
+        (2000, "full"),
+        (2000, "sampled"),
+        (4000, "full"),
+        (4000, "sampled"),
+    ]
+    assert (tmp_path / "out" / "synth-4000-sampled.json").is_file()
+    again = _run(*args, "--reuse")
+    assert "reusing" in again and "| 4,000 | 200 | 50 | DPPMG | sampled | 3/2 | bpr |" in again
 
 
 def test_synthetic_cli_runs_tiny(tmp_path):
@@ -282,3 +330,84 @@ def test_bench_generation_pools_training_seeds_into_the_protocol_table(tmp_path)
     valid = _fake_report(tmp_path / "valid", 0.0, split="valid")
     with pytest.raises(SystemExit, match="needs reports of the test users"):
         bench_generation.main(["--seed", str(valid), "--out", str(out)])
+
+
+def _tiny_synthetic(tmp_path):
+    from recbole_dppmg.data.synthetic import SyntheticSpec, write_synthetic
+
+    return write_synthetic(
+        SyntheticSpec(interactions=2000, users=100, items=60, text_dim=4, image_dim=3, clusters=3), tmp_path, "tiny"
+    )
+
+
+def test_bench_ddp_modes_and_seeds_tiny(tmp_path):
+    folder = _tiny_synthetic(tmp_path)
+    args = [
+        "bench/bench_ddp.py",
+        "-d",
+        "tiny",
+        "--modes",
+        "sampled",
+        "--seeds",
+        "0,1",
+        "--epochs",
+        "1",
+        "--data-path",
+        str(tmp_path),
+        "--config_files",
+        str(folder / "tiny.yaml"),
+        "--json",
+        str(tmp_path / "ddp.json"),
+        "--embedding_size=8",
+        "--codebook_size=4",
+        "--fanouts=[3,3]",
+    ]
+    out = _run(*args)
+    assert "| sampled | 1 | 0 |" in out and "| sampled | 1 | 1 |" in out and "| sampled | 2 | 0 |" in out
+    assert "1 process's seed range" in out
+    assert len(json.loads((tmp_path / "ddp.json").read_text())) == 3
+    again = _run(*args)  # every run is read back from the JSON
+    assert "s/epoch, 1 epochs" not in again and "| sampled | 2 | 0 |" in again
+
+
+def test_bench_sampled_tune_and_compare_tiny(tmp_path):
+    folder = _tiny_synthetic(tmp_path)
+    common = [
+        "bench/bench_sampled.py",
+        "-d",
+        "tiny",
+        "--config_files",
+        str(folder / "tiny.yaml"),
+        "--out",
+        str(tmp_path / "cmp"),
+        f"--data_path={tmp_path}",
+        "--epochs=1",
+        "--embedding_size=8",
+        "--codebook_size=4",
+    ]
+    out = _run(*common, "--tune", "--candidates", "2,2 3,3", "--tune-seed", "0")
+    assert "| 3/3 |" in out and "Chosen: " in out
+    out = _run(*common, "--seeds", "0")
+    assert "| full | - | 1 |" in out and "| sampled |" in out and "sampled / full s/epoch" in out
+
+
+def test_bench_stage1_scale_reports_a_child_stopped_by_the_memory_cap(tmp_path):
+    """Under --memory-cap-gb a child that runs out is reported (exit, peak memory, last stage), and
+    the other modes of that size are not run when it stopped before any model was built."""
+    out = _run(
+        "bench/bench_stage1.py",
+        "--scale",
+        "2000",
+        "--modes",
+        "full,sampled",
+        "--memory-cap-gb",
+        "0.3",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert "Stopped: 2,000 interactions, mode full, under a 0.3 GiB address-space cap" in out
+    assert "Not run: 2,000 interactions, mode sampled: the data stage stopped above." in out
+    failed = json.loads((tmp_path / "out" / "scale.json").read_text())["failed"]
+    assert failed[0]["peak_rss_mb"] > 0 and failed[0]["returncode"] != 0

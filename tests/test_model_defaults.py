@@ -169,6 +169,10 @@ BAD_DPPMG_VALUES = [
     ("eval_quantized", "True"),
     ("token_index_type", "hnsw"),
     ("token_index_type", "ivf0"),
+    ("propagation", "minibatch"),
+    ("fanouts", [10, 0]),
+    ("fanouts", 10),
+    ("sampled_encoder_grad", "none"),
 ]
 
 

@@ -133,6 +133,11 @@ def _hidden_sizes(value) -> str | None:
     return None if ok else "a list of positive integers ([] for one linear layer)"
 
 
+def _fanouts(value) -> str | None:
+    ok = isinstance(value, (list, tuple)) and all(_is_int(f) and f >= 1 for f in value)
+    return None if ok else "a list of positive integers, one per layer"
+
+
 def _index_type(value) -> str | None:
     ok = isinstance(value, str) and re.fullmatch(r"flat|ivf[1-9][0-9]*", value) is not None
     return None if ok else "flat or ivf<nlist> (e.g. ivf16)"
@@ -157,6 +162,9 @@ RULES: dict[str, dict[str, Rule]] = {
         "item_id_residual": _boolean,
         "feature_dropout": _number(0.0, 1.0),
         "graph_dropout": _number(0.0, 1.0),
+        "propagation": _choice(("full", "sampled")),
+        "fanouts": _fanouts,
+        "sampled_encoder_grad": _choice(("batch", "all")),
         "levels": _integer(1),
         "codebook_size": _integer(2),
         "commitment_beta": _number(),
@@ -202,3 +210,30 @@ def check_config(config, model: str) -> None:
         problem = rule(config[key])
         if problem is not None:
             raise ConfigError(f"{model} key {key} = {config[key]!r}: must be {problem}")
+    if model == "DPPMG":
+        check_sampled_mode(config)
+
+
+def check_sampled_mode(config) -> None:
+    """DPPMG's ``propagation: sampled`` needs one fan-out per layer, and its embedding tables have
+    sparse gradients, stepped by lazy Adam (``torch.optim.SparseAdam``, see
+    ``recbole_dppmg.trainer``): the shared settings that cannot apply to them are refused."""
+    if config["propagation"] != "sampled":
+        return
+    if len(config["fanouts"]) != config["n_layers"]:
+        raise ConfigError(
+            f"DPPMG key fanouts = {config['fanouts']!r}: propagation sampled needs one fan-out per layer"
+            f" (n_layers = {config['n_layers']})"
+        )
+    why = "with DPPMG key propagation = sampled (its embedding tables have sparse gradients)"
+    learner = str(config["learner"]).lower() if "learner" in config and config["learner"] is not None else "adam"
+    if learner != "adam":
+        raise ConfigError(
+            f"learner = {config['learner']!r} {why}: must be adam (dense parameters: Adam; tables: SparseAdam)"
+        )
+    if "weight_decay" in config and config["weight_decay"]:
+        raise ConfigError(f"weight_decay = {config['weight_decay']!r} {why}: must be 0 (use reg_weight)")
+    if "clip_grad_norm" in config and config["clip_grad_norm"]:
+        raise ConfigError(
+            f"clip_grad_norm = {config['clip_grad_norm']!r} {why}: must be None (no norm of a sparse gradient)"
+        )

@@ -20,6 +20,15 @@ denominator is computed once per distinct user of the batch, so an epoch costs a
 With ``graph_dropout`` > 0 the training loss propagates over a copy of the train graph with that
 fraction of the edges pruned (FREEDOM's degree-sensitive draw, ``1/sqrt(d_u d_i)``), drawn afresh
 each epoch; evaluation uses the full graph.
+With ``propagation: sampled`` a training step propagates over a sampled neighbourhood of its batch
+instead of the whole graph (``recbole_dppmg.model.sampling``: ``fanouts[h]`` neighbours per node
+and hop, full-graph degree normalisation, so the batch's propagated vectors equal full
+propagation in expectation): its cost depends on the batch and the fan-outs, not on the graph.
+Only the subgraph's items go through the feature MLPs, the embedding tables have sparse
+gradients (``recbole_dppmg.trainer`` steps them with lazy Adam, ``torch.optim.SparseAdam``), and
+the softmax loss becomes a sampled softmax over the batch's distinct positive and negative items.
+Evaluation, ``full_sort_predict``, k-means, the epoch stats and the token export still propagate
+over the full graph, once per evaluation (cached).
 With ``score: cosine`` every per-modality user and item vector is L2-normalised before the dot
 product (training and evaluation alike), the usual companion of a temperature softmax. During the first
 ``kmeans_warmup_epochs`` epochs only the continuous BPR (+ L2) trains; the codebooks are seeded
@@ -59,6 +68,7 @@ from recbole_dppmg.model.modal_features import (
     parse_modalities,
 )
 from recbole_dppmg.model.quantizer import ResidualVectorQuantizer
+from recbole_dppmg.model.sampling import propagate_sampled, sample_subgraph
 
 
 def feature_mlp(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
@@ -101,6 +111,9 @@ class DPPMG(GeneralRecommender):
         self.temperature = float(config["softmax_temperature"])
         self.cosine = config["score"] == "cosine"
         self.graph_dropout = float(config["graph_dropout"])
+        self.sampled = config["propagation"] == "sampled"
+        self.fanouts = [int(f) for f in config["fanouts"]]
+        self.encoder_grad_all = config["sampled_encoder_grad"] == "all"
         quantizer_args = dict(
             levels=self.levels,
             codebook_size=self.codebook_size,
@@ -117,8 +130,10 @@ class DPPMG(GeneralRecommender):
         self.encoders = nn.ModuleDict()
         self.quantizers = nn.ModuleDict()
         for m in self.modalities:
-            self.user_embeddings[m] = nn.Embedding(self.n_users, self.dim)
-            self.item_embeddings[m] = nn.Embedding(self.n_items, self.dim)
+            # sampled mode reads the tables row by row: sparse gradients, so that a step's cost
+            # (backward and optimiser) does not grow with the number of users and items
+            self.user_embeddings[m] = nn.Embedding(self.n_users, self.dim, sparse=self.sampled)
+            self.item_embeddings[m] = nn.Embedding(self.n_items, self.dim, sparse=self.sampled)
             if m != ID_MODALITY:
                 feat = features[m]
                 self.encoders[m] = feature_mlp(feat.width, list(hidden), self.dim)
@@ -158,23 +173,31 @@ class DPPMG(GeneralRecommender):
                     self.item_embeddings[m].weight[getattr(self, f"present_{m}")] = 0.0
 
     # ------------------------------------------------------------------ embeddings
-    def item_ego_embeddings(self, dropout: bool = False) -> dict[str, torch.Tensor]:
-        """Layer-0 item embeddings per modality ``[n_items, dim]`` (before propagation);
-        ``dropout``: apply ``feature_dropout`` to the features (the training loss does)."""
+    def item_ego_embeddings(
+        self, dropout: bool = False, items: torch.Tensor | None = None, encoder_grad: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Layer-0 item embeddings per modality ``[n_items, dim]`` (before propagation), or of
+        the items ``items`` only (``[len(items), dim]``, the table read row by row);
+        ``dropout``: apply ``feature_dropout`` to the features (the training loss does);
+        ``encoder_grad`` False: the feature encoders run without gradient (the tables keep theirs)."""
         out = {}
         for m in self.modalities:
-            table = self.item_embeddings[m].weight
+            table = self.item_embeddings[m].weight if items is None else self.item_embeddings[m](items)
             if m == ID_MODALITY:
                 out[m] = table
                 continue
             feats = getattr(self, f"feat_{m}")
+            present = getattr(self, f"present_{m}")
+            if items is not None:
+                feats, present = feats[items], present[items]
             if dropout and self.feature_dropout > 0:
                 # Inverted dropout from a uniform draw: the same masks in distribution as
                 # F.dropout, whose bernoulli_ took a quarter of a CPU training step (measured).
                 keep = torch.rand_like(feats) >= self.feature_dropout
                 feats = feats * keep / (1.0 - self.feature_dropout)
-            encoded = self.encoders[m](feats)
-            present = getattr(self, f"present_{m}").unsqueeze(1)
+            with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
+                encoded = self.encoders[m](feats)
+            present = present.unsqueeze(1)
             if self.item_id_residual:
                 out[m] = torch.where(present, encoded, torch.zeros_like(encoded)) + table
             else:
@@ -215,6 +238,46 @@ class DPPMG(GeneralRecommender):
             block = out[:, k * self.dim : (k + 1) * self.dim]
             users[m], items[m] = block[:n_users], block[n_users:]
         return users, items
+
+    def forward_sampled(
+        self, users: torch.Tensor, items: torch.Tensor, adj: torch.Tensor, dropout: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        """Propagated user and item vectors per modality for the distinct ``users`` and ``items``
+        over a sampled neighbourhood of them in ``adj`` (``fanouts``; see module doc), and the
+        layer-0 vectors of those items ``[len(items), M*dim]`` (for the L2 penalty). Only the
+        subgraph's rows of the tables and the subgraph's items' features are read."""
+        seeds = torch.cat([users, self.n_users + items])
+        subgraph = sample_subgraph(adj, seeds, self.fanouts)
+
+        def users_ego(ids):
+            return torch.cat([self.user_embeddings[m](ids) for m in self.modalities], 1)
+
+        def items_ego(ids, **kwargs):
+            ego_items = self.item_ego_embeddings(items=ids, **kwargs)
+            return torch.cat([ego_items[m] for m in self.modalities], 1)
+
+        # the batch's own items: encoded with dropout and gradient; the rest of the neighbourhood
+        # with neither under sampled_encoder_grad "batch" (their table rows still train)
+        rest = subgraph.nodes[len(seeds) :]
+        is_user = rest < self.n_users
+        user_rows, item_rows = torch.nonzero(is_user).flatten(), torch.nonzero(~is_user).flatten()
+        rest_items = items_ego(
+            rest[item_rows] - self.n_users,
+            dropout=dropout and self.encoder_grad_all,
+            encoder_grad=self.encoder_grad_all,
+        )
+        order = torch.empty(len(rest), dtype=torch.long, device=rest.device)  # node -> row of the two parts
+        order[user_rows] = torch.arange(len(user_rows), device=rest.device)
+        order[item_rows] = len(user_rows) + torch.arange(len(item_rows), device=rest.device)
+        batch_items = items_ego(items, dropout=dropout)
+        ego = torch.cat([users_ego(users), batch_items, torch.cat([users_ego(rest[user_rows]), rest_items])[order]])
+        out = propagate_sampled(ego, subgraph)
+        n_users = len(users)
+        users_out, items_out = {}, {}
+        for k, m in enumerate(self.modalities):
+            block = out[:, k * self.dim : (k + 1) * self.dim]
+            users_out[m], items_out[m] = block[:n_users], block[n_users:]
+        return users_out, items_out, batch_items
 
     # ------------------------------------------------------------------ quantizer lifecycle
     @torch.no_grad()
@@ -310,18 +373,28 @@ class DPPMG(GeneralRecommender):
         user = interaction[self.USER_ID]
         pos = interaction[self.ITEM_ID]
         neg = interaction[self.NEG_ITEM_ID]
-        ego_items = self.item_ego_embeddings(dropout=self.training)
+        # full mode: the layer-0 items (dropout draw) before this epoch's pruned graph is drawn, the
+        # order of the random draws every full-mode run so far was made with
+        ego_items = None if self.sampled else self.item_ego_embeddings(dropout=self.training)
         # Only the batch's users and items are propagated to the end (cheaper last layer).
         # Each user is quantized once per step, so EMA counts are per-user usages.
         unique_users, inverse = torch.unique(user, return_inverse=True)
-        if self.loss_type == "softmax":
+        if self.loss_type == "softmax" and not self.sampled:
             batch_items = torch.arange(self.n_items, device=pos.device)
             pos_at, neg_at = pos, neg
-        else:
+        else:  # sampled mode's softmax runs over the batch's distinct positive and negative items
             batch_items, item_index = torch.unique(torch.cat([pos, neg]), return_inverse=True)
             pos_at, neg_at = item_index[: len(pos)], item_index[len(pos) :]
         adj = self.training_adjacency() if self.training else self.norm_adj
-        users, items = self.forward(ego_items, rows=(unique_users, batch_items), adj=adj)
+        if self.sampled:
+            users, items, batch_ego = self.forward_sampled(unique_users, batch_items, adj, dropout=self.training)
+            reg_items = {m: batch_ego[:, k * self.dim : (k + 1) * self.dim] for k, m in enumerate(self.modalities)}
+            reg_pos = {m: v[pos_at] for m, v in reg_items.items()}
+            reg_neg = {m: v[neg_at] for m, v in reg_items.items()}
+        else:
+            users, items = self.forward(ego_items, rows=(unique_users, batch_items), adj=adj)
+            reg_pos = {m: v[pos] for m, v in ego_items.items()}
+            reg_neg = {m: v[neg] for m, v in ego_items.items()}
         users_c, users_q = {}, {}
         vq_loss = users[self.modalities[0]].new_zeros(())
         for m in self.modalities:
@@ -332,7 +405,7 @@ class DPPMG(GeneralRecommender):
         def ranking_loss(user_vectors: dict[str, torch.Tensor]) -> torch.Tensor:
             if self.loss_type == "softmax":  # [distinct users, n_items] scores, one row per user
                 scores = self.score_matrix(user_vectors, items) / self.temperature
-                scores[:, 0] = float("-inf")  # RecBole's padding item is never a candidate
+                scores[:, batch_items == 0] = float("-inf")  # RecBole's padding item is never a candidate
                 log_probs = torch.log_softmax(scores, dim=1)
                 return -log_probs[inverse, pos_at].mean()
             u = {m: v[inverse] for m, v in user_vectors.items()}
@@ -351,8 +424,8 @@ class DPPMG(GeneralRecommender):
 
         reg_loss = self.emb_loss(
             *[self.user_embeddings[m](user) for m in self.modalities],
-            *[ego_items[m][pos] for m in self.modalities],
-            *[ego_items[m][neg] for m in self.modalities],
+            *[reg_pos[m] for m in self.modalities],
+            *[reg_neg[m] for m in self.modalities],
         )
         return rec_loss, vq_loss, self.reg_weight * reg_loss
 

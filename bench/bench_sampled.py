@@ -1,0 +1,184 @@
+"""DPPMG sampled versus full-graph training on a real dataset (issue 27), in two steps.
+
+1. ``--tune``: the fan-out candidates (``--candidates``), sampled mode, seed ``--tune-seed`` only,
+   each scored by its validation NDCG@10 (the valid_metric); the best is chosen on validation.
+2. the comparison: full and sampled (the chosen fan-out, or ``--fanouts``) for every seed of
+   ``--seeds``, one after the other in this process: test NDCG@10 / Recall@20 per seed, the
+   median [min, max] per mode, whether sampled's median is inside full's seed range, and the
+   training seconds per epoch of each mode measured in the same run (their ratio).
+
+Every finished run is kept in ``<out>.json`` and skipped when the command is run again (resume
+after an interruption); ``<out>.md`` holds both tables.
+
+    python bench/bench_sampled.py --tune --candidates "5,5 10,10 20,20 40,40" --torch_num_threads=1
+    python bench/bench_sampled.py --torch_num_threads=1                 # the comparison, chosen fan-out
+
+Any other ``--key=value`` is a RecBole config override for every run (as for run_dppmg.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from recbole_dppmg.config import parse_overrides
+from recbole_dppmg.paths import REPO_ROOT
+from recbole_dppmg.quick_start import run
+
+DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "sampled_ml-100k-mm"
+
+
+def key_of(mode: str, fanouts: list[int] | None, seed: int) -> str:
+    return f"{mode}|{'/'.join(map(str, fanouts)) if fanouts else '-'}|{seed}"
+
+
+def train(args, overrides: dict, mode: str, fanouts: list[int] | None, seed: int, checkpoints: str) -> dict:
+    settings = {
+        **overrides,
+        "seed": seed,
+        "propagation": mode,
+        "checkpoint_dir": checkpoints,
+        "state": "WARNING",
+        "show_progress": False,
+    }
+    if fanouts:
+        settings["fanouts"] = fanouts
+    result = asdict(run("DPPMG", args.dataset, args.config_files.split(), settings))
+    return {
+        "mode": mode,
+        "fanouts": fanouts,
+        "seed": seed,
+        "valid_ndcg@10": result["best_valid_result"].get("ndcg@10"),
+        "test_ndcg@10": result["test_result"].get("ndcg@10"),
+        "test_recall@20": result["test_result"].get("recall@20"),
+        "test_continuous_ndcg@10": (result["extra"].get("test_continuous") or {}).get("ndcg@10"),
+        "epochs": result["epochs_trained"],
+        "seconds_per_epoch": result["seconds_per_epoch"],
+        "best_valid_result": result["best_valid_result"],
+        "test_result": result["test_result"],
+    }
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.4f} [{min(values):.4f}, {max(values):.4f}]"
+
+
+def report(state: dict, args, path: Path) -> str:
+    runs = state["runs"]
+    lines = [f"# DPPMG sampled vs full-graph training on {args.dataset}", ""]
+    tuning = [r for r in runs.values() if r.get("tuning")]
+    if tuning:
+        lines += [
+            f"Fan-out candidates, sampled mode, seed {args.tune_seed}, chosen on validation NDCG@10:",
+            "",
+            "| fan-outs | valid NDCG@10 | epochs | s/epoch |",
+            "|---|---|---|---|",
+        ]
+        for r in sorted(tuning, key=lambda r: -r["valid_ndcg@10"]):
+            lines.append(
+                f"| {'/'.join(map(str, r['fanouts']))} | {r['valid_ndcg@10']:.4f} | {r['epochs']} |"
+                f" {r['seconds_per_epoch']:.2f} |"
+            )
+        lines += ["", f"Chosen: {'/'.join(map(str, state.get('chosen') or []))}", ""]
+    compared = [r for r in runs.values() if not r.get("tuning")]
+    if compared:
+        lines += [
+            f"Seeds {', '.join(map(str, args.seeds))}; median [min, max] over seeds; test metrics at the best"
+            " validation epoch (quantized users); s/epoch: training seconds per epoch, this command.",
+            "",
+            "| mode | fan-outs | seeds | test NDCG@10 | test Recall@20 | valid NDCG@10 | epochs | s/epoch |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        by_mode = {}
+        for r in compared:
+            by_mode.setdefault(r["mode"], []).append(r)
+        for mode, mine in sorted(by_mode.items()):
+            lines.append(
+                f"| {mode} | {'/'.join(map(str, mine[0]['fanouts'])) if mine[0]['fanouts'] else '-'} | {len(mine)} |"
+                f" {spread([r['test_ndcg@10'] for r in mine])} | {spread([r['test_recall@20'] for r in mine])} |"
+                f" {spread([r['valid_ndcg@10'] for r in mine])} | {statistics.median(r['epochs'] for r in mine):.0f} |"
+                f" {statistics.median(r['seconds_per_epoch'] for r in mine):.2f} |"
+            )
+        lines += [
+            "",
+            "| mode | seed | test NDCG@10 | test Recall@20 | valid NDCG@10 | epochs | s/epoch |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(compared, key=lambda r: (r["mode"], r["seed"])):
+            lines.append(
+                f"| {r['mode']} | {r['seed']} | {r['test_ndcg@10']:.4f} | {r['test_recall@20']:.4f} |"
+                f" {r['valid_ndcg@10']:.4f} | {r['epochs']} | {r['seconds_per_epoch']:.2f} |"
+            )
+        if {"full", "sampled"} <= set(by_mode):
+            full = [r["test_ndcg@10"] for r in by_mode["full"]]
+            sampled = statistics.median(r["test_ndcg@10"] for r in by_mode["sampled"])
+            ratio = statistics.median(r["seconds_per_epoch"] for r in by_mode["sampled"]) / statistics.median(
+                r["seconds_per_epoch"] for r in by_mode["full"]
+            )
+            inside = min(full) <= sampled <= max(full)
+            lines += [
+                "",
+                f"Sampled median test NDCG@10 {sampled:.4f} is {'inside' if inside else 'outside'} the full mode's"
+                f" seed range [{min(full):.4f}, {max(full):.4f}]; sampled / full s/epoch = {ratio:.2f}.",
+            ]
+    text = "\n".join(lines) + "\n"
+    path.with_suffix(".md").write_text(text)
+    return text
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-d", "--dataset", default="ml-100k-mm")
+    parser.add_argument("--config_files", default="")
+    parser.add_argument("--tune", action="store_true", help="run the fan-out candidates on --tune-seed")
+    parser.add_argument("--candidates", default="5,5 10,10 20,20 40,40", help="space-separated fan-out lists")
+    parser.add_argument("--tune-seed", type=int, default=2020)
+    parser.add_argument("--fanouts", default=None, help="comparison fan-outs (default: the tuned choice)")
+    parser.add_argument("--seeds", default="2020,2021,2022")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="<out>.json (runs, resumable) and <out>.md")
+    args, unknown = parser.parse_known_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    overrides = parse_overrides(unknown)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state_file = out.with_suffix(".json")
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"runs": {}}
+
+    def save():
+        state_file.write_text(json.dumps(state, indent=2))
+
+    with tempfile.TemporaryDirectory() as checkpoints:
+        if args.tune:
+            for text in args.candidates.split():
+                fanouts = [int(f) for f in text.split(",")]
+                key = "tune|" + key_of("sampled", fanouts, args.tune_seed)
+                if key not in state["runs"]:
+                    state["runs"][key] = {**train(args, overrides, "sampled", fanouts, args.tune_seed, checkpoints)}
+                    state["runs"][key]["tuning"] = True
+                    save()
+                print(report(state, args, out), flush=True)
+            tuning = [r for r in state["runs"].values() if r.get("tuning")]
+            state["chosen"] = max(tuning, key=lambda r: r["valid_ndcg@10"])["fanouts"]
+            save()
+            print(report(state, args, out), flush=True)
+            return
+        fanouts = [int(f) for f in args.fanouts.split(",")] if args.fanouts else state.get("chosen")
+        if not fanouts:
+            raise SystemExit("no fan-outs: run --tune first or pass --fanouts")
+        for seed in args.seeds:
+            for mode in ("full", "sampled"):
+                key = key_of(mode, fanouts if mode == "sampled" else None, seed)
+                if key not in state["runs"]:
+                    state["runs"][key] = train(
+                        args, overrides, mode, fanouts if mode == "sampled" else None, seed, checkpoints
+                    )
+                    save()
+                print(report(state, args, out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
