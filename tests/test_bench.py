@@ -48,47 +48,13 @@ def test_bench_stage1_runs_tiny(tmp_path):
     assert "1 of 10 batches, scaled" in out and "3 of 4 batches, scaled" in out
 
 
-def test_bench_stage1_scale_table_tiny(tmp_path):
-    out = _run(
+def _tiny_scale_args(tmp_path, *extra) -> list[str]:
+    """bench_stage1.py --scale at two tiny sizes, one batch each, into ``tmp_path``."""
+    return [
         "bench/bench_stage1.py",
         "--scale",
         "2000,4000",
-        "--full-below",
-        "3000",
-        "--repeats",
-        "1",
-        "--max-batches",
-        "1",
-        "--max-eval-batches",
-        "3",
-        "--train-batch-size",
-        "256",
-        "--eval-batch-size",
-        "2000",
-        "--data-root",
-        str(tmp_path / "data"),
-        "--out",
-        str(tmp_path / "out"),
-    )
-    assert "Growth exponent" in out and "| 4,000 | 200 | 50 | DPPMG | full |" in out
-    assert {"scale.md", "scale.csv", "scale.json", "scale.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
-
-
-def test_bench_stage1_scale_table_both_modes_tiny(tmp_path):
-    """--modes full,sampled: a child per size and mode, rows with a mode, the sampled rows beside the
-    full ones (reused from their part files on a second call), one exponent per model and mode."""
-    args = [
-        "bench/bench_stage1.py",
-        "--scale",
-        "2000,4000",
-        "--modes",
-        "full,sampled",
-        "--models",
-        "DPPMG",
-        "--fanouts",
-        "3,2",
-        "--set",
-        "loss_type=bpr",
+        *extra,
         "--repeats",
         "1",
         "--max-batches",
@@ -104,6 +70,20 @@ def test_bench_stage1_scale_table_both_modes_tiny(tmp_path):
         "--out",
         str(tmp_path / "out"),
     ]
+
+
+def test_bench_stage1_scale_table_tiny(tmp_path):
+    out = _run(*_tiny_scale_args(tmp_path, "--full-below", "3000"))
+    assert "Growth exponent" in out and "| 4,000 | 200 | 50 | DPPMG | full |" in out
+    assert {"scale.md", "scale.csv", "scale.json", "scale.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_bench_stage1_scale_table_both_modes_tiny(tmp_path):
+    """--modes full,sampled: a child per size and mode, rows with a mode, the sampled rows beside the
+    full ones (reused from their part files on a second call), one exponent per model and mode."""
+    args = _tiny_scale_args(
+        tmp_path, "--modes", "full,sampled", "--models", "DPPMG", "--fanouts", "3,2", "--set", "loss_type=bpr"
+    )
     out = _run(*args)
     assert "| 4,000 | 200 | 50 | DPPMG | full | - | bpr |" in out
     assert "| 4,000 | 200 | 50 | DPPMG | sampled | 3/2 | bpr |" in out
