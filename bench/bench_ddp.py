@@ -18,6 +18,10 @@ mode each rank samples and propagates the neighbourhood of its own share only.
 Any other ``--key=value`` is a RecBole config override, as for run_dppmg.py. With ``--json`` every
 finished run is kept there and skipped when the command is run again (resume); the table is
 written beside it as ``.md``.
+
+``--per-rank-batch`` (weak scaling): N processes run with ``train_batch_size`` x N, so each rank
+keeps the 1-process batch and an epoch has 1/N of the steps (the global batch grows with N);
+without it (strong scaling, RecBole's own semantics) the global batch is the same for every N.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from recbole_dppmg.config import parse_overrides
+from recbole_dppmg.config import build_config, parse_overrides
 from recbole_dppmg.quick_start import run
+from recbole_dppmg.utils import get_model
 
 METRICS = ("recall@10", "ndcg@10", "hit@10", "recall@20", "ndcg@20", "hit@20")
 
@@ -39,9 +44,11 @@ METRICS = ("recall@10", "ndcg@10", "hit@10", "recall@20", "ndcg@20", "hit@20")
 def table(rows: list[dict], args) -> str:
     lines = [f"DPPMG on {args.dataset}, {args.device}, {args.threads} thread(s) per process", ""]
     lines.append(
-        "| mode | processes | seed | s/epoch (train) | speed-up | epochs | wall s | " + " | ".join(METRICS) + " |"
+        "| mode | processes | global batch | seed | s/epoch (train) | speed-up | epochs | wall s | "
+        + " | ".join(METRICS)
+        + " |"
     )
-    lines.append("|---|---|---|---|---|---|---|" + "---|" * len(METRICS))
+    lines.append("|---|---|---|---|---|---|---|---|" + "---|" * len(METRICS))
     for row in rows:
         base = next(
             (r for r in rows if r["mode"] == row["mode"] and r["nproc"] == 1 and r["seed"] == row["seed"]), None
@@ -51,16 +58,19 @@ def table(rows: list[dict], args) -> str:
         )
         values = " | ".join(f"{row['test_result'][m]:.4f}" for m in METRICS)
         lines.append(
-            f"| {row['mode']} | {row['nproc']} | {row['seed']} | {row['seconds_per_epoch']:.2f} | {speedup:.2f} |"
-            f" {row['epochs_trained']} | {row['wall_s']:.0f} | {values} |"
+            f"| {row['mode']} | {row['nproc']} | {row.get('train_batch_size', '-')}"
+            f"{' (weak scaling)' if row.get('scaling') == 'weak' else ''} | {row['seed']} |"
+            f" {row['seconds_per_epoch']:.2f} | {speedup:.2f} | {row['epochs_trained']} | {row['wall_s']:.0f} |"
+            f" {values} |"
         )
     for mode in dict.fromkeys(r["mode"] for r in rows):
         single = [r["test_result"]["ndcg@10"] for r in rows if r["mode"] == mode and r["nproc"] == 1]
         for row in (r for r in rows if r["mode"] == mode and r["nproc"] > 1):
+            scaling = "weak scaling" if row.get("scaling") == "weak" else "same global batch"
             if len(single) > 1:
                 inside = min(single) <= row["test_result"]["ndcg@10"] <= max(single)
                 lines.append(
-                    f"\n{mode}, {row['nproc']} processes, seed {row['seed']}: test NDCG@10"
+                    f"\n{mode}, {row['nproc']} processes ({scaling}), seed {row['seed']}: test NDCG@10"
                     f" {row['test_result']['ndcg@10']:.4f}, {'inside' if inside else 'outside'} 1 process's"
                     f" seed range [{min(single):.4f}, {max(single):.4f}] (median {statistics.median(single):.4f})."
                 )
@@ -82,6 +92,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--data-path", default=None, help="folder holding the dataset (default: dataset/)")
     parser.add_argument("--json", default=None, help="write the rows as JSON here (and resume from it)")
+    parser.add_argument(
+        "--per-rank-batch",
+        action="store_true",
+        help="weak scaling: N processes get train_batch_size x N (each rank keeps the 1-process batch)",
+    )
     args, unknown = parser.parse_known_args(argv)
     overrides = parse_overrides(unknown)  # any other --key=value: a RecBole config override
     modes = args.modes.split(",") if args.modes else [None]
@@ -110,7 +125,16 @@ def main(argv=None) -> None:
                         settings["epochs"] = args.epochs
                     if args.data_path:
                         settings["data_path"] = args.data_path
-                    key = {"mode": mode or "config", "nproc": nproc, "seed": seed}
+                    scaling = "weak" if args.per_rank_batch and nproc > 1 else "strong"
+                    if scaling == "weak":
+                        batch = (
+                            overrides.get("train_batch_size")
+                            or build_config(get_model(args.model), args.dataset, args.config_files.split(), settings)[
+                                "train_batch_size"
+                            ]
+                        )
+                        settings["train_batch_size"] = int(batch) * nproc
+                    key = {"mode": mode or "config", "nproc": nproc, "seed": seed, "scaling": scaling}
                     old = next((r for r in done if all(r.get(k) == v for k, v in key.items())), None)
                     if old is not None:
                         rows.append(old)
@@ -118,7 +142,13 @@ def main(argv=None) -> None:
                     start = time.perf_counter()
                     result = run(args.model, args.dataset, args.config_files.split(), settings)
                     wall = time.perf_counter() - start
-                    rows.append({**key, "wall_s": wall, **asdict(result), "seed": seed})
+                    batch_used = settings.get("train_batch_size")
+                    if batch_used is None:
+                        config_file = Path(result.run_dir) / "config.json"
+                        batch_used = (
+                            json.loads(config_file.read_text())["train_batch_size"] if config_file.is_file() else None
+                        )
+                    rows.append({**key, "wall_s": wall, **asdict(result), "seed": seed, "train_batch_size": batch_used})
                     print(
                         f"{key['mode']}, nproc {nproc}, seed {seed}: {result.seconds_per_epoch:.2f} s/epoch,"
                         f" {result.epochs_trained} epochs, wall {wall:.0f} s, test ndcg@10"
