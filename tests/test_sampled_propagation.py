@@ -261,3 +261,74 @@ def test_graph_dropout_samples_from_the_epochs_pruned_graph(data):
     model.calculate_loss(batch)
     pruned = model.training_adjacency()
     assert pruned is not model.norm_adj and pruned._nnz() < model.norm_adj._nnz()
+
+
+# ---------------------------------------------------------------------------------- control variate
+def _seed_rows(model, batch):
+    users = torch.unique(batch[model.USER_ID])
+    items = torch.unique(torch.cat([batch[model.ITEM_ID], batch[model.NEG_ITEM_ID]]))
+    return users, items
+
+
+def _full_rows(model, users, items):
+    full_users, full_items = model.forward()
+    return torch.cat([torch.cat([full_users[m][users], full_items[m][items]]) for m in model.modalities], 1)
+
+
+def _sampled_rows(model, users, items):
+    sampled_users, sampled_items, _ = model.forward_sampled(users, items, model.norm_adj, dropout=False)
+    return torch.cat([torch.cat([sampled_users[m], sampled_items[m]]) for m in model.modalities], 1)
+
+
+def test_control_variate_is_exact_at_the_snapshot_whatever_the_fanout(data):
+    """Nothing has moved since the epoch's snapshot: one neighbour per hop gives full propagation."""
+    batch = next(iter(data[1]))
+    model = build_model(DPPMG, data, graph_dropout=0.0, propagation="sampled", fanouts=[1, 1])
+    model.eval()
+    users, items = _seed_rows(model, batch)
+    with torch.no_grad():
+        assert torch.allclose(_sampled_rows(model, users, items), _full_rows(model, users, items), atol=1e-6)
+        without = build_model(
+            DPPMG, data, graph_dropout=0.0, propagation="sampled", fanouts=[1, 1], sampled_control_variate=False
+        )
+        without.load_state_dict(model.state_dict())
+        without.eval()
+        assert not torch.allclose(_sampled_rows(without, users, items), _full_rows(model, users, items), atol=1e-3)
+
+
+def test_control_variate_propagates_the_change_since_the_snapshot(data):
+    """After the tables and encoders moved: a covering fan-out is exact, a small one unbiased
+    (every item encoded afresh; under the default ``batch`` the neighbours' encodings are the
+    epoch's, by design)."""
+    batch = next(iter(data[1]))
+    model = build_model(
+        DPPMG, data, graph_dropout=0.0, propagation="sampled", fanouts=[1000, 1000], sampled_encoder_grad="all"
+    )
+    model.eval()
+    users, items = _seed_rows(model, batch)
+    model.propagation_snapshot(model.norm_adj)  # taken before the step below
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+        full = _full_rows(model, users, items)
+        assert torch.allclose(_sampled_rows(model, users, items), full, atol=1e-5)
+        model.fanouts = [2, 2]
+        torch.manual_seed(0)
+        draws = torch.stack([_sampled_rows(model, users, items) for _ in range(300)])
+    spread = draws.std(0) / 300**0.5
+    assert float(draws.std(0).max()) > 1e-4  # the draws vary (the change is sampled) ...
+    assert bool(((draws.mean(0) - full).abs() <= 5 * spread + 1e-5).all())  # ... around the full value
+
+
+def test_the_snapshot_and_encodings_are_retaken_each_training_epoch(data):
+    model = build_model(DPPMG, data, **SAMPLED)
+    model.train()
+    batch = next(iter(data[1]))
+    model.calculate_loss(batch)
+    first = model._snapshot
+    assert first is not None and model._neighbour_encodings is not None
+    model.calculate_loss(batch)
+    assert model._snapshot is first  # one per epoch ...
+    model.eval()
+    model.train()
+    assert model._snapshot is None and model._neighbour_encodings is None  # ... retaken at the next

@@ -165,6 +165,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "propagation": _choice(("full", "sampled")),
         "fanouts": _fanouts,
         "sampled_encoder_grad": _choice(("batch", "all")),
+        "sampled_control_variate": _boolean,
         "levels": _integer(1),
         "codebook_size": _integer(2),
         "commitment_beta": _number(),

@@ -114,6 +114,7 @@ class DPPMG(GeneralRecommender):
         self.sampled = config["propagation"] == "sampled"
         self.fanouts = [int(f) for f in config["fanouts"]]
         self.encoder_grad_all = config["sampled_encoder_grad"] == "all"
+        self.control_variate = bool(config["sampled_control_variate"])
         quantizer_args = dict(
             levels=self.levels,
             codebook_size=self.codebook_size,
@@ -163,6 +164,8 @@ class DPPMG(GeneralRecommender):
         self.emb_loss = EmbLoss()
 
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._neighbour_encodings: dict[str, torch.Tensor] | None = None  # sampled mode, per epoch
+        self._snapshot: tuple[torch.Tensor, torch.Tensor] | None = None  # sampled control variate, per epoch
         self._pending_steps = 0  # training steps since the last closed epoch
         self._last_stats: dict[str, float] = {}
         self._closing_epoch = False
@@ -174,35 +177,70 @@ class DPPMG(GeneralRecommender):
 
     # ------------------------------------------------------------------ embeddings
     def item_ego_embeddings(
-        self, dropout: bool = False, items: torch.Tensor | None = None, encoder_grad: bool = True
+        self,
+        dropout: bool = False,
+        items: torch.Tensor | None = None,
+        encoder_grad: bool = True,
+        encoded: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Layer-0 item embeddings per modality ``[n_items, dim]`` (before propagation), or of
         the items ``items`` only (``[len(items), dim]``, the table read row by row);
         ``dropout``: apply ``feature_dropout`` to the features (the training loss does);
-        ``encoder_grad`` False: the feature encoders run without gradient (the tables keep theirs)."""
+        ``encoder_grad`` False: the feature encoders run without gradient (the tables keep theirs);
+        ``encoded``: the feature encodings of every item, already computed (read, not recomputed)."""
         out = {}
         for m in self.modalities:
             table = self.item_embeddings[m].weight if items is None else self.item_embeddings[m](items)
             if m == ID_MODALITY:
                 out[m] = table
                 continue
-            feats = getattr(self, f"feat_{m}")
             present = getattr(self, f"present_{m}")
             if items is not None:
-                feats, present = feats[items], present[items]
-            if dropout and self.feature_dropout > 0:
-                # Inverted dropout from a uniform draw: the same masks in distribution as
-                # F.dropout, whose bernoulli_ took a quarter of a CPU training step (measured).
-                keep = torch.rand_like(feats) >= self.feature_dropout
-                feats = feats * keep / (1.0 - self.feature_dropout)
-            with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
-                encoded = self.encoders[m](feats)
+                present = present[items]
+            if encoded is not None:
+                encoding = encoded[m] if items is None else encoded[m][items]
+            else:
+                encoding = self._encode(m, items, dropout, encoder_grad)
             present = present.unsqueeze(1)
             if self.item_id_residual:
-                out[m] = torch.where(present, encoded, torch.zeros_like(encoded)) + table
+                out[m] = torch.where(present, encoding, torch.zeros_like(encoding)) + table
             else:
-                out[m] = torch.where(present, encoded, table)
+                out[m] = torch.where(present, encoding, table)
         return out
+
+    def _encode(self, m: str, items: torch.Tensor | None, dropout: bool, encoder_grad: bool) -> torch.Tensor:
+        """The feature MLP of modality ``m`` on all items or on ``items``."""
+        feats = getattr(self, f"feat_{m}")
+        if items is not None:
+            feats = feats[items]
+        if dropout and self.feature_dropout > 0:
+            # Inverted dropout from a uniform draw: the same masks in distribution as
+            # F.dropout, whose bernoulli_ took a quarter of a CPU training step (measured).
+            keep = torch.rand_like(feats) >= self.feature_dropout
+            feats = feats * keep / (1.0 - self.feature_dropout)
+        with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
+            return self.encoders[m](feats)
+
+    @torch.no_grad()
+    def neighbour_encodings(self) -> dict[str, torch.Tensor]:
+        """Every item's feature encoding without gradient, computed once per training epoch:
+        sampled mode's neighbourhood items outside the batch read it (``sampled_encoder_grad:
+        batch``), so a step does not gather and encode the wide features of tens of thousands of
+        neighbours (at 10^7 interactions that was a third of a step). Within an epoch these
+        encodings lag the MLPs by the epoch's steps, the historical-embedding approximation of
+        GNNAutoScale (Fey et al., 2021); the batch's own items are always encoded fresh."""
+        if self._neighbour_encodings is None:
+            chunk = 65536  # bounds the gathered feature rows held at once
+            self._neighbour_encodings = {
+                m: torch.cat(
+                    [
+                        self.encoders[m](getattr(self, f"feat_{m}")[start : start + chunk])
+                        for start in range(0, self.n_items, chunk)
+                    ]
+                )
+                for m in self.encoders
+            }
+        return self._neighbour_encodings
 
     def training_adjacency(self) -> torch.Tensor:
         """The graph the training loss propagates over: the train graph, or with ``graph_dropout``
@@ -261,23 +299,41 @@ class DPPMG(GeneralRecommender):
         rest = subgraph.nodes[len(seeds) :]
         is_user = rest < self.n_users
         user_rows, item_rows = torch.nonzero(is_user).flatten(), torch.nonzero(~is_user).flatten()
-        rest_items = items_ego(
-            rest[item_rows] - self.n_users,
-            dropout=dropout and self.encoder_grad_all,
-            encoder_grad=self.encoder_grad_all,
-        )
+        if self.encoder_grad_all:
+            rest_items = items_ego(rest[item_rows] - self.n_users, dropout=dropout)
+        else:
+            rest_items = items_ego(rest[item_rows] - self.n_users, encoded=self.neighbour_encodings())
         order = torch.empty(len(rest), dtype=torch.long, device=rest.device)  # node -> row of the two parts
         order[user_rows] = torch.arange(len(user_rows), device=rest.device)
         order[item_rows] = len(user_rows) + torch.arange(len(item_rows), device=rest.device)
         batch_items = items_ego(items, dropout=dropout)
         ego = torch.cat([users_ego(users), batch_items, torch.cat([users_ego(rest[user_rows]), rest_items])[order]])
-        out = propagate_sampled(ego, subgraph)
+        if self.control_variate:
+            snapshot_ego, snapshot_out = self.propagation_snapshot(adj)
+            out = snapshot_out[seeds] + propagate_sampled(ego - snapshot_ego[subgraph.nodes], subgraph)
+        else:
+            out = propagate_sampled(ego, subgraph)
         n_users = len(users)
         users_out, items_out = {}, {}
         for k, m in enumerate(self.modalities):
             block = out[:, k * self.dim : (k + 1) * self.dim]
             users_out[m], items_out[m] = block[:n_users], block[n_users:]
         return users_out, items_out, batch_items
+
+    @torch.no_grad()
+    def propagation_snapshot(self, adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0, P x0)``: every node's layer-0 vector ``[N, M*dim]`` and its full-graph LightGCN
+        output over ``adj``, taken once per training epoch (the VR-GCN control variate of Chen,
+        Zhu and Song, 2018). LightGCN is linear, ``P x = P x0 + P (x - x0)``, so a step propagates
+        only the change since the snapshot over its sampled neighbourhood and adds the exact
+        snapshot output of its seeds: unbiased as before, and exact at the snapshot whatever the
+        fan-outs, so the sampling noise shrinks to that of the epoch's drift. The snapshot costs
+        one full propagation per epoch (linear in the edges)."""
+        if self._snapshot is None:
+            items = self.item_ego_embeddings(encoded=self.neighbour_encodings())
+            ego = torch.cat([torch.cat([self.user_embeddings[m].weight, items[m]], 0) for m in self.modalities], 1)
+            self._snapshot = (ego, self.propagation(ego, adj))
+        return self._snapshot
 
     # ------------------------------------------------------------------ quantizer lifecycle
     @torch.no_grad()
@@ -339,11 +395,15 @@ class DPPMG(GeneralRecommender):
             self.logger.info(f"DPPMG epoch {stats['epoch']:.0f} stats: " + self.describe_epoch_stats(stats))
         if mode:
             self._clear_cache()
+            self._neighbour_encodings = None  # this epoch's encodings of the neighbourhood items
+            self._snapshot = None  # and this epoch's control-variate snapshot
             self._train_adj = None  # the next training step draws this epoch's pruned graph
         return super().train(mode)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._clear_cache()
+        self._neighbour_encodings = None
+        self._snapshot = None
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _clear_cache(self) -> None:
