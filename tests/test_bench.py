@@ -310,7 +310,8 @@ def test_bench_ddp_modes_and_seeds_tiny(tmp_path):
         "--codebook_size=4",
         "--fanouts=[3,3]",
         "--train_batch_size=256",
-        "--per-rank-batch",
+        "--scaling",
+        "weak",
     ]
     out = _run(*args)
     assert (
