@@ -19,9 +19,9 @@ Any other ``--key=value`` is a RecBole config override, as for run_dppmg.py. Wit
 finished run is kept there and skipped when the command is run again (resume); the table is
 written beside it as ``.md``.
 
-``--per-rank-batch`` (weak scaling): N processes run with ``train_batch_size`` x N, so each rank
-keeps the 1-process batch and an epoch has 1/N of the steps (the global batch grows with N);
-without it (strong scaling, RecBole's own semantics) the global batch is the same for every N.
+``--scaling``: ``strong`` (RecBole's own semantics: the global batch is the same for every N,
+each rank takes 1/N of it), ``weak`` (N processes run with ``train_batch_size`` x N, so each rank
+keeps the 1-process batch and an epoch has 1/N of the steps), or ``both``.
 """
 
 from __future__ import annotations
@@ -68,10 +68,13 @@ def table(rows: list[dict], args) -> str:
         for row in (r for r in rows if r["mode"] == mode and r["nproc"] > 1):
             scaling = "weak scaling" if row.get("scaling") == "weak" else "same global batch"
             if len(single) > 1:
-                inside = min(single) <= row["test_result"]["ndcg@10"] <= max(single)
+                value = row["test_result"]["ndcg@10"]
+                where = (
+                    "inside" if min(single) <= value <= max(single) else ("above" if value > max(single) else "below")
+                )
                 lines.append(
                     f"\n{mode}, {row['nproc']} processes ({scaling}), seed {row['seed']}: test NDCG@10"
-                    f" {row['test_result']['ndcg@10']:.4f}, {'inside' if inside else 'outside'} 1 process's"
+                    f" {value:.4f}, {where} 1 process's"
                     f" seed range [{min(single):.4f}, {max(single):.4f}] (median {statistics.median(single):.4f})."
                 )
     return "\n".join(lines)
@@ -93,9 +96,10 @@ def main(argv=None) -> None:
     parser.add_argument("--data-path", default=None, help="folder holding the dataset (default: dataset/)")
     parser.add_argument("--json", default=None, help="write the rows as JSON here (and resume from it)")
     parser.add_argument(
-        "--per-rank-batch",
-        action="store_true",
-        help="weak scaling: N processes get train_batch_size x N (each rank keeps the 1-process batch)",
+        "--scaling",
+        choices=("strong", "weak", "both"),
+        default="strong",
+        help="N processes: same global batch (strong), or train_batch_size x N (weak), or both",
     )
     args, unknown = parser.parse_known_args(argv)
     overrides = parse_overrides(unknown)  # any other --key=value: a RecBole config override
@@ -106,57 +110,62 @@ def main(argv=None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mode in modes:
-            for nproc in [int(n) for n in args.nproc.split(",")]:
-                for seed in seeds if nproc == 1 else seeds[:1]:
-                    settings = {
-                        **overrides,
-                        "nproc": nproc,
-                        "torch_num_threads": args.threads,
-                        "use_gpu": args.device == "cuda",
-                        "checkpoint_dir": tmp,
-                        "state": "WARNING",
-                        "show_progress": False,
-                    }
-                    if mode is not None:
-                        settings["propagation"] = mode
-                    if seed is not None:
-                        settings["seed"] = seed
-                    if args.epochs is not None:
-                        settings["epochs"] = args.epochs
-                    if args.data_path:
-                        settings["data_path"] = args.data_path
-                    scaling = "weak" if args.per_rank_batch and nproc > 1 else "strong"
-                    if scaling == "weak":
-                        batch = (
-                            overrides.get("train_batch_size")
-                            or build_config(get_model(args.model), args.dataset, args.config_files.split(), settings)[
-                                "train_batch_size"
-                            ]
-                        )
-                        settings["train_batch_size"] = int(batch) * nproc
-                    key = {"mode": mode or "config", "nproc": nproc, "seed": seed, "scaling": scaling}
-                    old = next((r for r in done if all(r.get(k) == v for k, v in key.items())), None)
-                    if old is not None:
-                        rows.append(old)
-                        continue
-                    start = time.perf_counter()
-                    result = run(args.model, args.dataset, args.config_files.split(), settings)
-                    wall = time.perf_counter() - start
-                    batch_used = settings.get("train_batch_size")
-                    if batch_used is None:
-                        config_file = Path(result.run_dir) / "config.json"
-                        batch_used = (
-                            json.loads(config_file.read_text())["train_batch_size"] if config_file.is_file() else None
-                        )
-                    rows.append({**key, "wall_s": wall, **asdict(result), "seed": seed, "train_batch_size": batch_used})
-                    print(
-                        f"{key['mode']}, nproc {nproc}, seed {seed}: {result.seconds_per_epoch:.2f} s/epoch,"
-                        f" {result.epochs_trained} epochs, wall {wall:.0f} s, test ndcg@10"
-                        f" {result.test_result['ndcg@10']:.4f}",
-                        flush=True,
+            scalings = ["strong", "weak"] if args.scaling == "both" else [args.scaling]
+            plan = [
+                (nproc, scaling, seed)
+                for nproc in [int(n) for n in args.nproc.split(",")]
+                for scaling in (scalings if nproc > 1 else ["strong"])
+                for seed in (seeds if nproc == 1 else seeds[:1])
+            ]
+            for nproc, scaling, seed in plan:
+                settings = {
+                    **overrides,
+                    "nproc": nproc,
+                    "torch_num_threads": args.threads,
+                    "use_gpu": args.device == "cuda",
+                    "checkpoint_dir": tmp,
+                    "state": "WARNING",
+                    "show_progress": False,
+                }
+                if mode is not None:
+                    settings["propagation"] = mode
+                if seed is not None:
+                    settings["seed"] = seed
+                if args.epochs is not None:
+                    settings["epochs"] = args.epochs
+                if args.data_path:
+                    settings["data_path"] = args.data_path
+                if scaling == "weak":
+                    batch = (
+                        overrides.get("train_batch_size")
+                        or build_config(get_model(args.model), args.dataset, args.config_files.split(), settings)[
+                            "train_batch_size"
+                        ]
                     )
-                    if args.json:
-                        Path(args.json).write_text(json.dumps(done + [r for r in rows if r not in done], indent=2))
+                    settings["train_batch_size"] = int(batch) * nproc
+                key = {"mode": mode or "config", "nproc": nproc, "seed": seed, "scaling": scaling}
+                old = next((r for r in done if all(r.get(k) == v for k, v in key.items())), None)
+                if old is not None:
+                    rows.append(old)
+                    continue
+                start = time.perf_counter()
+                result = run(args.model, args.dataset, args.config_files.split(), settings)
+                wall = time.perf_counter() - start
+                batch_used = settings.get("train_batch_size")
+                if batch_used is None:
+                    config_file = Path(result.run_dir) / "config.json"
+                    batch_used = (
+                        json.loads(config_file.read_text())["train_batch_size"] if config_file.is_file() else None
+                    )
+                rows.append({**key, "wall_s": wall, **asdict(result), "seed": seed, "train_batch_size": batch_used})
+                print(
+                    f"{key['mode']}, nproc {nproc} ({scaling}), seed {seed}: {result.seconds_per_epoch:.2f} s/epoch,"
+                    f" {result.epochs_trained} epochs, wall {wall:.0f} s, test ndcg@10"
+                    f" {result.test_result['ndcg@10']:.4f}",
+                    flush=True,
+                )
+                if args.json:
+                    Path(args.json).write_text(json.dumps(done + [r for r in rows if r not in done], indent=2))
     print()
     text = table(rows, args)
     print(text)

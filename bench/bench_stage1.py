@@ -432,11 +432,15 @@ def fit_exponent(x: list[float], y: list[float]) -> float | None:
     return float(np.polyfit([p[0] for p in points], [p[1] for p in points], 1)[0])
 
 
-def series(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """Rows by (model, mode), smallest size first."""
-    out: dict[tuple[str, str], list[dict]] = {}
+def fanout_text(row: dict) -> str:
+    return "/".join(map(str, row["fanouts"])) if row.get("fanouts") else "-"
+
+
+def series(rows: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    """Rows by (model, mode, fan-outs), smallest size first."""
+    out: dict[tuple[str, str, str], list[dict]] = {}
     for row in sorted(rows, key=lambda r: r["interactions"]):
-        out.setdefault((row["model"], row_mode(row)), []).append(row)
+        out.setdefault((row["model"], row_mode(row), fanout_text(row)), []).append(row)
     return out
 
 
@@ -506,9 +510,9 @@ def write_scale_report(rows: list[dict], skipped: list[str], out: Path, args, fa
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        fanouts = "/".join(map(str, r["fanouts"])) if r.get("fanouts") else "-"
         lines.append(
-            f"| {r['interactions']:,} | {r['users']:,} | {r['items']:,} | {r['model']} | {r['mode']} | {fanouts} |"
+            f"| {r['interactions']:,} | {r['users']:,} | {r['items']:,} | {r['model']} | {r['mode']} |"
+            f" {fanout_text(r)} |"
             f" {r.get('loss_type', 'bpr' if r['model'] == 'DPPMG' else '-')} | {r['channels']} | "
             f"{r['epoch_s']:.2f} | {r['epoch_measured']} | {r['eval_s']:.2f} | {r['eval_measured']} | "
             f"{r['peak_mb']:.0f} | {r['max_rss_mb']:.0f} |"
@@ -517,15 +521,16 @@ def write_scale_report(rows: list[dict], skipped: list[str], out: Path, args, fa
         "",
         "Growth exponent b of cost ~ interactions^b (least squares on log-log over the sizes of each row):",
         "",
-        "| model | mode | sizes | s/epoch | eval s | peak MB |",
-        "|---|---|---|---|---|---|",
+        "| model | mode | fan-outs | sizes | s/epoch | eval s | peak MB |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for (model, mode), exp in exponents.items():
-        sizes = ", ".join(f"{r['interactions']:.0e}" for r in series(rows)[(model, mode)])
+    for (model, mode, fanouts), exp in exponents.items():
+        sizes = ", ".join(f"{r['interactions']:.0e}" for r in series(rows)[(model, mode, fanouts)])
         lines.append(
-            f"| {model} | {mode} | {sizes} | {fmt(exp['epoch_s'])} | {fmt(exp['eval_s'])} | {fmt(exp['peak_mb'])} |"
+            f"| {model} | {mode} | {fanouts} | {sizes} | {fmt(exp['epoch_s'])} | {fmt(exp['eval_s'])} |"
+            f" {fmt(exp['peak_mb'])} |"
         )
-    for (model, mode), mine in series(rows).items():
+    for (model, mode, fanouts), mine in series(rows).items():
         if mode != "sampled":
             continue
         for row in mine:
@@ -539,7 +544,7 @@ def write_scale_report(rows: list[dict], skipped: list[str], out: Path, args, fa
             )
             if full:
                 lines.append(
-                    f"\n{model} at {row['interactions']:,}: sampled {row['epoch_s']:.1f} s/epoch vs full"
+                    f"\n{model} at {row['interactions']:,}: sampled ({fanouts}) {row['epoch_s']:.1f} s/epoch vs full"
                     f" {full['epoch_s']:.1f} s/epoch: {full['epoch_s'] / row['epoch_s']:.1f}x faster."
                 )
     if skipped:
@@ -571,9 +576,9 @@ def plot_scale(rows: list[dict], exponents: dict, path: Path) -> None:
         ("epoch_s", "eval_s", "peak_mb"),
         ("seconds per training epoch", "seconds per full-sort evaluation", "peak MB"),
     ):
-        for (model, mode), mine in series(rows).items():
-            b = exponents[(model, mode)][key]
-            name = f"{model} {mode}"
+        for (model, mode, fanouts), mine in series(rows).items():
+            b = exponents[(model, mode, fanouts)][key]
+            name = f"{model} {mode}" + (f" {fanouts}" if mode == "sampled" else "")
             ax.loglog(
                 [r["interactions"] for r in mine],
                 [max(r[key], 1e-9) for r in mine],
@@ -626,7 +631,10 @@ def run_scale(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, skipped, failed, peaks = [], [], [], []
-    modes = args.modes.split(",")
+    fanout_sets = args.fanouts.split() if args.fanouts else [None]
+    runs = [
+        (mode, fanouts) for mode in args.modes.split(",") for fanouts in (fanout_sets if mode == "sampled" else [None])
+    ]
     for size in [int(float(s)) for s in args.scale.split(",")]:
         name = default_name(size)
         if len(peaks) >= 2 and not args.memory_cap_gb:  # extrapolate the whole process's peak memory
@@ -640,12 +648,16 @@ def run_scale(args) -> None:
                 continue
         size_peak = 0.0
         data_failed = None  # a child that ran out before any model was built: the data stage, shared by every mode
-        for mode in modes:
+        for mode, fanouts in runs:
             if data_failed is not None:
                 failed.append({**data_failed, "mode": mode, "shared_with": data_failed["mode"]})
                 print(f"{name} ({mode}): not run, the data stage stopped in mode {data_failed['mode']}", flush=True)
                 continue
-            part = out / (f"{name}.json" if mode == "full" else f"{name}-{mode}.json")
+            part = out / (
+                f"{name}.json"
+                if mode == "full"
+                else f"{name}-{mode}{'-' + fanouts.replace(',', 'x') if fanouts else ''}.json"
+            )
             scaled = size > args.full_below
             command = [
                 sys.executable,
@@ -675,8 +687,8 @@ def run_scale(args) -> None:
                 "--data-root",
                 args.data_root,
             ]
-            if args.fanouts:
-                command += ["--fanouts", args.fanouts]
+            if fanouts:
+                command += ["--fanouts", fanouts]
             for item in args.set:
                 command += ["--set", item]
             for key in ("train_batch_size", "eval_batch_size"):
@@ -734,7 +746,11 @@ def main(argv=None) -> None:
         "--mode", choices=("full", "sampled"), default=None, help="DPPMG's propagation (default: its property file)"
     )
     parser.add_argument("--modes", default="full", help="--scale: comma-separated modes, each a child per size")
-    parser.add_argument("--fanouts", default=None, help="sampled mode: fan-outs per layer, e.g. 10,10")
+    parser.add_argument(
+        "--fanouts",
+        default=None,
+        help="sampled mode: fan-outs per layer, e.g. 10,10; --scale: several space-separated lists, a series each",
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (YAML value); repeatable"
     )

@@ -87,7 +87,7 @@ def test_bench_stage1_scale_table_both_modes_tiny(tmp_path):
     out = _run(*args)
     assert "| 4,000 | 200 | 50 | DPPMG | full | - | bpr |" in out
     assert "| 4,000 | 200 | 50 | DPPMG | sampled | 3/2 | bpr |" in out
-    assert "| DPPMG | sampled | 2e+03, 4e+03 |" in out
+    assert "| DPPMG | sampled | 3/2 | 2e+03, 4e+03 |" in out
     rows = json.loads((tmp_path / "out" / "scale.json").read_text())["rows"]
     assert sorted((r["interactions"], r["mode"]) for r in rows) == [
         (2000, "full"),
@@ -95,7 +95,7 @@ def test_bench_stage1_scale_table_both_modes_tiny(tmp_path):
         (4000, "full"),
         (4000, "sampled"),
     ]
-    assert (tmp_path / "out" / "synth-4000-sampled.json").is_file()
+    assert (tmp_path / "out" / "synth-4000-sampled-3x2.json").is_file()
     again = _run(*args, "--reuse")
     assert "reusing" in again and "| 4,000 | 200 | 50 | DPPMG | sampled | 3/2 | bpr |" in again
 
@@ -342,7 +342,8 @@ def test_bench_ddp_modes_and_seeds_tiny(tmp_path):
         "--codebook_size=4",
         "--fanouts=[3,3]",
         "--train_batch_size=256",
-        "--per-rank-batch",
+        "--scaling",
+        "weak",
     ]
     out = _run(*args)
     assert (
