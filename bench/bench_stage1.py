@@ -8,8 +8,10 @@ post-warm-up re-initialisation happen there); seconds of one full-sort evaluatio
 validation users right after a training epoch (the model's score caches are fresh, as in
 training); peak memory above the loaded dataset (CUDA: allocator peak; CPU: sampled resident
 set size). With ``--max-batches K`` only K training batches are timed and scaled to an epoch
-(K x batches per epoch + the epoch-end hook), and ``--max-eval-batches K`` (at least 3) times
-the first K evaluation batches and adds the median time of batches 2..K-1 for each batch left
+(K x batches per epoch, plus once the epoch-end hook and the per-epoch state a model takes at
+an epoch's first step, DPPMG sampled mode's snapshot: each timed apart), and
+``--max-eval-batches K`` (at least 3) times the first K evaluation batches and adds the median
+time of batches 2..K-1 for each batch left
 (the first holds the score caches): the table says which.
 
     python bench/bench_stage1.py                                     # ml-100k-mm and synth-1e5, full epochs
@@ -209,13 +211,18 @@ def measure_model(
             eval_s.append(timed(lambda: trainer.evaluate(eval_loader, load_best_model=False), device))
             if eval_limited:  # batch i+1 is handed out after batch i is scored; the first holds the caches
                 eval_batch_s.append(statistics.median(np.diff(eval_loader.batch_times)[1:]))
-        hook_s = 0.0
+        hook_s = start_s = 0.0
         if callable(hook) and limited:  # the epoch-end hook's own cost, after a training step
             trainer._train_epoch(FirstBatches(train_data, 1), repeats + 2)
             hook_s = timed(hook, device)
+        prepare = getattr(model, "prepare_training_epoch", None)
+        if callable(prepare) and limited:  # per-epoch state a timed epoch takes once (DPPMG sampled)
+            model.train()
+            start_s = timed(prepare, device)
     train_median = statistics.median(train_s)
     if limited:
-        epoch_s = (train_median - hook_s) / max_batches * n_batches + hook_s
+        once = hook_s + start_s  # per epoch, not per step
+        epoch_s = (train_median - once) / max_batches * n_batches + once
     else:
         epoch_s = train_median
     eval_median = statistics.median(eval_s)
@@ -237,6 +244,8 @@ def measure_model(
         "epoch_measured": (f"{max_batches} of {n_batches} batches, scaled" if limited else "full epoch")
         + (f" (median of {repeats})" if repeats > 1 else ""),
         "train_batches": n_batches,
+        "epoch_start_s": start_s,
+        "epoch_end_s": hook_s,
         "eval_s": full_eval_s,
         "eval_measured": f"{max_eval_batches} of {n_eval} batches, scaled" if eval_limited else "full",
         "eval_batches": n_eval,
@@ -494,7 +503,9 @@ def write_scale_report(rows: list[dict], skipped: list[str], out: Path, args, fa
         " `propagation: sampled`) over the sampled neighbourhood of the batch's users and items, with"
         " the fan-outs given (evaluation propagates in full in both modes).",
         "Where the `measured` column says *scaled*, a fixed number of training batches was timed and"
-        " multiplied up to a full epoch (plus the epoch-end hook); for evaluation, the first batches"
+        " multiplied up to a full epoch (plus, once, the epoch-end hook and the per-epoch state taken at"
+        " an epoch's first step, DPPMG sampled mode's snapshot and neighbour encodings, each timed"
+        " apart); for evaluation, the first batches"
         " were timed (the first holds the score caches) and the median of the others stands for each"
         " batch left. Peak MB: resident memory above the loaded dataset (CPU) or the CUDA allocator"
         " peak; max RSS: the whole process, dataset included."

@@ -152,6 +152,8 @@ def test_mode_keys_are_checked(data):
         build_model(DPPMG, data, weight_decay=0.01, **SAMPLED)
     with pytest.raises(ConfigError, match="clip_grad_norm = .* with DPPMG key propagation = sampled"):
         build_model(DPPMG, data, clip_grad_norm={"max_norm": 5}, **SAMPLED)
+    with pytest.raises(ConfigError, match="DPPMG key sampled_control_variate"):
+        build_model(DPPMG, data, sampled_control_variate="often", **SAMPLED)
     build_model(DPPMG, data, fanouts=[3], learner="sgd")  # full mode: the sampled keys are not in the way
 
 

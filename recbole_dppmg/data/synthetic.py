@@ -30,6 +30,7 @@ from recbole_dppmg.data.atomic import FIELD_SEPARATOR, SEQ_SEPARATOR
 from recbole_dppmg.errors import ConfigError
 
 FORMAT_VERSION = 1
+ITEM_ROWS_PER_WRITE = 20_000  # bounds the formatted text held at once (10^6 items are ~10 GB of it)
 
 
 @dataclass(frozen=True)
@@ -223,15 +224,19 @@ def write_synthetic(spec: SyntheticSpec, root: str | Path, name: str | None = No
             }
         )
         inter.to_csv(tmp / f"{name}.inter", sep=FIELD_SEPARATOR, index=False, lineterminator="\n")
-        columns = {"item_id:token": [str(i) for i in range(1, spec.n_items + 1)]}
-        for field in ("text_feat", "image_feat"):
-            columns[f"{field}:float_seq"] = _float_seq_lines(features[field])
-        for field in ("text_mask", "image_mask"):
-            columns[f"{field}:float"] = ["1" if v else "0" for v in features[field]]
+        header = ["item_id:token", "text_feat:float_seq", "image_feat:float_seq", "text_mask:float", "image_mask:float"]
         with open(tmp / f"{name}.item", "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(FIELD_SEPARATOR.join(columns) + "\n")
-            for row in zip(*columns.values()):
-                handle.write(FIELD_SEPARATOR.join(row) + "\n")
+            handle.write(FIELD_SEPARATOR.join(header) + "\n")
+            for start in range(0, spec.n_items, ITEM_ROWS_PER_WRITE):  # text rows of a chunk at a time
+                stop = min(start + ITEM_ROWS_PER_WRITE, spec.n_items)
+                columns = [
+                    [str(i) for i in range(start + 1, stop + 1)],
+                    _float_seq_lines(features["text_feat"][start:stop]),
+                    _float_seq_lines(features["image_feat"][start:stop]),
+                    *[["1" if v else "0" for v in features[f"{m}_mask"][start:stop]] for m in ("text", "image")],
+                ]
+                for row in zip(*columns):
+                    handle.write(FIELD_SEPARATOR.join(row) + "\n")
         (tmp / f"{name}.yaml").write_text(
             PROPERTIES.format(
                 name=name, min_user=spec.min_user_interactions, text_dim=spec.text_dim, image_dim=spec.image_dim
