@@ -21,7 +21,9 @@ written beside it as ``.md``.
 
 ``--scaling``: ``strong`` (RecBole's own semantics: the global batch is the same for every N,
 each rank takes 1/N of it), ``weak`` (N processes run with ``train_batch_size`` x N, so each rank
-keeps the 1-process batch and an epoch has 1/N of the steps), or ``both``.
+keeps the 1-process batch and an epoch has 1/N of the steps), or ``both``. ``--weak-lr linear``
+also multiplies the weak-scaling runs' ``learning_rate`` by N (the linear scaling rule of Goyal et
+al., 2017: N times the batch, N times the step, about the same number of epochs); ``same`` keeps it.
 """
 
 from __future__ import annotations
@@ -44,11 +46,11 @@ METRICS = ("recall@10", "ndcg@10", "hit@10", "recall@20", "ndcg@20", "hit@20")
 def table(rows: list[dict], args) -> str:
     lines = [f"DPPMG on {args.dataset}, {args.device}, {args.threads} thread(s) per process", ""]
     lines.append(
-        "| mode | processes | global batch | seed | s/epoch (train) | speed-up | epochs | wall s | "
+        "| mode | processes | global batch | lr | seed | s/epoch (train) | speed-up | epochs | wall s | "
         + " | ".join(METRICS)
         + " |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|" + "---|" * len(METRICS))
+    lines.append("|---|---|---|---|---|---|---|---|---|" + "---|" * len(METRICS))
     for row in rows:
         base = next(
             (r for r in rows if r["mode"] == row["mode"] and r["nproc"] == 1 and r["seed"] == row["seed"]), None
@@ -59,7 +61,8 @@ def table(rows: list[dict], args) -> str:
         values = " | ".join(f"{row['test_result'][m]:.4f}" for m in METRICS)
         lines.append(
             f"| {row['mode']} | {row['nproc']} | {row.get('train_batch_size', '-')}"
-            f"{' (weak scaling)' if row.get('scaling') == 'weak' else ''} | {row['seed']} |"
+            f"{' (weak scaling)' if row.get('scaling') == 'weak' else ''} | {row.get('learning_rate', '-')} |"
+            f" {row['seed']} |"
             f" {row['seconds_per_epoch']:.2f} | {speedup:.2f} | {row['epochs_trained']} | {row['wall_s']:.0f} |"
             f" {values} |"
         )
@@ -78,6 +81,14 @@ def table(rows: list[dict], args) -> str:
                     f" seed range [{min(single):.4f}, {max(single):.4f}] (median {statistics.median(single):.4f})."
                 )
     return "\n".join(lines)
+
+
+def learning_rate(args, overrides: dict, settings: dict) -> float:
+    """The learning rate a run trains with (its override, or the config's)."""
+    if "learning_rate" in settings:
+        return settings["learning_rate"]
+    config = build_config(get_model(args.model), args.dataset, args.config_files.split(), {**overrides, **settings})
+    return config["learning_rate"]
 
 
 def main(argv=None) -> None:
@@ -100,6 +111,12 @@ def main(argv=None) -> None:
         choices=("strong", "weak", "both"),
         default="strong",
         help="N processes: same global batch (strong), or train_batch_size x N (weak), or both",
+    )
+    parser.add_argument(
+        "--weak-lr",
+        choices=("same", "linear"),
+        default="same",
+        help="weak scaling: keep learning_rate (same) or multiply it by N (linear)",
     )
     args, unknown = parser.parse_known_args(argv)
     overrides = parse_overrides(unknown)  # any other --key=value: a RecBole config override
@@ -143,7 +160,11 @@ def main(argv=None) -> None:
                         ]
                     )
                     settings["train_batch_size"] = int(batch) * nproc
+                    if args.weak_lr == "linear":
+                        settings["learning_rate"] = float(learning_rate(args, overrides, settings)) * nproc
                 key = {"mode": mode or "config", "nproc": nproc, "seed": seed, "scaling": scaling}
+                if scaling == "weak":
+                    key["weak_lr"] = args.weak_lr
                 old = next((r for r in done if all(r.get(k) == v for k, v in key.items())), None)
                 if old is not None:
                     rows.append(old)
@@ -157,7 +178,16 @@ def main(argv=None) -> None:
                     batch_used = (
                         json.loads(config_file.read_text())["train_batch_size"] if config_file.is_file() else None
                     )
-                rows.append({**key, "wall_s": wall, **asdict(result), "seed": seed, "train_batch_size": batch_used})
+                rows.append(
+                    {
+                        **key,
+                        "wall_s": wall,
+                        **asdict(result),
+                        "seed": seed,
+                        "train_batch_size": batch_used,
+                        "learning_rate": float(learning_rate(args, overrides, settings)),
+                    }
+                )
                 print(
                     f"{key['mode']}, nproc {nproc} ({scaling}), seed {seed}: {result.seconds_per_epoch:.2f} s/epoch,"
                     f" {result.epochs_trained} epochs, wall {wall:.0f} s, test ndcg@10"

@@ -20,7 +20,7 @@ time of batches 2..K-1 for each batch left
         --out bench/results                                          # the scaling table
     python bench/bench_stage1.py -d ml-100k-mm --device cuda --threads 4
     python bench/bench_stage1.py -d synth-1e6 --models DPPMG --profile 5    # where a training step's time goes
-    python bench/bench_stage1.py -d synth-1e6 --models DPPMG --mode sampled --fanouts 10,10 --max-batches 20
+    python bench/bench_stage1.py -d synth-1e6 --models DPPMG --mode sampled --fanouts 2,2 --max-batches 20
     python bench/bench_stage1.py --scale 1e5,1e6,1e7 --modes full,sampled --reuse --train-batch-size 2048 \
         --set loss_type=bpr --set graph_dropout=0 --out bench/results   # both modes (full rows reused)
 

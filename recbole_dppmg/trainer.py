@@ -11,8 +11,9 @@ Two files per run: ``best.pth`` (the best validation epoch, what ``evaluate`` lo
 ``resume_checkpoint`` continues exactly where an interrupted run stopped).
 
 Models whose embedding tables have sparse gradients (``nn.Embedding(sparse=True)``: DPPMG with
-``propagation: sampled``) train those tables with lazy Adam (``torch.optim.SparseAdam``) and the
-other parameters with the configured Adam, so that a step's optimiser cost depends on the rows
+``propagation: sampled``) train those tables with lazy Adam (``recbole_dppmg.lazy_adam``,
+``torch.optim.SparseAdam``'s update at a cost in the touched rows) and the other parameters with
+the configured Adam, so that a step's optimiser cost depends on the rows
 the batch touched, not on the size of the tables; under data-parallel training the zero-weighted
 "sync loss" RecBole adds for every parameter reads one row of such a table instead of summing it
 (a sum would make the gradient dense again).
@@ -36,6 +37,7 @@ import torch
 
 from recbole_dppmg.config import jsonable_config, user_settings
 from recbole_dppmg.errors import CheckpointError
+from recbole_dppmg.lazy_adam import LazyAdam
 
 CHECKPOINT_FORMAT = "recbole_dppmg.checkpoint/1"
 
@@ -186,7 +188,7 @@ def sparse_embeddings(model: torch.nn.Module) -> list[torch.nn.Embedding]:
 class SparseDenseOptimizer:
     """Two optimisers stepped as one (the interface RecBole's trainer uses: ``zero_grad``,
     ``step``, ``state_dict``, ``load_state_dict``, ``param_groups``): one for the parameters with
-    dense gradients, ``torch.optim.SparseAdam`` for the tables with sparse ones."""
+    dense gradients, ``LazyAdam`` for the tables with sparse ones."""
 
     def __init__(self, dense: torch.optim.Optimizer, sparse: torch.optim.Optimizer):
         self.dense, self.sparse = dense, sparse
@@ -227,7 +229,7 @@ class SparseEmbeddingMixin:
         learning_rate = kwargs.get("learning_rate", self.learning_rate)
         return SparseDenseOptimizer(
             super()._build_optimizer(params=dense, **kwargs),
-            torch.optim.SparseAdam([m.weight for m in tables], lr=learning_rate),
+            LazyAdam([m.weight for m in tables], lr=learning_rate),
         )
 
     def sync_grad_loss(self):

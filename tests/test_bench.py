@@ -344,17 +344,20 @@ def test_bench_ddp_modes_and_seeds_tiny(tmp_path):
         "--train_batch_size=256",
         "--scaling",
         "weak",
+        "--weak-lr",
+        "linear",
+        "--learning_rate=0.004",
     ]
     out = _run(*args)
     assert (
-        "| sampled | 1 | 256 | 0 |" in out
-        and "| sampled | 1 | 256 | 1 |" in out
-        and "| sampled | 2 | 512 (weak scaling) | 0 |" in out
+        "| sampled | 1 | 256 | 0.004 | 0 |" in out
+        and "| sampled | 1 | 256 | 0.004 | 1 |" in out
+        and "| sampled | 2 | 512 (weak scaling) | 0.008 | 0 |" in out  # twice the batch, twice the step
     )
     assert "1 process's seed range" in out
     assert len(json.loads((tmp_path / "ddp.json").read_text())) == 3
     again = _run(*args)  # every run is read back from the JSON
-    assert "s/epoch, 1 epochs" not in again and "| sampled | 2 | 512 (weak scaling) | 0 |" in again
+    assert "s/epoch, 1 epochs" not in again and "| sampled | 2 | 512 (weak scaling) | 0.008 | 0 |" in again
 
 
 def test_bench_sampled_tune_and_compare_tiny(tmp_path):

@@ -217,7 +217,7 @@ def check_config(config, model: str) -> None:
 
 def check_sampled_mode(config) -> None:
     """DPPMG's ``propagation: sampled`` needs one fan-out per layer, and its embedding tables have
-    sparse gradients, stepped by lazy Adam (``torch.optim.SparseAdam``, see
+    sparse gradients, stepped by lazy Adam (``recbole_dppmg.lazy_adam``, see
     ``recbole_dppmg.trainer``): the shared settings that cannot apply to them are refused."""
     if config["propagation"] != "sampled":
         return
@@ -230,7 +230,7 @@ def check_sampled_mode(config) -> None:
     learner = str(config["learner"]).lower() if "learner" in config and config["learner"] is not None else "adam"
     if learner != "adam":
         raise ConfigError(
-            f"learner = {config['learner']!r} {why}: must be adam (dense parameters: Adam; tables: SparseAdam)"
+            f"learner = {config['learner']!r} {why}: must be adam (dense parameters: Adam; tables: lazy Adam)"
         )
     if "weight_decay" in config and config["weight_decay"]:
         raise ConfigError(f"weight_decay = {config['weight_decay']!r} {why}: must be 0 (use reg_weight)")

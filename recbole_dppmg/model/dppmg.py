@@ -29,7 +29,7 @@ vectors since the epoch's full-graph snapshot and adds the snapshot's exact outp
 (VR-GCN, Chen et al. 2018; LightGCN is linear), so small fan-outs stay accurate; the snapshot and
 the encodings of the neighbourhood's non-batch items are taken once per epoch (linear cost).
 The batch's own items go through the feature MLPs with gradient, the embedding tables have sparse
-gradients (``recbole_dppmg.trainer`` steps them with lazy Adam, ``torch.optim.SparseAdam``), and
+gradients (``recbole_dppmg.trainer`` steps them with lazy Adam, ``recbole_dppmg.lazy_adam``), and
 the softmax loss becomes a sampled softmax over the batch's distinct positive and negative items.
 Evaluation, ``full_sort_predict``, k-means, the epoch stats and the token export still propagate
 over the full graph, once per evaluation (cached).
