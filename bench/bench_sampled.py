@@ -1,7 +1,8 @@
 """DPPMG sampled versus full-graph training on a real dataset (issue 27), in two steps.
 
-1. ``--tune``: the fan-out candidates (``--candidates``), sampled mode, seed ``--tune-seed`` only,
-   each scored by its validation NDCG@10 (the valid_metric); the best is chosen on validation.
+1. ``--tune``: the fan-out candidates (``--candidates``), sampled mode, each run with every seed
+   of ``--tune-seeds`` and scored by its mean validation NDCG@10 (the valid_metric) over them;
+   the best is chosen on validation.
 2. the comparison: full and sampled (the chosen fan-out, or ``--fanouts``) for every seed of
    ``--seeds``, one after the other in this process: test NDCG@10 / Recall@20 per seed, the
    median [min, max] per mode, whether sampled's median is inside full's seed range, and the
@@ -63,6 +64,22 @@ def train(args, overrides: dict, mode: str, fanouts: list[int] | None, seed: int
     }
 
 
+def fanout_text(fanouts: list[int] | None) -> str:
+    return "/".join(map(str, fanouts)) if fanouts else "-"
+
+
+def tuning_by_candidate(runs: dict) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in runs.values():
+        if r.get("tuning"):
+            out.setdefault(fanout_text(r["fanouts"]), []).append(r)
+    return out
+
+
+def mean_valid(runs: list[dict]) -> float:
+    return statistics.fmean(r["valid_ndcg@10"] for r in runs)
+
+
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.4f} [{min(values):.4f}, {max(values):.4f}]"
 
@@ -70,18 +87,22 @@ def spread(values: list[float]) -> str:
 def report(state: dict, args, path: Path) -> str:
     runs = state["runs"]
     lines = [f"# DPPMG sampled vs full-graph training on {args.dataset}", ""]
-    tuning = [r for r in runs.values() if r.get("tuning")]
+    tuning = tuning_by_candidate(runs)
     if tuning:
         lines += [
-            f"Fan-out candidates, sampled mode, seed {args.tune_seed}, chosen on validation NDCG@10:",
+            "Fan-out candidates, sampled mode, chosen on the mean validation NDCG@10 over the tuning seeds:",
             "",
-            "| fan-outs | valid NDCG@10 | epochs | s/epoch |",
-            "|---|---|---|---|",
+            "| fan-outs | seeds | mean valid NDCG@10 | valid NDCG@10 per seed | epochs | s/epoch |",
+            "|---|---|---|---|---|---|",
         ]
-        for r in sorted(tuning, key=lambda r: -r["valid_ndcg@10"]):
+        for fanouts, mine in sorted(tuning.items(), key=lambda item: -mean_valid(item[1])):
+            per_seed = ", ".join(
+                f"{r['seed']}: {r['valid_ndcg@10']:.4f}" for r in sorted(mine, key=lambda r: r["seed"])
+            )
             lines.append(
-                f"| {'/'.join(map(str, r['fanouts']))} | {r['valid_ndcg@10']:.4f} | {r['epochs']} |"
-                f" {r['seconds_per_epoch']:.2f} |"
+                f"| {fanouts} | {len(mine)} | {mean_valid(mine):.4f} | {per_seed} |"
+                f" {statistics.median(r['epochs'] for r in mine):.0f} |"
+                f" {statistics.median(r['seconds_per_epoch'] for r in mine):.2f} |"
             )
         lines += ["", f"Chosen: {'/'.join(map(str, state.get('chosen') or []))}", ""]
     compared = [r for r in runs.values() if not r.get("tuning")]
@@ -95,35 +116,39 @@ def report(state: dict, args, path: Path) -> str:
         ]
         by_mode = {}
         for r in compared:
-            by_mode.setdefault(r["mode"], []).append(r)
-        for mode, mine in sorted(by_mode.items()):
+            by_mode.setdefault((r["mode"], fanout_text(r["fanouts"])), []).append(r)
+        for (mode, fanouts), mine in sorted(by_mode.items()):
             lines.append(
-                f"| {mode} | {'/'.join(map(str, mine[0]['fanouts'])) if mine[0]['fanouts'] else '-'} | {len(mine)} |"
+                f"| {mode} | {fanouts} | {len(mine)} |"
                 f" {spread([r['test_ndcg@10'] for r in mine])} | {spread([r['test_recall@20'] for r in mine])} |"
                 f" {spread([r['valid_ndcg@10'] for r in mine])} | {statistics.median(r['epochs'] for r in mine):.0f} |"
                 f" {statistics.median(r['seconds_per_epoch'] for r in mine):.2f} |"
             )
         lines += [
             "",
-            "| mode | seed | test NDCG@10 | test Recall@20 | valid NDCG@10 | epochs | s/epoch |",
+            "| mode, fan-outs | seed | test NDCG@10 | test Recall@20 | valid NDCG@10 | epochs | s/epoch |",
             "|---|---|---|---|---|---|---|",
         ]
-        for r in sorted(compared, key=lambda r: (r["mode"], r["seed"])):
+        for r in sorted(compared, key=lambda r: (r["mode"], fanout_text(r["fanouts"]), r["seed"])):
             lines.append(
-                f"| {r['mode']} | {r['seed']} | {r['test_ndcg@10']:.4f} | {r['test_recall@20']:.4f} |"
+                f"| {r['mode']} {fanout_text(r['fanouts'])} | {r['seed']} | {r['test_ndcg@10']:.4f} |"
+                f" {r['test_recall@20']:.4f} |"
                 f" {r['valid_ndcg@10']:.4f} | {r['epochs']} | {r['seconds_per_epoch']:.2f} |"
             )
-        if {"full", "sampled"} <= set(by_mode):
-            full = [r["test_ndcg@10"] for r in by_mode["full"]]
-            sampled = statistics.median(r["test_ndcg@10"] for r in by_mode["sampled"])
-            ratio = statistics.median(r["seconds_per_epoch"] for r in by_mode["sampled"]) / statistics.median(
-                r["seconds_per_epoch"] for r in by_mode["full"]
+        full_runs = by_mode.get(("full", "-"), [])
+        for (mode, fanouts), mine in sorted(by_mode.items()):
+            if mode != "sampled" or not full_runs:
+                continue
+            full = [r["test_ndcg@10"] for r in full_runs]
+            sampled = statistics.median(r["test_ndcg@10"] for r in mine)
+            ratio = statistics.median(r["seconds_per_epoch"] for r in mine) / statistics.median(
+                r["seconds_per_epoch"] for r in full_runs
             )
             inside = min(full) <= sampled <= max(full)
             lines += [
                 "",
-                f"Sampled median test NDCG@10 {sampled:.4f} is {'inside' if inside else 'outside'} the full mode's"
-                f" seed range [{min(full):.4f}, {max(full):.4f}]; sampled / full s/epoch = {ratio:.2f}.",
+                f"Sampled ({fanouts}) median test NDCG@10 {sampled:.4f} is {'inside' if inside else 'outside'} the"
+                f" full mode's seed range [{min(full):.4f}, {max(full):.4f}]; sampled / full s/epoch = {ratio:.2f}.",
             ]
     text = "\n".join(lines) + "\n"
     path.with_suffix(".md").write_text(text)
@@ -134,9 +159,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-d", "--dataset", default="ml-100k-mm")
     parser.add_argument("--config_files", default="")
-    parser.add_argument("--tune", action="store_true", help="run the fan-out candidates on --tune-seed")
+    parser.add_argument("--tune", action="store_true", help="run the fan-out candidates on --tune-seeds")
     parser.add_argument("--candidates", default="5,5 10,10 20,20 40,40", help="space-separated fan-out lists")
-    parser.add_argument("--tune-seed", type=int, default=2020)
+    parser.add_argument("--tune-seeds", default="2020", help="comma-separated; a candidate's score is the mean")
     parser.add_argument("--fanouts", default=None, help="comparison fan-outs (default: the tuned choice)")
     parser.add_argument("--seeds", default="2020,2021,2022")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="<out>.json (runs, resumable) and <out>.md")
@@ -155,14 +180,15 @@ def main(argv=None) -> None:
         if args.tune:
             for text in args.candidates.split():
                 fanouts = [int(f) for f in text.split(",")]
-                key = "tune|" + key_of("sampled", fanouts, args.tune_seed)
-                if key not in state["runs"]:
-                    state["runs"][key] = {**train(args, overrides, "sampled", fanouts, args.tune_seed, checkpoints)}
-                    state["runs"][key]["tuning"] = True
-                    save()
-                print(report(state, args, out), flush=True)
-            tuning = [r for r in state["runs"].values() if r.get("tuning")]
-            state["chosen"] = max(tuning, key=lambda r: r["valid_ndcg@10"])["fanouts"]
+                for seed in [int(s) for s in args.tune_seeds.split(",")]:
+                    key = "tune|" + key_of("sampled", fanouts, seed)
+                    if key not in state["runs"]:
+                        state["runs"][key] = {**train(args, overrides, "sampled", fanouts, seed, checkpoints)}
+                        state["runs"][key]["tuning"] = True
+                        save()
+                    print(report(state, args, out), flush=True)
+            tuning = tuning_by_candidate(state["runs"])
+            state["chosen"] = max(tuning.values(), key=mean_valid)[0]["fanouts"]
             save()
             print(report(state, args, out), flush=True)
             return

@@ -375,8 +375,8 @@ def test_bench_sampled_tune_and_compare_tiny(tmp_path):
         "--embedding_size=8",
         "--codebook_size=4",
     ]
-    out = _run(*common, "--tune", "--candidates", "2,2 3,3", "--tune-seed", "0")
-    assert "| 3/3 |" in out and "Chosen: " in out
+    out = _run(*common, "--tune", "--candidates", "2,2 3,3", "--tune-seeds", "0,1")
+    assert "| 3/3 | 2 |" in out and "| 2/2 | 2 |" in out and "Chosen: " in out  # 2 seeds per candidate
     out = _run(*common, "--seeds", "0")
     assert "| full | - | 1 |" in out and "| sampled |" in out and "sampled / full s/epoch" in out
 
