@@ -257,6 +257,11 @@ class DPPMG(GeneralRecommender):
             )
         return self._train_adj
 
+    def layer0_vectors(self, items: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Every node's layer-0 vector ``[n_users + n_items, M*dim]``: the user tables over the
+        layer-0 items ``items``, the modalities side by side (one spmm propagates them all)."""
+        return torch.cat([torch.cat([self.user_embeddings[m].weight, items[m]], 0) for m in self.modalities], 1)
+
     def forward(
         self,
         items: dict[str, torch.Tensor] | None = None,
@@ -269,7 +274,7 @@ class DPPMG(GeneralRecommender):
         the graph (default: the full train graph)."""
         if items is None:
             items = self.item_ego_embeddings()
-        ego = torch.cat([torch.cat([self.user_embeddings[m].weight, items[m]], 0) for m in self.modalities], 1)
+        ego = self.layer0_vectors(items)
         n_users = self.n_users
         if rows is not None:
             n_users = len(rows[0])
@@ -344,7 +349,7 @@ class DPPMG(GeneralRecommender):
         one full propagation per epoch (linear in the edges)."""
         if self._snapshot is None:
             items = self.item_ego_embeddings(encoded=self.neighbour_encodings())
-            ego = torch.cat([torch.cat([self.user_embeddings[m].weight, items[m]], 0) for m in self.modalities], 1)
+            ego = self.layer0_vectors(items)
             self._snapshot = (ego, self.propagation(ego, adj))
         return self._snapshot
 
@@ -408,19 +413,23 @@ class DPPMG(GeneralRecommender):
             self.logger.info(f"DPPMG epoch {stats['epoch']:.0f} stats: " + self.describe_epoch_stats(stats))
         if mode:
             self._clear_cache()
-            self._neighbour_encodings = None  # this epoch's encodings of the neighbourhood items
-            self._snapshot = None  # and this epoch's control-variate snapshot
+            self._clear_epoch_state()
             self._train_adj = None  # the next training step draws this epoch's pruned graph
         return super().train(mode)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._clear_cache()
-        self._neighbour_encodings = None
-        self._snapshot = None
+        self._clear_epoch_state()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _clear_cache(self) -> None:
         self._cache = None
+
+    def _clear_epoch_state(self) -> None:
+        """Sampled mode's per-epoch state (neighbour encodings, control-variate snapshot) is
+        retaken at the next training step."""
+        self._neighbour_encodings = None
+        self._snapshot = None
 
     # ------------------------------------------------------------------ scoring
     def _scoring_vectors(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
