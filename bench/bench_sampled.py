@@ -33,11 +33,20 @@ from recbole_dppmg.quick_start import run
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "sampled_ml-100k-mm"
 
 
-def key_of(mode: str, fanouts: list[int] | None, seed: int) -> str:
-    return f"{mode}|{'/'.join(map(str, fanouts)) if fanouts else '-'}|{seed}"
+def parse_candidate(text: str) -> tuple[list[int], str]:
+    """``"10,10"`` or ``"10,10:snapshot"``: the fan-outs and DPPMG's ``sampled_outer_hop`` (default grad)."""
+    fanouts, _, outer_hop = text.partition(":")
+    return [int(f) for f in fanouts.split(",")], outer_hop or "grad"
 
 
-def train(args, overrides: dict, mode: str, fanouts: list[int] | None, seed: int, checkpoints: str) -> dict:
+def key_of(mode: str, fanouts: list[int] | None, seed: int, outer_hop: str = "grad") -> str:
+    outer = f"|outer={outer_hop}" if mode == "sampled" and outer_hop != "grad" else ""  # older keys: grad
+    return f"{mode}|{'/'.join(map(str, fanouts)) if fanouts else '-'}{outer}|{seed}"
+
+
+def train(
+    args, overrides: dict, mode: str, fanouts: list[int] | None, seed: int, checkpoints: str, outer_hop: str = "grad"
+) -> dict:
     settings = {
         **overrides,
         "seed": seed,
@@ -48,10 +57,12 @@ def train(args, overrides: dict, mode: str, fanouts: list[int] | None, seed: int
     }
     if fanouts:
         settings["fanouts"] = fanouts
+        settings["sampled_outer_hop"] = outer_hop
     result = asdict(run("DPPMG", args.dataset, args.config_files.split(), settings))
     return {
         "mode": mode,
         "fanouts": fanouts,
+        "outer_hop": outer_hop if fanouts else None,
         "seed": seed,
         "valid_ndcg@10": result["best_valid_result"].get("ndcg@10"),
         "test_ndcg@10": result["test_result"].get("ndcg@10"),
@@ -64,15 +75,21 @@ def train(args, overrides: dict, mode: str, fanouts: list[int] | None, seed: int
     }
 
 
-def fanout_text(fanouts: list[int] | None) -> str:
-    return "/".join(map(str, fanouts)) if fanouts else "-"
+def fanout_text(fanouts: list[int] | None, outer_hop: str | None = "grad") -> str:
+    if not fanouts:
+        return "-"
+    return "/".join(map(str, fanouts)) + (f", outer hop {outer_hop}" if outer_hop not in (None, "grad") else "")
+
+
+def run_label(run: dict) -> str:
+    return fanout_text(run["fanouts"], run.get("outer_hop"))
 
 
 def tuning_by_candidate(runs: dict) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in runs.values():
         if r.get("tuning"):
-            out.setdefault(fanout_text(r["fanouts"]), []).append(r)
+            out.setdefault(run_label(r), []).append(r)
     return out
 
 
@@ -104,7 +121,7 @@ def report(state: dict, args, path: Path) -> str:
                 f" {statistics.median(r['epochs'] for r in mine):.0f} |"
                 f" {statistics.median(r['seconds_per_epoch'] for r in mine):.2f} |"
             )
-        lines += ["", f"Chosen: {'/'.join(map(str, state.get('chosen') or []))}", ""]
+        lines += ["", f"Chosen: {fanout_text(state.get('chosen'), state.get('chosen_outer_hop'))}", ""]
     compared = [r for r in runs.values() if not r.get("tuning")]
     if compared:
         lines += [
@@ -116,7 +133,7 @@ def report(state: dict, args, path: Path) -> str:
         ]
         by_mode = {}
         for r in compared:
-            by_mode.setdefault((r["mode"], fanout_text(r["fanouts"])), []).append(r)
+            by_mode.setdefault((r["mode"], run_label(r)), []).append(r)
         for (mode, fanouts), mine in sorted(by_mode.items()):
             lines.append(
                 f"| {mode} | {fanouts} | {len(mine)} |"
@@ -129,9 +146,9 @@ def report(state: dict, args, path: Path) -> str:
             "| mode, fan-outs | seed | test NDCG@10 | test Recall@20 | valid NDCG@10 | epochs | s/epoch |",
             "|---|---|---|---|---|---|---|",
         ]
-        for r in sorted(compared, key=lambda r: (r["mode"], fanout_text(r["fanouts"]), r["seed"])):
+        for r in sorted(compared, key=lambda r: (r["mode"], run_label(r), r["seed"])):
             lines.append(
-                f"| {r['mode']} {fanout_text(r['fanouts'])} | {r['seed']} | {r['test_ndcg@10']:.4f} |"
+                f"| {r['mode']} {run_label(r)} | {r['seed']} | {r['test_ndcg@10']:.4f} |"
                 f" {r['test_recall@20']:.4f} |"
                 f" {r['valid_ndcg@10']:.4f} | {r['epochs']} | {r['seconds_per_epoch']:.2f} |"
             )
@@ -160,9 +177,13 @@ def main(argv=None) -> None:
     parser.add_argument("-d", "--dataset", default="ml-100k-mm")
     parser.add_argument("--config_files", default="")
     parser.add_argument("--tune", action="store_true", help="run the fan-out candidates on --tune-seeds")
-    parser.add_argument("--candidates", default="5,5 10,10 20,20 40,40", help="space-separated fan-out lists")
+    parser.add_argument(
+        "--candidates",
+        default="5,5 10,10 20,20 40,40",
+        help="space-separated fan-out lists, each optionally :<sampled_outer_hop> (10,10:snapshot)",
+    )
     parser.add_argument("--tune-seeds", default="2020", help="comma-separated; a candidate's score is the mean")
-    parser.add_argument("--fanouts", default=None, help="comparison fan-outs (default: the tuned choice)")
+    parser.add_argument("--fanouts", default=None, help="comparison fan-outs[:outer hop] (default: the tuned choice)")
     parser.add_argument("--seeds", default="2020,2021,2022")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="<out>.json (runs, resumable) and <out>.md")
     args, unknown = parser.parse_known_args(argv)
@@ -179,28 +200,32 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as checkpoints:
         if args.tune:
             for text in args.candidates.split():
-                fanouts = [int(f) for f in text.split(",")]
+                fanouts, outer_hop = parse_candidate(text)
                 for seed in [int(s) for s in args.tune_seeds.split(",")]:
-                    key = "tune|" + key_of("sampled", fanouts, seed)
+                    key = "tune|" + key_of("sampled", fanouts, seed, outer_hop)
                     if key not in state["runs"]:
-                        state["runs"][key] = {**train(args, overrides, "sampled", fanouts, seed, checkpoints)}
+                        state["runs"][key] = train(args, overrides, "sampled", fanouts, seed, checkpoints, outer_hop)
                         state["runs"][key]["tuning"] = True
                         save()
                     print(report(state, args, out), flush=True)
             tuning = tuning_by_candidate(state["runs"])
-            state["chosen"] = max(tuning.values(), key=mean_valid)[0]["fanouts"]
+            best = max(tuning.values(), key=mean_valid)[0]
+            state["chosen"], state["chosen_outer_hop"] = best["fanouts"], best.get("outer_hop") or "grad"
             save()
             print(report(state, args, out), flush=True)
             return
-        fanouts = [int(f) for f in args.fanouts.split(",")] if args.fanouts else state.get("chosen")
+        if args.fanouts:
+            fanouts, outer_hop = parse_candidate(args.fanouts)
+        else:
+            fanouts, outer_hop = state.get("chosen"), state.get("chosen_outer_hop") or "grad"
         if not fanouts:
             raise SystemExit("no fan-outs: run --tune first or pass --fanouts")
         for seed in args.seeds:
             for mode in ("full", "sampled"):
-                key = key_of(mode, fanouts if mode == "sampled" else None, seed)
+                key = key_of(mode, fanouts if mode == "sampled" else None, seed, outer_hop)
                 if key not in state["runs"]:
                     state["runs"][key] = train(
-                        args, overrides, mode, fanouts if mode == "sampled" else None, seed, checkpoints
+                        args, overrides, mode, fanouts if mode == "sampled" else None, seed, checkpoints, outer_hop
                     )
                     save()
                 print(report(state, args, out), flush=True)

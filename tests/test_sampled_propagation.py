@@ -15,6 +15,7 @@ from recbole_dppmg.model import DPPMG
 from recbole_dppmg.model.graph import LightGCNPropagation, normalized_adjacency
 from recbole_dppmg.model.sampling import (
     distinct_offsets,
+    positions_within,
     propagate_sampled,
     sample_neighbours,
     sample_subgraph,
@@ -116,6 +117,46 @@ def test_a_covering_fanout_gives_full_propagation_values_and_gradients(layers):
     assert torch.allclose(x.grad, full_grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_an_outer_hop_without_gradient_keeps_the_values_and_the_inner_gradients(layers):
+    """``outer``: the outermost hop's rows enter apart, without gradient; the output and the
+    gradients of every other row are those of the whole propagation."""
+    adj = random_graph()
+    seeds = torch.tensor([2, 7, 31, 45])
+    sub = sample_subgraph(adj, seeds, [2] * layers, torch.Generator().manual_seed(3))
+    inner_end = sub.sizes[-2]
+    assert inner_end < len(sub.nodes)  # the outermost hop adds nodes
+    x = torch.randn(len(sub.nodes), 5, requires_grad=True)
+    weights = torch.randn(len(seeds), 5)
+    whole = propagate_sampled(x, sub)
+    (whole * weights).sum().backward()
+    whole_grad, x.grad = x.grad.clone(), None
+    part = propagate_sampled(x[:inner_end], sub, outer=x[inner_end:].detach())
+    (part * weights).sum().backward()
+    assert torch.allclose(part, whole, atol=1e-6)
+    assert torch.allclose(x.grad[:inner_end], whole_grad[:inner_end], atol=1e-6)
+    assert float(whole_grad[inner_end:].abs().sum()) > 0  # the whole propagation did reach them ...
+    assert float(x.grad[inner_end:].abs().sum()) == 0  # ... the cut one does not
+
+
+def test_a_closed_last_hop_keeps_the_inner_edges_and_adds_no_node():
+    adj = random_graph()
+    seeds = torch.tensor([2, 7, 31, 45])
+    whole = sample_subgraph(adj, seeds, [3, 3], torch.Generator().manual_seed(4))
+    closed = sample_subgraph(adj, seeds, [3, 3], torch.Generator().manual_seed(4), close_last_hop=True)
+    inner_end = whole.sizes[1]
+    assert torch.equal(closed.nodes, whole.nodes[:inner_end]) and closed.sizes == [4, inner_end, inner_end]
+    last, kept = whole.blocks[1], closed.blocks[1]
+    inner = last.src < inner_end  # the same draw, restricted to the edges into the first hop's nodes
+    assert torch.equal(kept.dst, last.dst[inner]) and torch.equal(kept.src, last.src[inner])
+    assert torch.equal(kept.weight, last.weight[inner]) and kept.n_src == inner_end
+
+
+def test_positions_within_finds_members_and_marks_the_rest():
+    nodes = torch.tensor([40, 3, 17, 8])
+    assert positions_within(nodes, torch.tensor([8, 5, 40, 41, 3, 0])).tolist() == [3, -1, 0, -1, 1, -1]
+
+
 def test_a_small_fanout_matches_full_propagation_in_expectation():
     adj = random_graph()
     seeds = torch.tensor([2, 7, 31, 45])
@@ -154,6 +195,10 @@ def test_mode_keys_are_checked(data):
         build_model(DPPMG, data, clip_grad_norm={"max_norm": 5}, **SAMPLED)
     with pytest.raises(ConfigError, match="DPPMG key sampled_control_variate"):
         build_model(DPPMG, data, sampled_control_variate="often", **SAMPLED)
+    with pytest.raises(ConfigError, match="DPPMG key sampled_outer_hop"):
+        build_model(DPPMG, data, sampled_outer_hop="frozen", **SAMPLED)
+    with pytest.raises(ConfigError, match="sampled_outer_hop = 'snapshot' needs sampled_control_variate = true"):
+        build_model(DPPMG, data, sampled_outer_hop="snapshot", sampled_control_variate=False, **SAMPLED)
     build_model(DPPMG, data, fanouts=[3], learner="sgd")  # full mode: the sampled keys are not in the way
 
 
@@ -334,3 +379,45 @@ def test_the_snapshot_and_encodings_are_retaken_each_training_epoch(data):
     model.eval()
     model.train()
     assert model._snapshot is None and model._neighbour_encodings is None  # ... retaken at the next
+
+
+def test_without_outer_hop_gradient_a_step_updates_only_the_inner_rows(data):
+    """``sampled_outer_hop: no_grad``: the same propagated vectors (the forward is unchanged),
+    and the tables' gradients cover the seeds and their inner hop, not the outermost hop's rows."""
+    batch = next(iter(data[1]))
+    results = []
+    for outer_hop in ("grad", "no_grad"):
+        model = build_model(DPPMG, data, sampled_outer_hop=outer_hop, graph_dropout=0.0, **SAMPLED)
+        users, items = _seed_rows(model, batch)
+        users, items = users[:2], items[:2]  # a small batch: its outermost hop adds users
+        torch.manual_seed(5)
+        out_users, out_items, _ = model.forward_sampled(users, items, model.norm_adj, dropout=False)
+        vectors = torch.cat([torch.cat([out_users[m], out_items[m]]) for m in model.modalities], 1)
+        (vectors**2).sum().backward()
+        grad = model.user_embeddings[model.modalities[0]].weight.grad.coalesce()
+        results.append((vectors.detach(), set(grad.indices()[0][grad.values().abs().sum(1) > 0].tolist()), users))
+    (whole, touched_whole, users), (cut, touched_cut, _) = results
+    assert torch.allclose(whole, cut, atol=1e-6)
+    assert touched_cut < touched_whole  # strictly fewer user rows move
+    assert set(users.tolist()) <= touched_cut  # the seeds themselves still do
+
+
+def test_snapshot_outer_hop_is_exact_at_the_snapshot_and_leaves_the_outer_rows_alone(data):
+    """``sampled_outer_hop: snapshot``: nothing moved since the snapshot, so the outermost hop's
+    nodes, left at their snapshot values, lose nothing; their rows get no gradient."""
+    batch = next(iter(data[1]))
+    model = build_model(DPPMG, data, sampled_outer_hop="snapshot", graph_dropout=0.0, **SAMPLED)
+    model.eval()
+    users, items = _seed_rows(model, batch)
+    users, items = users[:2], items[:2]
+    assert torch.allclose(_sampled_rows(model, users, items), _full_rows(model, users, items), atol=1e-6)
+    model.train()
+    model.prepare_training_epoch()
+    torch.manual_seed(5)
+    out_users, out_items, _ = model.forward_sampled(users, items, model.norm_adj, dropout=False)
+    sum((v**2).sum() for v in [*out_users.values(), *out_items.values()]).backward()
+    grad = model.user_embeddings[model.modalities[0]].weight.grad.coalesce()
+    touched = set(grad.indices()[0].tolist())
+    torch.manual_seed(5)
+    inner = sample_subgraph(model.norm_adj, torch.cat([users, model.n_users + items]), [3, 3], close_last_hop=True)
+    assert touched == {int(n) for n in inner.nodes if n < model.n_users}  # the first hop's users, no further

@@ -166,6 +166,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "fanouts": _fanouts,
         "sampled_encoder_grad": _choice(("batch", "all")),
         "sampled_control_variate": _boolean,
+        "sampled_outer_hop": _choice(("grad", "no_grad", "snapshot")),
         "levels": _integer(1),
         "codebook_size": _integer(2),
         "commitment_beta": _number(),
@@ -225,6 +226,11 @@ def check_sampled_mode(config) -> None:
         raise ConfigError(
             f"DPPMG key fanouts = {config['fanouts']!r}: propagation sampled needs one fan-out per layer"
             f" (n_layers = {config['n_layers']})"
+        )
+    if config["sampled_outer_hop"] == "snapshot" and not config["sampled_control_variate"]:
+        raise ConfigError(
+            "DPPMG key sampled_outer_hop = 'snapshot' needs sampled_control_variate = true (the outermost hop's"
+            " nodes are left at their snapshot values, which only the control variate provides)"
         )
     why = "with DPPMG key propagation = sampled (its embedding tables have sparse gradients)"
     learner = str(config["learner"]).lower() if "learner" in config and config["learner"] is not None else "adam"

@@ -28,6 +28,10 @@ With ``sampled_control_variate`` (default) a step propagates only the change of 
 vectors since the epoch's full-graph snapshot and adds the snapshot's exact output at its seeds
 (VR-GCN, Chen et al. 2018; LightGCN is linear), so small fan-outs stay accurate; the snapshot and
 the encodings of the neighbourhood's non-batch items are taken once per epoch (linear cost).
+``sampled_outer_hop`` decides what a step does with the nodes only the outermost hop reaches
+(most of a neighbourhood): train them (``grad``), propagate them without gradient (``no_grad``),
+or leave them at the snapshot, neither gathered nor propagated (``snapshot``, GNNAutoScale's
+historical embeddings, Fey et al. 2021).
 The batch's own items go through the feature MLPs with gradient, the embedding tables have sparse
 gradients (``recbole_dppmg.trainer`` steps them with lazy Adam, ``recbole_dppmg.lazy_adam``), and
 the softmax loss becomes a sampled softmax over the batch's distinct positive and negative items.
@@ -119,6 +123,7 @@ class DPPMG(GeneralRecommender):
         self.fanouts = [int(f) for f in config["fanouts"]]
         self.encoder_grad_all = config["sampled_encoder_grad"] == "all"
         self.control_variate = bool(config["sampled_control_variate"])
+        self.outer_hop = config["sampled_outer_hop"]
         quantizer_args = dict(
             levels=self.levels,
             codebook_size=self.codebook_size,
@@ -294,7 +299,7 @@ class DPPMG(GeneralRecommender):
         layer-0 vectors of those items ``[len(items), M*dim]`` (for the L2 penalty). Only the
         subgraph's rows of the tables and the subgraph's items' features are read."""
         seeds = torch.cat([users, self.n_users + items])
-        subgraph = sample_subgraph(adj, seeds, self.fanouts)
+        subgraph = sample_subgraph(adj, seeds, self.fanouts, close_last_hop=self.outer_hop == "snapshot")
 
         def users_ego(ids):
             return torch.cat([self.user_embeddings[m](ids) for m in self.modalities], 1)
@@ -303,25 +308,36 @@ class DPPMG(GeneralRecommender):
             ego_items = self.item_ego_embeddings(items=ids, **kwargs)
             return torch.cat([ego_items[m] for m in self.modalities], 1)
 
-        # the batch's own items: encoded with dropout and gradient; the rest of the neighbourhood
-        # with neither under sampled_encoder_grad "batch" (their table rows still train)
-        rest = subgraph.nodes[len(seeds) :]
-        is_user = rest < self.n_users
-        user_rows, item_rows = torch.nonzero(is_user).flatten(), torch.nonzero(~is_user).flatten()
-        if self.encoder_grad_all:
-            rest_items = items_ego(rest[item_rows] - self.n_users, dropout=dropout)
-        else:
-            rest_items = items_ego(rest[item_rows] - self.n_users, encoded=self.neighbour_encodings())
-        order = torch.empty(len(rest), dtype=torch.long, device=rest.device)  # node -> row of the two parts
-        order[user_rows] = torch.arange(len(user_rows), device=rest.device)
-        order[item_rows] = len(user_rows) + torch.arange(len(item_rows), device=rest.device)
+        def neighbours_ego(nodes):
+            # non-batch nodes: items from the per-epoch encodings under sampled_encoder_grad
+            # "batch" (no dropout, no encoder gradient; their table rows still train)
+            is_user = nodes < self.n_users
+            user_rows, item_rows = torch.nonzero(is_user).flatten(), torch.nonzero(~is_user).flatten()
+            if self.encoder_grad_all:
+                rest_items = items_ego(nodes[item_rows] - self.n_users, dropout=dropout)
+            else:
+                rest_items = items_ego(nodes[item_rows] - self.n_users, encoded=self.neighbour_encodings())
+            order = torch.empty(len(nodes), dtype=torch.long, device=nodes.device)  # node -> row of the two parts
+            order[user_rows] = torch.arange(len(user_rows), device=nodes.device)
+            order[item_rows] = len(user_rows) + torch.arange(len(item_rows), device=nodes.device)
+            return torch.cat([users_ego(nodes[user_rows]), rest_items])[order]
+
+        def layer0(nodes, ego):  # what is propagated: the change since the snapshot, or the vectors
+            return ego - self.propagation_snapshot(adj)[0][nodes] if self.control_variate else ego
+
+        # sampled_outer_hop no_grad: the outermost hop's nodes enter without gradient
+        inner_end = subgraph.sizes[-2] if self.outer_hop == "no_grad" and subgraph.blocks else len(subgraph.nodes)
+        inner = neighbours_ego(subgraph.nodes[len(seeds) : inner_end])  # before the batch: the order of draws
         batch_items = items_ego(items, dropout=dropout)
-        ego = torch.cat([users_ego(users), batch_items, torch.cat([users_ego(rest[user_rows]), rest_items])[order]])
+        x = layer0(subgraph.nodes[:inner_end], torch.cat([users_ego(users), batch_items, inner]))
+        outer = None
+        if inner_end < len(subgraph.nodes):
+            with torch.no_grad():
+                outer_nodes = subgraph.nodes[inner_end:]
+                outer = layer0(outer_nodes, neighbours_ego(outer_nodes))
+        out = propagate_sampled(x, subgraph, outer)
         if self.control_variate:
-            snapshot_ego, snapshot_out = self.propagation_snapshot(adj)
-            out = snapshot_out[seeds] + propagate_sampled(ego - snapshot_ego[subgraph.nodes], subgraph)
-        else:
-            out = propagate_sampled(ego, subgraph)
+            out = out + self.propagation_snapshot(adj)[1][seeds]
         n_users = len(users)
         users_out, items_out = {}, {}
         for k, m in enumerate(self.modalities):

@@ -31,8 +31,13 @@ Variance. ``DPPMG`` propagates, by default, not the layer-0 vectors ``x`` themse
 change ``x - x0`` since a per-epoch snapshot ``x0`` whose full-graph output ``P x0`` is known
 (``DPPMG.propagation_snapshot``): ``P x = P x0 + P (x - x0)`` by linearity, the sampled estimate
 of the second term is unbiased as above, and its spread scales with the drift since the snapshot
-instead of with ``x`` (the control variate of VR-GCN, Chen, Zhu and Song, ICML 2018), so fan-outs
-of 2 or 3 do what 10 did without it.
+instead of with ``x`` (the control variate of VR-GCN, Chen, Zhu and Song, ICML 2018); the
+gradient to the neighbours is still sampled, so small fan-outs still cost accuracy
+(``bench/sampled_tuning.md``). With ``close_last_hop`` the outermost hop's new nodes are
+left out altogether (their change taken as zero: they stand at their snapshot values, the
+historical embeddings of GNNAutoScale, Fey et al., ICML 2021), and with ``propagate_sampled``'s
+``outer`` they are propagated without gradient; either way most of a step's rows drop out of the
+backward and the optimiser.
 """
 
 from __future__ import annotations
@@ -117,6 +122,16 @@ class Block:
     n_dst: int
     n_src: int
 
+    def split(self, k: int) -> tuple["Block", "Block"]:
+        """The edges from columns ``< k`` (columns kept) and those from columns ``>= k``
+        (columns shifted down by ``k``): ``W h = W_a h[:k] + W_b h[k:]``."""
+        low = self.src < k
+        high = ~low
+        return (
+            Block(self.dst[low], self.src[low], self.weight[low], self.n_dst, k),
+            Block(self.dst[high], self.src[high] - k, self.weight[high], self.n_dst, self.n_src - k),
+        )
+
     def matrix(self) -> torch.Tensor:
         counts = torch.bincount(self.dst, minlength=self.n_dst)
         crow = torch.zeros(self.n_dst + 1, dtype=torch.long, device=self.dst.device)
@@ -163,28 +178,59 @@ class SampledSubgraph:
         return sum(len(b.dst) for b in self.blocks)
 
 
+def positions_within(nodes: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The position of every candidate in ``nodes`` (distinct ids), -1 where absent; by binary
+    search over the sorted ``nodes``, so the cost does not depend on the size of the graph."""
+    order = torch.argsort(nodes)
+    ordered = nodes[order]
+    at = torch.searchsorted(ordered, candidates).clamp(max=len(nodes) - 1)
+    return torch.where(ordered[at] == candidates, order[at], torch.full_like(at, -1))
+
+
 def sample_subgraph(
-    adj: torch.Tensor, seeds: torch.Tensor, fanouts: list[int], generator: torch.Generator | None = None
+    adj: torch.Tensor,
+    seeds: torch.Tensor,
+    fanouts: list[int],
+    generator: torch.Generator | None = None,
+    close_last_hop: bool = False,
 ) -> SampledSubgraph:
     """The ``len(fanouts)``-hop sampled neighbourhood of ``seeds`` (distinct node ids) in the
-    CSR adjacency ``adj``."""
+    CSR adjacency ``adj``. ``close_last_hop``: the last hop keeps only its sampled edges to nodes
+    already in the subgraph (weights unchanged) and adds no node; with the control variate the
+    left-out nodes stand at their snapshot values (``DPPMG``'s ``sampled_outer_hop: snapshot``)."""
     nodes, sizes, blocks = seeds, [len(seeds)], []
-    for fanout in fanouts:
+    for hop, fanout in enumerate(fanouts):
         n_dst = len(nodes)
         dst, neighbour, weight = sample_neighbours(adj, nodes, int(fanout), generator)
-        nodes, src = append_nodes(nodes, neighbour)
+        if close_last_hop and hop == len(fanouts) - 1:
+            src = positions_within(nodes, neighbour)
+            keep = src >= 0
+            dst, src, weight = dst[keep], src[keep], weight[keep]
+        else:
+            nodes, src = append_nodes(nodes, neighbour)
         blocks.append(Block(dst, src, weight, n_dst, len(nodes)))
         sizes.append(len(nodes))
     return SampledSubgraph(nodes, sizes, blocks)
 
 
-def propagate_sampled(x: torch.Tensor, subgraph: SampledSubgraph) -> torch.Tensor:
+def propagate_sampled(x: torch.Tensor, subgraph: SampledSubgraph, outer: torch.Tensor | None = None) -> torch.Tensor:
     """LightGCN over a sampled subgraph: the mean of ``[x, Ax, ..., A^L x]`` at the seeds, each
     ``A`` estimated by its block. ``x``: layer-0 embeddings of ``subgraph.nodes`` (in that
-    order); returns ``[n_seeds, dim]``."""
+    order); returns ``[n_seeds, dim]``. With ``outer``, the layer-0 rows of the outermost hop's
+    nodes (``nodes[sizes[-2]:]``) come apart and carry no gradient, and ``x`` covers
+    ``nodes[:sizes[-2]]``: the outermost block's edges from them are multiplied once outside
+    autograd, so the backward never visits them."""
     n_seeds = subgraph.sizes[0]
     out, h = x[:n_seeds], x
-    for block in reversed(subgraph.blocks):  # the innermost layer first
-        h = _BlockSpmm.apply(block, h[: block.n_src])
+    last = len(subgraph.blocks) - 1
+    for depth in range(last, -1, -1):  # the innermost layer first
+        block = subgraph.blocks[depth]
+        if depth == last and outer is not None:
+            with_grad, without = block.split(len(x))
+            with torch.no_grad():
+                fixed = spmm(without.matrix(), outer)
+            h = _BlockSpmm.apply(with_grad, h) + fixed
+        else:
+            h = _BlockSpmm.apply(block, h[: block.n_src])
         out = out + h[:n_seeds]
     return out / (len(subgraph.blocks) + 1)
