@@ -184,7 +184,7 @@ def valid_image_run(dataset: str, tokens: Path, settings: dict, root: Path) -> t
         meta = read_run_meta(folder, IMAGE_KINDS)
         if (
             _same_path(meta.get("tokens_folder"), tokens)
-            and meta.get("model") == wanted_model
+            and model_config(meta.get("model")) == wanted_model
             and _without(meta.get("train", {}), IMAGE_RUNTIME_KEYS) == wanted_train
         ):
             return folder, int(meta.get("trained_steps", 0)) >= int(settings["max_steps"])

@@ -35,13 +35,17 @@ def write_tiny_export(
     codebook_size: int = 4,
     dim: int = 3,
     seed: int = 0,
+    modalities: tuple[str, ...] = ("text", "image"),
 ) -> Path:
     rng = np.random.default_rng(seed)
-    modalities = ["text", "image"]
+    modalities = list(modalities)
     folder.mkdir(parents=True, exist_ok=True)
     books = {m: rng.normal(size=(levels, codebook_size, dim)).astype(np.float32) for m in modalities}
     save_file(books, str(folder / "codebooks.safetensors"))
-    np.save(folder / "user_codes.npy", rng.integers(0, codebook_size, size=(n_users + 1, 2, levels)).astype(np.int32))
+    np.save(
+        folder / "user_codes.npy",
+        rng.integers(0, codebook_size, size=(n_users + 1, len(modalities), levels)).astype(np.int32),
+    )
     save_file(
         {m: rng.normal(size=(n_users + 1, dim)).astype(np.float32) for m in modalities},
         str(folder / "user_vectors.safetensors"),

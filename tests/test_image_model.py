@@ -206,9 +206,10 @@ def test_routed_image_generator_attends_to_its_channel_only(tmp_path, inputs):
         _train(tmp_path, *inputs, name="bad", token_channels=["id"])
 
 
-def test_the_image_evaluation_follows_the_protocol(tmp_path, inputs, monkeypatch):
+@pytest.mark.parametrize("conditioning", ["tokens", "retrieval", "history"])
+def test_the_image_evaluation_follows_the_protocol(tmp_path, inputs, monkeypatch, conditioning):
     """Own-minus-shuffled retrieval per condition and the real-vs-real Fréchet floor at the same N,
-    on the test users (or the validation users, for choosing settings)."""
+    on the test users (or the validation users, for choosing settings), for every conditioning."""
     from types import SimpleNamespace
 
     from data_fixtures import write_content_manifest
@@ -221,7 +222,7 @@ def test_the_image_evaluation_follows_the_protocol(tmp_path, inputs, monkeypatch
     monkeypatch.setattr(image_evaluate, "load_default_encoder", lambda modality: fake)
 
     export, posters = inputs
-    folder = _train(tmp_path, *inputs, valid_users=2, test_users=2)
+    folder = _train(tmp_path, *inputs, valid_users=2, test_users=2, conditioning=conditioning, retrieval_k=2)
     data = tmp_path / "dataset" / "tiny"
     data.mkdir(parents=True)
     rows = "\n".join(f"{i}\t{i}.png\t1.0" for i in sorted(posters))

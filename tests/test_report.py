@@ -221,6 +221,11 @@ def test_generators_that_do_not_fit_together(tiny_run, tmp_path):
     with pytest.raises(CheckpointError, match="hold out different test users"):
         resolve_runs("tiny", {**cfg, "text_run": str(text_run), "image_run": str(moved)}, root / "saved")
 
+    history = {**meta, "model": {**meta["model"], "conditioning": "history"}}
+    (moved / "run.json").write_text(json.dumps({**history, "tokens_folder": meta["tokens_folder"]}))
+    with pytest.raises(CheckpointError, match="is the history baseline"):
+        resolve_runs("tiny", {**cfg, "text_run": str(text_run), "image_run": str(moved)}, root / "saved")
+
     stray = tmp_path / "TextRL-stray"
     stray.mkdir()
     (stray / "rl_config.json").write_text(json.dumps({"source_run": str(tmp_path)}))

@@ -438,7 +438,9 @@ def test_train_text_rl_writes_a_loadable_generator(warm_text_run, tmp_path):
         rl_text.train_text_rl("tiny-text", warm, None, settings, out_dir=tmp_path / "other")
 
 
-def test_train_image_rl_writes_a_loadable_generator(tmp_path):
+@pytest.mark.parametrize("conditioning", ["tokens", "retrieval"])
+def test_train_image_rl_writes_a_loadable_generator(tmp_path, conditioning):
+    """A retrieval generator tunes the same token tensors (its retrieved posters follow the tokens)."""
     from recbole_dppmg.generation.image.train import (
         load_image_generator,
         train_image_generator,
@@ -446,7 +448,8 @@ def test_train_image_rl_writes_a_loadable_generator(tmp_path):
 
     export = write_tiny_export(tmp_path / "tokens", n_users=8)
     posters = write_tiny_posters(tmp_path / "posters")
-    source = train_image_generator("tiny", export, tiny_settings(tmp_path), out_dir=tmp_path / "gen", posters=posters)
+    config = tiny_settings(tmp_path, conditioning=conditioning, retrieval_k=2)
+    source = train_image_generator("tiny", export, config, out_dir=tmp_path / "gen", posters=posters)
     tokens = PreferenceTokens.load(export)
     settings = {"steps": 2, "users_per_step": 2, "group_size": 2, "sample_steps": 3, "save_steps": 1, "progress": False}
     run = rl_image.train_image_rl(
@@ -467,6 +470,20 @@ def test_train_image_rl_writes_a_loadable_generator(tmp_path):
     pool = json.loads((run / "run.json").read_text())["rl_run"]["pool"]
     assert pool and not set(pool) & set(meta["heldout_users"])
     assert len(json.loads((run / "rl_history.json").read_text())) == 2
+
+
+def test_image_rl_refuses_the_history_baseline(tmp_path):
+    from recbole_dppmg.generation.image.train import train_image_generator
+
+    export = write_tiny_export(tmp_path / "tokens", n_users=8)
+    posters = write_tiny_posters(tmp_path / "posters")
+    config = tiny_settings(tmp_path, conditioning="history", retrieval_k=2)
+    source = train_image_generator("tiny", export, config, out_dir=tmp_path / "gen", posters=posters)
+    settings = {"steps": 1, "users_per_step": 2, "group_size": 2, "sample_steps": 3, "progress": False}
+    with pytest.raises(ConfigError, match="history generator .* nothing to tune"):
+        rl_image.train_image_rl(
+            "tiny", source, None, settings, reward_fn=colour_reward(PreferenceTokens.load(export)), codec=PixelCodec()
+        )
 
 
 # ---------------------------------------------------------------------------- settings, reward plumbing

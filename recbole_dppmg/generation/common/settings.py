@@ -46,6 +46,7 @@ TEXT_CONDITIONS = (
     "real_liked_item",
 )
 SPACES = ("latent", "pixel")
+IMAGE_CONDITIONINGS = ("tokens", "retrieval", "history")
 SAMPLERS = ("dpm", "ddim")
 USER_VECTORS = ("quantized", "continuous")
 CONSISTENCY_SPACES = ("features", "stage1")
@@ -396,6 +397,8 @@ class ImageSettings(Section):
     beta_schedule: str = rule()
     prediction_type: str = rule(choices=("epsilon", "v_prediction"))
     token_channels: list[str] | None = rule()
+    conditioning: str = rule(choices=IMAGE_CONDITIONINGS)
+    retrieval_k: int = rule(ge=1)
     min_rating: float | None = rule()
     valid_users: int = rule(ge=0)
     test_users: int = rule(ge=0)

@@ -46,6 +46,7 @@ from recbole_dppmg.generation.image.data import (
 from recbole_dppmg.generation.image.generate import (
     GENERATE_KEYS,
     generate_posters,
+    user_context,
     user_positions,
 )
 from recbole_dppmg.generation.image.metrics import (
@@ -127,7 +128,8 @@ def evaluate_image_generator(
         fd_users = [tokens.users[k] for k in rng.choice(len(tokens.users), n_fd, replace=n_fd > len(tokens.users))]
         fd = {}
         started = time.perf_counter()
-        trained = generate_posters(model, codec, user_positions(vocab, fd_users), **sample)
+        fd_context = user_context(model, tokens, fd_users)
+        trained = generate_posters(model, codec, user_positions(vocab, fd_users), context=fd_context, **sample)
         result["seconds_per_poster"] = (time.perf_counter() - started) / n_fd
         trained_images = [tensor_to_pil(x) for x in trained]
         fd["trained"] = frechet_distance(image_features(encoder, trained_images), real)
@@ -135,7 +137,12 @@ def evaluate_image_generator(
         untrained = build_model(meta).to(module_device(model))
         untrained.set_latent_stats(latents)
         untrained.projection.codebook_vectors.copy_(vocab.vectors)
-        raw = generate_posters(untrained.eval(), codec, user_positions(vocab, fd_users), **sample)
+        if model.context is not None:  # the same catalogue posters and retrieval keys, untrained projection
+            untrained.context.load_state_dict(
+                {k: v for k, v in model.context.state_dict().items() if k in dict(untrained.context.named_buffers())},
+                strict=False,
+            )
+        raw = generate_posters(untrained.eval(), codec, user_positions(vocab, fd_users), context=fd_context, **sample)
         fd["untrained"] = frechet_distance(image_features(encoder, [tensor_to_pil(x) for x in raw]), real)
         mean_poster = torch.stack([load_poster(posters[i], height, width) for i in item_ids]).mean(0)
         fd["mean_poster"] = frechet_distance(
@@ -165,9 +172,9 @@ def evaluate_image_generator(
         ]
         retrieval = {}
         for mode in ("tokens", "none", "shuffled"):
-            images = generate_posters(
-                model, codec, user_positions(vocab, users, mode, seed=gen["sample_seed"]), **sample
-            )
+            positions = user_positions(vocab, users, mode, seed=gen["sample_seed"])
+            context = user_context(model, tokens, users, mode, seed=gen["sample_seed"])
+            images = generate_posters(model, codec, positions, context=context, **sample)
             feats = image_features(encoder, [tensor_to_pil(x) for x in images])
             name = {"tokens": "dppmg_tokens", "none": "no_tokens", "shuffled": "shuffled_tokens"}[mode]
             retrieval[name] = retrieval_metrics(feats, real, targets, exclude, topk)

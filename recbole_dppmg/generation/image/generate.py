@@ -20,6 +20,7 @@ from recbole_dppmg.devices import module_device
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
 from recbole_dppmg.generation.common.settings import check_image_size, load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.context import history_rows
 from recbole_dppmg.generation.image.data import load_poster, poster_files, tensor_to_pil
 from recbole_dppmg.generation.image.model import PosterDiffusion
 from recbole_dppmg.generation.image.train import (
@@ -64,9 +65,11 @@ def generate_posters(
     height: int | None = None,
     width: int | None = None,
     progress: bool = True,
+    context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Posters ``[N, 3, H, W]`` in [-1, 1] for token positions ``[N, n_slots]`` (a row of -1
-    = no preference tokens)."""
+    = no preference tokens); ``context`` ``[N, k]``: the history posters of a history
+    generator (:func:`user_context`; a retrieval generator retrieves from the tokens)."""
     c = model.config
     if (height, width) != (None, None) and (height, width) != (c["height"], c["width"]):
         check_image_size(c, height, width)
@@ -78,7 +81,8 @@ def generate_posters(
     for start in tqdm(range(0, len(positions), batch_size), desc="posters", unit="batch", disable=not progress):
         rows = positions[start : start + batch_size]
         noise = initial_noise(model, len(rows), seed, first=start)
-        latents = model.sample(rows, noise, steps=steps, guidance=guidance, sampler=sampler)
+        rows_context = None if context is None else context[start : start + batch_size]
+        latents = model.sample(rows, noise, steps=steps, guidance=guidance, sampler=sampler, context=rows_context)
         out.append(codec.decode(model.denormalise(latents).to(module_device(codec))).cpu())
     return torch.cat(out) if out else torch.zeros(0, 3, c["height"], c["width"])
 
@@ -86,18 +90,42 @@ def generate_posters(
 def user_positions(vocab: PreferenceVocabulary, users: list[str], mode: str = "tokens", seed: int = 0) -> torch.Tensor:
     """Conditioning per user: its own tokens, none (-1 rows), or another user's (a seeded
     derangement of the list)."""
-    rows = torch.tensor([vocab.ids_for(u) for u in users], dtype=torch.long)
+    return _by_mode(torch.tensor([vocab.ids_for(u) for u in users], dtype=torch.long), mode, seed)
+
+
+def user_context(model: PosterDiffusion, tokens, users: list[str], mode: str = "tokens", seed: int = 0):
+    """Context posters per user for a history generator: its top-rated training posters, none
+    (-1 rows) or another user's (the same derangement as :func:`user_positions`, so a shuffled
+    user keeps one partner); None for the other generators (a retrieval generator's context
+    follows from the positions, shuffled with them)."""
+    if model.conditioning != "history":
+        return None
+    k = model.context.k
+    rows = torch.tensor([history_rows(tokens, u, model.context.row_of, k) for u in users], dtype=torch.long)
+    return _by_mode(rows, mode, seed)
+
+
+def _by_mode(rows: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
     if mode == "tokens":
         return rows
     if mode == "none":
         return torch.full_like(rows, -1)
     if mode == "shuffled":
-        if len(users) < 2:
+        if len(rows) < 2:
             raise DataError("shuffled tokens need at least two users")
         rng = np.random.default_rng(seed)
-        order = rng.permutation(len(users))
+        order = rng.permutation(len(rows))
         return rows[np.roll(order, 1)][np.argsort(order)]  # each user gets another user's tokens
     raise ConfigError(f"unknown conditioning mode {mode!r} (tokens, none, shuffled)")
+
+
+def context_items(model: PosterDiffusion, positions: torch.Tensor, context: torch.Tensor | None) -> list[list[str]]:
+    """The item ids of each row's context posters (empty lists for a tokens-only generator)."""
+    if model.context is None:
+        return [[] for _ in range(len(positions))]
+    with torch.no_grad():
+        rows = context if context is not None else model.retrieve(positions.to(module_device(model))).cpu()
+    return model.context.ids(rows)
 
 
 def contact_sheet(rows: list[tuple[str, list, object]], path: Path, cell: tuple[int, int] = (128, 192)) -> Path:
@@ -172,10 +200,12 @@ def run_generate_images(
     with torch_threads(train_settings["num_threads"]):
         if codec is None:
             codec, _ = build_codec(train_settings)
+        positions, context = user_positions(vocab, users), user_context(model, tokens, users)
+        shown = context_items(model, positions, context)
         images = generate_posters(
             model,
             codec,
-            user_positions(vocab, users),
+            positions,
             seed=settings["sample_seed"],
             steps=settings["sample_steps"],
             guidance=settings["guidance_scale"],
@@ -183,6 +213,7 @@ def run_generate_images(
             batch_size=settings["sample_batch"],
             height=config.get("height"),
             width=config.get("width"),
+            context=context,
         )
     out = out_dir or settings["output_dir"]
     if out:
@@ -209,6 +240,7 @@ def run_generate_images(
             "tokens": vocab.strings_for(user),
             "seed": settings["sample_seed"] + k,
             "top_train_items": liked,
+            **({"context_items": shown[k]} if model.context is not None else {}),
         }
     contact_sheet(rows, out / "contact_sheet.png")
     (out / "generated.json").write_text(

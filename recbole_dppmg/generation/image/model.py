@@ -8,6 +8,10 @@ space) + a learned embedding of its slot (modality x level). A learned "null" se
 same length stands for "no preference tokens": it is what classifier-free guidance contrasts
 with and what the no-token baseline uses.
 
+``conditioning`` (``image.conditioning``) adds real posters to what cross-attention reads
+(``context.py``): ``retrieval`` = the tokens + the posters their image channel retrieves,
+``history`` = the user's own top-rated training posters instead of the tokens.
+
 The model works on normalised latents: ``(latent - mean) / std`` per channel, the statistics
 measured once on the training posters and kept as buffers (saved with the weights).
 """
@@ -23,6 +27,7 @@ from torch import nn
 from recbole_dppmg.errors import ConfigError
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import CodebookProjection
+from recbole_dppmg.generation.image.context import RETRIEVAL_MODALITY, PosterContext
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +46,8 @@ MODEL_KEYS = (
     "beta_schedule",
     "prediction_type",
     "token_channels",
+    "conditioning",
+    "retrieval_k",
 )
 
 
@@ -60,9 +67,11 @@ class PosterDiffusion(nn.Module):
         n_slots: int,
         latent_channels: int,
         slot_modalities: list[str] | None = None,
+        context: PosterContext | None = None,
     ):
         """``slot_modalities``: the modality of each token slot; with ``token_channels`` set, the
-        UNet attends only to the slots of those modalities (the routing ablation)."""
+        UNet attends only to the slots of those modalities (the routing ablation). ``context``:
+        the catalogue posters of ``retrieval`` / ``history`` conditioning."""
         super().__init__()
         from diffusers import UNet2DConditionModel
 
@@ -97,21 +106,75 @@ class PosterDiffusion(nn.Module):
             )
         # not a buffer: checkpoints keep their shape; the routing is part of the recorded model config
         self.routed = None if channels is None else torch.tensor([m in channels for m in slot_modalities])
+        self.conditioning = c["conditioning"]
+        if self.conditioning != "tokens" and context is None:
+            raise ConfigError(f"image.conditioning={self.conditioning} needs the catalogue posters (a PosterContext)")
+        if self.conditioning == "tokens" and context is not None:
+            raise ConfigError("image.conditioning=tokens reads no posters; pass no PosterContext")
+        if self.conditioning == "retrieval" and RETRIEVAL_MODALITY not in (slot_modalities or []):
+            raise ConfigError(
+                f"image.conditioning=retrieval needs an {RETRIEVAL_MODALITY} channel in the token export "
+                f"(its slots: {sorted(set(slot_modalities or []))})"
+            )
+        retrieves = self.conditioning == "retrieval"
+        if context is not None and (context.k != c["retrieval_k"] or context.retrieves != retrieves):
+            raise ConfigError(f"the poster context does not fit image.conditioning={self.conditioning}, retrieval_k")
+        self.context = context
+        # not a buffer either: which slots hold the image channel, whose decoded vector retrieves
+        self.image_slots = torch.tensor([m == RETRIEVAL_MODALITY for m in slot_modalities or []])
         self.register_buffer("latent_mean", torch.zeros(latent_channels))
         self.register_buffer("latent_std", torch.ones(latent_channels))
 
     # ------------------------------------------------------------------ conditioning
-    def condition(self, positions: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, n_slots, dim]`` from token positions ``[B, n_slots]``; rows where ``drop``
-        is True (or where every position is -1) get the null sequence."""
+    def condition(
+        self, positions: torch.Tensor, drop: torch.Tensor | None = None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[B, L, dim]`` from token positions ``[B, n_slots]``; rows where ``drop`` is True (or
+        where every position is -1, for a history model every context row) get the null
+        sequence. ``context`` ``[B, k]``: bank rows of the context posters (a history model needs
+        them; a retrieval model retrieves from ``positions`` when they are None)."""
         if positions.shape[1] != self.n_slots:
             raise ConfigError(f"expected {self.n_slots} preference tokens per user, got {positions.shape[1]}")
         positions = positions.to(self.slot.device)
         empty = (positions < 0).all(dim=1)
+        parts = []
+        if self.conditioning != "history":
+            tokens = self.projection(positions.clamp_min(0)) + self.slot
+            parts.append(tokens if self.routed is None else tokens[:, self.routed.to(tokens.device)])
+        if self.context is not None:
+            if context is None:
+                if self.conditioning == "history":
+                    raise ConfigError(
+                        "a history image generator needs each user's history posters (generate.user_context)"
+                    )
+                context = self.retrieve(positions)
+            context = context.to(self.slot.device)
+            if self.conditioning == "history":
+                empty = (context < 0).all(dim=1)
+            parts.append(self.context(context))
         drop = empty if drop is None else drop | empty
-        tokens = self.projection(positions.clamp_min(0)) + self.slot
-        sequence = torch.where(drop[:, None, None], self.null.expand_as(tokens), tokens)
-        return sequence if self.routed is None else sequence[:, self.routed.to(sequence.device)]
+        sequence = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return torch.where(drop[:, None, None], self.unconditional(len(sequence)), sequence)
+
+    def unconditional(self, batch: int) -> torch.Tensor:
+        """The null sequence ``[batch, L, dim]``: no tokens and no posters (guidance contrasts with it)."""
+        parts = []
+        if self.conditioning != "history":
+            parts.append(self.null if self.routed is None else self.null[self.routed.to(self.null.device)])
+        if self.context is not None:
+            parts.append(self.context.null)
+        null = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return null.expand(batch, *null.shape)
+
+    def retrieve(self, positions: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """Bank rows ``[B, count]`` (default ``retrieval_k``) of the posters the users' image-channel
+        tokens point to: the sum of their codebook vectors (the decoded preference vector) scored
+        against the catalogue (``PosterContext.retrieve``)."""
+        if self.context is None or not self.context.retrieves:
+            raise ConfigError(f"image.conditioning={self.conditioning} retrieves nothing")
+        slots = self.image_slots.to(positions.device)
+        decoded = self.projection.codebook_vectors[positions.clamp_min(0)[:, slots]].sum(dim=1)
+        return self.context.retrieve(decoded, count)
 
     def set_latent_stats(self, latents: torch.Tensor) -> None:
         dims = [0, 2, 3]
@@ -158,14 +221,16 @@ class PosterDiffusion(nn.Module):
         guidance: float = 1.0,
         sampler: str = "dpm",
         drop: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Normalised latents ``[B, C, h, w]`` from initial ``noise`` (which fixes the seed)."""
+        """Normalised latents ``[B, C, h, w]`` from initial ``noise`` (which fixes the seed);
+        ``context``: see :meth:`condition`."""
         scheduler = self.sample_scheduler(sampler)
         scheduler.set_timesteps(steps)
-        cond = self.condition(positions, drop)
+        cond = self.condition(positions, drop, context)
         use_cfg = guidance != 1.0
         if use_cfg:
-            cond = torch.cat([self.null.expand_as(cond), cond])
+            cond = torch.cat([self.unconditional(len(cond)), cond])
         x = noise.to(self.slot.device) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_in = scheduler.scale_model_input(torch.cat([x, x]) if use_cfg else x, t)

@@ -1,6 +1,8 @@
 """Supervised training of the default image generator: a user's preference tokens -> the
 poster of an item the user rated highly in the training split (noise-prediction loss on the
-poster's normalised latent). Only the token export and the posters are read.
+poster's normalised latent). Only the token export and the posters are read. With
+``image.conditioning`` retrieval or history, each pair also reads its context posters
+(``context.py``), never including its own target.
 
 A run folder holds the checkpoint as plain state dicts + JSON, never pickles:
 ``model.safetensors`` (EMA weights, what sampling uses), ``run.json`` (everything
@@ -31,12 +33,18 @@ from recbole_dppmg.generation.image.autoencoder import (
     default_autoencoder_dir,
     load_autoencoder,
 )
+from recbole_dppmg.generation.image.context import (
+    PosterContext,
+    check_conditioning,
+    retrieval_keys,
+    training_contexts,
+)
 from recbole_dppmg.generation.image.data import (
     cached_latents,
     training_images,
     training_pairs,
 )
-from recbole_dppmg.generation.image.model import EMA, PosterDiffusion
+from recbole_dppmg.generation.image.model import EMA, PosterDiffusion, model_config
 from recbole_dppmg.paths import SAVED_DIR
 from recbole_dppmg.runs import (
     IMAGE_GEN,
@@ -115,13 +123,39 @@ def read_image_config(folder: str | Path) -> dict:
     return meta
 
 
+def build_context(
+    config: dict, latents: torch.Tensor, item_ids: list[str], tokens=None, train_users: list[str] | None = None
+) -> PosterContext | None:
+    """The poster context of ``image.conditioning`` over the catalogue ``latents`` (None for
+    tokens); retrieval keys from ``tokens`` and ``train_users``, or zeros when they are None (a
+    checkpoint's buffers fill them on load)."""
+    c = model_config(config)
+    if c["conditioning"] == "tokens":
+        return None
+    keys = center = retrievable = None
+    if c["conditioning"] == "retrieval":
+        if tokens is not None:
+            keys, center, retrievable = retrieval_keys(tokens, item_ids, train_users)
+        else:
+            dim = config["vocabulary_dim"]
+            keys, center = torch.zeros(len(item_ids), dim), torch.zeros(dim)
+    return PosterContext(latents, item_ids, c["retrieval_k"], c["cross_attention_dim"], keys, center, retrievable)
+
+
 def build_model(meta: dict) -> PosterDiffusion:
-    """An untrained model of the checkpoint's shape (codebook buffer filled on load)."""
+    """An untrained model of the checkpoint's shape (codebook and poster buffers filled on load)."""
     vocab = meta["vocabulary"]
     n_vectors = len(vocab["modalities"]) * vocab["levels"] * vocab["codebook_size"]
     slots = [m for m in vocab["modalities"] for _ in range(vocab["levels"])]
+    config = model_config(meta["model"])
+    context = None
+    if config["conditioning"] != "tokens":
+        factor = 8 if config["space"] == "latent" else 1
+        shape = (meta["latent_channels"], config["height"] // factor, config["width"] // factor)
+        items = meta["context_items"]
+        context = build_context({**config, "vocabulary_dim": vocab["dim"]}, torch.zeros(len(items), *shape), items)
     return PosterDiffusion(
-        meta["model"], torch.zeros(n_vectors, vocab["dim"]), meta["n_slots"], meta["latent_channels"], slots
+        config, torch.zeros(n_vectors, vocab["dim"]), meta["n_slots"], meta["latent_channels"], slots, context
     )
 
 
@@ -171,6 +205,7 @@ def train_image_generator(
     posters, liked = training_images(dataset, settings["poster_dir"], settings["min_rating"], posters)
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
     vocab = PreferenceVocabulary(tokens)
+    check_conditioning(settings["conditioning"], tokens.modalities)
     folder = Path(out_dir) if out_dir else new_run_folder(SAVED_DIR, dataset, IMAGE_GEN.name)
     if resume and not (folder / STATE_FILE).is_file():
         raise CheckpointError(f"nothing to resume in {folder} (no {STATE_FILE})")
@@ -196,12 +231,18 @@ def train_image_generator(
         pair_item = torch.tensor([latent_row[i] for _, i in split.pairs])
 
         torch.manual_seed(settings["seed"])
-        model = PosterDiffusion(settings, vocab.vectors, positions.shape[1], latents.shape[1], vocab.slot_modalities())
+        context = build_context(settings, latents, item_ids, tokens, split.train_users)
+        model = PosterDiffusion(
+            settings, vocab.vectors, positions.shape[1], latents.shape[1], vocab.slot_modalities(), context
+        )
         model.set_latent_stats(latents)
+        # each pair's context posters, its own target left out (None: tokens only)
+        pair_context = training_contexts(model, tokens, split.pairs, positions[pair_user])
         # Random draws stay on the CPU generator (same batches and noise on every device).
         device = resolve_device(settings["device"], key="image.device")
         model.to(device)
         latents, positions = latents.to(device), positions.to(device)
+        pair_context = None if pair_context is None else pair_context.to(device)
         ema = EMA(model, settings["ema_decay"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=0.0)
         rng = torch.Generator().manual_seed(settings["seed"])
@@ -225,11 +266,12 @@ def train_image_generator(
             "train_users": len(split.train_users),
             "heldout_users": split.heldout_users,
             "test_users": split.test_users,
+            **({"context_items": context.item_ids} if context is not None else {}),
         }
         if resume:
             state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
             old = read_image_config(folder)
-            if old["model"] != model.config or old["vocabulary"] != meta["vocabulary"]:
+            if model_config(old["model"]) != model.config or old["vocabulary"] != meta["vocabulary"]:
                 raise CheckpointError(
                     f"{folder} was trained with another model or token vocabulary shape; start a new folder"
                 )
@@ -281,7 +323,8 @@ def train_image_generator(
             drop = (torch.rand(x0.shape[0], generator=rng) < settings["cond_dropout"]).to(device)
             noisy = scheduler.add_noise(x0, noise, t)
             target = noise if prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
-            out = model(noisy, t, model.condition(positions[pair_user[batch].to(device)], drop))
+            rows = None if pair_context is None else pair_context[batch.to(device)]
+            out = model(noisy, t, model.condition(positions[pair_user[batch].to(device)], drop, rows))
             loss = torch.nn.functional.mse_loss(out, target)
             for group in optimizer.param_groups:
                 group["lr"] = settings["learning_rate"] * min(1.0, (step + 1) / max(1, settings["warmup_steps"]))

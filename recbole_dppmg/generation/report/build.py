@@ -213,7 +213,7 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
         runs = [
             r
             for r in _finished_image_runs(dataset, root, IMAGE_GEN.name)
-            if str(Path(read_image_config(r)["tokens_folder"]).resolve()) == tokens
+            if str(Path(read_image_config(r)["tokens_folder"]).resolve()) == tokens and not _is_history(r)
         ]
         if not runs:
             raise CheckpointError(
@@ -225,6 +225,11 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
     meta = read_image_config(image)
     if meta["dataset"] != dataset:
         raise CheckpointError(f"image generator {image} was trained on {meta['dataset']}, not {dataset}")
+    if _is_history(image):
+        raise CheckpointError(
+            f"image generator {image} is the history baseline (image.conditioning=history), not a DPPMG generator; "
+            "set evaluate.image_run to a tokens or retrieval run"
+        )
     image_tokens = str(Path(meta["tokens_folder"]).resolve())
     if image_tokens != tokens:
         raise CheckpointError(
@@ -246,6 +251,11 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
         [str(u) for u in test_users],
         valid_users,
     )
+
+
+def _is_history(run: Path) -> bool:
+    """Whether an image run is the history baseline (no tokens: never the report's DPPMG generator)."""
+    return read_image_config(run).get("model", {}).get("conditioning", "tokens") == "history"
 
 
 def _has_images(dataset: str) -> bool:

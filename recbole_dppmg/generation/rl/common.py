@@ -36,6 +36,7 @@ from recbole_dppmg.generation.image.data import tensor_to_pil
 from recbole_dppmg.generation.image.generate import (
     GENERATE_KEYS,
     generate_posters,
+    user_context,
     user_positions,
 )
 from recbole_dppmg.generation.image.metrics import image_features
@@ -436,6 +437,7 @@ def pre_rl_poster_features(
                 model,
                 codec,
                 user_positions(vocab, batch_users),
+                context=user_context(model, tokens, batch_users),
                 seed=gen["sample_seed"],
                 steps=gen["sample_steps"],
                 guidance=gen["guidance_scale"],

@@ -15,7 +15,8 @@ to the pre-RL transition (Gaussians of equal variance: ``|mu - mu_ref|^2 / 2 sig
 
 Only the token conditioning moves: the codebook projection and the slot embeddings (and the
 null sequence when ``train_null``); the UNet, the latent statistics and the autoencoder stay
-bit-identical. TRL dropped its DDPO trainer, and it targeted Stable Diffusion pipelines; this
+bit-identical (a retrieval generator's context posters follow the tokens; their projection stays
+frozen too). TRL dropped its DDPO trainer, and it targeted Stable Diffusion pipelines; this
 is the same algorithm on ``PosterDiffusion``.
 
 Run folder ``saved/<dataset>/ImageRL-<time>/`` loads like a trained image generator
@@ -172,7 +173,7 @@ def sample_trajectories(
 ) -> Trajectories:
     """Posters' latents for token ``positions`` with every transition's log-prob (noise from ``generator``)."""
     cond = model.condition(positions)
-    null = model.null.expand_as(cond)
+    null = model.unconditional(len(cond))
     shape = (len(positions), model.latent_channels, *model.latent_size)
     x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
     starts, ends, logps, steps, stds = [], [], [], [], []
@@ -258,7 +259,7 @@ def run_image_rl(model, codec, vocab, reward_fn: Callable, pool: Sequence[str], 
         if cfg["kl_weight"]:
             with reference.active(), torch.no_grad():
                 ref_cond = model.condition(positions)
-                ref_null = model.null.expand_as(ref_cond).clone()
+                ref_null = model.unconditional(len(ref_cond)).clone()
         n_train = max(1, round(cfg["timestep_fraction"] * len(traj.timesteps)))
         losses, clipped, kls = [], [], []
         for _ in range(int(cfg["inner_epochs"])):
@@ -267,7 +268,7 @@ def run_image_rl(model, codec, vocab, reward_fn: Callable, pool: Sequence[str], 
             for k in chosen:
                 x, following, t, std = traj.starts[:, k], traj.ends[:, k], traj.timesteps[k], traj.stds[k]
                 cond = model.condition(positions)
-                out = guided_output(model, x, t, cond, model.null.expand_as(cond), guidance)
+                out = guided_output(model, x, t, cond, model.unconditional(len(cond)), guidance)
                 mean, _ = ddim_transition(scheduler, out, t, x, eta)
                 loss, share = ppo_loss(gaussian_logprob(following, mean, std), traj.logps[:, k], adv, cfg["clip_range"])
                 if ref_cond is not None:
@@ -332,6 +333,11 @@ def train_image_rl(
         tokens = PreferenceTokens.load(meta["tokens_folder"], dataset=dataset)
         vocab = PreferenceVocabulary(tokens)
         model, meta = load_image_generator(image_run, vocab, dataset=dataset)
+        if model.conditioning == "history":
+            raise ConfigError(
+                f"{image_run} is a history generator (image.conditioning=history): it reads no preference tokens, "
+                "so image RL has nothing to tune; start RL from a tokens or retrieval generator"
+            )
         train = meta["train"]
         split = split_users(list(tokens.users), train["valid_users"], train["test_users"], train["seed"])
         if split["test"] != meta["test_users"]:
