@@ -74,6 +74,8 @@ def test_subgraph_is_an_l_hop_closure_with_the_seeds_first():
     seeds = torch.tensor([5, 44, 12, 50])
     sub = sample_subgraph(adj, seeds, [3, 2], torch.Generator().manual_seed(2))
     assert torch.equal(sub.nodes[:4], seeds)
+    for low, high in zip(sub.sizes[:-1], sub.sizes[1:]):  # each hop's new nodes in increasing order
+        assert bool((sub.nodes[low + 1 : high] > sub.nodes[low : high - 1]).all())
     assert len(torch.unique(sub.nodes)) == len(sub.nodes)
     assert sub.sizes[0] == 4 and sub.sizes[-1] == len(sub.nodes) and len(sub.blocks) == 2
     for hop, block in enumerate(sub.blocks):

@@ -308,33 +308,36 @@ class DPPMG(GeneralRecommender):
             ego_items = self.item_ego_embeddings(items=ids, **kwargs)
             return torch.cat([ego_items[m] for m in self.modalities], 1)
 
-        def neighbours_ego(nodes):
-            # non-batch nodes: items from the per-epoch encodings under sampled_encoder_grad
-            # "batch" (no dropout, no encoder gradient; their table rows still train)
-            is_user = nodes < self.n_users
-            user_rows, item_rows = torch.nonzero(is_user).flatten(), torch.nonzero(~is_user).flatten()
-            if self.encoder_grad_all:
-                rest_items = items_ego(nodes[item_rows] - self.n_users, dropout=dropout)
-            else:
-                rest_items = items_ego(nodes[item_rows] - self.n_users, encoded=self.neighbour_encodings())
-            order = torch.empty(len(nodes), dtype=torch.long, device=nodes.device)  # node -> row of the two parts
-            order[user_rows] = torch.arange(len(user_rows), device=nodes.device)
-            order[item_rows] = len(user_rows) + torch.arange(len(item_rows), device=nodes.device)
-            return torch.cat([users_ego(nodes[user_rows]), rest_items])[order]
+        def neighbours_ego(start: int, end: int) -> list[torch.Tensor]:
+            # rows nodes[start:end], none of the batch's: items from the per-epoch encodings under
+            # sampled_encoder_grad "batch" (no dropout, no encoder gradient; their table rows still
+            # train). Each hop's new nodes come in increasing order (append_nodes), users first, so
+            # the rows are read hop by hop in place, without a permutation.
+            bounds = [b for b in subgraph.sizes if start < b < end]
+            parts = []
+            for low, high in zip([start, *bounds], [*bounds, end]):
+                nodes = subgraph.nodes[low:high]
+                n_hop_users = int(torch.searchsorted(nodes, self.n_users))
+                parts.append(users_ego(nodes[:n_hop_users]))
+                hop_items = nodes[n_hop_users:] - self.n_users
+                if self.encoder_grad_all:
+                    parts.append(items_ego(hop_items, dropout=dropout))
+                else:
+                    parts.append(items_ego(hop_items, encoded=self.neighbour_encodings()))
+            return parts
 
         def layer0(nodes, ego):  # what is propagated: the change since the snapshot, or the vectors
             return ego - self.propagation_snapshot(adj)[0][nodes] if self.control_variate else ego
 
         # sampled_outer_hop no_grad: the outermost hop's nodes enter without gradient
         inner_end = subgraph.sizes[-2] if self.outer_hop == "no_grad" and subgraph.blocks else len(subgraph.nodes)
-        inner = neighbours_ego(subgraph.nodes[len(seeds) : inner_end])  # before the batch: the order of draws
+        inner = neighbours_ego(len(seeds), inner_end)  # before the batch: the order of draws
         batch_items = items_ego(items, dropout=dropout)
-        x = layer0(subgraph.nodes[:inner_end], torch.cat([users_ego(users), batch_items, inner]))
+        x = layer0(subgraph.nodes[:inner_end], torch.cat([users_ego(users), batch_items, *inner]))
         outer = None
         if inner_end < len(subgraph.nodes):
             with torch.no_grad():
-                outer_nodes = subgraph.nodes[inner_end:]
-                outer = layer0(outer_nodes, neighbours_ego(outer_nodes))
+                outer = layer0(subgraph.nodes[inner_end:], torch.cat(neighbours_ego(inner_end, len(subgraph.nodes))))
         out = propagate_sampled(x, subgraph, outer)
         if self.control_variate:
             out = out + self.propagation_snapshot(adj)[1][seeds]

@@ -100,8 +100,9 @@ def sample_neighbours(
 
 
 def append_nodes(nodes: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``nodes`` (distinct ids) followed by the distinct ``candidates`` not among them, and the
-    position of every candidate in that list."""
+    """``nodes`` (distinct ids) followed by the distinct ``candidates`` not among them, in
+    increasing order (``DPPMG`` reads a hop's users and items in place by it), and the position of
+    every candidate in that list."""
     n = len(nodes)
     unique, inverse = torch.unique(torch.cat([nodes, candidates]), return_inverse=True)
     position = torch.full((len(unique),), -1, dtype=torch.long, device=nodes.device)
