@@ -427,6 +427,9 @@ def plain_checkpoint_trainer(base: type) -> type:
     if base not in _TRAINER_CACHE:
 
         def __init__(self, config, model):
+            # RecBole's ensure_dir checks, then creates: ranks spawned by the user's own
+            # launcher (not ours, which pre-creates it) would race on a fresh folder.
+            Path(config["checkpoint_dir"]).mkdir(parents=True, exist_ok=True)
             base.__init__(self, config, model)
             self._plugin_init()
 
