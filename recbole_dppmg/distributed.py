@@ -67,6 +67,49 @@ def sync_from_rank0_(*tensors: torch.Tensor) -> None:
             dist.broadcast(tensor, src=0)
 
 
+@torch.no_grad()
+def average_sparse_grads_(params: list[torch.Tensor]) -> None:
+    """Replace each parameter's sparse (row) gradient with its mean over the ranks, using only
+    dense all-gathers. DDP leaves these tables to us: gloo's sparse all-reduce inside DDP's
+    reducer aborted 2-process runs with heap corruption (pytorch/pytorch#111422, #87497 report
+    it fragile), and NCCL has no sparse all-reduce at all. Each rank contributes its coalesced
+    rows; every rank sums the same gathered rows in the same order, so all get the same result.
+    A rank whose table has no gradient contributes no rows (every rank must call this)."""
+    if not is_distributed() or not params:
+        return
+    world = dist.get_world_size()
+    grads = [p.grad.coalesce() if p.grad is not None else None for p in params]
+    device = params[0].device
+    counts = torch.tensor([0 if g is None else g._nnz() for g in grads], dtype=torch.long, device=device)
+    all_counts = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(all_counts, counts)
+    widths = counts.new_tensor([p[0].numel() for p in params])  # floats per row
+    most = torch.stack(all_counts).max(dim=0).values  # rows per table, padded to the largest rank's
+    rows = torch.zeros(int(most.sum()), dtype=torch.long, device=device)
+    values = torch.zeros(int((most * widths).sum()), dtype=params[0].dtype, device=device)
+    row_at = torch.cumsum(most, 0) - most
+    value_at = torch.cumsum(most * widths, 0) - most * widths
+    for t, g in enumerate(grads):
+        if g is not None and g._nnz():
+            n = g._nnz()
+            rows[row_at[t] : row_at[t] + n] = g.indices()[0]
+            values[value_at[t] : value_at[t] + n * widths[t]] = g.values().reshape(-1)
+    gathered_rows = [torch.empty_like(rows) for _ in range(world)]
+    gathered_values = [torch.empty_like(values) for _ in range(world)]
+    dist.all_gather(gathered_rows, rows)
+    dist.all_gather(gathered_values, values)
+    for t, p in enumerate(params):
+        if grads[t] is None and not any(int(c[t]) for c in all_counts):
+            continue  # no rank touched this table
+        ids, vals = [], []
+        for r in range(world):
+            n = int(all_counts[r][t])
+            ids.append(gathered_rows[r][row_at[t] : row_at[t] + n])
+            vals.append(gathered_values[r][value_at[t] : value_at[t] + n * widths[t]].view(n, *p.shape[1:]))
+        ids = torch.cat(ids)
+        p.grad = torch.sparse_coo_tensor(ids.unsqueeze(0), torch.cat(vals) / world, p.shape).coalesce()
+
+
 def broadcast_object(value, src: int = 0):
     """``value`` as rank ``src`` has it (e.g. a run folder chosen by rank 0)."""
     if not is_distributed():

@@ -14,9 +14,10 @@ Models whose embedding tables have sparse gradients (``nn.Embedding(sparse=True)
 ``propagation: sampled``) train those tables with lazy Adam (``recbole_dppmg.lazy_adam``,
 ``torch.optim.SparseAdam``'s update at a cost in the touched rows) and the other parameters with
 the configured Adam, so that a step's optimiser cost depends on the rows
-the batch touched, not on the size of the tables; under data-parallel training the zero-weighted
-"sync loss" RecBole adds for every parameter reads one row of such a table instead of summing it
-(a sum would make the gradient dense again).
+the batch touched, not on the size of the tables. Under data-parallel training DDP leaves these
+tables out: their row gradients are averaged over the ranks by dense all-gathers just before the
+lazy Adam step (``distributed.average_sparse_grads_``; DDP's own sparse all-reduce crashed on gloo
+and does not exist on NCCL), and RecBole's zero-weighted "sync loss" covers the other parameters.
 
 Models may define ``on_epoch_end() -> dict`` (DPPMG does: k-means after warm-up, codebook
 usage); it is called after every training epoch and its dict is logged and kept in the history.
@@ -36,6 +37,7 @@ import scipy.sparse as sp
 import torch
 
 from recbole_dppmg.config import jsonable_config, user_settings
+from recbole_dppmg.distributed import average_sparse_grads_, is_distributed, sync_from_rank0_
 from recbole_dppmg.errors import CheckpointError
 from recbole_dppmg.lazy_adam import LazyAdam
 
@@ -192,6 +194,7 @@ class SparseDenseOptimizer:
 
     def __init__(self, dense: torch.optim.Optimizer, sparse: torch.optim.Optimizer):
         self.dense, self.sparse = dense, sparse
+        self._sparse_params = [p for group in sparse.param_groups for p in group["params"]]
 
     @property
     def param_groups(self) -> list[dict]:
@@ -203,6 +206,7 @@ class SparseDenseOptimizer:
 
     def step(self, closure=None):
         loss = self.dense.step(closure)
+        average_sparse_grads_(self._sparse_params)  # no-op in one process
         self.sparse.step()
         return loss
 
@@ -236,14 +240,19 @@ class SparseEmbeddingMixin:
         tables = sparse_embeddings(self.model)
         if not tables:
             return super().sync_grad_loss()
-        sparse_ids = {id(m.weight) for m in tables}
-        loss = 0
-        for param in self.model.parameters():
-            if id(param) not in sparse_ids:
-                loss += torch.sum(param) * 0
-        for table in tables:  # one row: the gradient stays sparse
-            loss += table(torch.zeros(1, dtype=torch.long, device=table.weight.device)).sum() * 0
-        return loss
+        sparse_ids = {id(m.weight) for m in tables}  # left out of DDP (module doc)
+        return sum(torch.sum(param) * 0 for param in self.model.parameters() if id(param) not in sparse_ids)
+
+
+def leave_sparse_tables_out_of_ddp(model: torch.nn.Module) -> None:
+    """Name the sparse-gradient tables in DDP's ignore list (read when DDP wraps the model), and
+    give them rank 0's values, as DDP does for what it wraps (RecBole seeds each rank apart)."""
+    sparse = [id(m) for m in sparse_embeddings(model)]
+    tables = {f"{name}.weight": m.weight for name, m in model.named_modules() if id(m) in sparse}
+    if tables and is_distributed():
+        ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+        model._ddp_params_and_buffers_to_ignore = sorted(ignored | set(tables))
+        sync_from_rank0_(*(weight.data for weight in tables.values()))
 
 
 def _plain_floats(result) -> dict | None:
@@ -430,6 +439,7 @@ def plain_checkpoint_trainer(base: type) -> type:
             # RecBole's ensure_dir checks, then creates: ranks spawned by the user's own
             # launcher (not ours, which pre-creates it) would race on a fresh folder.
             Path(config["checkpoint_dir"]).mkdir(parents=True, exist_ok=True)
+            leave_sparse_tables_out_of_ddp(model)
             base.__init__(self, config, model)
             self._plugin_init()
 

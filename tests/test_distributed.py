@@ -15,7 +15,7 @@ from tiny_mm import yaml_quantizer
 
 from recbole_dppmg.config import build_config, user_settings
 from recbole_dppmg.data.synthetic import SyntheticSpec, write_synthetic
-from recbole_dppmg.distributed import free_port, resolve_backend
+from recbole_dppmg.distributed import average_sparse_grads_, free_port, resolve_backend
 from recbole_dppmg.errors import ConfigError
 from recbole_dppmg.quick_start import run
 from recbole_dppmg.utils import get_model, get_trainer
@@ -193,11 +193,55 @@ def _sampled_rank(rank: int, port: int, root: str) -> None:
 
 
 def test_sampled_ranks_stay_identical_after_sparse_all_reduce(tmp_path):
-    """Each rank samples its own neighbourhoods; DDP all-reduces the dense and the sparse (table)
-    gradients and the quantizer syncs its state, so every parameter and buffer agrees after an epoch."""
+    """Each rank samples its own neighbourhoods; DDP all-reduces the dense gradients,
+    ``average_sparse_grads_`` the table gradients, and the quantizer syncs its state, so every
+    parameter and buffer agrees after an epoch (the tables also start from rank 0's values)."""
     write_synthetic(TINY, tmp_path, "tiny")
     mp.spawn(_sampled_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     states = [torch.load(tmp_path / f"sampled{r}.pt", weights_only=True) for r in (0, 1)]
     assert states[0].keys() == states[1].keys()
     for key, value in states[0].items():
         assert torch.allclose(value.float(), states[1][key].float(), atol=1e-5), key
+
+
+def _sparse_rank(rank: int, port: int, root: str) -> None:
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        wide, narrow, untouched = (
+            torch.nn.Embedding(10, 3, sparse=True),
+            torch.nn.Embedding(6, 2, sparse=True),
+            torch.nn.Embedding(4, 2, sparse=True),
+        )
+        for table in (wide, narrow, untouched):
+            torch.nn.init.constant_(table.weight, 1.0)
+        rows = [torch.tensor([0, 3, 3, 7]), torch.tensor([3, 9])][rank]  # a duplicate row, an overlap
+        loss = (wide(rows) * torch.arange(1.0, 4.0)).sum() * (rank + 1)
+        if rank == 1:  # rank 0 leaves this table without a gradient
+            loss = loss + narrow(torch.tensor([5])).sum()
+        loss.backward()
+        params = [wide.weight, narrow.weight, untouched.weight]
+        average_sparse_grads_(params)
+        grads = {name: p.grad.to_dense() for name, p in zip(("wide", "narrow"), params)}
+        assert untouched.weight.grad is None
+        torch.save(grads, Path(root) / f"grads{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sparse_table_gradients_are_averaged_over_ranks_with_dense_collectives(tmp_path):
+    """DDP leaves sparse tables to ``average_sparse_grads_`` (gloo's sparse all-reduce crashed, NCCL
+    has none): every rank ends with the mean of the ranks' row gradients, duplicates summed, a table
+    only one rank touched included, one no rank touched left without a gradient."""
+    mp.spawn(_sparse_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    grads = [torch.load(tmp_path / f"grads{r}.pt", weights_only=True) for r in (0, 1)]
+    weights = torch.arange(1.0, 4.0)
+    wide = torch.zeros(10, 3)
+    wide[0] += weights
+    wide[3] += 2 * weights + 2 * weights  # rank 0 twice; rank 1 once with factor 2
+    wide[7] += weights
+    wide[9] += 2 * weights
+    narrow = torch.zeros(6, 2)
+    narrow[5] = 1.0
+    for got in grads:
+        torch.testing.assert_close(got["wide"], wide / 2)
+        torch.testing.assert_close(got["narrow"], narrow / 2)
