@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from recbole_dppmg.data.featurize import torch_threads
 from recbole_dppmg.devices import resolve_device
 from recbole_dppmg.errors import CheckpointError
-from recbole_dppmg.generation.common.settings import load_settings
+from recbole_dppmg.generation.common.settings import load_settings, sd_backbone
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.autoencoder import (
     ENCODER_FILE,
@@ -62,6 +62,9 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE, STATE_FILE, HISTORY_FILE = IMAGE_GEN.done, "train_state.pt", "history.json"
 FORMAT = "dppmg-image-diffusion/1"
+SD_FORMAT = "dppmg-image-sd/1"  # a Stable Diffusion backbone's run (sd.py)
+# the image keys that describe this machine rather than a run: they override a run's own when it is loaded
+LOCAL_KEYS = ("autoencoder_path", "poster_dir", "num_threads")
 
 # The keys of the ``image:`` section a run records under ``train`` (in this order).
 TRAIN_KEYS = (
@@ -96,7 +99,66 @@ def build_codec(settings: dict):
     return codec, f"taef2:{(folder / ENCODER_FILE).stat().st_size}"
 
 
+def is_sd_run(meta: dict) -> bool:
+    """Whether a run's record is a Stable Diffusion backbone's (``sd.py``)."""
+    return meta.get("format") == SD_FORMAT
+
+
+def vocabulary_record(vocab: PreferenceVocabulary) -> dict:
+    """The token vocabulary's shape as a run records it (checked when the run is loaded)."""
+    return {
+        "modalities": vocab.modalities,
+        "levels": vocab.levels,
+        "codebook_size": vocab.codebook_size,
+        "dim": vocab.dim,
+    }
+
+
+def run_image_settings(meta: dict, config: dict | None = None):
+    """The ``image`` settings a run was trained with, this machine's keys of ``config``
+    (:data:`LOCAL_KEYS`) over them: what decoding its posters and finding the real ones read."""
+    local = {k: v for k, v in (config or {}).items() if k in LOCAL_KEYS}
+    if is_sd_run(meta):
+        from recbole_dppmg.generation.image.sd import run_sd_settings
+
+        return run_sd_settings(meta, local)
+    return load_settings("image", {**meta["train"], **meta["model"], **local})
+
+
+def run_codec(model, meta: dict, settings) -> tuple:
+    """(codec, codec id) that decode ``model``'s latents: a Stable Diffusion run's own VAE, else
+    the autoencoder of ``settings`` (:func:`run_image_settings`)."""
+    if is_sd_run(meta):
+        return model.codec, meta["codec"]
+    return build_codec(settings)
+
+
+def run_record(settings) -> tuple[str, dict, dict]:
+    """``(format, model, train)`` as a run trained on ``settings`` records them: a recorded run with
+    the same three (``train`` up to runtime keys) is the same run."""
+    if sd_backbone(settings) is not None:
+        from recbole_dppmg.generation.image.sd import sd_model_config, sd_train_config
+
+        return SD_FORMAT, sd_model_config(settings), sd_train_config(settings)
+    return FORMAT, model_config(settings), {k: settings[k] for k in TRAIN_KEYS}
+
+
+def recorded_model(meta: dict) -> dict:
+    """A run's model record as :func:`run_record` gives it (old small-model runs lack later keys)."""
+    return meta.get("model") if is_sd_run(meta) else model_config(meta.get("model"))
+
+
+def poster_size(meta: dict) -> tuple[int, int]:
+    """(height, width) of a run's posters."""
+    return meta["model"]["height"], meta["model"]["width"]
+
+
 # ---------------------------------------------------------------------- checkpoints
+def refuse_existing_run(folder: Path) -> None:
+    if run_kind(folder) is not None or meta_path(folder, IMAGE_KINDS) is not None:
+        raise CheckpointError(f"{folder} already holds an image generator; pass resume=True or another folder")
+
+
 def save_checkpoint(
     folder: Path, model: PosterDiffusion, meta: dict, train_state: dict | None = None, kind: str = IMAGE_GEN.name
 ) -> None:
@@ -104,7 +166,7 @@ def save_checkpoint(
     is the run kind ``run.json`` records (an RL run saves its tuned generator here too)."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.weights().items()}, str(tmp))
     tmp.replace(folder / WEIGHTS_FILE)
     if train_state is not None:
         tmp = folder / (STATE_FILE + ".tmp")
@@ -117,9 +179,9 @@ def read_image_config(folder: str | Path) -> dict:
     meta = read_run_meta(folder, IMAGE_KINDS)
     if meta is None:
         raise CheckpointError(f"{folder} is not an image generator checkpoint (no {RUN_META})")
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, SD_FORMAT):
         path = meta_path(folder, IMAGE_KINDS)
-        raise CheckpointError(f"{path} has format {meta.get('format')!r}, this code reads {FORMAT!r}")
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}, this code reads {FORMAT!r} or {SD_FORMAT!r}")
     return meta
 
 
@@ -163,10 +225,11 @@ def load_image_generator(
     folder: str | Path,
     vocab: PreferenceVocabulary | None = None,
     dataset: str | None = None,
-    device: str | None = "cpu",
+    device: str | None = None,
 ) -> tuple[PosterDiffusion, dict]:
-    """The sampling (EMA) model of a run folder (on ``device``: cpu, cuda or auto) and its
-    config; refuses a token export or dataset the model was not built for."""
+    """The sampling (EMA) model of a run folder and its config; refuses a token export or dataset
+    the model was not built for. ``device``: cpu, cuda or auto; None = the CPU for the small model,
+    the ``image.sd.device`` a Stable Diffusion run trained with for that (an ``SDPosterModel``)."""
     folder = Path(folder)
     meta = read_image_config(folder)
     if dataset is not None and meta["dataset"] != dataset:
@@ -174,15 +237,23 @@ def load_image_generator(
     if vocab is not None:
         v = meta["vocabulary"]
         vocab.check_compatible(v["levels"], v["codebook_size"], v["modalities"])
-    model = build_model(meta)
     if not (folder / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{folder / WEIGHTS_FILE} is missing")
-    try:
-        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-    except RuntimeError as exc:
-        reason = str(exc).splitlines()[0]
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit its {RUN_META}: {reason}") from None
-    return model.to(resolve_device(device, key="image.device")).eval(), meta
+    weights = load_file(str(folder / WEIGHTS_FILE))
+    if is_sd_run(meta):
+        from recbole_dppmg.generation.image.sd import load_sd_generator
+
+        vocab = vocab or PreferenceVocabulary(PreferenceTokens.load(meta["tokens_folder"], dataset=meta["dataset"]))
+        model = load_sd_generator(meta, vocab, weights)
+        device = device or meta["train"]["device"]
+    else:
+        model = build_model(meta)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as exc:
+            reason = str(exc).splitlines()[0]
+            raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit its {RUN_META}: {reason}") from None
+    return model.to(resolve_device(device or "cpu", key="image.device")).eval(), meta
 
 
 # ---------------------------------------------------------------------- training
@@ -196,11 +267,19 @@ def train_image_generator(
     codec=None,
 ) -> Path:
     """Train (or, with ``resume``, continue training in ``out_dir``) the poster generator for
-    ``max_minutes`` or until ``max_steps``; returns the run folder.
+    ``max_minutes`` or until ``max_steps``; returns the run folder. With ``image.backbone`` a
+    Stable Diffusion folder, the preference tokens of that pipeline instead (``sd.train_sd_tokens``;
+    it does not resume: a run is written when its training ended).
 
     ``posters`` / ``codec`` replace the dataset's posters and the autoencoder (tests)."""
 
     settings = load_settings("image", config)
+    if sd_backbone(settings) is not None:
+        from recbole_dppmg.generation.image.sd import train_sd_tokens
+
+        if resume:
+            raise CheckpointError(f"a Stable Diffusion run does not resume ({out_dir}); start a new one")
+        return train_sd_tokens(dataset, tokens_folder, settings, out_dir, posters)
     # the dataset's images first: a dataset without them says so at once and leaves no run folder
     posters, liked = training_images(dataset, settings["poster_dir"], settings["min_rating"], posters)
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
@@ -209,8 +288,8 @@ def train_image_generator(
     folder = Path(out_dir) if out_dir else new_run_folder(SAVED_DIR, dataset, IMAGE_GEN.name)
     if resume and not (folder / STATE_FILE).is_file():
         raise CheckpointError(f"nothing to resume in {folder} (no {STATE_FILE})")
-    if not resume and (run_kind(folder) is not None or meta_path(folder, IMAGE_KINDS) is not None):
-        raise CheckpointError(f"{folder} already holds an image generator; pass resume=True or another folder")
+    if not resume:
+        refuse_existing_run(folder)
 
     with torch_threads(settings["num_threads"]):
         if codec is None:
@@ -254,12 +333,7 @@ def train_image_generator(
             "model": model.config,
             "latent_channels": latents.shape[1],
             "n_slots": positions.shape[1],
-            "vocabulary": {
-                "modalities": vocab.modalities,
-                "levels": vocab.levels,
-                "codebook_size": vocab.codebook_size,
-                "dim": vocab.dim,
-            },
+            "vocabulary": vocabulary_record(vocab),
             "codec": codec_id,
             "train": {k: settings[k] for k in TRAIN_KEYS},
             "pairs": len(split.pairs),

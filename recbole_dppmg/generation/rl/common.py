@@ -42,9 +42,10 @@ from recbole_dppmg.generation.image.generate import (
 from recbole_dppmg.generation.image.metrics import image_features
 from recbole_dppmg.generation.image.train import (
     WEIGHTS_FILE,
-    build_codec,
     load_image_generator,
     read_image_config,
+    run_codec,
+    run_image_settings,
 )
 from recbole_dppmg.generation.text.generate import TokenConditioner, generate_texts
 from recbole_dppmg.generation.text.injection import META
@@ -423,16 +424,9 @@ def pre_rl_poster_features(
         tokens = PreferenceTokens.load(meta["tokens_folder"], dataset=dataset)
         vocab = PreferenceVocabulary(tokens)
         model, _ = load_image_generator(image_run, vocab, dataset=dataset)
-        settings = load_settings(
-            "image",
-            {
-                **meta["train"],
-                **meta["model"],
-                **{k: v for k, v in config.items() if k in ("autoencoder_path", "poster_dir")},
-            },
-        )
+        settings = run_image_settings(meta, {k: v for k, v in config.items() if k != "num_threads"})
         with torch_threads(num_threads):
-            codec, _ = build_codec(settings)
+            codec, _ = run_codec(model, meta, settings)
             images = generate_posters(
                 model,
                 codec,

@@ -1,0 +1,167 @@
+"""The pretrained path, wired (#25): a tiny Stable Diffusion pipeline built from configs and saved
+with ``save_pretrained`` is ``image.backbone``, and every image stage runs on it on the CPU through
+the entry points of ``--stage all``: the image stage (``Pipeline._image``), image RL
+(``train_image_rl``), ``--stage generate`` (``run_generate_images``) and the report
+(``build_report``). Also the errors of a backbone that is not a Stable Diffusion folder."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from image_fixtures import save_tiny_sd_pipeline, write_tiny_export, write_tiny_posters
+from PIL import Image
+from report_fixtures import QUICK, SPLIT, report_options, tiny_text_run
+from safetensors.torch import load_file
+
+from recbole_dppmg.errors import CheckpointError, ConfigError
+from recbole_dppmg.generation.common.settings import load_settings
+from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image import sd as sd_module
+from recbole_dppmg.generation.image.generate import run_generate_images
+from recbole_dppmg.generation.image.train import SD_FORMAT, load_image_generator, train_image_generator
+from recbole_dppmg.generation.report.build import build_report
+from recbole_dppmg.generation.rl.image import train_image_rl
+from recbole_dppmg.pipeline import Pipeline
+from recbole_dppmg.tokens import PreferenceTokens
+
+SD = {
+    "prompt_template": "p {tokens}",
+    "height": 16,
+    "width": 16,
+    "batch_size": 4,
+    "max_steps": 4,
+    "learning_rate": 0.05,
+    "device": "cpu",
+    "progress": False,
+    **SPLIT,
+}
+
+
+def sd_settings(backbone, root) -> dict:
+    """``image`` settings with the tiny pipeline as backbone (what ``--image.backbone=...`` gives)."""
+    return {
+        "backbone": str(backbone),
+        "num_threads": 1,
+        "progress": False,
+        "cache_dir": str(root / "cache"),
+        "sample_steps": 2,
+        "sample_batch": 4,
+        "sd": SD,
+    }
+
+
+def brightness_reward(users, posters):
+    """Half of the users want bright posters, the other half dark ones (a reward that depends on the user)."""
+    sign = np.array([1.0 if sum(map(ord, str(u))) % 2 else -1.0 for u in users])
+    return sign * np.array([float(p.mean()) for p in posters])
+
+
+@pytest.fixture(scope="module")
+def sd_chain(tmp_path_factory):
+    """The image stage of ``--stage all`` twice (the second finds the first run), then image RL."""
+    root = tmp_path_factory.mktemp("sd_chain")
+    backbone = save_tiny_sd_pipeline(root / "sd")
+    inputs = tiny_text_run(root)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DPPMG_DATASET_DIR", str(inputs["data"]))
+        patch.setattr(sd_module, "SAVED_DIR", root / "saved")
+        generation = {"image": sd_settings(backbone, root)}
+        pipeline = Pipeline("tiny", None, (), {}, generation=generation, root=root / "saved")
+        pipeline.outputs["export"] = inputs["export"]
+        stages = [pipeline._image(), pipeline._image()]
+    rl = {"steps": 2, "users_per_step": 2, "group_size": 2, "sample_steps": 3, "save_steps": 1, "progress": False}
+    rl_run = train_image_rl(
+        "tiny", stages[0][1], None, rl, reward_fn=brightness_reward, out_dir=root / "saved" / "tiny" / "ImageRL-sd"
+    )
+    chain = {"root": root, "sd_backbone": backbone, "stages": stages, "image_run": stages[0][1], "rl_run": rl_run}
+    return {**inputs, **chain}
+
+
+def test_the_image_stage_trains_the_tokens_into_the_pipeline(sd_chain):
+    (status, run, _), (again, same, note) = sd_chain["stages"]
+    assert status == "ran" and again == "skipped" and same == run and "finished image generator" in note
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["kind"] == "ImageGen" and meta["format"] == SD_FORMAT and meta["trained_steps"] == 4
+    assert meta["model"]["backbone"] == str(sd_chain["sd_backbone"].resolve()) and meta["model"]["height"] == 16
+    assert meta["test_users"] == json.loads((sd_chain["text_run"] / "users.json").read_text())["test"]
+    vocab = PreferenceVocabulary(PreferenceTokens.load(sd_chain["export"]))
+    weights = load_file(str(run / "model.safetensors"))
+    assert set(weights) == {"embeddings"} and weights["embeddings"].shape == (len(vocab), 16)
+    model, _ = load_image_generator(run, vocab, dataset="tiny")
+    fresh = sd_module.load_sd_pipeline(sd_chain["sd_backbone"])
+    base = fresh.text_encoder.get_input_embeddings().weight
+    assert model.tokens.first == len(fresh.tokenizer) and torch.equal(model.tokens.base.weight, base)
+    assert torch.equal(model.tokens.rows, weights["embeddings"])
+    untrained = sd_module.load_sd_generator(meta, vocab)  # the seeded starting rows
+    assert not torch.allclose(untrained.tokens.rows, model.tokens.rows)
+
+
+def test_image_rl_moves_only_the_token_rows(sd_chain):
+    run, source = sd_chain["rl_run"], sd_chain["image_run"]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["kind"] == "ImageRL" and meta["format"] == SD_FORMAT and meta["rl"]["steps"] == 2
+    assert meta["rl_run"]["source_run"] == str(source.resolve())
+    before, after = (load_file(str(r / "model.safetensors")) for r in (source, run))
+    assert set(after) == {"embeddings"} and not torch.equal(before["embeddings"], after["embeddings"])
+    assert len(json.loads((run / "rl_history.json").read_text())) == 2
+
+
+def test_generate_draws_each_users_poster_from_their_tokens(sd_chain, tmp_path):
+    tokens = PreferenceTokens.load(sd_chain["export"])
+    vocab = PreferenceVocabulary(tokens)
+    test_users = json.loads((sd_chain["image_run"] / "run.json").read_text())["test_users"]
+    a = test_users[0]
+    b = next(u for u in test_users if vocab.ids_for(u) != vocab.ids_for(a))
+    out = run_generate_images(
+        "tiny",
+        [a, b],
+        sd_chain["export"],
+        {"sample_steps": 2, "device": "cpu"},
+        checkpoint=sd_chain["rl_run"],
+        out_dir=tmp_path / "generated",
+        posters=sd_chain["posters"],
+    )
+    images = [np.asarray(Image.open(out / f"{u}.png")) for u in (a, b)]
+    assert images[0].shape == (16, 16, 3) and not np.array_equal(*images)  # the same seed, other tokens
+    record = json.loads((out / "generated.json").read_text())
+    assert record["checkpoint"] == str(sd_chain["rl_run"]) and record["users"][a]["tokens"] == vocab.strings_for(a)
+
+
+def test_the_report_scores_the_sd_generator_before_and_after_rl(sd_chain):
+    root = sd_chain["root"]
+    image = {"sample_steps": 2, "sample_batch": 4, "backbone": str(sd_chain["sd_backbone"]), "sd": SD}
+    options = report_options(sd_chain, root, image_config_overrides=image)
+    report = build_report("tiny", QUICK, root / "Report-sd", **options)
+    result = json.loads((report / "report.json").read_text())
+    assert result["runs"]["image"] == str(sd_chain["image_run"].resolve())
+    assert result["runs"]["image_rl"] == str(sd_chain["rl_run"].resolve())
+    for condition in ("no_tokens", "shuffled", "dppmg", "dppmg_rl"):
+        assert result["conditions"][condition]["image"] == "run"
+        row = result["per_seed"][condition]["0"]
+        assert 0 <= row["image_judge"] <= 1 and row["frechet_distance"] >= 0, condition
+    assert "image_judge" in result["per_seed"]["ceiling"]["0"]  # the real posters, at the generator's size
+    assert "gap_image_judge" in result["intervals"]["dppmg"]
+    assert result["per_seed"]["dppmg"]["0"]["image_judge"] != result["per_seed"]["no_tokens"]["0"]["image_judge"]
+    assert "DPPMG after RL" in (report / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_a_backbone_that_is_not_a_stable_diffusion_folder(tmp_path):
+    export = write_tiny_export(tmp_path / "tokens")
+    posters = write_tiny_posters(tmp_path / "posters")
+    missing = tmp_path / "no-such-pipeline"
+    with pytest.raises(ConfigError, match=f"image.backbone='{re.escape(str(missing))}' is neither 'latent' nor"):
+        train_image_generator("tiny", export, {"backbone": str(missing)}, out_dir=tmp_path / "run", posters=posters)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["x", "y"]}))
+    config = {"backbone": str(broken), "sd": {**SD, "valid_users": 1, "test_users": 1}}
+    with pytest.raises(CheckpointError, match=re.escape(str(broken))):
+        train_image_generator("tiny", export, config, out_dir=tmp_path / "run", posters=posters)
+    assert not (tmp_path / "run").exists()  # nothing half-written
+    with pytest.raises(ConfigError, match="conditioning=retrieval needs the small latent model"):
+        load_settings("image", {"backbone": str(broken), "conditioning": "retrieval"})
+    with pytest.raises(ConfigError, match="token_channels .* needs the small latent model"):
+        load_settings("image", {"backbone": str(broken), "token_channels": ["image"]})
