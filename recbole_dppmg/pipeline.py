@@ -8,7 +8,9 @@ Valid means made from the same inputs with the same settings:
   one requested (machine keys such as paths and threads aside) and whose token export was made
   from this build of the dataset (``dataset_fingerprint``); a run without an export is exported;
 - text / image: a generator run trained on that token export with the same settings (runtime
-  keys such as threads, progress bars and time budgets aside); an unfinished one is resumed;
+  keys such as threads, progress bars and time budgets aside); an unfinished one is resumed (a
+  Stable Diffusion image run, ``image.backbone``, is written only once finished: the same backbone
+  folder, ``image.sd`` settings and export make it valid);
 - text RL / image RL (``generation/rl/text.py`` / ``rl/image.py``): an RL run made from that
   generator, rewarded against the other modality's generator of this pipeline, with the same
   ``rl:`` settings and all its steps done; an unfinished one is resumed.

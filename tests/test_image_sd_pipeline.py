@@ -165,3 +165,24 @@ def test_a_backbone_that_is_not_a_stable_diffusion_folder(tmp_path):
         load_settings("image", {"backbone": str(broken), "conditioning": "retrieval"})
     with pytest.raises(ConfigError, match="token_channels .* needs the small latent model"):
         load_settings("image", {"backbone": str(broken), "token_channels": ["image"]})
+
+
+def test_the_image_evaluation_runs_on_the_sd_run(sd_chain, tmp_path, monkeypatch):
+    """``evaluate.py`` (bench_image's evaluation): the untrained row is the pipeline with its starting rows."""
+    from types import SimpleNamespace
+
+    from recbole_dppmg.generation.image import evaluate as image_evaluate
+
+    # an 8x8 "encoder" whose features are the mean colour: the plumbing, not EfficientNet, is under test
+    fake = SimpleNamespace(image_size=8, dim=3, model=SimpleNamespace(extract_features=lambda x: x))
+    monkeypatch.setattr(image_evaluate, "load_default_encoder", lambda modality: fake)
+    monkeypatch.setattr(image_evaluate, "image_encoder_version", lambda: None)  # no feature cache
+    monkeypatch.setenv("DPPMG_DATASET_DIR", str(sd_chain["data"]))
+    settings = {"sample_steps": 2, "sample_batch": 4, "device": "cpu"}
+    result = image_evaluate.evaluate_image_generator(
+        "tiny", sd_chain["export"], sd_chain["image_run"], settings, n_fd=4, topk=3, out_dir=tmp_path / "eval"
+    )
+    assert result["size"] == [16, 16]
+    fd = result["frechet_distance"]
+    assert {"trained", "untrained", "autoencoder_reconstruction"} <= set(fd) and fd["trained"] != fd["untrained"]
+    assert result["retrieval"]["dppmg_tokens"]["users"] == 4
