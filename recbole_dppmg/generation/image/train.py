@@ -155,6 +155,7 @@ def poster_size(meta: dict) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------- checkpoints
 def refuse_existing_run(folder: Path) -> None:
+    """A new run never overwrites a finished one (or a folder that recorded one)."""
     if run_kind(folder) is not None or meta_path(folder, IMAGE_KINDS) is not None:
         raise CheckpointError(f"{folder} already holds an image generator; pass resume=True or another folder")
 
