@@ -134,6 +134,19 @@ def tiny_settings(tmp_path: Path, **overrides) -> dict:
     }
 
 
+# image.sd settings for the tiny pipeline of save_tiny_sd_pipeline (a short prompt: its text encoder has 16 positions)
+TINY_SD = {
+    "prompt_template": "p {tokens}",
+    "height": 16,
+    "width": 16,
+    "batch_size": 2,
+    "max_steps": 3,
+    "learning_rate": 0.05,
+    "device": "cpu",
+    "progress": False,
+}
+
+
 def _tiny_clip_tokenizer(folder: Path):
     """A byte-level CLIP tokenizer with no merges: every character is a token."""
     from transformers import CLIPTokenizer

@@ -3,7 +3,7 @@ training moves only the new preference-token embeddings, and generation uses the
 
 import pytest
 import torch
-from image_fixtures import save_tiny_sd_pipeline, write_tiny_export, write_tiny_posters
+from image_fixtures import TINY_SD, save_tiny_sd_pipeline, write_tiny_export, write_tiny_posters
 from safetensors.torch import load_file
 
 from recbole_dppmg.errors import CheckpointError, ConfigError
@@ -28,20 +28,7 @@ def _state(pipe):
 
 
 def _config(pipeline, **sd) -> dict:
-    sd = {
-        "prompt_template": "p {tokens}",
-        "height": 16,
-        "width": 16,
-        "batch_size": 2,
-        "max_steps": 3,
-        "learning_rate": 0.05,
-        "progress": False,
-        "device": "cpu",
-        "valid_users": 1,
-        "test_users": 1,
-        **sd,
-    }
-    return {"backbone": str(pipeline), "num_threads": 1, "sd": sd}
+    return {"backbone": str(pipeline), "num_threads": 1, "sd": {**TINY_SD, "valid_users": 1, "test_users": 1, **sd}}
 
 
 def test_only_new_token_embeddings_change(tmp_path, tiny_pipeline):

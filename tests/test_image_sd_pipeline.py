@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from image_fixtures import save_tiny_sd_pipeline, write_tiny_export, write_tiny_posters
+from image_fixtures import TINY_SD, save_tiny_sd_pipeline, write_tiny_export, write_tiny_posters
 from PIL import Image
 from report_fixtures import QUICK, SPLIT, report_options, tiny_text_run
 from safetensors.torch import load_file
@@ -26,17 +26,7 @@ from recbole_dppmg.generation.rl.image import train_image_rl
 from recbole_dppmg.pipeline import Pipeline
 from recbole_dppmg.tokens import PreferenceTokens
 
-SD = {
-    "prompt_template": "p {tokens}",
-    "height": 16,
-    "width": 16,
-    "batch_size": 4,
-    "max_steps": 4,
-    "learning_rate": 0.05,
-    "device": "cpu",
-    "progress": False,
-    **SPLIT,
-}
+SD = {**TINY_SD, "batch_size": 4, "max_steps": 4, **SPLIT}
 
 
 def sd_settings(backbone, root) -> dict:
@@ -114,17 +104,20 @@ def test_generate_draws_each_users_poster_from_their_tokens(sd_chain, tmp_path):
     test_users = json.loads((sd_chain["image_run"] / "run.json").read_text())["test_users"]
     a = test_users[0]
     b = next(u for u in test_users if vocab.ids_for(u) != vocab.ids_for(a))
-    out = run_generate_images(
-        "tiny",
-        [a, b],
-        sd_chain["export"],
-        {"sample_steps": 2, "device": "cpu"},
-        checkpoint=sd_chain["rl_run"],
-        out_dir=tmp_path / "generated",
-        posters=sd_chain["posters"],
-    )
-    images = [np.asarray(Image.open(out / f"{u}.png")) for u in (a, b)]
-    assert images[0].shape == (16, 16, 3) and not np.array_equal(*images)  # the same seed, other tokens
+    images = []
+    for k, user in enumerate((a, b, a)):  # one user per call: the same starting noise, only the tokens differ
+        out = run_generate_images(
+            "tiny",
+            [user],
+            sd_chain["export"],
+            {"sample_steps": 2, "device": "cpu"},
+            checkpoint=sd_chain["rl_run"],
+            out_dir=tmp_path / f"generated-{k}",
+            posters=sd_chain["posters"],
+        )
+        images.append(np.asarray(Image.open(out / f"{user}.png")))
+    assert images[0].shape == (16, 16, 3) and not np.array_equal(images[0], images[1])
+    assert np.array_equal(images[0], images[2])  # seeded
     record = json.loads((out / "generated.json").read_text())
     assert record["checkpoint"] == str(sd_chain["rl_run"]) and record["users"][a]["tokens"] == vocab.strings_for(a)
 
@@ -185,4 +178,4 @@ def test_the_image_evaluation_runs_on_the_sd_run(sd_chain, tmp_path, monkeypatch
     assert result["size"] == [16, 16]
     fd = result["frechet_distance"]
     assert {"trained", "untrained", "autoencoder_reconstruction"} <= set(fd) and fd["trained"] != fd["untrained"]
-    assert result["retrieval"]["dppmg_tokens"]["users"] == 4
+    assert result["retrieval"]["dppmg_tokens"]["users"] >= 2
