@@ -57,7 +57,7 @@ def test_only_new_token_embeddings_change(tmp_path, tiny_pipeline):
     images = generate_posters(model, model.codec, user_positions(vocab, ["u0", "u1"]), seed=1, steps=2, progress=False)
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
     again = generate_posters(model, model.codec, user_positions(vocab, ["u0"]), seed=1, steps=2, progress=False)
-    assert torch.equal(again[0], images[0])
+    assert torch.allclose(again[0], images[0], atol=1e-4)  # seeded (batches of other sizes round differently)
 
 
 def test_embeddings_actually_train(tmp_path, tiny_pipeline):
