@@ -46,14 +46,8 @@ from recbole_dppmg.generation.common.settings import (
     merge,
     rl_phase_settings,
 )
-from recbole_dppmg.generation.image.train import (
-    FORMAT,
-    SD_FORMAT,
-    is_sd_run,
-    recorded_model,
-    run_record,
-    train_image_generator,
-)
+from recbole_dppmg.generation.image.checkpoint import FORMAT, SD_FORMAT, is_sd_run
+from recbole_dppmg.generation.image.train import recorded_model, run_record, train_image_generator
 from recbole_dppmg.generation.report.build import build_report, resolve_runs
 from recbole_dppmg.generation.reward.judge import PreferenceJudge
 from recbole_dppmg.generation.rl import image as rl_image

@@ -19,8 +19,9 @@ from recbole_dppmg.errors import CheckpointError, ConfigError
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image import sd as sd_module
+from recbole_dppmg.generation.image.checkpoint import SD_FORMAT
 from recbole_dppmg.generation.image.generate import run_generate_images
-from recbole_dppmg.generation.image.train import SD_FORMAT, load_image_generator, train_image_generator
+from recbole_dppmg.generation.image.train import load_image_generator, train_image_generator
 from recbole_dppmg.generation.report.build import build_report
 from recbole_dppmg.generation.rl.image import train_image_rl
 from recbole_dppmg.pipeline import Pipeline

@@ -37,6 +37,7 @@ from recbole_dppmg.generation.common.protocol import (
 )
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.checkpoint import is_sd_run, poster_size
 from recbole_dppmg.generation.image.data import (
     cached_latents,
     load_poster,
@@ -56,11 +57,10 @@ from recbole_dppmg.generation.image.metrics import (
     real_poster_features,
     retrieval_metrics,
 )
+from recbole_dppmg.generation.image.sd import load_sd_generator
 from recbole_dppmg.generation.image.train import (
     build_model,
-    is_sd_run,
     load_image_generator,
-    poster_size,
     run_codec,
     run_image_settings,
 )
@@ -189,8 +189,6 @@ def _untrained(model, meta: dict, vocab: PreferenceVocabulary, latents: torch.Te
     initial token rows; the small model re-initialised with the run's seed, latent statistics,
     codebook and (retrieval / history) catalogue posters."""
     if is_sd_run(meta):
-        from recbole_dppmg.generation.image.sd import load_sd_generator
-
         return load_sd_generator(meta, vocab)
     torch.manual_seed(settings["seed"])
     untrained = build_model(meta)

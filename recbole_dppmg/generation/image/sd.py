@@ -37,18 +37,18 @@ from recbole_dppmg.generation.common.vocabulary import (
     CodebookProjection,
     PreferenceVocabulary,
 )
+from recbole_dppmg.generation.image.checkpoint import (
+    SD_FORMAT,
+    refuse_existing_run,
+    save_checkpoint,
+    vocabulary_record,
+)
 from recbole_dppmg.generation.image.data import (
     cached_latents,
     training_images,
     training_pairs,
 )
 from recbole_dppmg.generation.image.model import GuidedSampling
-from recbole_dppmg.generation.image.train import (
-    SD_FORMAT,
-    refuse_existing_run,
-    save_checkpoint,
-    vocabulary_record,
-)
 from recbole_dppmg.paths import SAVED_DIR
 from recbole_dppmg.runs import IMAGE_GEN, new_run_folder
 from recbole_dppmg.tokens import PreferenceTokens

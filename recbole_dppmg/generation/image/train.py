@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from recbole_dppmg.data.featurize import torch_threads
@@ -33,6 +33,17 @@ from recbole_dppmg.generation.image.autoencoder import (
     default_autoencoder_dir,
     load_autoencoder,
 )
+from recbole_dppmg.generation.image.checkpoint import (
+    FORMAT,
+    SD_FORMAT,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    is_sd_run,
+    read_image_config,
+    refuse_existing_run,
+    save_checkpoint,
+    vocabulary_record,
+)
 from recbole_dppmg.generation.image.context import (
     PosterContext,
     check_conditioning,
@@ -45,24 +56,24 @@ from recbole_dppmg.generation.image.data import (
     training_pairs,
 )
 from recbole_dppmg.generation.image.model import EMA, PosterDiffusion, model_config
+from recbole_dppmg.generation.image.sd import (
+    load_sd_generator,
+    run_sd_settings,
+    sd_model_config,
+    sd_train_config,
+    train_sd_tokens,
+)
 from recbole_dppmg.paths import SAVED_DIR
 from recbole_dppmg.runs import (
     IMAGE_GEN,
-    IMAGE_KINDS,
     RUN_META,
-    meta_path,
     new_run_folder,
-    read_run_meta,
-    run_kind,
-    write_run_meta,
 )
 from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_FILE, STATE_FILE, HISTORY_FILE = IMAGE_GEN.done, "train_state.pt", "history.json"
-FORMAT = "dppmg-image-diffusion/1"
-SD_FORMAT = "dppmg-image-sd/1"  # a Stable Diffusion backbone's run (sd.py)
+HISTORY_FILE = "history.json"
 # the image keys that describe this machine rather than a run: they override a run's own when it is loaded
 LOCAL_KEYS = ("autoencoder_path", "poster_dir", "num_threads")
 
@@ -99,28 +110,11 @@ def build_codec(settings: dict):
     return codec, f"taef2:{(folder / ENCODER_FILE).stat().st_size}"
 
 
-def is_sd_run(meta: dict) -> bool:
-    """Whether a run's record is a Stable Diffusion backbone's (``sd.py``)."""
-    return meta.get("format") == SD_FORMAT
-
-
-def vocabulary_record(vocab: PreferenceVocabulary) -> dict:
-    """The token vocabulary's shape as a run records it (checked when the run is loaded)."""
-    return {
-        "modalities": vocab.modalities,
-        "levels": vocab.levels,
-        "codebook_size": vocab.codebook_size,
-        "dim": vocab.dim,
-    }
-
-
 def run_image_settings(meta: dict, config: dict | None = None):
     """The ``image`` settings a run was trained with, this machine's keys of ``config``
     (:data:`LOCAL_KEYS`) over them: what decoding its posters and finding the real ones read."""
     local = {k: v for k, v in (config or {}).items() if k in LOCAL_KEYS}
     if is_sd_run(meta):
-        from recbole_dppmg.generation.image.sd import run_sd_settings
-
         return run_sd_settings(meta, local)
     return load_settings("image", {**meta["train"], **meta["model"], **local})
 
@@ -137,8 +131,6 @@ def run_record(settings) -> tuple[str, dict, dict]:
     """``(format, model, train)`` as a run trained on ``settings`` records them: a recorded run with
     the same three (``train`` up to runtime keys) is the same run."""
     if sd_backbone(settings) is not None:
-        from recbole_dppmg.generation.image.sd import sd_model_config, sd_train_config
-
         return SD_FORMAT, sd_model_config(settings), sd_train_config(settings)
     return FORMAT, model_config(settings), {k: settings[k] for k in TRAIN_KEYS}
 
@@ -148,44 +140,7 @@ def recorded_model(meta: dict) -> dict:
     return meta.get("model") if is_sd_run(meta) else model_config(meta.get("model"))
 
 
-def poster_size(meta: dict) -> tuple[int, int]:
-    """(height, width) of a run's posters."""
-    return meta["model"]["height"], meta["model"]["width"]
-
-
-# ---------------------------------------------------------------------- checkpoints
-def refuse_existing_run(folder: Path) -> None:
-    """A new run never overwrites a finished one (or a folder that recorded one)."""
-    if run_kind(folder) is not None or meta_path(folder, IMAGE_KINDS) is not None:
-        raise CheckpointError(f"{folder} already holds an image generator; pass resume=True or another folder")
-
-
-def save_checkpoint(
-    folder: Path, model: PosterDiffusion, meta: dict, train_state: dict | None = None, kind: str = IMAGE_GEN.name
-) -> None:
-    """Weights + config (+ training state), each written to a temp file and renamed; ``kind``
-    is the run kind ``run.json`` records (an RL run saves its tuned generator here too)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.weights().items()}, str(tmp))
-    tmp.replace(folder / WEIGHTS_FILE)
-    if train_state is not None:
-        tmp = folder / (STATE_FILE + ".tmp")
-        torch.save(train_state, tmp)
-        tmp.replace(folder / STATE_FILE)
-    write_run_meta(folder, kind, meta)
-
-
-def read_image_config(folder: str | Path) -> dict:
-    meta = read_run_meta(folder, IMAGE_KINDS)
-    if meta is None:
-        raise CheckpointError(f"{folder} is not an image generator checkpoint (no {RUN_META})")
-    if meta.get("format") not in (FORMAT, SD_FORMAT):
-        path = meta_path(folder, IMAGE_KINDS)
-        raise CheckpointError(f"{path} has format {meta.get('format')!r}, this code reads {FORMAT!r} or {SD_FORMAT!r}")
-    return meta
-
-
+# ---------------------------------------------------------------------- the small model
 def build_context(
     config: dict, latents: torch.Tensor, item_ids: list[str], tokens=None, train_users: list[str] | None = None
 ) -> PosterContext | None:
@@ -242,8 +197,6 @@ def load_image_generator(
         raise CheckpointError(f"{folder / WEIGHTS_FILE} is missing")
     weights = load_file(str(folder / WEIGHTS_FILE))
     if is_sd_run(meta):
-        from recbole_dppmg.generation.image.sd import load_sd_generator
-
         vocab = vocab or PreferenceVocabulary(PreferenceTokens.load(meta["tokens_folder"], dataset=meta["dataset"]))
         model = load_sd_generator(meta, vocab, weights)
         device = device or meta["train"]["device"]
@@ -257,7 +210,7 @@ def load_image_generator(
     return model.to(resolve_device(device or "cpu", key="image.device")).eval(), meta
 
 
-# ---------------------------------------------------------------------- training
+# ---------------------------------------------------------------------- loading and training
 def train_image_generator(
     dataset: str,
     tokens_folder: str | Path,
@@ -276,8 +229,6 @@ def train_image_generator(
 
     settings = load_settings("image", config)
     if sd_backbone(settings) is not None:
-        from recbole_dppmg.generation.image.sd import train_sd_tokens
-
         if resume:
             raise CheckpointError(f"a Stable Diffusion run does not resume ({out_dir}); start a new one")
         return train_sd_tokens(dataset, tokens_folder, settings, out_dir, posters)

@@ -53,6 +53,7 @@ from recbole_dppmg.generation.common.protocol import (
 )
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.checkpoint import is_sd_run, poster_size
 from recbole_dppmg.generation.image.data import load_poster, poster_files, tensor_to_pil
 from recbole_dppmg.generation.image.generate import (
     GENERATE_KEYS,
@@ -66,9 +67,7 @@ from recbole_dppmg.generation.image.metrics import (
     real_poster_features,
 )
 from recbole_dppmg.generation.image.train import (
-    is_sd_run,
     load_image_generator,
-    poster_size,
     read_image_config,
     run_codec,
     run_image_settings,
