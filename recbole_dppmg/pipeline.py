@@ -262,6 +262,7 @@ class Pipeline:
         self.sections = {
             s: merge(self.profile[s], generation.get(s) or {}) for s in ("text", "image", "rl", "reward", "evaluate")
         }
+        load_settings("image", self.sections["image"])  # a wrong image.backbone fails now, not after stage 1
         self.root = Path(root or SAVED_DIR)
         self.folder = new_run_folder(self.root, dataset, "Pipeline")
         self.record = {

@@ -181,3 +181,14 @@ def test_the_image_evaluation_runs_on_the_sd_run(sd_chain, tmp_path, monkeypatch
     fd = result["frechet_distance"]
     assert {"trained", "untrained", "autoencoder_reconstruction"} <= set(fd) and fd["trained"] != fd["untrained"]
     assert result["retrieval"]["dppmg_tokens"]["users"] >= 2
+
+
+def test_a_wrong_backbone_stops_stage_all_before_stage_1(tmp_path, monkeypatch, capsys):
+    from recbole_dppmg import cli
+    from recbole_dppmg import pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "SAVED_DIR", tmp_path / "saved")
+    monkeypatch.setattr(cli, "init_stage_logger", lambda *a: None)
+    assert cli.main(["--stage", "all", "-d", "tiny", f"--image.backbone={tmp_path / 'nope'}"]) == 2
+    assert f"image.backbone='{tmp_path / 'nope'}' is neither 'latent' nor" in capsys.readouterr().err
+    assert not (tmp_path / "saved").exists()  # not even the Pipeline folder
