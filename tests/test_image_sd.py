@@ -82,3 +82,15 @@ def test_a_prompt_that_cuts_the_tokens_off_is_refused(tmp_path, tiny_pipeline):
     with pytest.raises(ConfigError, match="keeps 0 of a user's 4 preference"):
         train_sd_tokens("tiny", export, config, tmp_path / "run", posters=write_tiny_posters(tmp_path / "posters"))
     assert not (tmp_path / "run").exists()
+
+
+def test_lora_adapters_train_and_reload(tmp_path, tiny_pipeline):
+    export = write_tiny_export(tmp_path / "tokens")
+    config = {**_config(tiny_pipeline, lora_rank=2), "cache_dir": str(tmp_path / "cache")}
+    run = train_sd_tokens("tiny", export, config, tmp_path / "run", posters=write_tiny_posters(tmp_path / "posters"))
+    saved = load_file(str(run / "model.safetensors"))
+    lora_b = [k for k in saved if k.startswith("lora.") and "lora_B" in k]
+    assert lora_b and any(saved[k].abs().sum() > 0 for k in lora_b)  # B starts at zero: training moved it
+    model, _ = load_image_generator(run, PreferenceVocabulary(PreferenceTokens.load(export)), dataset="tiny")
+    assert all(torch.equal(v, saved[k]) for k, v in model.weights().items())
+    assert not any(p.requires_grad for p in model.parameters())
