@@ -12,7 +12,7 @@ import pytest
 import torch
 from image_fixtures import TINY_SD, save_tiny_sd_pipeline, write_tiny_export, write_tiny_posters
 from PIL import Image
-from report_fixtures import QUICK, SPLIT, report_options, tiny_text_run
+from report_fixtures import QUICK, SPLIT, poster_features, report_options, tiny_text_run
 from safetensors.torch import load_file
 
 from recbole_dppmg.errors import CheckpointError, ConfigError
@@ -140,6 +140,19 @@ def test_the_report_scores_the_sd_generator_before_and_after_rl(sd_chain):
     fd = {c: result["per_seed"][c]["0"]["frechet_distance"] for c in ("no_tokens", "shuffled", "dppmg", "dppmg_rl")}
     assert len(set(fd.values())) == 4, fd  # four sets of posters: the prompts (and RL's rows) make a difference
     assert "DPPMG after RL" in (report / "report.md").read_text()
+
+
+def test_text_rl_reads_the_sd_generators_posters_as_its_partner(sd_chain, tmp_path, monkeypatch):
+    """Text RL's consistency term: one pre-RL poster per user from the SD run (the image defaults' sampling)."""
+    from recbole_dppmg.generation.rl import common as rl_common
+
+    monkeypatch.setattr(rl_common, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(rl_common, "load_default_encoder", lambda modality: None)
+    monkeypatch.setattr(rl_common, "image_features", lambda encoder, images: poster_features(images))
+    users = json.loads((sd_chain["image_run"] / "run.json").read_text())["test_users"][:2]
+    features = rl_common.pre_rl_poster_features("tiny", sd_chain["image_run"], users, progress=False)
+    assert list(features) == users and features[users[0]].shape == (6,)
+    assert not np.array_equal(features[users[0]], features[users[1]])
 
 
 # ---------------------------------------------------------------------------- bad input
