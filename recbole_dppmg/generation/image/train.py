@@ -8,7 +8,11 @@ A run folder holds the checkpoint as plain state dicts + JSON, never pickles:
 ``model.safetensors`` (EMA weights, what sampling uses), ``run.json`` (everything
 needed to rebuild the model and check a token export against it), ``train_state.pt`` (raw
 weights, optimizer, step and random state: ``weights_only=True`` loadable, for an exact
-resume) and ``history.json`` (loss per logged step, seconds).
+resume) and ``history.json`` (loss per logged step, seconds); ``checkpoint.py`` writes and reads it.
+
+This module is also where a run is loaded and trained whatever its backbone: ``image.backbone`` a
+Stable Diffusion folder sends training to ``sd.py``, and a run recorded in ``SD_FORMAT`` loads as an
+``sd.SDPosterModel`` (:func:`load_image_generator`, :func:`run_image_settings`, :func:`run_codec`).
 """
 
 from __future__ import annotations
