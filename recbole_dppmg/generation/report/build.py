@@ -53,7 +53,7 @@ from recbole_dppmg.generation.common.protocol import (
 )
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
-from recbole_dppmg.generation.image.checkpoint import is_sd_run, poster_size
+from recbole_dppmg.generation.image.checkpoint import is_sd_run, poster_size, read_image_config
 from recbole_dppmg.generation.image.data import load_poster, poster_files, tensor_to_pil
 from recbole_dppmg.generation.image.generate import (
     GENERATE_KEYS,
@@ -68,7 +68,6 @@ from recbole_dppmg.generation.image.metrics import (
 )
 from recbole_dppmg.generation.image.train import (
     load_image_generator,
-    read_image_config,
     run_codec,
     run_image_settings,
 )

@@ -32,6 +32,7 @@ from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.checkpoint import WEIGHTS_FILE, read_image_config
 from recbole_dppmg.generation.image.data import tensor_to_pil
 from recbole_dppmg.generation.image.generate import (
     GENERATE_KEYS,
@@ -41,9 +42,7 @@ from recbole_dppmg.generation.image.generate import (
 )
 from recbole_dppmg.generation.image.metrics import image_features
 from recbole_dppmg.generation.image.train import (
-    WEIGHTS_FILE,
     load_image_generator,
-    read_image_config,
     run_codec,
     run_image_settings,
 )

@@ -48,15 +48,15 @@ from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
 from recbole_dppmg.generation.common.settings import load_settings, rl_phase_settings
 from recbole_dppmg.generation.common.user_split import split_users
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.checkpoint import read_image_config
+from recbole_dppmg.generation.image.checkpoint import save_checkpoint as save_generator
 from recbole_dppmg.generation.image.data import tensor_to_pil
 from recbole_dppmg.generation.image.metrics import image_features
 from recbole_dppmg.generation.image.train import (
     load_image_generator,
-    read_image_config,
     run_codec,
     run_image_settings,
 )
-from recbole_dppmg.generation.image.train import save_checkpoint as save_generator
 from recbole_dppmg.generation.rl.common import (
     JudgeReward,
     claim_run_folder,
