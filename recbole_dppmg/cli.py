@@ -277,7 +277,8 @@ def _stage_text_eval(args, models, config_files, overrides) -> None:
 
 def _stage_image(args, models, config_files, overrides) -> None:
 
-    run = train_image_generator(args.dataset, _token_folder(args), load_settings("image", args.generation["image"]))
+    settings = load_settings("image", args.generation["image"])  # a bad setting (image.backbone) before the export
+    run = train_image_generator(args.dataset, _token_folder(args), settings)
     print(f"image generator: {run}")
 
 

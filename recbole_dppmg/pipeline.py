@@ -8,7 +8,9 @@ Valid means made from the same inputs with the same settings:
   one requested (machine keys such as paths and threads aside) and whose token export was made
   from this build of the dataset (``dataset_fingerprint``); a run without an export is exported;
 - text / image: a generator run trained on that token export with the same settings (runtime
-  keys such as threads, progress bars and time budgets aside); an unfinished one is resumed;
+  keys such as threads, progress bars and time budgets aside); an unfinished one is resumed (a
+  Stable Diffusion image run, ``image.backbone``, is written only once finished: the same backbone
+  folder, ``image.sd`` settings and export make it valid);
 - text RL / image RL (``generation/rl/text.py`` / ``rl/image.py``): an RL run made from that
   generator, rewarded against the other modality's generator of this pipeline, with the same
   ``rl:`` settings and all its steps done; an unfinished one is resumed.
@@ -44,8 +46,8 @@ from recbole_dppmg.generation.common.settings import (
     merge,
     rl_phase_settings,
 )
-from recbole_dppmg.generation.image.model import model_config
-from recbole_dppmg.generation.image.train import TRAIN_KEYS, train_image_generator
+from recbole_dppmg.generation.image.checkpoint import FORMAT, SD_FORMAT, is_sd_run
+from recbole_dppmg.generation.image.train import recorded_model, run_record, train_image_generator
 from recbole_dppmg.generation.report.build import build_report, resolve_runs
 from recbole_dppmg.generation.reward.judge import PreferenceJudge
 from recbole_dppmg.generation.rl import image as rl_image
@@ -178,16 +180,18 @@ def valid_text_run(dataset: str, tokens: Path, cfg: dict, root: Path) -> tuple[P
 def valid_image_run(dataset: str, tokens: Path, settings: dict, root: Path) -> tuple[Path | None, bool]:
     """``(run, finished)``: the newest ImageGen run on ``tokens`` with these settings."""
 
-    wanted_train = _without({k: settings[k] for k in TRAIN_KEYS}, IMAGE_RUNTIME_KEYS)
-    wanted_model = model_config(settings)
+    wanted_format, wanted_model, wanted_train = run_record(settings)
+    wanted_train = _without(wanted_train, IMAGE_RUNTIME_KEYS)
     for folder in recorded_runs(root, dataset, IMAGE_GEN.name):
         meta = read_run_meta(folder, IMAGE_KINDS)
         if (
             _same_path(meta.get("tokens_folder"), tokens)
-            and model_config(meta.get("model")) == wanted_model
+            and (SD_FORMAT if is_sd_run(meta) else FORMAT) == wanted_format
+            and recorded_model(meta) == wanted_model
             and _without(meta.get("train", {}), IMAGE_RUNTIME_KEYS) == wanted_train
         ):
-            return folder, int(meta.get("trained_steps", 0)) >= int(settings["max_steps"])
+            # a Stable Diffusion run is written when its training ended (it does not resume)
+            return folder, is_sd_run(meta) or int(meta.get("trained_steps", 0)) >= int(settings["max_steps"])
     return None, False
 
 
@@ -258,6 +262,7 @@ class Pipeline:
         self.sections = {
             s: merge(self.profile[s], generation.get(s) or {}) for s in ("text", "image", "rl", "reward", "evaluate")
         }
+        load_settings("image", self.sections["image"])  # a wrong image.backbone fails now, not after stage 1
         self.root = Path(root or SAVED_DIR)
         self.folder = new_run_folder(self.root, dataset, "Pipeline")
         self.record = {
@@ -403,10 +408,11 @@ class Pipeline:
             self.dataset, self.outputs["export"], settings, out_dir=run, resume=run is not None
         )
         meta = read_run_meta(self.outputs["image"], IMAGE_KINDS)
-        stopped = int(meta["trained_steps"]) < int(settings["max_steps"])
+        sd = is_sd_run(meta)
+        max_steps = int(settings["sd"]["max_steps"] if sd else settings["max_steps"])
         note = ("resumed; " if run is not None else "") + (
-            f"stopped by image.max_minutes at step {meta['trained_steps']} of {settings['max_steps']}"
-            if stopped
+            f"stopped by image.{'sd.' if sd else ''}max_minutes at step {meta['trained_steps']} of {max_steps}"
+            if int(meta["trained_steps"]) < max_steps
             else ""
         )
         return "ran", self.outputs["image"], note or None

@@ -132,3 +132,95 @@ def tiny_settings(tmp_path: Path, **overrides) -> dict:
         "sample_batch": 2,
         **overrides,
     }
+
+
+# image.sd settings for the tiny pipeline of save_tiny_sd_pipeline (a short prompt: its text encoder has 16 positions)
+TINY_SD = {
+    "prompt_template": "p {tokens}",
+    "height": 16,
+    "width": 16,
+    "batch_size": 2,
+    "max_steps": 3,
+    "learning_rate": 0.05,
+    "device": "cpu",
+    "progress": False,
+}
+
+
+def _tiny_clip_tokenizer(folder: Path):
+    """A byte-level CLIP tokenizer with no merges: every character is a token."""
+    from transformers import CLIPTokenizer
+
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = [chr(b) for b in printable] + [chr(256 + k) for k in range(256 - len(printable))]  # GPT-2 byte alphabet
+    vocab = {c: k for k, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+
+
+def save_tiny_sd_pipeline(root: Path) -> Path:
+    """A tiny Stable Diffusion pipeline built from configs (no downloads), saved with
+    ``save_pretrained`` to ``root/pipe``: 16-wide CLIP text encoder, 2-level UNet and VAE
+    (posters of 16x16 pixels -> 4x8x8 latents)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = _tiny_clip_tokenizer(root / "tok")
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=8,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"

@@ -5,12 +5,9 @@ of generators that do not fit together."""
 import json
 import shutil
 
-import numpy as np
 import pytest
-from data_fixtures import movie_content, write_content_manifest
-from image_fixtures import tiny_settings, write_tiny_posters
-from judge_fixtures import tiny_export
-from text_tiny import GENRES, patch_everywhere, tiny_lm, tiny_text_settings, tiny_tokenizer
+from image_fixtures import tiny_settings
+from report_fixtures import QUICK, SPLIT, report_options, tiny_text_run
 
 from recbole_dppmg.errors import CheckpointError, ConfigError
 from recbole_dppmg.generation.common.settings import load_settings
@@ -21,59 +18,14 @@ from recbole_dppmg.generation.report.build import (
     build_report,
     resolve_runs,
 )
-from recbole_dppmg.generation.text import pipeline as text_pipeline
 from recbole_dppmg.runs import RL_SECTION, write_run_meta
-
-SPLIT = {"valid_users": 2, "test_users": 4, "seed": 2020, "min_rating": 0}  # the tiny export has no ratings (1.0)
-QUICK = {"users": 4, "fd_users": 4, "seeds": [0, 1], "gallery_users": 2, "gallery_history": 2, "progress": False}
-
-
-def text_features(texts):
-    """Bag of words hashed into 8 dims (the tiny dataset's text feature width)."""
-    out = np.zeros((len(texts), 8), dtype=np.float32)
-    for k, text in enumerate(texts):
-        for word in text.lower().split():
-            out[k, sum(map(ord, word)) % 8] += 1
-    return out
-
-
-def poster_features(images):
-    """Mean and std of each colour channel (the tiny dataset's image feature width, 6)."""
-    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255 for image in images]
-    return np.array([np.concatenate([a.mean((0, 1)), a.std((0, 1))]) for a in arrays], dtype=np.float32)
-
-
-def add_item_texts_and_posters(item_file):
-    """Title, year, genres, plot and poster columns for the tiny items (text tests read them)."""
-    lines = item_file.read_text().splitlines()
-    out = [
-        lines[0]
-        + "\ttitle:token_seq\tyear:token\tgenres:token_seq\tdescription:token_seq\tdescription_mask:float\tposter:token"
-    ]
-    for line in lines[1:]:
-        item = line.split("\t")[0]
-        k = int(item[1:])
-        out.append(f"{line}\tFilm {k}\t{1990 + k % 10}\t{GENRES[k % 4]}\ta story of {GENRES[k % 4]}\t1\t{item}.png")
-    item_file.write_text("\n".join(out) + "\n")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    export, data = tiny_export(root)
-    item_file = data / "tiny" / "tiny.item"
-    add_item_texts_and_posters(item_file)
-    posters = write_tiny_posters(root / "posters", n_items=48)
-    write_content_manifest(data / "tiny", "tiny", root / "posters")
-    tokenizer = tiny_tokenizer()
-    backbone = root / "tiny-lm"
-    tiny_lm(tokenizer).save_pretrained(backbone)
-    tokenizer.save_pretrained(backbone)
-    text_cfg = tiny_text_settings(backbone, root, SPLIT)
-    with pytest.MonkeyPatch.context() as patch:
-        patch_everywhere(patch, text_pipeline.item_file, lambda dataset: item_file)
-        patch_everywhere(patch, text_pipeline.item_content, lambda dataset: movie_content(item_file))
-        text_run = text_pipeline.train_text_generator("tiny", export, text_cfg)
+    inputs = tiny_text_run(root)
+    export, text_run, posters = inputs["export"], inputs["text_run"], inputs["posters"]
     image_run = train_image_generator(
         "tiny", export, tiny_settings(root, **SPLIT), out_dir=root / "saved" / "tiny" / "ImageGen-tiny", posters=posters
     )
@@ -87,16 +39,7 @@ def tiny_run(tmp_path_factory):
             for s in range(steps)
         ]
         (rl / "rl_history.json").write_text(json.dumps(history))
-    options = dict(
-        text_config_overrides={"backbone": str(backbone), "generate": {"max_new_tokens": 4, "batch_size": 4}},
-        image_config_overrides={"sample_steps": 2, "sample_batch": 4},
-        text_featurize=text_features,
-        image_featurize=poster_features,
-        codec=PixelCodec(),
-        posters=posters,
-        dataset_dir=data / "tiny",
-        root=root / "saved",
-    )
+    options = report_options(inputs, root, codec=PixelCodec())
     return root, export, text_run, image_run, options
 
 

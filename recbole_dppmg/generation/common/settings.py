@@ -6,7 +6,9 @@ in the YAML: no field carries a Python default. Callers pass overrides of the sa
 key by key into nested sections (:func:`merge`); unknown keys and bad values (wrong type, out of
 range, not an allowed choice) raise :class:`~recbole_dppmg.errors.ConfigError` naming the dotted
 key, here, when the settings are loaded. Only checks that need the data or the machine (enough
-users to hold out, a visible device, a pipeline's VAE factor) stay where those are known.
+users to hold out, a visible device, a pipeline's VAE factor) stay where those are known; the one
+file looked at here is a Stable Diffusion ``image.backbone``'s ``model_index.json``, so that a wrong
+path fails before any stage starts.
 
 A settings object is also a read-only ``dict`` of its fields, so ``s["key"]``, ``s.get``, ``{**s}``
 and ``json.dumps(s)`` give exactly what the plain dicts of earlier versions gave (the JSON recorded
@@ -46,6 +48,7 @@ TEXT_CONDITIONS = (
     "real_liked_item",
 )
 SPACES = ("latent", "pixel")
+LATENT_BACKBONE = "latent"  # image.backbone: the small latent model; anything else is a Stable Diffusion folder
 IMAGE_CONDITIONINGS = ("tokens", "retrieval", "history")
 SAMPLERS = ("dpm", "ddim")
 USER_VECTORS = ("quantized", "continuous")
@@ -93,6 +96,32 @@ def check_image_size(config: Mapping, height: int, width: int) -> None:
                 f"image.{name}={value} must be a positive multiple of {factor} "
                 f"({config['space']} space with {len(config['unet_channels'])} UNet levels)"
             )
+
+
+def sd_backbone(settings: Mapping) -> Path | None:
+    """The Stable Diffusion folder ``image.backbone`` names, None for the small latent model."""
+    backbone = settings["backbone"]
+    return None if backbone == LATENT_BACKBONE else Path(backbone)
+
+
+def check_backbone(settings: Mapping, where: str = "image") -> None:
+    """``image.backbone``: ``latent`` or a diffusers Stable Diffusion folder, which reads the tokens
+    alone (its UNet has no poster context and every token is part of the prompt)."""
+    folder = sd_backbone(settings)
+    if folder is None:
+        return
+    if not (folder / "model_index.json").is_file():
+        raise ConfigError(
+            f"{where}.backbone={str(folder)!r} is neither {LATENT_BACKBONE!r} nor a diffusers Stable Diffusion folder "
+            f"(no {folder / 'model_index.json'})"
+        )
+    if settings["conditioning"] != "tokens":
+        raise ConfigError(
+            f"{where}.conditioning={settings['conditioning']} needs the small latent model: a Stable Diffusion "
+            f"backbone ({folder}) reads the preference tokens in its prompt only (conditioning: tokens)"
+        )
+    if settings["token_channels"] is not None:
+        raise ConfigError(f"{where}.token_channels (the routing ablation) needs the small latent model, not {folder}")
 
 
 def rule(*, gt=None, ge=None, le=None, choices=None):
@@ -382,6 +411,7 @@ class ImageSettings(Section):
     """``image``: the poster diffusion model (training, sampling, evaluation)."""
 
     LABEL: ClassVar[str] = "image"
+    backbone: str = rule()
     space: str = rule(choices=SPACES)
     autoencoder_path: str | None = rule()
     poster_dir: str | None = rule()
@@ -429,6 +459,7 @@ class ImageSettings(Section):
         if not self.unet_channels:
             raise ConfigError(f"{where}.unet_channels must list at least one width, got {self.unet_channels!r}")
         check_image_size(self, self.height, self.width)
+        check_backbone(self, where)
 
 
 # ---------------------------------------------------------------------------- reward

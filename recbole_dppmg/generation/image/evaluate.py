@@ -37,6 +37,7 @@ from recbole_dppmg.generation.common.protocol import (
 )
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.checkpoint import is_sd_run, poster_size
 from recbole_dppmg.generation.image.data import (
     cached_latents,
     load_poster,
@@ -56,10 +57,12 @@ from recbole_dppmg.generation.image.metrics import (
     real_poster_features,
     retrieval_metrics,
 )
+from recbole_dppmg.generation.image.sd import load_sd_generator
 from recbole_dppmg.generation.image.train import (
-    build_codec,
     build_model,
     load_image_generator,
+    run_codec,
+    run_image_settings,
 )
 from recbole_dppmg.tokens import PreferenceTokens
 
@@ -85,15 +88,8 @@ def evaluate_image_generator(
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
     vocab = PreferenceVocabulary(tokens)
     model, meta = load_image_generator(checkpoint, vocab, dataset=dataset, device=image["device"])
-    settings = load_settings(
-        "image",
-        {
-            **meta["train"],
-            **meta["model"],
-            **{k: v for k, v in config.items() if k in ("num_threads", "autoencoder_path", "poster_dir")},
-        },
-    )
-    height, width = settings["height"], settings["width"]
+    settings = run_image_settings(meta, config)
+    height, width = poster_size(meta)
     out_dir = Path(out_dir or Path(checkpoint) / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     sample = dict(
@@ -113,7 +109,7 @@ def evaluate_image_generator(
 
     with torch_threads(settings["num_threads"]):
         encoder = load_default_encoder("image")
-        codec, codec_id = build_codec(settings)
+        codec, codec_id = run_codec(model, meta, settings)
         posters = poster_files(dataset, settings["poster_dir"])
         item_ids, latents = cached_latents(posters, codec, height, width, codec_id)
         logger.info("features of %d real posters at %dx%d", len(item_ids), height, width)
@@ -133,15 +129,7 @@ def evaluate_image_generator(
         result["seconds_per_poster"] = (time.perf_counter() - started) / n_fd
         trained_images = [tensor_to_pil(x) for x in trained]
         fd["trained"] = frechet_distance(image_features(encoder, trained_images), real)
-        torch.manual_seed(settings["seed"])
-        untrained = build_model(meta).to(module_device(model))
-        untrained.set_latent_stats(latents)
-        untrained.projection.codebook_vectors.copy_(vocab.vectors)
-        if model.context is not None:  # the same catalogue posters and retrieval keys, untrained projection
-            untrained.context.load_state_dict(
-                {k: v for k, v in model.context.state_dict().items() if k in dict(untrained.context.named_buffers())},
-                strict=False,
-            )
+        untrained = _untrained(model, meta, vocab, latents, settings).to(module_device(model))
         raw = generate_posters(untrained.eval(), codec, user_positions(vocab, fd_users), context=fd_context, **sample)
         fd["untrained"] = frechet_distance(image_features(encoder, [tensor_to_pil(x) for x in raw]), real)
         mean_poster = torch.stack([load_poster(posters[i], height, width) for i in item_ids]).mean(0)
@@ -194,6 +182,24 @@ def evaluate_image_generator(
     (out_dir / "image_eval.json").write_text(json.dumps(result, indent=2))
     (out_dir / "image_eval.md").write_text(_markdown(result, topk))
     return result
+
+
+def _untrained(model, meta: dict, vocab: PreferenceVocabulary, latents: torch.Tensor, settings):
+    """The run's architecture before training: a Stable Diffusion run's pipeline with its seeded
+    initial token rows; the small model re-initialised with the run's seed, latent statistics,
+    codebook and (retrieval / history) catalogue posters."""
+    if is_sd_run(meta):
+        return load_sd_generator(meta, vocab)
+    torch.manual_seed(settings["seed"])
+    untrained = build_model(meta)
+    untrained.set_latent_stats(latents)
+    untrained.projection.codebook_vectors.copy_(vocab.vectors)
+    if model.context is not None:  # the same catalogue posters and retrieval keys, untrained projection
+        untrained.context.load_state_dict(
+            {k: v for k, v in model.context.state_dict().items() if k in dict(untrained.context.named_buffers())},
+            strict=False,
+        )
+    return untrained
 
 
 def _save_grid(images, path: Path, columns: int = 8) -> None:

@@ -24,8 +24,9 @@ from recbole_dppmg.generation.image.context import history_rows
 from recbole_dppmg.generation.image.data import load_poster, poster_files, tensor_to_pil
 from recbole_dppmg.generation.image.model import PosterDiffusion
 from recbole_dppmg.generation.image.train import (
-    build_codec,
     load_image_generator,
+    run_codec,
+    run_image_settings,
 )
 from recbole_dppmg.paths import SAVED_DIR
 from recbole_dppmg.runs import IMAGE_GEN, new_run_folder, newest_finished_run
@@ -72,7 +73,8 @@ def generate_posters(
     generator (:func:`user_context`; a retrieval generator retrieves from the tokens)."""
     c = model.config
     if (height, width) != (None, None) and (height, width) != (c["height"], c["width"]):
-        check_image_size(c, height, width)
+        if "unet_channels" in c:  # the small model: say first whether the size could be trained at all
+            check_image_size(c, height, width)
         raise ConfigError(
             f"this image generator draws {c['height']}x{c['width']} posters (height x width), not {height}x{width}; "
             "train one at that size"
@@ -184,14 +186,7 @@ def run_generate_images(
     vocab = PreferenceVocabulary(tokens)
     folder = Path(checkpoint or settings["checkpoint"] or newest_image_run(dataset))
     model, meta = load_image_generator(folder, vocab, dataset=dataset, device=image["device"])
-    train_settings = load_settings(
-        "image",
-        {
-            **meta["train"],
-            **meta["model"],
-            **{k: v for k, v in config.items() if k in ("autoencoder_path", "poster_dir", "num_threads")},
-        },
-    )
+    train_settings = run_image_settings(meta, config)
     users = [str(u) for u in users]
     if not users:
         raise DataError("no users given to generate posters for")
@@ -199,7 +194,7 @@ def run_generate_images(
         tokens.user_row(u)  # one clear error for an unknown user before any sampling
     with torch_threads(train_settings["num_threads"]):
         if codec is None:
-            codec, _ = build_codec(train_settings)
+            codec, _ = run_codec(model, meta, train_settings)
         positions, context = user_positions(vocab, users), user_context(model, tokens, users)
         shown = context_items(model, positions, context)
         images = generate_posters(

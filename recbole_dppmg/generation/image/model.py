@@ -24,6 +24,7 @@ import logging
 import torch
 from torch import nn
 
+from recbole_dppmg.devices import module_device
 from recbole_dppmg.errors import ConfigError
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import CodebookProjection
@@ -57,7 +58,52 @@ def model_config(config: dict | None = None) -> dict:
     return {k: settings[k] for k in MODEL_KEYS}
 
 
-class PosterDiffusion(nn.Module):
+class GuidedSampling:
+    """Seeded sampling with classifier-free guidance, for any poster model that gives
+    ``condition`` / ``unconditional`` sequences, a ``train_scheduler`` and ``forward(noisy, t, cond)``
+    (the small model here, a Stable Diffusion pipeline in ``sd.py``)."""
+
+    def sample_scheduler(self, sampler: str = "dpm"):
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+        base = self.train_scheduler().config
+        if sampler == "dpm":
+            return DPMSolverMultistepScheduler.from_config(base)
+        if sampler == "ddim":  # latents are standardised (std 1): clipping x0 to [-1, 1] would cut their tails
+            return DDIMScheduler.from_config(base, clip_sample=False)
+        raise ConfigError(f"image.sampler must be 'dpm' or 'ddim', got {sampler!r}")
+
+    @torch.no_grad()
+    def sample(
+        self,
+        positions: torch.Tensor,
+        noise: torch.Tensor,
+        steps: int = 20,
+        guidance: float = 1.0,
+        sampler: str = "dpm",
+        drop: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Normalised latents ``[B, C, h, w]`` from initial ``noise`` (which fixes the seed);
+        ``context``: see :meth:`condition`."""
+        scheduler = self.sample_scheduler(sampler)
+        scheduler.set_timesteps(steps)
+        cond = self.condition(positions, drop, context)
+        use_cfg = guidance != 1.0
+        if use_cfg:
+            cond = torch.cat([self.unconditional(len(cond)), cond])
+        x = noise.to(module_device(self)) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_in = scheduler.scale_model_input(torch.cat([x, x]) if use_cfg else x, t)
+            out = self(model_in, t.expand(model_in.shape[0]), cond)
+            if use_cfg:
+                uncond, conditioned = out.chunk(2)
+                out = uncond + guidance * (conditioned - uncond)
+            x = scheduler.step(out, t, x).prev_sample
+        return x
+
+
+class PosterDiffusion(GuidedSampling, nn.Module):
     """Conditional UNet + token conditioning; ``n_slots`` = tokens per user."""
 
     def __init__(
@@ -176,6 +222,18 @@ class PosterDiffusion(nn.Module):
         decoded = self.projection.codebook_vectors[positions.clamp_min(0)[:, slots]].sum(dim=1)
         return self.context.retrieve(decoded, count)
 
+    def token_parameters(self, train_null: bool = False) -> dict[str, nn.Parameter]:
+        """The token conditioning (what image RL moves): projection, slot (and null) embeddings."""
+        named = {f"projection.linear.{n}": p for n, p in self.projection.linear.named_parameters()}
+        named["slot"] = self.slot
+        if train_null:
+            named["null"] = self.null
+        return named
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """What a run folder saves (``model.safetensors``): every weight and buffer."""
+        return self.state_dict()
+
     def set_latent_stats(self, latents: torch.Tensor) -> None:
         dims = [0, 2, 3]
         self.latent_mean.copy_(latents.mean(dim=dims))
@@ -200,46 +258,6 @@ class PosterDiffusion(nn.Module):
             beta_schedule=c["beta_schedule"],
             prediction_type=c["prediction_type"],
         )
-
-    def sample_scheduler(self, sampler: str = "dpm"):
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-        base = self.train_scheduler().config
-        if sampler == "dpm":
-            return DPMSolverMultistepScheduler.from_config(base)
-        if sampler == "ddim":  # latents are standardised (std 1): clipping x0 to [-1, 1] would cut their tails
-            return DDIMScheduler.from_config(base, clip_sample=False)
-        raise ConfigError(f"image.sampler must be 'dpm' or 'ddim', got {sampler!r}")
-
-    # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def sample(
-        self,
-        positions: torch.Tensor,
-        noise: torch.Tensor,
-        steps: int = 20,
-        guidance: float = 1.0,
-        sampler: str = "dpm",
-        drop: torch.Tensor | None = None,
-        context: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Normalised latents ``[B, C, h, w]`` from initial ``noise`` (which fixes the seed);
-        ``context``: see :meth:`condition`."""
-        scheduler = self.sample_scheduler(sampler)
-        scheduler.set_timesteps(steps)
-        cond = self.condition(positions, drop, context)
-        use_cfg = guidance != 1.0
-        if use_cfg:
-            cond = torch.cat([self.unconditional(len(cond)), cond])
-        x = noise.to(self.slot.device) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            model_in = scheduler.scale_model_input(torch.cat([x, x]) if use_cfg else x, t)
-            out = self(model_in, t.expand(model_in.shape[0]), cond)
-            if use_cfg:
-                uncond, conditioned = out.chunk(2)
-                out = uncond + guidance * (conditioned - uncond)
-            x = scheduler.step(out, t, x).prev_sample
-        return x
 
 
 class EMA:

@@ -8,7 +8,11 @@ A run folder holds the checkpoint as plain state dicts + JSON, never pickles:
 ``model.safetensors`` (EMA weights, what sampling uses), ``run.json`` (everything
 needed to rebuild the model and check a token export against it), ``train_state.pt`` (raw
 weights, optimizer, step and random state: ``weights_only=True`` loadable, for an exact
-resume) and ``history.json`` (loss per logged step, seconds).
+resume) and ``history.json`` (loss per logged step, seconds); ``checkpoint.py`` writes and reads it.
+
+This module is also where a run is loaded and trained whatever its backbone: ``image.backbone`` a
+Stable Diffusion folder sends training to ``sd.py``, and a run recorded in ``SD_FORMAT`` loads as an
+``sd.SDPosterModel`` (:func:`load_image_generator`, :func:`run_image_settings`, :func:`run_codec`).
 """
 
 from __future__ import annotations
@@ -19,19 +23,30 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from recbole_dppmg.data.featurize import torch_threads
 from recbole_dppmg.devices import resolve_device
 from recbole_dppmg.errors import CheckpointError
-from recbole_dppmg.generation.common.settings import load_settings
+from recbole_dppmg.generation.common.settings import load_settings, sd_backbone
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.autoencoder import (
     ENCODER_FILE,
     PixelCodec,
     default_autoencoder_dir,
     load_autoencoder,
+)
+from recbole_dppmg.generation.image.checkpoint import (
+    FORMAT,
+    SD_FORMAT,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    is_sd_run,
+    read_image_config,
+    refuse_existing_run,
+    save_checkpoint,
+    vocabulary_record,
 )
 from recbole_dppmg.generation.image.context import (
     PosterContext,
@@ -45,23 +60,26 @@ from recbole_dppmg.generation.image.data import (
     training_pairs,
 )
 from recbole_dppmg.generation.image.model import EMA, PosterDiffusion, model_config
+from recbole_dppmg.generation.image.sd import (
+    load_sd_generator,
+    run_sd_settings,
+    sd_model_config,
+    sd_train_config,
+    train_sd_tokens,
+)
 from recbole_dppmg.paths import SAVED_DIR
 from recbole_dppmg.runs import (
     IMAGE_GEN,
-    IMAGE_KINDS,
     RUN_META,
-    meta_path,
     new_run_folder,
-    read_run_meta,
-    run_kind,
-    write_run_meta,
 )
 from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_FILE, STATE_FILE, HISTORY_FILE = IMAGE_GEN.done, "train_state.pt", "history.json"
-FORMAT = "dppmg-image-diffusion/1"
+HISTORY_FILE = "history.json"
+# the image keys that describe this machine rather than a run: they override a run's own when it is loaded
+LOCAL_KEYS = ("autoencoder_path", "poster_dir", "num_threads")
 
 # The keys of the ``image:`` section a run records under ``train`` (in this order).
 TRAIN_KEYS = (
@@ -96,33 +114,37 @@ def build_codec(settings: dict):
     return codec, f"taef2:{(folder / ENCODER_FILE).stat().st_size}"
 
 
-# ---------------------------------------------------------------------- checkpoints
-def save_checkpoint(
-    folder: Path, model: PosterDiffusion, meta: dict, train_state: dict | None = None, kind: str = IMAGE_GEN.name
-) -> None:
-    """Weights + config (+ training state), each written to a temp file and renamed; ``kind``
-    is the run kind ``run.json`` records (an RL run saves its tuned generator here too)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(folder / WEIGHTS_FILE)
-    if train_state is not None:
-        tmp = folder / (STATE_FILE + ".tmp")
-        torch.save(train_state, tmp)
-        tmp.replace(folder / STATE_FILE)
-    write_run_meta(folder, kind, meta)
+def run_image_settings(meta: dict, config: dict | None = None):
+    """The ``image`` settings a run was trained with, this machine's keys of ``config``
+    (:data:`LOCAL_KEYS`) over them: what decoding its posters and finding the real ones read."""
+    local = {k: v for k, v in (config or {}).items() if k in LOCAL_KEYS}
+    if is_sd_run(meta):
+        return run_sd_settings(meta, local)
+    return load_settings("image", {**meta["train"], **meta["model"], **local})
 
 
-def read_image_config(folder: str | Path) -> dict:
-    meta = read_run_meta(folder, IMAGE_KINDS)
-    if meta is None:
-        raise CheckpointError(f"{folder} is not an image generator checkpoint (no {RUN_META})")
-    if meta.get("format") != FORMAT:
-        path = meta_path(folder, IMAGE_KINDS)
-        raise CheckpointError(f"{path} has format {meta.get('format')!r}, this code reads {FORMAT!r}")
-    return meta
+def run_codec(model, meta: dict, settings) -> tuple:
+    """(codec, codec id) that decode ``model``'s latents: a Stable Diffusion run's own VAE, else
+    the autoencoder of ``settings`` (:func:`run_image_settings`)."""
+    if is_sd_run(meta):
+        return model.codec, meta["codec"]
+    return build_codec(settings)
 
 
+def run_record(settings) -> tuple[str, dict, dict]:
+    """``(format, model, train)`` as a run trained on ``settings`` records them: a recorded run with
+    the same three (``train`` up to runtime keys) is the same run."""
+    if sd_backbone(settings) is not None:
+        return SD_FORMAT, sd_model_config(settings), sd_train_config(settings)
+    return FORMAT, model_config(settings), {k: settings[k] for k in TRAIN_KEYS}
+
+
+def recorded_model(meta: dict) -> dict:
+    """A run's model record as :func:`run_record` gives it (old small-model runs lack later keys)."""
+    return meta.get("model") if is_sd_run(meta) else model_config(meta.get("model"))
+
+
+# ---------------------------------------------------------------------- the small model
 def build_context(
     config: dict, latents: torch.Tensor, item_ids: list[str], tokens=None, train_users: list[str] | None = None
 ) -> PosterContext | None:
@@ -163,10 +185,11 @@ def load_image_generator(
     folder: str | Path,
     vocab: PreferenceVocabulary | None = None,
     dataset: str | None = None,
-    device: str | None = "cpu",
+    device: str | None = None,
 ) -> tuple[PosterDiffusion, dict]:
-    """The sampling (EMA) model of a run folder (on ``device``: cpu, cuda or auto) and its
-    config; refuses a token export or dataset the model was not built for."""
+    """The sampling (EMA) model of a run folder and its config; refuses a token export or dataset
+    the model was not built for. ``device``: cpu, cuda or auto; None = the CPU for the small model,
+    the ``image.sd.device`` a Stable Diffusion run trained with for that (an ``SDPosterModel``)."""
     folder = Path(folder)
     meta = read_image_config(folder)
     if dataset is not None and meta["dataset"] != dataset:
@@ -174,18 +197,24 @@ def load_image_generator(
     if vocab is not None:
         v = meta["vocabulary"]
         vocab.check_compatible(v["levels"], v["codebook_size"], v["modalities"])
-    model = build_model(meta)
     if not (folder / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{folder / WEIGHTS_FILE} is missing")
-    try:
-        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-    except RuntimeError as exc:
-        reason = str(exc).splitlines()[0]
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit its {RUN_META}: {reason}") from None
-    return model.to(resolve_device(device, key="image.device")).eval(), meta
+    weights = load_file(str(folder / WEIGHTS_FILE))
+    if is_sd_run(meta):
+        vocab = vocab or PreferenceVocabulary(PreferenceTokens.load(meta["tokens_folder"], dataset=meta["dataset"]))
+        model = load_sd_generator(meta, vocab, weights)
+        device = device or meta["train"]["device"]
+    else:
+        model = build_model(meta)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as exc:
+            reason = str(exc).splitlines()[0]
+            raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit its {RUN_META}: {reason}") from None
+    return model.to(resolve_device(device or "cpu", key="image.device")).eval(), meta
 
 
-# ---------------------------------------------------------------------- training
+# ---------------------------------------------------------------------- loading and training
 def train_image_generator(
     dataset: str,
     tokens_folder: str | Path,
@@ -196,11 +225,17 @@ def train_image_generator(
     codec=None,
 ) -> Path:
     """Train (or, with ``resume``, continue training in ``out_dir``) the poster generator for
-    ``max_minutes`` or until ``max_steps``; returns the run folder.
+    ``max_minutes`` or until ``max_steps``; returns the run folder. With ``image.backbone`` a
+    Stable Diffusion folder, the preference tokens of that pipeline instead (``sd.train_sd_tokens``;
+    it does not resume: a run is written when its training ended).
 
     ``posters`` / ``codec`` replace the dataset's posters and the autoencoder (tests)."""
 
     settings = load_settings("image", config)
+    if sd_backbone(settings) is not None:
+        if resume:
+            raise CheckpointError(f"a Stable Diffusion run does not resume ({out_dir}); start a new one")
+        return train_sd_tokens(dataset, tokens_folder, settings, out_dir, posters)
     # the dataset's images first: a dataset without them says so at once and leaves no run folder
     posters, liked = training_images(dataset, settings["poster_dir"], settings["min_rating"], posters)
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
@@ -209,8 +244,8 @@ def train_image_generator(
     folder = Path(out_dir) if out_dir else new_run_folder(SAVED_DIR, dataset, IMAGE_GEN.name)
     if resume and not (folder / STATE_FILE).is_file():
         raise CheckpointError(f"nothing to resume in {folder} (no {STATE_FILE})")
-    if not resume and (run_kind(folder) is not None or meta_path(folder, IMAGE_KINDS) is not None):
-        raise CheckpointError(f"{folder} already holds an image generator; pass resume=True or another folder")
+    if not resume:
+        refuse_existing_run(folder)
 
     with torch_threads(settings["num_threads"]):
         if codec is None:
@@ -254,12 +289,7 @@ def train_image_generator(
             "model": model.config,
             "latent_channels": latents.shape[1],
             "n_slots": positions.shape[1],
-            "vocabulary": {
-                "modalities": vocab.modalities,
-                "levels": vocab.levels,
-                "codebook_size": vocab.codebook_size,
-                "dim": vocab.dim,
-            },
+            "vocabulary": vocabulary_record(vocab),
             "codec": codec_id,
             "train": {k: settings[k] for k in TRAIN_KEYS},
             "pairs": len(split.pairs),

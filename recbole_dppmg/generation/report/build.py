@@ -53,6 +53,7 @@ from recbole_dppmg.generation.common.protocol import (
 )
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.checkpoint import is_sd_run, poster_size, read_image_config
 from recbole_dppmg.generation.image.data import load_poster, poster_files, tensor_to_pil
 from recbole_dppmg.generation.image.generate import (
     GENERATE_KEYS,
@@ -66,9 +67,9 @@ from recbole_dppmg.generation.image.metrics import (
     real_poster_features,
 )
 from recbole_dppmg.generation.image.train import (
-    build_codec,
     load_image_generator,
-    read_image_config,
+    run_codec,
+    run_image_settings,
 )
 from recbole_dppmg.generation.report.render import write_report
 from recbole_dppmg.generation.reward.heldout_judge import HeldoutJudge
@@ -556,14 +557,9 @@ class _Generation:
             "batch_size": gen["sample_batch"],
         }
         meta = read_image_config(runs.image) if runs.image else {"train": {}, "model": {}}
-        self.image_settings = load_settings(
-            "image",
-            {
-                **meta["train"],
-                **meta["model"],
-                **{k: v for k, v in image_cfg.items() if k in ("autoencoder_path", "poster_dir")},
-            },
-        )
+        local = {k: v for k, v in image_cfg.items() if k in ("autoencoder_path", "poster_dir")}
+        self.image_meta, self.image_settings = meta, run_image_settings(meta, local)
+        self.poster_size = poster_size(meta) if runs.image else (image_cfg["height"], image_cfg["width"])
         self._codec, self._posters, self.dataset_dir = codec, posters, dataset_dir
         self._base = None  # the frozen base LM for perplexity, loaded on first use
         self._perplexities: dict[tuple, float] = {}
@@ -583,10 +579,12 @@ class _Generation:
             image = "n/a"
         return {"text": text, "image": image}
 
-    @property
-    def codec(self):
+    def codec(self, model):
+        """The decoder of ``model``'s latents (the one given, or the run's: ``run_codec``)."""
+        if self._codec is None and is_sd_run(self.image_meta):
+            return model.codec  # each Stable Diffusion model decodes with its own pipeline's VAE
         if self._codec is None:
-            self._codec, _ = build_codec(self.image_settings)
+            self._codec, _ = run_codec(model, self.image_meta, self.image_settings)
         return self._codec
 
     def catalogues(self, judge, image_featurize) -> Catalogues:
@@ -602,7 +600,7 @@ class _Generation:
         )
         known = set(self.tokens.item_ids[1:])
         posters = {i: p for i, p in posters.items() if i in known}
-        height, width = self.image_settings["height"], self.image_settings["width"]
+        height, width = self.poster_size
         poster_ids, poster_features = (
             real_poster_features(posters, height, width, image_featurize, getattr(image_featurize, "cache_key", None))
             if posters
@@ -668,11 +666,11 @@ class _Generation:
                     else:
                         positions = user_positions(self.vocabulary, users, mode)
                     images = generate_posters(
-                        model, self.codec, positions, seed=seed, progress=self.cfg["progress"], **self.sampling
+                        model, self.codec(model), positions, seed=seed, progress=self.cfg["progress"], **self.sampling
                     )
                     out[condition][seed] = [tensor_to_pil(x) for x in images]
             del model
-        height, width = self.image_settings["height"], self.image_settings["width"]
+        height, width = self.poster_size
         for condition, items in real_items.items():
             listed = [tensor_to_pil(load_poster(real[i], height, width)) if i else None for i in items]
             out[condition] = {seed: listed for seed in self.cfg["seeds"]}  # one list: measured once

@@ -32,6 +32,7 @@ from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.checkpoint import WEIGHTS_FILE, read_image_config
 from recbole_dppmg.generation.image.data import tensor_to_pil
 from recbole_dppmg.generation.image.generate import (
     GENERATE_KEYS,
@@ -41,10 +42,9 @@ from recbole_dppmg.generation.image.generate import (
 )
 from recbole_dppmg.generation.image.metrics import image_features
 from recbole_dppmg.generation.image.train import (
-    WEIGHTS_FILE,
-    build_codec,
     load_image_generator,
-    read_image_config,
+    run_codec,
+    run_image_settings,
 )
 from recbole_dppmg.generation.text.generate import TokenConditioner, generate_texts
 from recbole_dppmg.generation.text.injection import META
@@ -423,16 +423,9 @@ def pre_rl_poster_features(
         tokens = PreferenceTokens.load(meta["tokens_folder"], dataset=dataset)
         vocab = PreferenceVocabulary(tokens)
         model, _ = load_image_generator(image_run, vocab, dataset=dataset)
-        settings = load_settings(
-            "image",
-            {
-                **meta["train"],
-                **meta["model"],
-                **{k: v for k, v in config.items() if k in ("autoencoder_path", "poster_dir")},
-            },
-        )
+        settings = run_image_settings(meta, {k: v for k, v in config.items() if k != "num_threads"})
         with torch_threads(num_threads):
-            codec, _ = build_codec(settings)
+            codec, _ = run_codec(model, meta, settings)
             images = generate_posters(
                 model,
                 codec,

@@ -17,7 +17,10 @@ Only the token conditioning moves: the codebook projection and the slot embeddin
 null sequence when ``train_null``); the UNet, the latent statistics and the autoencoder stay
 bit-identical (a retrieval generator's context posters follow the tokens; their projection stays
 frozen too). TRL dropped its DDPO trainer, and it targeted Stable Diffusion pipelines; this
-is the same algorithm on ``PosterDiffusion``.
+is the same algorithm on ``PosterDiffusion`` and, for a Stable Diffusion backbone, on
+``sd.SDPosterModel``: there the new token rows of the text encoder move, the DDIM steps go through
+the pipeline's UNet with the text encoder's states as conditioning, and UNet, VAE and text encoder
+stay frozen. The small model runs RL on the CPU, a Stable Diffusion run on its ``image.sd.device``.
 
 Run folder ``saved/<dataset>/ImageRL-<time>/`` loads like a trained image generator
 (``image_train.load_image_generator``): ``model.safetensors`` + ``run.json`` (the generator's record with
@@ -40,18 +43,20 @@ import numpy as np
 import torch
 
 from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
+from recbole_dppmg.devices import module_device
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
 from recbole_dppmg.generation.common.settings import load_settings, rl_phase_settings
 from recbole_dppmg.generation.common.user_split import split_users
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
+from recbole_dppmg.generation.image.checkpoint import read_image_config
+from recbole_dppmg.generation.image.checkpoint import save_checkpoint as save_generator
 from recbole_dppmg.generation.image.data import tensor_to_pil
 from recbole_dppmg.generation.image.metrics import image_features
 from recbole_dppmg.generation.image.train import (
-    build_codec,
     load_image_generator,
-    read_image_config,
+    run_codec,
+    run_image_settings,
 )
-from recbole_dppmg.generation.image.train import save_checkpoint as save_generator
 from recbole_dppmg.generation.rl.common import (
     JudgeReward,
     claim_run_folder,
@@ -174,14 +179,14 @@ def sample_trajectories(
     """Posters' latents for token ``positions`` with every transition's log-prob (noise from ``generator``)."""
     cond = model.condition(positions)
     null = model.unconditional(len(cond))
-    shape = (len(positions), model.latent_channels, *model.latent_size)
-    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+    shape, device = (len(positions), model.latent_channels, *model.latent_size), module_device(model)
+    x = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
     starts, ends, logps, steps, stds = [], [], [], [], []
     for t in scheduler.timesteps:
         out = guided_output(model, x, t, cond, null, guidance)
         mean, std = ddim_transition(scheduler, out, int(t), x, eta)
         if std > 0:
-            following = mean + std * torch.randn(shape, generator=generator)
+            following = mean + std * torch.randn(shape, generator=generator).to(device)
             starts.append(x)
             ends.append(following)
             logps.append(gaussian_logprob(following, mean, std))
@@ -206,12 +211,10 @@ def ppo_loss(
 
 # ---------------------------------------------------------------------------- training loop
 def conditioning_parameters(model, train_null: bool = False) -> dict[str, torch.nn.Parameter]:
-    """The tensors RL moves (everything else frozen): projection, slot (and null) embeddings."""
+    """The tensors RL moves (everything else frozen): the model's ``token_parameters`` (the small
+    model: projection, slot and optionally null embeddings; Stable Diffusion: the new token rows)."""
     model.requires_grad_(False)
-    named = {f"projection.linear.{n}": p for n, p in model.projection.linear.named_parameters()}
-    named["slot"] = model.slot
-    if train_null:
-        named["null"] = model.null
+    named = model.token_parameters(train_null)
     for p in named.values():
         p.requires_grad_(True)
     return named
@@ -255,6 +258,7 @@ def run_image_rl(model, codec, vocab, reward_fn: Callable, pool: Sequence[str], 
         rewards = reward_table(reward_fn(users, posters))
         advantages = reward_advantages(rewards, group, cfg["advantage_scale"], getattr(reward_fn, "weights", None))
         adv = torch.tensor(advantages, dtype=torch.float32).clamp(-cfg["advantage_clip"], cfg["advantage_clip"])
+        adv = adv.to(module_device(model))
         ref_cond = None
         if cfg["kl_weight"]:
             with reference.active(), torch.no_grad():
@@ -358,10 +362,8 @@ def train_image_rl(
             )
         if codec is None:
             image_cfg = load_settings("image")
-            settings = load_settings(
-                "image", {**train, **meta["model"], **{k: image_cfg[k] for k in ("autoencoder_path", "poster_dir")}}
-            )
-            codec, _ = build_codec(settings)
+            settings = run_image_settings(meta, {k: image_cfg[k] for k in ("autoencoder_path", "poster_dir")})
+            codec, _ = run_codec(model, meta, settings)
         if run is None:
             run = claim_run_folder("image", out_dir, lambda: new_run_folder(SAVED_DIR, dataset, RUN_PREFIX))
             record = {
