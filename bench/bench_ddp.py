@@ -23,7 +23,8 @@ written beside it as ``.md``.
 each rank takes 1/N of it), ``weak`` (N processes run with ``train_batch_size`` x N, so each rank
 keeps the 1-process batch and an epoch has 1/N of the steps), or ``both``. ``--weak-lr linear``
 also multiplies the weak-scaling runs' ``learning_rate`` by N (the linear scaling rule of Goyal et
-al., 2017: N times the batch, N times the step, about the same number of epochs); ``same`` keeps it.
+al., 2017: N times the batch, N times the step, about the same number of epochs); ``sqrt`` by the
+square root of N (the rule for Adam-style optimisers, Malladi et al., 2022); ``same`` keeps it.
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ def table(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def weak_learning_rate(base: float, nproc: int, rule: str) -> float:
+    """The weak-scaling run's learning rate (``--weak-lr``; module doc)."""
+    return {"same": base, "linear": base * nproc, "sqrt": base * nproc**0.5}[rule]
+
+
 def learning_rate(args, overrides: dict, settings: dict) -> float:
     """The learning rate a run trains with (its override, or the config's)."""
     if "learning_rate" in settings:
@@ -114,9 +120,9 @@ def main(argv=None) -> None:
     )
     parser.add_argument(
         "--weak-lr",
-        choices=("same", "linear"),
+        choices=("same", "linear", "sqrt"),
         default="same",
-        help="weak scaling: keep learning_rate (same) or multiply it by N (linear)",
+        help="weak scaling: keep learning_rate (same), multiply it by N (linear) or by sqrt(N) (sqrt)",
     )
     args, unknown = parser.parse_known_args(argv)
     overrides = parse_overrides(unknown)  # any other --key=value: a RecBole config override
@@ -160,8 +166,8 @@ def main(argv=None) -> None:
                         ]
                     )
                     settings["train_batch_size"] = int(batch) * nproc
-                    if args.weak_lr == "linear":
-                        settings["learning_rate"] = float(learning_rate(args, overrides, settings)) * nproc
+                    base = float(learning_rate(args, overrides, settings))
+                    settings["learning_rate"] = weak_learning_rate(base, nproc, args.weak_lr)
                 key = {"mode": mode or "config", "nproc": nproc, "seed": seed, "scaling": scaling}
                 if scaling == "weak":
                     key["weak_lr"] = args.weak_lr

@@ -360,6 +360,15 @@ def test_bench_ddp_modes_and_seeds_tiny(tmp_path):
     assert "s/epoch, 1 epochs" not in again and "| sampled | 2 | 512 (weak scaling) | 0.008 | 0 |" in again
 
 
+def test_bench_ddp_weak_learning_rate_rules():
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from bench_ddp import weak_learning_rate
+
+    assert weak_learning_rate(0.001, 2, "same") == 0.001
+    assert weak_learning_rate(0.001, 2, "linear") == 0.002
+    assert weak_learning_rate(0.001, 4, "sqrt") == pytest.approx(0.002)
+
+
 def test_bench_sampled_tune_and_compare_tiny(tmp_path):
     folder = _tiny_synthetic(tmp_path)
     common = [
