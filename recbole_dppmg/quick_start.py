@@ -107,6 +107,22 @@ def check_dataset(dataset: str, data_path: str | Path | None = None, num_threads
         )
 
 
+def prepared_config(
+    model_class, dataset: str, config_files: Iterable[str | Path] = (), config_dict: dict | None = None
+):
+    """The run's RecBole config, read after the dataset is prepared: on first use ``prepare`` writes
+    the dataset's own property file (its feature fields, ``load_col``), which the config must include."""
+    config = build_config(model_class, dataset, config_files, config_dict)
+    check_settings(config)
+    own = Path(config["data_path"]) / f"{dataset}.yaml"
+    existed = own.is_file()
+    check_dataset(dataset, Path(config["data_path"]).parent, config["torch_num_threads"])
+    if not existed and own.is_file():
+        config = build_config(model_class, dataset, config_files, config_dict)
+        check_settings(config)
+    return config
+
+
 def new_run_dir(config, model_name: str) -> Path:
     """A new stage-1 run folder; a second run started in the same second gets ``~2``, ``~3``..."""
     try:
@@ -131,11 +147,9 @@ def run(
     this function (``recbole_dppmg.distributed``); rank 0 writes the run folder and its result
     is returned."""
     model_class = get_model(model)
-    config = build_config(model_class, dataset, config_files, config_dict)
-    check_settings(config)
+    config = prepared_config(model_class, dataset, config_files, config_dict)
     if resume is not None:
         check_checkpoint(resume, model_class.__name__, dataset)
-    check_dataset(dataset, Path(config["data_path"]).parent, config["torch_num_threads"])
     if distributed.wants_launch(config):
         return distributed.launch(
             run, config, (model, dataset, list(config_files)), {"saved": saved, "resume": resume}, config_dict
@@ -390,8 +404,7 @@ def load_data_and_model(checkpoint_file: str | Path, config_dict: dict | None = 
     model_class = get_model(state["model"])
     overrides = json.loads(state["settings_json"])
     overrides.update(config_dict or {})
-    config = build_config(model_class, state["dataset"], (), overrides)
-    check_dataset(state["dataset"], Path(config["data_path"]).parent, config["torch_num_threads"])
+    config = prepared_config(model_class, state["dataset"], (), overrides)
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)

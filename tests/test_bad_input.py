@@ -310,3 +310,23 @@ def test_seed_is_a_recbole_key_not_an_abbreviation_of_seeds():
 
     args, models, config_files, overrides = parse_args(["-d", "ml-100k", "-m", "BPR", "--seed=7"])
     assert args.seeds is None and overrides["seed"] == 7
+
+
+def test_a_first_run_reads_the_property_file_that_prepare_just_wrote(tmp_path, monkeypatch):
+    """On a fresh checkout stage 1 prepares the dataset; the config must then include the file
+    prepare wrote (its load_col and feature fields), not the one read before it existed."""
+    from recbole_dppmg import quick_start
+    from recbole_dppmg.utils import get_model
+
+    root = tmp_path / "dataset"
+    monkeypatch.setenv("DPPMG_DATASET_DIR", str(root))
+
+    def fake_prepare(dataset, dataset_dir, num_threads=None):
+        folder = pathlib.Path(dataset_dir) / dataset
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{dataset}.inter").write_text("user_id:token\titem_id:token\tscore:float\n1\t2\t5\n")
+        (folder / f"{dataset}.yaml").write_text("load_col: {inter: [user_id, item_id, score]}\nRATING_FIELD: score\n")
+
+    monkeypatch.setattr(quick_start, "ensure_prepared", fake_prepare)
+    config = quick_start.prepared_config(get_model("BPR"), "fresh", config_dict={"torch_num_threads": 1})
+    assert config["load_col"] == {"inter": ["user_id", "item_id", "score"]} and config["RATING_FIELD"] == "score"
