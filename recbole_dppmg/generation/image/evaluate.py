@@ -47,6 +47,7 @@ from recbole_dppmg.generation.image.data import (
 from recbole_dppmg.generation.image.generate import (
     GENERATE_KEYS,
     generate_posters,
+    sampling_arguments,
     user_context,
     user_positions,
 )
@@ -92,13 +93,7 @@ def evaluate_image_generator(
     height, width = poster_size(meta)
     out_dir = Path(out_dir or Path(checkpoint) / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
-    sample = dict(
-        seed=gen["sample_seed"],
-        steps=gen["sample_steps"],
-        guidance=gen["guidance_scale"],
-        sampler=gen["sampler"],
-        batch_size=gen["sample_batch"],
-    )
+    sample = sampling_arguments(gen)
     result = {
         "checkpoint": str(checkpoint),
         "trained_steps": meta.get("trained_steps"),

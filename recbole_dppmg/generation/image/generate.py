@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 GENERATE_KEYS = (
     "sample_steps",
     "guidance_scale",
+    "sdedit_strength",
     "sampler",
     "sample_seed",
     "contact_top",
@@ -67,10 +68,12 @@ def generate_posters(
     width: int | None = None,
     progress: bool = True,
     context: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Posters ``[N, 3, H, W]`` in [-1, 1] for token positions ``[N, n_slots]`` (a row of -1
     = no preference tokens); ``context`` ``[N, k]``: the history posters of a history
-    generator (:func:`user_context`; a retrieval generator retrieves from the tokens)."""
+    generator (:func:`user_context`; a retrieval generator retrieves from the tokens);
+    ``strength`` < 1: SDEdit from each row's first context poster (``image.sdedit_strength``)."""
     c = model.config
     if (height, width) != (None, None) and (height, width) != (c["height"], c["width"]):
         if "unet_channels" in c:  # the small model: say first whether the size could be trained at all
@@ -84,9 +87,31 @@ def generate_posters(
         rows = positions[start : start + batch_size]
         noise = initial_noise(model, len(rows), seed, first=start)
         rows_context = None if context is None else context[start : start + batch_size]
-        latents = model.sample(rows, noise, steps=steps, guidance=guidance, sampler=sampler, context=rows_context)
+        init = model.init_latents(rows, rows_context) if strength < 1.0 else None
+        latents = model.sample(
+            rows,
+            noise,
+            steps=steps,
+            guidance=guidance,
+            sampler=sampler,
+            context=rows_context,
+            init=init,
+            strength=strength,
+        )
         out.append(codec.decode(model.denormalise(latents).to(module_device(codec))).cpu())
     return torch.cat(out) if out else torch.zeros(0, 3, c["height"], c["width"])
+
+
+def sampling_arguments(settings) -> dict:
+    """:func:`generate_posters`' sampling keywords from the ``image:`` section's keys."""
+    return {
+        "seed": settings["sample_seed"],
+        "steps": settings["sample_steps"],
+        "guidance": settings["guidance_scale"],
+        "sampler": settings["sampler"],
+        "batch_size": settings["sample_batch"],
+        "strength": settings["sdedit_strength"],
+    }
 
 
 def user_positions(vocab: PreferenceVocabulary, users: list[str], mode: str = "tokens", seed: int = 0) -> torch.Tensor:
@@ -201,11 +226,7 @@ def run_generate_images(
             model,
             codec,
             positions,
-            seed=settings["sample_seed"],
-            steps=settings["sample_steps"],
-            guidance=settings["guidance_scale"],
-            sampler=settings["sampler"],
-            batch_size=settings["sample_batch"],
+            **sampling_arguments(settings),
             height=config.get("height"),
             width=config.get("width"),
             context=context,

@@ -58,6 +58,14 @@ def model_config(config: dict | None = None) -> dict:
     return {k: settings[k] for k in MODEL_KEYS}
 
 
+def sdedit_skip(steps: int, strength: float) -> int:
+    """Sampling steps an SDEdit start skips: ``strength`` 1 = none (pure noise); at least one step
+    is always run."""
+    if not 0.0 < strength <= 1.0:
+        raise ConfigError(f"image.sdedit_strength must be in (0, 1], got {strength}")
+    return min(steps - 1, round(steps * (1.0 - strength)))
+
+
 class GuidedSampling:
     """Seeded sampling with classifier-free guidance, for any poster model that gives
     ``condition`` / ``unconditional`` sequences, a ``train_scheduler`` and ``forward(noisy, t, cond)``
@@ -83,17 +91,30 @@ class GuidedSampling:
         sampler: str = "dpm",
         drop: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
+        init: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor:
         """Normalised latents ``[B, C, h, w]`` from initial ``noise`` (which fixes the seed);
-        ``context``: see :meth:`condition`."""
+        ``context``: see :meth:`condition`. With ``init`` (normalised latents ``[B, C, h, w]``)
+        and ``strength`` < 1 the sampler starts SDEdit-style (Meng et al. 2022): ``init`` noised
+        to the schedule's point ``strength``, then only the last ``strength`` of the steps."""
         scheduler = self.sample_scheduler(sampler)
         scheduler.set_timesteps(steps)
+        timesteps = scheduler.timesteps
         cond = self.condition(positions, drop, context)
         use_cfg = guidance != 1.0
         if use_cfg:
             cond = torch.cat([self.unconditional(len(cond)), cond])
         x = noise.to(module_device(self)) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
+        if strength < 1.0:
+            if init is None:
+                raise ConfigError("image.sdedit_strength < 1 needs an initial poster latent per row")
+            skip = sdedit_skip(steps, strength) * scheduler.order
+            timesteps = timesteps[skip:]
+            if hasattr(scheduler, "set_begin_index"):  # multistep solvers count their steps from here
+                scheduler.set_begin_index(skip)
+            x = scheduler.add_noise(init.to(x), x, timesteps[:1].expand(len(x)))
+        for t in timesteps:
             model_in = scheduler.scale_model_input(torch.cat([x, x]) if use_cfg else x, t)
             out = self(model_in, t.expand(model_in.shape[0]), cond)
             if use_cfg:
@@ -221,6 +242,28 @@ class PosterDiffusion(GuidedSampling, nn.Module):
         slots = self.image_slots.to(positions.device)
         decoded = self.projection.codebook_vectors[positions.clamp_min(0)[:, slots]].sum(dim=1)
         return self.context.retrieve(decoded, count)
+
+    def init_latents(self, positions: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """SDEdit starting points ``[B, C, h, w]`` (normalised): each row's first context poster (the
+        best retrieved one, or the history's top-rated). Rows with none (no tokens, no history) start
+        from the catalogue's mean latent (zeros), on the same shortened schedule as the others."""
+        if self.context is None:
+            raise ConfigError(
+                "image.sdedit_strength < 1 starts from a context poster: it needs a generator trained with "
+                f"image.conditioning=retrieval or history, not {self.conditioning}"
+            )
+        positions = positions.to(self.slot.device)
+        if context is None:
+            if self.conditioning == "history":
+                raise ConfigError("a history image generator needs each user's history posters (generate.user_context)")
+            first = self.retrieve(positions)[:, 0]
+            first = first.masked_fill((positions < 0).all(dim=1), -1)
+        else:
+            first = context[:, 0].to(self.slot.device)
+        bank = (
+            self.context.bank[first.clamp_min(0)].float().reshape(len(first), self.latent_channels, *self.latent_size)
+        )
+        return torch.where((first < 0)[:, None, None, None], torch.zeros_like(bank), self.normalise(bank))
 
     def token_parameters(self, train_null: bool = False) -> dict[str, nn.Parameter]:
         """The token conditioning (what image RL moves): projection, slot (and null) embeddings."""

@@ -553,6 +553,7 @@ class _Generation:
         self.sampling = {
             "steps": gen["sample_steps"],
             "guidance": gen["guidance_scale"],
+            "strength": gen["sdedit_strength"],
             "sampler": gen["sampler"],
             "batch_size": gen["sample_batch"],
         }

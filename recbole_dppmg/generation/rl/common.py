@@ -37,6 +37,7 @@ from recbole_dppmg.generation.image.data import tensor_to_pil
 from recbole_dppmg.generation.image.generate import (
     GENERATE_KEYS,
     generate_posters,
+    sampling_arguments,
     user_context,
     user_positions,
 )
@@ -416,7 +417,7 @@ def pre_rl_poster_features(
     descriptor = {
         "run": str(image_run.resolve()),
         "weights": _file_stamp(image_run / WEIGHTS_FILE),
-        **{k: gen[k] for k in ("sample_steps", "guidance_scale", "sampler", "sample_seed")},
+        **{k: gen[k] for k in ("sample_steps", "guidance_scale", "sampler", "sample_seed", "sdedit_strength")},
     }
 
     def compute(batch_users: list[str]) -> np.ndarray:
@@ -431,11 +432,7 @@ def pre_rl_poster_features(
                 codec,
                 user_positions(vocab, batch_users),
                 context=user_context(model, tokens, batch_users),
-                seed=gen["sample_seed"],
-                steps=gen["sample_steps"],
-                guidance=gen["guidance_scale"],
-                sampler=gen["sampler"],
-                batch_size=gen["sample_batch"],
+                **sampling_arguments(gen),
                 progress=progress,
             )
             return image_features(load_default_encoder("image"), [tensor_to_pil(x) for x in images])

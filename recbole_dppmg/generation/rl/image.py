@@ -52,6 +52,7 @@ from recbole_dppmg.generation.image.checkpoint import read_image_config
 from recbole_dppmg.generation.image.checkpoint import save_checkpoint as save_generator
 from recbole_dppmg.generation.image.data import tensor_to_pil
 from recbole_dppmg.generation.image.metrics import image_features
+from recbole_dppmg.generation.image.model import sdedit_skip
 from recbole_dppmg.generation.image.train import (
     load_image_generator,
     run_codec,
@@ -98,6 +99,7 @@ RESUME_KEYS = (
     "sample_steps",
     "eta",
     "guidance_scale",
+    "sdedit_strength",
     "timestep_fraction",
     "train_null",
     "advantage_scale",
@@ -174,15 +176,27 @@ class Trajectories:
 
 @torch.no_grad()
 def sample_trajectories(
-    model, scheduler, positions: torch.Tensor, eta: float, guidance: float, generator: torch.Generator
+    model,
+    scheduler,
+    positions: torch.Tensor,
+    eta: float,
+    guidance: float,
+    generator: torch.Generator,
+    strength: float = 1.0,
 ) -> Trajectories:
-    """Posters' latents for token ``positions`` with every transition's log-prob (noise from ``generator``)."""
+    """Posters' latents for token ``positions`` with every transition's log-prob (noise from
+    ``generator``); ``strength`` < 1: the chains start SDEdit-style from the users' first context
+    posters, as :meth:`GuidedSampling.sample` does."""
     cond = model.condition(positions)
     null = model.unconditional(len(cond))
     shape, device = (len(positions), model.latent_channels, *model.latent_size), module_device(model)
     x = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
+    timesteps = scheduler.timesteps
+    if strength < 1.0:
+        timesteps = timesteps[sdedit_skip(len(timesteps), strength) :]
+        x = scheduler.add_noise(model.init_latents(positions).to(x), x, timesteps[:1].expand(len(x)))
     starts, ends, logps, steps, stds = [], [], [], [], []
-    for t in scheduler.timesteps:
+    for t in timesteps:
         out = guided_output(model, x, t, cond, null, guidance)
         mean, std = ddim_transition(scheduler, out, int(t), x, eta)
         if std > 0:
@@ -252,7 +266,9 @@ def run_image_rl(model, codec, vocab, reward_fn: Callable, pool: Sequence[str], 
         users = [u for u in step_users(pool, cfg["users_per_step"], cfg["seed"], step) for _ in range(group)]
         positions = torch.tensor([vocab.ids_for(u) for u in users], dtype=torch.long)
         generator = torch.Generator().manual_seed(_step_seed(cfg["seed"], step))
-        traj = sample_trajectories(model, scheduler, positions, eta, guidance, generator)
+        traj = sample_trajectories(
+            model, scheduler, positions, eta, guidance, generator, float(cfg.get("sdedit_strength", 1.0))
+        )
         with torch.no_grad():
             posters = codec.decode(model.denormalise(traj.final))
         rewards = reward_table(reward_fn(users, posters))
