@@ -36,7 +36,13 @@ from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.data import poster_files, tensor_to_pil
 from recbole_dppmg.generation.image.generate import generate_posters, initial_noise, user_context, user_positions
-from recbole_dppmg.generation.image.metrics import image_features, real_poster_features
+from recbole_dppmg.generation.image.metrics import (
+    image_features,
+    mean_pair_similarity,
+    novelty,
+    personal_similarity,
+    real_poster_features,
+)
 from recbole_dppmg.generation.image.train import build_codec, load_image_generator
 from recbole_dppmg.generation.reward.judge import PreferenceJudge
 from recbole_dppmg.tokens import PreferenceTokens
@@ -44,35 +50,35 @@ from recbole_dppmg.tokens import PreferenceTokens
 logger = logging.getLogger("bench_image_conditioning")
 
 
-def mean_pair_similarity(features: np.ndarray) -> float:
-    """Mean cosine similarity over all pairs of different rows."""
-    unit = features / np.clip(np.linalg.norm(features, axis=1, keepdims=True), 1e-12, None)
-    sims = unit @ unit.T
-    n = len(unit)
-    return float((sims.sum() - np.trace(sims)) / (n * (n - 1)))
-
-
-def same_noise_posters(model, codec, positions, context, seed, steps, guidance, batch):
+def same_noise_posters(model, codec, positions, context, seed, steps, guidance, batch, strength=1.0):
     """Every row's poster from the one initial noise of ``seed``."""
     noise = initial_noise(model, 1, seed)
     out = []
     for start in range(0, len(positions), batch):
         rows = positions[start : start + batch]
         rows_context = None if context is None else context[start : start + batch]
+        init = model.init_latents(rows, rows_context) if strength < 1.0 else None
         latents = model.sample(
-            rows, noise.expand(len(rows), *noise.shape[1:]), steps=steps, guidance=guidance, context=rows_context
+            rows,
+            noise.expand(len(rows), *noise.shape[1:]),
+            steps=steps,
+            guidance=guidance,
+            context=rows_context,
+            init=init,
+            strength=strength,
         )
         out.append(codec.decode(model.denormalise(latents)).cpu())
     return torch.cat(out)
 
 
-def measure(checkpoint, tokens, vocab, judge, encoder, args) -> dict:
+def measure(checkpoint, strength, tokens, vocab, judge, encoder, real, args) -> dict:
+    """``real``: (item ids, EfficientNet features) of the catalogue's posters at the generator's size."""
     model, meta = load_image_generator(checkpoint, vocab, dataset=args.dataset)
     settings = load_settings("image", {**meta["train"], **meta["model"], "num_threads": 1})
     codec, _ = build_codec(settings)
     test = {str(u) for u in meta["test_users"]}
     users = [str(u) for u in meta["heldout_users"] if str(u) not in test][: args.users]
-    sample = dict(steps=args.steps, guidance=args.guidance, batch_size=args.batch, progress=False)
+    sample = dict(steps=args.steps, guidance=args.guidance, batch_size=args.batch, progress=False, strength=strength)
     started = time.perf_counter()
     positions, context = user_positions(vocab, users), user_context(model, tokens, users)
     partner = partner_rows(len(users), args.seed)
@@ -85,7 +91,9 @@ def measure(checkpoint, tokens, vocab, judge, encoder, args) -> dict:
         context=None if context is None else context[partner],
         **sample,
     )
-    same = same_noise_posters(model, codec, positions, context, args.seed, args.steps, args.guidance, args.batch)
+    same = same_noise_posters(
+        model, codec, positions, context, args.seed, args.steps, args.guidance, args.batch, strength
+    )
     feats = {
         name: image_features(encoder, [tensor_to_pil(x) for x in images])
         for name, images in (("own", own), ("shuffled", shuffled), ("same_noise", same))
@@ -94,9 +102,17 @@ def measure(checkpoint, tokens, vocab, judge, encoder, args) -> dict:
     shuffled_judge = judge.personalization(users, "image", feats["shuffled"])
     gap = own_judge - shuffled_judge
     protocol = judge_gap(judge, users, "image", feats["own"], args.seed)
+    real_ids, real_features = real
+    row_of = {item: row for row, item in enumerate(real_ids)}
+    held_out = [[row_of[i] for i, _ in tokens.history(u, "test") if i in row_of] for u in users]
+    own_similarity = personal_similarity(feats["own"], real_features, held_out)
+    partner_similarity = personal_similarity(feats["own"], real_features, [held_out[p] for p in partner])
+    personal_gap = own_similarity - partner_similarity
+    personal_gap = personal_gap[np.isfinite(personal_gap)]
     return {
         "checkpoint": str(checkpoint),
         "conditioning": meta["model"].get("conditioning", "tokens"),
+        "sdedit_strength": strength,
         "trained_steps": meta.get("trained_steps"),
         "train_seconds": meta.get("train_seconds"),
         "users": len(users),
@@ -109,6 +125,12 @@ def measure(checkpoint, tokens, vocab, judge, encoder, args) -> dict:
             "ci95": bootstrap_interval(gap, 2000, args.seed),
         },
         "judge_gap_protocol": {k: protocol[k] for k in ("mean", "ci95", "own", "shuffled")},
+        "personal_similarity_gap": {
+            "mean": float(personal_gap.mean()),
+            "ci95": bootstrap_interval(personal_gap, 2000, args.seed),
+            "users": len(personal_gap),
+        },
+        **novelty(feats["own"], real_features),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -122,6 +144,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument(
+        "--strength", type=float, nargs="+", default=[1.0], help="image.sdedit_strength values (each checkpoint x each)"
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="JSON file of the figures")
@@ -132,20 +157,24 @@ def main() -> None:
     vocab = PreferenceVocabulary(tokens)
     judge = PreferenceJudge.for_dataset(args.dataset, tokens)
     encoder = load_default_encoder("image")
-    results = [measure(Path(c), tokens, vocab, judge, encoder, args) for c in args.checkpoint]
     first = load_settings("image", json.loads((Path(args.checkpoint[0]) / "run.json").read_text())["model"])
-    _, real = real_poster_features(
+    real = real_poster_features(
         poster_files(args.dataset),
         first["height"],
         first["width"],
         lambda images: image_features(encoder, images),
         image_encoder_version(),
     )
+    results = [
+        measure(Path(c), strength, tokens, vocab, judge, encoder, real, args)
+        for c in args.checkpoint
+        for strength in args.strength
+    ]
     out = {
         "dataset": args.dataset,
         "split": "valid (the generators' validation users; test users never scored here)",
         "sampling": {"seed": args.seed, "steps": args.steps, "guidance": args.guidance},
-        "real_catalogue_pair_similarity": mean_pair_similarity(real),
+        "real_catalogue_pair_similarity": mean_pair_similarity(real[1]),
         "runs": results,
     }
     text = json.dumps(out, indent=2)

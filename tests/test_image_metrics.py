@@ -4,7 +4,13 @@ real TAEF2 autoencoder (e2e, needs ../shared)."""
 import numpy as np
 import pytest
 
-from recbole_dppmg.generation.image.metrics import frechet_distance, retrieval_metrics
+from recbole_dppmg.generation.image.metrics import (
+    frechet_distance,
+    mean_pair_similarity,
+    novelty,
+    personal_similarity,
+    retrieval_metrics,
+)
 
 
 def test_frechet_distance_known_values():
@@ -77,3 +83,40 @@ def test_frechet_distance_with_fewer_samples_than_dimensions():
     value = frechet_distance(a, b)
     assert np.isfinite(value) and value > 0
     assert frechet_distance(a, a) == pytest.approx(0, abs=1e-4)  # sqrt of round-off eigenvalues
+
+
+def test_between_user_similarity_is_one_for_copies_and_lower_for_different_posters():
+    rng = np.random.default_rng(0)
+    one = rng.normal(size=(1, 16))
+    assert mean_pair_similarity(np.repeat(one, 5, axis=0)) == pytest.approx(1.0)
+    spread = rng.normal(size=(50, 16))
+    unit = spread / np.linalg.norm(spread, axis=1, keepdims=True)
+    brute = np.mean([unit[a] @ unit[b] for a in range(50) for b in range(50) if a != b])
+    assert mean_pair_similarity(spread) == pytest.approx(brute)
+
+
+def test_near_duplicates_are_counted_against_the_real_posters_own_nearest_neighbours():
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(200, 32))
+    copies = real[:10] + 1e-3 * rng.normal(size=(10, 32))  # closer than any two real posters
+    fresh = rng.normal(size=(30, 32))
+    result = novelty(np.concatenate([copies, fresh]), real)
+    assert result["near_duplicate_share"] == pytest.approx(10 / 40)
+    assert novelty(fresh, real)["near_duplicate_share"] == 0.0
+    assert novelty(copies, real)["median_nearest_real_similarity"] > 0.99
+
+
+def test_personal_similarity_pairs_a_poster_with_a_users_items_and_a_constant_poster_gaps_zero_on_average():
+    rng = np.random.default_rng(2)
+    real = rng.normal(size=(40, 8))
+    generated = real[[0, 5]] + 0.01 * rng.normal(size=(2, 8))
+    own = personal_similarity(generated, real, [[0, 1], [5]])
+    other = personal_similarity(generated, real, [[5], [0, 1]])
+    assert (own > other).all() and own[1] > 0.99
+    assert np.isnan(personal_similarity(generated, real, [[], [5]])[0])
+    # one poster for everybody: own minus a derangement of the users' items averages to exactly 0
+    items = [[k, k + 20] for k in range(10)]
+    constant = np.repeat(rng.normal(size=(1, 8)), 10, axis=0)
+    partner = np.roll(np.arange(10), 1)
+    gap = personal_similarity(constant, real, items) - personal_similarity(constant, real, [items[p] for p in partner])
+    assert gap.mean() == pytest.approx(0.0, abs=1e-12)

@@ -150,3 +150,47 @@ def real_frechet_floor(real: np.ndarray, n: int, seeds: Sequence[int]) -> dict:
         return {"n": n, "mean": None}
     values = [frechet_distance(real[np.random.default_rng(s).choice(len(real), n, replace=False)], real) for s in seeds]
     return {"n": n, "mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+
+
+def _unit(features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float64)
+    return features / np.clip(np.linalg.norm(features, axis=1, keepdims=True), 1e-12, None)
+
+
+def mean_pair_similarity(features: np.ndarray) -> float:
+    """Mean cosine similarity over all pairs of different rows (between-user diversity of posters
+    drawn from the same noise: 1.0 = the seed alone decides the picture)."""
+    unit = _unit(features)
+    n = len(unit)
+    if n < 2:
+        return float("nan")
+    total = unit.sum(axis=0)
+    return float((total @ total - n) / (n * (n - 1)))
+
+
+def novelty(generated: np.ndarray, real: np.ndarray, quantile: float = 0.99) -> dict:
+    """Is a generator copying the catalogue? Each generated poster's cosine similarity to its
+    nearest real poster, against the real posters' own nearest-*other*-poster similarities: a
+    generated poster closer than their ``quantile`` is a near-duplicate."""
+    real_unit, gen_unit = _unit(real), _unit(generated)
+    among = real_unit @ real_unit.T
+    np.fill_diagonal(among, -np.inf)
+    threshold = float(np.quantile(among.max(axis=1), quantile))
+    nearest = (gen_unit @ real_unit.T).max(axis=1)
+    return {
+        "near_duplicate_share": float((nearest >= threshold).mean()),
+        "median_nearest_real_similarity": float(np.median(nearest)),
+        "near_duplicate_threshold": threshold,
+    }
+
+
+def personal_similarity(generated: np.ndarray, real: np.ndarray, item_rows: Sequence[Sequence[int]]) -> np.ndarray:
+    """Per poster, the mean cosine similarity to the real posters ``real[item_rows[k]]`` (a user's
+    held-out items); NaN where a user has none. Own rows minus a partner's rows, paired by poster,
+    is the personalization gap: the same picture judged for two users."""
+    gen_unit, real_unit = _unit(generated), _unit(real)
+    out = np.full(len(gen_unit), np.nan)
+    for k, rows in enumerate(item_rows):
+        if len(rows):
+            out[k] = float((real_unit[list(rows)] @ gen_unit[k]).mean())
+    return out
