@@ -72,11 +72,14 @@ MEASURES = {
         "gap_judge": ("gap_image_judge", None),
         "gap_heldout_judge": ("gap_image_heldout_judge", None),
         "gap_consistency": ("gap_consistency", None),
+        "gap_personal_similarity": ("gap_image_personal_similarity", None),
         "retrieval_ndcg10": ("image_ndcg@10", None),
         "judge": ("image_judge", None),
         "heldout_judge": ("image_heldout_judge", None),
         "consistency": (None, "consistency"),
         "fd": (None, "frechet_distance"),
+        "between_user_similarity": (None, "between_user_similarity"),
+        "near_duplicate_share": (None, "near_duplicate_share"),
     },
 }
 

@@ -1,8 +1,10 @@
-"""Does the poster depend on the user? Between-user diversity and the judge's own-minus-shuffled
-gap of poster generators, on the generator's *validation* users (never its test users).
+"""Does the poster depend on the user? Between-user diversity, the judge's own-minus-shuffled gap,
+the personalization gap and novelty of poster generators, on the generator's *validation* users
+(never its test users).
 
-For each ``--checkpoint`` (an ``ImageGen-*`` run of any ``image.conditioning``), on the
-validation users of its user split (``heldout_users`` minus ``test_users``):
+For each ``--checkpoint`` (an ``ImageGen-*`` run of any ``image.conditioning``) and each
+``--strength`` (``image.sdedit_strength``: 1.0 = pure noise, < 1 = SDEdit from the first context
+poster), on the validation users of its user split (``heldout_users`` minus ``test_users``):
 
 - between-user diversity: every user's poster drawn from the *same* initial noise
   (``--seed``); the mean cosine similarity of two different users' posters in EfficientNet-Lite0
@@ -12,10 +14,14 @@ validation users of its user split (``heldout_users`` minus ``test_users``):
   tokens and from a partner's tokens (a seeded derangement; the same per-user noise), both
   judged for the user: own minus shuffled tokens, with a bootstrap 95% interval over users; and
   the protocol's gap (``protocol.judge_gap``: own posters judged for their user minus for the
-  partner).
+  partner);
+- the personalization gap: the poster's mean similarity to the posters of its user's held-out
+  (stage-1 test split) items minus to those of the partner's, paired by user, with an interval;
+- novelty: the share of posters closer to a real poster than 99% of real posters are to their
+  nearest other poster (near-duplicates), and the median nearest-real similarity.
 
     python bench/bench_image_conditioning.py -d ml-100k-mm --tokens saved/ml-100k-mm/DPPMG-<time>/tokens \\
-        --checkpoint saved/ml-100k-mm/ImageGen-<a> saved/ml-100k-mm/ImageGen-<b> \\
+        --checkpoint saved/ml-100k-mm/ImageGen-<a> saved/ml-100k-mm/ImageGen-<b> --strength 1.0 0.6 \\
         --out bench/results/image_conditioning_ml-100k-mm.json
 """
 

@@ -65,7 +65,13 @@ def test_report_on_a_tiny_run(tiny_run):
     }
     assert result["split"] == "test"
     gaps = result["intervals"]
-    for name in ("gap_text_judge", "gap_text_heldout_judge", "gap_image_judge", "gap_consistency"):
+    for name in (
+        "gap_text_judge",
+        "gap_text_heldout_judge",
+        "gap_image_judge",
+        "gap_image_personal_similarity",
+        "gap_consistency",
+    ):
         assert name in gaps["dppmg"], name
         low, high = gaps["dppmg"][name]["ci95"]
         assert low <= gaps["dppmg"][name]["mean"] <= high
@@ -85,8 +91,12 @@ def test_report_on_a_tiny_run(tiny_run):
         "perplexity",
         "distinct2",
         "frechet_distance",
+        "between_user_similarity",
+        "near_duplicate_share",
+        "median_nearest_real_similarity",
     ):
         assert metric in dppmg, metric
+    assert 0 <= dppmg["near_duplicate_share"] <= 1 and dppmg["between_user_similarity"] <= 1
     assert 0 <= dppmg["text_judge"] <= 1 and 0 <= dppmg["consistency"] <= 1 and dppmg["perplexity"] > 1
     assert "image_judge" not in result["per_seed"]["soft_prompt"]["0"]  # no continuous baseline for posters
     assert result["summary"]["dppmg"]["text_judge"]["seeds"] == 2

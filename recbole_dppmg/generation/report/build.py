@@ -63,6 +63,9 @@ from recbole_dppmg.generation.image.generate import (
 from recbole_dppmg.generation.image.metrics import (
     frechet_distance,
     image_features,
+    mean_pair_similarity,
+    novelty,
+    personal_similarity,
     real_frechet_floor,
     real_poster_features,
 )
@@ -791,8 +794,11 @@ def _measure(
                         f"image_hit@{k}": metrics[f"hit@{k}"],
                         "frechet_distance": frechet_distance(features[fd_rows], catalogues.poster_features),
                         "fd_posters": len(fd_rows),
+                        "between_user_similarity": mean_pair_similarity(features[rows]),
+                        **novelty(features[rows], catalogues.poster_features),
                     }
                 )
+                row.pop("near_duplicate_threshold")
                 per_user.update(
                     _modality_gaps(
                         "image",
@@ -844,8 +850,9 @@ def _measure(
 def _modality_gaps(
     modality, features, picked, rows, targets, exclude, catalogue, judge, heldout, k, seed
 ) -> dict[str, list[float]]:
-    """Per-user own-minus-shuffled gaps of one modality's content: retrieval NDCG@k (over the
-    rows whose user has a test item), the DPPMG judge and the held-out judge."""
+    """Per-user own-minus-shuffled gaps of one modality's content: retrieval NDCG@k and the mean
+    similarity to the user's held-out items' content (over the rows whose user has a test item),
+    the DPPMG judge and the held-out judge."""
     out: dict[str, list[float]] = {}
     if len(rows) < 2:
         return out
@@ -859,6 +866,13 @@ def _modality_gaps(
             k,
         )
         out[f"gap_{modality}_retrieval_ndcg@{k}"] = own_minus_shuffled(score, len(with_targets), seed)["per_user"]
+        held_out = [sorted(set(targets[rows[j]]) - set(exclude[rows[j]])) for j in with_targets]
+        queries = features[with_targets]
+        out[f"gap_{modality}_personal_similarity"] = own_minus_shuffled(
+            lambda r, judged_as: personal_similarity(queries[r], catalogue, [held_out[j] for j in judged_as]),
+            len(with_targets),
+            seed,
+        )["per_user"]
     for name, model in (("judge", judge), ("heldout_judge", heldout)):
         out[f"gap_{modality}_{name}"] = judge_gap(model, picked, modality, features, seed)["per_user"]
     return out

@@ -54,11 +54,17 @@ GAP_LABELS = {
     "gap_text_retrieval_ndcg@{k}": "text NDCG@{k}",
     "gap_text_judge": "text judge",
     "gap_text_heldout_judge": "text held-out judge",
+    "gap_text_personal_similarity": "text sim. to held-out items",
     "gap_image_retrieval_ndcg@{k}": "poster NDCG@{k}",
     "gap_image_judge": "poster judge",
     "gap_image_heldout_judge": "poster held-out judge",
+    "gap_image_personal_similarity": "poster sim. to held-out items",
     "gap_consistency": "consistency",
 }
+
+
+# poster measures whose names do not start with image_ (a condition without posters shows n/a / not run)
+IMAGE_LEVELS = ("frechet_distance", "between_user_similarity", "near_duplicate_share", "median_nearest_real_similarity")
 
 
 def _columns(k: int) -> list[tuple[str, str, int]]:
@@ -79,6 +85,8 @@ def _columns(k: int) -> list[tuple[str, str, int]]:
         ("distinct2", "distinct-2", 3),
         ("degenerate_share", "degenerate", 3),
         ("frechet_distance", "Fréchet dist.", 1),
+        ("between_user_similarity", "poster between-user sim.", 3),
+        ("near_duplicate_share", "near-duplicate posters", 3),
     ]
 
 
@@ -118,7 +126,7 @@ def _status_cell(metric: str, status: dict) -> str | None:
         "text"
         if metric.startswith("text_") or metric in ("perplexity", "distinct2", "degenerate_share")
         else "image"
-        if metric.startswith("image_") or metric == "frechet_distance"
+        if metric.startswith("image_") or metric in IMAGE_LEVELS
         else "both"
     )
     states = [status["text"], status["image"]] if modality == "both" else [status[modality]]
