@@ -33,11 +33,10 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from recbole_dppmg.data.featurize import image_encoder_version, load_default_encoder
-from recbole_dppmg.generation.common.protocol import bootstrap_interval, judge_gap, partner_rows
+from recbole_dppmg.generation.common.protocol import bootstrap_interval, judge_gap, own_minus_shuffled, partner_rows
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.data import poster_files, tensor_to_pil
@@ -50,6 +49,8 @@ from recbole_dppmg.generation.image.metrics import (
     real_poster_features,
 )
 from recbole_dppmg.generation.image.train import build_codec, load_image_generator
+from recbole_dppmg.generation.report.build import popular_items, top_recommended_items
+from recbole_dppmg.generation.reward.heldout_judge import HeldoutJudge
 from recbole_dppmg.generation.reward.judge import PreferenceJudge
 from recbole_dppmg.tokens import PreferenceTokens
 
@@ -77,13 +78,70 @@ def same_noise_posters(model, codec, positions, context, seed, steps, guidance, 
     return torch.cat(out)
 
 
-def measure(checkpoint, strength, tokens, vocab, judge, encoder, real, args) -> dict:
-    """``real``: (item ids, EfficientNet features) of the catalogue's posters at the generator's size."""
+def validation_users(meta: dict, count: int | None) -> list[str]:
+    """The generator's validation users: held out of its training, not among its test users."""
+    test = {str(u) for u in meta["test_users"]}
+    return [str(u) for u in meta["heldout_users"] if str(u) not in test][:count]
+
+
+def protocol_gaps(features, users, tokens, judges, real, seed) -> dict:
+    """Own minus shuffled (a seeded derangement of the users) of one poster per user: the stage-1
+    judge (the RL reward's), the held-out judge (EASE + content head, never a reward) and the
+    mean similarity to the posters of the user's held-out (test split) items."""
+    judge, heldout = judges
+    real_ids, real_features = real
+    row_of = {item: row for row, item in enumerate(real_ids)}
+    held_out = [[row_of[i] for i, _ in tokens.history(u, "test") if i in row_of] for u in users]
+    has = [j for j, rows in enumerate(held_out) if rows]
+    personal = own_minus_shuffled(
+        lambda r, judged_as: personal_similarity(
+            features[has][r], real_features, [held_out[has[j]] for j in judged_as]
+        ),
+        len(has),
+        seed,
+    )
+    keep = ("mean", "ci95", "own", "shuffled")
+    return {
+        "judge_gap_protocol": {k: v for k, v in judge_gap(judge, users, "image", features, seed).items() if k in keep},
+        "heldout_judge_gap_protocol": {
+            k: v for k, v in judge_gap(heldout, users, "image", features, seed).items() if k in keep
+        },
+        "personal_similarity_gap": {**{k: personal[k] for k in keep}, "users": len(has)},
+    }
+
+
+def real_rows(users, tokens, judges, real, seed) -> dict:
+    """The same measures for real posters: the reference (the poster of the user's top stage-1
+    recommendation), the user's own best-rated training poster (what a history SDEdit starts
+    from) and one popular poster for everybody (a constant: 0 on every gap)."""
+    real_ids, real_features = real
+    row_of = {item: row for row, item in enumerate(real_ids)}
+    popular = popular_items(tokens, set(real_ids))[0]
+    choices = {
+        "reference": top_recommended_items(tokens, users, set(real_ids)),
+        "history_top": [next((i for i, _ in tokens.history(u, "train") if i in row_of), None) for u in users],
+        "constant_popular": [popular] * len(users),
+    }
+    out = {}
+    for name, items in choices.items():
+        kept = [j for j, item in enumerate(items) if item is not None]
+        features = real_features[[row_of[items[j]] for j in kept]]
+        out[name] = {
+            "users": len(kept),
+            "judge_own": float(judges[0].personalization([users[j] for j in kept], "image", features).mean()),
+            **protocol_gaps(features, [users[j] for j in kept], tokens, judges, real, seed),
+        }
+    return out
+
+
+def measure(checkpoint, strength, tokens, vocab, judges, encoder, real, args) -> dict:
+    """``real``: (item ids, EfficientNet features) of the catalogue's posters at the generator's size;
+    ``judges``: (stage-1 judge, held-out judge)."""
+    judge = judges[0]
     model, meta = load_image_generator(checkpoint, vocab, dataset=args.dataset)
     settings = load_settings("image", {**meta["train"], **meta["model"], "num_threads": 1})
     codec, _ = build_codec(settings)
-    test = {str(u) for u in meta["test_users"]}
-    users = [str(u) for u in meta["heldout_users"] if str(u) not in test][: args.users]
+    users = validation_users(meta, args.users)
     sample = dict(steps=args.steps, guidance=args.guidance, batch_size=args.batch, progress=False, strength=strength)
     started = time.perf_counter()
     positions, context = user_positions(vocab, users), user_context(model, tokens, users)
@@ -107,14 +165,6 @@ def measure(checkpoint, strength, tokens, vocab, judge, encoder, real, args) -> 
     own_judge = judge.personalization(users, "image", feats["own"])
     shuffled_judge = judge.personalization(users, "image", feats["shuffled"])
     gap = own_judge - shuffled_judge
-    protocol = judge_gap(judge, users, "image", feats["own"], args.seed)
-    real_ids, real_features = real
-    row_of = {item: row for row, item in enumerate(real_ids)}
-    held_out = [[row_of[i] for i, _ in tokens.history(u, "test") if i in row_of] for u in users]
-    own_similarity = personal_similarity(feats["own"], real_features, held_out)
-    partner_similarity = personal_similarity(feats["own"], real_features, [held_out[p] for p in partner])
-    personal_gap = own_similarity - partner_similarity
-    personal_gap = personal_gap[np.isfinite(personal_gap)]
     return {
         "checkpoint": str(checkpoint),
         "conditioning": meta["model"].get("conditioning", "tokens"),
@@ -130,13 +180,8 @@ def measure(checkpoint, strength, tokens, vocab, judge, encoder, real, args) -> 
             "mean": float(gap.mean()),
             "ci95": bootstrap_interval(gap, 2000, args.seed),
         },
-        "judge_gap_protocol": {k: protocol[k] for k in ("mean", "ci95", "own", "shuffled")},
-        "personal_similarity_gap": {
-            "mean": float(personal_gap.mean()),
-            "ci95": bootstrap_interval(personal_gap, 2000, args.seed),
-            "users": len(personal_gap),
-        },
-        **novelty(feats["own"], real_features),
+        **protocol_gaps(feats["own"], users, tokens, judges, real, args.seed),
+        **novelty(feats["own"], real[1]),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -171,8 +216,11 @@ def main() -> None:
         lambda images: image_features(encoder, images),
         image_encoder_version(),
     )
+    judges = (judge, HeldoutJudge.for_export(tokens, {"image": real}))
+    first_meta = json.loads((Path(args.checkpoint[0]) / "run.json").read_text())
+    real_posters = real_rows(validation_users(first_meta, args.users), tokens, judges, real, args.seed)
     results = [
-        measure(Path(c), strength, tokens, vocab, judge, encoder, real, args)
+        measure(Path(c), strength, tokens, vocab, judges, encoder, real, args)
         for c in args.checkpoint
         for strength in args.strength
     ]
@@ -181,6 +229,7 @@ def main() -> None:
         "split": "valid (the generators' validation users; test users never scored here)",
         "sampling": {"seed": args.seed, "steps": args.steps, "guidance": args.guidance},
         "real_catalogue_pair_similarity": mean_pair_similarity(real[1]),
+        "real_posters": real_posters,
         "runs": results,
     }
     text = json.dumps(out, indent=2)

@@ -104,6 +104,12 @@ def test_near_duplicates_are_counted_against_the_real_posters_own_nearest_neighb
     assert result["near_duplicate_share"] == pytest.approx(10 / 40)
     assert novelty(fresh, real)["near_duplicate_share"] == 0.0
     assert novelty(copies, real)["median_nearest_real_similarity"] > 0.99
+    # a catalogue that lists some posters twice: the threshold is still set by distinct posters
+    doubled = np.concatenate([real, real[:5]])
+    assert novelty(fresh, doubled)["near_duplicate_threshold"] == pytest.approx(
+        result["near_duplicate_threshold"], 0.05
+    )
+    assert novelty(np.concatenate([copies, fresh]), doubled)["near_duplicate_share"] == pytest.approx(10 / 40)
 
 
 def test_personal_similarity_pairs_a_poster_with_a_users_items_and_a_constant_poster_gaps_zero_on_average():

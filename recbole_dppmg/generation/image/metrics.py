@@ -171,11 +171,14 @@ def mean_pair_similarity(features: np.ndarray) -> float:
 def novelty(generated: np.ndarray, real: np.ndarray, quantile: float = 0.99) -> dict:
     """Is a generator copying the catalogue? Each generated poster's cosine similarity to its
     nearest real poster, against the real posters' own nearest-*other*-poster similarities: a
-    generated poster closer than their ``quantile`` is a near-duplicate."""
+    generated poster closer than their ``quantile`` is a near-duplicate. Identical real posters
+    (one film listed twice, a shared placeholder) are one picture, not each other's neighbours:
+    left in, they would put the threshold at 1 and no copy would ever count."""
     real_unit, gen_unit = _unit(real), _unit(generated)
     among = real_unit @ real_unit.T
-    np.fill_diagonal(among, -np.inf)
-    threshold = float(np.quantile(among.max(axis=1), quantile))
+    among[among >= 1.0 - 1e-6] = -np.inf  # itself and its exact copies
+    nearest_other = among.max(axis=1)
+    threshold = float(np.quantile(nearest_other[np.isfinite(nearest_other)], quantile))
     nearest = (gen_unit @ real_unit.T).max(axis=1)
     return {
         "near_duplicate_share": float((nearest >= threshold).mean()),
