@@ -18,7 +18,8 @@ poster), on the validation users of its user split (``heldout_users`` minus ``te
 - the personalization gap: the poster's mean similarity to the posters of its user's held-out
   (stage-1 test split) items minus to those of the partner's, paired by user, with an interval;
 - novelty: the share of posters closer to a real poster than 99% of real posters are to their
-  nearest other poster (near-duplicates), and the median nearest-real similarity.
+  nearest other poster (near-duplicates), and the median nearest-real similarity; and for an
+  SDEdit start, the share of posters whose nearest real poster is their own start.
 
     python bench/bench_image_conditioning.py -d ml-100k-mm --tokens saved/ml-100k-mm/DPPMG-<time>/tokens \\
         --checkpoint saved/ml-100k-mm/ImageGen-<a> saved/ml-100k-mm/ImageGen-<b> --strength 1.0 0.6 \\
@@ -33,6 +34,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from recbole_dppmg.data.featurize import image_encoder_version, load_default_encoder
@@ -134,6 +136,27 @@ def real_rows(users, tokens, judges, real, seed) -> dict:
     return out
 
 
+def start_copies(model, positions, context, features, real) -> dict:
+    """How much of each poster is its SDEdit start (the first context poster: retrieved, or the
+    history's best): the mean cosine similarity to it, and the share of posters whose nearest real
+    poster is that very start (a copy, however degraded, that the catalogue-wide near-duplicate
+    rule can miss). None for a tokens-only generator (no start)."""
+    if model.context is None:
+        return {"start_similarity": None, "start_is_nearest_real_share": None}
+    with torch.no_grad():
+        first = (context if context is not None else model.retrieve(positions))[:, :1]
+    real_ids, real_features = real
+    row_of = {item: row for row, item in enumerate(real_ids)}
+    start = np.array([row_of[ids[0]] for ids in model.context.ids(first)])
+    unit = lambda x: x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)  # noqa: E731
+    sims = unit(np.asarray(features, dtype=np.float64)) @ unit(np.asarray(real_features, dtype=np.float64)).T
+    to_start = sims[np.arange(len(start)), start]
+    return {
+        "start_similarity": float(to_start.mean()),
+        "start_is_nearest_real_share": float((to_start >= sims.max(axis=1) - 1e-9).mean()),
+    }
+
+
 def measure(checkpoint, strength, tokens, vocab, judges, encoder, real, args) -> dict:
     """``real``: (item ids, EfficientNet features) of the catalogue's posters at the generator's size;
     ``judges``: (stage-1 judge, held-out judge)."""
@@ -182,6 +205,7 @@ def measure(checkpoint, strength, tokens, vocab, judges, encoder, real, args) ->
         },
         **protocol_gaps(feats["own"], users, tokens, judges, real, args.seed),
         **novelty(feats["own"], real[1]),
+        **start_copies(model, positions, context, feats["own"], real),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
