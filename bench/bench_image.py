@@ -75,6 +75,7 @@ def main() -> None:
                 "attention_head_dim": 4,
                 "cross_attention_dim": 8,
                 "norm_num_groups": 4,
+                "conditioning": "tokens",
             },
         )
         model, codec = PosterDiffusion(settings, torch.randn(24, 4), 6, 3).eval(), PixelCodec()

@@ -22,6 +22,16 @@ def _isolated_cwd(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one thread (2 threads on a busy 2-core machine ran 20x slower);
+    a module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    from recbole_dppmg.data.featurize import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
 def run_settings(tmp_path):
     """Config overrides that keep a test run small, quiet and inside tmp_path."""
     return {

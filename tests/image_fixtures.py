@@ -23,6 +23,7 @@ TINY_MODEL = {
     "cross_attention_dim": 8,
     "norm_num_groups": 4,
     "train_timesteps": 50,
+    "conditioning": "tokens",  # the tokens-only generator (retrieval needs more posters than these tests have)
 }
 
 

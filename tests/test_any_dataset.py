@@ -108,6 +108,8 @@ def tiny_profile(root: Path) -> Path:
         },
         "image": {
             **TINY_MODEL,
+            "conditioning": "retrieval",  # the defaults' generator: retrieved posters and the SDEdit start
+            "sdedit_strength": 0.6,
             **split,
             "batch_size": 4,
             "max_steps": 3,
@@ -122,7 +124,14 @@ def tiny_profile(root: Path) -> Path:
         "rl": {
             "quick": True,
             "text": {"steps": 1, "users_per_step": 2, "group_size": 2, "user_pool": 4, "max_new_tokens": 4},
-            "image": {"steps": 1, "users_per_step": 2, "group_size": 2, "user_pool": 4, "sample_steps": 2},
+            "image": {
+                "steps": 1,
+                "users_per_step": 2,
+                "group_size": 2,
+                "user_pool": 4,
+                "sample_steps": 2,
+                "sdedit_strength": 0.6,
+            },
         },
         "reward": {},
         "evaluate": {"users": 4, "fd_users": 4, "seeds": [0], "gallery_users": 2, "gallery_history": 2},
@@ -195,6 +204,9 @@ def test_a_rekeyed_catalogue_runs_every_stage_to_a_report(shop):
     assert ratings <= set(range(2, 11)) and max(ratings) >= 8  # the 0-10 scale reached stage 2, not all 1.0
 
     report = Path(record["evaluate"]["output"])
+    (image_run,) = (root / "saved" / "shop").glob("ImageGen-*/run.json")
+    assert json.loads(image_run.read_text())["model"]["conditioning"] == "retrieval"
+    assert json.loads((report / "report.json").read_text())["image_sampling"]["strength"] == 0.6
     table = (report / "report.md").read_text()
     assert "DPPMG before RL" in table and "poster Hit@10" in table
     gallery = (report / "gallery.html").read_text()

@@ -169,8 +169,9 @@ def test_a_backbone_that_is_not_a_stable_diffusion_folder(tmp_path):
     with pytest.raises(CheckpointError, match=re.escape(str(broken))):
         train_image_generator("tiny", export, config, out_dir=tmp_path / "run", posters=posters)
     assert not (tmp_path / "run").exists()  # nothing half-written
-    with pytest.raises(ConfigError, match="conditioning=retrieval needs the small latent model"):
-        load_settings("image", {"backbone": str(broken), "conditioning": "retrieval"})
+    with pytest.raises(ConfigError, match="conditioning=history needs the small latent model"):
+        load_settings("image", {"backbone": str(broken), "conditioning": "history"})
+    assert load_settings("image", {"backbone": str(broken)})["conditioning"] == "retrieval"  # the default: n/a
     with pytest.raises(ConfigError, match="token_channels .* needs the small latent model"):
         load_settings("image", {"backbone": str(broken), "token_channels": ["image"]})
 

@@ -21,12 +21,7 @@ from recbole_dppmg.tokens import PreferenceTokens
 N_ITEMS, K = 12, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(tmp_path, conditioning):
@@ -101,11 +96,13 @@ def test_history_generators_start_from_the_users_best_training_poster(tmp_path):
     assert posters.shape == (4, 3, 16, 8) and torch.isfinite(posters).all()
 
 
-def test_a_tokens_only_generator_refuses_an_edit_naming_the_key(tmp_path):
+def test_a_generator_without_a_start_poster_samples_from_noise_and_bad_strengths_name_the_key(tmp_path):
     tokens, vocab, model, _ = _model(tmp_path, "tokens")
     positions = user_positions(vocab, list(tokens.users)[:2])
+    plain = generate_posters(model, PixelCodec(), positions, steps=2, progress=False)
+    assert torch.equal(generate_posters(model, PixelCodec(), positions, steps=2, strength=0.5, progress=False), plain)
     with pytest.raises(ConfigError, match="sdedit_strength < 1 starts from a context poster.*retrieval"):
-        generate_posters(model, PixelCodec(), positions, steps=2, strength=0.5, progress=False)
+        model.init_latents(positions)
     with pytest.raises(ConfigError, match="image.sdedit_strength must be <= 1"):
         load_settings("image", {"sdedit_strength": 1.5})
     with pytest.raises(ConfigError, match="rl.image.sdedit_strength must be > 0"):
@@ -123,3 +120,6 @@ def test_image_rl_chains_start_from_the_same_posters(tmp_path):
     noise = torch.randn(edit.starts[:, 0].shape, generator=torch.Generator().manual_seed(0))
     expected = scheduler.add_noise(model.init_latents(positions), noise, torch.tensor([edit.timesteps[0]] * 3))
     assert torch.allclose(edit.starts[:, 0], expected)
+    short = ddim_scheduler(model, 2)  # 2 steps at strength 0.3 would leave only the deterministic last one
+    kept = sample_trajectories(model, short, positions, 1.0, 2.0, torch.Generator().manual_seed(0), strength=0.3)
+    assert kept.timesteps == [int(short.timesteps[0])]

@@ -34,14 +34,7 @@ from recbole_dppmg.generation.text.generate import TokenConditioner
 from recbole_dppmg.generation.text.injection import inject_preference_tokens
 from recbole_dppmg.tokens import PreferenceTokens
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (2 threads on a busy 2-core machine ran 20x slower)."""
-    from recbole_dppmg.data.featurize import torch_threads
-
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------- tiny models

@@ -106,7 +106,8 @@ def sd_backbone(settings: Mapping) -> Path | None:
 
 def check_backbone(settings: Mapping, where: str = "image") -> None:
     """``image.backbone``: ``latent`` or a diffusers Stable Diffusion folder, which reads the tokens
-    alone (its UNet has no poster context and every token is part of the prompt)."""
+    alone (its UNet has no poster context and every token is part of the prompt): ``retrieval`` and
+    the SDEdit start do not apply to it, and the ``history`` baseline cannot be one."""
     folder = sd_backbone(settings)
     if folder is None:
         return
@@ -115,10 +116,10 @@ def check_backbone(settings: Mapping, where: str = "image") -> None:
             f"{where}.backbone={str(folder)!r} is neither {LATENT_BACKBONE!r} nor a diffusers Stable Diffusion folder "
             f"(no {folder / 'model_index.json'})"
         )
-    if settings["conditioning"] != "tokens":
+    if settings["conditioning"] == "history":  # retrieval (the default) does not apply and is left out: sd.py
         raise ConfigError(
-            f"{where}.conditioning={settings['conditioning']} needs the small latent model: a Stable Diffusion "
-            f"backbone ({folder}) reads the preference tokens in its prompt only (conditioning: tokens)"
+            f"{where}.conditioning=history needs the small latent model: a Stable Diffusion backbone ({folder}) "
+            f"reads the preference tokens in its prompt only; use {where}.conditioning=tokens"
         )
     if settings["token_channels"] is not None:
         raise ConfigError(f"{where}.token_channels (the routing ablation) needs the small latent model, not {folder}")

@@ -82,6 +82,7 @@ def generate_posters(
             f"this image generator draws {c['height']}x{c['width']} posters (height x width), not {height}x{width}; "
             "train one at that size"
         )
+    strength = effective_strength(model, strength)
     out = []
     for start in tqdm(range(0, len(positions), batch_size), desc="posters", unit="batch", disable=not progress):
         rows = positions[start : start + batch_size]
@@ -100,6 +101,18 @@ def generate_posters(
         )
         out.append(codec.decode(model.denormalise(latents).to(module_device(codec))).cpu())
     return torch.cat(out) if out else torch.zeros(0, 3, c["height"], c["width"])
+
+
+def effective_strength(model, strength: float) -> float:
+    """``image.sdedit_strength`` for ``model``: generators without a poster context (tokens-only, a
+    Stable Diffusion pipeline) have no start poster and sample from noise (1.0)."""
+    if strength < 1.0 and not getattr(model, "has_start_poster", False):
+        logger.info(
+            "image.sdedit_strength=%s does not apply to a generator without a poster context: sampling from noise",
+            strength,
+        )
+        return 1.0
+    return strength
 
 
 def sampling_arguments(settings) -> dict:

@@ -243,6 +243,11 @@ class PosterDiffusion(GuidedSampling, nn.Module):
         decoded = self.projection.codebook_vectors[positions.clamp_min(0)[:, slots]].sum(dim=1)
         return self.context.retrieve(decoded, count)
 
+    @property
+    def has_start_poster(self) -> bool:
+        """Whether SDEdit applies: a generator with a poster context starts from its first poster."""
+        return self.context is not None
+
     def init_latents(self, positions: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """SDEdit starting points ``[B, C, h, w]`` (normalised): each row's first context poster (the
         best retrieved one, or the history's top-rated). Rows with none (no tokens, no history) start

@@ -12,7 +12,8 @@ posters' VAE latents cached once like the TAEF2 ones.
 in, the text encoder's states of the user's prompt out; ``GuidedSampling``), so generation, image
 RL (DDPO on the new rows, UNet and text encoder frozen) and the report run on it unchanged. A user
 without tokens gets the prompt with no tokens in it; guidance contrasts with the empty prompt.
-There is no poster context: ``image.conditioning`` must be ``tokens`` (``settings.check_backbone``).
+There is no poster context: ``image.conditioning=retrieval`` (the default) does not apply and the run
+records ``tokens``; ``history`` is refused (``settings.check_backbone``); sampling starts from noise.
 
 An SD run is an ordinary ``ImageGen-*`` folder: ``model.safetensors`` holds the new rows
 (``embeddings``, + ``lora.*``), ``run.json`` has format ``SD_FORMAT`` and the pipeline's folder,
@@ -312,6 +313,8 @@ def train_sd_tokens(
     if backbone is None:
         raise ConfigError("train_sd_tokens needs image.backbone = a Stable Diffusion folder, not latent")
     s = settings["sd"]
+    if settings["conditioning"] == "retrieval":
+        logger.info("image.conditioning=retrieval does not apply to a Stable Diffusion backbone: the tokens alone")
     posters, liked = training_images(dataset, s["poster_dir"], s["min_rating"], posters)
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
     vocab = PreferenceVocabulary(tokens)

@@ -51,6 +51,7 @@ from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.checkpoint import read_image_config
 from recbole_dppmg.generation.image.checkpoint import save_checkpoint as save_generator
 from recbole_dppmg.generation.image.data import tensor_to_pil
+from recbole_dppmg.generation.image.generate import effective_strength
 from recbole_dppmg.generation.image.metrics import image_features
 from recbole_dppmg.generation.image.model import sdedit_skip
 from recbole_dppmg.generation.image.train import (
@@ -193,7 +194,8 @@ def sample_trajectories(
     x = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
     timesteps = scheduler.timesteps
     if strength < 1.0:
-        timesteps = timesteps[sdedit_skip(len(timesteps), strength) :]
+        # the last DDIM step is deterministic: keep at least one stochastic transition to train on
+        timesteps = timesteps[min(sdedit_skip(len(timesteps), strength), max(0, len(timesteps) - 2)) :]
         x = scheduler.add_noise(model.init_latents(positions).to(x), x, timesteps[:1].expand(len(x)))
     starts, ends, logps, steps, stds = [], [], [], [], []
     for t in timesteps:
@@ -254,6 +256,7 @@ def run_image_rl(model, codec, vocab, reward_fn: Callable, pool: Sequence[str], 
     params = list(named.values())
     group, guidance, eta = int(cfg["group_size"]), float(cfg["guidance_scale"]), float(cfg["eta"])
     scheduler = ddim_scheduler(model, int(cfg["sample_steps"]))
+    strength = effective_strength(model, float(cfg["sdedit_strength"]))
     budget = float(cfg["max_minutes"]) * 60 if cfg.get("max_minutes") else float("inf")
     started = time.perf_counter()
     bar = tqdm(total=cfg["steps"], initial=state["step"], desc="image RL", unit="step", disable=not cfg["progress"])
@@ -266,9 +269,7 @@ def run_image_rl(model, codec, vocab, reward_fn: Callable, pool: Sequence[str], 
         users = [u for u in step_users(pool, cfg["users_per_step"], cfg["seed"], step) for _ in range(group)]
         positions = torch.tensor([vocab.ids_for(u) for u in users], dtype=torch.long)
         generator = torch.Generator().manual_seed(_step_seed(cfg["seed"], step))
-        traj = sample_trajectories(
-            model, scheduler, positions, eta, guidance, generator, float(cfg.get("sdedit_strength", 1.0))
-        )
+        traj = sample_trajectories(model, scheduler, positions, eta, guidance, generator, strength)
         with torch.no_grad():
             posters = codec.decode(model.denormalise(traj.final))
         rewards = reward_table(reward_fn(users, posters))
