@@ -16,6 +16,7 @@ from recbole_dppmg.generation.image.autoencoder import (
     load_autoencoder,
 )
 from recbole_dppmg.generation.image.generate import (
+    contact_sheet,
     generate_posters,
     run_generate_images,
     user_positions,
@@ -96,6 +97,13 @@ def test_generate_writes_pngs_and_contact_sheet(tmp_path, inputs):
     assert Image.open(out / "u0.png").size == (8, 16)
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width > 3 * 128 and sheet.height > 2 * 192
+    # conditions side by side: one more column per generated poster
+    poster = Image.open(out / "u0.png")
+    wide = contact_sheet([("u0", [poster], [poster, poster, poster])], tmp_path / "wide.png", columns=("a", "b", "c"))
+    assert (
+        Image.open(wide).width
+        == Image.open(contact_sheet([("u0", [poster], poster)], tmp_path / "one.png")).width + 2 * 132
+    )
     record = json.loads((out / "generated.json").read_text())["users"]
     assert record["u3"]["tokens"][0].startswith("<txt_0_") and len(record["u3"]["top_train_items"]) == 2
     with pytest.raises(DataError, match="user 'nobody' is not in the token export"):

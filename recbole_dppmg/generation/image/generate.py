@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -168,26 +169,41 @@ def context_items(model: PosterDiffusion, positions: torch.Tensor, context: torc
     return model.context.ids(rows)
 
 
-def contact_sheet(rows: list[tuple[str, list, object]], path: Path, cell: tuple[int, int] = (128, 192)) -> Path:
-    """One row per user: label, the user's top training posters, a gap, the generated one."""
+def contact_sheet(
+    rows: list[tuple[str, list, object]],
+    path: Path,
+    cell: tuple[int, int] = (128, 192),
+    columns: Sequence[str] = ("generated",),
+) -> Path:
+    """One row per user: label, the user's top training posters, a gap, then the generated poster
+    (or a list of them, one per name in ``columns``: conditions side by side)."""
     from PIL import Image, ImageDraw
 
     width, height = cell
+    rows = [
+        (label, real, generated if isinstance(generated, (list, tuple)) else [generated])
+        for label, real, generated in rows
+    ]
     n_real = max([len(real) for _, real, _ in rows] + [1])
+    n_generated = max(len(generated) for _, _, generated in rows) if rows else 1
     label_h, gap = 28, 16
-    sheet = Image.new("RGB", ((n_real + 1) * (width + 4) + gap + 4, len(rows) * (height + label_h + 4) + 4), "white")
+    sheet = Image.new(
+        "RGB",
+        ((n_real + n_generated) * (width + 4) + gap + 4, len(rows) * (height + label_h + 4) + 4),
+        "white",
+    )
     draw = ImageDraw.Draw(sheet)
     for r, (label, real, generated) in enumerate(rows):
         y = 4 + r * (height + label_h + 4)
         draw.text((4, y), label, fill="black")
         for k, image in enumerate(real):
             sheet.paste(image.resize(cell), (4 + k * (width + 4), y + label_h))
-        x = 4 + n_real * (width + 4) + gap
-        sheet.paste(
-            generated.resize(cell, resample=Image.NEAREST if generated.width < width else Image.BICUBIC),
-            (x, y + label_h),
-        )
-        draw.text((x, y + 12), "generated", fill="darkred")
+        for k, image in enumerate(generated):
+            x = 4 + (n_real + k) * (width + 4) + gap
+            sheet.paste(
+                image.resize(cell, resample=Image.NEAREST if image.width < width else Image.BICUBIC), (x, y + label_h)
+            )
+            draw.text((x, y + 12), columns[k] if k < len(columns) else "generated", fill="darkred")
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
