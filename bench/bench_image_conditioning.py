@@ -43,10 +43,11 @@ from recbole_dppmg.generation.common.protocol import bootstrap_interval, judge_g
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.data import poster_files, tensor_to_pil
-from recbole_dppmg.generation.image.generate import generate_posters, initial_noise, user_context, user_positions
+from recbole_dppmg.generation.image.generate import generate_posters, user_context, user_positions
 from recbole_dppmg.generation.image.metrics import (
     image_features,
     mean_pair_similarity,
+    nearest_real_similarity,
     novelty,
     personal_similarity,
     real_poster_features,
@@ -58,27 +59,6 @@ from recbole_dppmg.generation.reward.judge import PreferenceJudge
 from recbole_dppmg.tokens import PreferenceTokens
 
 logger = logging.getLogger("bench_image_conditioning")
-
-
-def same_noise_posters(model, codec, positions, context, seed, steps, guidance, batch, strength=1.0):
-    """Every row's poster from the one initial noise of ``seed``."""
-    noise = initial_noise(model, 1, seed)
-    out = []
-    for start in range(0, len(positions), batch):
-        rows = positions[start : start + batch]
-        rows_context = None if context is None else context[start : start + batch]
-        init = model.init_latents(rows, rows_context) if strength < 1.0 else None
-        latents = model.sample(
-            rows,
-            noise.expand(len(rows), *noise.shape[1:]),
-            steps=steps,
-            guidance=guidance,
-            context=rows_context,
-            init=init,
-            strength=strength,
-        )
-        out.append(codec.decode(model.denormalise(latents)).cpu())
-    return torch.cat(out)
 
 
 def validation_users(meta: dict, count: int | None) -> list[str]:
@@ -148,13 +128,12 @@ def start_copies(model, positions, context, features, real) -> dict:
         first = (context if context is not None else model.retrieve(positions))[:, :1]
     real_ids, real_features = real
     row_of = {item: row for row, item in enumerate(real_ids)}
-    start = np.array([row_of[ids[0]] for ids in model.context.ids(first)])
-    unit = lambda x: x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)  # noqa: E731
-    sims = unit(np.asarray(features, dtype=np.float64)) @ unit(np.asarray(real_features, dtype=np.float64)).T
-    to_start = sims[np.arange(len(start)), start]
+    to_start = personal_similarity(features, real_features, [[row_of[ids[0]]] for ids in model.context.ids(first)])
     return {
         "start_similarity": float(to_start.mean()),
-        "start_is_nearest_real_share": float((to_start >= sims.max(axis=1) - 1e-9).mean()),
+        "start_is_nearest_real_share": float(
+            (to_start >= nearest_real_similarity(features, real_features) - 1e-9).mean()
+        ),
     }
 
 
@@ -179,9 +158,7 @@ def measure(checkpoint, strength, tokens, vocab, judges, encoder, real, args) ->
         context=None if context is None else context[partner],
         **sample,
     )
-    same = same_noise_posters(
-        model, codec, positions, context, args.seed, args.steps, args.guidance, args.batch, strength
-    )
+    same = generate_posters(model, codec, positions, seed=args.seed, context=context, shared_noise=True, **sample)
     feats = {
         name: image_features(encoder, [tensor_to_pil(x) for x in images])
         for name, images in (("own", own), ("shuffled", shuffled), ("same_noise", same))

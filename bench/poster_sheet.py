@@ -20,7 +20,13 @@ import torch
 from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.data import load_poster, poster_files, tensor_to_pil
-from recbole_dppmg.generation.image.generate import contact_sheet, generate_posters, user_context, user_positions
+from recbole_dppmg.generation.image.generate import (
+    contact_sheet,
+    generate_posters,
+    sampling_arguments,
+    user_context,
+    user_positions,
+)
 from recbole_dppmg.generation.image.train import build_codec, load_image_generator
 from recbole_dppmg.tokens import PreferenceTokens
 
@@ -41,14 +47,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(1)
     image = load_settings("image")
-    sample = dict(
-        seed=args.seed,
-        steps=image["sample_steps"],
-        guidance=image["guidance_scale"],
-        sampler=image["sampler"],
-        strength=image["sdedit_strength"],
-        progress=False,
-    )
+    sample = {**sampling_arguments(image), "seed": args.seed, "progress": False}
     tokens = PreferenceTokens.load(args.tokens, dataset=args.dataset)
     vocab = PreferenceVocabulary(tokens)
     dppmg, meta = load_image_generator(Path(args.dppmg), vocab, dataset=args.dataset)

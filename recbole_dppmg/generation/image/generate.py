@@ -70,11 +70,13 @@ def generate_posters(
     progress: bool = True,
     context: torch.Tensor | None = None,
     strength: float = 1.0,
+    shared_noise: bool = False,
 ) -> torch.Tensor:
     """Posters ``[N, 3, H, W]`` in [-1, 1] for token positions ``[N, n_slots]`` (a row of -1
     = no preference tokens); ``context`` ``[N, k]``: the history posters of a history
     generator (:func:`user_context`; a retrieval generator retrieves from the tokens);
-    ``strength`` < 1: SDEdit from each row's first context poster (``image.sdedit_strength``)."""
+    ``strength`` < 1: SDEdit from each row's first context poster (``image.sdedit_strength``);
+    ``shared_noise``: every row from the one noise of ``seed`` (is the picture the user's or the seed's?)."""
     c = model.config
     if (height, width) != (None, None) and (height, width) != (c["height"], c["width"]):
         if "unet_channels" in c:  # the small model: say first whether the size could be trained at all
@@ -87,7 +89,10 @@ def generate_posters(
     out = []
     for start in tqdm(range(0, len(positions), batch_size), desc="posters", unit="batch", disable=not progress):
         rows = positions[start : start + batch_size]
-        noise = initial_noise(model, len(rows), seed, first=start)
+        if shared_noise:
+            noise = initial_noise(model, 1, seed).expand(len(rows), -1, -1, -1)
+        else:
+            noise = initial_noise(model, len(rows), seed, first=start)
         rows_context = None if context is None else context[start : start + batch_size]
         init = model.init_latents(rows, rows_context) if strength < 1.0 else None
         latents = model.sample(

@@ -168,18 +168,28 @@ def mean_pair_similarity(features: np.ndarray) -> float:
     return float((total @ total - n) / (n * (n - 1)))
 
 
-def novelty(generated: np.ndarray, real: np.ndarray, quantile: float = 0.99) -> dict:
-    """Is a generator copying the catalogue? Each generated poster's cosine similarity to its
-    nearest real poster, against the real posters' own nearest-*other*-poster similarities: a
-    generated poster closer than their ``quantile`` is a near-duplicate. Identical real posters
-    (one film listed twice, a shared placeholder) are one picture, not each other's neighbours:
-    left in, they would put the threshold at 1 and no copy would ever count."""
-    real_unit, gen_unit = _unit(real), _unit(generated)
+def near_duplicate_threshold(real: np.ndarray, quantile: float = 0.99) -> float:
+    """The ``quantile`` of the real posters' similarities to their nearest *other* poster. Identical
+    real posters (one film listed twice, a shared placeholder) are one picture, not each other's
+    neighbours: left in, they would put the threshold at 1 and no copy would ever count."""
+    real_unit = _unit(real)
     among = real_unit @ real_unit.T
     among[among >= 1.0 - 1e-6] = -np.inf  # itself and its exact copies
     nearest_other = among.max(axis=1)
-    threshold = float(np.quantile(nearest_other[np.isfinite(nearest_other)], quantile))
-    nearest = (gen_unit @ real_unit.T).max(axis=1)
+    return float(np.quantile(nearest_other[np.isfinite(nearest_other)], quantile))
+
+
+def nearest_real_similarity(generated: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """Each generated poster's cosine similarity to its nearest real poster."""
+    return (_unit(generated) @ _unit(real).T).max(axis=1)
+
+
+def novelty(generated: np.ndarray, real: np.ndarray, quantile: float = 0.99, threshold: float | None = None) -> dict:
+    """Is a generator copying the catalogue? A generated poster closer to a real one than
+    :func:`near_duplicate_threshold` (pass ``threshold`` to reuse it across calls) is a near-duplicate."""
+    if threshold is None:
+        threshold = near_duplicate_threshold(real, quantile)
+    nearest = nearest_real_similarity(generated, real)
     return {
         "near_duplicate_share": float((nearest >= threshold).mean()),
         "median_nearest_real_similarity": float(np.median(nearest)),

@@ -58,12 +58,14 @@ from recbole_dppmg.generation.image.data import load_poster, poster_files, tenso
 from recbole_dppmg.generation.image.generate import (
     GENERATE_KEYS,
     generate_posters,
+    sampling_arguments,
     user_positions,
 )
 from recbole_dppmg.generation.image.metrics import (
     frechet_distance,
     image_features,
     mean_pair_similarity,
+    near_duplicate_threshold,
     novelty,
     personal_similarity,
     real_frechet_floor,
@@ -553,13 +555,7 @@ class _Generation:
         )
         image_cfg = load_settings("image", image_overrides)
         gen = {k: image_cfg[k] for k in GENERATE_KEYS}
-        self.sampling = {
-            "steps": gen["sample_steps"],
-            "guidance": gen["guidance_scale"],
-            "strength": gen["sdedit_strength"],
-            "sampler": gen["sampler"],
-            "batch_size": gen["sample_batch"],
-        }
+        self.sampling = {k: v for k, v in sampling_arguments(gen).items() if k != "seed"}  # seeds: cfg["seeds"]
         meta = read_image_config(runs.image) if runs.image else {"train": {}, "model": {}}
         local = {k: v for k, v in image_cfg.items() if k in ("autoencoder_path", "poster_dir")}
         self.image_meta, self.image_settings = meta, run_image_settings(meta, local)
@@ -722,6 +718,7 @@ def _measure(
     text_targets, text_exclude = _targets(tokens, users, catalogues.text_ids, cfg["min_test_rating"])
     poster_targets, poster_exclude = _targets(tokens, users, catalogues.poster_ids, cfg["min_test_rating"])
     scorer = judge.clip_scorer()
+    threshold = near_duplicate_threshold(catalogues.poster_features) if images else None  # one catalogue, once
     out: dict[str, dict[int, dict]] = {}
     for condition in CONDITIONS:
         if condition not in texts and condition not in images:
@@ -795,7 +792,7 @@ def _measure(
                         "frechet_distance": frechet_distance(features[fd_rows], catalogues.poster_features),
                         "fd_posters": len(fd_rows),
                         "between_user_similarity": mean_pair_similarity(features[rows]),
-                        **novelty(features[rows], catalogues.poster_features),
+                        **novelty(features[rows], catalogues.poster_features, threshold=threshold),
                     }
                 )
                 row.pop("near_duplicate_threshold")
