@@ -30,7 +30,8 @@ from recbole_dppmg.generation.common.protocol import bootstrap_interval
 logger = logging.getLogger("bench_generation")
 
 # report condition -> table condition, per modality (the image generator's population baseline is its
-# null conditioning, trained on the same pairs: the report's "no tokens" row)
+# null conditioning, trained on the same pairs: the report's "no tokens" row; its history baseline is the
+# history generator of evaluate.image_history_run)
 CONDITIONS = {
     "text": {
         "dppmg": "dppmg",
@@ -48,6 +49,7 @@ CONDITIONS = {
         "dppmg_rl": "dppmg_rl",
         "shuffled": "shuffled",
         "no_tokens": "population",
+        "history": "history",
         "constant_popular": "constant_popular",
         "unseen_popular": "unseen_popular",
         "ceiling": "reference",

@@ -372,7 +372,7 @@ def _stage_rl(args, models, config_files, overrides) -> None:
 
 
 def _stage_all(args, models, config_files, overrides) -> None:
-    """prepare -> train -> export -> text -> image -> RL -> evaluate, skipping what is valid."""
+    """prepare -> train -> export -> text -> image (+ history baseline) -> RL -> evaluate, skipping what is valid."""
 
     if models != ["DPPMG"]:
         raise DPPMGError(

@@ -45,6 +45,7 @@ from recbole_dppmg.generation.common.settings import (
     load_settings,
     merge,
     rl_phase_settings,
+    sd_backbone,
 )
 from recbole_dppmg.generation.image.checkpoint import FORMAT, SD_FORMAT, is_sd_run
 from recbole_dppmg.generation.image.train import recorded_model, run_record, train_image_generator
@@ -188,7 +189,7 @@ def valid_image_run(dataset: str, tokens: Path, settings: dict, root: Path) -> t
             _same_path(meta.get("tokens_folder"), tokens)
             and (SD_FORMAT if is_sd_run(meta) else FORMAT) == wanted_format
             and recorded_model(meta) == wanted_model
-            and _without(meta.get("train", {}), IMAGE_RUNTIME_KEYS) == wanted_train
+            and _without({"split_seed": None, **meta.get("train", {})}, IMAGE_RUNTIME_KEYS) == wanted_train
         ):
             # a Stable Diffusion run is written when its training ended (it does not resume)
             return folder, is_sd_run(meta) or int(meta.get("trained_steps", 0)) >= int(settings["max_steps"])
@@ -417,6 +418,25 @@ class Pipeline:
         )
         return "ran", self.outputs["image"], note or None
 
+    def _image_history(self):
+        """The report's poster history baseline: the same generator and steps with
+        ``image.conditioning: history`` (the user's own best posters, no tokens)."""
+        if self.outputs.get("image") is None:
+            self.outputs["image_history"] = None
+            return "skipped", None, "no image generator (skipped above)"
+        if sd_backbone(load_settings("image", self.sections["image"])):
+            self.outputs["image_history"] = None
+            return "skipped", None, "a Stable Diffusion backbone has no history baseline (image.conditioning)"
+        settings = load_settings("image", {**self.sections["image"], "conditioning": "history"})
+        run, finished = valid_image_run(self.dataset, self.outputs["export"], settings, self.root)
+        if run is not None and finished:
+            self.outputs["image_history"] = run
+            return "skipped", run, "a finished history generator on this token export with these settings"
+        self.outputs["image_history"] = train_image_generator(
+            self.dataset, self.outputs["export"], settings, out_dir=run, resume=run is not None
+        )
+        return "ran", self.outputs["image_history"], "resumed" if run is not None else None
+
     # ------------------------------------------------------------------ RL
     def _judge(self):
         if "judge" not in self.outputs:
@@ -479,6 +499,7 @@ class Pipeline:
             "tokens": str(self.outputs["export"]),
             "text_run": str(self.outputs["text"]),
             **({"image_run": str(self.outputs["image"])} if self.outputs.get("image") else {}),
+            **({"image_history_run": str(self.outputs["image_history"])} if self.outputs.get("image_history") else {}),
         }
         runs = resolve_runs(self.dataset, {**cfg, **given}, self.root)
         # exactly this pipeline's RL runs (or none), not the newest made from the same generators

@@ -26,7 +26,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("train", "train a model (several: a comparison table; --ablation: DPPMG variants)", ("train",)),
     Stage("export", "export the DPPMG run's preference tokens", ("export",)),
     Stage("text", "train the text generator (warm-up) on a token export", ("text",), log="TextGen"),
-    Stage("image", "train the image generator on a token export", ("image",), log="ImageGen"),
+    Stage(
+        "image",
+        "train the image generator on a token export (then its history baseline under --stage all)",
+        ("image", "image_history"),
+        log="ImageGen",
+    ),
     Stage(
         "rl",
         "tune the text and image generators with RL (rl: settings), resuming unfinished runs",

@@ -204,9 +204,11 @@ def test_a_rekeyed_catalogue_runs_every_stage_to_a_report(shop):
     assert ratings <= set(range(2, 11)) and max(ratings) >= 8  # the 0-10 scale reached stage 2, not all 1.0
 
     report = Path(record["evaluate"]["output"])
-    (image_run,) = (root / "saved" / "shop").glob("ImageGen-*/run.json")
-    assert json.loads(image_run.read_text())["model"]["conditioning"] == "retrieval"
-    assert json.loads((report / "report.json").read_text())["image_sampling"]["strength"] == 0.6
+    image_runs = [json.loads(p.read_text()) for p in (root / "saved" / "shop").glob("ImageGen-*/run.json")]
+    assert sorted(r["model"]["conditioning"] for r in image_runs) == ["history", "retrieval"]  # + history baseline
+    result = json.loads((report / "report.json").read_text())
+    assert result["image_sampling"]["strength"] == 0.6 and result["conditions"]["history"]["image"] == "run"
+    assert "gap_image_heldout_judge" in result["intervals"]["history"]
     table = (report / "report.md").read_text()
     assert "DPPMG before RL" in table and "poster Hit@10" in table
     gallery = (report / "gallery.html").read_text()

@@ -66,7 +66,17 @@ def test_one_stage_table_for_the_command_line_and_the_pipeline():
     assert actions["stage"].choices is stages.STAGE_NAMES and actions["until"].choices is stages.PIPELINE_STEPS
     assert pipeline.STAGES is stages.PIPELINE_STEPS
     assert list(cli.HANDLERS) == list(stages.STAGE_NAMES)
-    assert pipeline.STAGES == ("prepare", "train", "export", "text", "image", "rl_text", "rl_image", "evaluate")
+    assert pipeline.STAGES == (
+        "prepare",
+        "train",
+        "export",
+        "text",
+        "image",
+        "image_history",
+        "rl_text",
+        "rl_image",
+        "evaluate",
+    )
     assert all(callable(getattr(pipeline.Pipeline, f"_{step}", None)) for step in pipeline.STAGES)
     assert stages.stage("rl").steps == ("rl_text", "rl_image") and stages.stage("rl").profile
 

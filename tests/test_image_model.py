@@ -244,3 +244,17 @@ def test_the_image_evaluation_follows_the_protocol(tmp_path, inputs, monkeypatch
     gap = result["retrieval"]["dppmg_tokens"]["gap_ndcg@3"]
     assert gap["ci95"][0] <= gap["mean"] <= gap["ci95"][1] and gap["users"] == 2
     assert "own - shuffled NDCG@3" in (tmp_path / "eval" / "image_eval.md").read_text()
+
+
+def test_training_replicates_with_a_fixed_split_seed_hold_out_the_same_users(tmp_path, inputs):
+    """Another training seed must not change the held-out users, or replicates score different users."""
+
+    def held_out(name, **overrides):
+        meta = json.loads((_train(tmp_path, *inputs, name=name, max_steps=1, **overrides) / "run.json").read_text())
+        return meta["test_users"], meta["heldout_users"], meta["train"]["split_seed"]
+
+    fixed = [held_out(f"fixed{s}", seed=s, split_seed=3) for s in range(4)]
+    assert all(f == fixed[0] for f in fixed) and fixed[0][2] == 3
+    following = [held_out(f"seed{s}", seed=s)[:2] for s in range(4)]
+    assert len({str(f) for f in following}) > 1  # split_seed None: the split follows seed
+    assert following[3] == fixed[0][:2] or held_out("again", seed=3, split_seed=3)[:2] == following[3]

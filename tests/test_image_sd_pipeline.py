@@ -62,17 +62,30 @@ def sd_chain(tmp_path_factory):
         pipeline = Pipeline("tiny", None, (), {}, generation=generation, root=root / "saved")
         pipeline.outputs["export"] = inputs["export"]
         stages = [pipeline._image(), pipeline._image()]
+        history = pipeline._image_history()  # a Stable Diffusion backbone has no history baseline: skipped, said why
     rl = {"steps": 2, "users_per_step": 2, "group_size": 2, "sample_steps": 3, "save_steps": 1, "progress": False}
     rl_run = train_image_rl(
         "tiny", stages[0][1], None, rl, reward_fn=brightness_reward, out_dir=root / "saved" / "tiny" / "ImageRL-sd"
     )
-    chain = {"root": root, "sd_backbone": backbone, "stages": stages, "image_run": stages[0][1], "rl_run": rl_run}
+    chain = {
+        "root": root,
+        "sd_backbone": backbone,
+        "stages": stages,
+        "history_stage": history,
+        "image_run": stages[0][1],
+        "rl_run": rl_run,
+    }
     return {**inputs, **chain}
 
 
 def test_the_image_stage_trains_the_tokens_into_the_pipeline(sd_chain):
     (status, run, _), (again, same, note) = sd_chain["stages"]
     assert status == "ran" and again == "skipped" and same == run and "finished image generator" in note
+    assert sd_chain["history_stage"] == (
+        "skipped",
+        None,
+        "a Stable Diffusion backbone has no history baseline (image.conditioning)",
+    )
     meta = json.loads((run / "run.json").read_text())
     assert meta["kind"] == "ImageGen" and meta["format"] == SD_FORMAT and meta["trained_steps"] == 4
     assert meta["model"]["backbone"] == str(sd_chain["sd_backbone"].resolve()) and meta["model"]["height"] == 16

@@ -252,3 +252,38 @@ def test_reward_curves_follow_rl_phases(tmp_path):
     assert [r["reward_total"] for r in records][3:] == [0.1, 0.2]  # phase 2's own values, steps continued
     assert rl_phases(tmp_path / "TextRL-1") == [tmp_path / "TextRL-1"]
     assert reward_curves([phases], tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_poster_only_report_with_the_history_baseline(tiny_run, tmp_path):
+    """evaluate.modalities [image]: no text run is read or generated; the newest history generator
+    on the same test users becomes the history row; one on other test users is refused."""
+    root, export, text_run, image_run, options = tiny_run
+    saved = tmp_path / "saved"
+    shutil.copytree(root / "saved", saved)
+    shutil.rmtree(saved / "tiny" / text_run.name, ignore_errors=True)  # nothing of the text side is needed
+    history = train_image_generator(
+        "tiny",
+        export,
+        tiny_settings(root, **SPLIT, conditioning="history", retrieval_k=2),
+        out_dir=saved / "tiny" / "ImageGen-history",
+        posters=options["posters"],
+    )
+    cfg = {**QUICK, "seeds": [0], "modalities": ["image"]}
+    runs = resolve_runs("tiny", load_settings("evaluate", cfg), saved)
+    assert runs.text is None and runs.image_history == str(history.resolve())
+    assert runs.image == str((saved / "tiny" / "ImageGen-tiny").resolve())  # never the history run
+    report = build_report("tiny", cfg, tmp_path / "Report-posters", **{**options, "root": saved})
+    result = json.loads((report / "report.json").read_text())
+    assert result["conditions"]["history"] == {"text": "n/a", "image": "run"}
+    assert "history" in result["per_seed"] and "gap_image_heldout_judge" in result["intervals"]["history"]
+    assert not any(k.startswith("text_") or k == "perplexity" for k in result["per_seed"]["dppmg"]["0"])
+    assert "population" not in result["per_seed"] and "soft_prompt" not in result["per_seed"]
+
+    other = json.loads((history / "run.json").read_text())
+    (history / "run.json").write_text(json.dumps({**other, "test_users": other["test_users"][::-1]}))
+    with pytest.raises(CheckpointError, match="holding out other test users"):
+        resolve_runs("tiny", load_settings("evaluate", {**cfg, "image_history_run": str(history)}), saved)
+    with pytest.raises(CheckpointError, match="is not a history generator"):
+        resolve_runs("tiny", load_settings("evaluate", {**cfg, "image_history_run": str(image_run)}), saved)
+    with pytest.raises(ConfigError, match="evaluate.modalities must list text and/or image"):
+        load_settings("evaluate", {"modalities": ["audio"]})

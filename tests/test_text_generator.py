@@ -10,7 +10,7 @@ from text_tiny import FakeTokens, item_texts, tiny_lm, tiny_tokenizer
 
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
 from recbole_dppmg.generation.common.settings import load_settings
-from recbole_dppmg.generation.common.user_split import split_users
+from recbole_dppmg.generation.common.user_split import split_seed, split_users
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.text import warmup as text_warmup
 from recbole_dppmg.generation.text.generate import (
@@ -343,6 +343,9 @@ def test_user_split_and_pairs(tokens):
     assert len(split["valid"]) == 3 and len(split["test"]) == 4
     assert not set(split["train"]) & (set(split["valid"]) | set(split["test"]))
     assert split == split_users(tokens.users, 3, 4, seed=0)
+    assert split_seed({"seed": 5, "split_seed": None}) == 5 and split_seed({"seed": 5, "split_seed": 0}) == 0
+    assert all(load_settings(section)["split_seed"] is None for section in ("text", "image"))
+    assert load_settings("image")["sd"]["split_seed"] is None
     with pytest.raises(ConfigError, match="cannot hold out"):
         split_users(tokens.users, 10, 10, seed=0)
     pairs = build_pairs(tokens, ["u0"], item_texts(), 4, 2, 0)

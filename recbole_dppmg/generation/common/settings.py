@@ -336,6 +336,7 @@ class TextSettings(Section):
     generator: str | None = rule()
     output_dir: str | None = rule()
     seed: int = rule()
+    split_seed: int | None = rule()
     lora_r: int = rule(ge=0)
     lora_alpha: int = rule(gt=0)
     lora_targets: list[str] = rule()
@@ -398,6 +399,7 @@ class ImageSDSettings(Section):
     valid_users: int = rule(ge=0)
     test_users: int = rule(ge=0)
     seed: int = rule()
+    split_seed: int | None = rule()
     device: str = rule()
     progress: bool = rule()
     poster_dir: str | None = rule()
@@ -434,6 +436,7 @@ class ImageSettings(Section):
     valid_users: int = rule(ge=0)
     test_users: int = rule(ge=0)
     seed: int = rule()
+    split_seed: int | None = rule()
     batch_size: int = rule(ge=1)
     learning_rate: float = rule(gt=0)
     warmup_steps: int = rule(ge=0)
@@ -606,6 +609,8 @@ class EvaluateSettings(Section):
     image_run: str | None = rule()
     text_rl_run: str | None = rule()
     image_rl_run: str | None = rule()
+    image_history_run: str | None = rule()
+    modalities: list[str] = rule()
     split: str = rule(choices=("valid", "test"))
     users: int | None = rule()
     fd_users: int | None = rule()
@@ -622,6 +627,8 @@ class EvaluateSettings(Section):
     def validate(self, where: str) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"{where}.seeds must be a list of distinct integers, got {self.seeds!r}")
+        if not self.modalities or set(self.modalities) - {"text", "image"}:
+            raise ConfigError(f"{where}.modalities must list text and/or image, got {self.modalities!r}")
         for key in ("users", "fd_users"):
             if self[key] is not None and self[key] < 2:
                 raise ConfigError(f"{where}.{key} must be an integer >= 2 or None, got {self[key]!r}")

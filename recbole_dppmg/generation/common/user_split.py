@@ -2,13 +2,13 @@
 
 Text and poster are judged together (the consistency reward, the report's per-user gallery),
 so both generators must hold out exactly the same users: each calls ``split_users`` with the
-same ``seed``, ``valid_users`` and ``test_users`` (the defaults in ``properties/generation.yaml``
-agree), and the evaluation checks that their ``test`` lists are equal.
+same seed (``split_seed``, else ``seed``), ``valid_users`` and ``test_users`` (the defaults in
+``properties/generation.yaml`` agree), and the evaluation checks that their ``test`` lists are equal.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -36,3 +36,10 @@ def split_users(
     if n_train is not None:
         train = train[:n_train]
     return {"train": train, "valid": valid, "test": test}
+
+
+def split_seed(settings: Mapping) -> int:
+    """The seed of the user split: ``split_seed`` when set, else ``seed``. Training replicates
+    (another ``seed``) keep ``split_seed`` fixed so that every replicate holds out the same users."""
+    value = settings.get("split_seed")
+    return int(settings["seed"] if value is None else value)

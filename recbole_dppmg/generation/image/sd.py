@@ -34,6 +34,7 @@ from recbole_dppmg.data.featurize import torch_threads
 from recbole_dppmg.devices import resolve_device
 from recbole_dppmg.errors import CheckpointError, ConfigError
 from recbole_dppmg.generation.common.settings import load_settings, sd_backbone
+from recbole_dppmg.generation.common.user_split import split_seed
 from recbole_dppmg.generation.common.vocabulary import (
     CodebookProjection,
     PreferenceVocabulary,
@@ -330,7 +331,7 @@ def train_sd_tokens(
         item_ids, latents = cached_latents(
             posters, model.codec, s["height"], s["width"], codec_id, cache_dir=settings["cache_dir"]
         )
-        split = training_pairs(tokens, item_ids, liked, s["valid_users"], s["test_users"], s["seed"])
+        split = training_pairs(tokens, item_ids, liked, s["valid_users"], s["test_users"], split_seed(s))
         row = {item: k for k, item in enumerate(item_ids)}
         positions = torch.tensor([vocab.ids_for(u) for u, _ in split.pairs], dtype=torch.long)
         targets = torch.tensor([row[i] for _, i in split.pairs])

@@ -30,6 +30,7 @@ from recbole_dppmg.data.featurize import torch_threads
 from recbole_dppmg.devices import resolve_device
 from recbole_dppmg.errors import CheckpointError
 from recbole_dppmg.generation.common.settings import load_settings, sd_backbone
+from recbole_dppmg.generation.common.user_split import split_seed
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.autoencoder import (
     ENCODER_FILE,
@@ -89,6 +90,7 @@ TRAIN_KEYS = (
     "min_rating",
     "valid_users",
     "test_users",
+    "split_seed",
     "seed",
     "batch_size",
     "learning_rate",
@@ -257,7 +259,7 @@ def train_image_generator(
         )
         latent_row = {item: k for k, item in enumerate(item_ids)}
         split = training_pairs(
-            tokens, item_ids, liked, settings["valid_users"], settings["test_users"], settings["seed"]
+            tokens, item_ids, liked, settings["valid_users"], settings["test_users"], split_seed(settings)
         )
         users = sorted({u for u, _ in split.pairs}, key=lambda s: (len(s), s))
         user_row = {u: k for k, u in enumerate(users)}

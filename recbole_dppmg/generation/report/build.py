@@ -59,6 +59,7 @@ from recbole_dppmg.generation.image.generate import (
     GENERATE_KEYS,
     generate_posters,
     sampling_arguments,
+    user_context,
     user_positions,
 )
 from recbole_dppmg.generation.image.metrics import (
@@ -148,12 +149,13 @@ class EvaluatedRuns:
     """The generator runs a report compares, checked to fit together."""
 
     tokens: str
-    text: str
-    image: str | None  # None: the dataset has no images (a text-only report)
+    text: str | None  # None: a poster-only report (evaluate.modalities)
+    image: str | None  # None: a text-only report (no item images, or evaluate.modalities)
     text_rl: str | None = None
     image_rl: str | None = None
     test_users: list[str] = field(default_factory=list)
     valid_users: list[str] = field(default_factory=list)
+    image_history: str | None = None  # the history baseline's generator (image.conditioning: history)
 
     def evaluated(self, split: str) -> list[str]:
         """The users a report of ``split`` scores (``generation/common/protocol.py``)."""
@@ -182,10 +184,26 @@ def _finished_image_runs(dataset: str, root: Path, prefix: str) -> list[Path]:
 def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> EvaluatedRuns:
     """The runs named in ``cfg`` or, for those left at None, the newest that fit: text and
     image generators trained on the same token export with the same held-out test users, RL
-    runs made from exactly those generators. A clear error otherwise."""
+    runs made from exactly those generators, the history baseline on the same test users. A
+    clear error otherwise. ``evaluate.modalities: [image]`` needs no text run."""
 
     root = Path(root or SAVED_DIR)
     tokens = str(Path(cfg["tokens"]).resolve()) if cfg.get("tokens") else None
+    if "text" not in cfg.get("modalities", ("text", "image")):
+        image = _image_run(dataset, root, cfg, tokens, "set evaluate.tokens or evaluate.image_run")
+        meta = read_image_config(image)
+        test_users = [str(u) for u in meta["test_users"]]
+        valid_users = [str(u) for u in meta["heldout_users"] if str(u) not in set(test_users)]
+        return EvaluatedRuns(
+            str(Path(meta["tokens_folder"]).resolve()),
+            None,
+            str(image.resolve()),
+            None,
+            _rl_run(dataset, root, IMAGE_RL.name, cfg.get("image_rl_run"), image, _finished_image_runs),
+            test_users,
+            valid_users,
+            _history_run(dataset, root, cfg.get("image_history_run"), test_users),
+        )
     if cfg.get("text_run"):
         text = Path(cfg["text_run"])
     else:
@@ -206,46 +224,19 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
         raise CheckpointError(f"text generator {text} was trained on token export {text_tokens}, not {tokens}")
     tokens = text_tokens
     user_split = json.loads((text / "users.json").read_text())
-    test_users, valid_users = user_split["test"], [str(u) for u in user_split["valid"]]
+    test_users, valid_users = [str(u) for u in user_split["test"]], [str(u) for u in user_split["valid"]]
     text_rl = _rl_run(dataset, root, TEXT_RL.name, cfg.get("text_rl_run"), text, _finished_text_runs)
-    if not cfg.get("image_run") and not _has_images(dataset):
-        logger.info("%s has no item images: a text-only report", dataset)
-        return EvaluatedRuns(
-            tokens, str(text.resolve()), None, text_rl, None, [str(u) for u in test_users], valid_users
-        )
-    if cfg.get("image_run"):
-        image = Path(cfg["image_run"])
-    else:
-        runs = [
-            r
-            for r in _finished_image_runs(dataset, root, IMAGE_GEN.name)
-            if str(Path(read_image_config(r)["tokens_folder"]).resolve()) == tokens and not _is_history(r)
-        ]
-        if not runs:
-            raise CheckpointError(
-                f"no image generator for dataset {dataset} under {root / dataset} was trained on token export {tokens} "
-                f"(the text generator {text.name}'s); run --stage image with --tokens {tokens} (or set "
-                "evaluate.image_run)"
-            )
-        image = runs[-1]
+    if "image" not in cfg.get("modalities", ("text", "image")) or (
+        not cfg.get("image_run") and not _has_images(dataset)
+    ):
+        logger.info("a text-only report (%s)", "evaluate.modalities" if _has_images(dataset) else "no item images")
+        return EvaluatedRuns(tokens, str(text.resolve()), None, text_rl, None, test_users, valid_users)
+    image = _image_run(dataset, root, cfg, tokens, f"the text generator {text.name}'s")
     meta = read_image_config(image)
-    if meta["dataset"] != dataset:
-        raise CheckpointError(f"image generator {image} was trained on {meta['dataset']}, not {dataset}")
-    if _is_history(image):
-        raise CheckpointError(
-            f"image generator {image} is the history baseline (image.conditioning=history), not a DPPMG generator; "
-            "set evaluate.image_run to a tokens or retrieval run"
-        )
-    image_tokens = str(Path(meta["tokens_folder"]).resolve())
-    if image_tokens != tokens:
-        raise CheckpointError(
-            f"the generators were trained on different token exports: text {text} on {tokens}, image {image} on "
-            f"{image_tokens}"
-        )
-    if [str(u) for u in meta["test_users"]] != [str(u) for u in test_users]:
+    if [str(u) for u in meta["test_users"]] != test_users:
         raise CheckpointError(
             f"the generators hold out different test users (text {text}: {len(test_users)}, image {image}: "
-            f"{len(meta['test_users'])}); train both with the same seed, valid_users and test_users"
+            f"{len(meta['test_users'])}); train both with the same split seed, valid_users and test_users"
         )
     image_rl = _rl_run(dataset, root, IMAGE_RL.name, cfg.get("image_rl_run"), image, _finished_image_runs)
     return EvaluatedRuns(
@@ -254,9 +245,67 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
         str(image.resolve()),
         text_rl,
         image_rl,
-        [str(u) for u in test_users],
+        test_users,
         valid_users,
+        _history_run(dataset, root, cfg.get("image_history_run"), test_users),
     )
+
+
+def _image_run(dataset: str, root: Path, cfg: dict, tokens: str | None, whose: str) -> Path:
+    """The DPPMG poster generator: ``evaluate.image_run`` or the newest on the token export ``tokens``
+    (any export when None), never a history baseline."""
+    if cfg.get("image_run"):
+        image = Path(cfg["image_run"])
+    else:
+        runs = [
+            r
+            for r in _finished_image_runs(dataset, root, IMAGE_GEN.name)
+            if (tokens is None or str(Path(read_image_config(r)["tokens_folder"]).resolve()) == tokens)
+            and not _is_history(r)
+        ]
+        if not runs:
+            raise CheckpointError(
+                f"no image generator for dataset {dataset} under {root / dataset}"
+                + (f" was trained on token export {tokens} ({whose})" if tokens else "")
+                + f"; run --stage image{f' with --tokens {tokens}' if tokens else ''} (or set evaluate.image_run)"
+            )
+        image = runs[-1]
+    meta = read_image_config(image)
+    if meta["dataset"] != dataset:
+        raise CheckpointError(f"image generator {image} was trained on {meta['dataset']}, not {dataset}")
+    if _is_history(image):
+        raise CheckpointError(
+            f"image generator {image} is the history baseline (image.conditioning=history), not a DPPMG generator; "
+            "set evaluate.image_run to a tokens or retrieval run (the baseline goes in evaluate.image_history_run)"
+        )
+    image_tokens = str(Path(meta["tokens_folder"]).resolve())
+    if tokens is not None and image_tokens != tokens:
+        raise CheckpointError(
+            f"the generators were trained on different token exports: {whose} {tokens}, image {image} on {image_tokens}"
+        )
+    return image
+
+
+def _history_run(dataset: str, root: Path, given: str | None, test_users: list[str]) -> str | None:
+    """The history baseline (``image.conditioning: history``): ``given``, else the newest finished one
+    holding out ``test_users`` (None: its rows read "not run"). It reads no tokens, so any export fits."""
+    if given:
+        run = Path(given)
+        meta = read_image_config(run)
+        if not _is_history(run):
+            raise CheckpointError(f"evaluate.image_history_run {run} is not a history generator (image.conditioning)")
+        if meta["dataset"] != dataset or [str(u) for u in meta["test_users"]] != test_users:
+            raise CheckpointError(
+                f"history generator {run} was trained on {meta['dataset']} holding out other test users than the "
+                "evaluated generators; train it with the same split seed, valid_users and test_users"
+            )
+        return str(run.resolve())
+    runs = [
+        r
+        for r in _finished_image_runs(dataset, root, IMAGE_GEN.name)
+        if _is_history(r) and [str(u) for u in read_image_config(r)["test_users"]] == test_users
+    ]
+    return str(runs[-1].resolve()) if runs else None
 
 
 def _is_history(run: Path) -> bool:
@@ -399,7 +448,11 @@ def build_report(
             dataset, runs, tokens, cfg, text_config_overrides, image_config_overrides, codec, posters, dataset_dir, pool
         )
         catalogues = generation.catalogues(judge, image_featurize)
-        allowed = set(catalogues.item_texts) & set(catalogues.poster_ids) if runs.image else set(catalogues.item_texts)
+        allowed = (
+            set(catalogues.item_texts) & set(catalogues.poster_ids)
+            if runs.image and runs.text
+            else set(catalogues.poster_ids or catalogues.item_texts)
+        )
         ranked = popular_items(tokens, allowed)
         real_items = {
             "ceiling": top_recommended_items(tokens, fd_users, allowed),
@@ -566,12 +619,14 @@ class _Generation:
 
     def status(self, condition: str) -> dict:
         text = {"dppmg_rl": "run" if self.runs.text_rl else "not run"}.get(condition, "run")
-        if condition in PROMPTS and not (Path(self.runs.text) / f"{condition}_prompt").is_dir():
+        if not self.runs.text:
+            text = "n/a"
+        elif condition in PROMPTS and not (Path(self.runs.text) / f"{condition}_prompt").is_dir():
             text = "not run"
         image = {
             "soft_prompt": "n/a",
             "population": "n/a",  # the image generator's population baseline is its null conditioning: no tokens
-            "history": "n/a",
+            "history": "run" if self.runs.image_history else "not run",
             "token_items": "n/a",
             "dppmg_rl": "run" if self.runs.image_rl else "not run",
         }.get(condition, "run")
@@ -612,7 +667,7 @@ class _Generation:
             text.features,
             poster_ids,
             poster_features,
-            run_target_texts(self.dataset, Path(self.runs.text), self.tokens, content),
+            run_target_texts(self.dataset, Path(self.runs.text), self.tokens, content) if self.runs.text else {},
             posters,
             {i: _caption(content, i) for i in content.item_ids},
             item_text_table(content),
@@ -623,6 +678,8 @@ class _Generation:
         """Texts per condition and seed for ``users``; ``real`` = the real-content conditions' texts."""
 
         out: dict[str, dict[int, list[str]]] = {}
+        if not self.runs.text:  # a poster-only report
+            return out
         before = TextConditions(
             self.dataset, Path(self.runs.text), self.tokens, self.vocabulary, self.text_cfg, content=self.content
         )
@@ -653,10 +710,12 @@ class _Generation:
         out: dict[str, dict[int, list]] = {}
         if not self.runs.image:  # a text-only dataset
             return out
-        models = [("before", self.runs.image)] + ([("after", self.runs.image_rl)] if self.runs.image_rl else [])
-        for which, run in models:
+        models = [(IMAGE_MODES, self.runs.image)]
+        models += [({"dppmg_rl": "tokens"}, self.runs.image_rl)] if self.runs.image_rl else []
+        models += [({"history": "tokens"}, self.runs.image_history)] if self.runs.image_history else []
+        for modes, run in models:
             model, _ = load_image_generator(run, self.vocabulary, dataset=self.dataset)
-            modes = IMAGE_MODES if which == "before" else {"dppmg_rl": "tokens"}
+            context = user_context(model, self.tokens, users)  # the history baseline's own posters; else None
             for condition, mode in modes.items():
                 out[condition] = {}
                 for seed in self.cfg["seeds"]:
@@ -666,7 +725,13 @@ class _Generation:
                     else:
                         positions = user_positions(self.vocabulary, users, mode)
                     images = generate_posters(
-                        model, self.codec(model), positions, seed=seed, progress=self.cfg["progress"], **self.sampling
+                        model,
+                        self.codec(model),
+                        positions,
+                        seed=seed,
+                        progress=self.cfg["progress"],
+                        context=context,
+                        **self.sampling,
                     )
                     out[condition][seed] = [tensor_to_pil(x) for x in images]
             del model

@@ -46,7 +46,7 @@ from recbole_dppmg.data.featurize import load_default_encoder, torch_threads
 from recbole_dppmg.devices import module_device
 from recbole_dppmg.errors import CheckpointError, ConfigError, DataError
 from recbole_dppmg.generation.common.settings import load_settings, rl_phase_settings
-from recbole_dppmg.generation.common.user_split import split_users
+from recbole_dppmg.generation.common.user_split import split_seed, split_users
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.checkpoint import read_image_config
 from recbole_dppmg.generation.image.checkpoint import save_checkpoint as save_generator
@@ -360,7 +360,7 @@ def train_image_rl(
                 "so image RL has nothing to tune; start RL from a tokens or retrieval generator"
             )
         train = meta["train"]
-        split = split_users(list(tokens.users), train["valid_users"], train["test_users"], train["seed"])
+        split = split_users(list(tokens.users), train["valid_users"], train["test_users"], split_seed(train))
         if split["test"] != meta["test_users"]:
             raise CheckpointError(
                 f"{image_run}: the user split recomputed from its settings differs from its recorded test users"

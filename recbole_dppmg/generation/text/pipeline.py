@@ -35,7 +35,7 @@ from recbole_dppmg.generation.common.protocol import (
     users_with_targets,
 )
 from recbole_dppmg.generation.common.settings import TEXT_CONDITIONS, load_settings
-from recbole_dppmg.generation.common.user_split import split_users
+from recbole_dppmg.generation.common.user_split import split_seed, split_users
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.text.backbone import load_backbone
 from recbole_dppmg.generation.text.baselines import PROMPTS, prompt_condition
@@ -138,7 +138,7 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
     vocabulary = PreferenceVocabulary(tokens)
     texts = target_texts(dataset, cfg, tokens, catalogue)
     liked = catalogue.like_threshold(cfg["min_rating"])
-    split = split_users(tokens.users, cfg["valid_users"], cfg["test_users"], cfg["seed"], cfg["train_users"])
+    split = split_users(tokens.users, cfg["valid_users"], cfg["test_users"], split_seed(cfg), cfg["train_users"])
     train_pairs = build_pairs(
         tokens, split["train"], texts, liked, cfg["pairs_per_user"], cfg["seed"], cfg["pair_choice"]
     )
