@@ -150,6 +150,90 @@ def build_table(seed_reports: list[dict], variants: dict[str, list[dict]], allow
     return table
 
 
+# (modality, first, second): the comparisons the issues accept on, paired by user, per measure
+COMPARISONS = (
+    ("image", "dppmg", "history"),
+    ("image", "dppmg", "population"),
+    ("image", "dppmg_rl", "dppmg"),
+    ("image", "dppmg", "dppmg_image_tokens_only"),
+    ("text", "dppmg", "history"),
+    ("text", "dppmg", "population"),
+    ("text", "dppmg_rl", "dppmg"),
+)
+PAIRED_MEASURES = ("gap_heldout_judge", "gap_judge", "gap_personal_similarity", "gap_retrieval_ndcg10", "heldout_judge")
+
+
+def _per_user(reports: list[dict], condition: str, interval: str) -> np.ndarray | None:
+    """One condition's per-user values averaged over the training seeds (None if a report lacks them)."""
+    found = [r["intervals"].get(condition, {}).get(interval) for r in reports]
+    if any(f is None for f in found) or len({len(f["per_user"]) for f in found}) != 1:
+        return None
+    return np.mean([f["per_user"] for f in found], axis=0)
+
+
+def paired_differences(seed_reports: list[dict], variants: dict[str, list[dict]]) -> dict:
+    """``{modality: {"A - B": {measure: {"mean", "ci95", "train_seed_range"}}}}``: per user, A's value
+    minus B's (each averaged over its training seeds), with a bootstrap 95% interval over users; the
+    range of the per-seed differences where both rows come from the same training seeds."""
+    sources = {m: {out: (cond, seed_reports) for cond, out in conds.items()} for m, conds in CONDITIONS.items()}
+    for modality in sources:
+        sources[modality].update({name: ("dppmg", reports) for name, reports in variants.items()})
+    out: dict = {}
+    for modality, first, second in COMPARISONS:
+        if first not in sources[modality] or second not in sources[modality]:
+            continue
+        (cond_a, reports_a), (cond_b, reports_b) = sources[modality][first], sources[modality][second]
+        cells = {}
+        for measure in PAIRED_MEASURES:
+            interval = MEASURES[modality].get(measure, (None, None))[0]
+            if interval is None:
+                continue
+            a, b = _per_user(reports_a, cond_a, interval), _per_user(reports_b, cond_b, interval)
+            if a is None or b is None or len(a) != len(b):
+                continue
+            diff = a - b
+            per_seed = None
+            if reports_a is reports_b:
+                per_seed = [
+                    float(np.mean(r["intervals"][cond_a][interval]["per_user"]))
+                    - float(np.mean(r["intervals"][cond_b][interval]["per_user"]))
+                    for r in reports_a
+                ]
+            cells[measure] = {
+                "mean": float(diff.mean()),
+                "ci95": bootstrap_interval(diff),
+                "train_seed_range": [min(per_seed), max(per_seed)] if per_seed else None,
+            }
+        if cells:
+            out.setdefault(modality, {})[f"{first} - {second}"] = cells
+    return out
+
+
+def plot_gaps(table: dict, path: Path, measures=("gap_heldout_judge", "gap_judge", "gap_personal_similarity")) -> None:
+    """One panel per modality and measure: each condition's own - shuffled gap with its 95% interval
+    over users (bar) and its training-seed range (tick marks)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(m, g) for m in table for g in measures if any(g in cells for cells in table[m].values())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (modality, measure) in zip(axes[0], panels):
+        rows = [(c, cells[measure]) for c, cells in table[modality].items() if measure in cells]
+        for y, (condition, cell) in enumerate(rows):
+            low, high = cell["ci95"] if cell["ci95"] else (cell["mean"], cell["mean"])
+            ax.errorbar(cell["mean"], y, xerr=[[cell["mean"] - low], [high - cell["mean"]]], fmt="o", capsize=3)
+            ax.plot(cell["train_seed_range"], [y, y], "|", color="black", markersize=10)
+        ax.axvline(0, color="grey", linewidth=0.8)
+        ax.set_yticks(range(len(rows)), [c for c, _ in rows], fontsize=8)
+        ax.set_title(f"{modality}: {measure}", fontsize=9)
+        ax.set_xlabel("own - shuffled (95% CI over users; | = training-seed range)", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", action="append", required=True, help="report/ folder of one training seed")
@@ -158,6 +242,8 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--out", required=True, help="the JSON table to write")
     parser.add_argument("--allow-valid", action="store_true", help="accept validation reports (selection only)")
+    parser.add_argument("--differences", help="JSON of the paired differences (DPPMG - history, RL - before, ...)")
+    parser.add_argument("--plot", help="PNG of the own - shuffled gaps per condition")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     seed_reports = [read_report(Path(p)) for p in args.seed]
@@ -172,6 +258,12 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=2) + "\n")
     logger.info("wrote %s: %s", out, {m: sorted(rows) for m, rows in table.items()})
+    if args.differences:
+        Path(args.differences).write_text(json.dumps(paired_differences(seed_reports, variants), indent=2) + "\n")
+        logger.info("wrote %s", args.differences)
+    if args.plot:
+        plot_gaps(table, Path(args.plot))
+        logger.info("wrote %s", args.plot)
 
 
 if __name__ == "__main__":

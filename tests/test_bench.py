@@ -279,8 +279,10 @@ def _fake_report(folder, seed_offset, split="test"):
                 "gap_text_judge": interval([0.1 + seed_offset, 0.2, 0.3, 0.2]),
                 "text_judge": interval([0.6, 0.7, 0.8, 0.7]),
                 "image_judge": interval([0.5, 0.5, 0.6, 0.6]),
+                "gap_image_heldout_judge": interval([0.2 + seed_offset, 0.1, 0.2, 0.1]),
             },
             "constant_popular": {"gap_text_judge": interval([0.0, 0.0, 0.0, 0.0])},
+            "history": {"gap_image_heldout_judge": interval([0.0, 0.1, 0.0, 0.1])},
         },
         "summary": {"dppmg": {"perplexity": {"mean": 9.0 + seed_offset}, "frechet_distance": {"mean": 50.0}}},
     }
@@ -307,6 +309,15 @@ def test_bench_generation_pools_training_seeds_into_the_protocol_table(tmp_path)
     assert table["text"]["constant_popular"]["gap_judge"]["mean"] == 0.0
     assert table["text"]["dppmg"]["perplexity"] == {"mean": 9.1, "ci95": None, "train_seed_range": [9.0, 9.2]}
     assert table["image"]["dppmg"]["fd_real_floor"]["mean"] == 10.1 and "dppmg_text_tokens_only" in table["text"]
+    differences, plot = tmp_path / "differences.json", tmp_path / "gaps.png"
+    bench_generation.main(
+        ["--seed", str(a), "--seed", str(b), "--out", str(out), "--differences", str(differences), "--plot", str(plot)]
+    )
+    versus = json.loads(differences.read_text())["image"]["dppmg - history"]["gap_heldout_judge"]
+    # per user (0.3, 0.1, 0.2, 0.1), the two seeds' mean, minus (0, 0.1, 0, 0.1); per seed 0.1 and 0.15
+    assert versus["mean"] == pytest.approx(0.125) and versus["train_seed_range"] == pytest.approx([0.1, 0.15])
+    assert versus["ci95"][0] <= versus["mean"] <= versus["ci95"][1] and plot.stat().st_size > 0
+    assert table["image"]["history"]["gap_heldout_judge"]["mean"] == pytest.approx(0.05)
     valid = _fake_report(tmp_path / "valid", 0.0, split="valid")
     with pytest.raises(SystemExit, match="needs reports of the test users"):
         bench_generation.main(["--seed", str(valid), "--out", str(out)])
