@@ -114,7 +114,11 @@ def test_report_on_a_tiny_run(tiny_run):
         assert f"| {label}" in table
     assert "## Personalization: own minus shuffled" in table and "real-vs-real floor" in table
     assert result["rl_text_sampling"] is not None and "text RL sampled with" in table
-    assert "| population prompt" in table and "| history prompt" in table and "| DPPMG tokens as retrieval" in table
+    assert (
+        "| population prompt" in table
+        and "| history (prompt / posters)" in table
+        and "| DPPMG tokens as retrieval" in table
+    )
     history = json.loads((text_run / "warmup.json").read_text())["history_prompt"]
     assert history["steps"] == 2 and history["trainable_parameters"] > 0
     soft_row = next(line for line in table.splitlines() if line.startswith("| continuous soft prompt"))

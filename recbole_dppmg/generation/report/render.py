@@ -38,7 +38,7 @@ REPORT = "report"
 LABELS = {
     "no_tokens": "no tokens (base LM)",
     "population": "population prompt",
-    "history": "history prompt",
+    "history": "history (prompt / posters)",
     "token_items": "DPPMG tokens as retrieval keys (item titles)",
     "shuffled": "shuffled tokens",
     "soft_prompt": "continuous soft prompt",
@@ -183,7 +183,9 @@ def markdown(result: dict, has_curves: bool) -> str:
         "user's tokens (one derangement per seed, the same for text and poster). *continuous soft prompt*: PMG-style "
         "prompt vectors from the continuous u_m, text only (the image generator has none: n/a). *DPPMG before / after "
         "RL*: the user's tokens, generators after the supervised warm-up / after RL (not run: no RL run made from "
-        "these generators).",
+        "these generators). *history*: the user's best-rated training items as the conditioning, no tokens: written "
+        "into the text prompt (LaMP-style), and their posters as the poster generator's context "
+        "(image.conditioning: history, PMG-style).",
         "- *ceiling*: the real text and poster (resized to the generator's size) of the user's top recommended item: "
         "the highest stage-1 score from the token export among items outside the user's training and validation "
         "splits. *controls*: the real content of the most popular training item, the same for everyone, and of the "
