@@ -400,23 +400,7 @@ class Pipeline:
         if missing:
             self.outputs["image"] = None
             return "skipped", None, missing
-        settings = load_settings("image", self.sections["image"])
-        run, finished = valid_image_run(self.dataset, self.outputs["export"], settings, self.root)
-        if run is not None and finished:
-            self.outputs["image"] = run
-            return "skipped", run, "a finished image generator on this token export with these settings"
-        self.outputs["image"] = train_image_generator(
-            self.dataset, self.outputs["export"], settings, out_dir=run, resume=run is not None
-        )
-        meta = read_run_meta(self.outputs["image"], IMAGE_KINDS)
-        sd = is_sd_run(meta)
-        max_steps = int(settings["sd"]["max_steps"] if sd else settings["max_steps"])
-        note = ("resumed; " if run is not None else "") + (
-            f"stopped by image.{'sd.' if sd else ''}max_minutes at step {meta['trained_steps']} of {max_steps}"
-            if int(meta["trained_steps"]) < max_steps
-            else ""
-        )
-        return "ran", self.outputs["image"], note or None
+        return self._train_image("image", load_settings("image", self.sections["image"]), "image generator")
 
     def _image_history(self):
         """The report's poster history baseline: the same generator and steps with
@@ -428,14 +412,26 @@ class Pipeline:
             self.outputs["image_history"] = None
             return "skipped", None, "a Stable Diffusion backbone has no history baseline (image.conditioning)"
         settings = load_settings("image", {**self.sections["image"], "conditioning": "history"})
+        return self._train_image("image_history", settings, "history generator")
+
+    def _train_image(self, output: str, settings, what: str):
+        """Reuse the finished run on this export with these settings, resume an unfinished one, or train."""
         run, finished = valid_image_run(self.dataset, self.outputs["export"], settings, self.root)
         if run is not None and finished:
-            self.outputs["image_history"] = run
-            return "skipped", run, "a finished history generator on this token export with these settings"
-        self.outputs["image_history"] = train_image_generator(
+            self.outputs[output] = run
+            return "skipped", run, f"a finished {what} on this token export with these settings"
+        self.outputs[output] = train_image_generator(
             self.dataset, self.outputs["export"], settings, out_dir=run, resume=run is not None
         )
-        return "ran", self.outputs["image_history"], "resumed" if run is not None else None
+        meta = read_run_meta(self.outputs[output], IMAGE_KINDS)
+        sd = is_sd_run(meta)
+        max_steps = int(settings["sd"]["max_steps"] if sd else settings["max_steps"])
+        note = ("resumed; " if run is not None else "") + (
+            f"stopped by image.{'sd.' if sd else ''}max_minutes at step {meta['trained_steps']} of {max_steps}"
+            if int(meta["trained_steps"]) < max_steps
+            else ""
+        )
+        return "ran", self.outputs[output], note or None
 
     # ------------------------------------------------------------------ RL
     def _judge(self):
