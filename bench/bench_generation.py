@@ -156,6 +156,7 @@ COMPARISONS = (
     ("image", "dppmg", "population"),
     ("image", "dppmg_rl", "dppmg"),
     ("image", "dppmg", "dppmg_image_tokens_only"),
+    ("image", "dppmg", "dppmg_tokens_from_noise"),
     ("text", "dppmg", "history"),
     ("text", "dppmg", "population"),
     ("text", "dppmg_rl", "dppmg"),
@@ -228,7 +229,7 @@ def plot_gaps(table: dict, path: Path, measures=("gap_heldout_judge", "gap_judge
         ax.axvline(0, color="grey", linewidth=0.8)
         ax.set_yticks(range(len(rows)), [c for c, _ in rows], fontsize=8)
         ax.set_title(f"{modality}: {measure}", fontsize=9)
-        ax.set_xlabel("own - shuffled (95% CI over users; | = training-seed range)", fontsize=7)
+        ax.set_xlabel("own - shuffled: 95% CI over users, | training-seed range", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
