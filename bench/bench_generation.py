@@ -99,14 +99,10 @@ def read_report(folder: Path) -> dict:
 def _cell(reports: list[dict], condition: str, interval: str | None, metric: str | None) -> dict | None:
     """One measure of one condition pooled over the training seeds' reports (None if absent)."""
     if interval is not None:
-        found = [r["intervals"].get(condition, {}).get(interval) for r in reports]
-        if any(f is None for f in found):
+        per_user = _per_user(reports, condition, interval)
+        if per_user is None:
             return None
-        lengths = {len(f["per_user"]) for f in found}
-        if len(lengths) != 1:
-            raise SystemExit(f"{condition} {interval}: the reports score different numbers of users {lengths}")
-        per_user = np.mean([f["per_user"] for f in found], axis=0)
-        seeds = [f["mean"] for f in found]
+        seeds = [r["intervals"][condition][interval]["mean"] for r in reports]
         return {
             "mean": float(per_user.mean()),
             "ci95": bootstrap_interval(per_user),
@@ -167,8 +163,11 @@ PAIRED_MEASURES = ("gap_heldout_judge", "gap_judge", "gap_personal_similarity", 
 def _per_user(reports: list[dict], condition: str, interval: str) -> np.ndarray | None:
     """One condition's per-user values averaged over the training seeds (None if a report lacks them)."""
     found = [r["intervals"].get(condition, {}).get(interval) for r in reports]
-    if any(f is None for f in found) or len({len(f["per_user"]) for f in found}) != 1:
+    if any(f is None for f in found):
         return None
+    lengths = {len(f["per_user"]) for f in found}
+    if len(lengths) != 1:
+        raise SystemExit(f"{condition} {interval}: the reports score different numbers of users {lengths}")
     return np.mean([f["per_user"] for f in found], axis=0)
 
 

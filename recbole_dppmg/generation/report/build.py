@@ -189,7 +189,8 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
 
     root = Path(root or SAVED_DIR)
     tokens = str(Path(cfg["tokens"]).resolve()) if cfg.get("tokens") else None
-    if "text" not in cfg.get("modalities", ("text", "image")):
+    modalities = cfg.get("modalities", ("text", "image"))
+    if "text" not in modalities:
         image = _image_run(dataset, root, cfg, tokens, "set evaluate.tokens or evaluate.image_run")
         meta = read_image_config(image)
         test_users = [str(u) for u in meta["test_users"]]
@@ -226,10 +227,9 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
     user_split = json.loads((text / "users.json").read_text())
     test_users, valid_users = [str(u) for u in user_split["test"]], [str(u) for u in user_split["valid"]]
     text_rl = _rl_run(dataset, root, TEXT_RL.name, cfg.get("text_rl_run"), text, _finished_text_runs)
-    if "image" not in cfg.get("modalities", ("text", "image")) or (
-        not cfg.get("image_run") and not _has_images(dataset)
-    ):
-        logger.info("a text-only report (%s)", "evaluate.modalities" if _has_images(dataset) else "no item images")
+    has_images = bool(cfg.get("image_run")) or _has_images(dataset)
+    if "image" not in modalities or not has_images:
+        logger.info("a text-only report (%s)", "evaluate.modalities" if has_images else "no item images")
         return EvaluatedRuns(tokens, str(text.resolve()), None, text_rl, None, test_users, valid_users)
     image = _image_run(dataset, root, cfg, tokens, f"the text generator {text.name}'s")
     meta = read_image_config(image)
