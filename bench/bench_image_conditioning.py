@@ -117,18 +117,29 @@ def real_rows(users, tokens, judges, real, seed) -> dict:
     return out
 
 
-def start_copies(model, positions, context, features, real) -> dict:
-    """How much of each poster is its SDEdit start (the first context poster: retrieved, or the
-    history's best): the mean cosine similarity to it, and the share of posters whose nearest real
-    poster is that very start (a copy, however degraded, that the catalogue-wide near-duplicate
-    rule can miss). None for a tokens-only generator (no start)."""
+def start_copies(model, positions, context, features, real, blend: int = 1) -> dict:
+    """How much of each poster is its SDEdit start (the first ``blend`` context posters: retrieved,
+    or the history's best): the mean cosine similarity to the closest of them, and the share of
+    posters whose nearest real poster is one of them (a copy, however degraded, that the
+    catalogue-wide near-duplicate rule can miss). None for a tokens-only generator (no start)."""
     if model.context is None:
         return {"start_similarity": None, "start_is_nearest_real_share": None}
     with torch.no_grad():
-        first = (context if context is not None else model.retrieve(positions))[:, :1]
+        starts = (context if context is not None else model.retrieve(positions))[:, :blend]
     real_ids, real_features = real
     row_of = {item: row for row, item in enumerate(real_ids)}
-    to_start = personal_similarity(features, real_features, [[row_of[ids[0]]] for ids in model.context.ids(first)])
+    to_start = np.max(  # a missing poster (a short history) counts as dissimilar (-1)
+        [
+            np.nan_to_num(
+                personal_similarity(
+                    features, real_features, [[row_of[ids[j]]] if len(ids) > j else [] for ids in rows]
+                ),
+                nan=-1.0,
+            )
+            for j, rows in ((j, model.context.ids(starts)) for j in range(starts.shape[1]))
+        ],
+        axis=0,
+    )
     return {
         "start_similarity": float(to_start.mean()),
         "start_is_nearest_real_share": float(
@@ -137,7 +148,7 @@ def start_copies(model, positions, context, features, real) -> dict:
     }
 
 
-def measure(checkpoint, strength, tokens, vocab, judges, encoder, real, args) -> dict:
+def measure(checkpoint, strength, blend, tokens, vocab, judges, encoder, real, args) -> dict:
     """``real``: (item ids, EfficientNet features) of the catalogue's posters at the generator's size;
     ``judges``: (stage-1 judge, held-out judge)."""
     judge = judges[0]
@@ -145,7 +156,9 @@ def measure(checkpoint, strength, tokens, vocab, judges, encoder, real, args) ->
     settings = load_settings("image", {**meta["train"], **meta["model"], "num_threads": 1})
     codec, _ = build_codec(settings)
     users = validation_users(meta, args.users)
-    sample = dict(steps=args.steps, guidance=args.guidance, batch_size=args.batch, progress=False, strength=strength)
+    sample = dict(
+        steps=args.steps, guidance=args.guidance, batch_size=args.batch, progress=False, strength=strength, blend=blend
+    )
     started = time.perf_counter()
     positions, context = user_positions(vocab, users), user_context(model, tokens, users)
     partner = partner_rows(len(users), args.seed)
@@ -170,6 +183,7 @@ def measure(checkpoint, strength, tokens, vocab, judges, encoder, real, args) ->
         "checkpoint": str(checkpoint),
         "conditioning": meta["model"].get("conditioning", "tokens"),
         "sdedit_strength": strength,
+        "sdedit_blend": blend,
         "trained_steps": meta.get("trained_steps"),
         "train_seconds": meta.get("train_seconds"),
         "users": len(users),
@@ -183,7 +197,7 @@ def measure(checkpoint, strength, tokens, vocab, judges, encoder, real, args) ->
         },
         **protocol_gaps(feats["own"], users, tokens, judges, real, args.seed),
         **novelty(feats["own"], real[1]),
-        **start_copies(model, positions, context, feats["own"], real),
+        **start_copies(model, positions, context, feats["own"], real, blend),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -196,7 +210,12 @@ def paired_differences(results: list[dict], seed: int) -> list[dict]:
     for every run of one call), with a bootstrap 95% interval: e.g. DPPMG minus the history baseline."""
     out = []
     for run in results[1:]:
-        row = {"run": run["checkpoint"], "strength": run["sdedit_strength"], "minus": results[0]["checkpoint"]}
+        row = {
+            "run": run["checkpoint"],
+            "strength": run["sdedit_strength"],
+            "blend": run["sdedit_blend"],
+            "minus": results[0]["checkpoint"],
+        }
         for gap in GAPS:
             diff = np.asarray(run[gap]["per_user"]) - np.asarray(results[0][gap]["per_user"])
             row[gap] = {"mean": float(diff.mean()), "ci95": bootstrap_interval(diff, 2000, seed)}
@@ -215,6 +234,9 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument(
         "--strength", type=float, nargs="+", default=[1.0], help="image.sdedit_strength values (each checkpoint x each)"
+    )
+    parser.add_argument(
+        "--blend", type=int, nargs="+", default=[1], help="image.sdedit_blend values (posters averaged into the start)"
     )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
@@ -238,9 +260,10 @@ def main() -> None:
     first_meta = json.loads((Path(args.checkpoint[0]) / "run.json").read_text())
     real_posters = real_rows(validation_users(first_meta, args.users), tokens, judges, real, args.seed)
     results = [
-        measure(Path(c), strength, tokens, vocab, judges, encoder, real, args)
+        measure(Path(c), strength, blend, tokens, vocab, judges, encoder, real, args)
         for c in args.checkpoint
         for strength in args.strength
+        for blend in args.blend
     ]
     out = {
         "dataset": args.dataset,

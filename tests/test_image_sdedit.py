@@ -1,7 +1,7 @@
-"""SDEdit starts of the poster generator (image.sdedit_strength) with tiny models from config:
-the starting poster is the one the tokens retrieve (or the history's best), shuffled tokens start
-from the partner's, strength 1 is plain sampling, image RL samples the same way, and the errors a
-user can cause name the key."""
+"""SDEdit starts of the poster generator (image.sdedit_strength, image.sdedit_blend) with tiny
+models from config: the starting poster is the one the tokens retrieve (or the history's best), or
+the mean of the first few, shuffled tokens start from the partner's, strength 1 is plain sampling,
+image RL samples the same way, and the errors a user can cause name the key."""
 
 import pytest
 import torch
@@ -61,6 +61,43 @@ def test_the_start_is_the_poster_the_tokens_retrieve_and_shuffled_tokens_start_f
     assert torch.equal(model.init_latents(shuffled), start[partner])
     # no tokens (the population condition): the catalogue's mean latent, zeros once normalised
     assert torch.equal(model.init_latents(user_positions(vocab, users[:2], "none")), torch.zeros(2, 3, 16, 8))
+
+
+def test_a_blended_start_is_the_mean_of_the_first_retrieved_posters(tmp_path):
+    tokens, vocab, model, latents = _model(tmp_path, "retrieval")
+    users = list(tokens.users)
+    own = user_positions(vocab, users)
+    ranked = model.retrieve(own)
+    assert torch.equal(model.init_latents(own, blend=1), model.init_latents(own))
+    for blend in (2, K):
+        expected = model.normalise(latents[ranked[:, :blend]].half().float()).mean(dim=1)
+        assert torch.allclose(model.init_latents(own, blend=blend), expected, atol=1e-6)
+    assert not torch.allclose(model.init_latents(own, blend=2), model.init_latents(own))
+    assert torch.equal(model.init_latents(user_positions(vocab, users[:2], "none"), blend=K), torch.zeros(2, 3, 16, 8))
+    posters = generate_posters(model, PixelCodec(), own[:2], steps=4, strength=0.5, blend=2, progress=False)
+    assert not torch.equal(
+        posters, generate_posters(model, PixelCodec(), own[:2], steps=4, strength=0.5, progress=False)
+    )
+    for bad in (0, K + 1):
+        with pytest.raises(
+            ConfigError, match=rf"image.sdedit_blend must be in \[1, image.retrieval_k={K}\], got {bad}"
+        ):
+            model.init_latents(own, blend=bad)
+    with pytest.raises(ConfigError, match="image.sdedit_blend must be >= 1"):
+        load_settings("image", {"sdedit_blend": 0})
+    with pytest.raises(ConfigError, match="rl.image.sdedit_blend must be >= 1"):
+        load_settings("rl", {"image": {"sdedit_blend": 0}})
+
+
+def test_a_blended_history_start_averages_only_the_posters_a_user_has(tmp_path):
+    tokens, vocab, model, latents = _model(tmp_path, "history")
+    users = list(tokens.users)[:2]
+    rows = user_context(model, tokens, users)
+    rows[0, 1:] = -1  # a user with one training poster
+    start = model.init_latents(user_positions(vocab, users), rows, blend=K)
+    assert torch.allclose(start[0], model.normalise(latents[rows[0, 0]].half().float()), atol=1e-6)
+    present = rows[1][rows[1] >= 0]
+    assert torch.allclose(start[1], model.normalise(latents[present].half().float()).mean(dim=0), atol=1e-6)
 
 
 def test_a_weak_edit_stays_near_its_start_and_strength_one_is_plain_sampling(tmp_path):
@@ -123,3 +160,8 @@ def test_image_rl_chains_start_from_the_same_posters(tmp_path):
     short = ddim_scheduler(model, 2)  # 2 steps at strength 0.3 would leave only the deterministic last one
     kept = sample_trajectories(model, short, positions, 1.0, 2.0, torch.Generator().manual_seed(0), strength=0.3)
     assert kept.timesteps == [int(short.timesteps[0])]
+    blended = sample_trajectories(
+        model, scheduler, positions, 1.0, 2.0, torch.Generator().manual_seed(0), strength=0.3, blend=2
+    )
+    expected = scheduler.add_noise(model.init_latents(positions, blend=2), noise, torch.tensor([edit.timesteps[0]] * 3))
+    assert torch.allclose(blended.starts[:, 0], expected)

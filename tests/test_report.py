@@ -147,6 +147,22 @@ def test_rows_without_rl_say_not_run(tiny_run):
     assert not (report / "reward_curves.png").exists()
 
 
+def test_a_warm_up_without_the_optional_baselines_reports_them_as_not_run(tiny_run, tmp_path):
+    """text.soft_prompt / text.token_items_prompt False: those rows read "not run", the rest is measured."""
+    root, export, text_run, image_run, options = tiny_run
+    lean = tmp_path / text_run.name
+    shutil.copytree(text_run, lean, ignore=shutil.ignore_patterns("soft_prompt", "token_items_prompt"))
+    runs = resolve_runs("tiny", load_settings("evaluate", QUICK), root / "saved")
+    runs = EvaluatedRuns(runs.tokens, str(lean), runs.image, None, None, runs.test_users, runs.valid_users)
+    report = build_report("tiny", {**QUICK, "seeds": [0]}, tmp_path / "Report", runs=runs, **options)
+    result = json.loads((report / "report.json").read_text())
+    assert "soft_prompt" not in result["per_seed"] and "token_items" not in result["per_seed"]
+    assert {"dppmg", "population", "history"} <= set(result["per_seed"])
+    table = (report / "report.md").read_text().splitlines()
+    soft_row = next(line for line in table if line.startswith("| continuous soft prompt"))
+    assert "not run" in soft_row
+
+
 def test_a_validation_report_scores_validation_users_only(tiny_run):
     root, export, text_run, image_run, options = tiny_run
     split = json.loads((text_run / "users.json").read_text())

@@ -40,6 +40,7 @@ GENERATE_KEYS = (
     "sample_steps",
     "guidance_scale",
     "sdedit_strength",
+    "sdedit_blend",
     "sampler",
     "sample_seed",
     "contact_top",
@@ -71,11 +72,13 @@ def generate_posters(
     context: torch.Tensor | None = None,
     strength: float = 1.0,
     shared_noise: bool = False,
+    blend: int = 1,
 ) -> torch.Tensor:
     """Posters ``[N, 3, H, W]`` in [-1, 1] for token positions ``[N, n_slots]`` (a row of -1
     = no preference tokens); ``context`` ``[N, k]``: the history posters of a history
     generator (:func:`user_context`; a retrieval generator retrieves from the tokens);
-    ``strength`` < 1: SDEdit from each row's first context poster (``image.sdedit_strength``);
+    ``strength`` < 1: SDEdit from the mean of each row's first ``blend`` context posters
+    (``image.sdedit_strength``, ``image.sdedit_blend``);
     ``shared_noise``: every row from the one noise of ``seed`` (is the picture the user's or the seed's?)."""
     c = model.config
     if (height, width) != (None, None) and (height, width) != (c["height"], c["width"]):
@@ -94,7 +97,7 @@ def generate_posters(
         else:
             noise = initial_noise(model, len(rows), seed, first=start)
         rows_context = None if context is None else context[start : start + batch_size]
-        init = model.init_latents(rows, rows_context) if strength < 1.0 else None
+        init = model.init_latents(rows, rows_context, blend) if strength < 1.0 else None
         latents = model.sample(
             rows,
             noise,
@@ -130,6 +133,7 @@ def sampling_arguments(settings) -> dict:
         "sampler": settings["sampler"],
         "batch_size": settings["sample_batch"],
         "strength": settings["sdedit_strength"],
+        "blend": settings["sdedit_blend"],
     }
 
 

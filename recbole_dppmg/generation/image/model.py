@@ -248,27 +248,34 @@ class PosterDiffusion(GuidedSampling, nn.Module):
         """Whether SDEdit applies: a generator with a poster context starts from its first poster."""
         return self.context is not None
 
-    def init_latents(self, positions: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """SDEdit starting points ``[B, C, h, w]`` (normalised): each row's first context poster (the
-        best retrieved one, or the history's top-rated). Rows with none (no tokens, no history) start
-        from the catalogue's mean latent (zeros), on the same shortened schedule as the others."""
+    def init_latents(
+        self, positions: torch.Tensor, context: torch.Tensor | None = None, blend: int = 1
+    ) -> torch.Tensor:
+        """SDEdit starting points ``[B, C, h, w]`` (normalised): the mean of each row's first ``blend``
+        context posters (the best retrieved ones, or the history's top-rated; 1 = the first alone).
+        Why a blend: a start that is no single catalogue poster cannot be copied back, while its
+        posters still come from the user's tokens. Rows with none (no tokens, no history) start from
+        the catalogue's mean latent (zeros), on the same shortened schedule as the others."""
         if self.context is None:
             raise ConfigError(
                 "image.sdedit_strength < 1 starts from a context poster: it needs a generator trained with "
                 f"image.conditioning=retrieval or history, not {self.conditioning}"
             )
+        if not 1 <= blend <= self.context.k:
+            raise ConfigError(f"image.sdedit_blend must be in [1, image.retrieval_k={self.context.k}], got {blend}")
         positions = positions.to(self.slot.device)
         if context is None:
             if self.conditioning == "history":
                 raise ConfigError("a history image generator needs each user's history posters (generate.user_context)")
-            first = self.retrieve(positions)[:, 0]
-            first = first.masked_fill((positions < 0).all(dim=1), -1)
+            rows = self.retrieve(positions)[:, :blend]
+            rows = rows.masked_fill((positions < 0).all(dim=1, keepdim=True), -1)
         else:
-            first = context[:, 0].to(self.slot.device)
-        bank = (
-            self.context.bank[first.clamp_min(0)].float().reshape(len(first), self.latent_channels, *self.latent_size)
+            rows = context[:, :blend].to(self.slot.device)
+        bank = self.normalise(
+            self.context.bank[rows.clamp_min(0)].float().reshape(*rows.shape, self.latent_channels, *self.latent_size)
         )
-        return torch.where((first < 0)[:, None, None, None], torch.zeros_like(bank), self.normalise(bank))
+        present = (rows >= 0).float()[..., None, None, None]
+        return (bank * present).sum(1) / present.sum(1).clamp_min(1.0)
 
     def token_parameters(self, train_null: bool = False) -> dict[str, nn.Parameter]:
         """The token conditioning (what image RL moves): projection, slot (and null) embeddings."""

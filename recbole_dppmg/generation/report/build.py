@@ -140,6 +140,8 @@ TEXT_GENERATED = {
     "dppmg": "dppmg",
 }
 IMAGE_MODES = {"no_tokens": "none", "shuffled": "shuffled", "dppmg": "tokens"}
+# text baselines a warm-up trains only when asked (text.soft_prompt, text.<name>_prompt): their folders in the run
+OPTIONAL_TEXT = {"soft_prompt": "soft_prompt", **{name: f"{name}_prompt" for name in PROMPTS}}
 RUN_PREFIX = REPORT.name
 
 
@@ -572,6 +574,11 @@ def rl_effect(summary: dict) -> dict:
     return out
 
 
+def _trained(text_run: str, condition: str) -> bool:
+    """Whether ``text_run`` holds ``condition``'s generator (optional baselines may be absent)."""
+    return condition not in OPTIONAL_TEXT or (Path(text_run) / OPTIONAL_TEXT[condition]).is_dir()
+
+
 def _featurizers(text_featurize, image_featurize):
     """The item encoders of the dataset (MiniLM, EfficientNet-Lite0) unless given."""
     if text_featurize is None:
@@ -621,7 +628,7 @@ class _Generation:
         text = {"dppmg_rl": "run" if self.runs.text_rl else "not run"}.get(condition, "run")
         if not self.runs.text:
             text = "n/a"
-        elif condition in PROMPTS and not (Path(self.runs.text) / f"{condition}_prompt").is_dir():
+        elif not _trained(self.runs.text, condition):
             text = "not run"
         image = {
             "soft_prompt": "n/a",
@@ -684,8 +691,8 @@ class _Generation:
             self.dataset, Path(self.runs.text), self.tokens, self.vocabulary, self.text_cfg, content=self.content
         )
         for condition, name in TEXT_GENERATED.items():
-            if name in PROMPTS and not (Path(self.runs.text) / f"{name}_prompt").is_dir():
-                continue  # a warm-up from before these baselines existed: their rows read "not run"
+            if not _trained(self.runs.text, name):
+                continue  # a warm-up without this baseline (older, or switched off): its rows read "not run"
             out[condition] = {
                 seed: before.generate(name, users, seed, shuffled_user_map(self.pool, seed))
                 for seed in self.cfg["seeds"]

@@ -417,7 +417,10 @@ def pre_rl_poster_features(
     descriptor = {
         "run": str(image_run.resolve()),
         "weights": _file_stamp(image_run / WEIGHTS_FILE),
-        **{k: gen[k] for k in ("sample_steps", "guidance_scale", "sampler", "sample_seed", "sdedit_strength")},
+        **{
+            k: gen[k]
+            for k in ("sample_steps", "guidance_scale", "sampler", "sample_seed", "sdedit_strength", "sdedit_blend")
+        },
     }
 
     def compute(batch_users: list[str]) -> np.ndarray:

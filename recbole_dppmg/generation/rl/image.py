@@ -101,6 +101,7 @@ RESUME_KEYS = (
     "eta",
     "guidance_scale",
     "sdedit_strength",
+    "sdedit_blend",
     "timestep_fraction",
     "train_null",
     "advantage_scale",
@@ -184,10 +185,11 @@ def sample_trajectories(
     guidance: float,
     generator: torch.Generator,
     strength: float = 1.0,
+    blend: int = 1,
 ) -> Trajectories:
     """Posters' latents for token ``positions`` with every transition's log-prob (noise from
-    ``generator``); ``strength`` < 1: the chains start SDEdit-style from the users' first context
-    posters, as :meth:`GuidedSampling.sample` does."""
+    ``generator``); ``strength`` < 1: the chains start SDEdit-style from the mean of the users' first
+    ``blend`` context posters, as :func:`generate.generate_posters` does."""
     cond = model.condition(positions)
     null = model.unconditional(len(cond))
     shape, device = (len(positions), model.latent_channels, *model.latent_size), module_device(model)
@@ -196,7 +198,7 @@ def sample_trajectories(
     if strength < 1.0:
         # the last DDIM step is deterministic: keep at least one stochastic transition to train on
         timesteps = timesteps[min(sdedit_skip(len(timesteps), strength), max(0, len(timesteps) - 2)) :]
-        x = scheduler.add_noise(model.init_latents(positions).to(x), x, timesteps[:1].expand(len(x)))
+        x = scheduler.add_noise(model.init_latents(positions, blend=blend).to(x), x, timesteps[:1].expand(len(x)))
     starts, ends, logps, steps, stds = [], [], [], [], []
     for t in timesteps:
         out = guided_output(model, x, t, cond, null, guidance)
@@ -269,7 +271,9 @@ def run_image_rl(model, codec, vocab, reward_fn: Callable, pool: Sequence[str], 
         users = [u for u in step_users(pool, cfg["users_per_step"], cfg["seed"], step) for _ in range(group)]
         positions = torch.tensor([vocab.ids_for(u) for u in users], dtype=torch.long)
         generator = torch.Generator().manual_seed(_step_seed(cfg["seed"], step))
-        traj = sample_trajectories(model, scheduler, positions, eta, guidance, generator, strength)
+        traj = sample_trajectories(
+            model, scheduler, positions, eta, guidance, generator, strength, int(cfg["sdedit_blend"])
+        )
         with torch.no_grad():
             posters = codec.decode(model.denormalise(traj.final))
         rewards = reward_table(reward_fn(users, posters))
