@@ -10,6 +10,7 @@ import torch
 from image_fixtures import tiny_settings, write_tiny_export, write_tiny_posters
 
 from recbole_dppmg.errors import ConfigError
+from recbole_dppmg.generation.common.settings import load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.autoencoder import PixelCodec
 from recbole_dppmg.generation.image.context import (
@@ -105,6 +106,26 @@ def test_users_read_different_posters_and_shuffled_tokens_retrieve_the_partners(
     # no tokens: the null sequence, posters included
     empty = model.condition(user_positions(vocab, users[:2], "none"))
     assert torch.equal(empty, model.unconditional(2))
+
+
+def test_context_dropout_keeps_the_tokens_and_nulls_only_the_posters(tmp_path, inputs):
+    """image.context_dropout: the dropped rows read their own tokens and the null posters."""
+    tokens, vocab, model, _ = _model(tmp_path, inputs[0], "retrieval")
+    users = list(tokens.users)[:4]
+    own = user_positions(vocab, users)
+    full = model.condition(own)
+    dropped = torch.tensor([True, False, True, False])
+    cond = model.condition(own, drop_context=dropped)
+    n_tokens = 2 * vocab.levels
+    assert torch.equal(cond[:, :n_tokens], full[:, :n_tokens])  # the tokens stay for every row
+    assert torch.equal(cond[~dropped], full[~dropped])
+    assert torch.equal(cond[dropped, n_tokens:], model.context.null.expand(2, -1, -1))
+    assert not torch.equal(cond[dropped], full[dropped])
+    # a generator trained with it records the key and trains as before otherwise
+    folder = _train(tmp_path, *inputs, name="ctxdrop", conditioning="retrieval", context_dropout=0.5)
+    assert json.loads((folder / "run.json").read_text())["train"]["context_dropout"] == 0.5
+    with pytest.raises(ConfigError, match="image.context_dropout must be <= 1"):
+        load_settings("image", {"context_dropout": 1.5})
 
 
 def test_history_context_is_the_users_own_best_training_posters(tmp_path, inputs):

@@ -441,6 +441,7 @@ class ImageSettings(Section):
     learning_rate: float = rule(gt=0)
     warmup_steps: int = rule(ge=0)
     cond_dropout: float = rule(ge=0, le=1)
+    context_dropout: float = rule(ge=0, le=1)
     ema_decay: float = rule(ge=0, le=1)
     max_steps: int = rule(ge=0)
     max_minutes: float = rule(gt=0)

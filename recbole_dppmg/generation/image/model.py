@@ -194,12 +194,18 @@ class PosterDiffusion(GuidedSampling, nn.Module):
 
     # ------------------------------------------------------------------ conditioning
     def condition(
-        self, positions: torch.Tensor, drop: torch.Tensor | None = None, context: torch.Tensor | None = None
+        self,
+        positions: torch.Tensor,
+        drop: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        drop_context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[B, L, dim]`` from token positions ``[B, n_slots]``; rows where ``drop`` is True (or
         where every position is -1, for a history model every context row) get the null
         sequence. ``context`` ``[B, k]``: bank rows of the context posters (a history model needs
-        them; a retrieval model retrieves from ``positions`` when they are None)."""
+        them; a retrieval model retrieves from ``positions`` when they are None). Rows where
+        ``drop_context`` is True keep their tokens but read the null posters
+        (``image.context_dropout``: training rows the UNet can only draw from the tokens)."""
         if positions.shape[1] != self.n_slots:
             raise ConfigError(f"expected {self.n_slots} preference tokens per user, got {positions.shape[1]}")
         positions = positions.to(self.slot.device)
@@ -218,7 +224,11 @@ class PosterDiffusion(GuidedSampling, nn.Module):
             context = context.to(self.slot.device)
             if self.conditioning == "history":
                 empty = (context < 0).all(dim=1)
-            parts.append(self.context(context))
+            posters = self.context(context)
+            if drop_context is not None:
+                null = self.context.null.expand_as(posters)
+                posters = torch.where(drop_context.to(posters.device)[:, None, None], null, posters)
+            parts.append(posters)
         drop = empty if drop is None else drop | empty
         sequence = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return torch.where(drop[:, None, None], self.unconditional(len(sequence)), sequence)

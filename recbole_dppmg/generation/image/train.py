@@ -96,6 +96,7 @@ TRAIN_KEYS = (
     "learning_rate",
     "warmup_steps",
     "cond_dropout",
+    "context_dropout",
     "ema_decay",
     "max_steps",
     "max_minutes",
@@ -353,10 +354,13 @@ def train_image_generator(
             noise = torch.randn(x0.shape, generator=rng).to(device)
             t = torch.randint(n_timesteps, (x0.shape[0],), generator=rng).to(device)
             drop = (torch.rand(x0.shape[0], generator=rng) < settings["cond_dropout"]).to(device)
+            drop_context = None
+            if settings["context_dropout"] > 0:  # drawn only when on: runs without it keep their random stream
+                drop_context = (torch.rand(x0.shape[0], generator=rng) < settings["context_dropout"]).to(device)
             noisy = scheduler.add_noise(x0, noise, t)
             target = noise if prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
             rows = None if pair_context is None else pair_context[batch.to(device)]
-            out = model(noisy, t, model.condition(positions[pair_user[batch].to(device)], drop, rows))
+            out = model(noisy, t, model.condition(positions[pair_user[batch].to(device)], drop, rows, drop_context))
             loss = torch.nn.functional.mse_loss(out, target)
             for group in optimizer.param_groups:
                 group["lr"] = settings["learning_rate"] * min(1.0, (step + 1) / max(1, settings["warmup_steps"]))
