@@ -128,15 +128,16 @@ def start_copies(model, positions, context, features, real, blend: int = 1) -> d
         starts = (context if context is not None else model.retrieve(positions))[:, :blend]
     real_ids, real_features = real
     row_of = {item: row for row, item in enumerate(real_ids)}
+    start_ids = model.context.ids(starts)
     to_start = np.max(  # a missing poster (a short history) counts as dissimilar (-1)
         [
             np.nan_to_num(
                 personal_similarity(
-                    features, real_features, [[row_of[ids[j]]] if len(ids) > j else [] for ids in rows]
+                    features, real_features, [[row_of[ids[j]]] if len(ids) > j else [] for ids in start_ids]
                 ),
                 nan=-1.0,
             )
-            for j, rows in ((j, model.context.ids(starts)) for j in range(starts.shape[1]))
+            for j in range(starts.shape[1])
         ],
         axis=0,
     )
