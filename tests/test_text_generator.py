@@ -1,6 +1,7 @@
 """The text generator on tiny models built from config (no downloads): injection, warm-up,
 save/load, generation, baselines and clear errors."""
 
+import copy
 import json
 
 import numpy as np
@@ -162,6 +163,31 @@ def test_guidance_mixes_with_the_instruction_without_tokens(tokens):
     assert generate_texts(lm.model, lm.tokenizer, no_tokens, users, guidance=g, **longer) == generate_texts(
         lm.model, lm.tokenizer, no_tokens, users, **longer
     )
+
+
+def test_no_repeat_ngram_size_forbids_repeated_ngrams_in_the_generated_text(tokens, monkeypatch):
+    """Greedy decoding on the tiny LM loops; with the option no bigram of the output repeats."""
+    lm, vocabulary = make_lm(tokens)
+    conditioner = TokenConditioner(lm, vocabulary)
+    outputs = []
+    original = lm.model.generate
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        outputs.append(out)
+        return out
+
+    monkeypatch.setattr(lm.model, "generate", spy)
+    options = dict(batch_size=4, max_new_tokens=24, seed=0, suppress_ids=lm.token_ids, progress=False, do_sample=False)
+
+    def repeated_bigrams(out):
+        rows = [[t for t in row.tolist() if t != lm.tokenizer.pad_token_id] for row in out]
+        return sum(len(r) - 1 - len(set(zip(r, r[1:]))) for r in rows)
+
+    looping = generate_texts(lm.model, lm.tokenizer, conditioner, tokens.users[:4], **options)
+    assert repeated_bigrams(outputs[-1]) > 0  # the test can fail: without the option the text loops
+    free = generate_texts(lm.model, lm.tokenizer, conditioner, tokens.users[:4], no_repeat_ngram_size=2, **options)
+    assert repeated_bigrams(outputs[-1]) == 0 and free != looping
 
 
 def test_tokens_change_the_model_input(tokens):
@@ -433,3 +459,43 @@ def test_text_and_image_generators_hold_out_the_same_users(tokens):
     pairs = training_pairs(tokens, items, min_rating=0, valid_users=2, test_users=3, seed=7)
     assert pairs.test_users == split["test"] and set(pairs.heldout_users) == set(split["valid"] + split["test"])
     assert not {u for u, _ in pairs.pairs} & set(pairs.heldout_users)
+
+
+def test_slot_vectors_train_one_shared_vector_per_slot_and_round_trip(tokens, tmp_path):
+    tokenizer = tiny_tokenizer()
+    vocabulary = PreferenceVocabulary(tokens)
+    lm = inject_preference_tokens(tiny_lm(tokenizer), tokenizer, vocabulary, backbone="tiny", slot_vectors=True)
+    projection = lm.projection
+    assert projection.slot_vectors.shape[0] == len(vocabulary.modalities) * vocabulary.levels
+    start = lm.token_embeddings().detach().clone()
+    start_linear = copy.deepcopy(projection.linear)
+    assert torch.count_nonzero(projection.slot_vectors) == 0  # the start is the plain projection's
+    assert any(p is projection.slot_vectors for p in lm.trainable_parameters())
+    train_conditioner(
+        lm.model,
+        lm.tokenizer,
+        TokenConditioner(lm, vocabulary),
+        pairs_for(tokens, tokens.users[:2]),
+        pairs_for(tokens, tokens.users[8:10]),
+        item_texts(),
+        CFG,
+        tmp_path / "dppmg",
+    )
+    slots = projection.slot_vectors.detach()
+    assert torch.count_nonzero(slots) > 0
+    # the slot's vector moved every code of that slot, even codes no training user has (their
+    # own deltas never got a gradient: they moved by the projection's change alone)
+    k = vocabulary.codebook_size
+    unused = sorted(set(range(len(vocabulary))) - {p for u in tokens.users[:2] for p in vocabulary.ids_for(u)})
+    assert unused
+    unused = torch.tensor(unused)
+    codes = projection.codebook_vectors[unused]
+    moved = lm.token_embeddings().detach()[unused] - start[unused]
+    with torch.no_grad():
+        expected = projection.linear(codes) - start_linear(codes) + slots[unused // k]
+    assert torch.allclose(moved, expected, atol=1e-5)
+
+    tokenizer = tiny_tokenizer()
+    loaded = load_preference_lm(tmp_path / "dppmg", tiny_lm(tokenizer), tokenizer, vocabulary)
+    assert loaded.meta.slot_vectors and torch.equal(loaded.projection.slot_vectors, slots)
+    assert torch.equal(loaded.token_embeddings(), lm.token_embeddings())

@@ -67,6 +67,7 @@ def test_warmup_generate_evaluate(setup):
     )
     assert 0 < result["random_hit@10"] < 1 and "DPPMG - this" in (report / "text_eval.md").read_text()
     assert result["split"] == "test" and "own - shuffled NDCG@10" in (report / "text_eval.md").read_text()
+    assert "degenerate texts" in (report / "text_eval.md").read_text()
     for row in rows.values():
         g = row["gap_ndcg@10"]
         assert g is None or g["ci95"][0] <= g["mean"] <= g["ci95"][1]

@@ -298,6 +298,7 @@ class TextGenerateSettings(Section):
     temperature: float = rule(gt=0)
     top_p: float = rule(gt=0, le=1)
     guidance: float = rule(gt=0)
+    no_repeat_ngram_size: int = rule(ge=0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -341,6 +342,7 @@ class TextSettings(Section):
     lora_alpha: int = rule(gt=0)
     lora_targets: list[str] = rule()
     content_init: bool = rule()
+    slot_vectors: bool = rule()
     token_channels: list[str] | None = rule()
     soft_prompt: bool = rule()
     population_prompt: bool = rule()

@@ -84,9 +84,22 @@ class PreferenceVocabulary:
 
 class CodebookProjection(nn.Module):
     """Token embeddings = a learned linear map of the (frozen) stage-1 codebook vectors, so
-    that tokens close in preference space start close in the generator's embedding space."""
+    that tokens close in preference space start close in the generator's embedding space.
 
-    def __init__(self, codebook_vectors: torch.Tensor, out_dim: int, target_scale: float | None = None):
+    With ``codes_per_slot``, a learned vector per slot (one modality's level: that many
+    consecutive codes) is added to every token of the slot. Why: every user's prompt has one
+    token in each slot, so that vector is the part of the prompt all users share (what a
+    population prompt learns, from every batch), and the codes are left with what differs
+    between users; without it the shared part is learned through the sparse per-code deltas.
+    It starts at zero, so the start is the plain projection."""
+
+    def __init__(
+        self,
+        codebook_vectors: torch.Tensor,
+        out_dim: int,
+        target_scale: float | None = None,
+        codes_per_slot: int | None = None,
+    ):
         super().__init__()
         self.register_buffer("codebook_vectors", codebook_vectors.float().clone())
         self.linear = nn.Linear(codebook_vectors.shape[1], out_dim)
@@ -96,7 +109,28 @@ class CodebookProjection(nn.Module):
             if target_scale is not None:  # match the norm of the generator's own embeddings
                 norms = self.linear(self.codebook_vectors).norm(dim=1).mean().clamp_min(1e-8)
                 self.linear.weight.mul_(target_scale / norms)
+        self.codes_per_slot = codes_per_slot
+        if codes_per_slot is not None:
+            if codes_per_slot < 1 or len(codebook_vectors) % codes_per_slot:
+                raise ConfigError(
+                    f"{len(codebook_vectors)} codebook vectors do not split into slots of {codes_per_slot} codes"
+                )
+            self.slot_vectors = nn.Parameter(torch.zeros(len(codebook_vectors) // codes_per_slot, out_dim))
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "CodebookProjection":
+        """Rebuilt from a saved ``state_dict`` (with or without slot vectors)."""
+        vectors = state["codebook_vectors"]
+        slots = state.get("slot_vectors")
+        per_slot = None if slots is None else len(vectors) // len(slots)
+        projection = cls(vectors, state["linear.weight"].shape[0], codes_per_slot=per_slot)
+        projection.load_state_dict({k: v for k, v in state.items() if k != "anchor"})
+        return projection
 
     def forward(self, positions: torch.Tensor | None = None) -> torch.Tensor:
-        vectors = self.codebook_vectors if positions is None else self.codebook_vectors[positions]
-        return self.linear(vectors)
+        if positions is None:
+            positions = torch.arange(len(self.codebook_vectors), device=self.codebook_vectors.device)
+        out = self.linear(self.codebook_vectors[positions])
+        if self.codes_per_slot is not None:
+            out = out + self.slot_vectors[positions // self.codes_per_slot]
+        return out

@@ -988,7 +988,7 @@ def _per_list(content: dict[str, dict[int, list]], featurize: Callable) -> dict[
 
 
 def _rl_sampling(run: str | None) -> dict | None:
-    """How text RL sampled (temperature, new tokens; no top-p, no guidance: exact log-probs), to set
+    """How text RL sampled (temperature, new tokens; no top-p, guidance or no-repeat: exact log-probs), to set
     beside the evaluation's sampling when they differ."""
     meta = read_run_meta(run, RL_KINDS, RL_SECTION) if run else None
     rl = (meta or {}).get("rl") or {}
@@ -999,6 +999,7 @@ def _rl_sampling(run: str | None) -> dict | None:
         "max_new_tokens": rl.get("max_new_tokens"),
         "top_p": None,
         "guidance": 1.0,
+        "no_repeat_ngram_size": 0,
     }
 
 

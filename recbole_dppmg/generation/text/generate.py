@@ -309,6 +309,7 @@ def generate_texts(
     suppress_ids: Sequence[int] = (),
     progress: bool = True,
     guidance: float = 1.0,
+    no_repeat_ngram_size: int = 0,
 ) -> list[str]:
     """One generated text per user, in order.
 
@@ -319,7 +320,11 @@ def generate_texts(
     tokens. Why: after the warm-up a user's own tokens explain their liked texts only ~0.013-0.018
     nats/token better than another user's, while most of what the tokens learned (the
     catalogue's style) is shared; g > 1 amplifies what the user's tokens change, as
-    ``image.guidance_scale`` does for posters. Ignored for the no-tokens condition."""
+    ``image.guidance_scale`` does for posters. Ignored for the no-tokens condition.
+
+    ``no_repeat_ngram_size`` > 0 forbids repeating any n-gram of the text (transformers'
+    ``no_repeat_ngram_size``, over the generated tokens: the prompt is passed as embeddings).
+    Why: unguided texts are fluent, but a sixth of them loop ("Aria: Aria: Aria ...")."""
     from tqdm.auto import tqdm
 
     users = [str(u) for u in users]
@@ -338,6 +343,8 @@ def generate_texts(
         options.update(temperature=temperature, top_p=top_p, top_k=0)
     if suppress_ids:
         options["suppress_tokens"] = list(suppress_ids)
+    if no_repeat_ngram_size:
+        options["no_repeat_ngram_size"] = int(no_repeat_ngram_size)
     model.eval()
     bar = tqdm(
         range(0, len(users), batch_size), desc=f"generate ({conditioner.name})", unit="batch", disable=not progress

@@ -60,6 +60,7 @@ class InjectionMeta:
     lora_targets: list[str] | None = None
     seed: int = 0
     channels: list[str] | None = None  # the modalities whose tokens the prompt carries (None: all)
+    slot_vectors: bool = False  # a shared learned vector per (modality, level) slot (CodebookProjection)
 
     def to_json(self) -> dict:
         return {"format_version": FORMAT_VERSION, **self.__dict__}
@@ -187,7 +188,7 @@ class PreferenceTokenLM:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Token deltas, the projection and any LoRA weights: nothing of the base model."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return params + list(self.projection.linear.parameters())
+        return params + list(self.projection.parameters())
 
     def make_trainable(self) -> None:
         """Unfreeze what the warm-up trains (token deltas, LoRA) on a generator loaded for
@@ -260,6 +261,7 @@ def inject_preference_tokens(
     seed: int = 0,
     content: dict[str, torch.Tensor] | None = None,
     channels: list[str] | None = None,
+    slot_vectors: bool = False,
 ) -> PreferenceTokenLM:
     """Wrap a frozen causal LM so that only the preference tokens (and optional LoRA) train.
 
@@ -276,7 +278,10 @@ def inject_preference_tokens(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         projection = CodebookProjection(
-            vocabulary.vectors, base_rows.shape[1], target_scale=float(base_rows.float().norm(dim=1).mean())
+            vocabulary.vectors,
+            base_rows.shape[1],
+            target_scale=float(base_rows.float().norm(dim=1).mean()),
+            codes_per_slot=vocabulary.codebook_size if slot_vectors else None,
         )
     if content:
         users = list(content)
@@ -316,6 +321,7 @@ def inject_preference_tokens(
         lora_targets=lora_targets,
         seed=seed,
         channels=vocabulary.routed(channels) if channels is not None else None,
+        slot_vectors=slot_vectors,
     )
     return PreferenceTokenLM(peft_model, tokenizer, projection, projection().detach(), meta)
 
@@ -359,6 +365,5 @@ def load_preference_lm(
         )
     peft_model = PeftModel.from_pretrained(model, folder / ADAPTER, is_trainable=False)
     state = load_file(str(folder / PROJECTION))
-    projection = CodebookProjection(state["codebook_vectors"], state["linear.weight"].shape[0])
-    projection.load_state_dict({k: v for k, v in state.items() if k != "anchor"})
+    projection = CodebookProjection.from_state(state)
     return PreferenceTokenLM(peft_model, tokenizer, projection, state["anchor"], meta)

@@ -76,6 +76,7 @@ def generation_options(cfg: dict, lm_token_ids) -> dict:
         suppress_ids=lm_token_ids,
         progress=cfg["progress"],
         guidance=g["guidance"],
+        no_repeat_ngram_size=g["no_repeat_ngram_size"],
     )
 
 

@@ -116,6 +116,7 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
                 "init_from",
                 "contrast_weight",
                 "content_init",
+                "slot_vectors",
                 "max_steps",
                 "min_rating",
                 "pairs_per_user",
@@ -196,6 +197,7 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
             seed=cfg["seed"],
             content=content,
             channels=cfg["token_channels"],
+            slot_vectors=cfg["slot_vectors"],
         )
     state = train_conditioner(
         lm.model, tokenizer, TokenConditioner(lm, vocabulary), train_pairs, valid_pairs, texts, cfg, run / "dppmg"
@@ -563,16 +565,17 @@ def _text_eval_markdown(report: dict, run: Path, tokens_folder, k: int) -> list[
         f"minus the condition as above. A random ranking hits {report[f'random_hit@{k}']:.4f} (Hit@{k}).",
         "",
         f"| condition | own - shuffled NDCG@{k} | Hit@{k} | NDCG@{k} | DPPMG - this, Hit@{k} | "
-        f"DPPMG - this, NDCG@{k} | perplexity (base LM) | distinct-2 | mean words | "
+        f"DPPMG - this, NDCG@{k} | perplexity (base LM) | distinct-2 | degenerate texts | mean words | "
         f"seconds per {report['users']} texts |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         ppl = f"{r['perplexity']:.2f}" if r["perplexity"] is not None else "-"
         lines.append(
             f"| {r['condition']} | {gap(r)} | {r[f'hit@{k}']:.4f} ± {r[f'hit@{k}_std']:.4f} | {r[f'ndcg@{k}']:.4f} ± "
             f"{r[f'ndcg@{k}_std']:.4f} | "
-            f"{interval(r, 'hit')} | {interval(r, 'ndcg')} | {ppl} | {r['distinct2']:.3f} | {r['mean_words']:.1f} | "
+            f"{interval(r, 'hit')} | {interval(r, 'ndcg')} | {ppl} | {r['distinct2']:.3f} | "
+            f"{r['degenerate_share']:.1%} | {r['mean_words']:.1f} | "
             f"{r['seconds']} |"
         )
     return lines
