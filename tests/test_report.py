@@ -163,6 +163,25 @@ def test_a_warm_up_without_the_optional_baselines_reports_them_as_not_run(tiny_r
     assert "not run" in soft_row
 
 
+def test_a_dppmg_only_warm_up_reports_the_baselines_of_another_run_on_the_same_split(tiny_run, tmp_path):
+    """evaluate.text_baselines_run: the prompt baselines come from that run; a misfit is refused."""
+    root, export, text_run, image_run, options = tiny_run
+    lean = tmp_path / text_run.name
+    shutil.copytree(text_run, lean, ignore=shutil.ignore_patterns("*_prompt", "soft_prompt"))
+    cfg = {**QUICK, "seeds": [0], "text_run": str(lean), "image_run": str(image_run)}
+    runs = resolve_runs("tiny", load_settings("evaluate", {**cfg, "text_baselines_run": str(text_run)}), root / "saved")
+    assert runs.text == str(lean.resolve()) and runs.text_baselines == str(text_run.resolve())
+    report = build_report("tiny", cfg, tmp_path / "Report", runs=runs, **options)
+    result = json.loads((report / "report.json").read_text())
+    assert {"dppmg", "population", "history", "soft_prompt"} <= set(result["per_seed"])
+    moved = tmp_path / "other-split"
+    shutil.copytree(text_run, moved)
+    split = json.loads((moved / "users.json").read_text())
+    (moved / "users.json").write_text(json.dumps({**split, "test": split["test"][::-1]}))
+    with pytest.raises(CheckpointError, match="hold out different users"):
+        resolve_runs("tiny", load_settings("evaluate", {**cfg, "text_baselines_run": str(moved)}), root / "saved")
+
+
 def test_a_validation_report_scores_validation_users_only(tiny_run):
     root, export, text_run, image_run, options = tiny_run
     split = json.loads((text_run / "users.json").read_text())

@@ -120,3 +120,41 @@ def test_init_from_continues_a_finished_warmup(setup):
     with pytest.raises(CheckpointError, match="text.init_from .*text.lora_r was 0, now 4"):
         text_pipeline.train_text_generator("tiny-text", None, {**config, "init_from": str(first), "lora_r": 4})
     assert sorted(first.parent.iterdir()) == runs  # refused before a run folder was made
+
+
+def test_a_dppmg_variant_is_evaluated_against_another_runs_trained_baselines(setup):
+    """``text.evaluate.baselines_run``: a DPPMG-only warm-up (slot vectors on, baselines off) is
+    compared with the population / history prompts of a run on the same split; a run holding
+    out other users is refused by name."""
+    tokens, config, encoder = setup
+    only = {"soft_prompt": False, "population_prompt": False, "history_prompt": False, "token_items_prompt": False}
+    baselines = text_pipeline.train_text_generator("tiny-text", None, {**config, "soft_prompt": False})
+    variant = text_pipeline.train_text_generator("tiny-text", None, {**config, **only, "slot_vectors": True})
+    assert not (variant / "population_prompt").exists()
+    evaluate = {"users": 4, "seeds": [0], "conditions": ["dppmg", "shuffled", "population", "history"]}
+    report = text_pipeline.evaluate_text_generation(
+        "tiny-text",
+        None,
+        {**config, "generator": str(variant), "evaluate": {**evaluate, "baselines_run": str(baselines)}},
+        encoder=encoder,
+    )
+    result = json.loads((report / "text_eval.json").read_text())
+    assert result["baselines"] == str(baselines) and result["generator"] == str(variant)
+    assert [r["condition"] for r in result["rows"]] == evaluate["conditions"]
+    assert f"trained baselines from `{baselines.name}`" in (report / "text_eval.md").read_text()
+    other = text_pipeline.train_text_generator("tiny-text", None, {**config, **only, "split_seed": 7})
+    with pytest.raises(CheckpointError, match="hold out different users"):
+        text_pipeline.evaluate_text_generation(
+            "tiny-text",
+            None,
+            {**config, "generator": str(other), "evaluate": {**evaluate, "baselines_run": str(baselines)}},
+            encoder=encoder,
+        )
+    with pytest.raises(CheckpointError, match="text.max_target_tokens differ"):
+        changed = text_pipeline.train_text_generator("tiny-text", None, {**config, **only, "max_target_tokens": 9})
+        text_pipeline.evaluate_text_generation(
+            "tiny-text",
+            None,
+            {**config, "generator": str(changed), "evaluate": {**evaluate, "baselines_run": str(baselines)}},
+            encoder=encoder,
+        )

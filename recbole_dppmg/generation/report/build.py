@@ -84,7 +84,7 @@ from recbole_dppmg.generation.text.backbone import load_backbone
 from recbole_dppmg.generation.text.baselines import PROMPTS
 from recbole_dppmg.generation.text.generate import prompt_ids, shuffled_user_map
 from recbole_dppmg.generation.text.injection import read_meta
-from recbole_dppmg.generation.text.loading import run_target_texts
+from recbole_dppmg.generation.text.loading import check_baselines_run, run_target_texts
 from recbole_dppmg.generation.text.metrics import (
     degenerate_share,
     distinct_n,
@@ -158,6 +158,11 @@ class EvaluatedRuns:
     test_users: list[str] = field(default_factory=list)
     valid_users: list[str] = field(default_factory=list)
     image_history: str | None = None  # the history baseline's generator (image.conditioning: history)
+    text_baselines: str | None = None  # the run holding the trained text baselines (None: the text run)
+
+    @property
+    def text_baselines_run(self) -> str | None:
+        return self.text_baselines or self.text
 
     def evaluated(self, split: str) -> list[str]:
         """The users a report of ``split`` scores (``generation/common/protocol.py``)."""
@@ -229,10 +234,14 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
     user_split = json.loads((text / "users.json").read_text())
     test_users, valid_users = [str(u) for u in user_split["test"]], [str(u) for u in user_split["valid"]]
     text_rl = _rl_run(dataset, root, TEXT_RL.name, cfg.get("text_rl_run"), text, _finished_text_runs)
+    baselines = cfg.get("text_baselines_run")
+    baselines = str(check_baselines_run(text, Path(baselines)).resolve()) if baselines else None
     has_images = bool(cfg.get("image_run")) or _has_images(dataset)
     if "image" not in modalities or not has_images:
         logger.info("a text-only report (%s)", "evaluate.modalities" if has_images else "no item images")
-        return EvaluatedRuns(tokens, str(text.resolve()), None, text_rl, None, test_users, valid_users)
+        return EvaluatedRuns(
+            tokens, str(text.resolve()), None, text_rl, None, test_users, valid_users, text_baselines=baselines
+        )
     image = _image_run(dataset, root, cfg, tokens, f"the text generator {text.name}'s")
     meta = read_image_config(image)
     if [str(u) for u in meta["test_users"]] != test_users:
@@ -250,6 +259,7 @@ def resolve_runs(dataset: str, cfg: dict, root: Path | None = None) -> Evaluated
         test_users,
         valid_users,
         _history_run(dataset, root, cfg.get("image_history_run"), test_users),
+        text_baselines=baselines,
     )
 
 
@@ -628,7 +638,7 @@ class _Generation:
         text = {"dppmg_rl": "run" if self.runs.text_rl else "not run"}.get(condition, "run")
         if not self.runs.text:
             text = "n/a"
-        elif not _trained(self.runs.text, condition):
+        elif not _trained(self.runs.text_baselines_run, condition):
             text = "not run"
         image = {
             "soft_prompt": "n/a",
@@ -688,10 +698,16 @@ class _Generation:
         if not self.runs.text:  # a poster-only report
             return out
         before = TextConditions(
-            self.dataset, Path(self.runs.text), self.tokens, self.vocabulary, self.text_cfg, content=self.content
+            self.dataset,
+            Path(self.runs.text),
+            self.tokens,
+            self.vocabulary,
+            self.text_cfg,
+            content=self.content,
+            baselines=Path(self.runs.text_baselines_run),
         )
         for condition, name in TEXT_GENERATED.items():
-            if not _trained(self.runs.text, name):
+            if not _trained(self.runs.text_baselines_run, name):
                 continue  # a warm-up without this baseline (older, or switched off): its rows read "not run"
             out[condition] = {
                 seed: before.generate(name, users, seed, shuffled_user_map(self.pool, seed))

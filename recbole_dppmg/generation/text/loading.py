@@ -87,6 +87,47 @@ def run_settings(run: Path) -> dict:
     return meta
 
 
+# what a run's trained baselines share with the DPPMG generator they are compared with
+BASELINE_KEYS = (
+    "backbone",
+    "min_rating",
+    "pairs_per_user",
+    "pair_choice",
+    "valid_users",
+    "test_users",
+    "target_template",
+    "user_genres_from",
+    "user_genres_count",
+    "max_target_tokens",
+    "batch_size",
+    "max_steps",
+    "learning_rate",
+    "history_items",
+)
+
+
+def check_baselines_run(run: Path, baselines: Path) -> Path:
+    """``baselines``, checked to have trained its prompt baselines on what ``run`` trained DPPMG
+    on: the same held-out users, token export, targets and budget. Why: a DPPMG variant (another
+    injection, a routing) is compared with one set of baselines instead of retraining them."""
+    run, baselines = Path(run), Path(baselines)
+    if run.resolve() == baselines.resolve():
+        return baselines
+    mine, theirs = run_settings(run), run_settings(baselines)
+    what = f"the baselines run {baselines} does not fit the text generator {run}"
+    if not (baselines / "users.json").is_file():
+        raise CheckpointError(f"{what}: it has no users.json")
+    if (run / "users.json").read_text() != (baselines / "users.json").read_text():
+        raise CheckpointError(f"{what}: they hold out different users (train both with the same text.split_seed)")
+    if Path(mine["tokens"]).resolve() != Path(theirs["tokens"]).resolve():
+        raise CheckpointError(f"{what}: token exports differ ({mine['tokens']} vs {theirs['tokens']})")
+    a, b = recorded_settings(mine["text"]), recorded_settings(theirs["text"])
+    differ = [k for k in BASELINE_KEYS if a[k] != b[k]]
+    if differ:
+        raise CheckpointError(f"{what}: text.{', text.'.join(differ)} differ")
+    return baselines
+
+
 def target_texts(dataset: str, settings: dict, tokens, content: ItemContent | None = None):
     """The warm-up targets (``TargetTexts``) in the shape a text config (or a run's recorded
     one) gives them."""

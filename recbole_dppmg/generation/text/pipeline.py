@@ -57,6 +57,7 @@ from recbole_dppmg.generation.text.injection import (
     inject_preference_tokens,
 )
 from recbole_dppmg.generation.text.loading import (
+    check_baselines_run,
     generation_options,
     item_content,
     item_file,
@@ -336,8 +337,11 @@ class TextConditions:
         cfg: dict,
         item_texts: dict[str, str] | None = None,
         content=None,
+        baselines: Path | None = None,
     ):
         self.dataset, self.run, self.tokens, self.vocabulary, self.cfg = dataset, Path(run), tokens, vocabulary, cfg
+        # the trained prompt baselines and the soft prompt may come from another run on the same split
+        self.baselines = check_baselines_run(self.run, baselines) if baselines else self.run
         self._item_texts, self._content = item_texts, content
         self._lm = self._soft = None
         self._prompts: dict[str, tuple] = {}
@@ -351,10 +355,10 @@ class TextConditions:
     def prepare(self, name: str) -> None:
         """Load what condition ``name`` needs (so that generation can be timed alone)."""
         if name == "soft_prompt" and self._soft is None:
-            self._soft = load_soft_prompt(self.run, self.tokens, self.vocabulary, self.cfg)
+            self._soft = load_soft_prompt(self.baselines, self.tokens, self.vocabulary, self.cfg)
         elif name in PROMPTS and name not in self._prompts:
             self._prompts[name] = load_prompt_baseline(
-                self.run, name, self.tokens, self.vocabulary, self.cfg, self._content
+                self.baselines, name, self.tokens, self.vocabulary, self.cfg, self._content
             )
         elif name == "real_liked_item" and self._item_texts is None:
             self._item_texts = run_target_texts(self.dataset, self.run, self.tokens)
@@ -428,7 +432,8 @@ def evaluate_text_generation(
     # the user's training and validation items are excluded, as in the report (one protocol)
     exclude = [[row_of[i] for s in ("train", "valid") for i, _ in tokens.history(u, s) if i in row_of] for u in users]
 
-    generator = TextConditions(dataset, run, tokens, vocabulary, cfg)
+    baselines = Path(ev["baselines_run"]) if ev.get("baselines_run") else None
+    generator = TextConditions(dataset, run, tokens, vocabulary, cfg, baselines=baselines)
     texts: dict[str, dict[int, list[str]]] = {}
     seconds: dict[str, list[float]] = {}
     for name in ev["conditions"]:
@@ -453,6 +458,7 @@ def evaluate_text_generation(
     report = {
         "dataset": dataset,
         "generator": str(run),
+        "baselines": str(generator.baselines),
         "tokens": str(tokens.folder),
         "users": len(users),
         "split": ev["split"],
@@ -556,8 +562,9 @@ def _text_eval_markdown(report: dict, run: Path, tokens_folder, k: int) -> list[
     lines = [
         f"# Text generation on {report['users']} held-out {split} users of {report['dataset']}",
         "",
-        f"generator `{run.name}`, tokens `{tokens_folder}`, generation seeds {seeds}, {report['num_threads']} CPU "
-        "threads. "
+        f"generator `{run.name}`"
+        + (f" (trained baselines from `{Path(report['baselines']).name}`)" if report["baselines"] != str(run) else "")
+        + f", tokens `{tokens_folder}`, generation seeds {seeds}, {report['num_threads']} CPU threads. "
         + ("Validation users: for choosing settings. " if split == "valid" else "Test users: scored once. ")
         + f"*Own - shuffled NDCG@{k}*: each user's text ranked against that user's test items minus against another "
         "evaluated user's (0 for a text that does not depend on the user), per user averaged over the seeds, 95% "
