@@ -499,3 +499,65 @@ def test_slot_vectors_train_one_shared_vector_per_slot_and_round_trip(tokens, tm
     loaded = load_preference_lm(tmp_path / "dppmg", tiny_lm(tokenizer), tokenizer, vocabulary)
     assert loaded.meta.slot_vectors and torch.equal(loaded.projection.slot_vectors, slots)
     assert torch.equal(loaded.token_embeddings(), lm.token_embeddings())
+
+
+def test_prefix_tokens_are_shared_trained_never_emitted_and_round_trip(tokens, tmp_path):
+    tokenizer = tiny_tokenizer()
+    vocabulary = PreferenceVocabulary(tokens)
+    lm = inject_preference_tokens(tiny_lm(tokenizer), tokenizer, vocabulary, backbone="tiny", prefix_tokens=3)
+    assert lm.prefix_text == "<pfx_0><pfx_1><pfx_2>" and len(lm.token_ids) == len(vocabulary) + 3
+    assert lm.preference_ids == lm.token_ids[: len(vocabulary)]
+    conditioner = TokenConditioner(lm, vocabulary)
+    u0, u1 = tokens.users[:2]
+    assert conditioner.token_text(u0).startswith(lm.prefix_text) and conditioner.unconditional_text() == lm.prefix_text
+    assert conditioner.token_text(u0)[len(lm.prefix_text) :] == "".join(vocabulary.strings_for(u0))
+    ids = torch.tensor(lm.token_ids[len(vocabulary) :])
+    prefix_before = lm.embed(ids).detach().clone()
+    norm = lm.model.get_input_embeddings().base_layer.weight[: lm.first_id].norm(dim=1).mean()
+    assert torch.allclose(prefix_before.norm(dim=1), norm.expand(3), rtol=1e-4)
+    train_conditioner(
+        lm.model,
+        lm.tokenizer,
+        conditioner,
+        pairs_for(tokens, tokens.users[:8]),
+        pairs_for(tokens, tokens.users[8:10]),
+        item_texts(),
+        CFG,
+        tmp_path / "dppmg",
+    )
+    assert not torch.allclose(lm.embed(ids), prefix_before)  # trained
+    options = dict(batch_size=2, max_new_tokens=6, seed=3, suppress_ids=lm.token_ids, progress=False)
+    users = tokens.users[10:14]
+    before = generate_texts(lm.model, lm.tokenizer, conditioner, users, guidance=2.0, **options)
+    tokenizer = tiny_tokenizer()
+    loaded = load_preference_lm(tmp_path / "dppmg", tiny_lm(tokenizer), tokenizer, vocabulary)
+    assert loaded.meta.prefix_tokens == 3 and loaded.token_ids == lm.token_ids
+    assert torch.equal(loaded.embed(ids), lm.embed(ids)) and torch.equal(
+        loaded.token_embeddings(), lm.token_embeddings()
+    )
+    after = generate_texts(
+        loaded.model, loaded.tokenizer, TokenConditioner(loaded, vocabulary), users, guidance=2.0, **options
+    )
+    assert before == after
+
+
+def test_guidance_with_a_prefix_contrasts_with_the_prefix_alone(tokens):
+    tokenizer = tiny_tokenizer()
+    vocabulary = PreferenceVocabulary(tokens)
+    model = tiny_lm(tokenizer, init_range=0.3)
+    lm = inject_preference_tokens(model, tokenizer, vocabulary, backbone="tiny", prefix_tokens=2)
+    conditioner = TokenConditioner(lm, vocabulary)
+    users, g = tokens.users[:4], 3.0
+    options = dict(batch_size=4, max_new_tokens=1, seed=0, suppress_ids=lm.token_ids, progress=False, do_sample=False)
+    guided = generate_texts(lm.model, lm.tokenizer, conditioner, users, guidance=g, **options)
+    with torch.no_grad():
+        plain = torch.tensor([prompt_ids(lm.tokenizer, lm.prefix_text)])
+        without = torch.log_softmax(lm.model(input_ids=plain).logits[0, -1].float(), -1)
+        expected = []
+        for user in users:
+            ids = torch.tensor([prompt_ids(lm.tokenizer, conditioner.token_text(user))])
+            with_tokens = torch.log_softmax(lm.model(inputs_embeds=lm.embed(ids)).logits[0, -1].float(), -1)
+            mixed = without + g * (with_tokens - without)
+            mixed[lm.token_ids] = float("-inf")
+            expected.append(lm.tokenizer.decode([int(mixed.argmax())], skip_special_tokens=True).strip())
+    assert guided == expected and any(guided)

@@ -344,6 +344,7 @@ class TextSettings(Section):
     lora_targets: list[str] = rule()
     content_init: bool = rule()
     slot_vectors: bool = rule()
+    prefix_tokens: int = rule(ge=0)
     token_channels: list[str] | None = rule()
     soft_prompt: bool = rule()
     population_prompt: bool = rule()

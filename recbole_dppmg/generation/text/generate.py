@@ -80,7 +80,12 @@ class TokenConditioner:
 
     def token_text(self, user: str) -> str:
         source = self.user_map.get(user, user) if self.user_map else user
-        return "".join(self.vocabulary.strings_for(source, self.lm.meta.channels))
+        return self.lm.prefix_text + "".join(self.vocabulary.strings_for(source, self.lm.meta.channels))
+
+    def unconditional_text(self) -> str | None:
+        """What guidance contrasts with: the shared prefix without the user's tokens (None: the
+        instruction without tokens)."""
+        return self.lm.prefix_text or None
 
     def inputs_embeds(self, input_ids: torch.Tensor, users: Sequence[str]) -> torch.Tensor:
         return self.lm.embed(input_ids)
@@ -317,9 +322,9 @@ def generate_texts(
     on topic with classifier-free guidance"; transformers' ``guidance_scale`` with a negative
     prompt): each step samples from ``log p(x | no tokens) + g * (log p(x | tokens) - log p(x |
     no tokens))``, the unconditional branch being the same instruction without preference
-    tokens. Why: after the warm-up a user's own tokens explain their liked texts only ~0.013-0.018
-    nats/token better than another user's, while most of what the tokens learned (the
-    catalogue's style) is shared; g > 1 amplifies what the user's tokens change, as
+    tokens (with a shared prefix, the prefix alone). Why: after the warm-up a user's own tokens
+    explain their liked texts only ~0.013-0.018 nats/token better than another user's, while
+    most of what the tokens learned (the catalogue's style) is shared; g > 1 amplifies what the user's tokens change, as
     ``image.guidance_scale`` does for posters. Ignored for the no-tokens condition.
 
     ``no_repeat_ngram_size`` > 0 forbids repeating any n-gram of the text (transformers'
@@ -349,9 +354,9 @@ def generate_texts(
     bar = tqdm(
         range(0, len(users), batch_size), desc=f"generate ({conditioner.name})", unit="batch", disable=not progress
     )
-    unconditional = (
-        prompt_ids(tokenizer, None) if guidance != 1.0 and conditioner.token_text(users[0]) is not None else None
-    )
+    unconditional = None
+    if guidance != 1.0 and conditioner.token_text(users[0]) is not None:
+        unconditional = prompt_ids(tokenizer, getattr(conditioner, "unconditional_text", lambda: None)())
     with getattr(conditioner, "inference", contextlib.nullcontext)():
         texts = _generate_batches(
             model, tokenizer, conditioner, users, prompts, bar, batch_size, seed, options, unconditional, guidance

@@ -16,6 +16,11 @@ and every base weight stay bit-identical.
 Saving first folds ``P(c) - anchor`` into delta, so the PEFT adapter alone holds the final
 embeddings (usable by any PEFT code); the projection and anchor are saved beside it so training
 can continue. Folder layout: ``adapter/`` (PEFT), ``projection.safetensors``, ``text_generator.json``.
+
+Optionally (``prefix_tokens``) a few more new tokens, ``<pfx_k>``, are written before every
+user's preference tokens: PEFT trainable tokens too, shared by all users, started at random
+vectors of the embeddings' norm. They are the population prompt inside DPPMG (see
+:class:`PreferenceTokenLM`).
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class InjectionMeta:
     seed: int = 0
     channels: list[str] | None = None  # the modalities whose tokens the prompt carries (None: all)
     slot_vectors: bool = False  # a shared learned vector per (modality, level) slot (CodebookProjection)
+    prefix_tokens: int = 0  # shared learned tokens before the user's preference tokens (ids after them)
 
     def to_json(self) -> dict:
         return {"format_version": FORMAT_VERSION, **self.__dict__}
@@ -110,6 +116,11 @@ def fit_projection_to_content(
             projection.linear.bias.mul_(factor)
 
 
+def prefix_strings(n: int) -> list[str]:
+    """The shared prefix tokens' strings."""
+    return [f"<pfx_{k}>" for k in range(n)]
+
+
 def add_preference_tokens(model, tokenizer, strings: list[str]) -> list[int]:
     """Add the token strings (contiguous ids) and grow the embedding matrix if needed.
 
@@ -139,8 +150,16 @@ class PreferenceTokenLM:
     """A PEFT-wrapped causal LM + tokenizer that reads preference tokens.
 
     ``model(input_ids=...)`` and ``model.generate(input_ids=...)`` see the current token
-    embeddings (a forward hook adds the projection term); ``token_ids`` are the tokenizer ids of
-    the vocabulary in :class:`PreferenceVocabulary` order.
+    embeddings (a forward hook adds the projection term); ``preference_ids`` are the tokenizer ids
+    of the vocabulary in :class:`PreferenceVocabulary` order, ``token_ids`` those and the prefix's.
+
+    The prefix (``meta.prefix_tokens``, ``prefix_text``) precedes every user's tokens. Why: a
+    trained prompt shared by all users (the population prompt) learns the target format from
+    every batch, while the preference tokens learn it only through the codes each batch holds
+    and vary from user to user; measured on ml-100k-mm, the population prompt's validation loss
+    led DPPMG's by 0.2-0.4 nats/token at the same step. With the prefix, DPPMG is the population
+    prompt plus the user's tokens, as the history prompt is the population prompt plus the
+    user's liked titles.
     """
 
     def __init__(self, model, tokenizer, projection: CodebookProjection, anchor: torch.Tensor, meta: InjectionMeta):
@@ -150,7 +169,10 @@ class PreferenceTokenLM:
         self.projection = projection.to(self.device)
         self.projection.register_buffer("anchor", anchor.float().to(self.device).clone())
         self.first_id = meta.first_token_id
-        self.token_ids = list(range(self.first_id, self.first_id + meta.n_tokens))
+        # every new id (preference tokens, then the prefix): never emitted by generation
+        self.token_ids = list(range(self.first_id, self.first_id + meta.n_tokens + meta.prefix_tokens))
+        self.preference_ids = self.token_ids[: meta.n_tokens]
+        self.prefix_text = "".join(prefix_strings(meta.prefix_tokens))
         self._hook = self.model.get_input_embeddings().register_forward_hook(self._add_projection)
 
     # ------------------------------------------------------------------ embeddings
@@ -178,8 +200,8 @@ class PreferenceTokenLM:
         return self.model.get_input_embeddings()(input_ids)
 
     def token_embeddings(self) -> torch.Tensor:
-        """``[n_tokens, hidden]``: the preference tokens' current input embeddings."""
-        ids = torch.tensor(self.token_ids, device=self.device)
+        """``[n_tokens, hidden]``: the preference tokens' current input embeddings (no prefix)."""
+        ids = torch.tensor(self.preference_ids, device=self.device)
         return self.embed(ids)
 
     def delta_parameters(self) -> list[torch.nn.Parameter]:
@@ -225,8 +247,8 @@ class PreferenceTokenLM:
         deltas = self.delta_parameters()
         if not deltas:
             raise CheckpointError("the text generator has no trainable token parameters")
-        for delta in deltas[:1]:  # tied copies share this parameter
-            delta.add_((current - self.projection.anchor).to(delta.dtype))
+        for delta in deltas[:1]:  # tied copies share this parameter; the prefix rows come last
+            delta[: self.meta.n_tokens].add_((current - self.projection.anchor).to(delta.dtype))
         self.projection.anchor.copy_(current)
 
     # ------------------------------------------------------------------ persistence
@@ -262,6 +284,7 @@ def inject_preference_tokens(
     content: dict[str, torch.Tensor] | None = None,
     channels: list[str] | None = None,
     slot_vectors: bool = False,
+    prefix_tokens: int = 0,
 ) -> PreferenceTokenLM:
     """Wrap a frozen causal LM so that only the preference tokens (and optional LoRA) train.
 
@@ -271,7 +294,8 @@ def inject_preference_tokens(
     """
     from peft import LoraConfig, TrainableTokensConfig, get_peft_model
 
-    ids = add_preference_tokens(model, tokenizer, vocabulary.strings)
+    ids = add_preference_tokens(model, tokenizer, vocabulary.strings + prefix_strings(prefix_tokens))
+    n_tokens = len(vocabulary.strings)
     embed_name = _embedding_module_name(model)
     base_rows = model.get_input_embeddings().weight[: ids[0]]
     generator = torch.Generator().manual_seed(seed)
@@ -293,6 +317,10 @@ def inject_preference_tokens(
         )
     with torch.no_grad():
         initial = projection().to(base_rows.dtype)
+        if prefix_tokens:  # seeded random vectors of the embeddings' norm, as the population prompt starts
+            start = torch.randn(prefix_tokens, base_rows.shape[1], generator=generator)
+            start = start / start.norm(dim=1, keepdim=True) * float(base_rows.float().norm(dim=1).mean())
+            initial = torch.cat([initial, start.to(initial.dtype)])
         model.get_input_embeddings().weight[ids[0] : ids[-1] + 1] = initial.to(
             model.get_input_embeddings().weight.device
         )
@@ -314,7 +342,7 @@ def inject_preference_tokens(
         codebook_size=vocabulary.codebook_size,
         dim=vocabulary.dim,
         first_token_id=ids[0],
-        n_tokens=len(ids),
+        n_tokens=n_tokens,
         embed_module=embed_name,
         lora_r=lora_r,
         lora_alpha=lora_alpha,
@@ -322,6 +350,7 @@ def inject_preference_tokens(
         seed=seed,
         channels=vocabulary.routed(channels) if channels is not None else None,
         slot_vectors=slot_vectors,
+        prefix_tokens=prefix_tokens,
     )
     return PreferenceTokenLM(peft_model, tokenizer, projection, projection().detach(), meta)
 
@@ -358,7 +387,7 @@ def load_preference_lm(
         strings = vocabulary.strings
     else:
         strings = [s for m in meta.modalities for s in all_token_strings(m, meta.levels, meta.codebook_size)]
-    ids = add_preference_tokens(model, tokenizer, strings)
+    ids = add_preference_tokens(model, tokenizer, strings + prefix_strings(meta.prefix_tokens))
     if ids[0] != meta.first_token_id:
         raise CheckpointError(
             f"{folder} was trained on a backbone whose vocabulary ends at {meta.first_token_id}, this one at {ids[0]}"

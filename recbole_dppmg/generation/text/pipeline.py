@@ -118,6 +118,7 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
                 "contrast_weight",
                 "content_init",
                 "slot_vectors",
+                "prefix_tokens",
                 "max_steps",
                 "min_rating",
                 "pairs_per_user",
@@ -199,6 +200,7 @@ def train_text_generator(dataset: str, tokens_folder: Path | None = None, config
             content=content,
             channels=cfg["token_channels"],
             slot_vectors=cfg["slot_vectors"],
+            prefix_tokens=cfg["prefix_tokens"],
         )
     state = train_conditioner(
         lm.model, tokenizer, TokenConditioner(lm, vocabulary), train_pairs, valid_pairs, texts, cfg, run / "dppmg"
@@ -251,7 +253,10 @@ def _init_run(cfg: dict, tokens) -> Path | None:
             f"text.init_from {run} was trained on tokens {previous['tokens']}, this warm-up uses {tokens.folder}"
         )
     _check_same_settings(
-        previous, cfg, ("backbone", "lora_r", "seed", "valid_users", "test_users"), f"text.init_from {run}"
+        previous,
+        cfg,
+        ("backbone", "lora_r", "seed", "valid_users", "test_users", "slot_vectors", "prefix_tokens"),
+        f"text.init_from {run}",
     )
     if cfg["soft_prompt"] and not (run / "soft_prompt").is_dir():
         raise CheckpointError(f"text.init_from {run} has no soft_prompt/ to continue (set text.soft_prompt False)")
@@ -377,14 +382,12 @@ class TextConditions:
             return [self._liked_text(u) for u in users]
         if name in PROMPTS:
             model, tokenizer, prompt = self._prompts[name]
-            return generate_texts(
-                model, tokenizer, prompt, users, **{**generation_options(self.cfg, self.lm.token_ids), "seed": seed}
-            )
+            options = {**generation_options(self.cfg, self.lm.preference_ids), "seed": seed}
+            return generate_texts(model, tokenizer, prompt, users, **options)
         if name == "soft_prompt":
             model, tokenizer, soft = self._soft
-            return generate_texts(
-                model, tokenizer, soft, users, **{**generation_options(self.cfg, self.lm.token_ids), "seed": seed}
-            )
+            options = {**generation_options(self.cfg, self.lm.preference_ids), "seed": seed}
+            return generate_texts(model, tokenizer, soft, users, **options)
         lm = self.lm
         options = {**generation_options(self.cfg, lm.token_ids), "seed": seed}
         if name == "dppmg":
