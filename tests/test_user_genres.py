@@ -130,3 +130,10 @@ def test_runs_from_before_target_template_count_as_plain_targets(monkeypatch, tm
         and old_run["seed"] == defaults["seed"]
     )
     assert config.recorded_settings({"target_template": "{plot}"})["target_template"] == "{plot}"
+    # runs from before the injection keys trained neither a prefix nor slot vectors, whatever today's default
+    data["text"].update(prefix_tokens=9, slot_vectors=True)
+    (tmp_path / "generation.yaml").write_text(yaml.safe_dump(data))
+    assert settings.load_settings("text")["prefix_tokens"] == 9
+    older = config.recorded_settings({"max_steps": 3})
+    assert older["prefix_tokens"] == 0 and not older["slot_vectors"]
+    assert config.recorded_settings({"prefix_tokens": 4})["prefix_tokens"] == 4

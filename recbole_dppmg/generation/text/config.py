@@ -31,13 +31,17 @@ def user_field(template: str) -> bool:
     return any(name == "user_genres" for _, name, _, _ in string.Formatter().parse(str(template)))
 
 
+# what runs from before a key existed did, where that is not (or may stop being) the key's default
+PREDATING = {"target_template": PLAIN_TARGET_TEMPLATE, "slot_vectors": False, "prefix_tokens": 0}
+
+
 def recorded_settings(recorded: dict) -> TextSettings:
     """A warm-up run's recorded ``text`` settings; a key the run predates counts as its default,
-    except ``target_template``: runs from before it existed wrote :data:`PLAIN_TARGET_TEMPLATE`.
-    Keys later versions dropped are ignored."""
+    except the keys of :data:`PREDATING` (e.g. runs from before ``target_template`` existed wrote
+    :data:`PLAIN_TARGET_TEMPLATE`). Keys later versions dropped are ignored."""
     known = TextSettings.field_names()
     kept = {k: v for k, v in recorded.items() if k in known}
-    return load_settings("text", {"target_template": PLAIN_TARGET_TEMPLATE, **kept})
+    return load_settings("text", {**PREDATING, **kept})
 
 
 def saved_root(config: dict) -> Path:
