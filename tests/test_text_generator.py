@@ -60,6 +60,21 @@ def pairs_for(tokens, users):
     return build_pairs(tokens, users, item_texts(), None, 3, 0)
 
 
+def warm_up(lm, conditioner, tokens, folder, train_users=None):
+    """The tiny warm-up most tests share: 8 training users' pairs, 2 validation users'."""
+    train_users = tokens.users[:8] if train_users is None else train_users
+    return train_conditioner(
+        lm.model,
+        lm.tokenizer,
+        conditioner,
+        pairs_for(tokens, train_users),
+        pairs_for(tokens, tokens.users[8:10]),
+        item_texts(),
+        CFG,
+        folder,
+    )
+
+
 @pytest.mark.parametrize("tie,lora_r", [(True, 0), (False, 0), (True, 4)])
 def test_only_new_tokens_move(tokens, tmp_path, tie, lora_r):
     lm, vocabulary = make_lm(tokens, lora_r=lora_r, tie=tie)
@@ -70,16 +85,7 @@ def test_only_new_tokens_move(tokens, tmp_path, tie, lora_r):
         else None
     )
     new_before = lm.token_embeddings().detach().clone()
-    train_conditioner(
-        lm.model,
-        lm.tokenizer,
-        TokenConditioner(lm, vocabulary),
-        pairs_for(tokens, tokens.users[:8]),
-        pairs_for(tokens, tokens.users[8:10]),
-        item_texts(),
-        CFG,
-        tmp_path / "run",
-    )
+    warm_up(lm, TokenConditioner(lm, vocabulary), tokens, tmp_path / "run")
     for name, p in lm.model.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, base[name]), name  # every base weight, base vocabulary included, bit-identical
@@ -97,16 +103,7 @@ def test_only_new_tokens_move(tokens, tmp_path, tie, lora_r):
 
 def test_adapter_round_trip_identical_generations(tokens, tmp_path):
     lm, vocabulary = make_lm(tokens)
-    train_conditioner(
-        lm.model,
-        lm.tokenizer,
-        TokenConditioner(lm, vocabulary),
-        pairs_for(tokens, tokens.users[:8]),
-        pairs_for(tokens, tokens.users[8:10]),
-        item_texts(),
-        CFG,
-        tmp_path / "dppmg",
-    )
+    warm_up(lm, TokenConditioner(lm, vocabulary), tokens, tmp_path / "dppmg")
     assert (tmp_path / "dppmg" / "adapter" / "adapter_config.json").is_file()
     users = tokens.users[10:15]
     options = dict(batch_size=2, max_new_tokens=6, seed=3, suppress_ids=lm.token_ids, progress=False)
@@ -471,16 +468,7 @@ def test_slot_vectors_train_one_shared_vector_per_slot_and_round_trip(tokens, tm
     start_linear = copy.deepcopy(projection.linear)
     assert torch.count_nonzero(projection.slot_vectors) == 0  # the start is the plain projection's
     assert any(p is projection.slot_vectors for p in lm.trainable_parameters())
-    train_conditioner(
-        lm.model,
-        lm.tokenizer,
-        TokenConditioner(lm, vocabulary),
-        pairs_for(tokens, tokens.users[:2]),
-        pairs_for(tokens, tokens.users[8:10]),
-        item_texts(),
-        CFG,
-        tmp_path / "dppmg",
-    )
+    warm_up(lm, TokenConditioner(lm, vocabulary), tokens, tmp_path / "dppmg", tokens.users[:2])
     slots = projection.slot_vectors.detach()
     assert torch.count_nonzero(slots) > 0
     # the slot's vector moved every code of that slot, even codes no training user has (their
@@ -515,16 +503,7 @@ def test_prefix_tokens_are_shared_trained_never_emitted_and_round_trip(tokens, t
     prefix_before = lm.embed(ids).detach().clone()
     norm = lm.model.get_input_embeddings().base_layer.weight[: lm.first_id].norm(dim=1).mean()
     assert torch.allclose(prefix_before.norm(dim=1), norm.expand(3), rtol=1e-4)
-    train_conditioner(
-        lm.model,
-        lm.tokenizer,
-        conditioner,
-        pairs_for(tokens, tokens.users[:8]),
-        pairs_for(tokens, tokens.users[8:10]),
-        item_texts(),
-        CFG,
-        tmp_path / "dppmg",
-    )
+    warm_up(lm, conditioner, tokens, tmp_path / "dppmg")
     assert not torch.allclose(lm.embed(ids), prefix_before)  # trained
     options = dict(batch_size=2, max_new_tokens=6, seed=3, suppress_ids=lm.token_ids, progress=False)
     users = tokens.users[10:14]
