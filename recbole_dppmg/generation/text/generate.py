@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -384,6 +385,8 @@ def _generate_batches(
                 negative_prompt_ids=uncond,
                 negative_prompt_attention_mask=torch.ones_like(uncond),
             )
-        out = model.generate(inputs_embeds=embeds, attention_mask=mask, **options, **extra)
+        with warnings.catch_warnings():  # the prompt is embeddings: no-repeat covers the new tokens, as wanted
+            warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*inputs_embeds", category=UserWarning)
+            out = model.generate(inputs_embeds=embeds, attention_mask=mask, **options, **extra)
         texts += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
     return texts
