@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recbole_dppmg.errors import CheckpointError  # noqa: E402
+from recbole_dppmg.runs import TEXT_KINDS, read_run_meta  # noqa: E402
 
 # the run settings written beside a curve
 RECORDED = ("seed", "split_seed", "max_steps", "slot_vectors", "prefix_tokens")
@@ -40,8 +41,7 @@ def phase_history(folder: Path) -> tuple[list[dict], bool]:
 
 def run_settings(folder: Path) -> dict:
     """The recorded text settings of the run that holds ``folder`` (a condition's folder)."""
-    meta = folder.parent / "run.json"
-    return json.loads(meta.read_text()).get("text", {}) if meta.is_file() else {}
+    return (read_run_meta(folder.parent, TEXT_KINDS) or {}).get("text", {})
 
 
 def plot(curves: dict, path: Path) -> None:

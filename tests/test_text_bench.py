@@ -36,7 +36,7 @@ def test_bench_text_runs_tiny():
 
 def _condition(folder, history, finished=True):
     folder.mkdir(parents=True)
-    (folder.parent / "run.json").write_text(json.dumps({"text": {"seed": 1, "prefix_tokens": 9}}))
+    (folder.parent / "run.json").write_text(json.dumps({"kind": "TextGen", "text": {"seed": 1, "prefix_tokens": 9}}))
     records = [{"step": s, "valid_loss": v, "valid_gap": g, "train_loss": None} for s, v, g in history]
     if finished:
         (folder / "history.json").write_text(json.dumps(records))

@@ -128,9 +128,8 @@ class CodebookProjection(nn.Module):
         return projection
 
     def forward(self, positions: torch.Tensor | None = None) -> torch.Tensor:
-        if positions is None:
-            positions = torch.arange(len(self.codebook_vectors), device=self.codebook_vectors.device)
-        out = self.linear(self.codebook_vectors[positions])
-        if self.codes_per_slot is not None:
-            out = out + self.slot_vectors[positions // self.codes_per_slot]
-        return out
+        out = self.linear(self.codebook_vectors if positions is None else self.codebook_vectors[positions])
+        if self.codes_per_slot is None:
+            return out
+        slots = self.slot_vectors.repeat_interleave(self.codes_per_slot, dim=0)
+        return out + (slots if positions is None else slots[positions])

@@ -325,8 +325,9 @@ def generate_texts(
     no tokens))``, the unconditional branch being the same instruction without preference
     tokens (with a shared prefix, the prefix alone). Why: after the warm-up a user's own tokens
     explain their liked texts only ~0.013-0.018 nats/token better than another user's, while
-    most of what the tokens learned (the catalogue's style) is shared; g > 1 amplifies what the user's tokens change, as
-    ``image.guidance_scale`` does for posters. Ignored for the no-tokens condition.
+    most of what the tokens learned (the catalogue's style) is shared; g > 1 amplifies what the
+    user's tokens change, as ``image.guidance_scale`` does for posters. Ignored for the
+    no-tokens condition.
 
     ``no_repeat_ngram_size`` > 0 forbids repeating any n-gram of the text (transformers'
     ``no_repeat_ngram_size``, over the generated tokens: the prompt is passed as embeddings).
