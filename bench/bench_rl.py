@@ -43,12 +43,17 @@ import torch
 import yaml
 
 
-def _judge(dataset: str, tokens_folder: str):
+def _judge(dataset: str, tokens_folder: str, reward: dict | None = None):
     from recbole_dppmg.generation.reward.judge import PreferenceJudge
     from recbole_dppmg.tokens import PreferenceTokens
 
     tokens = PreferenceTokens.load(tokens_folder, dataset=dataset)
-    return tokens, PreferenceJudge.for_dataset(dataset, tokens)
+    return tokens, PreferenceJudge.for_dataset(dataset, tokens, reward)
+
+
+def _overrides(items: list[str]) -> dict:
+    """``key=value`` pairs, each value read as YAML (``relative=True`` -> ``{"relative": True}``)."""
+    return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
 
 
 def _protocol_measures(row, per_user, prefix, users, modality, features, judge, heldout, seed) -> None:
@@ -64,20 +69,20 @@ def _protocol_measures(row, per_user, prefix, users, modality, features, judge, 
 
 
 def train(args) -> None:
-    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    overrides, reward = _overrides(args.set), _overrides(args.reward) or None
     run = Path(args.run)
     if args.modality == "text":
         from recbole_dppmg.generation.rl.text import train_text_rl
         from recbole_dppmg.runs import TEXT_KINDS, read_run_meta
 
         tokens_folder = read_run_meta(run, TEXT_KINDS)["tokens"]
-        _, judge = _judge(args.dataset, tokens_folder)
+        _, judge = _judge(args.dataset, tokens_folder, reward)
         out = train_text_rl(args.dataset, run, judge, overrides, quick=args.quick, out_dir=args.out)
     else:
         from recbole_dppmg.generation.image.train import read_image_config
         from recbole_dppmg.generation.rl.image import train_image_rl
 
-        _, judge = _judge(args.dataset, read_image_config(run)["tokens_folder"])
+        _, judge = _judge(args.dataset, read_image_config(run)["tokens_folder"], reward)
         out = train_image_rl(args.dataset, run, judge, overrides, quick=args.quick, out_dir=args.out)
     print(out)
 
@@ -453,7 +458,7 @@ def snr(args) -> None:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-d", "--dataset", default="ml-100k-mm")
     parser.add_argument("--threads", type=int, default=1)
@@ -463,6 +468,7 @@ def main() -> None:
     t.add_argument("--run", required=True, help="TextGen-* (text) or ImageGen-* (image) run folder")
     t.add_argument("--quick", action="store_true", help="the rl.quick profile")
     t.add_argument("--set", nargs="*", default=[], help="rl.<modality> overrides key=value")
+    t.add_argument("--reward", nargs="*", default=[], help="reward overrides key=value (e.g. relative=True)")
     t.add_argument("--out", help="run folder (default: saved/<dataset>/TextRL-<time> or ImageRL-<time>)")
     m = sub.add_parser("measure")
     for name in ("--text-before", "--image-before"):
@@ -489,7 +495,7 @@ def main() -> None:
     n.add_argument("--users", type=int, default=4, help="training users per batch (the first of the RL pool)")
     n.add_argument("--group", type=int, default=8, help="samples per user per batch")
     n.add_argument("--batches", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     {"train": train, "measure": measure, "combine": combine, "snr": snr}[args.command](args)

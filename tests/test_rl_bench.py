@@ -83,3 +83,21 @@ def test_measure_asks_only_for_the_runs_it_measures(tmp_path):
     assert proc.returncode != 0 and "--image-after is required unless --only text" in proc.stderr
     proc = subprocess.run([*base, "--image-after", "I1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--text-after is required unless --only image" in proc.stderr
+
+
+def test_train_passes_reward_overrides_to_the_judge(monkeypatch, tmp_path):
+    """``--reward relative=True`` reaches the judge RL is rewarded by (the reward chosen on validation users)."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bench_rl
+
+    import recbole_dppmg.generation.rl.text as rl_text
+    import recbole_dppmg.runs as runs
+
+    seen = {}
+    monkeypatch.setattr(runs, "read_run_meta", lambda run, kinds: {"tokens": "export"})
+    monkeypatch.setattr(bench_rl, "_judge", lambda dataset, folder, reward=None: (None, reward))
+    monkeypatch.setattr(rl_text, "train_text_rl", lambda *a, **k: seen.update(judge=a[2], overrides=a[3]) or "out")
+    bench_rl.main(["train", "text", "--run", str(tmp_path), "--set", "steps=3", "--reward", "relative=True"])
+    assert seen == {"judge": {"relative": True}, "overrides": {"steps": 3}}
+    bench_rl.main(["train", "text", "--run", str(tmp_path)])
+    assert seen == {"judge": None, "overrides": {}}
