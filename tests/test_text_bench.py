@@ -69,3 +69,35 @@ def test_bench_text_warmup_collects_finished_and_running_curves(tmp_path):
     assert curves["done"]["settings"]["prefix_tokens"] == 9 and (tmp_path / "c.png").stat().st_size > 0
     with pytest.raises(CheckpointError, match="holds no warm-up history"):
         bench_text_warmup.main(["--curve", f"x={tmp_path}", "--out", str(tmp_path / "d.json")])
+
+
+def _report(folder, users, texts):
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps({"dataset": "toy", "split": "test", "users": users, "runs": {}}))
+    lines = [json.dumps({"user": u, **{f"{c}/seed0": t[k] for c, t in texts.items()}}) for k, u in enumerate(users)]
+    (folder / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_text_examples_shows_the_first_users_in_report_order(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import text_examples
+
+    from recbole_dppmg.errors import CheckpointError
+
+    users = ["9", "3", "7"]
+    report = _report(tmp_path / "report", users, {"dppmg": ["a|b", "c\nd", "e"], "history": ["x", "y", "z"]})
+    meta, rows = text_examples.read_samples(report)
+    table = text_examples.example_table(
+        meta, rows, lambda u: f"liked {u}", lambda u: f"next {u}", ["dppmg", "history"], seed=0, users=2
+    )
+    body = [line for line in table.splitlines() if line.startswith("| 9") or line.startswith("| 3")]
+    assert body == ["| 9 | liked 9 | next 9 | a\\|b | x |", "| 3 | liked 3 | next 3 | c d | y |"]
+    assert "| 7" not in table and "first 2 test users" in table
+    with pytest.raises(CheckpointError, match="no texts of population"):
+        text_examples.example_table(meta, rows, str, str, ["population"], seed=0, users=2)
+    (report / "samples.jsonl").write_text(json.dumps({"user": "3"}) + "\n")
+    with pytest.raises(CheckpointError, match="does not list the users"):
+        text_examples.read_samples(report)
+    with pytest.raises(CheckpointError, match="report.json is missing"):
+        text_examples.read_samples(tmp_path)
