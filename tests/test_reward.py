@@ -224,6 +224,8 @@ def test_the_relative_reward_gives_nothing_for_content_everybody_likes_alike(jud
     out = judge.reward(users, text_features=constant, image_features=poster, partner="image")
     assert out["text_personalization"].mean() == pytest.approx(0.0, abs=1e-12)
     np.testing.assert_allclose(out["consistency"], 0.0, atol=1e-12)
+    assert "image_personalization" not in out  # the partner's poster is fixed: not part of what RL is paid for
+    assert out["total"].mean() == pytest.approx(0.0, abs=1e-12)  # a constant text's reward is 0 by construction
     absolute = judge.reward(users, text_features=constant, image_features=poster)  # no partner: the report's reward
     assert absolute["text_personalization"].mean() > 0.05
     own = _features(judge, "text", [next(i for i, _ in tokens.history(u, "train")) for u in users])

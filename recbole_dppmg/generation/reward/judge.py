@@ -227,7 +227,9 @@ class PreferenceJudge:
         PIL ``images`` given), ``total``. ``partner`` (RL) names the modality whose content is
         fixed per user (the other generator's pre-RL output); with ``reward.relative`` the
         generated modality's personalization and the consistency are then relative to the other
-        users of the batch (:meth:`relative_personalization`, :meth:`relative_consistency`)."""
+        users of the batch (:meth:`relative_personalization`, :meth:`relative_consistency`) and the
+        partner's own personalization is left out, so the batch mean of a constant content's
+        ``total`` is exactly 0."""
         users = [str(u) for u in users]
         relative = bool(self.config.get("relative")) and partner is not None
         features = {"text": text_features, "image": image_features}
@@ -235,9 +237,10 @@ class PreferenceJudge:
         for m, rows in features.items():
             if rows is None:
                 continue
-            generated = relative and m != partner
+            if relative and m == partner:
+                continue  # fixed per user, not what RL generates: it would make a constant content's reward non-zero
             out[f"{m}_personalization"] = (
-                self.relative_personalization(users, m, rows) if generated else self.personalization(users, m, rows)
+                self.relative_personalization(users, m, rows) if relative else self.personalization(users, m, rows)
             )
         if text_features is not None and image_features is not None:
             out["consistency"] = (
