@@ -332,7 +332,6 @@ def combine(args) -> None:
 
 
 def snr(args) -> None:
-    from itertools import combinations
 
     from recbole_dppmg.data.featurize import load_default_encoder
     from recbole_dppmg.generation.common.settings import (
@@ -358,7 +357,7 @@ def snr(args) -> None:
         from recbole_dppmg.generation.text.loading import load_text_generator
         from recbole_dppmg.runs import TEXT_KINDS, read_run_meta
 
-        tokens, judge = _judge(args.dataset, read_run_meta(run, TEXT_KINDS)["tokens"])
+        tokens, judge = _judge(args.dataset, read_run_meta(run, TEXT_KINDS)["tokens"], _overrides(args.reward) or None)
         vocabulary = PreferenceVocabulary(tokens)
         users = user_pool(json.loads((run / "users.json").read_text())["train"], cfg["user_pool"], cfg["seed"])[
             : args.users
@@ -368,7 +367,9 @@ def snr(args) -> None:
             judge,
             "text",
             lambda texts: encoder.encode([t or " " for t in texts], progress=False),
-            pre_rl_poster_features(args.dataset, newest_image_run(args.dataset), users),
+            pre_rl_poster_features(
+                args.dataset, Path(args.partner) if args.partner else newest_image_run(args.dataset), users
+            ),
         )
         lm = load_text_generator(run, vocabulary, load_settings("text", {"num_threads": args.threads}))
         conditioner, named = TokenConditioner(lm, vocabulary), rl_text.token_parameters(lm)
@@ -381,7 +382,7 @@ def snr(args) -> None:
             )
             logps = rl_text.completion_logprobs(lm, conditioner, rollout, cfg["temperature"])
             loss, _ = rl_text.grpo_loss(logps, logps.detach(), adv, rollout.completion_mask, cfg["clip_range"])
-            grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(named.values()))]))
+            grads.append(dict(zip(named, torch.autograd.grad(loss, list(named.values())))))
     else:
         from recbole_dppmg.generation.common.user_split import split_users
         from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
@@ -396,7 +397,7 @@ def snr(args) -> None:
         from recbole_dppmg.generation.text.config import newest_generator_run
 
         meta = read_image_config(run)
-        tokens, judge = _judge(args.dataset, meta["tokens_folder"])
+        tokens, judge = _judge(args.dataset, meta["tokens_folder"], _overrides(args.reward) or None)
         vocab = PreferenceVocabulary(tokens)
         train = meta["train"]
         users = user_pool(
@@ -409,7 +410,9 @@ def snr(args) -> None:
             judge,
             "image",
             lambda posters: image_features(encoder, [tensor_to_pil(x) for x in posters]),
-            pre_rl_text_features(args.dataset, newest_generator_run(args.dataset), users),
+            pre_rl_text_features(
+                args.dataset, Path(args.partner) if args.partner else newest_generator_run(args.dataset), users
+            ),
         )
         model, meta = load_image_generator(run, vocab, dataset=args.dataset)
         codec, _ = build_codec(load_settings("image", {**train, **meta["model"]}))
@@ -443,19 +446,39 @@ def snr(args) -> None:
                     cfg["clip_range"],
                 )
                 total = [a + g for a, g in zip(total, torch.autograd.grad(loss, list(named.values())))]
-            grads.append(torch.cat([g.flatten() for g in total]))
-    cosines = [float(a @ b / (a.norm() * b.norm())) for a, b in combinations(grads, 2)]
+            grads.append(dict(zip(named, total)))
     print(
         json.dumps(
             {
                 "modality": args.modality,
                 "users": len(users),
                 "samples_per_batch": len(users) * args.group,
-                "pairwise_cosine": [round(c, 3) for c in cosines],
-                "mean_cosine": round(float(np.mean(cosines)), 3),
+                "reward": judge.config,
+                **gradient_agreement(grads),
             }
         )
     )
+
+
+def gradient_agreement(grads: list[dict[str, torch.Tensor]]) -> dict:
+    """Pairwise cosine of independent batches' gradients, over all tensors and per tensor (a shared
+    tensor can carry signal while per-user rows are noise, or the reverse)."""
+    from itertools import combinations
+
+    def cosines(pairs):
+        return [float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30)) for a, b in pairs]
+
+    flat = [torch.cat([g.flatten() for g in grad.values()]) for grad in grads]
+    overall = cosines(combinations(flat, 2))
+    per_tensor = {
+        name: round(float(np.mean(cosines(combinations([grad[name].flatten() for grad in grads], 2)))), 3)
+        for name in grads[0]
+    }
+    return {
+        "pairwise_cosine": [round(c, 3) for c in overall],
+        "mean_cosine": round(float(np.mean(overall)), 3),
+        "mean_cosine_per_tensor": per_tensor,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -495,6 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     n.add_argument("--users", type=int, default=4, help="training users per batch (the first of the RL pool)")
     n.add_argument("--group", type=int, default=8, help="samples per user per batch")
     n.add_argument("--batches", type=int, default=3)
+    n.add_argument("--partner", help="the other generator's run (default: the newest); give the RL run's partner")
+    n.add_argument("--reward", nargs="*", default=[], help="reward overrides key=value (e.g. relative=True)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)

@@ -101,3 +101,15 @@ def test_train_passes_reward_overrides_to_the_judge(monkeypatch, tmp_path):
     assert seen == {"judge": {"relative": True}, "overrides": {"steps": 3}}
     bench_rl.main(["train", "text", "--run", str(tmp_path)])
     assert seen == {"judge": None, "overrides": {}}
+
+
+def test_gradient_agreement_reports_each_tensor():
+    """snr: a tensor whose batches agree shows cosine 1 even when another tensor's batches cancel."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bench_rl
+    import torch
+
+    grads = [{"shared": torch.tensor([1.0, 2.0]), "rows": torch.tensor([s, 0.0])} for s in (1.0, -1.0)]
+    out = bench_rl.gradient_agreement(grads)
+    assert out["mean_cosine_per_tensor"] == {"shared": 1.0, "rows": -1.0}
+    assert out["pairwise_cosine"] == [round((5 - 1) / 6, 3)]
