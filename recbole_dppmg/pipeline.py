@@ -53,7 +53,7 @@ from recbole_dppmg.generation.report.build import build_report, resolve_runs
 from recbole_dppmg.generation.reward.judge import PreferenceJudge
 from recbole_dppmg.generation.rl import image as rl_image
 from recbole_dppmg.generation.rl import text as rl_text
-from recbole_dppmg.generation.rl.common import next_phase
+from recbole_dppmg.generation.rl.common import next_phase, recorded_settings
 from recbole_dppmg.generation.text.config import saved_root
 from recbole_dppmg.generation.text.pipeline import train_text_generator
 from recbole_dppmg.paths import PROPERTIES_DIR, SAVED_DIR, dataset_root
@@ -197,16 +197,29 @@ def valid_image_run(dataset: str, tokens: Path, settings: dict, root: Path) -> t
 
 
 def valid_rl_run(
-    dataset: str, prefix: str, source: Path, cfg: dict, root: Path, partner: Path | None = None
+    dataset: str,
+    prefix: str,
+    source: Path,
+    cfg: dict,
+    root: Path,
+    partner: Path | None = None,
+    reward: dict | None = None,
 ) -> tuple[Path | None, bool]:
     """``(run, finished)``: the newest RL run made from ``source`` (and, when given, rewarded
-    against the other modality's ``partner`` generator) with these settings."""
-    wanted = _without(cfg, RL_RUNTIME_KEYS)
+    against the other modality's ``partner`` generator, and by the ``reward`` settings) with these
+    settings."""
+    kind = "text" if prefix == rl_text.RUN_PREFIX else "image"
+    wanted = _without(recorded_settings(kind, cfg), RL_RUNTIME_KEYS)
     for folder in recorded_runs(root, dataset, prefix, RL_SECTION):
         saved = read_run_meta(folder, RL_KINDS, RL_SECTION)
         if partner is not None and not _same_path(saved.get("partner_run"), partner):
             continue
-        if _same_path(saved.get("source_run"), source) and _without(saved.get("rl", {}), RL_RUNTIME_KEYS) == wanted:
+        if reward is not None and recorded_settings("reward", saved.get("reward")) != recorded_settings(
+            "reward", reward
+        ):
+            continue
+        settings = _without(recorded_settings(kind, saved.get("rl", {})), RL_RUNTIME_KEYS)
+        if _same_path(saved.get("source_run"), source) and settings == wanted:
             return folder, int(saved.get("steps_done", -1)) >= int(cfg["steps"])
     return None, False
 
@@ -454,7 +467,7 @@ class Pipeline:
         source, status, notes = self.outputs[modality], "skipped", []
         while overrides is not None:  # rl.<modality>.then: each phase starts from the previous one's run
             cfg = rl_phase_settings(modality, overrides, quick)
-            run, finished = valid_rl_run(self.dataset, prefix, source, cfg, self.root, partner)
+            run, finished = valid_rl_run(self.dataset, prefix, source, cfg, self.root, partner, self._judge().config)
             if run is not None and finished:
                 notes.append(f"a finished {modality} RL run from {Path(source).name} with these settings")
             else:
@@ -470,7 +483,7 @@ class Pipeline:
                     ),
                     "ran",
                 )
-                finished = valid_rl_run(self.dataset, prefix, source, cfg, self.root, partner)[1]
+                finished = valid_rl_run(self.dataset, prefix, source, cfg, self.root, partner, self._judge().config)[1]
             source = Path(run)
             if not finished:  # stopped by max_minutes: the next phase waits for it
                 notes.append(f"{source.name} stopped before its last step; run again to continue")

@@ -5,6 +5,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from judge_fixtures import TINY_DPPMG
@@ -109,6 +110,14 @@ def test_generator_runs_count_only_with_the_same_export_and_settings(tmp_path):
     assert valid_rl_run("tiny", "TextRL", run, rl_cfg, root, partner=tmp_path / "another-image-run") == (None, False)
     assert valid_rl_run("tiny", "TextRL", unfinished, rl_cfg, root) == (None, False)
     assert valid_rl_run("tiny", "TextRL", run, {**rl_cfg, "steps": 9}, root) == (None, False)
+    # a run recorded before rl.text.train_deltas / reward.relative existed ran with True / False
+    assert valid_rl_run("tiny", "TextRL", run, {**rl_cfg, "train_deltas": True}, root) == (rl, True)
+    assert valid_rl_run("tiny", "TextRL", run, {**rl_cfg, "train_deltas": False}, root) == (None, False)
+    saved = json.loads((rl / "rl_config.json").read_text())
+    (rl / "rl_config.json").write_text(json.dumps({**saved, "reward": {"consistency_weight": 1.0}}))
+    old_reward = {"consistency_weight": 1.0, "relative": False}
+    assert valid_rl_run("tiny", "TextRL", run, rl_cfg, root, reward=old_reward) == (rl, True)
+    assert valid_rl_run("tiny", "TextRL", run, rl_cfg, root, reward={**old_reward, "relative": True}) == (None, False)
 
 
 def test_a_report_counts_only_for_the_same_runs_settings_and_weights(tmp_path):
@@ -167,6 +176,7 @@ def test_rl_in_two_phases_starts_the_second_from_the_first(tiny_pipeline, monkey
                     "source_run": str(source),
                     "partner_run": overrides["partner"],
                     "rl": cfg,
+                    "reward": judge.config,
                     "steps_done": cfg["steps"] - stopped_early,
                 }
             )
@@ -177,7 +187,10 @@ def test_rl_in_two_phases_starts_the_second_from_the_first(tiny_pipeline, monkey
         pipeline = tiny_pipeline()
         pipeline.sections["rl"] = {"text": {"steps": 2, "then": {"advantage_scale": "component"}}}
         pipeline.outputs.update(
-            text=str(tmp_path / "TextGen-x"), image=str(tmp_path / "ImageGen-x"), export="e", judge=object()
+            text=str(tmp_path / "TextGen-x"),
+            image=str(tmp_path / "ImageGen-x"),
+            export="e",
+            judge=SimpleNamespace(config={"relative": False}),
         )
         return pipeline
 
@@ -264,6 +277,7 @@ def _fake_rl(root, prefix, weights, calls, steps_short=0):
             "source_run": str(source),
             "partner_run": overrides["partner"],
             "rl": cfg,
+            "reward": getattr(judge, "config", None),
             "steps_done": cfg["steps"] - steps_short,
         }
         (run / "rl_config.json").write_text(json.dumps(saved))
@@ -286,7 +300,7 @@ def test_stage_rl_runs_text_and_image_rl_and_a_second_call_skips_them(tmp_path, 
     text, image = _generators(root, tokens)
     calls = []
     monkeypatch.setattr(pipeline_module, "SAVED_DIR", root)
-    monkeypatch.setattr(Pipeline, "_judge", lambda self: None)
+    monkeypatch.setattr(Pipeline, "_judge", lambda self: SimpleNamespace(config={"relative": False}))
     monkeypatch.setattr(cli, "init_stage_logger", lambda *a: None)
     monkeypatch.setattr(rl_image, "train_image_rl", _fake_rl(root, "ImageRL", "model.safetensors", calls))
     text_rl = _fake_rl(root, "TextRL", "dppmg/text_generator.json", calls, steps_short=1)

@@ -271,6 +271,20 @@ def test_one_text_rl_step_moves_only_token_parameters(tmp_path, lora_r):
     assert json.loads((tmp_path / "run" / "rl_history.json").read_text()) == state["history"]
 
 
+def test_text_rl_without_deltas_moves_only_the_codebook_projection(tmp_path):
+    """rl.text.train_deltas False: the preference and prefix rows keep their warm-up values."""
+    tokens, vocabulary, lm = make_text()
+    deltas = {n: p.detach().clone() for n, p in lm.model.named_parameters() if "trainable_tokens_delta" in n}
+    projection = lm.projection.linear.weight.detach().clone()
+    cfg = text_cfg(steps=1, train_deltas=False)
+    state = rl_text.run_text_rl(lm, vocabulary, letters_reward(tokens), tokens.users, cfg, tmp_path / "run")
+    assert state["finished"] and deltas
+    assert all(torch.equal(p, deltas[n]) for n, p in lm.model.named_parameters() if n in deltas)
+    assert not torch.equal(lm.projection.linear.weight, projection)
+    with pytest.raises(CheckpointError, match="other trainable tensors"):  # its checkpoint holds the projection only
+        rl_text.run_text_rl(lm, vocabulary, letters_reward(tokens), tokens.users, text_cfg(steps=2), tmp_path / "run")
+
+
 def test_one_image_rl_step_moves_only_the_token_conditioning(tmp_path):
     tokens, vocab, model = make_image(tmp_path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -417,6 +431,14 @@ def test_train_text_rl_writes_a_loadable_generator(warm_text_run, tmp_path):
         )
         == run
     )
+    with pytest.raises(CheckpointError, match="rl.train_deltas was True, now False"):
+        rl_text.train_text_rl(
+            "tiny-text",
+            None,
+            None,
+            {**settings, "resume": str(run), "train_deltas": False},
+            reward_fn=letters_reward(tokens),
+        )
     with pytest.raises(CheckpointError, match="rl.learning_rate"):
         rl_text.train_text_rl(
             "tiny-text",

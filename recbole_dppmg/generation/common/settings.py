@@ -536,6 +536,7 @@ class RLTextSettings(_RLPhase):
     temperature: float = rule(gt=0)
     max_new_tokens: int = rule(ge=1)
     advantage_scale: str = rule(choices=ADVANTAGE_SCALES)
+    train_deltas: bool = rule()
     grad_clip: float | None = rule(gt=0)
     save_steps: int = rule(ge=1)
     max_minutes: float | None = rule(gt=0)

@@ -272,13 +272,22 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def check_resume(run: Path, previous: dict, cfg: dict, keys: Sequence[str]) -> None:
+# what RL runs recorded before a setting existed ran with (read into their records)
+PREDATING = {"text": {"train_deltas": True}, "image": {}, "reward": {"relative": False}}
+
+
+def recorded_settings(kind: str, settings: dict) -> dict:
+    """``rl.<kind>`` (or, with kind ``reward``, ``reward:``) settings with the values of settings
+    that did not exist yet filled in."""
+    return {**PREDATING[kind], **settings} if isinstance(settings, dict) else settings
+
+
+def check_resume(run: Path, previous: dict, cfg: dict, keys: Sequence[str], kind: str = "text") -> None:
     """Refuse to resume a run whose result would depend on settings that changed."""
+    recorded, cfg = recorded_settings(kind, previous["rl"]), recorded_settings(kind, cfg)
     for key in keys:
-        if previous["rl"].get(key) != cfg.get(key):
-            raise CheckpointError(
-                f"cannot resume {run}: rl.{key} was {previous['rl'].get(key)!r}, now {cfg.get(key)!r}"
-            )
+        if recorded.get(key) != cfg.get(key):
+            raise CheckpointError(f"cannot resume {run}: rl.{key} was {recorded.get(key)!r}, now {cfg.get(key)!r}")
 
 
 def _a(kind: str) -> str:
@@ -296,7 +305,7 @@ def resume_or_start(
         previous = read_run_meta(run, RL_KINDS, RL_SECTION)
         if previous is None:
             raise CheckpointError(f"{run} is not {_a(kind)} RL run (no {RUN_META}); nothing to resume")
-        check_resume(run, previous, cfg, keys)
+        check_resume(run, previous, cfg, keys, kind)
         return run, Path(previous["source_run"])
     if source_run is None:
         raise DataError(f"{kind} RL needs {source_what}")

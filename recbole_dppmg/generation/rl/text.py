@@ -102,6 +102,7 @@ RESUME_KEYS = (
     "temperature",
     "max_new_tokens",
     "advantage_scale",
+    "train_deltas",
     "grad_clip",
     "seed",
     "partner",
@@ -206,14 +207,18 @@ def grpo_loss(
 
 
 # ---------------------------------------------------------------------------- training loop
-def token_parameters(lm) -> dict[str, torch.nn.Parameter]:
-    """The tensors RL moves: PEFT trainable-token deltas and the codebook projection. Everything
-    else, warm-up LoRA included, is frozen."""
-    for name, p in lm.model.named_parameters():
-        p.requires_grad_("trainable_tokens_delta" in name)
-    named = {f"model.{n}": p for n, p in lm.model.named_parameters() if p.requires_grad}
-    if not named:
+def token_parameters(lm, deltas: bool = True) -> dict[str, torch.nn.Parameter]:
+    """The tensors RL moves: PEFT trainable-token deltas (unless ``deltas`` is False) and the
+    codebook projection. Everything else, warm-up LoRA included, is frozen. Why the projection
+    alone: the delta rows of a user's codes get a gradient only when that user is drawn, and the
+    shared prefix rows get one every step, so under a user-relative reward their steps are mostly
+    noise that accumulates as drift (``bench_rl.py snr`` per tensor); the projection maps every
+    user's codes and is where that reward's signal agrees from batch to batch."""
+    if not any("trainable_tokens_delta" in name for name, _ in lm.model.named_parameters()):
         raise CheckpointError("the text generator has no trainable token parameters")
+    for name, p in lm.model.named_parameters():
+        p.requires_grad_(deltas and "trainable_tokens_delta" in name)
+    named = {f"model.{n}": p for n, p in lm.model.named_parameters() if p.requires_grad}
     named.update({f"projection.linear.{n}": p for n, p in lm.projection.linear.named_parameters()})
     for p in named.values():
         p.requires_grad_(True)
@@ -231,7 +236,7 @@ def run_text_rl(lm, vocabulary, reward_fn: Callable, pool: Sequence[str], cfg: d
 
     folder = Path(folder)
     conditioner = TokenConditioner(lm, vocabulary)
-    named = token_parameters(lm)
+    named = token_parameters(lm, cfg["train_deltas"])
     optimizer = torch.optim.AdamW(list(named.values()), lr=cfg["learning_rate"], weight_decay=0.0)
     state, reference = start_or_resume(folder, named, optimizer)
     if state["step"] >= cfg["steps"]:  # done (a larger rl.*.steps continues a finished run)
