@@ -163,6 +163,18 @@ def test_a_warm_up_without_the_optional_baselines_reports_them_as_not_run(tiny_r
     assert "not run" in soft_row
 
 
+def test_text_conditions_limit_what_is_generated(tiny_run, tmp_path):
+    """evaluate.text_conditions: only those generated text conditions (and the real-content ones) are scored."""
+    root, export, text_run, image_run, options = tiny_run
+    runs = resolve_runs("tiny", load_settings("evaluate", QUICK), root / "saved")
+    cfg = {**QUICK, "seeds": [0], "text_conditions": ["dppmg", "population"]}
+    report = build_report("tiny", cfg, tmp_path / "Report", runs=runs, **options)
+    result = json.loads((report / "report.json").read_text())
+    texts = {c for c, status in result["conditions"].items() if status["text"] == "run"}
+    assert texts == {"dppmg", "population", "ceiling", "constant_popular", "unseen_popular"}
+    assert result["conditions"]["history"]["text"] == "not run"
+
+
 def test_a_dppmg_only_warm_up_reports_the_baselines_of_another_run_on_the_same_split(tiny_run, tmp_path):
     """evaluate.text_baselines_run: the prompt baselines come from that run; a misfit is refused."""
     root, export, text_run, image_run, options = tiny_run
@@ -232,6 +244,10 @@ def test_evaluate_settings_are_checked():
         load_settings("evaluate", {"seeds": [1, 1]})
     with pytest.raises(ConfigError, match="evaluate.users must be an integer >= 2"):
         load_settings("evaluate", {"users": 1})
+    with pytest.raises(ConfigError, match="evaluate.text_conditions must list dppmg.*'dppmg_rll'"):
+        load_settings("evaluate", {"text_conditions": ["dppmg", "dppmg_rll"]})
+    with pytest.raises(ConfigError, match="evaluate.text_conditions must list dppmg"):
+        load_settings("evaluate", {"text_conditions": ["history"]})
 
 
 def test_evaluate_stage_without_generators_is_one_line(capsys):

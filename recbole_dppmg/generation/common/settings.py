@@ -607,6 +607,19 @@ class RLSettings(Section):
 
 
 # ---------------------------------------------------------------------------- evaluate
+# the text conditions the report generates (the real-content ones are always scored)
+GENERATED_TEXT_CONDITIONS = (
+    "no_tokens",
+    "population",
+    "history",
+    "token_items",
+    "shuffled",
+    "soft_prompt",
+    "dppmg",
+    "dppmg_rl",
+)
+
+
 @dataclass(frozen=True, eq=False)
 class EvaluateSettings(Section):
     """``evaluate``: the report of ``--stage evaluate``."""
@@ -619,6 +632,7 @@ class EvaluateSettings(Section):
     image_rl_run: str | None = rule()
     image_history_run: str | None = rule()
     text_baselines_run: str | None = rule()
+    text_conditions: list[str] | None = rule()
     modalities: list[str] = rule()
     split: str = rule(choices=("valid", "test"))
     users: int | None = rule()
@@ -641,6 +655,13 @@ class EvaluateSettings(Section):
         for key in ("users", "fd_users"):
             if self[key] is not None and self[key] < 2:
                 raise ConfigError(f"{where}.{key} must be an integer >= 2 or None, got {self[key]!r}")
+        if self.text_conditions is not None:
+            unknown = sorted(set(self.text_conditions) - set(GENERATED_TEXT_CONDITIONS))
+            if unknown or "dppmg" not in self.text_conditions:
+                raise ConfigError(
+                    f"{where}.text_conditions must list dppmg and only generated text conditions "
+                    f"({', '.join(GENERATED_TEXT_CONDITIONS)}), got {self.text_conditions!r}"
+                )
 
 
 SECTIONS: dict[str, type[Section]] = {

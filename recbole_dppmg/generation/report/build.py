@@ -638,7 +638,7 @@ class _Generation:
         text = {"dppmg_rl": "run" if self.runs.text_rl else "not run"}.get(condition, "run")
         if not self.runs.text:
             text = "n/a"
-        elif not _trained(self.runs.text_baselines_run, condition):
+        elif not _trained(self.runs.text_baselines_run, condition) or not self._scored(condition):
             text = "not run"
         image = {
             "soft_prompt": "n/a",
@@ -650,6 +650,12 @@ class _Generation:
         if not self.runs.image:
             image = "n/a"
         return {"text": text, "image": image}
+
+    def _scored(self, condition: str) -> bool:
+        """Whether ``evaluate.text_conditions`` asks for this generated text condition."""
+        chosen = self.cfg.get("text_conditions")
+        generated = condition in TEXT_GENERATED or condition == "dppmg_rl"
+        return not chosen or not generated or condition in chosen
 
     def codec(self, model):
         """The decoder of ``model``'s latents (the one given, or the run's: ``run_codec``)."""
@@ -707,14 +713,14 @@ class _Generation:
             baselines=Path(self.runs.text_baselines_run),
         )
         for condition, name in TEXT_GENERATED.items():
-            if not _trained(self.runs.text_baselines_run, name):
-                continue  # a warm-up without this baseline (older, or switched off): its rows read "not run"
+            if not _trained(self.runs.text_baselines_run, name) or not self._scored(condition):
+                continue  # a warm-up without this baseline (older, or switched off), or not asked for: "not run"
             out[condition] = {
                 seed: before.generate(name, users, seed, shuffled_user_map(self.pool, seed))
                 for seed in self.cfg["seeds"]
             }
         before.release()
-        if self.runs.text_rl:
+        if self.runs.text_rl and self._scored("dppmg_rl"):
             after = TextConditions(self.dataset, Path(self.runs.text_rl), self.tokens, self.vocabulary, self.text_cfg)
             out["dppmg_rl"] = {seed: after.generate("dppmg", users, seed) for seed in self.cfg["seeds"]}
             after.release()
