@@ -248,6 +248,10 @@ def test_evaluate_settings_are_checked():
         load_settings("evaluate", {"text_conditions": ["dppmg", "dppmg_rll"]})
     with pytest.raises(ConfigError, match="evaluate.text_conditions must list dppmg"):
         load_settings("evaluate", {"text_conditions": ["history"]})
+    from recbole_dppmg.generation.common.settings import GENERATED_TEXT_CONDITIONS
+    from recbole_dppmg.generation.report.build import TEXT_GENERATED
+
+    assert set(GENERATED_TEXT_CONDITIONS) == set(TEXT_GENERATED) | {"dppmg_rl"}  # the check knows every condition
 
 
 def test_evaluate_stage_without_generators_is_one_line(capsys):
