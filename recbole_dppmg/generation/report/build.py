@@ -51,7 +51,7 @@ from recbole_dppmg.generation.common.protocol import (
     retrieval_scorer,
     users_with_targets,
 )
-from recbole_dppmg.generation.common.settings import load_settings
+from recbole_dppmg.generation.common.settings import GENERATED_TEXT_CONDITIONS, load_settings
 from recbole_dppmg.generation.common.vocabulary import PreferenceVocabulary
 from recbole_dppmg.generation.image.checkpoint import is_sd_run, poster_size, read_image_config
 from recbole_dppmg.generation.image.data import load_poster, poster_files, tensor_to_pil
@@ -654,8 +654,7 @@ class _Generation:
     def _scored(self, condition: str) -> bool:
         """Whether ``evaluate.text_conditions`` asks for this generated text condition."""
         chosen = self.cfg.get("text_conditions")
-        generated = condition in TEXT_GENERATED or condition == "dppmg_rl"
-        return not chosen or not generated or condition in chosen
+        return not chosen or condition not in GENERATED_TEXT_CONDITIONS or condition in chosen
 
     def codec(self, model):
         """The decoder of ``model``'s latents (the one given, or the run's: ``run_codec``)."""
